@@ -1,0 +1,141 @@
+"""Supervisor of a source agent (`drctl replicate push`): one owner for its lifecycle.
+
+Startup: metrics registry and endpoint, driver (state, channel, volume map). Then either one
+verified sync (--once) or a loop of passes triggered by changes to the volume. On SIGTERM or
+SIGINT the current pass is cancelled, the state is saved and the channel closed; a second signal
+forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+import time
+from collections.abc import Coroutine
+from contextlib import AsyncExitStack
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from replicator.driver import PushDriver, PushOptions
+from replicator.errors import ReplanNeededError, ReplicatorError
+from replicator.metrics import SourceMetrics, serve_metrics
+from replicator.progress import ProgressBar
+from replicator.report import PushReport, PushState
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(ReplicatorError):
+    code = "interrupted"
+    exit_code = 130
+
+
+def _signature(path: str) -> tuple[int, int, bool]:
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size, stat.S_ISBLK(st.st_mode)
+
+
+async def _until_stopped(coro: Coroutine[Any, Any, Any], stop: asyncio.Event) -> bool:
+    """Run ``coro``; if ``stop`` is set first, cancel it. True if it completed."""
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
+async def run_push(opts: PushOptions, metrics_port: int | None = None,
+                   show_progress: bool = True) -> PushReport:
+    registry = CollectorRegistry()
+    metrics = SourceMetrics(registry, opts.volume)
+    if metrics_port is not None:
+        serve_metrics(registry, metrics_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            os._exit(130)
+        stop.set()
+
+    started = time.monotonic()
+    async with AsyncExitStack() as stack:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+            stack.callback(loop.remove_signal_handler, sig)
+        driver = PushDriver(opts, metrics)
+        stack.push_async_callback(driver.close)
+        async with asyncio.TaskGroup() as tg:
+            gauges = tg.create_task(_refresh_gauges(driver))
+            bar = ProgressBar()
+            follow = None
+            if show_progress and bar.enabled:
+                follow = tg.create_task(bar.follow(
+                    f"{opts.volume}", lambda: (driver.progress.scanned, driver.progress.total,
+                                               driver.totals.wire_bytes,
+                                               driver.progress.started)))
+            try:
+                if opts.once:
+                    completed = await _until_stopped(driver.sync_once(), stop)
+                else:
+                    completed = await _continuous(driver, opts, stop)
+            finally:
+                gauges.cancel()
+                if follow is not None:
+                    follow.cancel()
+                if driver.planner is not None:
+                    driver.save_state()
+        if opts.once and not completed:
+            raise Interrupted("interrupted before the replica was verified; state saved, "
+                              "the next run resumes")
+        return driver.report(PushState.DONE if opts.once else PushState.IDLE,
+                             time.monotonic() - started)
+    raise AssertionError("unreachable")
+
+
+async def _refresh_gauges(driver: PushDriver) -> None:
+    while True:
+        driver.update_gauges()
+        await asyncio.sleep(0.5)
+
+
+async def _continuous(driver: PushDriver, opts: PushOptions, stop: asyncio.Event) -> bool:
+    driver.open_volume()
+    if not await _until_stopped(driver.reconcile(), stop):
+        return False
+    last: tuple[int, int, bool] | None = None
+    while not stop.is_set():
+        sig = _signature(opts.path)
+        if sig != last or sig[2]:
+            if sig[1] != driver.geo.size:
+                driver.open_volume()
+                await driver.reconcile()
+            try:
+                if not await _until_stopped(driver.run_pass(), stop):
+                    return False
+            except ReplanNeededError as exc:
+                log.warning("%s: planning again", exc)
+                await driver.reconcile()
+                continue
+            last = sig
+            if time.monotonic() - driver._last_save >= opts.save_interval:
+                await asyncio.to_thread(driver.save_state)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), opts.interval)
+    return True

@@ -1,0 +1,135 @@
+"""`drctl replicate ...`: serve (target daemon), push (source agent), verify."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from dataclasses import asdict
+
+from replicator.driver import PushOptions
+from replicator.errors import UsageError
+from replicator.source_state import default_state_root, state_dir_for
+from replicator.units import parse_hostport, parse_rate, parse_size
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
+    return int(text)
+
+
+def _rate(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _address(text: str) -> str:
+    try:
+        parse_hostport(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rep = sub.add_parser("replicate", help="block replication: serve, push, verify")
+    rsub = rep.add_subparsers(dest="replicate_cmd", required=True, metavar="COMMAND")
+
+    s = rsub.add_parser("serve", help="run a target daemon that keeps replicas under --dir")
+    s.add_argument("--listen", required=True, type=_address, metavar="HOST:PORT")
+    s.add_argument("--dir", required=True, help="directory holding the replicas")
+    s.add_argument("--metrics-port", type=_port)
+    s.add_argument("--grace", type=float, default=10.0, help="drain time on SIGTERM (s)")
+    s.set_defaults(func=cmd_serve)
+
+    p = rsub.add_parser("push", help="replicate a volume (file or block device) to a target")
+    p.add_argument("path", help="the protected volume: an image file or a block device")
+    p.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
+    p.add_argument("--volume", required=True, help="volume name on the target")
+    p.add_argument("--rate-limit", type=_rate, metavar="RATE", help="bandwidth cap, e.g. 20MB/s")
+    p.add_argument("--once", action="store_true",
+                   help="sync until the replica equals the volume, verify, exit")
+    p.add_argument("--state-dir", help="where the agent keeps its resume state "
+                   "(default: $DRCTL_STATE_DIR or ~/.local/state/drctl)")
+    p.add_argument("--block-size", type=_size, default=4096)
+    p.add_argument("--epoch", type=int, default=0, help="fencing epoch of this source")
+    p.add_argument("--compress-level", type=int, default=1, help="zstd level, 0 disables")
+    p.add_argument("--no-dedup", action="store_true", help="do not send COPY records")
+    p.add_argument("--interval", type=float, default=1.0, help="change poll interval (s)")
+    p.add_argument("--window", type=_size, default=64 << 20, help="max unacknowledged bytes")
+    p.add_argument("--connect-timeout", type=float, default=120.0,
+                   help="give up (with --once) when the target stays unreachable this long")
+    p.add_argument("--verify-from-disk", action="store_true",
+                   help="with --once: also re-read the replica and compare every block")
+    p.add_argument("--metrics-port", type=_port)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON report on exit")
+    p.set_defaults(func=cmd_push)
+
+    v = rsub.add_parser("verify", help="exit 0 only if the replica equals the volume")
+    v.add_argument("path")
+    v.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
+    v.add_argument("--volume", required=True)
+    v.add_argument("--block-size", type=_size, default=4096)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_verify)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from replicator.daemon import serve
+
+    asyncio.run(serve(args.listen, args.dir, args.metrics_port, args.grace))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from replicator.agent import run_push
+
+    if args.block_size % 512 or args.block_size > 1 << 20:
+        raise UsageError("--block-size must be a multiple of 512, at most 1MiB")
+    if args.epoch < 0:
+        raise UsageError("--epoch must be >= 0")
+    if not os.path.exists(args.path):
+        raise UsageError(f"volume {args.path} does not exist")
+    root = args.state_dir or default_state_root()
+    opts = PushOptions(
+        path=args.path, address=args.to, volume=args.volume,
+        state_dir=state_dir_for(root, args.path, args.to, args.volume),
+        rate_limit=args.rate_limit, once=args.once, block_size=args.block_size,
+        epoch=args.epoch, compress_level=args.compress_level, dedup=not args.no_dedup,
+        interval=args.interval, window_bytes=args.window,
+        connect_timeout=args.connect_timeout if args.once else None,
+        verify_from_disk=args.verify_from_disk,
+    )
+    report = asyncio.run(run_push(opts, args.metrics_port, show_progress=not args.no_progress))
+    if args.json:
+        print(report.to_json(), flush=True)
+    elif args.once:
+        print(f"volume {report.volume}: replica verified at seq {report.acked_seq}; shipped "
+              f"{report.data_blocks} data, {report.zero_blocks} zero, {report.dedup_blocks} "
+              f"dedup blocks, {report.wire_bytes} bytes on the wire in {report.seconds}s",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from replicator.verify import verify_replica
+
+    result = asyncio.run(verify_replica(args.path, args.to, args.volume, args.block_size))
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        print(f"volume {args.volume}: replica equals source ({result.blocks} blocks)")
+    return 0

@@ -1,0 +1,73 @@
+"""Supervisor of the target daemon: one owner for the gRPC server's lifecycle.
+
+Startup: registry + metrics endpoint, service, gRPC server. Shutdown (SIGTERM/SIGINT): stop
+accepting and drain streams with a grace period (in-flight batches finish and are committed),
+then close the replicas. A second signal forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from contextlib import AsyncExitStack
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from replicator.errors import UsageError
+from replicator.metrics import TargetMetrics, serve_metrics
+from replicator.transport import wire
+from replicator.transport.server import ReplicationService
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+async def serve(listen: str, directory: str, metrics_port: int | None = None,
+                grace: float = 10.0) -> None:
+    os.makedirs(directory, exist_ok=True)
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"--dir {directory} is not writable")
+    registry = CollectorRegistry()
+    metrics = TargetMetrics(registry)
+    if metrics_port is not None:
+        serve_metrics(registry, metrics_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.error("second signal: exiting without draining")
+            os._exit(130)
+        stop.set()
+
+    async with AsyncExitStack() as stack:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+            stack.callback(loop.remove_signal_handler, sig)
+        service = ReplicationService(directory, metrics)
+        stack.callback(service.close)
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        wire.add_servicer(service, server)
+        port = server.add_insecure_port(listen)
+        if port == 0:
+            raise UsageError(f"cannot listen on {listen}")
+        await server.start()
+        stack.push_async_callback(server.stop, grace)
+        log.info("replication target listening on %s, replicas in %s", listen, directory)
+        print(f"drctl replicate serve: listening on {listen} (dir {directory})", flush=True)
+        await stop.wait()
+        log.info("shutting down: draining streams for up to %.0fs", grace)

@@ -1,0 +1,456 @@
+"""The push driver: scan -> plan -> ship -> ack, resuming across failures.
+
+One *pass* compares the whole volume with the replica's view and ships the difference. A
+producer thread scans and plans (hashing and zstd release little of the GIL, but keep the event
+loop free for gRPC); the event loop sends batches within a byte window and a token bucket,
+and reads cumulative acks. Failures are classified:
+
+* TEMPORARY (target unavailable, stream reset, volume busy): reconnect with backoff, handshake,
+  drop what the target acknowledged, resend the rest in order (same sequence numbers).
+* REJECTED batch (checksum, block hash, order): go-back-N from the rejected sequence; a refused
+  COPY is resent as DATA and the view is re-checked against the target after the pass.
+* REPLAN (replica recreated): re-plan from the target's real content.
+* PERMANENT (stale epoch, protocol, local I/O): raised to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from array import array
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from replicator.batch import Kind
+from replicator.blockmap import UNKNOWN, Geometry, MappedVolume, hash_all, scan_changes
+from replicator.errors import (
+    ProtocolError,
+    ReplanNeededError,
+    ReplicatorError,
+    TargetUnavailableError,
+    VerificationError,
+    VolumeBusyError,
+)
+from replicator.metrics import SourceMetrics
+from replicator.planning import Planner, PlannedBatch
+from replicator.replica import index_digest
+from replicator.report import PushReport, PushState
+from replicator.source_state import SourceState, StateStore
+from replicator.throttle import TokenBucket
+from replicator.transport import wire
+from replicator.transport.client import HandshakeInfo, PushCall, TargetClient
+
+log = logging.getLogger(__name__)
+
+MAX_REJECTS_PER_BATCH = 8
+MAX_VERIFY_ROUNDS = 3
+
+
+@dataclass
+class PushOptions:
+    path: str
+    address: str
+    volume: str
+    state_dir: str
+    rate_limit: int | None = None
+    once: bool = False
+    block_size: int = 4096
+    epoch: int = 0
+    compress_level: int = 1
+    dedup: bool = True
+    interval: float = 1.0
+    window_bytes: int = 64 << 20
+    connect_timeout: float | None = 120.0
+    verify_from_disk: bool = False
+    save_interval: float = 10.0
+
+
+@dataclass
+class Progress:
+    total: int = 0
+    scanned: int = 0
+    acked_raw: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Totals:
+    wire_bytes: int = 0
+    resent: int = 0
+    reconnects: int = 0
+    listing_fetched: bool = False
+    verified: bool = False
+
+
+class PushDriver:
+    def __init__(self, opts: PushOptions, metrics: SourceMetrics) -> None:
+        self.o = opts
+        self.m = metrics
+        self.store = StateStore(opts.state_dir)
+        self.state: SourceState = self.store.load()
+        self.client = TargetClient(opts.address)
+        self.vol: MappedVolume | None = None
+        self.geo = Geometry(0, opts.block_size)
+        self.bucket = TokenBucket(opts.rate_limit) if opts.rate_limit else None
+        self.progress = Progress()
+        self.totals = _Totals()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-plan")
+        self.pending: OrderedDict[int, PlannedBatch] = OrderedDict()
+        self.rejects: dict[int, int] = {}
+        self.acked_seq = 0
+        self._seq = 0
+        self._unacked_raw = 0
+        self._unacked_lock = threading.Lock()
+        self._producer_done = False
+        self._needs_reconcile = False
+        self._window_open = asyncio.Event()
+        self._all_acked = asyncio.Event()
+        self.dirty_since: float | None = None
+        self._last_pass_start: float | None = None
+        self._last_save = 0.0
+        self.planner: Planner | None = None
+        # Encoded messages of unacknowledged batches, by sequence (kept apart from PlannedBatch
+        # so the planner never sees generated code).
+        self._protos: dict[int, Any] = {}
+        metrics.set(metrics.rate_limit, opts.rate_limit or 0)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        await self.client.close()
+        if self.vol is not None:
+            self.vol.close()
+
+    def open_volume(self) -> None:
+        if self.vol is None:
+            self.vol = MappedVolume(self.o.path)
+        else:
+            self.vol.remap()
+        self.geo = Geometry(self.vol.size, self.o.block_size)
+        self.progress.total = self.vol.size
+
+    # -- handshake and reconciliation ----------------------------------------------------------
+
+    async def handshake(self) -> HandshakeInfo:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((TargetUnavailableError, VolumeBusyError)),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            stop=stop_after_delay(self.o.connect_timeout) if self.o.connect_timeout else None,
+            reraise=True,
+            before_sleep=lambda rs: log.warning("target %s not ready (%s): retrying",
+                                                self.o.address, rs.outcome.exception()
+                                                if rs.outcome else "?"),
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self.client.handshake(self.o.volume, self.geo.size,
+                                                   self.geo.block_size, self.state.source_id,
+                                                   self.o.epoch, timeout=10.0)
+        raise AssertionError("unreachable")
+
+    async def reconcile(self) -> None:
+        """Agree with the target on what the replica holds before planning anything."""
+        info = await self.handshake()
+        st = self.state
+        same_geometry = st.size == self.geo.size and st.block_size == self.geo.block_size
+        if (same_geometry and st.generation == info.generation
+                and st.acked_seq == info.applied_seq and len(st.view) == self.geo.blocks
+                and index_digest(st.view) == info.index_digest):
+            log.info("volume %s: saved state matches the replica at seq %d", self.o.volume,
+                     info.applied_seq)
+        elif info.created:
+            st.view = self.geo.zero_hashes()
+            st.seen = array("Q", [UNKNOWN]) * self.geo.chunks
+        else:
+            log.info("volume %s: saved state does not match the replica: fetching its block "
+                     "hashes", self.o.volume)
+            view, size, _seq = await self.client.block_hashes(self.o.volume)
+            if size != self.geo.size or len(view) != self.geo.blocks:
+                raise ProtocolError(f"replica listing has {len(view)} blocks of size {size}, "
+                                    f"expected {self.geo.blocks} of {self.geo.size}")
+            st.view = view
+            st.seen = array("Q", [UNKNOWN]) * self.geo.chunks
+            self.totals.listing_fetched = True
+        if len(st.seen) != self.geo.chunks:
+            st.seen = array("Q", [UNKNOWN]) * self.geo.chunks
+        st.generation, st.size, st.block_size = info.generation, self.geo.size, self.geo.block_size
+        st.acked_seq = info.applied_seq
+        self.acked_seq = info.applied_seq
+        self._seq = info.applied_seq
+        self.pending.clear()
+        with self._unacked_lock:
+            self._unacked_raw = 0
+        self.m.set(self.m.acked_seq, self.acked_seq)
+        self.planner = Planner(self.o.volume, self.o.epoch, self.geo, st.view, st.seen,
+                               dedup=self.o.dedup, compress_level=self.o.compress_level)
+
+    def save_state(self) -> None:
+        self.state.acked_seq = self.acked_seq
+        self.store.save(self.state)
+        self._last_save = time.monotonic()
+
+    # -- one pass --------------------------------------------------------------------------
+
+    async def run_pass(self) -> bool:
+        """Ship every difference between the volume and the replica. True if anything changed."""
+        assert self.vol is not None and self.planner is not None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[PlannedBatch | None] = asyncio.Queue(maxsize=8)
+        abort = threading.Event()
+        started = time.time()
+        estimate = started if self._last_pass_start is not None else min(
+            started, os.stat(self.o.path).st_mtime)
+        if self._last_pass_start is not None:
+            estimate = self._last_pass_start
+        self._last_pass_start = started
+        self._producer_done = False
+        self._all_acked.clear()
+        self._window_open.set()
+        changed_before = self.planner.stats.changed_blocks
+        producer = loop.run_in_executor(self.pool, self._produce, queue, loop, abort, estimate)
+        try:
+            await self._ship(queue)
+        finally:
+            abort.set()
+            while not queue.empty():
+                queue.get_nowait()
+            with contextlib.suppress(Exception):
+                await producer
+        await producer  # re-raise a producer failure
+        changed = self.planner.stats.changed_blocks != changed_before
+        if not self.pending:
+            self.dirty_since = None
+            self.m.set(self.m.lag, 0)
+        return changed
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _produce(self, queue: asyncio.Queue[PlannedBatch | None], loop: asyncio.AbstractEventLoop,
+                 abort: threading.Event, estimate: float) -> None:
+        assert self.vol is not None and self.planner is not None
+        view = self.vol.view
+        self.progress.scanned = 0
+
+        def put(item: PlannedBatch | None) -> bool:
+            fut = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+            while True:
+                try:
+                    fut.result(timeout=0.2)
+                    return True
+                except TimeoutError:
+                    if abort.is_set():
+                        fut.cancel()
+                        return False
+
+        for window in scan_changes(view, self.geo, self.state.view, self.state.seen):
+            if abort.is_set():
+                return
+            self.progress.scanned += window.scanned_bytes
+            if not window.changed:
+                continue
+            if self.dirty_since is None:
+                self.dirty_since = estimate
+            for planned in self.planner.plan(view, window.changed, self._next_seq):
+                planned.batch.wire_size = 0
+                proto = wire.batch_to_proto(planned.batch)
+                planned.batch.wire_size = proto.ByteSize()
+                self._protos[planned.batch.seq] = proto
+                with self._unacked_lock:
+                    self._unacked_raw += planned.raw_bytes
+                self.m.add(self.m.written, planned.raw_bytes)
+                kinds = planned.batch.kinds
+                self.m.add(self.m.skipped, kinds.count(Kind.ZERO), "zero")
+                self.m.add(self.m.skipped, kinds.count(Kind.COPY), "dedup")
+                if not put(planned):
+                    return
+        put(None)
+
+    # -- shipping ------------------------------------------------------------------------------
+
+    async def _ship(self, queue: asyncio.Queue[PlannedBatch | None]) -> None:
+        while True:
+            call = self.client.push()
+            try:
+                await self._stream(call, queue)
+                return
+            except (TargetUnavailableError, VolumeBusyError) as exc:
+                call.cancel()
+                self.totals.reconnects += 1
+                self.m.add(self.m.reconnects, 1)
+                log.warning("volume %s: stream to %s failed (%s): reconnecting", self.o.volume,
+                            self.o.address, exc)
+                info = await self.handshake()
+                if info.generation != self.state.generation:
+                    raise ReplanNeededError(
+                        f"replica {self.o.volume} was recreated on {self.o.address}") from exc
+                self._ack_through(info.applied_seq)
+
+    async def _stream(self, call: PushCall, queue: asyncio.Queue[PlannedBatch | None]) -> None:
+        lock = asyncio.Lock()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                acks = tg.create_task(self._read_acks(call, lock))
+                async with lock:
+                    for planned in list(self.pending.values()):
+                        await self._send(call, planned, resent="reconnect")
+                while not self._producer_done:
+                    await self._window_open.wait()
+                    planned = await queue.get()
+                    if planned is None:
+                        self._producer_done = True
+                        break
+                    self.pending[planned.batch.seq] = planned
+                    self._update_window()
+                    async with lock:
+                        if planned.batch.seq in self.pending:
+                            await self._send(call, planned)
+                self._check_all_acked()
+                await self._all_acked.wait()
+                await call.done_writing()
+                await acks
+        except* ReplicatorError as group:
+            raise group.exceptions[0] from None
+
+    async def _send(self, call: PushCall, planned: PlannedBatch, resent: str = "") -> None:
+        proto = self._protos.get(planned.batch.seq) or wire.batch_to_proto(planned.batch)
+        self._protos[planned.batch.seq] = proto
+        size = planned.batch.wire_size or proto.ByteSize()
+        if self.bucket is not None:
+            await self.bucket.acquire(size)
+        await call.write(proto)
+        self.totals.wire_bytes += size
+        self.m.add(self.m.shipped_compressed, len(planned.batch.payload))
+        self.m.add(self.m.shipped_raw, planned.batch.raw_length)
+        if resent:
+            self.totals.resent += 1
+            self.m.add(self.m.resent, 1, resent)
+
+    async def _read_acks(self, call: PushCall, lock: asyncio.Lock) -> None:
+        async for ack in call.acks():
+            self._ack_through(ack.acked_seq)
+            if ack.status == wire.ACK_REJECTED:
+                await self._on_reject(call, lock, ack)
+
+    async def _on_reject(self, call: PushCall, lock: asyncio.Lock, ack: Any) -> None:
+        seq = ack.rejected_seq
+        count = self.rejects[seq] = self.rejects.get(seq, 0) + 1
+        log.warning("volume %s: batch %d rejected (%s: %s), resending", self.o.volume, seq,
+                    ack.reason, ack.message)
+        if count > MAX_REJECTS_PER_BATCH:
+            raise ProtocolError(f"batch {seq} rejected {count} times, last: {ack.message}")
+        if ack.reason == "copy_mismatch" and self.planner is not None:
+            self._needs_reconcile = True
+            for s, planned in self.pending.items():
+                if s >= seq and planned.copy_data:
+                    planned.batch = self.planner.without_copies(planned)
+                    self._protos.pop(s, None)
+        async with lock:
+            for s, planned in list(self.pending.items()):
+                if s >= seq:
+                    await self._send(call, planned, resent=ack.reason or "rejected")
+
+    def _ack_through(self, seq: int) -> None:
+        if seq <= self.acked_seq and self.pending and next(iter(self.pending)) > seq:
+            self._check_all_acked()
+            return
+        self.acked_seq = max(self.acked_seq, seq)
+        released = 0
+        while self.pending:
+            first = next(iter(self.pending))
+            if first > seq:
+                break
+            planned = self.pending.pop(first)
+            self._protos.pop(first, None)
+            self.rejects.pop(first, None)
+            released += planned.raw_bytes
+        with self._unacked_lock:
+            self._unacked_raw -= released
+        self.progress.acked_raw += released
+        self.m.set(self.m.acked_seq, self.acked_seq)
+        self.update_gauges()
+        self._update_window()
+        self._check_all_acked()
+
+    def _update_window(self) -> None:
+        inflight = sum(p.batch.wire_size for p in self.pending.values())
+        if inflight < self.o.window_bytes:
+            self._window_open.set()
+        else:
+            self._window_open.clear()
+
+    def _check_all_acked(self) -> None:
+        if self._producer_done and not self.pending:
+            self._all_acked.set()
+
+    def update_gauges(self) -> None:
+        with self._unacked_lock:
+            unacked = self._unacked_raw
+        self.m.set(self.m.pending, max(0, unacked))
+        self.m.set(self.m.lag, 0 if self.dirty_since is None else
+                   max(0.0, time.time() - self.dirty_since))
+
+    # -- verification ---------------------------------------------------------------------
+
+    async def verify(self) -> bool:
+        """Does the replica hold exactly the view, at the sequence we were acked?"""
+        info = await self.handshake()
+        if info.generation != self.state.generation:
+            return False
+        if info.applied_seq != self.acked_seq or info.index_digest != index_digest(
+                self.state.view):
+            return False
+        if self.o.verify_from_disk:
+            assert self.vol is not None
+            remote, _size, _seq = await self.client.block_hashes(self.o.volume, from_disk=True)
+            local = await asyncio.to_thread(hash_all, self.vol.view, self.geo)
+            return remote == local
+        return True
+
+    async def sync_once(self) -> None:
+        """Bring the replica to equal the volume, verified, retrying whole passes if needed."""
+        self.open_volume()
+        await self.reconcile()
+        for _round in range(MAX_VERIFY_ROUNDS):
+            try:
+                await self.run_pass()
+            except ReplanNeededError as exc:
+                log.warning("%s: planning again", exc)
+                await self.reconcile()
+                continue
+            if not self._needs_reconcile and await self.verify():
+                self.totals.verified = True
+                return
+            log.warning("volume %s: replica differs from the planned view: re-listing it",
+                        self.o.volume)
+            self._needs_reconcile = False
+            self.state.generation = ""
+            await self.reconcile()
+        raise VerificationError(f"volume {self.o.volume}: replica still differs after "
+                                f"{MAX_VERIFY_ROUNDS} rounds")
+
+    def report(self, state: PushState, seconds: float) -> PushReport:
+        st = self.planner.stats if self.planner else None
+        return PushReport(
+            volume=self.o.volume, target=self.o.address, state=state,
+            volume_bytes=self.geo.size, scanned_bytes=self.progress.scanned,
+            changed_blocks=st.changed_blocks if st else 0,
+            data_blocks=st.data_blocks if st else 0, zero_blocks=st.zero_blocks if st else 0,
+            dedup_blocks=st.dedup_blocks if st else 0, raw_bytes=st.raw_bytes if st else 0,
+            payload_bytes=st.payload_bytes if st else 0, wire_bytes=self.totals.wire_bytes,
+            batches=st.batches if st else 0, resent_batches=self.totals.resent,
+            reconnects=self.totals.reconnects, acked_seq=self.acked_seq,
+            full_listing_fetched=self.totals.listing_fetched, verified=self.totals.verified,
+            seconds=round(seconds, 3),
+        )
+

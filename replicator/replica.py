@@ -1,0 +1,248 @@
+"""The target's copy of one volume: the image file, its durable commit record and hash index.
+
+Files under the target directory, per volume NAME:
+  NAME.img   the replica, same size as the source volume
+  NAME.meta  two 512-byte commit slots written alternately with pwrite + fdatasync; each holds
+             applied_seq, epoch, geometry and generation with a checksum, so a torn write of one
+             slot leaves the other valid.
+
+The per-block hash index is kept in memory: built from the image when the daemon first opens the
+volume (or all-zero for a new replica) and updated as blocks are written. Batches are verified
+completely before the first byte is written: a rejected batch changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import sys
+import threading
+import uuid
+from array import array
+from dataclasses import dataclass
+
+import xxhash
+
+from replicator.batch import Batch, Decoder, Kind, Record
+from replicator.blockmap import Geometry, MappedVolume, block_hash, hash_all, zero_block
+from replicator.errors import CorruptBatchError, ProtocolError, VolumeError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SLOT = 512
+_MAGIC = b"DRCTLRV1"
+_FMT = "<8sIQQQI36sQ"
+
+
+def check_volume_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ProtocolError(
+            f"invalid volume name {name!r}: use letters, digits, '.', '_' and '-' (max 128)"
+        )
+    return name
+
+
+@dataclass
+class CommitRecord:
+    applied_seq: int
+    epoch: int
+    size: int
+    block_size: int
+    generation: str
+    counter: int
+
+    def pack(self) -> bytes:
+        body = struct.pack(_FMT, _MAGIC, 1, self.applied_seq, self.epoch, self.size,
+                           self.block_size, self.generation.encode().ljust(36, b"\0"),
+                           self.counter)
+        body += struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+        return body.ljust(_SLOT, b"\0")
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> CommitRecord | None:
+        n = struct.calcsize(_FMT)
+        if len(raw) < n + 8:
+            return None
+        body, (check,) = raw[:n], struct.unpack("<Q", raw[n : n + 8])
+        if xxhash.xxh3_64_intdigest(body) != check:
+            return None
+        magic, _ver, seq, epoch, size, bs, gen, counter = struct.unpack(_FMT, body)
+        if magic != _MAGIC:
+            return None
+        return cls(seq, epoch, size, bs, gen.rstrip(b"\0").decode(), counter)
+
+
+def _index_bytes(index: array[int]) -> bytes:
+    if sys.byteorder == "big":
+        copy = array("Q", index)
+        copy.byteswap()
+        return copy.tobytes()
+    return index.tobytes()
+
+
+def index_digest(index: array[int]) -> bytes:
+    return xxhash.xxh3_128_digest(_index_bytes(index))
+
+
+class Replica:
+    """One replica volume. Not thread-safe by itself: the daemon serialises access per volume."""
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.name = check_volume_name(name)
+        self.img_path = os.path.join(directory, f"{name}.img")
+        self.meta_path = os.path.join(directory, f"{name}.meta")
+        self.lock = threading.Lock()
+        self._decoder = Decoder()
+        self.created = False
+        try:
+            exists = os.path.exists(self.meta_path)
+            self.img_fd = os.open(self.img_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.meta_fd = os.open(self.meta_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise VolumeError(f"cannot open replica {self.img_path}: {exc.strerror}") from exc
+        record = self._load_meta() if exists else None
+        if record is None:
+            record = CommitRecord(0, 0, 0, 0, str(uuid.uuid4()), 0)
+            self.created = True
+        self.record = record
+        self._index: array[int] | None = None
+
+    # -- durable commit record -------------------------------------------------------------
+
+    def _load_meta(self) -> CommitRecord | None:
+        raw = os.pread(self.meta_fd, 2 * _SLOT, 0)
+        slots = [CommitRecord.unpack(raw[i * _SLOT : (i + 1) * _SLOT]) for i in range(2)]
+        valid = [s for s in slots if s is not None]
+        if not valid:
+            if raw.strip(b"\0"):
+                raise VolumeError(f"{self.meta_path}: both commit slots are corrupt")
+            return None
+        return max(valid, key=lambda r: r.counter)
+
+    def _write_meta(self) -> None:
+        self.record.counter += 1
+        os.pwrite(self.meta_fd, self.record.pack(), (self.record.counter % 2) * _SLOT)
+        os.fdatasync(self.meta_fd)
+
+    # -- geometry and index ----------------------------------------------------------------
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.record.size, self.record.block_size or 4096)
+
+    def prepare(self, size: int, block_size: int) -> None:
+        """Make the replica match the source's geometry (called at handshake)."""
+        if self.record.block_size and self.record.block_size != block_size:
+            raise ProtocolError(
+                f"volume {self.name}: replica block size is {self.record.block_size}, "
+                f"source sends {block_size}"
+            )
+        self.record.block_size = block_size
+        if self.created or self.record.size != size:
+            self._resize(size)
+            self.commit()
+
+    def _resize(self, size: int) -> None:
+        current = os.fstat(self.img_fd).st_size
+        if current != size:
+            os.ftruncate(self.img_fd, size)
+        old = self.record.size
+        self.record.size = size
+        if self._index is not None:
+            self._index = self._rebuild_index() if old else self.geometry.zero_hashes()
+
+    def index(self) -> array[int]:
+        if self._index is None:
+            if self.created and self.record.applied_seq == 0:
+                self._index = self.geometry.zero_hashes()
+            else:
+                self._index = self._rebuild_index()
+        return self._index
+
+    def _rebuild_index(self) -> array[int]:
+        return self.hashes_from_disk()
+
+    def hashes_from_disk(self) -> array[int]:
+        geo = self.geometry
+        if geo.size == 0:
+            return array("Q")
+        with MappedVolume(self.img_path) as vol:
+            return hash_all(vol.view, Geometry(min(vol.size, geo.size), geo.block_size))
+
+    def digest(self) -> bytes:
+        return index_digest(self.index())
+
+    # -- applying batches --------------------------------------------------------------------
+
+    def apply(self, batch: Batch) -> int:
+        """Verify then write one batch (not yet durable). Returns the bytes written."""
+        records, payload = self._decoder.open(batch)
+        if batch.block_size != self.record.block_size:
+            raise CorruptBatchError("malformed", f"batch {batch.seq}: block size mismatch")
+        if batch.volume_size != self.record.size:
+            self._resize(batch.volume_size)
+        index = self.index()
+        contents = self._verify(batch.seq, records, payload)
+        return self._write(records, contents, index)
+
+    def _verify(self, seq: int, records: list[Record], payload: bytes) -> list[bytes]:
+        """Content of every record, checked against its hash; nothing is written yet."""
+        geo = self.geometry
+        view = memoryview(payload)
+        pending: dict[int, bytes] = {}
+        contents: list[bytes] = []
+        for rec in records:
+            length = geo.block_len(rec.index)
+            if rec.kind is Kind.DATA:
+                data = bytes(view[rec.source : rec.source + length])
+            elif rec.kind is Kind.ZERO:
+                data = zero_block(length)
+            else:
+                data = pending.get(rec.source) or os.pread(
+                    self.img_fd, geo.block_len(rec.source), rec.source * geo.block_size
+                )
+                if len(data) != length:
+                    raise CorruptBatchError("copy_mismatch", f"batch {seq}: copy length differs")
+            if block_hash(data) != rec.hash:
+                reason = "copy_mismatch" if rec.kind is Kind.COPY else "block_hash"
+                raise CorruptBatchError(reason, f"batch {seq}: block {rec.index} hash mismatch")
+            pending[rec.index] = data
+            contents.append(data)
+        return contents
+
+    def _write(self, records: list[Record], contents: list[bytes], index: array[int]) -> int:
+        bs = self.record.block_size
+        fd = self.img_fd
+        written = 0
+        run_start = -1
+        run: list[bytes] = []
+        for rec, data in zip(records, contents, strict=True):
+            index[rec.index] = rec.hash
+            if run and rec.index == run_start + len(run):
+                run.append(data)
+                continue
+            if run:
+                written += os.pwritev(fd, run, run_start * bs)
+            run_start, run = rec.index, [data]
+        if run:
+            written += os.pwritev(fd, run, run_start * bs)
+        return written
+
+    def commit(self, applied_seq: int | None = None) -> None:
+        """Make everything applied so far durable, then record ``applied_seq``."""
+        os.fdatasync(self.img_fd)
+        if applied_seq is not None:
+            self.record.applied_seq = applied_seq
+        self._write_meta()
+
+    def raise_epoch(self, epoch: int) -> None:
+        if epoch > self.record.epoch:
+            self.record.epoch = epoch
+            self._write_meta()
+
+    def close(self) -> None:
+        for fd in (self.img_fd, self.meta_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

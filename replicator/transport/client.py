@@ -1,0 +1,154 @@
+"""Client side of the replication protocol; translates gRPC failures into replicator errors."""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from replicator.errors import (
+    ProtocolError,
+    ReplicatorError,
+    StaleEpochError,
+    TargetUnavailableError,
+    VolumeBusyError,
+    VolumeError,
+)
+from replicator.transport import wire
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+_BY_STATUS: dict[grpc.StatusCode, type[ReplicatorError]] = {
+    grpc.StatusCode.UNAVAILABLE: TargetUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: TargetUnavailableError,
+    grpc.StatusCode.CANCELLED: TargetUnavailableError,
+    grpc.StatusCode.UNKNOWN: TargetUnavailableError,
+    grpc.StatusCode.INTERNAL: TargetUnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: TargetUnavailableError,
+    grpc.StatusCode.ABORTED: VolumeBusyError,
+    grpc.StatusCode.INVALID_ARGUMENT: ProtocolError,
+    grpc.StatusCode.FAILED_PRECONDITION: ProtocolError,
+    grpc.StatusCode.UNIMPLEMENTED: ProtocolError,
+    grpc.StatusCode.DATA_LOSS: VolumeError,
+}
+_BY_DETAIL_PREFIX: dict[str, type[ReplicatorError]] = {
+    "stale_epoch": StaleEpochError,
+    "volume_busy": VolumeBusyError,
+    "replica I/O error": VolumeError,
+}
+
+
+def translate(exc: grpc.aio.AioRpcError, address: str) -> ReplicatorError:
+    details = exc.details() or ""
+    for prefix, cls in _BY_DETAIL_PREFIX.items():
+        if details.startswith(prefix):
+            return cls(f"target {address}: {details}")
+    cls = _BY_STATUS.get(exc.code(), ReplicatorError)
+    return cls(f"target {address}: {exc.code().name}: {details}")
+
+
+@dataclass(frozen=True)
+class HandshakeInfo:
+    generation: str
+    applied_seq: int
+    index_digest: bytes
+    replica_size: int
+    created: bool
+    epoch: int
+    target_id: str
+
+
+class TargetClient:
+    """One channel to a target daemon."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = wire.ReplicationStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def handshake(self, volume: str, size: int, block_size: int, source_id: str,
+                        epoch: int, timeout: float = 10.0) -> HandshakeInfo:
+        req = wire.ProtoHandshakeRequest(protocol_version=wire.PROTOCOL_VERSION, volume=volume,
+                                         volume_size=size, block_size=block_size,
+                                         source_id=source_id, epoch=epoch)
+        try:
+            r = await self.stub.Handshake(req, timeout=timeout, wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, self.address) from None
+        return HandshakeInfo(r.generation, r.applied_seq, r.index_digest, r.replica_size,
+                             r.created, r.epoch, r.target_id)
+
+    async def block_hashes(self, volume: str, from_disk: bool = False,
+                           timeout: float = 600.0) -> tuple[array[int], int, int]:
+        """The replica's per-block hashes, its size and its applied sequence."""
+        out = array("Q")
+        size = seq = 0
+        try:
+            call = self.stub.BlockHashes(
+                wire.ProtoBlockHashesRequest(volume=volume, from_disk=from_disk),
+                timeout=timeout, wait_for_ready=True)
+            async for chunk in call:
+                if chunk.first_block != len(out):
+                    raise ProtocolError("block hash listing arrived out of order")
+                part = array("Q")
+                part.frombytes(chunk.hashes)
+                if sys.byteorder == "big":
+                    part.byteswap()
+                out.extend(part)
+                size, seq = chunk.replica_size, chunk.applied_seq
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, self.address) from None
+        return out, size, seq
+
+    def push(self) -> PushCall:
+        return PushCall(self.stub.Push(wait_for_ready=True), self.address)
+
+
+class PushCall:
+    """The bidirectional delta stream; write batches, read acks."""
+
+    def __init__(self, call: Any, address: str) -> None:
+        self.call = call
+        self.address = address
+
+    async def write(self, msg: Any) -> None:
+        try:
+            await self.call.write(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, self.address) from None
+        except grpc.aio.UsageError as exc:  # the call already ended; read() tells why
+            raise TargetUnavailableError(f"target {self.address}: stream closed: {exc}") from None
+
+    async def done_writing(self) -> None:
+        try:
+            await self.call.done_writing()
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, self.address) from None
+
+    async def acks(self) -> AsyncIterator[Any]:
+        try:
+            while True:
+                msg = await self.call.read()
+                if msg is grpc.aio.EOF:
+                    return
+                yield msg
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, self.address) from None
+
+    def cancel(self) -> None:
+        self.call.cancel()

@@ -1,0 +1,246 @@
+"""The target daemon's gRPC service: handshake, ordered delta stream, replica hash listing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+from replicator.batch import Batch
+from replicator.errors import CorruptBatchError, ProtocolError, ReplicatorError, VolumeError
+from replicator.metrics import TargetMetrics
+from replicator.replica import Replica, check_volume_name
+from replicator.transport import wire
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+GROUP_COMMIT_BYTES = 64 << 20
+QUEUE_DEPTH = 16
+STREAM_TAKEOVER_SECONDS = 5.0
+
+
+class VolumeSlot:
+    """A replica plus the single thread that touches its files and the stream ownership lock."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vol-{replica.name}")
+        self.stream_lock = asyncio.Lock()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.replica.close()
+
+
+class ReplicationService(wire.ReplicationServicer):  # type: ignore[misc]
+    def __init__(self, directory: str, metrics: TargetMetrics) -> None:
+        self.directory = directory
+        self.metrics = metrics
+        self.target_id = f"{os.uname().nodename}:{uuid.uuid4().hex[:8]}"
+        self._slots: dict[str, VolumeSlot] = {}
+        self._open_lock = asyncio.Lock()
+
+    async def _slot(self, name: str) -> VolumeSlot:
+        check_volume_name(name)
+        async with self._open_lock:
+            slot = self._slots.get(name)
+            if slot is None:
+                replica = await asyncio.to_thread(Replica, self.directory, name)
+                slot = self._slots[name] = VolumeSlot(replica)
+            return slot
+
+    def close(self) -> None:
+        for slot in self._slots.values():
+            slot.close()
+        self._slots.clear()
+
+    # -- Handshake ---------------------------------------------------------------------------
+
+    async def Handshake(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request.protocol_version != wire.PROTOCOL_VERSION:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"protocol_version {request.protocol_version} not supported "
+                                f"(target speaks {wire.PROTOCOL_VERSION})")
+        if request.block_size <= 0 or request.block_size % 512:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "block_size must be a positive multiple of 512")
+        slot = await self._open(request.volume, context)
+        replica = slot.replica
+        if request.epoch < replica.record.epoch:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"stale_epoch: volume {request.volume} is at epoch "
+                                f"{replica.record.epoch}, source sent {request.epoch}")
+        created = replica.created
+        try:
+            await slot.run(replica.prepare, request.volume_size, request.block_size)
+            await slot.run(replica.raise_epoch, request.epoch)
+            digest = await slot.run(replica.digest)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"replica I/O error: {exc}")
+        replica.created = False
+        self.metrics.epoch.labels(replica.name).set(replica.record.epoch)
+        self.metrics.applied_seq.labels(replica.name).set(replica.record.applied_seq)
+        return wire.ProtoHandshakeResponse(
+            protocol_version=wire.PROTOCOL_VERSION,
+            generation=replica.record.generation,
+            applied_seq=replica.record.applied_seq,
+            index_digest=digest,
+            replica_size=replica.record.size,
+            created=created,
+            epoch=replica.record.epoch,
+            target_id=self.target_id,
+        )
+
+    async def _open(self, name: str, context: grpc.aio.ServicerContext) -> VolumeSlot:
+        try:
+            return await self._slot(name)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ReplicatorError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        raise AssertionError("unreachable")
+
+    # -- BlockHashes -------------------------------------------------------------------------
+
+    async def BlockHashes(self, request: Any, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[Any]:
+        slot = await self._open(request.volume, context)
+        replica = slot.replica
+        if request.from_disk:
+            hashes = await slot.run(replica.hashes_from_disk)
+        else:
+            hashes = await slot.run(lambda: replica.index().tolist())
+        per_chunk = 65536
+        size, seq = replica.record.size, replica.record.applied_seq
+        from array import array
+
+        for first in range(0, max(1, len(hashes)), per_chunk):
+            part = array("Q", hashes[first : first + per_chunk])
+            yield wire.ProtoBlockHashesChunk(first_block=first, hashes=part.tobytes(),
+                                             replica_size=size, applied_seq=seq)
+
+    # -- Push --------------------------------------------------------------------------------
+
+    async def Push(self, request_iterator: AsyncIterator[Any],
+                   context: grpc.aio.ServicerContext) -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue(QUEUE_DEPTH)
+        end = object()
+
+        async def reader() -> None:
+            try:
+                async for msg in request_iterator:
+                    await queue.put(msg)
+            finally:
+                await queue.put(end)
+
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(reader())
+            first = await queue.get()
+            if first is end:
+                return
+            slot = await self._open(first.volume, context)
+            try:
+                await asyncio.wait_for(slot.stream_lock.acquire(), STREAM_TAKEOVER_SECONDS)
+            except TimeoutError:
+                task.cancel()
+                await context.abort(grpc.StatusCode.ABORTED,
+                                    f"volume_busy: another source is streaming {first.volume}")
+            try:
+                await _PushSession(self, slot, context, queue, end).run(first)
+            finally:
+                slot.stream_lock.release()
+                task.cancel()
+
+
+class _PushSession:
+    """Applies one source stream's batches in order with group commit and go-back-N."""
+
+    def __init__(self, service: ReplicationService, slot: VolumeSlot,
+                 context: grpc.aio.ServicerContext, queue: asyncio.Queue[Any],
+                 end: object) -> None:
+        self.service = service
+        self.slot = slot
+        self.replica = slot.replica
+        self.context = context
+        self.queue = queue
+        self.end = end
+        self.m = service.metrics
+        self.name = slot.replica.name
+        self.applied = slot.replica.record.applied_seq  # applied in the file, maybe not durable
+        self.waiting_for: int | None = None  # after a rejection: only this seq is accepted
+        self.group_bytes = 0
+
+    async def run(self, msg: Any) -> None:
+        while msg is not self.end:
+            await self.handle(msg)
+            if self.applied > self.replica.record.applied_seq and (
+                self.queue.empty() or self.group_bytes >= GROUP_COMMIT_BYTES or msg.commit
+            ):
+                await self.commit()
+            msg = await self.queue.get()
+        if self.applied > self.replica.record.applied_seq:
+            await self.commit()
+
+    async def commit(self) -> None:
+        started = time.perf_counter()
+        await self.slot.run(self.replica.commit, self.applied)
+        self.m.commit_seconds.labels(self.name).observe(time.perf_counter() - started)
+        self.m.applied_seq.labels(self.name).set(self.applied)
+        self.group_bytes = 0
+        await self.context.write(wire.ack_ok(self.applied))
+
+    async def reject(self, seq: int, reason: str, message: str) -> None:
+        log.warning("volume %s: rejected batch %d (%s): %s", self.name, seq, reason, message)
+        self.m.rejected.labels(self.name, reason).inc()
+        self.waiting_for = seq
+        await self.context.write(
+            wire.ack_rejected(self.replica.record.applied_seq, seq, reason, message)
+        )
+
+    async def handle(self, msg: Any) -> None:
+        if msg.volume != self.name:
+            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                     f"stream is for volume {self.name}, batch names {msg.volume}")
+        if msg.epoch < self.replica.record.epoch:
+            self.m.rejected.labels(self.name, "stale_epoch").inc()
+            await self.context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                     f"stale_epoch: volume {self.name} is at epoch "
+                                     f"{self.replica.record.epoch}, batch {msg.seq} has "
+                                     f"{msg.epoch}")
+        if msg.seq <= self.applied:
+            return  # a resend of something already applied: idempotent
+        if self.waiting_for is not None and msg.seq != self.waiting_for:
+            return  # go-back-N: drop everything until the rejected batch comes again
+        if msg.seq != self.applied + 1:
+            await self.reject(self.applied + 1, "out_of_order",
+                              f"expected batch {self.applied + 1}, got {msg.seq}")
+            return
+        if msg.epoch > self.replica.record.epoch:
+            await self.slot.run(self.replica.raise_epoch, msg.epoch)
+            self.m.epoch.labels(self.name).set(msg.epoch)
+        batch: Batch = wire.batch_from_proto(msg)
+        try:
+            written = await self.slot.run(self.replica.apply, batch)
+        except CorruptBatchError as exc:
+            await self.reject(msg.seq, exc.reason, str(exc))
+            return
+        except (OSError, VolumeError) as exc:
+            await self.context.abort(grpc.StatusCode.INTERNAL, f"replica I/O error: {exc}")
+        self.waiting_for = None
+        self.applied = msg.seq
+        self.group_bytes += written
+        self.m.applied_bytes.labels(self.name).inc(written)
+        self.m.received_bytes.labels(self.name).inc(len(msg.payload))

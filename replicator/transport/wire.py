@@ -1,0 +1,74 @@
+"""The one seam between hand-written code and the generated ``drctl.v1`` protobuf modules."""
+
+from __future__ import annotations
+
+from drctl.v1 import replication_pb2 as pb
+from drctl.v1 import replication_pb2_grpc as pb_grpc
+from replicator.batch import Batch, Compression
+
+PROTOCOL_VERSION = 1
+
+ProtoHandshakeRequest = pb.HandshakeRequest
+ProtoHandshakeResponse = pb.HandshakeResponse
+ProtoDeltaBatch = pb.DeltaBatch
+ProtoAck = pb.Ack
+ProtoBlockHashesRequest = pb.BlockHashesRequest
+ProtoBlockHashesChunk = pb.BlockHashesChunk
+ReplicationStub = pb_grpc.ReplicationStub
+ReplicationServicer = pb_grpc.ReplicationServicer
+add_servicer = pb_grpc.add_ReplicationServicer_to_server
+
+ACK_OK = pb.ACK_STATUS_OK
+ACK_REJECTED = pb.ACK_STATUS_REJECTED
+
+_COMPRESSION_TO_PROTO = {Compression.NONE: pb.COMPRESSION_NONE, Compression.ZSTD: pb.COMPRESSION_ZSTD}
+_COMPRESSION_FROM_PROTO = {v: k for k, v in _COMPRESSION_TO_PROTO.items()}
+
+
+def batch_to_proto(b: Batch) -> pb.DeltaBatch:
+    msg = pb.DeltaBatch(
+        volume=b.volume,
+        epoch=b.epoch,
+        seq=b.seq,
+        block_size=b.block_size,
+        indices=b.indices,
+        kinds=b.kinds,
+        hashes=b.hashes,
+        copy_from=b.copy_from,
+        compression=_COMPRESSION_TO_PROTO[b.compression],
+        raw_length=b.raw_length,
+        payload=b.payload,
+        checksum=b.checksum,
+        volume_size=b.volume_size,
+        commit=b.commit,
+    )
+    return msg
+
+
+def batch_from_proto(m: pb.DeltaBatch) -> Batch:
+    compression = _COMPRESSION_FROM_PROTO.get(m.compression)
+    return Batch(
+        volume=m.volume,
+        epoch=m.epoch,
+        seq=m.seq,
+        block_size=m.block_size,
+        volume_size=m.volume_size,
+        indices=list(m.indices),
+        kinds=m.kinds,
+        hashes=list(m.hashes),
+        copy_from=list(m.copy_from),
+        compression=compression,  # type: ignore[arg-type]  # None is rejected by the decoder
+        raw_length=m.raw_length,
+        payload=m.payload,
+        checksum=m.checksum,
+        commit=m.commit,
+    )
+
+
+def ack_ok(seq: int) -> pb.Ack:
+    return pb.Ack(status=pb.ACK_STATUS_OK, acked_seq=seq)
+
+
+def ack_rejected(acked: int, rejected: int, reason: str, message: str) -> pb.Ack:
+    return pb.Ack(status=pb.ACK_STATUS_REJECTED, acked_seq=acked, rejected_seq=rejected,
+                  reason=reason, message=message)

@@ -1,0 +1,71 @@
+"""Parsing of human-written sizes and rates ("20MB/s", "512KiB", "1.5G")."""
+
+from __future__ import annotations
+
+import re
+
+from replicator.errors import UsageError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes in ``text``: decimal units (kB, MB, GB) are powers of 1000, binary (KiB...) of 1024."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UsageError(f"invalid {what} {text!r}: expected a number with an optional unit, e.g. 20MB")
+    number, unit = m.groups()
+    factor = _UNITS.get(unit.lower())
+    if factor is None:
+        raise UsageError(
+            f"invalid {what} {text!r}: unknown unit {unit!r} (use B, kB, MB, GB, KiB, MiB, GiB)"
+        )
+    value = int(float(number) * factor)
+    if value <= 0:
+        raise UsageError(f"invalid {what} {text!r}: must be greater than zero")
+    return value
+
+
+def parse_rate(text: str) -> int:
+    """Bytes per second in ``text`` ("20MB/s", "100MiB/s", "5M"); the "/s" suffix is optional."""
+    body = text.strip()
+    if body.lower().endswith("/s"):
+        body = body[:-2]
+    elif body.lower().endswith("ps"):
+        body = body[:-2]
+    return parse_size(body, what="rate")
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 as [::1]:PORT) and check the port."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise UsageError(f"invalid address {text!r}: expected HOST:PORT")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise UsageError(f"invalid address {text!r}: port {port} out of range")
+    return host.strip("[]"), port
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,46 @@
+"""`drctl replicate verify`: compare a volume with its replica block by block."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from replicator.blockmap import Geometry, MappedVolume, hash_all
+from replicator.errors import VerificationError
+from replicator.transport.client import TargetClient
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    volume: str
+    source_size: int
+    replica_size: int
+    blocks: int
+    mismatched: int
+    first_mismatch: int | None
+
+
+async def verify_replica(path: str, address: str, volume: str,
+                         block_size: int = 4096) -> VerifyResult:
+    client = TargetClient(address)
+    try:
+        with MappedVolume(path) as vol:
+            geo = Geometry(vol.size, block_size)
+            local_task = asyncio.create_task(asyncio.to_thread(hash_all, vol.view, geo))
+            try:
+                remote, rsize, _seq = await client.block_hashes(volume, from_disk=True)
+            finally:
+                local = await local_task
+    finally:
+        await client.close()
+    mismatched = [i for i, (a, b) in enumerate(zip(local, remote, strict=False)) if a != b]
+    extra = abs(len(local) - len(remote))
+    result = VerifyResult(volume, geo.size, rsize, len(local), len(mismatched) + extra,
+                          mismatched[0] if mismatched else (min(len(local), len(remote))
+                                                            if extra else None))
+    if result.mismatched or rsize != geo.size:
+        raise VerificationError(
+            f"volume {volume}: replica differs: {result.mismatched} of {result.blocks} blocks "
+            f"mismatch (first at block {result.first_mismatch}), sizes {geo.size} vs {rsize}"
+        )
+    return result

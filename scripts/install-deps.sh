@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install everything drctl needs on a fresh Debian 12 machine (root): the real servers the
+# tests and the demo start (etcd, named, prometheus), the tools the benchmarks compare against
+# (rsync), and a Python venv with the package in editable mode plus dev tools.
+#   usage: scripts/install-deps.sh [VENV_DIR]      (default .venv)
+set -euo pipefail
+VENV="${1:-.venv}"
+export DEBIAN_FRONTEND=noninteractive
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+need=()
+for bin in etcd named prometheus promtool rsync dig; do
+  command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "install-deps: missing ${need[*]}: installing Debian packages"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends \
+    etcd-server etcd-client bind9 bind9-utils bind9-dnsutils prometheus rsync iproute2 procps >/dev/null
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+"$VENV/bin/pip" install -q -e '.[dev]'
+echo "install-deps: done ($("$VENV/bin/python" --version))"
