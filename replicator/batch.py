@@ -79,54 +79,51 @@ class Batch:
         return self.kinds.count(Kind.DATA)
 
 
-@dataclass
-class Record:
-    index: int
-    kind: Kind
-    hash: int
-    source: int  # COPY: the block to copy from; DATA: offset of the content in the payload
+# A record as the target applies it: (block index, kind, content hash, source), where source
+# is the payload offset for DATA and the block to copy from for COPY.
+Record = tuple[int, int, int, int]
+_KINDS = frozenset(int(k) for k in Kind)
 
 
 class Decoder:
-    """Checks a batch and yields its records with the decompressed payload (target side)."""
+    """Checks a batch and lists its records with the decompressed payload (target side)."""
 
     def __init__(self) -> None:
         self._zstd = zstandard.ZstdDecompressor()
 
     def open(self, batch: Batch) -> tuple[list[Record], bytes]:
+        seq = batch.seq
         if batch.compute_checksum() != batch.checksum:
-            raise CorruptBatchError("checksum", f"batch {batch.seq}: checksum mismatch")
+            raise CorruptBatchError("checksum", f"batch {seq}: checksum mismatch")
         n = len(batch.indices)
         if len(batch.kinds) != n or len(batch.hashes) != n:
-            raise CorruptBatchError("malformed", f"batch {batch.seq}: field lengths differ")
+            raise CorruptBatchError("malformed", f"batch {seq}: field lengths differ")
+        if not set(batch.kinds) <= _KINDS:
+            raise CorruptBatchError("malformed", f"batch {seq}: unknown block kind")
+        bs, size = batch.block_size, batch.volume_size
+        if bs <= 0 or (n and max(batch.indices) * bs >= size):
+            raise CorruptBatchError("malformed", f"batch {seq}: block past the end of the volume")
         payload = self._payload(batch)
+        last = (size - 1) // bs
+        tail = size - last * bs
         records: list[Record] = []
-        bs = batch.block_size
-        size = batch.volume_size
+        append = records.append
         pos = 0
         copies = iter(batch.copy_from)
-        for index, kind_value, h in zip(batch.indices, batch.kinds, batch.hashes, strict=True):
-            if index * bs >= size:
-                raise CorruptBatchError("malformed", f"batch {batch.seq}: block {index} past end")
-            try:
-                kind = Kind(kind_value)
-            except ValueError:
-                raise CorruptBatchError(
-                    "malformed", f"batch {batch.seq}: unknown block kind {kind_value}"
-                ) from None
-            if kind is Kind.DATA:
-                records.append(Record(index, kind, h, pos))
-                pos += min(bs, size - index * bs)
-            elif kind is Kind.COPY:
+        for index, kind, h in zip(batch.indices, batch.kinds, batch.hashes, strict=True):
+            if kind == 1:  # DATA
+                append((index, 1, h, pos))
+                pos += bs if index != last else tail
+            elif kind == 3:  # COPY
                 src = next(copies, None)
-                if src is None or src * bs >= size:
-                    raise CorruptBatchError("malformed", f"batch {batch.seq}: bad copy source")
-                records.append(Record(index, kind, h, src))
+                if src is None or src > last:
+                    raise CorruptBatchError("malformed", f"batch {seq}: bad copy source")
+                append((index, 3, h, src))
             else:
-                records.append(Record(index, kind, h, 0))
+                append((index, 2, h, 0))
         if pos != len(payload):
             raise CorruptBatchError(
-                "malformed", f"batch {batch.seq}: payload is {len(payload)} bytes, records need {pos}"
+                "malformed", f"batch {seq}: payload is {len(payload)} bytes, records need {pos}"
             )
         return records, payload
 

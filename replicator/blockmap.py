@@ -145,46 +145,24 @@ def chunk_hashes(view: memoryview, geo: Geometry, first_chunk: int, count: int) 
 
 @dataclass
 class ScanWindow:
-    """Blocks found different from the target's view in one window of the volume."""
+    """Chunks of one window of the volume whose content may differ from the replica's."""
 
-    changed: list[tuple[int, int]]  # (block index, new hash)
+    chunks: list[tuple[int, int]]  # (chunk index, chunk hash at scan time)
     scanned_bytes: int
-    end_chunk: int
 
 
-def scan_changes(
-    view: memoryview,
-    geo: Geometry,
-    target: array[int],
-    seen_chunks: array[int],
-    window_chunks: int = 1024,
-) -> Iterator[ScanWindow]:
-    """Compare the volume with ``target`` (the per-block hashes the replica is known to hold).
+def scan_chunks(view: memoryview, geo: Geometry, seen_chunks: array[int],
+                window_chunks: int = 1024) -> Iterator[ScanWindow]:
+    """Hash the volume chunk by chunk and list the chunks that moved.
 
     ``seen_chunks[c]`` is the chunk hash of the source content the last time chunk ``c`` was
-    fully planned; a chunk whose hash still matches is skipped without per-block hashing. The
-    caller updates ``seen_chunks`` for the windows it plans (see :func:`mark_planned`).
+    fully planned; a chunk whose hash still matches holds what the replica holds and is skipped
+    without per-block hashing. The planner looks at the listed chunks block by block.
     """
-    bs = geo.block_size
     for c0 in range(0, geo.chunks, window_chunks):
         n = min(window_chunks, geo.chunks - c0)
         hashes = chunk_hashes(view, geo, c0, n)
-        changed: list[tuple[int, int]] = []
-        for k, ch in enumerate(hashes):
-            c = c0 + k
-            if seen_chunks[c] == ch and ch != UNKNOWN:
-                continue
-            b0 = c * CHUNK_BLOCKS
-            b1 = min(geo.blocks, b0 + CHUNK_BLOCKS)
-            for b in range(b0, b1):
-                off = b * bs
-                h = block_hash(view[off : off + bs])
-                if h != target[b]:
-                    changed.append((b, h))
-            # Re-hash the chunk: if it moved while we hashed its blocks, leave it unknown so the
-            # next scan compares it block by block again (no A-B-A blind spot).
-            start = c * geo.chunk_bytes
-            again = block_hash(view[start : start + geo.chunk_bytes])
-            seen_chunks[c] = ch if again == ch else UNKNOWN
-        yield ScanWindow(changed, min(geo.size, (c0 + n) * geo.chunk_bytes) - c0 * geo.chunk_bytes,
-                         c0 + n)
+        moved = [(c0 + k, ch) for k, ch in enumerate(hashes)
+                 if ch == UNKNOWN or seen_chunks[c0 + k] != ch]
+        first = c0 * geo.chunk_bytes
+        yield ScanWindow(moved, min(geo.size, (c0 + n) * geo.chunk_bytes) - first)

@@ -30,7 +30,7 @@ from typing import Any
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from replicator.batch import Kind
-from replicator.blockmap import UNKNOWN, Geometry, MappedVolume, hash_all, scan_changes
+from replicator.blockmap import UNKNOWN, Geometry, MappedVolume, hash_all, scan_chunks
 from replicator.errors import (
     ProtocolError,
     ReplanNeededError,
@@ -253,18 +253,17 @@ class PushDriver:
                         fut.cancel()
                         return False
 
-        for window in scan_changes(view, self.geo, self.state.view, self.state.seen):
+        for window in scan_chunks(view, self.geo, self.state.seen):
             if abort.is_set():
                 return
             self.progress.scanned += window.scanned_bytes
-            if not window.changed:
+            if not window.chunks:
                 continue
-            if self.dirty_since is None:
-                self.dirty_since = estimate
-            for planned in self.planner.plan(view, window.changed, self._next_seq):
-                planned.batch.wire_size = 0
+            for planned in self.planner.plan(view, window.chunks, self._next_seq):
+                if self.dirty_since is None:
+                    self.dirty_since = estimate
                 proto = wire.batch_to_proto(planned.batch)
-                planned.batch.wire_size = proto.ByteSize()
+                planned.batch.wire_size = wire.estimated_size(planned.batch)
                 self._protos[planned.batch.seq] = proto
                 with self._unacked_lock:
                     self._unacked_raw += planned.raw_bytes
@@ -315,6 +314,9 @@ class PushDriver:
                     async with lock:
                         if planned.batch.seq in self.pending:
                             await self._send(call, planned)
+                if self.pending:
+                    async with lock:
+                        await call.write(wire.flush_request(self.o.volume, self.o.epoch))
                 self._check_all_acked()
                 await self._all_acked.wait()
                 await call.done_writing()
@@ -325,7 +327,7 @@ class PushDriver:
     async def _send(self, call: PushCall, planned: PlannedBatch, resent: str = "") -> None:
         proto = self._protos.get(planned.batch.seq) or wire.batch_to_proto(planned.batch)
         self._protos[planned.batch.seq] = proto
-        size = planned.batch.wire_size or proto.ByteSize()
+        size = planned.batch.wire_size or wire.estimated_size(planned.batch)
         if self.bucket is not None:
             await self.bucket.acquire(size)
         await call.write(proto)
@@ -421,6 +423,7 @@ class PushDriver:
         """Bring the replica to equal the volume, verified, retrying whole passes if needed."""
         self.open_volume()
         await self.reconcile()
+        log.debug("volume %s: reconciled at seq %d", self.o.volume, self.acked_seq)
         for _round in range(MAX_VERIFY_ROUNDS):
             try:
                 await self.run_pass()
@@ -428,8 +431,10 @@ class PushDriver:
                 log.warning("%s: planning again", exc)
                 await self.reconcile()
                 continue
+            log.debug("volume %s: pass shipped, verifying", self.o.volume)
             if not self._needs_reconcile and await self.verify():
                 self.totals.verified = True
+                log.debug("volume %s: verified at seq %d", self.o.volume, self.acked_seq)
                 return
             log.warning("volume %s: replica differs from the planned view: re-listing it",
                         self.o.volume)

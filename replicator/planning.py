@@ -18,7 +18,7 @@ import zstandard
 from replicator.batch import Batch, Compression, Kind
 from replicator.blockmap import CHUNK_BLOCKS, UNKNOWN, Geometry, block_hash, zero_hash
 
-MAX_BATCH_BLOCKS = 256  # 1 MiB of 4 KiB blocks: far under gRPC's 4 MiB message limit
+MAX_BATCH_BLOCKS = 512  # 2 MiB of 4 KiB blocks: well under gRPC's 4 MiB message limit
 
 
 @dataclass
@@ -37,6 +37,17 @@ class PlannedBatch:
     batch: Batch
     raw_bytes: int  # bytes of changed blocks this batch brings the replica up to date with
     copy_data: dict[int, bytes] = field(default_factory=dict)  # record position -> content
+
+
+@dataclass
+class _Builder:
+    indices: list[int] = field(default_factory=list)
+    kinds: bytearray = field(default_factory=bytearray)
+    hashes: list[int] = field(default_factory=list)
+    copy_from: list[int] = field(default_factory=list)
+    datas: list[memoryview] = field(default_factory=list)
+    copy_data: dict[int, bytes] = field(default_factory=dict)
+    raw: int = 0
 
 
 class Planner:
@@ -61,68 +72,77 @@ class Planner:
             self._dedup.pop(zero_hash(self.geo.block_size), None)
         return self._dedup
 
-    def plan(self, src: memoryview, changed: list[tuple[int, int]],
+    def plan(self, src: memoryview, chunks: list[tuple[int, int]],
              next_seq: Callable[[], int]) -> Iterator[PlannedBatch]:
-        for start in range(0, len(changed), self.max_blocks):
-            planned = self._one(src, changed[start : start + self.max_blocks], next_seq)
-            if planned is not None:
-                yield planned
+        """Batches for every block of ``chunks`` whose content differs from the view.
 
-    def _one(self, src: memoryview, part: list[tuple[int, int]],
-             next_seq: Callable[[], int]) -> PlannedBatch | None:
-        geo, bs, view = self.geo, self.geo.block_size, self.view
-        dedup = self._dedup_index() if self.dedup_enabled else None
+        Each block is hashed once, from the bytes that are shipped. After a chunk is planned
+        it is hashed again: if it moved meanwhile it is left UNKNOWN, so the next scan looks at
+        it block by block again (a write racing the scan is never skipped).
+        """
+        geo, view, seen = self.geo, self.view, self.seen
+        bs, chunk_bytes, size = geo.block_size, geo.chunk_bytes, geo.size
+        last = geo.blocks - 1
+        hash_ = block_hash
+        zh_full = zero_hash(bs)
+        zh_tail = zero_hash(geo.block_len(last)) if last >= 0 else zh_full
         st = self.stats
-        indices: list[int] = []
-        kinds = bytearray()
-        hashes: list[int] = []
-        copy_from: list[int] = []
-        datas: list[bytes] = []
-        copy_data: dict[int, bytes] = {}
-        raw = 0
-        for index, scan_hash in part:
-            off = index * bs
-            data = bytes(src[off : off + bs])
-            h = block_hash(data)
-            if h != scan_hash:  # written again since the scan: ship what is there now
-                self.seen[index // CHUNK_BLOCKS] = UNKNOWN
-            old = view[index]
-            if h == old:
-                continue
-            raw += len(data)
-            indices.append(index)
-            hashes.append(h)
-            if h == zero_hash(len(data)) and not any(data):
-                kinds.append(Kind.ZERO)
-                st.zero_blocks += 1
-            elif dedup is not None and (j := dedup.get(h)) is not None and view[j] == h:
-                kinds.append(Kind.COPY)
-                copy_from.append(j)
-                copy_data[len(indices) - 1] = data
-                st.dedup_blocks += 1
-            else:
-                kinds.append(Kind.DATA)
-                datas.append(data)
-                st.data_blocks += 1
-            view[index] = h
-            if dedup is not None:
-                if dedup.get(old) == index:
-                    del dedup[old]
-                dedup.setdefault(h, index)
-        if not indices:
-            return None
-        st.changed_blocks += len(indices)
-        st.raw_bytes += raw
-        batch = self.encode(next_seq(), indices, bytes(kinds), hashes, copy_from, datas)
+        dedup = self._dedup_index() if self.dedup_enabled else None
+        max_blocks = self.max_blocks
+        cur = _Builder()
+        for c, ch in chunks:
+            b0 = c * CHUNK_BLOCKS
+            for b in range(b0, min(last + 1, b0 + CHUNK_BLOCKS)):
+                off = b * bs
+                data = src[off : off + bs]
+                h = hash_(data)
+                old = view[b]
+                if h == old:
+                    continue
+                cur.indices.append(b)
+                cur.hashes.append(h)
+                cur.raw += len(data)
+                if h == (zh_tail if b == last else zh_full) and data == zero_block(len(data)):
+                    cur.kinds.append(Kind.ZERO)
+                    st.zero_blocks += 1
+                elif dedup is not None and (j := dedup.get(h)) is not None and view[j] == h:
+                    cur.kinds.append(Kind.COPY)
+                    cur.copy_from.append(j)
+                    cur.copy_data[len(cur.indices) - 1] = bytes(data)
+                    st.dedup_blocks += 1
+                else:
+                    cur.kinds.append(Kind.DATA)
+                    cur.datas.append(data)
+                    st.data_blocks += 1
+                view[b] = h
+                if dedup is not None:
+                    if dedup.get(old) == b:
+                        del dedup[old]
+                    dedup.setdefault(h, b)
+                if len(cur.indices) >= max_blocks:
+                    yield self._finish(cur, next_seq)
+                    cur = _Builder()
+            start = c * chunk_bytes
+            again = hash_(src[start : min(size, start + chunk_bytes)])
+            seen[c] = ch if again == ch else UNKNOWN
+        if cur.indices:
+            yield self._finish(cur, next_seq)
+
+    def _finish(self, cur: _Builder, next_seq: Callable[[], int]) -> PlannedBatch:
+        st = self.stats
+        batch = self.encode(next_seq(), cur.indices, bytes(cur.kinds), cur.hashes,
+                            cur.copy_from, cur.datas)
+        st.changed_blocks += len(cur.indices)
+        st.raw_bytes += cur.raw
         st.payload_bytes += len(batch.payload)
         st.batches += 1
-        return PlannedBatch(batch, raw, copy_data)
+        return PlannedBatch(batch, cur.raw, cur.copy_data)
 
     def encode(self, seq: int, indices: list[int], kinds: bytes, hashes: list[int],
-               copy_from: list[int], datas: list[bytes]) -> Batch:
+               copy_from: list[int], datas: list[memoryview] | list[bytes]) -> Batch:
         raw_payload = b"".join(datas)
         payload, compression = raw_payload, Compression.NONE
-        if self._zstd is not None and raw_payload:
+        if self._zstd is not None and raw_payload and self._worth_compressing(datas):
             packed = self._zstd.compress(raw_payload)
             if len(packed) < len(raw_payload) * 0.97:
                 payload, compression = packed, Compression.ZSTD
@@ -130,6 +150,17 @@ class Planner:
                      volume_size=self.geo.size, indices=indices, kinds=kinds, hashes=hashes,
                      copy_from=copy_from, compression=compression,
                      raw_length=len(raw_payload), payload=payload).seal()
+
+    def _worth_compressing(self, datas: list[memoryview] | list[bytes]) -> bool:
+        """Probe two blocks: if neither shrinks, the batch is (most likely) already-compressed
+        or encrypted data and compressing all of it would only burn CPU."""
+        assert self._zstd is not None
+        if len(datas) < 4:
+            return True
+        for probe in (datas[0], datas[len(datas) // 2]):
+            if len(self._zstd.compress(probe)) < len(probe) * 0.9:
+                return True
+        return False
 
     def without_copies(self, planned: PlannedBatch) -> Batch:
         """The same batch with every COPY record turned into DATA (the replica refused a copy)."""

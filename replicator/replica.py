@@ -21,6 +21,7 @@ import threading
 import uuid
 from array import array
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import xxhash
 
@@ -28,6 +29,7 @@ from replicator.batch import Batch, Decoder, Kind, Record
 from replicator.blockmap import Geometry, MappedVolume, block_hash, hash_all, zero_block
 from replicator.errors import CorruptBatchError, ProtocolError, VolumeError
 
+Buffer: TypeAlias = bytes | memoryview
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SLOT = 512
 _MAGIC = b"DRCTLRV1"
@@ -185,60 +187,85 @@ class Replica:
         contents = self._verify(batch.seq, records, payload)
         return self._write(records, contents, index)
 
-    def _verify(self, seq: int, records: list[Record], payload: bytes) -> list[bytes]:
+    def _verify(self, seq: int, records: list[Record], payload: bytes) -> list[Buffer]:
         """Content of every record, checked against its hash; nothing is written yet."""
         geo = self.geometry
+        bs = geo.block_size
+        last = geo.blocks - 1
+        tail = geo.block_len(last) if last >= 0 else 0
         view = memoryview(payload)
-        pending: dict[int, bytes] = {}
-        contents: list[bytes] = []
-        for rec in records:
-            length = geo.block_len(rec.index)
-            if rec.kind is Kind.DATA:
-                data = bytes(view[rec.source : rec.source + length])
-            elif rec.kind is Kind.ZERO:
+        hash_ = block_hash
+        has_copies = any(rec[1] == Kind.COPY for rec in records)
+        if not has_copies and len(payload) == bs * len(records):
+            # Fast path (bulk sync): only full DATA blocks, laid out back to back.
+            got = [hash_(view[o : o + bs]) for o in range(0, len(payload), bs)]
+            if got != [rec[2] for rec in records]:
+                bad = next(i for i, (a, r) in enumerate(zip(got, records, strict=True))
+                           if a != r[2])
+                raise CorruptBatchError("block_hash",
+                                        f"batch {seq}: block {records[bad][0]} hash mismatch")
+            return [view[o : o + bs] for o in range(0, len(payload), bs)]
+        pending: dict[int, Buffer] = {}
+        contents: list[Buffer] = []
+        append = contents.append
+        for index, kind, h, source in records:
+            length = bs if index != last else tail
+            data: Buffer
+            if kind == 1:  # DATA
+                data = view[source : source + length]
+            elif kind == 2:  # ZERO
                 data = zero_block(length)
             else:
-                data = pending.get(rec.source) or os.pread(
-                    self.img_fd, geo.block_len(rec.source), rec.source * geo.block_size
+                data = pending.get(source) or os.pread(
+                    self.img_fd, geo.block_len(source), source * bs
                 )
                 if len(data) != length:
                     raise CorruptBatchError("copy_mismatch", f"batch {seq}: copy length differs")
-            if block_hash(data) != rec.hash:
-                reason = "copy_mismatch" if rec.kind is Kind.COPY else "block_hash"
-                raise CorruptBatchError(reason, f"batch {seq}: block {rec.index} hash mismatch")
-            pending[rec.index] = data
-            contents.append(data)
+            if hash_(data) != h:
+                reason = "copy_mismatch" if kind == Kind.COPY else "block_hash"
+                raise CorruptBatchError(reason, f"batch {seq}: block {index} hash mismatch")
+            if has_copies:
+                pending[index] = data
+            append(data)
         return contents
 
-    def _write(self, records: list[Record], contents: list[bytes], index: array[int]) -> int:
+    def _write(self, records: list[Record], contents: list[Buffer], index: array[int]) -> int:
         bs = self.record.block_size
         fd = self.img_fd
         written = 0
         run_start = -1
-        run: list[bytes] = []
+        run: list[Buffer] = []
         for rec, data in zip(records, contents, strict=True):
-            index[rec.index] = rec.hash
-            if run and rec.index == run_start + len(run):
+            i = rec[0]
+            index[i] = rec[2]
+            if run and i == run_start + len(run):
                 run.append(data)
                 continue
             if run:
                 written += os.pwritev(fd, run, run_start * bs)
-            run_start, run = rec.index, [data]
+            run_start, run = i, [data]
         if run:
             written += os.pwritev(fd, run, run_start * bs)
         return written
 
     def commit(self, applied_seq: int | None = None) -> None:
-        """Make everything applied so far durable, then record ``applied_seq``."""
+        """Make everything applied so far durable, then record ``applied_seq``.
+
+        May run in another thread than :meth:`apply`: data written while the fdatasync runs
+        may or may not be flushed, which is why the caller passes the sequence it had applied
+        *before* calling, and only that is recorded.
+        """
         os.fdatasync(self.img_fd)
-        if applied_seq is not None:
-            self.record.applied_seq = applied_seq
-        self._write_meta()
+        with self.lock:
+            if applied_seq is not None and applied_seq > self.record.applied_seq:
+                self.record.applied_seq = applied_seq
+            self._write_meta()
 
     def raise_epoch(self, epoch: int) -> None:
-        if epoch > self.record.epoch:
-            self.record.epoch = epoch
-            self._write_meta()
+        with self.lock:
+            if epoch > self.record.epoch:
+                self.record.epoch = epoch
+                self._write_meta()
 
     def close(self) -> None:
         for fd in (self.img_fd, self.meta_fd):

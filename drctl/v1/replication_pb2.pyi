@@ -198,7 +198,9 @@ class DeltaBatch(_message.Message):
     volume_size: _builtins.int
     """size of the volume when the batch was cut"""
     commit: _builtins.bool
-    """a consistency point: make durable and ack now"""
+    """A consistency point: make durable and ack now. A batch with seq 0, no records and commit
+    set is a flush request.
+    """
     @_builtins.property
     def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """block numbers, in apply order"""

@@ -22,7 +22,8 @@ from replicator.transport import wire
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-GROUP_COMMIT_BYTES = 64 << 20
+GROUP_COMMIT_BYTES = 32 << 20
+GROUP_COMMIT_SECONDS = 0.05
 QUEUE_DEPTH = 16
 STREAM_TAKEOVER_SECONDS = 5.0
 
@@ -33,13 +34,19 @@ class VolumeSlot:
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vol-{replica.name}")
+        # fdatasync runs on its own thread so that applying the next batches overlaps the flush
+        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sync-{replica.name}")
         self.stream_lock = asyncio.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.syncer, fn, *args)
+
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        self.syncer.shutdown(wait=True)
         self.replica.close()
 
 
@@ -182,31 +189,94 @@ class _PushSession:
         self.applied = slot.replica.record.applied_seq  # applied in the file, maybe not durable
         self.waiting_for: int | None = None  # after a rejection: only this seq is accepted
         self.group_bytes = 0
+        self._commit_target = self.applied
+        self.committing: asyncio.Future[None] | None = None
+        self.commit_again = False
+        self.write_lock = asyncio.Lock()
 
     async def run(self, msg: Any) -> None:
-        while msg is not self.end:
-            await self.handle(msg)
-            if self.applied > self.replica.record.applied_seq and (
-                self.queue.empty() or self.group_bytes >= GROUP_COMMIT_BYTES or msg.commit
-            ):
-                await self.commit()
-            msg = await self.queue.get()
-        if self.applied > self.replica.record.applied_seq:
-            await self.commit()
+        """Group commit: make applied batches durable (fdatasync) and ack them when the source
+        asks (commit flag, or a seq-0 flush request), when GROUP_COMMIT_BYTES have piled up, or
+        when the stream has been idle for GROUP_COMMIT_SECONDS. One commit runs at a time, on
+        the sync thread, while later batches are applied."""
+        loop = asyncio.get_running_loop()
+        group_started = loop.time()
+        try:
+            while msg is not self.end:
+                if msg.seq == 0 and msg.commit:
+                    await self.flush()
+                else:
+                    if self.applied == self.committed:
+                        group_started = loop.time()
+                    await self.handle(msg)
+                age = loop.time() - group_started
+                if self.applied > self.committed and (
+                        msg.commit or self.group_bytes >= GROUP_COMMIT_BYTES
+                        or age >= GROUP_COMMIT_SECONDS):
+                    self.start_commit()
+                if self.applied > self.committed:
+                    try:
+                        msg = await asyncio.wait_for(self.queue.get(),
+                                                     max(0.0, GROUP_COMMIT_SECONDS - age))
+                        continue
+                    except TimeoutError:
+                        self.start_commit()
+                msg = await self.queue.get()
+            await self.drain_commits()
+        finally:
+            if self.committing is not None and not self.committing.done():
+                self.committing.cancel()
 
-    async def commit(self) -> None:
-        started = time.perf_counter()
-        await self.slot.run(self.replica.commit, self.applied)
-        self.m.commit_seconds.labels(self.name).observe(time.perf_counter() - started)
-        self.m.applied_seq.labels(self.name).set(self.applied)
+    async def send(self, ack: Any) -> None:
+        async with self.write_lock:
+            await self.context.write(ack)
+
+    @property
+    def committed(self) -> int:
+        """Highest sequence handed to a commit (durable once that commit finishes)."""
+        return self._commit_target
+
+    def start_commit(self) -> None:
+        if self.committing is not None and not self.committing.done():
+            self.commit_again = True
+            return
+        self._commit_target = self.applied
         self.group_bytes = 0
-        await self.context.write(wire.ack_ok(self.applied))
+        self.committing = asyncio.ensure_future(self._commit(self.applied))
+
+    async def _commit(self, seq: int) -> None:
+        started = time.perf_counter()
+        await self.slot.run_sync(self.replica.commit, seq)
+        self.m.commit_seconds.labels(self.name).observe(time.perf_counter() - started)
+        self.m.applied_seq.labels(self.name).set(seq)
+        await self.send(wire.ack_ok(seq))
+        if self.commit_again and self.applied > seq:
+            self.commit_again = False
+            self._commit_target = self.applied
+            self.group_bytes = 0
+            await self._commit(self.applied)
+
+    async def drain_commits(self) -> None:
+        while True:
+            if self.committing is not None:
+                await self.committing
+            if self.applied > self.replica.record.applied_seq:
+                self.commit_again = False
+                self.start_commit()
+                continue
+            return
+
+    async def flush(self) -> None:
+        if self.applied > self.replica.record.applied_seq:
+            await self.drain_commits()
+        else:
+            await self.send(wire.ack_ok(self.replica.record.applied_seq))
 
     async def reject(self, seq: int, reason: str, message: str) -> None:
         log.warning("volume %s: rejected batch %d (%s): %s", self.name, seq, reason, message)
         self.m.rejected.labels(self.name, reason).inc()
         self.waiting_for = seq
-        await self.context.write(
+        await self.send(
             wire.ack_rejected(self.replica.record.applied_seq, seq, reason, message)
         )
 

@@ -72,3 +72,13 @@ def ack_ok(seq: int) -> pb.Ack:
 def ack_rejected(acked: int, rejected: int, reason: str, message: str) -> pb.Ack:
     return pb.Ack(status=pb.ACK_STATUS_REJECTED, acked_seq=acked, rejected_seq=rejected,
                   reason=reason, message=message)
+
+
+def flush_request(volume: str, epoch: int) -> pb.DeltaBatch:
+    """Sequence 0 with commit set: make everything applied durable and ack it now."""
+    return pb.DeltaBatch(volume=volume, epoch=epoch, seq=0, commit=True)
+
+
+def estimated_size(b: Batch) -> int:
+    """Bytes the batch takes on the wire, within a few bytes (ByteSize() would serialise it)."""
+    return len(b.payload) + len(b.kinds) + 14 * len(b.indices) + 6 * len(b.copy_from) + 64
