@@ -1,1 +1,1 @@
-"""drctl replicator: ships block deltas of protected volumes from a source agent to a target daemon."""
+"""drctl replicator: ships block deltas of protected volumes to a target daemon."""

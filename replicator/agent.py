@@ -19,8 +19,6 @@ from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 from replicator.driver import PushDriver, PushOptions
 from replicator.errors import ReplanNeededError, ReplicatorError
 from replicator.metrics import SourceMetrics, serve_metrics
@@ -59,9 +57,12 @@ async def _until_stopped(coro: Coroutine[Any, Any, Any], stop: asyncio.Event) ->
 
 async def run_push(opts: PushOptions, metrics_port: int | None = None,
                    show_progress: bool = True) -> PushReport:
-    registry = CollectorRegistry()
-    metrics = SourceMetrics(registry, opts.volume)
+    metrics = SourceMetrics(opts.volume)
     if metrics_port is not None:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+        metrics.register(registry)
         serve_metrics(registry, metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

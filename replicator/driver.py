@@ -27,7 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_never,
+    wait_exponential,
+)
 
 from replicator.batch import Kind
 from replicator.blockmap import UNKNOWN, Geometry, MappedVolume, hash_all, scan_chunks
@@ -40,7 +46,7 @@ from replicator.errors import (
     VolumeBusyError,
 )
 from replicator.metrics import SourceMetrics
-from replicator.planning import Planner, PlannedBatch
+from replicator.planning import PlannedBatch, Planner
 from replicator.replica import index_digest
 from replicator.report import PushReport, PushState
 from replicator.source_state import SourceState, StateStore
@@ -144,7 +150,8 @@ class PushDriver:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((TargetUnavailableError, VolumeBusyError)),
             wait=wait_exponential(multiplier=0.2, max=2.0),
-            stop=stop_after_delay(self.o.connect_timeout) if self.o.connect_timeout else None,
+            stop=(stop_after_delay(self.o.connect_timeout) if self.o.connect_timeout
+                  else stop_never),
             reraise=True,
             before_sleep=lambda rs: log.warning("target %s not ready (%s): retrying",
                                                 self.o.address, rs.outcome.exception()
@@ -305,10 +312,11 @@ class PushDriver:
                         await self._send(call, planned, resent="reconnect")
                 while not self._producer_done:
                     await self._window_open.wait()
-                    planned = await queue.get()
-                    if planned is None:
+                    item = await queue.get()
+                    if item is None:
                         self._producer_done = True
                         break
+                    planned = item
                     self.pending[planned.batch.seq] = planned
                     self._update_window()
                     async with lock:

@@ -6,50 +6,102 @@ that registry on --metrics-port.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 NS = "drctl"
 SUB = "replication"
 
 
+@dataclass
+class Family:
+    """One metric family kept as plain numbers (cheap to update from the hot path)."""
+
+    name: str
+    doc: str
+    kind: str  # "counter" | "gauge"
+    extra_labels: tuple[str, ...] = ()
+    values: dict[tuple[str, ...], float] = field(default_factory=dict)
+
+
 class SourceMetrics:
-    def __init__(self, registry: CollectorRegistry, volume: str) -> None:
-        labels = ["volume"]
+    """The source agent's metrics. prometheus_client is imported only when they are served
+    (a one-shot `push --once` starts faster without it)."""
+
+    def __init__(self, volume: str) -> None:
         self.volume = volume
+        self.families: list[Family] = []
 
-        def counter(name: str, doc: str, extra: list[str] | None = None) -> Counter:
-            return Counter(name, doc, labels + (extra or []), namespace=NS, subsystem=SUB,
-                           registry=registry)
+        def fam(name: str, doc: str, kind: str, *extra: str) -> Family:
+            f = Family(name, doc, kind, extra)
+            self.families.append(f)
+            return f
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, namespace=NS, subsystem=SUB, registry=registry)
+        self.written = fam("written_bytes", "Bytes of volume writes detected (changed blocks).",
+                           "counter")
+        self.shipped_raw = fam("shipped_raw_bytes", "Block bytes shipped before compression.",
+                               "counter")
+        self.shipped_compressed = fam("shipped_compressed_bytes",
+                                      "Payload bytes put on the wire after compression.", "counter")
+        self.skipped = fam("skipped_blocks", "Changed blocks not shipped as data, by reason "
+                           "(zero, dedup).", "counter", "reason")
+        self.resent = fam("resent_batches", "Batches sent again after a rejection or a "
+                          "reconnect, by reason.", "counter", "reason")
+        self.reconnects = fam("reconnects", "Streams re-established after a failure.", "counter")
+        self.pending = fam("pending_bytes", "Bytes of changed blocks not yet acknowledged.",
+                           "gauge")
+        self.lag = fam("lag_seconds", "Seconds since the oldest unacknowledged write; 0 when "
+                       "idle and caught up.", "gauge")
+        self.acked_seq = fam("acked_sequence", "Highest batch sequence acknowledged durable.",
+                             "gauge")
+        self.rate_limit = fam("rate_limit_bytes_per_second", "Configured bandwidth cap (0: none).",
+                              "gauge")
+        for f in (self.written, self.shipped_raw, self.shipped_compressed, self.reconnects,
+                  self.pending, self.lag, self.acked_seq, self.rate_limit):
+            f.values[(volume,)] = 0.0
 
-        self.written = counter("written_bytes", "Bytes of volume writes detected (changed blocks).")
-        self.shipped_raw = counter("shipped_raw_bytes", "Block bytes shipped before compression.")
-        self.shipped_compressed = counter(
-            "shipped_compressed_bytes", "Payload bytes put on the wire after compression."
-        )
-        self.skipped = counter("skipped_blocks", "Changed blocks not shipped as data.", ["reason"])
-        self.resent = counter("resent_batches", "Batches sent again after a rejection or a "
-                              "reconnect.", ["reason"])
-        self.reconnects = counter("reconnects", "Streams re-established after a failure.")
-        self.pending = gauge("pending_bytes", "Bytes of changed blocks not yet acknowledged.")
-        self.lag = gauge("lag_seconds", "Seconds since the oldest unacknowledged write; 0 when "
-                         "idle and caught up.")
-        self.acked_seq = gauge("acked_sequence", "Highest batch sequence acknowledged durable.")
-        self.rate_limit = gauge("rate_limit_bytes_per_second", "Configured bandwidth cap (0: none).")
-        for g in (self.pending, self.lag, self.acked_seq, self.rate_limit):
-            g.labels(volume).set(0)
+    def add(self, family: Family, amount: float, *extra: str) -> None:
+        key = (self.volume, *extra)
+        family.values[key] = family.values.get(key, 0.0) + amount
 
-    def add(self, counter: Counter, amount: float, *extra: str) -> None:
-        counter.labels(self.volume, *extra).inc(amount)
+    def set(self, family: Family, value: float) -> None:
+        family.values[(self.volume,)] = float(value)
 
-    def set(self, gauge: Gauge, value: float) -> None:
-        gauge.labels(self.volume).set(value)
+    def value(self, family: Family, *extra: str) -> float:
+        return family.values.get((self.volume, *extra), 0.0)
+
+    def register(self, registry: CollectorRegistry) -> None:
+        registry.register(_Collector(self))
+
+
+class _Collector:
+    def __init__(self, metrics: SourceMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for f in self.metrics.families:
+            full = f"{NS}_{SUB}_{f.name}"
+            labels = ["volume", *f.extra_labels]
+            cls = CounterMetricFamily if f.kind == "counter" else GaugeMetricFamily
+            mf = cls(full, f.doc, labels=labels)
+            for key, value in list(f.values.items()):
+                mf.add_metric(list(key), value)
+            yield mf
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
 
 
 class TargetMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         self.applied_bytes = Counter("applied_bytes", "Bytes written to replicas.", ["volume"],
                                      namespace=NS, subsystem=SUB, registry=registry)
         self.received_bytes = Counter("received_bytes", "Delta payload bytes received.",
@@ -69,4 +121,6 @@ class TargetMetrics:
 
 def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> None:
     """Expose ``registry`` over HTTP on a daemon thread (prometheus_client's own server)."""
+    from prometheus_client import start_http_server
+
     start_http_server(port, addr=addr, registry=registry)

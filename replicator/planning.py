@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 import zstandard
 
 from replicator.batch import Batch, Compression, Kind
-from replicator.blockmap import CHUNK_BLOCKS, UNKNOWN, Geometry, block_hash, zero_hash
+from replicator.blockmap import (
+    CHUNK_BLOCKS,
+    UNKNOWN,
+    Geometry,
+    block_hash,
+    zero_block,
+    zero_hash,
+)
 
 MAX_BATCH_BLOCKS = 512  # 2 MiB of 4 KiB blocks: well under gRPC's 4 MiB message limit
 

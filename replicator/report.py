@@ -1,4 +1,4 @@
-"""Structured, JSON-serialisable reports of replication work (served by the API, printed by the CLI)."""
+"""Structured, JSON-serialisable reports of replication work (for the API and the CLI)."""
 
 from __future__ import annotations
 

@@ -5,8 +5,10 @@ Per (volume path, target, volume name) the state directory holds:
                and checksums of the two hash files
   view.hashes  per-block hashes of what the replica holds (little-endian u64)
   seen.hashes  per-chunk hashes of the source content last fully planned
-All three are written to temporary names, fsynced and renamed, state.json last. A state that
-does not check out is set aside (renamed *.corrupt) and rebuilt from the target's hash listing:
+All three are written to temporary names and renamed, state.json last. The state is a cache,
+not a source of truth: at every start it is checked against the replica (generation, applied
+sequence and a digest of the whole hash index), so it is not fsynced. A state that does not
+check out, torn by a crash or stale, is set aside and rebuilt from the target's hash listing:
 nothing is lost, only a listing is fetched.
 """
 
@@ -113,16 +115,9 @@ class StateStore:
         meta["view_xxh3"] = xxhash.xxh3_64_hexdigest(view_raw)
         meta["seen_xxh3"] = xxhash.xxh3_64_hexdigest(seen_raw)
         self._atomic("state.json", json.dumps(meta, indent=1).encode())
-        dfd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
     def _atomic(self, name: str, data: bytes) -> None:
         tmp = self._p(name + ".tmp")
         with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, self._p(name))

@@ -29,7 +29,9 @@ def parse_size(text: str, what: str = "size") -> int:
     """Bytes in ``text``: decimal units (kB, MB, GB) are powers of 1000, binary (KiB...) of 1024."""
     m = _SIZE_RE.match(text)
     if not m:
-        raise UsageError(f"invalid {what} {text!r}: expected a number with an optional unit, e.g. 20MB")
+        raise UsageError(
+            f"invalid {what} {text!r}: expected a number with an optional unit, e.g. 20MB"
+        )
     number, unit = m.groups()
     factor = _UNITS.get(unit.lower())
     if factor is None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 import uuid
+from array import array
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -50,7 +52,7 @@ class VolumeSlot:
         self.replica.close()
 
 
-class ReplicationService(wire.ReplicationServicer):  # type: ignore[misc]
+class ReplicationService(wire.ReplicationServicer):
     def __init__(self, directory: str, metrics: TargetMetrics) -> None:
         self.directory = directory
         self.metrics = metrics
@@ -129,20 +131,21 @@ class ReplicationService(wire.ReplicationServicer):  # type: ignore[misc]
         if request.from_disk:
             hashes = await slot.run(replica.hashes_from_disk)
         else:
-            hashes = await slot.run(lambda: replica.index().tolist())
+            hashes = await slot.run(lambda: array("Q", replica.index()))
+        if sys.byteorder == "big":
+            hashes.byteswap()
         per_chunk = 65536
         size, seq = replica.record.size, replica.record.applied_seq
-        from array import array
-
         for first in range(0, max(1, len(hashes)), per_chunk):
-            part = array("Q", hashes[first : first + per_chunk])
+            part = hashes[first : first + per_chunk]
             yield wire.ProtoBlockHashesChunk(first_block=first, hashes=part.tobytes(),
                                              replica_size=size, applied_seq=seq)
 
     # -- Push --------------------------------------------------------------------------------
 
-    async def Push(self, request_iterator: AsyncIterator[Any],
+    async def Push(self, request_iterator: AsyncIterator[Any],  # type: ignore[override]
                    context: grpc.aio.ServicerContext) -> None:
+        """Acks are written with context.write() (not yielded) so the reader can run as a task."""
         queue: asyncio.Queue[Any] = asyncio.Queue(QUEUE_DEPTH)
         end = object()
 

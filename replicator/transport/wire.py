@@ -21,7 +21,10 @@ add_servicer = pb_grpc.add_ReplicationServicer_to_server
 ACK_OK = pb.ACK_STATUS_OK
 ACK_REJECTED = pb.ACK_STATUS_REJECTED
 
-_COMPRESSION_TO_PROTO = {Compression.NONE: pb.COMPRESSION_NONE, Compression.ZSTD: pb.COMPRESSION_ZSTD}
+_COMPRESSION_TO_PROTO = {
+    Compression.NONE: pb.COMPRESSION_NONE,
+    Compression.ZSTD: pb.COMPRESSION_ZSTD,
+}
 _COMPRESSION_FROM_PROTO = {v: k for k, v in _COMPRESSION_TO_PROTO.items()}
 
 

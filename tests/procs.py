@@ -1,0 +1,169 @@
+"""Real processes for tests: free loopback ports, daemons started and stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRCTL = [sys.executable, "-m", "drctl"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
+             interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text from a metrics endpoint, as {series: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def metric(samples: dict[str, float], name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if base == name and got == want:
+            return value
+    return 0.0
+
+
+@dataclass
+class Proc:
+    args: list[str]
+    log_path: str
+    popen: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> Proc:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        env = {**os.environ, **self.env}
+        self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                      cwd=REPO, env=env, start_new_session=True)
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def kill9(self) -> None:
+        assert self.popen is not None
+        os.kill(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def wait(self, timeout: float) -> int:
+        assert self.popen is not None
+        return self.popen.wait(timeout)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as fh:
+            return fh.read()
+
+
+class Target:
+    """A `drctl replicate serve` daemon on free loopback ports."""
+
+    def __init__(self, workdir: str, port: int | None = None) -> None:
+        self.dir = os.path.join(workdir, "target")
+        self.port = port or free_port()
+        self.metrics_port = free_port()
+        self.proc: Proc | None = None
+        self.workdir = workdir
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Target:
+        self.proc = Proc([*DRCTL, "--log-level", "INFO", "replicate", "serve", "--listen",
+                          self.address, "--dir", self.dir, "--metrics-port",
+                          str(self.metrics_port)], os.path.join(self.workdir, "target.log"))
+        self.proc.start()
+        wait_for(lambda: port_open(self.port) and port_open(self.metrics_port), 20,
+                 f"target daemon on {self.address}")
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.metrics_port)
+
+    def image(self, volume: str) -> str:
+        return os.path.join(self.dir, f"{volume}.img")
+
+    def stop(self) -> int | None:
+        return self.proc.stop() if self.proc else None
+
+
+def push_cmd(path: str, target: Target, volume: str, state_dir: str, *extra: str) -> list[str]:
+    return [*DRCTL, "replicate", "push", path, "--to", target.address, "--volume", volume,
+            "--state-dir", state_dir, "--no-progress", *extra]
+
+
+def run(cmd: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def write_random(path: str, size: int, seed: int = 1) -> None:
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            fh.write(rng.randbytes(n))
+            left -= n
+
+
+def same_file(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
