@@ -20,7 +20,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from replicator.driver import PushDriver, PushOptions
-from replicator.errors import ReplanNeededError, ReplicatorError
+from replicator.errors import ReplanNeededError, ReplicatorError, unwrap_group
 from replicator.metrics import SourceMetrics, serve_metrics
 from replicator.progress import ProgressBar
 from replicator.report import PushReport, PushState
@@ -82,26 +82,29 @@ async def run_push(opts: PushOptions, metrics_port: int | None = None,
             stack.callback(loop.remove_signal_handler, sig)
         driver = PushDriver(opts, metrics)
         stack.push_async_callback(driver.close)
-        async with asyncio.TaskGroup() as tg:
-            gauges = tg.create_task(_refresh_gauges(driver))
-            bar = ProgressBar()
-            follow = None
-            if show_progress and bar.enabled:
-                follow = tg.create_task(bar.follow(
-                    f"{opts.volume}", lambda: (driver.progress.scanned, driver.progress.total,
-                                               driver.totals.wire_bytes,
-                                               driver.progress.started)))
-            try:
-                if opts.once:
-                    completed = await _until_stopped(driver.sync_once(), stop)
-                else:
-                    completed = await _continuous(driver, opts, stop)
-            finally:
-                gauges.cancel()
-                if follow is not None:
-                    follow.cancel()
-                if driver.planner is not None:
-                    driver.save_state()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                gauges = tg.create_task(_refresh_gauges(driver))
+                bar = ProgressBar()
+                follow = None
+                if show_progress and bar.enabled:
+                    follow = tg.create_task(bar.follow(
+                        f"{opts.volume}", lambda: (driver.progress.scanned, driver.progress.total,
+                                                   driver.totals.wire_bytes,
+                                                   driver.progress.started)))
+                try:
+                    if opts.once:
+                        completed = await _until_stopped(driver.sync_once(), stop)
+                    else:
+                        completed = await _continuous(driver, opts, stop)
+                finally:
+                    gauges.cancel()
+                    if follow is not None:
+                        follow.cancel()
+                    if driver.planner is not None:
+                        driver.save_state()
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
         if opts.once and not completed:
             raise Interrupted("interrupted before the replica was verified; state saved, "
                               "the next run resumes")

@@ -103,6 +103,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise UsageError("--epoch must be >= 0")
     if not os.path.exists(args.path):
         raise UsageError(f"volume {args.path} does not exist")
+    _check_name(args.volume)
     root = args.state_dir or default_state_root()
     opts = PushOptions(
         path=args.path, address=args.to, volume=args.volume,
@@ -124,9 +125,20 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_name(name: str) -> None:
+    from replicator.errors import ProtocolError
+    from replicator.replica import check_volume_name
+
+    try:
+        check_volume_name(name)
+    except ProtocolError as exc:
+        raise UsageError(f"--volume: {exc}") from None
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from replicator.verify import verify_replica
 
+    _check_name(args.volume)
     result = asyncio.run(verify_replica(args.path, args.to, args.volume, args.block_size))
     if args.json:
         print(json.dumps(asdict(result)))

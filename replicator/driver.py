@@ -44,6 +44,7 @@ from replicator.errors import (
     TargetUnavailableError,
     VerificationError,
     VolumeBusyError,
+    unwrap_group,
 )
 from replicator.metrics import SourceMetrics
 from replicator.planning import PlannedBatch, Planner
@@ -329,8 +330,8 @@ class PushDriver:
                 await self._all_acked.wait()
                 await call.done_writing()
                 await acks
-        except* ReplicatorError as group:
-            raise group.exceptions[0] from None
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
 
     async def _send(self, call: PushCall, planned: PlannedBatch, resent: str = "") -> None:
         proto = self._protos.get(planned.batch.seq) or wire.batch_to_proto(planned.batch)

@@ -101,6 +101,19 @@ class VerificationError(ReplicatorError):
     exit_code = 1
 
 
+def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a task group: the first ReplicatorError inside, else the group
+    itself (cancellation and bugs are never turned into an error message)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = unwrap_group(exc)
+            if isinstance(inner, ReplicatorError):
+                return inner
+        elif isinstance(exc, ReplicatorError):
+            return exc
+    return group
+
+
 ALL_ERRORS: tuple[type[ReplicatorError], ...] = (
     ReplicatorError,
     UsageError,

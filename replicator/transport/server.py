@@ -156,23 +156,48 @@ class ReplicationService(wire.ReplicationServicer):
             finally:
                 await queue.put(end)
 
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(reader())
-            first = await queue.get()
-            if first is end:
-                return
-            slot = await self._open(first.volume, context)
-            try:
-                await asyncio.wait_for(slot.stream_lock.acquire(), STREAM_TAKEOVER_SECONDS)
-            except TimeoutError:
-                task.cancel()
-                await context.abort(grpc.StatusCode.ABORTED,
-                                    f"volume_busy: another source is streaming {first.volume}")
-            try:
-                await _PushSession(self, slot, context, queue, end).run(first)
-            finally:
-                slot.stream_lock.release()
-                task.cancel()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                task = tg.create_task(reader())
+                first = await queue.get()
+                if first is end:
+                    return
+                slot = await self._open(first.volume, context)
+                try:
+                    await asyncio.wait_for(slot.stream_lock.acquire(), STREAM_TAKEOVER_SECONDS)
+                except TimeoutError:
+                    task.cancel()
+                    await context.abort(grpc.StatusCode.ABORTED,
+                                        f"volume_busy: another source is streaming {first.volume}")
+                try:
+                    await _PushSession(self, slot, context, queue, end).run(first)
+                finally:
+                    slot.stream_lock.release()
+                    task.cancel()
+        except BaseExceptionGroup as group:
+            # context.abort() raises inside the task group: hand grpc its own AbortError
+            # (not a group), so the status reaches the client and nothing is logged as a crash.
+            raise _first(group) from None
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[BaseException]) -> None:
+        for exc in g.exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                walk(exc)
+            else:
+                leaves.append(exc)
+
+    walk(group)
+    for exc in leaves:
+        if isinstance(exc, grpc.aio.AbortError):
+            return exc
+    for exc in leaves:
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return leaves[0] if leaves else group
 
 
 class _PushSession:
