@@ -40,7 +40,6 @@ from replicator.blockmap import UNKNOWN, Geometry, MappedVolume, hash_all, scan_
 from replicator.errors import (
     ProtocolError,
     ReplanNeededError,
-    ReplicatorError,
     TargetUnavailableError,
     VerificationError,
     VolumeBusyError,

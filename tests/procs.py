@@ -67,7 +67,7 @@ class Proc:
     env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> Proc:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        log = open(self.log_path, "ab")
         env = {**os.environ, **self.env}
         self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
                                       cwd=REPO, env=env, start_new_session=True)

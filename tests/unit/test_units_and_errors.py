@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from replicator.errors import ALL_ERRORS, UsageError
+from replicator.units import parse_hostport, parse_rate, parse_size
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("20MB/s", 20_000_000), ("100MiB/s", 100 << 20), ("5M", 5_000_000), ("1.5G", 1_500_000_000),
+    ("512KiB", 512 << 10), ("4096", 4096), ("8 kB", 8000),
+])
+def test_rates_and_sizes(text: str, value: int) -> None:
+    assert parse_rate(text) == value
+
+
+@pytest.mark.parametrize("text", ["fast", "", "-3MB", "0", "12XB", "MB"])
+def test_bad_rates_say_what_is_wrong(text: str) -> None:
+    with pytest.raises(UsageError, match="invalid rate"):
+        parse_rate(text)
+
+
+def test_size_units() -> None:
+    assert parse_size("1GiB") == 1 << 30
+
+
+def test_hostport() -> None:
+    assert parse_hostport("127.0.0.1:80") == ("127.0.0.1", 80)
+    assert parse_hostport("[::1]:9") == ("::1", 9)
+    for bad in ("host", ":80", "h:99999", "h:x"):
+        with pytest.raises(UsageError):
+            parse_hostport(bad)
+
+
+def test_error_codes_are_unique_and_have_exit_codes() -> None:
+    codes = [cls.code for cls in ALL_ERRORS]
+    assert len(codes) == len(set(codes))
+    assert all(isinstance(cls.exit_code, int) and cls.exit_code > 0 for cls in ALL_ERRORS)
