@@ -124,9 +124,14 @@ async def _continuous(driver: PushDriver, opts: PushOptions, stop: asyncio.Event
     if not await _until_stopped(driver.reconcile(), stop):
         return False
     last: tuple[int, int, bool] | None = None
+    prev_poll = time.time()
     while not stop.is_set():
+        polled = time.time()
         sig = _signature(opts.path)
         if sig != last or sig[2]:
+            if last is not None and sig != last:
+                # written after the previous poll: the conservative start of the lag
+                driver.note_dirty(prev_poll)
             if sig[1] != driver.geo.size:
                 driver.open_volume()
                 await driver.reconcile()
@@ -140,6 +145,7 @@ async def _continuous(driver: PushDriver, opts: PushOptions, stop: asyncio.Event
             last = sig
             if time.monotonic() - driver._last_save >= opts.save_interval:
                 await asyncio.to_thread(driver.save_state)
+        prev_poll = polled
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), opts.interval)
     return True

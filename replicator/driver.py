@@ -120,13 +120,14 @@ class PushDriver:
         self._window_open = asyncio.Event()
         self._all_acked = asyncio.Event()
         self.dirty_since: float | None = None
-        self._last_pass_start: float | None = None
+        self.clean_as_of: float | None = None  # the replica held everything written before this
         self._last_save = 0.0
         self.planner: Planner | None = None
         # Encoded messages of unacknowledged batches, by sequence (kept apart from PlannedBatch
         # so the planner never sees generated code).
         self._protos: dict[int, Any] = {}
         metrics.set(metrics.rate_limit, opts.rate_limit or 0)
+        metrics.refresh = self.update_gauges
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -213,12 +214,10 @@ class PushDriver:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[PlannedBatch | None] = asyncio.Queue(maxsize=8)
         abort = threading.Event()
-        started = time.time()
-        estimate = started if self._last_pass_start is not None else min(
-            started, os.stat(self.o.path).st_mtime)
-        if self._last_pass_start is not None:
-            estimate = self._last_pass_start
-        self._last_pass_start = started
+        # For a one-shot sync the oldest unshipped write is at most as old as the file's mtime;
+        # a running agent has already noted the poll that saw the change (note_dirty).
+        pass_started = time.time()
+        estimate = min(pass_started, os.stat(self.o.path).st_mtime)
         self._producer_done = False
         self._all_acked.clear()
         self._window_open.set()
@@ -236,8 +235,14 @@ class PushDriver:
         changed = self.planner.stats.changed_blocks != changed_before
         if not self.pending:
             self.dirty_since = None
-            self.m.set(self.m.lag, 0)
+            self.clean_as_of = pass_started
+            self.update_gauges()
         return changed
+
+    def note_dirty(self, since: float) -> None:
+        """The volume changed after ``since`` (wall clock): lag counts from there."""
+        if self.dirty_since is None:
+            self.dirty_since = since
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -407,8 +412,21 @@ class PushDriver:
         with self._unacked_lock:
             unacked = self._unacked_raw
         self.m.set(self.m.pending, max(0, unacked))
-        self.m.set(self.m.lag, 0 if self.dirty_since is None else
-                   max(0.0, time.time() - self.dirty_since))
+        self.m.set(self.m.lag, self.lag())
+
+    def lag(self) -> float:
+        """Seconds since the oldest write the replica may not hold (an upper bound)."""
+        now = time.time()
+        if self.dirty_since is not None:
+            return max(0.0, now - self.dirty_since)
+        if self.clean_as_of is None:
+            return 0.0
+        try:
+            mtime = os.stat(self.o.path).st_mtime
+        except OSError:
+            return 0.0
+        # written after the last clean pass began, not yet picked up by a scan
+        return max(0.0, now - self.clean_as_of) if mtime > self.clean_as_of else 0.0
 
     # -- verification ---------------------------------------------------------------------
 

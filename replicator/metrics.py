@@ -6,7 +6,7 @@ that registry on --metrics-port.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ class SourceMetrics:
     def __init__(self, volume: str) -> None:
         self.volume = volume
         self.families: list[Family] = []
+        self.refresh: Callable[[], None] | None = None  # recomputes gauges at scrape time
 
         def fam(name: str, doc: str, kind: str, *extra: str) -> Family:
             f = Family(name, doc, kind, extra)
@@ -85,6 +86,8 @@ class _Collector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        if self.metrics.refresh is not None:
+            self.metrics.refresh()
         for f in self.metrics.families:
             full = f"{NS}_{SUB}_{f.name}"
             labels = ["volume", *f.extra_labels]

@@ -52,7 +52,7 @@ class _Builder:
     kinds: bytearray = field(default_factory=bytearray)
     hashes: list[int] = field(default_factory=list)
     copy_from: list[int] = field(default_factory=list)
-    datas: list[memoryview] = field(default_factory=list)
+    datas: list[bytes] = field(default_factory=list)
     copy_data: dict[int, bytes] = field(default_factory=dict)
     raw: int = 0
 
@@ -101,7 +101,9 @@ class Planner:
             b0 = c * CHUNK_BLOCKS
             for b in range(b0, min(last + 1, b0 + CHUNK_BLOCKS)):
                 off = b * bs
-                data = src[off : off + bs]
+                # A private copy first: the volume may be written while we plan, and what is
+                # hashed must be exactly what is shipped.
+                data = src[off : off + bs].tobytes()
                 h = hash_(data)
                 old = view[b]
                 if h == old:
@@ -115,7 +117,7 @@ class Planner:
                 elif dedup is not None and (j := dedup.get(h)) is not None and view[j] == h:
                     cur.kinds.append(Kind.COPY)
                     cur.copy_from.append(j)
-                    cur.copy_data[len(cur.indices) - 1] = bytes(data)
+                    cur.copy_data[len(cur.indices) - 1] = data
                     st.dedup_blocks += 1
                 else:
                     cur.kinds.append(Kind.DATA)

@@ -11,7 +11,7 @@ import uuid
 from array import array
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -193,7 +193,7 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     walk(group)
     for exc in leaves:
         if isinstance(exc, grpc.aio.AbortError):
-            return exc
+            return cast(BaseException, exc)
     for exc in leaves:
         if not isinstance(exc, asyncio.CancelledError):
             return exc

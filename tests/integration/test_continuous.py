@@ -133,3 +133,43 @@ def test_progress_bar_on_a_terminal(workdir: str, target: Target, state_dir: str
     text = out.decode(errors="replace")
     assert "tty [" in text and "%" in text and "eta" in text
     assert "100.0%" in text
+
+
+def test_writes_racing_the_scan_converge_without_rejections(workdir: str, target: Target,
+                                                            state_dir: str) -> None:
+    """A writer hammers the volume while the agent scans and ships it: what is hashed is what
+    is shipped (no batch is ever rejected), and the replica converges once writes stop."""
+    import random
+    import threading
+
+    src = os.path.join(workdir, "src.img")
+    write_random(src, 8 << 20, seed=45)
+    mport = free_port()
+    agent = Proc(push_cmd(src, target, "race", state_dir, "--interval", "0.05",
+                          "--metrics-port", str(mport)),
+                 os.path.join(workdir, "agent.log")).start()
+    stop = threading.Event()
+
+    def writer() -> None:
+        rng = random.Random(46)
+        fd = os.open(src, os.O_RDWR)
+        try:
+            while not stop.is_set():
+                os.pwrite(fd, rng.randbytes(4096), rng.randrange(2048) * 4096)
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=writer)
+    try:
+        wait_for(lambda: port_open(mport), 20, "agent metrics endpoint")
+        t.start()
+        time.sleep(4)
+        stop.set()
+        t.join()
+        wait_for(lambda: same_file(src, target.image("race")), 30, "the replica to converge")
+    finally:
+        stop.set()
+        agent.stop()
+    rejected = sum(v for k, v in target.metrics().items()
+                   if k.startswith("drctl_replication_rejected_batches_total"))
+    assert rejected == 0
