@@ -19,7 +19,6 @@ proto-check: proto
 
 lint: $(PY)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check . || true
 
 typecheck: $(PY)
 	$(VENV)/bin/mypy
