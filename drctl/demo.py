@@ -95,11 +95,11 @@ def main() -> int:
             if time.monotonic() - last >= 1.0:
                 last = time.monotonic()
                 m = _metrics(aport)
-                print(f"  t={last - started:4.0f}s writes={writes:6d} "
-                      f"lag={m.get('drctl_replication_lag_seconds', 0):5.2f}s "
-                      f"pending={m.get('drctl_replication_pending_bytes', 0) / 1e6:6.2f}MB "
-                      f"shipped={m.get('drctl_replication_shipped_compressed_bytes_total', 0) / 1e6:7.1f}MB",
-                      flush=True)
+                lag = m.get("drctl_replication_lag_seconds", 0)
+                pending = m.get("drctl_replication_pending_bytes", 0) / 1e6
+                shipped = m.get("drctl_replication_shipped_compressed_bytes_total", 0) / 1e6
+                print(f"  t={last - started:4.0f}s writes={writes:6d} lag={lag:5.2f}s "
+                      f"pending={pending:6.2f}MB shipped={shipped:7.1f}MB", flush=True)
         os.close(fd)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
