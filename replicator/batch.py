@@ -104,6 +104,8 @@ class Decoder:
         if bs <= 0 or (n and max(batch.indices) * bs >= size):
             raise CorruptBatchError("malformed", f"batch {seq}: block past the end of the volume")
         payload = self._payload(batch)
+        if self.is_contiguous_data(batch) and len(payload) == n * bs:
+            return [], payload  # a run of full DATA blocks: the caller takes the fast path
         last = (size - 1) // bs
         tail = size - last * bs
         records: list[Record] = []
@@ -126,6 +128,14 @@ class Decoder:
                 "malformed", f"batch {seq}: payload is {len(payload)} bytes, records need {pos}"
             )
         return records, payload
+
+    @staticmethod
+    def is_contiguous_data(batch: Batch) -> bool:
+        """Only DATA records, for consecutive blocks in increasing order (a bulk run)."""
+        idx = batch.indices
+        return (bool(idx) and idx[-1] - idx[0] + 1 == len(idx)
+                and batch.kinds.count(Kind.DATA) == len(idx)
+                and all(b - a == 1 for a, b in zip(idx, idx[1:], strict=False)))
 
     def _payload(self, batch: Batch) -> bytes:
         if batch.compression is Compression.NONE:

@@ -125,7 +125,7 @@ class PushDriver:
         self.planner: Planner | None = None
         # Encoded messages of unacknowledged batches, by sequence (kept apart from PlannedBatch
         # so the planner never sees generated code).
-        self._protos: dict[int, Any] = {}
+        self._protos: dict[int, bytes] = {}
         metrics.set(metrics.rate_limit, opts.rate_limit or 0)
         metrics.refresh = self.update_gauges
 
@@ -274,9 +274,9 @@ class PushDriver:
             for planned in self.planner.plan(view, window.chunks, self._next_seq):
                 if self.dirty_since is None:
                     self.dirty_since = estimate
-                proto = wire.batch_to_proto(planned.batch)
-                planned.batch.wire_size = wire.estimated_size(planned.batch)
-                self._protos[planned.batch.seq] = proto
+                encoded = wire.encode_batch(planned.batch)
+                planned.batch.wire_size = len(encoded)
+                self._protos[planned.batch.seq] = encoded
                 with self._unacked_lock:
                     self._unacked_raw += planned.raw_bytes
                 self.m.add(self.m.written, planned.raw_bytes)
@@ -329,7 +329,7 @@ class PushDriver:
                             await self._send(call, planned)
                 if self.pending:
                     async with lock:
-                        await call.write(wire.flush_request(self.o.volume, self.o.epoch))
+                        await call.write(wire.encode_flush(self.o.volume, self.o.epoch))
                 self._check_all_acked()
                 await self._all_acked.wait()
                 await call.done_writing()
@@ -338,9 +338,12 @@ class PushDriver:
             raise unwrap_group(group) from None
 
     async def _send(self, call: PushCall, planned: PlannedBatch, resent: str = "") -> None:
-        proto = self._protos.get(planned.batch.seq) or wire.batch_to_proto(planned.batch)
-        self._protos[planned.batch.seq] = proto
-        size = planned.batch.wire_size or wire.estimated_size(planned.batch)
+        encoded = self._protos.get(planned.batch.seq)
+        if encoded is None:
+            encoded = self._protos[planned.batch.seq] = wire.encode_batch(planned.batch)
+            planned.batch.wire_size = len(encoded)
+        proto = encoded
+        size = len(encoded)
         if self.bucket is not None:
             await self.bucket.acquire(size)
         await call.write(proto)

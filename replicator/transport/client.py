@@ -116,7 +116,12 @@ class TargetClient:
         return out, size, seq
 
     def push(self) -> PushCall:
-        return PushCall(self.stub.Push(wait_for_ready=True), self.address)
+        """The delta stream. Requests are passed as already-serialised bytes
+        (``wire.encode_batch``), so serialisation happens on the planner's thread."""
+        method = self.channel.stream_stream(
+            "/drctl.v1.Replication/Push", request_serializer=None,
+            response_deserializer=wire.ProtoAck.FromString)
+        return PushCall(method(wait_for_ready=True), self.address)
 
 
 class PushCall:

@@ -82,6 +82,37 @@ def flush_request(volume: str, epoch: int) -> pb.DeltaBatch:
     return pb.DeltaBatch(volume=volume, epoch=epoch, seq=0, commit=True)
 
 
-def estimated_size(b: Batch) -> int:
-    """Bytes the batch takes on the wire, within a few bytes (ByteSize() would serialise it)."""
-    return len(b.payload) + len(b.kinds) + 14 * len(b.indices) + 6 * len(b.copy_from) + 64
+_PAYLOAD_KEY = bytes([(ProtoDeltaBatch.PAYLOAD_FIELD_NUMBER << 3) | 2])  # length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def encode_batch(b: Batch) -> bytes:
+    """The serialised DeltaBatch, built without copying the payload into a message first.
+
+    Protobuf lets fields appear in any order, so the small header fields serialised by the
+    library followed by the payload field written here is an ordinary DeltaBatch encoding
+    that any protobuf parser reads (the target uses DeltaBatch.FromString).
+    """
+    payload, b.payload = b.payload, b""
+    try:
+        header = batch_to_proto(b).SerializeToString()
+    finally:
+        b.payload = payload
+    if not payload:
+        return header
+    return b"".join((header, _PAYLOAD_KEY, _varint(len(payload)), payload))
+
+
+def encode_flush(volume: str, epoch: int) -> bytes:
+    return flush_request(volume, epoch).SerializeToString()
