@@ -135,7 +135,7 @@ class Decoder:
         idx = batch.indices
         return (bool(idx) and idx[-1] - idx[0] + 1 == len(idx)
                 and batch.kinds.count(Kind.DATA) == len(idx)
-                and all(b - a == 1 for a, b in zip(idx, idx[1:], strict=False)))
+                and list(idx) == list(range(idx[0], idx[0] + len(idx))))
 
     def _payload(self, batch: Batch) -> bytes:
         if batch.compression is Compression.NONE:

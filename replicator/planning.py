@@ -52,7 +52,7 @@ class _Builder:
     kinds: bytearray = field(default_factory=bytearray)
     hashes: list[int] = field(default_factory=list)
     copy_from: list[int] = field(default_factory=list)
-    datas: list[bytes] = field(default_factory=list)
+    datas: list[memoryview] = field(default_factory=list)
     copy_data: dict[int, bytes] = field(default_factory=dict)
     raw: int = 0
 
@@ -98,42 +98,47 @@ class Planner:
         max_blocks = self.max_blocks
         cur = _Builder()
         for c, ch in chunks:
-            b0 = c * CHUNK_BLOCKS
-            for b in range(b0, min(last + 1, b0 + CHUNK_BLOCKS)):
-                off = b * bs
-                # A private copy first: the volume may be written while we plan, and what is
-                # hashed must be exactly what is shipped.
-                data = src[off : off + bs].tobytes()
-                h = hash_(data)
-                old = view[b]
-                if h == old:
-                    continue
-                cur.indices.append(b)
-                cur.hashes.append(h)
-                cur.raw += len(data)
-                if h == (zh_tail if b == last else zh_full) and data == zero_block(len(data)):
-                    cur.kinds.append(Kind.ZERO)
-                    st.zero_blocks += 1
-                elif dedup is not None and (j := dedup.get(h)) is not None and view[j] == h:
-                    cur.kinds.append(Kind.COPY)
-                    cur.copy_from.append(j)
-                    cur.copy_data[len(cur.indices) - 1] = data
-                    st.dedup_blocks += 1
-                else:
-                    cur.kinds.append(Kind.DATA)
-                    cur.datas.append(data)
-                    st.data_blocks += 1
-                view[b] = h
-                if dedup is not None:
-                    if dedup.get(old) == b:
-                        del dedup[old]
-                    dedup.setdefault(h, b)
-                if len(cur.indices) >= max_blocks:
-                    yield self._finish(cur, next_seq)
-                    cur = _Builder()
             start = c * chunk_bytes
-            again = hash_(src[start : min(size, start + chunk_bytes)])
-            seen[c] = ch if again == ch else UNKNOWN
+            # A private copy of the chunk first: the volume may be written while we plan, and
+            # what is hashed must be exactly what is shipped.
+            buf = src[start : min(size, start + chunk_bytes)].tobytes()
+            cv = memoryview(buf)
+            hs = [hash_(cv[o : o + bs]) for o in range(0, len(buf), bs)]
+            b0 = c * CHUNK_BLOCKS
+            olds = view[b0 : b0 + len(hs)]
+            if hs != olds.tolist():
+                for k, h in enumerate(hs):
+                    old = olds[k]
+                    if h == old:
+                        continue
+                    b = b0 + k
+                    data = cv[k * bs : (k + 1) * bs]
+                    cur.indices.append(b)
+                    cur.hashes.append(h)
+                    cur.raw += len(data)
+                    if h == (zh_tail if b == last else zh_full) and data == zero_block(len(data)):
+                        cur.kinds.append(Kind.ZERO)
+                        st.zero_blocks += 1
+                    elif dedup is not None and (j := dedup.get(h)) is not None and view[j] == h:
+                        cur.kinds.append(Kind.COPY)
+                        cur.copy_from.append(j)
+                        cur.copy_data[len(cur.indices) - 1] = data.tobytes()
+                        st.dedup_blocks += 1
+                    else:
+                        cur.kinds.append(Kind.DATA)
+                        cur.datas.append(data)
+                        st.data_blocks += 1
+                    view[b] = h
+                    if dedup is not None:
+                        if dedup.get(old) == b:
+                            del dedup[old]
+                        dedup.setdefault(h, b)
+                    if len(cur.indices) >= max_blocks:
+                        yield self._finish(cur, next_seq)
+                        cur = _Builder()
+            # The view now reflects exactly this copy: remember its hash (if the chunk moved
+            # since the scan, the next scan sees a different hash and looks again).
+            seen[c] = hash_(buf)
         if cur.indices:
             yield self._finish(cur, next_seq)
 
