@@ -120,6 +120,22 @@ class Bench:
         self.results.append(row)
         print(json.dumps(row), flush=True)
 
+    def rsync_fsync_initial(self) -> None:
+        """rsync does not fsync by default; drctl acknowledges only fsynced data. The same
+        initial copy with rsync --fsync, for a like-for-like durability comparison."""
+        os.unlink(os.path.join(self.rs_dir, "img"))
+        subprocess.run(["sync"])
+        cmd = [*self.rsync_cmd[:1], "--fsync", *self.rsync_cmd[1:]]
+        rs_t, _out = run_timed(cmd)
+        drctl_t = float(self.results[0]["drctl_s"])  # type: ignore[arg-type]
+        row = {"scenario": "initial, rsync --fsync", "rsync_s": round(rs_t, 3),
+               "drctl_s": drctl_t, "speedup": round(rs_t / drctl_t, 2),
+               "rsync_app_bytes": self.results[0]["rsync_app_bytes"],
+               "drctl_app_bytes": self.results[0]["drctl_app_bytes"],
+               "rsync_tcp_bytes": None, "drctl_tcp_bytes": None}
+        self.results.append(row)
+        print(json.dumps(row), flush=True)
+
     def agent(self, rsync_delta_s: float) -> None:
         """A running agent picks up a fresh 1% delta: write -> replica verified equal."""
         mport = free_port()
@@ -180,6 +196,7 @@ def main() -> None:
         print(f"verify: drctl replica equal={ok == 0}, rsync copy equal={same == 0}")
         rsync_delta = float(b.results[1]["rsync_s"])  # type: ignore[arg-type]
         b.agent(rsync_delta)
+        b.rsync_fsync_initial()
     finally:
         b.close()
         if not args.keep:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import stat
 import time
 from collections.abc import Coroutine
@@ -21,6 +20,7 @@ from typing import Any
 
 from replicator.driver import PushDriver, PushOptions
 from replicator.errors import ReplanNeededError, ReplicatorError, unwrap_group
+from replicator.lifecycle import stop_on_signals
 from replicator.metrics import SourceMetrics, serve_metrics
 from replicator.progress import ProgressBar
 from replicator.report import PushReport, PushState
@@ -65,21 +65,10 @@ async def run_push(opts: PushOptions, metrics_port: int | None = None,
         metrics.register(registry)
         serve_metrics(registry, metrics_port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            os._exit(130)
-        stop.set()
 
     started = time.monotonic()
     async with AsyncExitStack() as stack:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-            stack.callback(loop.remove_signal_handler, sig)
+        stop_on_signals(stack, stop)
         driver = PushDriver(opts, metrics)
         stack.push_async_callback(driver.close)
         try:

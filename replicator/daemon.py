@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from contextlib import AsyncExitStack
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 from replicator.errors import UsageError
+from replicator.lifecycle import stop_on_signals
 from replicator.metrics import TargetMetrics, serve_metrics
 from replicator.transport import wire
 from replicator.transport.server import ReplicationService
@@ -43,21 +43,9 @@ async def serve(listen: str, directory: str, metrics_port: int | None = None,
     if metrics_port is not None:
         serve_metrics(registry, metrics_port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            log.error("second signal: exiting without draining")
-            os._exit(130)
-        stop.set()
 
     async with AsyncExitStack() as stack:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-            stack.callback(loop.remove_signal_handler, sig)
+        stop_on_signals(stack, stop)
         service = ReplicationService(directory, metrics)
         stack.callback(service.close)
         server = grpc.aio.server(options=GRPC_OPTIONS)

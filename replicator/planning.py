@@ -18,7 +18,6 @@ import zstandard
 from replicator.batch import Batch, Compression, Kind
 from replicator.blockmap import (
     CHUNK_BLOCKS,
-    UNKNOWN,
     Geometry,
     block_hash,
     zero_block,
@@ -83,9 +82,10 @@ class Planner:
              next_seq: Callable[[], int]) -> Iterator[PlannedBatch]:
         """Batches for every block of ``chunks`` whose content differs from the view.
 
-        Each block is hashed once, from the bytes that are shipped. After a chunk is planned
-        it is hashed again: if it moved meanwhile it is left UNKNOWN, so the next scan looks at
-        it block by block again (a write racing the scan is never skipped).
+        Each chunk is copied once and planned from the copy, so every block is hashed from the
+        bytes that are shipped. The chunk's entry in ``seen`` becomes the hash of that copy: if
+        the volume moved after the scan, the next scan finds a different chunk hash and looks
+        at it block by block again (a write racing the scan is never skipped).
         """
         geo, view, seen = self.geo, self.view, self.seen
         bs, chunk_bytes, size = geo.block_size, geo.chunk_bytes, geo.size
@@ -97,7 +97,7 @@ class Planner:
         dedup = self._dedup_index() if self.dedup_enabled else None
         max_blocks = self.max_blocks
         cur = _Builder()
-        for c, ch in chunks:
+        for c, _scan_hash in chunks:
             start = c * chunk_bytes
             # A private copy of the chunk first: the volume may be written while we plan, and
             # what is hashed must be exactly what is shipped.
