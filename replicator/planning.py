@@ -24,6 +24,7 @@ from replicator.blockmap import (
     zero_hash,
 )
 
+_ALL_DATA = bytes([Kind.DATA]) * CHUNK_BLOCKS
 MAX_BATCH_BLOCKS = 512  # 2 MiB of 4 KiB blocks: well under gRPC's 4 MiB message limit
 
 
@@ -89,12 +90,9 @@ class Planner:
         """
         geo, view, seen = self.geo, self.view, self.seen
         bs, chunk_bytes, size = geo.block_size, geo.chunk_bytes, geo.size
-        last = geo.blocks - 1
         hash_ = block_hash
-        zh_full = zero_hash(bs)
-        zh_tail = zero_hash(geo.block_len(last)) if last >= 0 else zh_full
-        st = self.stats
         dedup = self._dedup_index() if self.dedup_enabled else None
+        zh_full = zero_hash(bs)
         max_blocks = self.max_blocks
         cur = _Builder()
         for c, _scan_hash in chunks:
@@ -106,41 +104,80 @@ class Planner:
             hs = [hash_(cv[o : o + bs]) for o in range(0, len(buf), bs)]
             b0 = c * CHUNK_BLOCKS
             olds = view[b0 : b0 + len(hs)]
-            if hs != olds.tolist():
+            if hs == olds.tolist():
+                pass
+            elif (len(hs) == CHUNK_BLOCKS and len(cur.indices) + CHUNK_BLOCKS <= max_blocks
+                  and self._all_new_data(hs, olds, dedup, zh_full)):
+                self._add_chunk(cur, b0, hs, olds, cv, dedup)
+            else:
                 for k, h in enumerate(hs):
-                    old = olds[k]
-                    if h == old:
-                        continue
-                    b = b0 + k
-                    data = cv[k * bs : (k + 1) * bs]
-                    cur.indices.append(b)
-                    cur.hashes.append(h)
-                    cur.raw += len(data)
-                    if h == (zh_tail if b == last else zh_full) and data == zero_block(len(data)):
-                        cur.kinds.append(Kind.ZERO)
-                        st.zero_blocks += 1
-                    elif dedup is not None and (j := dedup.get(h)) is not None and view[j] == h:
-                        cur.kinds.append(Kind.COPY)
-                        cur.copy_from.append(j)
-                        cur.copy_data[len(cur.indices) - 1] = data.tobytes()
-                        st.dedup_blocks += 1
-                    else:
-                        cur.kinds.append(Kind.DATA)
-                        cur.datas.append(data)
-                        st.data_blocks += 1
-                    view[b] = h
-                    if dedup is not None:
-                        if dedup.get(old) == b:
-                            del dedup[old]
-                        dedup.setdefault(h, b)
-                    if len(cur.indices) >= max_blocks:
-                        yield self._finish(cur, next_seq)
-                        cur = _Builder()
+                    if h != olds[k]:
+                        self._add_block(cur, b0 + k, h, olds[k], cv[k * bs : (k + 1) * bs],
+                                        dedup)
+                        if len(cur.indices) >= max_blocks:
+                            yield self._finish(cur, next_seq)
+                            cur = _Builder()
+            if len(cur.indices) >= max_blocks:
+                yield self._finish(cur, next_seq)
+                cur = _Builder()
             # The view now reflects exactly this copy: remember its hash (if the chunk moved
             # since the scan, the next scan sees a different hash and looks again).
             seen[c] = hash_(buf)
         if cur.indices:
             yield self._finish(cur, next_seq)
+
+    def _add_chunk(self, cur: _Builder, b0: int, hs: list[int], olds: array[int],
+                   cv: memoryview, dedup: dict[int, int] | None) -> None:
+        """Bulk path (initial sync, large rewrites): sixteen new DATA blocks at once."""
+        cur.indices.extend(range(b0, b0 + CHUNK_BLOCKS))
+        cur.hashes.extend(hs)
+        cur.kinds.extend(_ALL_DATA)
+        cur.datas.append(cv)
+        cur.raw += len(cv)
+        self.stats.data_blocks += CHUNK_BLOCKS
+        self.view[b0 : b0 + CHUNK_BLOCKS] = array("Q", hs)
+        if dedup is not None:
+            if not dedup.keys().isdisjoint(olds):
+                for k, old in enumerate(olds):
+                    if dedup.get(old) == b0 + k:
+                        del dedup[old]
+            dedup.update(zip(hs, range(b0, b0 + CHUNK_BLOCKS), strict=True))
+
+    def _add_block(self, cur: _Builder, b: int, h: int, old: int, data: memoryview,
+                   dedup: dict[int, int] | None) -> None:
+        """One changed block: ZERO, COPY of a block the replica holds, or DATA."""
+        st, view = self.stats, self.view
+        cur.indices.append(b)
+        cur.hashes.append(h)
+        cur.raw += len(data)
+        if h == zero_hash(len(data)) and data == zero_block(len(data)):
+            cur.kinds.append(Kind.ZERO)
+            st.zero_blocks += 1
+        elif dedup is not None and (j := dedup.get(h)) is not None and view[j] == h:
+            cur.kinds.append(Kind.COPY)
+            cur.copy_from.append(j)
+            cur.copy_data[len(cur.indices) - 1] = data.tobytes()
+            st.dedup_blocks += 1
+        else:
+            cur.kinds.append(Kind.DATA)
+            cur.datas.append(data)
+            st.data_blocks += 1
+        view[b] = h
+        if dedup is not None:
+            if dedup.get(old) == b:
+                del dedup[old]
+            dedup.setdefault(h, b)
+
+    @staticmethod
+    def _all_new_data(hs: list[int], olds: array[int], dedup: dict[int, int] | None,
+                      zh: int) -> bool:
+        """Every block of the chunk changed, none is zero, none repeats another block of the
+        chunk or anything the replica holds: all DATA (checked with C-level set operations)."""
+        if zh in hs or len(set(hs)) != len(hs):
+            return False
+        if not set(hs).isdisjoint(olds):
+            return False
+        return dedup is None or dedup.keys().isdisjoint(hs)
 
     def _finish(self, cur: _Builder, next_seq: Callable[[], int]) -> PlannedBatch:
         st = self.stats
