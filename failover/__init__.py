@@ -1,0 +1,1 @@
+"""drctl failover: etcd-backed coordination, the failover state machine, DNS rewriting."""

@@ -1,0 +1,1 @@
+"""The coordination store (etcd) behind a small interface, with an in-memory fake."""

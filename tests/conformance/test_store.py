@@ -1,0 +1,152 @@
+"""One suite, two stores: the in-memory fake and a real etcd started by the test."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from failover.coordination.base import CoordinationStore, EventKind
+from failover.coordination.etcd import EtcdStore
+from failover.coordination.memory import MemoryStore
+from failover.errors import LeaseLostError, StoreUnavailableError
+from tests.services import EtcdServer
+
+
+@pytest.fixture(scope="module")
+def etcd_server() -> Iterator[EtcdServer]:
+    server = EtcdServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["memory", "etcd"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[CoordinationStore]:
+    if request.param == "memory":
+        s: CoordinationStore = MemoryStore()
+    else:
+        server: EtcdServer = request.getfixturevalue("etcd_server")
+        s = EtcdStore([server.endpoint])
+    prefix = f"/t/{request.node.name}/"
+    try:
+        yield s
+    finally:
+        snap = await s.snapshot(prefix)
+        for e in snap.entries.values():
+            await s.delete_if(e.key, e.mod_revision)
+        await s.close()
+
+
+def _p(request: pytest.FixtureRequest, key: str) -> str:
+    return f"/t/{request.node.name}/{key}"
+
+
+async def test_create_is_create_if_absent(store: CoordinationStore,
+                                          request: pytest.FixtureRequest) -> None:
+    k = _p(request, "leader")
+    assert await store.create(k, b"a") is True
+    assert await store.create(k, b"b") is False
+    snap = await store.snapshot(_p(request, ""))
+    assert snap.value(k) == b"a"
+
+
+async def test_compare_and_set_on_mod_revision(store: CoordinationStore,
+                                               request: pytest.FixtureRequest) -> None:
+    k = _p(request, "epoch")
+    assert await store.compare_and_set(k, b"1", 0) is True  # 0: only if absent
+    rev = (await store.snapshot(k)).entries[k].mod_revision
+    assert await store.compare_and_set(k, b"2", rev) is True
+    assert await store.compare_and_set(k, b"3", rev) is False  # stale revision
+    assert (await store.snapshot(k)).value(k) == b"2"
+    assert await store.delete_if(k, rev) is False
+    assert await store.delete_if(k, (await store.snapshot(k)).entries[k].mod_revision)
+
+
+async def test_snapshot_is_one_revision(store: CoordinationStore,
+                                        request: pytest.FixtureRequest) -> None:
+    r1 = await store.put(_p(request, "a"), b"1")
+    r2 = await store.put(_p(request, "b"), b"2")
+    snap = await store.snapshot(_p(request, ""))
+    assert r2 > r1
+    assert snap.revision >= r2
+    assert sorted(snap.entries) == [_p(request, "a"), _p(request, "b")]
+
+
+async def test_lease_keeps_and_expires_keys(store: CoordinationStore,
+                                            request: pytest.FixtureRequest) -> None:
+    k = _p(request, "heartbeat")
+    lease = await store.grant_lease(1)
+    assert await store.create(k, b"alive", lease=lease)
+    for _ in range(3):
+        await asyncio.sleep(0.4)
+        assert await lease.refresh() >= 1
+    assert (await store.snapshot(k)).value(k) == b"alive"
+    await lease.revoke()
+    assert (await store.snapshot(k)).value(k) is None
+    with pytest.raises(LeaseLostError):
+        await lease.refresh()
+
+
+async def test_watch_from_revision_in_order(store: CoordinationStore,
+                                            request: pytest.FixtureRequest) -> None:
+    prefix = _p(request, "w/")
+    start = await store.put(prefix + "a", b"1")
+    await store.put(prefix + "b", b"2")
+    await store.put(_p(request, "other"), b"x")
+    snap = await store.snapshot(prefix + "a")
+    await store.delete_if(prefix + "a", snap.entries[prefix + "a"].mod_revision)
+    got = []
+
+    async def consume() -> None:
+        async for ev in store.watch(prefix, start):
+            got.append((ev.kind, ev.key.rsplit("/", 1)[1], ev.value))
+            if len(got) == 3:
+                return
+
+    await asyncio.wait_for(consume(), 10)
+    assert got == [(EventKind.PUT, "a", b"1"), (EventKind.PUT, "b", b"2"),
+                   (EventKind.DELETE, "a", b"")]
+
+
+async def test_unreachable_etcd_is_a_clear_error() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = EtcdStore([("127.0.0.1", port)], timeout=1.0)
+    try:
+        with pytest.raises(StoreUnavailableError, match="etcd unreachable"):
+            await store.put("/x", b"1")
+    finally:
+        await store.close()
+
+
+async def test_watch_resumes_after_etcd_restart() -> None:
+    server = EtcdServer().start()
+    store = EtcdStore([server.endpoint], timeout=2.0)
+    try:
+        start = await store.put("/r/a", b"1")
+        got: list[bytes] = []
+
+        async def consume() -> None:
+            async for ev in store.watch("/r/", start):
+                got.append(ev.value)
+                if len(got) == 2:
+                    return
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.3)
+        assert got == [b"1"]
+        server.kill9()
+        await asyncio.sleep(0.5)
+        server.start()
+        await store.put("/r/b", b"2")
+        await asyncio.wait_for(task, 20)
+        assert got == [b"1", b"2"]
+    finally:
+        await store.close()
+        server.stop()
