@@ -7,7 +7,8 @@ Scenarios (1 GiB image by default, see bench/common.py:make_image for its conten
   agent    the same 1% delta picked up by a running agent (no process start): time from the
            write to the replica verified equal
 
-Both tools run from a warm page cache. Bytes on the wire are counted by iptables rules on the
+Both tools run from a warm page cache, each after a `sync` so that neither pays for flushing the
+other's dirty pages. Bytes on the wire are counted by iptables rules on the
 two loopback ports (TCP payload and headers, both directions) when run as root; the
 application's own counts are printed too.
 
@@ -103,6 +104,7 @@ class Bench:
         w0 = self.rs_wire.read()
         rs_t, rs_out = run_timed(self.rsync_cmd)
         rs_bytes = delta(self.rs_wire, w0)
+        subprocess.run(["sync"])  # neither tool pays for flushing the other's writes
         d0 = self.dr_wire.read()
         dr_t, dr_out = run_timed(self.drctl_cmd)
         dr_bytes = delta(self.dr_wire, d0)
