@@ -14,6 +14,7 @@ from drctl.logsetup import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from failover import cli as failover_cli
     from replicator import cli as replicate_cli
 
     parser = argparse.ArgumentParser(prog="drctl", description="DR replication and failover")
@@ -21,10 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     replicate_cli.add_parser(sub)
+    failover_cli.add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from failover.errors import FailoverError  # light: no third-party imports
     from replicator.errors import ReplicatorError
 
     parser = build_parser()
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         code: int = args.func(args)
-    except ReplicatorError as exc:
+    except (ReplicatorError, FailoverError) as exc:
         print(f"drctl: error [{exc.code}]: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

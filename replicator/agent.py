@@ -18,9 +18,9 @@ from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
 
+from drctl.lifecycle import stop_on_signals
 from replicator.driver import PushDriver, PushOptions
 from replicator.errors import ReplanNeededError, ReplicatorError, unwrap_group
-from replicator.lifecycle import stop_on_signals
 from replicator.metrics import SourceMetrics, serve_metrics
 from replicator.progress import ProgressBar
 from replicator.report import PushReport, PushState

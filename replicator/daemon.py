@@ -15,8 +15,8 @@ from contextlib import AsyncExitStack
 import grpc
 from prometheus_client import CollectorRegistry
 
+from drctl.lifecycle import stop_on_signals
 from replicator.errors import UsageError
-from replicator.lifecycle import stop_on_signals
 from replicator.metrics import TargetMetrics, serve_metrics
 from replicator.transport import wire
 from replicator.transport.server import ReplicationService

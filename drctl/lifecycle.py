@@ -1,4 +1,4 @@
-"""Signal handling shared by the daemons' supervisors."""
+"""Signal handling shared by every daemon's supervisor (replicator and failover)."""
 
 from __future__ import annotations
 

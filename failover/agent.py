@@ -1,0 +1,150 @@
+"""The site agent (`drctl agent`): heartbeat lease, role changes, self-fencing.
+
+Each tick it reads one snapshot, works out this site's role in every service from the
+service records, runs the hooks for a role change (start/promote when it becomes primary,
+fence when it must stop writing), and refreshes its heartbeat (role, epoch, replication lag)
+under its lease. When the lease is lost (etcd unreachable past the local deadline, shorter than
+the TTL) every service this site is primary of is fenced *before* the controller can promote
+the replica; the agent then registers again and follows the records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from failover.config import ClusterConfig, ServiceConfig
+from failover.coordination.base import CoordinationStore, Snapshot
+from failover.errors import LeaseLostError, StoreUnavailableError
+from failover.fsm import State
+from failover.hooks import run_hook
+from failover.lease import LeaseKeeper
+from failover.records import Heartbeat, ServiceHealth, ServiceRecord, heartbeat_key, state_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Role:
+    role: str = "unknown"
+    epoch: int = 0
+
+
+def scrape_lag(url: str, timeout: float = 1.0) -> float | None:
+    """Highest drctl_replication_lag_seconds on a push agent's metrics endpoint."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("drctl_replication_lag_seconds")]
+    return max(values) if values else None
+
+
+class SiteAgent:
+    def __init__(self, config: ClusterConfig, site: str, store: CoordinationStore,
+                 lag_url: str | None = None) -> None:
+        self.config = config
+        self.site = site
+        self.store = store
+        self.lag_url = lag_url
+        self.roles: dict[str, Role] = {s: Role() for s in config.services}
+        self.keeper: LeaseKeeper | None = None
+
+    def _services(self) -> list[ServiceConfig]:
+        return [s for s in self.config.services.values() if self.site in (s.primary, s.replica)]
+
+    def record(self, snap: Snapshot, svc: ServiceConfig) -> ServiceRecord:
+        raw = snap.value(state_key(self.config.prefix, svc.name))
+        if raw is None:
+            return ServiceRecord(State.HEALTHY, 0.0, svc.primary, svc.replica)
+        return ServiceRecord.decode(raw)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self._registered(stop)
+            except (StoreUnavailableError, LeaseLostError) as exc:
+                log.warning("site %s: %s", self.site, exc)
+            if not stop.is_set():
+                await self.fence_all("lost etcd: fencing before the lease can expire")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def _registered(self, stop: asyncio.Event) -> None:
+        self.keeper = LeaseKeeper(self.store, self.config.lease_ttl)
+        await self.keeper.grant()
+        async with asyncio.TaskGroup() as tg:
+            keep = tg.create_task(self.keeper.run())
+            try:
+                while not stop.is_set() and not self.keeper.lost.is_set():
+                    await self.tick()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.keeper.interval)
+            finally:
+                keep.cancel()
+        if self.keeper.lost.is_set():
+            raise LeaseLostError(f"site {self.site}: heartbeat lease lost")
+        await self.keeper.revoke()  # a clean stop: the heartbeat goes away at once
+
+    async def tick(self) -> None:
+        snap = await self.store.snapshot(self.config.prefix)
+        lag = await asyncio.to_thread(scrape_lag, self.lag_url) if self.lag_url else None
+        hb = Heartbeat(self.site, time.time())
+        for svc in self._services():
+            rec = self.record(snap, svc)
+            await self.follow(svc, rec)
+            mine = self.roles[svc.name]
+            hb.services[svc.name] = ServiceHealth(mine.role, mine.epoch,
+                                                  lag if mine.role == "primary" else None)
+        assert self.keeper is not None and self.keeper.lease is not None
+        await self.store.put(heartbeat_key(self.config.prefix, self.site), hb.encode(),
+                             lease=self.keeper.lease)
+
+    def wanted(self, rec: ServiceRecord) -> str:
+        op = rec.operation
+        if op is not None and rec.state is State.FENCING and op.source == self.site:
+            return "fenced"
+        if rec.primary == self.site and rec.state is not State.FENCING:
+            return "primary"
+        if rec.primary == self.site:  # fencing someone else while we are primary: keep serving
+            return "primary"
+        return "replica"
+
+    async def follow(self, svc: ServiceConfig, rec: ServiceRecord) -> None:
+        mine = self.roles[svc.name]
+        want = self.wanted(rec)
+        if want == mine.role and rec.epoch == mine.epoch:
+            return
+        env = {"DRCTL_SERVICE": svc.name, "DRCTL_SITE": self.site,
+               "DRCTL_EPOCH": str(rec.epoch), "DRCTL_ROLE": want}
+        if want == "fenced" or (want == "replica" and mine.role == "primary"):
+            ok = await run_hook("fence", svc.hooks.fence, env)
+            ok = ok and await run_hook("stop", svc.hooks.stop, env)
+        elif want == "primary" and mine.role in ("replica", "fenced"):
+            ok = await run_hook("promote", svc.hooks.promote, env)
+            ok = ok and await run_hook("start", svc.hooks.start, env)
+        elif want == "primary":
+            ok = await run_hook("start", svc.hooks.start, env)
+        else:
+            ok = True
+        if ok:
+            log.info("site %s: service %s is %s at epoch %d", self.site, svc.name, want,
+                     rec.epoch)
+            self.roles[svc.name] = Role(want, rec.epoch)
+
+    async def fence_all(self, why: str) -> None:
+        for svc in self._services():
+            mine = self.roles[svc.name]
+            if mine.role == "primary":
+                log.warning("site %s: fencing %s: %s", self.site, svc.name, why)
+                env = {"DRCTL_SERVICE": svc.name, "DRCTL_SITE": self.site,
+                       "DRCTL_EPOCH": str(mine.epoch), "DRCTL_ROLE": "fenced"}
+                await run_hook("fence", svc.hooks.fence, env)
+                await run_hook("stop", svc.hooks.stop, env)
+                self.roles[svc.name] = Role("fenced", mine.epoch)

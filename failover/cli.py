@@ -1,0 +1,169 @@
+"""`drctl agent`, `drctl controller`, `drctl failover|switchover|failback|status`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports stay out of every other drctl command's start-up
+    from failover.config import ClusterConfig
+    from failover.coordination.etcd import EtcdStore
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    a = sub.add_parser("agent", help="run a site agent (heartbeat, hooks, self-fencing)")
+    a.add_argument("--config", required=True)
+    a.add_argument("--site", required=True)
+    a.add_argument("--lag-url", help="metrics URL of this site's replication source agent")
+    a.set_defaults(func=cmd_agent)
+
+    c = sub.add_parser("controller", help="run a failover controller (one of them leads)")
+    c.add_argument("--config", required=True)
+    c.add_argument("--id", help="controller id (default: host-pid)")
+    c.set_defaults(func=cmd_controller)
+
+    for name, helptext in (("failover", "fail a service over to its replica site"),
+                           ("switchover", "planned switchover: drain to zero lag first"),
+                           ("failback", "planned switchover back to the configured primary")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("service")
+        p.add_argument("--config", required=True)
+        if name == "failover":
+            p.add_argument("--to", help="target site (default: the replica)")
+            p.add_argument("--force", action="store_true",
+                           help="fail over even beyond the RPO budget (accepts data loss)")
+        p.set_defaults(func=cmd_request, request=name)
+
+    s = sub.add_parser("status", help="services, sites and the leading controller")
+    s.add_argument("--config", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+
+def _config(path: str) -> ClusterConfig:
+    from failover.config import load
+
+    return load(path)
+
+
+def _store(cfg: ClusterConfig) -> EtcdStore:
+    from failover.coordination.etcd import EtcdStore
+
+    return EtcdStore(list(cfg.etcd), timeout=max(1.0, cfg.lease_ttl / 2))
+
+
+async def _daemon(cfg: ClusterConfig, make: Any) -> None:
+    from drctl.lifecycle import stop_on_signals
+
+    stop = asyncio.Event()
+    async with AsyncExitStack() as stack:
+        stop_on_signals(stack, stop)
+        store = _store(cfg)
+        stack.push_async_callback(store.close)
+        await make(store).run(stop)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from failover.agent import SiteAgent
+    from failover.config import ConfigError
+
+    cfg = _config(args.config)
+    if args.site not in cfg.sites:
+        raise ConfigError(f"--site {args.site}: not in {cfg.path} (sites: "
+                          f"{', '.join(sorted(cfg.sites))})")
+    asyncio.run(_daemon(cfg, lambda store: SiteAgent(cfg, args.site, store, args.lag_url)))
+    return 0
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from failover.controller import Controller
+
+    cfg = _config(args.config)
+    asyncio.run(_daemon(cfg, lambda store: Controller(cfg, store, args.id)))
+    return 0
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    from failover.config import ConfigError
+    from failover.errors import FailoverError
+    from failover.fsm import Command
+    from failover.records import CommandRecord, command_key
+
+    cfg = _config(args.config)
+    svc = cfg.services.get(args.service)
+    if svc is None:
+        raise ConfigError(f"unknown service {args.service!r} (services: "
+                          f"{', '.join(sorted(cfg.services))})")
+    target = getattr(args, "to", None)
+    if target is not None and target not in cfg.sites:
+        raise ConfigError(f"--to {target}: unknown site")
+    if args.request == "failover":
+        command = Command.FORCE_FAILOVER if args.force else Command.FAILOVER
+    else:
+        command = Command.SWITCHOVER
+        if args.request == "failback":
+            target = svc.primary
+
+    async def send() -> str:
+        store = _store(cfg)
+        try:
+            rec = CommandRecord(command, target, uuid.uuid4().hex[:12], time.time())
+            if not await store.create(command_key(cfg.prefix, svc.name), rec.encode()):
+                raise FailoverError(f"{svc.name}: another request is still pending")
+            return rec.id
+        finally:
+            await store.close()
+
+    op = asyncio.run(send())
+    print(f"{args.request} of {svc.name} requested (operation {op}); follow it with "
+          f"`drctl status --config {args.config}`")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from failover.fsm import State
+    from failover.records import Heartbeat, ServiceRecord, heartbeat_key, leader_key, state_key
+
+    cfg = _config(args.config)
+
+    async def read() -> dict[str, object]:
+        store = _store(cfg)
+        try:
+            snap = await store.snapshot(cfg.prefix)
+        finally:
+            await store.close()
+        out: dict[str, object] = {"leader": (snap.value(leader_key(cfg.prefix)) or b"").decode()
+                                  or None, "sites": {}, "services": {}}
+        for site in cfg.sites:
+            raw = snap.value(heartbeat_key(cfg.prefix, site))
+            out["sites"][site] = (  # type: ignore[index]
+                {"alive": True, "age_seconds": round(time.time() - Heartbeat.decode(raw).at, 1)}
+                if raw else {"alive": False})
+        for name, svc in cfg.services.items():
+            raw = snap.value(state_key(cfg.prefix, name))
+            rec = (ServiceRecord.decode(raw) if raw else
+                   ServiceRecord(State.HEALTHY, 0, svc.primary, svc.replica))
+            out["services"][name] = {  # type: ignore[index]
+                "state": rec.state, "primary": rec.primary, "replica": rec.replica,
+                "epoch": rec.epoch, "lag_seconds": rec.last_lag_seconds,
+                "message": rec.message,
+                "error": rec.operation.error if rec.operation else None}
+        return out
+
+    status = asyncio.run(read())
+    if args.json:
+        print(json.dumps(status, indent=1, default=str))
+    else:
+        print(f"leader: {status['leader']}")
+        for site, s in status["sites"].items():  # type: ignore[attr-defined]
+            print(f"site {site}: {'alive' if s['alive'] else 'DOWN'}")
+        for name, s in status["services"].items():  # type: ignore[attr-defined]
+            print(f"service {name}: {s['state']} primary={s['primary']} replica={s['replica']}"
+                  f" epoch={s['epoch']} lag={s['lag_seconds']} -- {s['message']}"
+                  + (f" [error: {s['error']}]" if s["error"] else ""))
+    return 0

@@ -1,0 +1,262 @@
+"""The cluster configuration (YAML): strict, typed, validated at load time.
+
+Unknown keys are errors; every error names the file, the line and the field. Timing
+invariants are checked here, not silently adjusted.
+
+    cluster: demo
+    etcd: [127.0.0.1:2379]
+    lease_ttl: 2                 # heartbeat and leader leases (s)
+    sites:
+      east: {address: 10.0.0.1, health_url: http://10.0.0.1:8080/health}
+      west: {address: 10.0.0.2}
+    services:
+      app:
+        primary: east
+        replica: west
+        policy: {automatic: true, grace: 2, rpo: 30, damping: 600, allow_data_loss: false}
+        dns:
+          zone: dr.test
+          name: app
+          ttl: 5
+          servers: [127.0.0.1:5353]        # every authoritative server (verified)
+          update: [127.0.0.1:5353]         # where updates are sent (default: servers)
+          tsig: {name: dr-updater, file: /etc/drctl/tsig.key}   # or env: VAR
+        hooks: {promote: "...", fence: "...", start: "...", stop: "..."}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from failover.dns.rfc2136 import RecordSet, Server, TsigKey
+from failover.errors import FailoverError
+from failover.fsm import Policy
+from failover.lease import check_timings
+
+
+class ConfigError(FailoverError, ValueError):
+    code = "config"
+    http_status = 400
+    exit_code = 2
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    mapping = _LineDict()
+    mapping.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node)
+        if key in mapping:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.lines[key] = key_node.start_mark.line + 1
+    return mapping
+
+
+class _LineDict(dict[str, Any]):
+    line = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: dict[str, int] = {}
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+class _Reader:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, node: Any, key: str, where: str, message: str) -> ConfigError:
+        line = node.lines.get(key, node.line) if isinstance(node, _LineDict) else 0
+        return ConfigError(f"{self.path}:{line}: {where}{'.' if where else ''}{key}: {message}")
+
+    def mapping(self, node: Any, where: str, allowed: set[str],
+                required: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+        if not isinstance(node, dict):
+            raise ConfigError(f"{self.path}: {where or 'top level'}: expected a mapping")
+        for key in node:
+            if key not in allowed:
+                raise self.fail(node, key, where, f"unknown key (allowed: "
+                                                  f"{', '.join(sorted(allowed))})")
+        for key in required:
+            if key not in node:
+                line = node.line if isinstance(node, _LineDict) else 0
+                raise ConfigError(f"{self.path}:{line}: {where}: missing required key {key!r}")
+        return node
+
+    def number(self, node: dict[str, Any], key: str, where: str, default: float,
+               minimum: float = 0.0) -> float:
+        value = node.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise self.fail(node, key, where, f"expected a number >= {minimum}, got {value!r}")
+        return float(value)
+
+    def boolean(self, node: dict[str, Any], key: str, where: str, default: bool) -> bool:
+        value = node.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(node, key, where, f"expected true or false, got {value!r}")
+        return value
+
+    def string(self, node: dict[str, Any], key: str, where: str,
+               default: str | None = None) -> str:
+        value = node.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise self.fail(node, key, where, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def hostports(self, node: dict[str, Any], key: str, where: str,
+                  default_port: int) -> list[Server]:
+        value = node.get(key)
+        if not isinstance(value, list) or not value:
+            raise self.fail(node, key, where, "expected a non-empty list of HOST:PORT")
+        out = []
+        for item in value:
+            host, sep, port = str(item).rpartition(":")
+            if not sep:
+                host, port = str(item), str(default_port)
+            if not host or not port.isdigit():
+                raise self.fail(node, key, where, f"invalid address {item!r}")
+            out.append(Server(host, int(port)))
+        return out
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    address: str
+    health_url: str | None = None
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    record: RecordSet  # values are filled in per failover: the new primary's address
+    servers: tuple[Server, ...]
+    update: tuple[Server, ...]
+    key: TsigKey
+    verify_timeout: float = 10.0
+
+    def for_address(self, address: str) -> RecordSet:
+        r = self.record
+        return RecordSet(r.zone, r.name, r.rtype, r.ttl, (address,))
+
+
+@dataclass(frozen=True)
+class Hooks:
+    start: str | None = None
+    stop: str | None = None
+    fence: str | None = None
+    promote: str | None = None
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    primary: str
+    replica: str
+    policy: Policy
+    dns: DnsConfig | None
+    hooks: Hooks
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    path: str
+    cluster: str
+    etcd: tuple[tuple[str, int], ...]
+    lease_ttl: int
+    sites: dict[str, Site]
+    services: dict[str, ServiceConfig] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return f"/drctl/{self.cluster}/"
+
+
+def load(path: str) -> ClusterConfig:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.load(fh, Loader=_Loader)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: "
+                          f"{getattr(exc, 'problem', exc)}") from exc
+    r = _Reader(path)
+    top = r.mapping(raw, "", {"cluster", "etcd", "lease_ttl", "sites", "services"},
+                    {"cluster", "etcd", "sites"})
+    ttl = r.number(top, "lease_ttl", "", 2, minimum=1)
+    if ttl != int(ttl):
+        raise r.fail(top, "lease_ttl", "", "must be a whole number of seconds")
+    etcd = tuple((s.host, s.port) for s in r.hostports(top, "etcd", "", 2379))
+    sites_node = r.mapping(top["sites"], "sites", set(top["sites"] or {}))
+    sites = {}
+    for name, node in sites_node.items():
+        where = f"sites.{name}"
+        n = r.mapping(node, where, {"address", "health_url"}, {"address"})
+        sites[name] = Site(name, r.string(n, "address", where),
+                           n.get("health_url") and r.string(n, "health_url", where))
+    services = {}
+    for name, node in (r.mapping(top.get("services") or {}, "services",
+                                 set(top.get("services") or {}))).items():
+        services[name] = _service(r, name, node, sites, int(ttl))
+    return ClusterConfig(path, r.string(top, "cluster", ""), etcd, int(ttl), sites, services)
+
+
+def _service(r: _Reader, name: str, node: Any, sites: dict[str, Site],
+             ttl: int) -> ServiceConfig:
+    where = f"services.{name}"
+    n = r.mapping(node, where, {"primary", "replica", "policy", "dns", "hooks"},
+                  {"primary", "replica"})
+    for role in ("primary", "replica"):
+        if n[role] not in sites:
+            raise r.fail(n, role, where, f"unknown site {n[role]!r} (sites: "
+                                         f"{', '.join(sorted(sites))})")
+    if n["primary"] == n["replica"]:
+        raise r.fail(n, "replica", where, "must differ from primary")
+    pw = f"{where}.policy"
+    p = r.mapping(n.get("policy") or {}, pw, {"automatic", "grace", "rpo", "damping",
+                                               "allow_data_loss", "drain_timeout"})
+    policy = Policy(automatic=r.boolean(p, "automatic", pw, True),
+                    grace_seconds=r.number(p, "grace", pw, 2 * ttl),
+                    rpo_seconds=r.number(p, "rpo", pw, 30),
+                    allow_data_loss=r.boolean(p, "allow_data_loss", pw, False),
+                    damping_seconds=r.number(p, "damping", pw, 600),
+                    drain_timeout_seconds=r.number(p, "drain_timeout", pw, 120))
+    check_timings(ttl, ttl / 3, ttl / 6)
+    hw = f"{where}.hooks"
+    h = r.mapping(n.get("hooks") or {}, hw, {"start", "stop", "fence", "promote"})
+    hooks = Hooks(**{k: r.string(h, k, hw) for k in h})
+    return ServiceConfig(name, n["primary"], n["replica"], policy,
+                         _dns(r, f"{where}.dns", n["dns"]) if "dns" in n else None, hooks)
+
+
+def _dns(r: _Reader, where: str, node: Any) -> DnsConfig:
+    n = r.mapping(node, where, {"zone", "name", "type", "ttl", "servers", "update", "tsig",
+                                "verify_timeout"}, {"zone", "name", "servers", "tsig"})
+    servers = r.hostports(n, "servers", where, 53)
+    update = r.hostports(n, "update", where, 53) if "update" in n else servers
+    tw = f"{where}.tsig"
+    t = r.mapping(n["tsig"], tw, {"name", "file", "env", "algorithm"}, {"name"})
+    if ("file" in t) == ("env" in t):
+        raise r.fail(n, "tsig", where, "give exactly one of file: or env: (never the secret "
+                                       "itself)")
+    if "file" in t:
+        key = TsigKey.from_bind_file(r.string(t, "file", tw))
+    else:
+        key = TsigKey.from_env(r.string(t, "name", tw), r.string(t, "env", tw),
+                               t.get("algorithm", "hmac-sha256"))
+    rtype = r.string(n, "type", where, "A")
+    record = RecordSet(r.string(n, "zone", where), r.string(n, "name", where), rtype,
+                       int(r.number(n, "ttl", where, 30)), ())
+    return DnsConfig(record, tuple(servers), tuple(update), key,
+                     r.number(n, "verify_timeout", where, 10))

@@ -1,0 +1,199 @@
+"""The controller (`drctl controller`): leader election, then one tick per interval.
+
+Each tick: read one snapshot -> build a ServiceView per service -> ``decide()`` (pure) -> act
+-> write the service record with compare-and-set -> log one line (``CycleResult.message``).
+Every step is idempotent and recorded in etcd, so a leader killed mid-failover is replaced by
+one that reads the record and carries on. Leader-only work runs in a lease-scoped task group:
+losing the lease cancels it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from failover.config import ClusterConfig, ServiceConfig
+from failover.coordination.base import CoordinationStore, Snapshot
+from failover.dns.rfc2136 import DnsUpdater
+from failover.errors import DnsUpdateRefused, DnsVerifyTimeout, LeaseLostError
+from failover.fsm import Action, Command, Decision, ServiceView, State, decide
+from failover.lease import Election
+from failover.records import (
+    CommandRecord,
+    Heartbeat,
+    Operation,
+    ServiceRecord,
+    command_key,
+    heartbeat_key,
+    leader_key,
+    state_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    service: str
+    state: State
+    action: Action
+    message: str
+
+
+class Controller:
+    def __init__(self, config: ClusterConfig, store: CoordinationStore,
+                 node: str | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.node = node or f"{os.uname().nodename}-{os.getpid()}"
+        self.interval = max(0.1, config.lease_ttl / 4)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        election = Election(self.store, leader_key(self.config.prefix), self.node,
+                            self.config.lease_ttl)
+        while not stop.is_set():
+            leadership = await election.campaign()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    keep = tg.create_task(leadership.keeper.run())
+                    try:
+                        async with leadership.scope() as scope:
+                            scope.spawn(self._lead(stop))
+                    finally:
+                        keep.cancel()
+            except* LeaseLostError as group:
+                log.warning("controller %s: %s", self.node, group.exceptions[0])
+            if stop.is_set():
+                await leadership.keeper.revoke()
+
+    async def _lead(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            for result in await self.tick():
+                log.info("%s: %s", result.service, result.message)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval)
+
+    # -- one tick --------------------------------------------------------------------------
+
+    async def tick(self) -> list[CycleResult]:
+        snap = await self.store.snapshot(self.config.prefix)
+        now = time.time()
+        return [await self._service(snap, svc, now) for svc in self.config.services.values()]
+
+    def _record(self, snap: Snapshot, svc: ServiceConfig) -> tuple[ServiceRecord, int]:
+        key = state_key(self.config.prefix, svc.name)
+        entry = snap.entries.get(key)
+        if entry is None:
+            return ServiceRecord(State.HEALTHY, time.time(), svc.primary, svc.replica), 0
+        return ServiceRecord.decode(entry.value), entry.mod_revision
+
+    def _heartbeat(self, snap: Snapshot, site: str) -> Heartbeat | None:
+        raw = snap.value(heartbeat_key(self.config.prefix, site))
+        return Heartbeat.decode(raw) if raw is not None else None
+
+    async def _service(self, snap: Snapshot, svc: ServiceConfig, now: float) -> CycleResult:
+        rec, rev = self._record(snap, svc)
+        cmd_entry = snap.entries.get(command_key(self.config.prefix, svc.name))
+        cmd = CommandRecord.decode(cmd_entry.value) if cmd_entry else None
+        primary_hb = self._heartbeat(snap, rec.primary)
+        replica_hb = self._heartbeat(snap, rec.replica)
+        if primary_hb is not None:
+            rec.primary_lost_since = None
+            health = primary_hb.services.get(svc.name)
+            if health is not None and health.role == "primary":
+                rec.last_lag_seconds = health.lag_seconds
+        elif rec.primary_lost_since is None:
+            rec.primary_lost_since = now
+        view = ServiceView(
+            state=rec.state, now=now, primary_alive=primary_hb is not None,
+            primary_lost_since=rec.primary_lost_since, replica_alive=replica_hb is not None,
+            replica_lag_seconds=rec.last_lag_seconds, last_failover_at=rec.last_failover_at,
+            state_since=rec.since, command=cmd.command if cmd else Command.NONE,
+            step_done=self._step_done(rec, snap, svc),
+            step_failed=bool(rec.operation and rec.operation.error and
+                             rec.state is not State.FAILED),
+            failed_step=State(rec.operation.failed_step)
+            if rec.operation and rec.operation.failed_step else None,
+            policy=svc.policy)
+        decision = decide(view)
+        await self._act(decision, rec, svc, cmd, now)
+        if decision.changes:
+            step = {"at": now, "from": decision.state, "to": decision.next_state,
+                    "action": decision.action}
+            rec.history = [*rec.history, step][-20:]
+            rec.state, rec.since = decision.next_state, now
+        rec.message = decision.message
+        written = await self.store.compare_and_set(state_key(self.config.prefix, svc.name),
+                                                   rec.encode(), rev)
+        if written and cmd_entry is not None and (decision.changes or
+                                                  decision.action is Action.BLOCK):
+            await self.store.delete_if(cmd_entry.key, cmd_entry.mod_revision)
+        if not written:
+            return CycleResult(svc.name, rec.state, Action.NONE,
+                               "record changed under us: deciding again next tick")
+        return CycleResult(svc.name, rec.state, decision.action, decision.message)
+
+    def _step_done(self, rec: ServiceRecord, snap: Snapshot, svc: ServiceConfig) -> bool:
+        op = rec.operation
+        if rec.state is State.FENCING and op is not None:
+            old = self._heartbeat(snap, op.source)
+            if old is None:
+                return True  # its lease expired: the agent fenced itself before that
+            health = old.services.get(svc.name)
+            return health is not None and health.role == "fenced" and health.epoch >= rec.epoch
+        if rec.state is State.PROMOTING and op is not None:
+            new = self._heartbeat(snap, op.target)
+            health = new.services.get(svc.name) if new else None
+            return health is not None and health.role == "primary" and health.epoch >= rec.epoch
+        if rec.state is State.REROUTING and op is not None:
+            return op.dns_done
+        if rec.state is State.RESYNCING:
+            back = self._heartbeat(snap, rec.replica)
+            health = back.services.get(svc.name) if back else None
+            return health is not None and health.role == "replica"
+        return False
+
+    async def _act(self, d: Decision, rec: ServiceRecord, svc: ServiceConfig,
+                   cmd: CommandRecord | None, now: float) -> None:
+        if d.state is State.FAILED and d.changes and rec.operation is not None:
+            rec.operation.error = None  # an operator retry: run the failed step again
+            rec.operation.failed_step = None
+        if d.next_state is State.FENCING and d.state is not State.FENCING \
+                and d.state is not State.FAILED:
+            target = (cmd.target if cmd and cmd.target else None) or rec.replica
+            kind = "switchover" if d.state is State.DRAINING else "failover"
+            rec.epoch += 1  # from now on the replica refuses the old primary's deltas
+            rec.operation = Operation(kind, rec.primary, target, now)
+        elif d.next_state is State.PROMOTING and rec.operation is not None:
+            rec.primary, rec.replica = rec.operation.target, rec.operation.source
+        elif d.next_state is State.REROUTING or (d.state is State.REROUTING and
+                                                 d.action is Action.REWRITE_DNS):
+            await self._rewrite_dns(rec, svc)
+        elif d.next_state is State.FAILED_OVER:
+            rec.last_failover_at = now
+            rec.operation = None
+        elif d.next_state is State.FAILED and rec.operation is not None:
+            rec.operation.failed_step = d.state.value
+
+    async def _rewrite_dns(self, rec: ServiceRecord, svc: ServiceConfig) -> None:
+        op = rec.operation
+        if op is None or op.dns_done or svc.dns is None:
+            if op is not None:
+                op.dns_done = True
+            return
+        site = self.config.sites[rec.primary]
+        rrset = svc.dns.for_address(site.address)
+        updater = DnsUpdater(svc.dns.key)
+        try:
+            await updater.replace(rrset, svc.dns.update)
+            await updater.verify(rrset, svc.dns.servers, svc.dns.verify_timeout)
+            op.dns_done = True
+        except (DnsUpdateRefused, DnsVerifyTimeout) as exc:
+            op.error = str(exc)
+            log.error("%s: %s", svc.name, exc)

@@ -1,0 +1,162 @@
+"""Failover end to end with real processes: etcd, named, two site agents, controllers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.procs import DRCTL, Proc, run, wait_for
+from tests.services import EtcdServer, NamedServer
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdServer]:
+    s = EtcdServer().start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def named() -> Iterator[NamedServer]:
+    s = NamedServer().start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def write_config(workdir: str, etcd: EtcdServer, named: NamedServer, **policy: object) -> str:
+    key = os.path.join(workdir, "tsig.key")
+    with open(key, "w") as fh:
+        fh.write(f'key "{named.key_name}" {{ algorithm hmac-sha256; secret "{named.secret}"; }};\n')
+    hooks = {h: f"echo $DRCTL_EPOCH >> {workdir}/$DRCTL_SITE.{h}" for h in
+             ("start", "stop", "fence", "promote")}
+    pol = {"automatic": True, "grace": 1, "rpo": 30, "damping": 600, **policy}
+    cfg = {
+        "cluster": "t", "etcd": [f"127.0.0.1:{etcd.client_port}"], "lease_ttl": 2,
+        "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
+        "services": {"app": {
+            "primary": "east", "replica": "west", "policy": pol, "hooks": hooks,
+            "dns": {"zone": named.zone, "name": "app", "ttl": 5,
+                    "servers": [f"127.0.0.1:{named.port}"],
+                    "tsig": {"name": named.key_name, "file": key}, "verify_timeout": 5}}},
+    }
+    path = os.path.join(workdir, "cluster.yaml")
+    with open(path, "w") as fh:
+        json.dump(cfg, fh)  # JSON is YAML
+    return path
+
+
+def status(cfg: str) -> dict[str, object]:
+    p = run([*DRCTL, "status", "--config", cfg, "--json"])
+    assert p.returncode == 0, p.stderr
+    out: dict[str, object] = json.loads(p.stdout)
+    return out
+
+
+def dig(named: NamedServer) -> str:
+    return subprocess.run(["dig", "+short", "-p", str(named.port), "@127.0.0.1", "app.dr.test",
+                           "A"], capture_output=True, text=True).stdout.strip()
+
+
+def app(cfg: str) -> dict[str, object]:
+    return status(cfg)["services"]["app"]  # type: ignore[index,no-any-return]
+
+
+def start_all(workdir: str, cfg: str, controllers: int = 1) -> dict[str, Proc]:
+    procs = {}
+    for site in ("east", "west"):
+        procs[site] = Proc([*DRCTL, "--log-level", "INFO", "agent", "--config", cfg, "--site",
+                            site], os.path.join(workdir, f"agent-{site}.log")).start()
+    for i in range(controllers):
+        procs[f"c{i}"] = Proc([*DRCTL, "--log-level", "INFO", "controller", "--config", cfg,
+                               "--id", f"c{i}"], os.path.join(workdir, f"c{i}.log")).start()
+    return procs
+
+
+def test_primary_agent_killed_fails_over_and_rewrites_dns(workdir: str, etcd: EtcdServer,
+                                                          named: NamedServer) -> None:
+    cfg = write_config(workdir, etcd, named, allow_data_loss=True)
+    procs = start_all(workdir, cfg)
+    try:
+        wait_for(lambda: status(cfg)["sites"]["east"]["alive"]  # type: ignore[index]
+                 and status(cfg)["sites"]["west"]["alive"], 20, "both agents")  # type: ignore[index]
+        wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 10, "east start hook")
+        assert dig(named) == "10.0.0.1"
+        procs["east"].kill9()
+        wait_for(lambda: app(cfg)["state"] == "failed_over", 30, "failover to complete")
+        s = app(cfg)
+        assert (s["primary"], s["replica"], s["epoch"]) == ("west", "east", 2)
+        assert dig(named) == "10.0.0.2"
+        with open(f"{workdir}/west.promote") as fh:
+            assert fh.read().split() == ["2"]
+    finally:
+        for p in procs.values():
+            p.stop()
+    for name, p in procs.items():
+        assert "Traceback" not in p.log(), f"{name}:\n{p.log()[-3000:]}"
+
+
+def test_manual_failover_fences_the_live_primary_first(workdir: str, etcd: EtcdServer,
+                                                        named: NamedServer) -> None:
+    cfg = write_config(workdir, etcd, named, automatic=False)
+    procs = start_all(workdir, cfg, controllers=2)
+    try:
+        wait_for(lambda: status(cfg)["leader"] in ("c0", "c1"), 20, "a leader")
+        wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 10, "east start hook")
+        p = run([*DRCTL, "failover", "app", "--config", cfg])
+        assert p.returncode == 0, p.stderr
+        wait_for(lambda: app(cfg)["state"] == "failed_over", 30, "manual failover")
+        # the old primary ran its fence hook at the new epoch before west was promoted
+        with open(f"{workdir}/east.fence") as fh:
+            assert "2" in fh.read().split()
+        assert os.path.getmtime(f"{workdir}/east.fence") <= \
+            os.path.getmtime(f"{workdir}/west.promote")
+        assert dig(named) == "10.0.0.2"
+        # the old primary is alive: it comes back as the replica (never an automatic failback)
+        wait_for(lambda: app(cfg)["state"] == "healthy", 20, "resync and healthy")
+        assert app(cfg)["primary"] == "west"
+    finally:
+        for p in procs.values():
+            p.stop()
+    for name, p in procs.items():
+        assert "Traceback" not in p.log(), f"{name}:\n{p.log()[-3000:]}"
+
+
+def test_refused_dns_update_stops_the_failover_and_is_reported(workdir: str, etcd: EtcdServer,
+                                                               named: NamedServer) -> None:
+    cfg = write_config(workdir, etcd, named, automatic=False)
+    key = os.path.join(workdir, "tsig.key")
+    with open(key, "w") as fh:  # a key named does not know
+        fh.write('key "intruder" { algorithm hmac-sha256; secret "c2VjcmV0c2VjcmV0"; };\n')
+    procs = start_all(workdir, cfg)
+    try:
+        wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 20, "east start hook")
+        assert run([*DRCTL, "failover", "app", "--config", cfg]).returncode == 0
+        wait_for(lambda: app(cfg)["state"] == "failed", 30, "the DNS step to fail")
+        error = str(app(cfg)["error"])
+        assert f"refused by 127.0.0.1:{named.port}" in error, error
+        assert dig(named) == "10.0.0.1"
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def test_bad_config_names_file_line_and_field(workdir: str) -> None:
+    path = os.path.join(workdir, "bad.yaml")
+    with open(path, "w") as fh:
+        fh.write("cluster: t\netcd: [127.0.0.1:2379]\nsites:\n  east: {address: 10.0.0.1}\n"
+                 "services:\n  app:\n    primary: east\n    replica: nowhere\n")
+    p = run([*DRCTL, "status", "--config", path])
+    assert p.returncode == 2
+    assert f"{path}:8: services.app.replica: unknown site 'nowhere'" in p.stderr
+    with open(path, "w") as fh:
+        fh.write("cluster: t\netcd: [127.0.0.1:2379]\nsites: {}\nlease_ttl: 2\ncolour: red\n")
+    p = run([*DRCTL, "status", "--config", path])
+    assert p.returncode == 2 and f"{path}:5: colour: unknown key" in p.stderr
