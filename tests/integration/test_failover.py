@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.procs import DRCTL, Proc, run, wait_for
-from tests.services import EtcdServer, NamedServer
+from tests.services import EtcdCluster, EtcdServer, NamedServer
 
 
 @pytest.fixture
@@ -31,15 +31,20 @@ def named() -> Iterator[NamedServer]:
         s.stop()
 
 
-def write_config(workdir: str, etcd: EtcdServer, named: NamedServer, **policy: object) -> str:
+def write_config(workdir: str, etcd: EtcdServer | EtcdCluster, named: NamedServer,
+                 promote_delay: float = 0, **policy: object) -> str:
     key = os.path.join(workdir, "tsig.key")
     with open(key, "w") as fh:
         fh.write(f'key "{named.key_name}" {{ algorithm hmac-sha256; secret "{named.secret}"; }};\n')
     hooks = {h: f"echo $DRCTL_EPOCH >> {workdir}/$DRCTL_SITE.{h}" for h in
              ("start", "stop", "fence", "promote")}
+    if promote_delay:
+        hooks["promote"] = f"sleep {promote_delay}; " + hooks["promote"]
     pol = {"automatic": True, "grace": 1, "rpo": 30, "damping": 600, **policy}
     cfg = {
-        "cluster": "t", "etcd": [f"127.0.0.1:{etcd.client_port}"], "lease_ttl": 2,
+        "cluster": "t", "lease_ttl": 2,
+        "etcd": [f"{h}:{p}" for h, p in (etcd.endpoints if isinstance(etcd, EtcdCluster)
+                                         else [etcd.endpoint])],
         "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
         "services": {"app": {
             "primary": "east", "replica": "west", "policy": pol, "hooks": hooks,
@@ -160,3 +165,31 @@ def test_bad_config_names_file_line_and_field(workdir: str) -> None:
         fh.write("cluster: t\netcd: [127.0.0.1:2379]\nsites: {}\nlease_ttl: 2\ncolour: red\n")
     p = run([*DRCTL, "status", "--config", path])
     assert p.returncode == 2 and f"{path}:5: colour: unknown key" in p.stderr
+
+
+def test_leader_killed_mid_failover_is_replaced_and_the_failover_completes(
+        workdir: str, named: NamedServer) -> None:
+    cluster = EtcdCluster().start()
+    try:
+        cfg = write_config(workdir, cluster, named, promote_delay=4, allow_data_loss=True)
+        procs = start_all(workdir, cfg, controllers=2)
+        try:
+            wait_for(lambda: status(cfg)["leader"] in ("c0", "c1"), 20, "a leader")
+            wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 20, "east start hook")
+            cluster.kill9(2)  # an etcd member dies: two of three keep the quorum
+            leader = str(status(cfg)["leader"])
+            procs["east"].kill9()
+            wait_for(lambda: app(cfg)["state"] == "promoting", 30, "the failover to start")
+            procs[leader].kill9()  # the leading controller dies mid-failover
+            assert app(cfg)["state"] == "promoting"  # (the promote hook takes 4 s)
+            wait_for(lambda: app(cfg)["state"] == "failed_over", 40,
+                     "the other controller to finish the failover")
+            assert status(cfg)["leader"] != leader
+            s = app(cfg)
+            assert (s["primary"], s["epoch"]) == ("west", 2)
+            assert dig(named) == "10.0.0.2"
+        finally:
+            for p in procs.values():
+                p.stop()
+    finally:
+        cluster.stop()
