@@ -69,8 +69,8 @@ class SiteAgent:
         while not stop.is_set():
             try:
                 await self._registered(stop)
-            except (StoreUnavailableError, LeaseLostError) as exc:
-                log.warning("site %s: %s", self.site, exc)
+            except* (StoreUnavailableError, LeaseLostError) as group:
+                log.warning("site %s: %s", self.site, group.exceptions[0])
             if not stop.is_set():
                 await self.fence_all("lost etcd: fencing before the lease can expire")
                 with contextlib.suppress(TimeoutError):

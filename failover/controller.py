@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from failover.config import ClusterConfig, ServiceConfig
 from failover.coordination.base import CoordinationStore, Snapshot
 from failover.dns.rfc2136 import DnsUpdater
-from failover.errors import DnsUpdateRefused, DnsVerifyTimeout, LeaseLostError
+from failover.errors import (
+    DnsUpdateRefused,
+    DnsVerifyTimeout,
+    LeaseLostError,
+    StoreUnavailableError,
+)
 from failover.fsm import Action, Command, Decision, ServiceView, State, decide
 from failover.lease import Election
 from failover.records import (
@@ -58,7 +63,13 @@ class Controller:
         election = Election(self.store, leader_key(self.config.prefix), self.node,
                             self.config.lease_ttl)
         while not stop.is_set():
-            leadership = await election.campaign()
+            try:
+                leadership = await election.campaign()
+            except StoreUnavailableError as exc:
+                log.warning("controller %s: cannot campaign: %s", self.node, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                continue
             try:
                 async with asyncio.TaskGroup() as tg:
                     keep = tg.create_task(leadership.keeper.run())
@@ -67,8 +78,8 @@ class Controller:
                             scope.spawn(self._lead(stop))
                     finally:
                         keep.cancel()
-            except* LeaseLostError as group:
-                log.warning("controller %s: %s", self.node, group.exceptions[0])
+            except* (LeaseLostError, StoreUnavailableError) as group:
+                log.warning("controller %s: stepping down: %s", self.node, group.exceptions[0])
             if stop.is_set():
                 await leadership.keeper.revoke()
 

@@ -221,7 +221,7 @@ class EtcdCluster:
         name, c, p = self.names[i], self.client_ports[i], self.peer_ports[i]
         cluster = ",".join(f"{n}=http://127.0.0.1:{pp}"
                            for n, pp in zip(self.names, self.peer_ports, strict=True))
-        log = open(os.path.join(self.dir, f"{name}.log"), "ab")  # noqa: SIM115
+        log = open(os.path.join(self.dir, f"{name}.log"), "ab")
         self.procs[name] = subprocess.Popen(
             [self.binary, "--name", name, "--data-dir", os.path.join(self.dir, name),
              "--listen-client-urls", f"http://127.0.0.1:{c}",

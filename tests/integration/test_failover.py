@@ -193,3 +193,41 @@ def test_leader_killed_mid_failover_is_replaced_and_the_failover_completes(
                 p.stop()
     finally:
         cluster.stop()
+
+
+def test_partitioned_primary_fences_itself_before_the_replica_is_promoted(
+        workdir: str, etcd: EtcdServer, named: NamedServer) -> None:
+    """The east agent stays alive but cannot reach etcd (iptables drops its packets by uid)."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("iptables") or not shutil.which("setpriv"):
+        pytest.skip("needs root, iptables and setpriv to cut one process off etcd")
+    os.chmod(workdir, 0o777)
+    cfg = write_config(workdir, etcd, named, allow_data_loss=True)
+    os.chmod(cfg, 0o644)
+    os.chmod(os.path.join(workdir, "tsig.key"), 0o644)
+    procs = {
+        "east": Proc(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *DRCTL,
+                      "--log-level", "INFO", "agent", "--config", cfg, "--site", "east"],
+                     os.path.join(workdir, "agent-east.log")).start(),
+        "west": Proc([*DRCTL, "--log-level", "INFO", "agent", "--config", cfg, "--site",
+                      "west"], os.path.join(workdir, "agent-west.log")).start(),
+        "c0": Proc([*DRCTL, "--log-level", "INFO", "controller", "--config", cfg, "--id", "c0"],
+                   os.path.join(workdir, "c0.log")).start(),
+    }
+    rule = ["OUTPUT", "-o", "lo", "-p", "tcp", "--dport", str(etcd.client_port), "-m", "owner",
+            "--uid-owner", "nobody", "-j", "DROP"]
+    try:
+        wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 20, "east start hook")
+        subprocess.run(["iptables", "-I", *rule], check=True)
+        wait_for(lambda: app(cfg)["state"] == "failed_over", 30, "failover")
+        east = procs["east"].popen
+        assert east is not None and east.poll() is None, procs["east"].log()[-3000:]
+        fenced = os.path.getmtime(f"{workdir}/east.fence")
+        promoted = os.path.getmtime(f"{workdir}/west.promote")
+        assert fenced < promoted, "the replica was promoted before the old primary fenced"
+        assert dig(named) == "10.0.0.2"
+    finally:
+        subprocess.run(["iptables", "-D", *rule])
+        for p in procs.values():
+            p.stop()
