@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from failover.config import ClusterConfig, ServiceConfig
 from failover.coordination.base import CoordinationStore, Snapshot
+from failover.coordination.feed import ChangeFeed
 from failover.errors import LeaseLostError, StoreUnavailableError
 from failover.fsm import State
 from failover.hooks import run_hook
@@ -79,15 +80,17 @@ class SiteAgent:
     async def _registered(self, stop: asyncio.Event) -> None:
         self.keeper = LeaseKeeper(self.store, self.config.lease_ttl)
         await self.keeper.grant()
+        feed = ChangeFeed(self.store, self.config.prefix + "services/")
         async with asyncio.TaskGroup() as tg:
             keep = tg.create_task(self.keeper.run())
+            follow = tg.create_task(feed.run())
             try:
                 while not stop.is_set() and not self.keeper.lost.is_set():
                     await self.tick()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self.keeper.interval)
+                    await feed.wait(self.keeper.interval)
             finally:
                 keep.cancel()
+                follow.cancel()
         if self.keeper.lost.is_set():
             raise LeaseLostError(f"site {self.site}: heartbeat lease lost")
         await self.keeper.revoke()  # a clean stop: the heartbeat goes away at once

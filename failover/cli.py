@@ -152,7 +152,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "state": rec.state, "primary": rec.primary, "replica": rec.replica,
                 "epoch": rec.epoch, "lag_seconds": rec.last_lag_seconds,
                 "message": rec.message,
-                "error": rec.operation.error if rec.operation else None}
+                "error": rec.operation.error if rec.operation else None,
+                "history": [f"{h['from']}->{h['to']}" for h in rec.history]}
         return out
 
     status = asyncio.run(read())

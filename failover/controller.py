@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from failover.config import ClusterConfig, ServiceConfig
 from failover.coordination.base import CoordinationStore, Snapshot
+from failover.coordination.feed import ChangeFeed
 from failover.dns.rfc2136 import DnsUpdater
 from failover.errors import (
     DnsUpdateRefused,
@@ -84,11 +85,18 @@ class Controller:
                 await leadership.keeper.revoke()
 
     async def _lead(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            for result in await self.tick():
-                log.info("%s: %s", result.service, result.message)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval)
+        feed = ChangeFeed(self.store, self.config.prefix)
+        follow = asyncio.create_task(feed.run())
+        try:
+            while not stop.is_set():
+                for result in await self.tick():
+                    if result.action is not Action.NONE or "->" in result.message:
+                        log.info("%s: %s", result.service, result.message)
+                await feed.wait(self.interval)
+        finally:
+            follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follow
 
     # -- one tick --------------------------------------------------------------------------
 
@@ -139,6 +147,10 @@ class Controller:
                     "action": decision.action}
             rec.history = [*rec.history, step][-20:]
             rec.state, rec.since = decision.next_state, now
+        if rev and not decision.changes and _same(rec, snap, state_key(self.config.prefix,
+                                                                      svc.name)):
+            # nothing worth a write (a write would wake every watcher, us included)
+            return CycleResult(svc.name, rec.state, decision.action, decision.message)
         rec.message = decision.message
         written = await self.store.compare_and_set(state_key(self.config.prefix, svc.name),
                                                    rec.encode(), rev)
@@ -208,3 +220,13 @@ class Controller:
         except (DnsUpdateRefused, DnsVerifyTimeout) as exc:
             op.error = str(exc)
             log.error("%s: %s", svc.name, exc)
+
+
+def _same(rec: ServiceRecord, snap: Snapshot, key: str) -> bool:
+    """Does the stored record already say everything ``rec`` says (ignoring the message)?"""
+    raw = snap.value(key)
+    if raw is None:
+        return False
+    stored = ServiceRecord.decode(raw)
+    stored.message = rec.message
+    return stored == rec

@@ -117,7 +117,7 @@ def test_manual_failover_fences_the_live_primary_first(workdir: str, etcd: EtcdS
         wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 10, "east start hook")
         p = run([*DRCTL, "failover", "app", "--config", cfg])
         assert p.returncode == 0, p.stderr
-        wait_for(lambda: app(cfg)["state"] == "failed_over", 30, "manual failover")
+        wait_for(lambda: app(cfg)["primary"] == "west", 30, "manual failover")
         # the old primary ran its fence hook at the new epoch before west was promoted
         with open(f"{workdir}/east.fence") as fh:
             assert "2" in fh.read().split()
@@ -126,7 +126,11 @@ def test_manual_failover_fences_the_live_primary_first(workdir: str, etcd: EtcdS
         assert dig(named) == "10.0.0.2"
         # the old primary is alive: it comes back as the replica (never an automatic failback)
         wait_for(lambda: app(cfg)["state"] == "healthy", 20, "resync and healthy")
-        assert app(cfg)["primary"] == "west"
+        s = app(cfg)
+        assert s["primary"] == "west"
+        assert s["history"][-6:] == ["healthy->fencing", "fencing->promoting",  # type: ignore[index]
+                                "promoting->rerouting", "rerouting->failed_over",
+                                "failed_over->resyncing", "resyncing->healthy"]
     finally:
         for p in procs.values():
             p.stop()
