@@ -28,12 +28,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import DRCTL, REPO, free_port, stop, wait_port  # noqa: E402
-from failover.coordination.etcd import EtcdStore  # noqa: E402
-from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server, TsigKey  # noqa: E402
-from failover.fsm import Command  # noqa: E402
-from failover.records import CommandRecord, command_key  # noqa: E402
-from tests.services import EtcdServer, NamedServer  # noqa: E402
+from bench.common import DRCTL, REPO, free_port, stop, wait_port
+from failover.coordination.etcd import EtcdStore
+from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server, TsigKey
+from failover.fsm import Command
+from failover.records import CommandRecord, command_key
+from tests.services import EtcdServer, NamedServer
 
 
 def config(work: str, cluster: str, etcd: EtcdServer, dns: list[NamedServer]) -> str:
@@ -74,7 +74,7 @@ def trial(kind: str, n: int, work: str, etcd: EtcdServer, dns: list[NamedServer]
     reset = RecordSet("dr.test", "app", "A", 5, ("10.0.0.1",))
     asyncio.run(DnsUpdater(key).replace(reset, servers))
     cfg = config(work, f"{kind}{n}", etcd, dns)
-    logs = open(os.path.join(work, f"{kind}{n}.log"), "ab")  # noqa: SIM115
+    logs = open(os.path.join(work, f"{kind}{n}.log"), "ab")
     procs = {s: subprocess.Popen([*DRCTL, "agent", "--config", cfg, "--site", s,
                                   *(["--lag-url", lag_url] if s == "east" else [])],
                                  cwd=REPO, stdout=logs, stderr=logs) for s in ("east", "west")}
