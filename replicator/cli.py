@@ -78,6 +78,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--json", action="store_true", help="print a JSON report on exit")
     p.set_defaults(func=cmd_push)
 
+    f = rsub.add_parser("fence", help="raise a replica's epoch: older sources are refused")
+    f.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
+    f.add_argument("--volume", required=True)
+    f.add_argument("--epoch", required=True, type=int)
+    f.set_defaults(func=cmd_fence)
+
     v = rsub.add_parser("verify", help="exit 0 only if the replica equals the volume")
     v.add_argument("path")
     v.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
@@ -144,4 +150,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(result)))
     else:
         print(f"volume {args.volume}: replica equals source ({result.blocks} blocks)")
+    return 0
+
+
+def cmd_fence(args: argparse.Namespace) -> int:
+    from replicator.transport.client import TargetClient
+
+    _check_name(args.volume)
+    if args.epoch < 0:
+        raise UsageError("--epoch must be >= 0")
+
+    async def fence() -> int:
+        client = TargetClient(args.to)
+        try:
+            return await client.fence(args.volume, args.epoch)
+        finally:
+            await client.close()
+
+    epoch = asyncio.run(fence())
+    print(f"volume {args.volume}: replica at epoch {epoch}; sources below it are refused")
     return 0

@@ -49,6 +49,11 @@ class ReplicationStub:
                 request_serializer=drctl_dot_v1_dot_replication__pb2.BlockHashesRequest.SerializeToString,
                 response_deserializer=drctl_dot_v1_dot_replication__pb2.BlockHashesChunk.FromString,
                 _registered_method=True)
+        self.Fence = channel.unary_unary(
+                '/drctl.v1.Replication/Fence',
+                request_serializer=drctl_dot_v1_dot_replication__pb2.FenceRequest.SerializeToString,
+                response_deserializer=drctl_dot_v1_dot_replication__pb2.FenceResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -75,6 +80,14 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fence(self, request, context):
+        """Raise the replica's epoch without sending data (a failover's promote step): from then on
+        every source with an older epoch is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.BlockHashes,
                     request_deserializer=drctl_dot_v1_dot_replication__pb2.BlockHashesRequest.FromString,
                     response_serializer=drctl_dot_v1_dot_replication__pb2.BlockHashesChunk.SerializeToString,
+            ),
+            'Fence': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fence,
+                    request_deserializer=drctl_dot_v1_dot_replication__pb2.FenceRequest.FromString,
+                    response_serializer=drctl_dot_v1_dot_replication__pb2.FenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class Replication:
             '/drctl.v1.Replication/BlockHashes',
             drctl_dot_v1_dot_replication__pb2.BlockHashesRequest.SerializeToString,
             drctl_dot_v1_dot_replication__pb2.BlockHashesChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/drctl.v1.Replication/Fence',
+            drctl_dot_v1_dot_replication__pb2.FenceRequest.SerializeToString,
+            drctl_dot_v1_dot_replication__pb2.FenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

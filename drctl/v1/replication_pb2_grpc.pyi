@@ -42,6 +42,10 @@ class ReplicationStub:
     """Ordered, checksummed delta batches; acks flow back as batches become durable."""
     BlockHashes: _grpc.UnaryStreamMultiCallable[_replication_pb2.BlockHashesRequest, _replication_pb2.BlockHashesChunk]
     """The per-block content hashes of a replica (from the target's index, or re-read from disk)."""
+    Fence: _grpc.UnaryUnaryMultiCallable[_replication_pb2.FenceRequest, _replication_pb2.FenceResponse]
+    """Raise the replica's epoch without sending data (a failover's promote step): from then on
+    every source with an older epoch is refused.
+    """
 
 @_typing.type_check_only
 class ReplicationAsyncStub(ReplicationStub):
@@ -52,6 +56,10 @@ class ReplicationAsyncStub(ReplicationStub):
     """Ordered, checksummed delta batches; acks flow back as batches become durable."""
     BlockHashes: _aio.UnaryStreamMultiCallable[_replication_pb2.BlockHashesRequest, _replication_pb2.BlockHashesChunk]  # type: ignore[assignment]
     """The per-block content hashes of a replica (from the target's index, or re-read from disk)."""
+    Fence: _aio.UnaryUnaryMultiCallable[_replication_pb2.FenceRequest, _replication_pb2.FenceResponse]  # type: ignore[assignment]
+    """Raise the replica's epoch without sending data (a failover's promote step): from then on
+    every source with an older epoch is refused.
+    """
 
 class ReplicationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -77,5 +85,15 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_replication_pb2.BlockHashesChunk], _abc.AsyncIterator[_replication_pb2.BlockHashesChunk]]:
         """The per-block content hashes of a replica (from the target's index, or re-read from disk)."""
+
+    @_abc_1.abstractmethod
+    def Fence(
+        self,
+        request: _replication_pb2.FenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.FenceResponse, _abc.Awaitable[_replication_pb2.FenceResponse]]:
+        """Raise the replica's epoch without sending data (a failover's promote step): from then on
+        every source with an older epoch is refused.
+        """
 
 def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -43,6 +43,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[ReplicatorError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: ProtocolError,
     grpc.StatusCode.UNIMPLEMENTED: ProtocolError,
     grpc.StatusCode.DATA_LOSS: VolumeError,
+    grpc.StatusCode.NOT_FOUND: VolumeError,
 }
 _BY_DETAIL_PREFIX: dict[str, type[ReplicatorError]] = {
     "stale_epoch": StaleEpochError,
@@ -115,6 +116,15 @@ class TargetClient:
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, self.address) from None
         return out, size, seq
+
+    async def fence(self, volume: str, epoch: int, timeout: float = 10.0) -> int:
+        """Raise the replica's epoch; returns the epoch it is at afterwards."""
+        try:
+            r = await self.stub.Fence(wire.ProtoFenceRequest(volume=volume, epoch=epoch),
+                                      timeout=timeout, wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, self.address) from None
+        return int(r.epoch)
 
     def push(self) -> PushCall:
         """The delta stream. Requests are passed as already-serialised bytes

@@ -122,6 +122,23 @@ class ReplicationService(wire.ReplicationServicer):
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         raise AssertionError("unreachable")
 
+    # -- Fence -----------------------------------------------------------------------------
+
+    async def Fence(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        slot = await self._open(request.volume, context)
+        replica = slot.replica
+        if not replica.record.generation or replica.created:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"volume {request.volume} has no replica here")
+        if request.epoch < replica.record.epoch:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"stale_epoch: volume {request.volume} is already at epoch "
+                                f"{replica.record.epoch}")
+        await slot.run(replica.raise_epoch, request.epoch)
+        self.metrics.epoch.labels(replica.name).set(replica.record.epoch)
+        log.info("volume %s fenced at epoch %d", replica.name, replica.record.epoch)
+        return wire.ProtoFenceResponse(epoch=replica.record.epoch)
+
     # -- BlockHashes -------------------------------------------------------------------------
 
     async def BlockHashes(self, request: Any, context: grpc.aio.ServicerContext

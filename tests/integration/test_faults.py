@@ -120,3 +120,31 @@ def test_bad_flags_and_unreachable_target(workdir: str, state_dir: str) -> None:
     assert "target_unavailable" in p.stderr and "Traceback" not in p.stderr
     p = run([*base, "--to", "127.0.0.1:1", "--volume", "../escape", "--once"])
     assert p.returncode == 2 and "invalid volume name" in p.stderr
+
+
+def test_fenced_replica_refuses_the_old_primary(workdir: str, target: Target,
+                                                state_dir: str) -> None:
+    """A failover's promote step fences the replica at the new epoch: the old primary's
+    running agent is refused on its next batch and stops (exit 77); nothing it sends lands."""
+    src = os.path.join(workdir, "src.img")
+    write_random(src, 1 << 20, seed=24)
+    agent = Proc(push_cmd(src, target, "vol", state_dir, "--epoch", "1", "--interval", "0.1"),
+                 os.path.join(workdir, "agent.log")).start()
+    try:
+        wait_for(lambda: os.path.exists(target.image("vol"))
+                 and same_file(src, target.image("vol")), 20, "initial sync")
+        p = run([*DRCTL, "replicate", "fence", "--to", target.address, "--volume", "vol",
+                 "--epoch", "2"])
+        assert p.returncode == 0, p.stderr
+        assert "epoch 2" in p.stdout
+        before = _read(target.image("vol"))
+        with open(src, "r+b") as fh:
+            fh.write(b"split-brain write from the old primary")
+        assert agent.wait(20) == 77, agent.log()[-2000:]
+        assert "stale_epoch" in agent.log()
+        assert _read(target.image("vol")) == before
+        p = run([*DRCTL, "replicate", "fence", "--to", target.address, "--volume", "vol",
+                 "--epoch", "1"])
+        assert p.returncode == 77 and "stale_epoch" in p.stderr
+    finally:
+        agent.stop()
