@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.procs import DRCTL, Proc, run, wait_for
+from tests.procs import DRCTL, Proc, Target, push_cmd, run, wait_for, write_random
 from tests.services import EtcdCluster, EtcdServer, NamedServer
 
 
@@ -32,7 +32,8 @@ def named() -> Iterator[NamedServer]:
 
 
 def write_config(workdir: str, etcd: EtcdServer | EtcdCluster, named: NamedServer,
-                 promote_delay: float = 0, **policy: object) -> str:
+                 promote_delay: float = 0, promote_hook: str | None = None,
+                 **policy: object) -> str:
     key = os.path.join(workdir, "tsig.key")
     with open(key, "w") as fh:
         fh.write(f'key "{named.key_name}" {{ algorithm hmac-sha256; secret "{named.secret}"; }};\n')
@@ -40,6 +41,8 @@ def write_config(workdir: str, etcd: EtcdServer | EtcdCluster, named: NamedServe
              ("start", "stop", "fence", "promote")}
     if promote_delay:
         hooks["promote"] = f"sleep {promote_delay}; " + hooks["promote"]
+    if promote_hook:
+        hooks["promote"] = promote_hook
     pol = {"automatic": True, "grace": 1, "rpo": 30, "damping": 600, **policy}
     cfg = {
         "cluster": "t", "lease_ttl": 2,
@@ -207,9 +210,18 @@ def test_partitioned_primary_fences_itself_before_the_replica_is_promoted(
     if os.geteuid() != 0 or not shutil.which("iptables") or not shutil.which("setpriv"):
         pytest.skip("needs root, iptables and setpriv to cut one process off etcd")
     os.chmod(workdir, 0o777)
-    cfg = write_config(workdir, etcd, named, allow_data_loss=True)
+    # Replication east -> west at epoch 1; west's promote hook fences its replica at the new
+    # epoch, so the old primary's still-running source is refused: never two primaries.
+    target = Target(workdir).start()
+    src = os.path.join(workdir, "app.img")
+    write_random(src, 1 << 20, seed=7)
+    fence = (f"{' '.join(DRCTL)} replicate fence --to {target.address} --volume app "
+             f"--epoch $DRCTL_EPOCH && touch {workdir}/west.promote")
+    cfg = write_config(workdir, etcd, named, promote_hook=fence, allow_data_loss=True)
     os.chmod(cfg, 0o644)
     os.chmod(os.path.join(workdir, "tsig.key"), 0o644)
+    source = Proc(push_cmd(src, target, "app", os.path.join(workdir, "st"), "--epoch", "1",
+                           "--interval", "0.1"), os.path.join(workdir, "source.log")).start()
     procs = {
         "east": Proc(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *DRCTL,
                       "--log-level", "INFO", "agent", "--config", cfg, "--site", "east"],
@@ -231,7 +243,16 @@ def test_partitioned_primary_fences_itself_before_the_replica_is_promoted(
         promoted = os.path.getmtime(f"{workdir}/west.promote")
         assert fenced < promoted, "the replica was promoted before the old primary fenced"
         assert dig(named) == "10.0.0.2"
+        # the old primary's replication source (its hooks could not stop it: no etcd) is
+        # refused by the fenced replica on its next batch
+        with open(src, "r+b") as fh:
+            fh.write(b"a write that must not reach the promoted replica")
+        assert source.wait(20) == 77, source.log()[-2000:]
+        with open(target.image("app"), "rb") as fh:
+            assert b"must not reach" not in fh.read()
     finally:
         subprocess.run(["iptables", "-D", *rule])
         for p in procs.values():
             p.stop()
+        source.stop()
+        target.stop()
