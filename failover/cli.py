@@ -25,6 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     c = sub.add_parser("controller", help="run a failover controller (one of them leads)")
     c.add_argument("--config", required=True)
     c.add_argument("--id", help="controller id (default: host-pid)")
+    c.add_argument("--metrics-port", type=int)
     c.set_defaults(func=cmd_controller)
 
     for name, helptext in (("failover", "fail a service over to its replica site"),
@@ -84,7 +85,17 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from failover.controller import Controller
 
     cfg = _config(args.config)
-    asyncio.run(_daemon(cfg, lambda store: Controller(cfg, store, args.id)))
+    metrics = None
+    if args.metrics_port:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from failover.metrics import ControllerMetrics
+
+        registry = CollectorRegistry()
+        metrics = ControllerMetrics(registry, list(cfg.sites))
+        metrics.known_services(list(cfg.services))
+        start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
+    asyncio.run(_daemon(cfg, lambda store: Controller(cfg, store, args.id, metrics)))
     return 0
 
 

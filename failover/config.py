@@ -250,11 +250,16 @@ def _dns(r: _Reader, where: str, node: Any) -> DnsConfig:
     if ("file" in t) == ("env" in t):
         raise r.fail(n, "tsig", where, "give exactly one of file: or env: (never the secret "
                                        "itself)")
-    if "file" in t:
-        key = TsigKey.from_bind_file(r.string(t, "file", tw))
-    else:
-        key = TsigKey.from_env(r.string(t, "name", tw), r.string(t, "env", tw),
-                               t.get("algorithm", "hmac-sha256"))
+    try:
+        if "file" in t:
+            key = TsigKey.from_bind_file(r.string(t, "file", tw))
+        else:
+            key = TsigKey.from_env(r.string(t, "name", tw), r.string(t, "env", tw),
+                                   t.get("algorithm", "hmac-sha256"))
+    except ConfigError:
+        raise
+    except FailoverError as exc:
+        raise r.fail(n, "tsig", where, str(exc)) from None
     rtype = r.string(n, "type", where, "A")
     record = RecordSet(r.string(n, "zone", where), r.string(n, "name", where), rtype,
                        int(r.number(n, "ttl", where, 30)), ())

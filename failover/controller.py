@@ -28,6 +28,7 @@ from failover.errors import (
 )
 from failover.fsm import Action, Command, Decision, ServiceView, State, decide
 from failover.lease import Election
+from failover.metrics import ControllerMetrics
 from failover.records import (
     CommandRecord,
     Heartbeat,
@@ -52,9 +53,10 @@ class CycleResult:
 
 class Controller:
     def __init__(self, config: ClusterConfig, store: CoordinationStore,
-                 node: str | None = None) -> None:
+                 node: str | None = None, metrics: ControllerMetrics | None = None) -> None:
         self.config = config
         self.store = store
+        self.metrics = metrics
         self.node = node or f"{os.uname().nodename}-{os.getpid()}"
         self.interval = max(0.1, config.lease_ttl / 4)
 
@@ -71,6 +73,8 @@ class Controller:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
                 continue
+            if self.metrics is not None:
+                self.metrics.leader.set(1)
             try:
                 async with asyncio.TaskGroup() as tg:
                     keep = tg.create_task(leadership.keeper.run())
@@ -81,6 +85,8 @@ class Controller:
                         keep.cancel()
             except* (LeaseLostError, StoreUnavailableError) as group:
                 log.warning("controller %s: stepping down: %s", self.node, group.exceptions[0])
+            if self.metrics is not None:
+                self.metrics.leader.set(0)
             if stop.is_set():
                 await leadership.keeper.revoke()
 
@@ -103,7 +109,12 @@ class Controller:
     async def tick(self) -> list[CycleResult]:
         snap = await self.store.snapshot(self.config.prefix)
         now = time.time()
-        return [await self._service(snap, svc, now) for svc in self.config.services.values()]
+        results = [await self._service(snap, svc, now) for svc in self.config.services.values()]
+        if self.metrics is not None:
+            for site in self.config.sites:
+                hb = self._heartbeat(snap, site)
+                self.metrics.heartbeat(site, hb.at if hb else None)
+        return results
 
     def _record(self, snap: Snapshot, svc: ServiceConfig) -> tuple[ServiceRecord, int]:
         key = state_key(self.config.prefix, svc.name)
@@ -142,6 +153,8 @@ class Controller:
             policy=svc.policy)
         decision = decide(view)
         await self._act(decision, rec, svc, cmd, now)
+        if decision.changes and self.metrics is not None:
+            self.metrics.transitions.labels(svc.name, decision.next_state.value).inc()
         if decision.changes:
             step = {"at": now, "from": decision.state, "to": decision.next_state,
                     "action": decision.action}
@@ -150,6 +163,8 @@ class Controller:
         if rev and not decision.changes and _same(rec, snap, state_key(self.config.prefix,
                                                                       svc.name)):
             # nothing worth a write (a write would wake every watcher, us included)
+            if self.metrics is not None:
+                self.metrics.service(svc.name, rec.state, rec.epoch, rec.last_lag_seconds)
             return CycleResult(svc.name, rec.state, decision.action, decision.message)
         rec.message = decision.message
         written = await self.store.compare_and_set(state_key(self.config.prefix, svc.name),
@@ -160,6 +175,8 @@ class Controller:
         if not written:
             return CycleResult(svc.name, rec.state, Action.NONE,
                                "record changed under us: deciding again next tick")
+        if self.metrics is not None:
+            self.metrics.service(svc.name, rec.state, rec.epoch, rec.last_lag_seconds)
         return CycleResult(svc.name, rec.state, decision.action, decision.message)
 
     def _step_done(self, rec: ServiceRecord, snap: Snapshot, svc: ServiceConfig) -> bool:

@@ -74,6 +74,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--verify-from-disk", action="store_true",
                    help="with --once: also re-read the replica and compare every block")
     p.add_argument("--metrics-port", type=_port)
+    p.add_argument("--rpo-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="exported as drctl_replication_rpo_budget_seconds for alerting")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON report on exit")
     p.set_defaults(func=cmd_push)
@@ -118,7 +120,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         epoch=args.epoch, compress_level=args.compress_level, dedup=not args.no_dedup,
         interval=args.interval, window_bytes=args.window,
         connect_timeout=args.connect_timeout if args.once else None,
-        verify_from_disk=args.verify_from_disk,
+        verify_from_disk=args.verify_from_disk, rpo_budget=args.rpo_budget,
     )
     report = asyncio.run(run_push(opts, args.metrics_port, show_progress=not args.no_progress))
     if args.json:

@@ -77,6 +77,7 @@ class PushOptions:
     connect_timeout: float | None = 120.0
     verify_from_disk: bool = False
     save_interval: float = 10.0
+    rpo_budget: float = 0.0
 
 
 @dataclass
@@ -127,6 +128,7 @@ class PushDriver:
         # so the planner never sees generated code).
         self._protos: dict[int, bytes] = {}
         metrics.set(metrics.rate_limit, opts.rate_limit or 0)
+        metrics.set(metrics.rpo_budget, opts.rpo_budget)
         metrics.refresh = self.update_gauges
 
     # -- lifecycle ---------------------------------------------------------------------------

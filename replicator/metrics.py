@@ -61,9 +61,13 @@ class SourceMetrics:
                              "gauge")
         self.rate_limit = fam("rate_limit_bytes_per_second", "Configured bandwidth cap (0: none).",
                               "gauge")
+        self.rpo_budget = fam("rpo_budget_seconds", "The volume's RPO budget (alerting "
+                              "threshold for the lag; 0: none configured).", "gauge")
         for f in (self.written, self.shipped_raw, self.shipped_compressed, self.reconnects,
-                  self.pending, self.lag, self.acked_seq, self.rate_limit):
+                  self.pending, self.lag, self.acked_seq, self.rate_limit, self.rpo_budget):
             f.values[(volume,)] = 0.0
+        for reason in ("zero", "dedup"):
+            self.skipped.values[(volume, reason)] = 0.0
 
     def add(self, family: Family, amount: float, *extra: str) -> None:
         key = (self.volume, *extra)

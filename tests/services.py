@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -260,4 +261,63 @@ class EtcdCluster:
     def stop(self) -> None:
         for proc in self.procs.values():
             _stop_pid(proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrometheusServer:
+    """Prometheus scraping the given loopback targets every second, with our alert rules."""
+
+    def __init__(self, targets: list[str], rules: str | None = None) -> None:
+        self.binary = require("prometheus")
+        self.dir = tempfile.mkdtemp(prefix="drctl-prom-")
+        self.port = _free_port()
+        self.targets = targets
+        self.rules = rules
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> PrometheusServer:
+        cfg = os.path.join(self.dir, "prometheus.yml")
+        rules = f"rule_files: [{self.rules}]\n" if self.rules else ""
+        with open(cfg, "w") as fh:
+            fh.write("global: {scrape_interval: 1s, evaluation_interval: 1s}\n" + rules +
+                     "scrape_configs:\n  - job_name: drctl\n    static_configs:\n"
+                     f"      - targets: {self.targets!r}\n".replace("'", '"'))
+        log = open(os.path.join(self.dir, "prometheus.log"), "ab")
+        self.proc = subprocess.Popen(
+            [self.binary, f"--config.file={cfg}", f"--storage.tsdb.path={self.dir}/data",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("prometheus exited early")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("prometheus not ready")
+
+    def query(self, expr: str) -> dict[str, object]:
+        import json
+        import urllib.parse
+
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                out: dict[str, object] = json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            out = json.loads(exc.read())
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_pid(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
