@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from drctl.yamlstrict import DuplicateKeyError, LineDict, load_yaml, yaml_error_line
 from failover.dns.rfc2136 import RecordSet, Server, TsigKey
 from failover.errors import FailoverError
 from failover.fsm import Policy
@@ -43,39 +44,12 @@ class ConfigError(FailoverError, ValueError):
     exit_code = 2
 
 
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[str, Any]:
-    mapping = _LineDict()
-    mapping.line = node.start_mark.line + 1
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node)
-        if key in mapping:
-            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
-        mapping[key] = loader.construct_object(value_node, deep=True)
-        mapping.lines[key] = key_node.start_mark.line + 1
-    return mapping
-
-
-class _LineDict(dict[str, Any]):
-    line = 0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: dict[str, int] = {}
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 class _Reader:
     def __init__(self, path: str) -> None:
         self.path = path
 
     def fail(self, node: Any, key: str, where: str, message: str) -> ConfigError:
-        line = node.lines.get(key, node.line) if isinstance(node, _LineDict) else 0
+        line = node.lines.get(key, node.line) if isinstance(node, LineDict) else 0
         return ConfigError(f"{self.path}:{line}: {where}{'.' if where else ''}{key}: {message}")
 
     def mapping(self, node: Any, where: str, allowed: set[str],
@@ -88,7 +62,7 @@ class _Reader:
                                                   f"{', '.join(sorted(allowed))})")
         for key in required:
             if key not in node:
-                line = node.line if isinstance(node, _LineDict) else 0
+                line = node.line if isinstance(node, LineDict) else 0
                 raise ConfigError(f"{self.path}:{line}: {where}: missing required key {key!r}")
         return node
 
@@ -182,13 +156,14 @@ class ClusterConfig:
 
 def load(path: str) -> ClusterConfig:
     try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.load(fh, Loader=_Loader)
+        raw = load_yaml(path)
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from exc
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
+        line = yaml_error_line(exc)
+        where = f":{line}" if line is not None else ""
         raise ConfigError(f"{path}{where}: not valid YAML: "
                           f"{getattr(exc, 'problem', exc)}") from exc
     r = _Reader(path)

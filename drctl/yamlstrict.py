@@ -1,0 +1,55 @@
+"""YAML loading that remembers line numbers and rejects duplicate keys (for error messages
+that name file, line and field). Shared by the cluster configuration and the runbooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+class DuplicateKeyError(ValueError):
+    pass
+
+
+class LineDict(dict[str, Any]):
+    """A mapping from YAML that knows its own line and each key's line (1-based)."""
+
+    line = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: dict[str, int] = {}
+
+    def line_of(self, key: str) -> int:
+        return self.lines.get(key, self.line)
+
+
+class StrictLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> LineDict:
+    mapping = LineDict()
+    mapping.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node)
+        if key in mapping:
+            raise DuplicateKeyError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.lines[key] = key_node.start_mark.line + 1
+    return mapping
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: str) -> Any:
+    """Parse ``path``; raises OSError, yaml.YAMLError or DuplicateKeyError."""
+    with open(path, encoding="utf-8") as fh:
+        return yaml.load(fh, Loader=StrictLoader)
+
+
+def yaml_error_line(exc: yaml.YAMLError) -> int | None:
+    mark = getattr(exc, "problem_mark", None)
+    return mark.line + 1 if mark is not None else None

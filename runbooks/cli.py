@@ -1,0 +1,67 @@
+"""`drctl runbook validate FILE...`, `drctl runbook plan FILE SERVICE`, `drctl runbook schema`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rb = sub.add_parser("runbook", help="validate runbooks and show failover plans")
+    rsub = rb.add_subparsers(dest="runbook_cmd", required=True, metavar="COMMAND")
+    v = rsub.add_parser("validate", help="report every error with file, line and field")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_validate)
+    p = rsub.add_parser("plan", help="the exact steps a failover of SERVICE would run")
+    p.add_argument("file")
+    p.add_argument("service")
+    p.add_argument("--switchover", action="store_true", help="a planned switchover instead")
+    p.set_defaults(func=cmd_plan)
+    s = rsub.add_parser("schema", help="print the runbook JSON Schema (for editors)")
+    s.set_defaults(func=cmd_schema)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from runbooks.loader import RunbookError, load
+
+    failed = 0
+    for path in args.files:
+        try:
+            rb = load(path)
+        except RunbookError as exc:
+            failed += 1
+            for line in exc.errors:
+                print(line, file=sys.stderr)
+            continue
+        steps = sum(len(s.steps) for s in rb.services.values())
+        print(f"{path}: ok ({len(rb.sites)} sites, {len(rb.services)} services, {steps} steps)")
+    return 65 if failed else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from runbooks.loader import RunbookError, load
+    from runbooks.plan import plan
+
+    try:
+        rb = load(args.file)
+    except RunbookError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 65
+    if args.service not in rb.services:
+        print(f"drctl: error: unknown service {args.service!r} (services: "
+              f"{', '.join(sorted(rb.services))})", file=sys.stderr)
+        return 2
+    kind = "switchover" if args.switchover else "failover"
+    print(f"{kind} of {args.service} ({rb.path}):")
+    for line in plan(rb, args.service, switchover=args.switchover):
+        print(f"  {line}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from runbooks.schema import schema
+
+    print(json.dumps(schema(), indent=2))
+    return 0

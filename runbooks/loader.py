@@ -1,0 +1,316 @@
+"""Load and validate a runbook, collecting *every* error as ``file:line: field: message``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from drctl.yamlstrict import DuplicateKeyError, LineDict, load_yaml, yaml_error_line
+from runbooks.model import (
+    DnsRecord,
+    Runbook,
+    Service,
+    Site,
+    Step,
+    StepType,
+    Volume,
+    Where,
+    Zone,
+)
+
+KIND = "drctl-runbook"
+
+
+class RunbookError(Exception):
+    code = "runbook_invalid"
+    exit_code = 65  # EX_DATAERR
+
+    def __init__(self, path: str, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.path = path
+        self.errors = errors
+
+
+_STEP_FIELDS = {
+    StepType.PRECHECK: {"check"},
+    StepType.HOOK: {"run", "at", "timeout"},
+    StepType.WAIT_REPLICATION: {"timeout"},
+    StepType.PROMOTE: set(),
+    StepType.HEALTH_CHECK: {"http", "tcp", "command", "timeout", "retries", "interval"},
+    StepType.DNS: set(),
+}
+_CHECKS = {"replication_lag", "sites_reachable"}
+_MISSING = object()
+
+
+class _Checker:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.errors: list[str] = []
+
+    def err(self, node: Any, key: str | None, where: str, message: str) -> None:
+        line = 0
+        if isinstance(node, LineDict):
+            line = node.line_of(key) if key is not None else node.line
+        field = f"{where}.{key}" if where and key else (key or where or "(top level)")
+        self.errors.append(f"{self.path}:{line}: {field}: {message}")
+
+    def mapping(self, node: Any, where: str, allowed: set[str], required: set[str]) -> LineDict:
+        if not isinstance(node, LineDict):
+            self.errors.append(f"{self.path}:0: {where or '(top level)'}: expected a mapping, "
+                               f"got {type(node).__name__}")
+            return LineDict()
+        for key in node:
+            if not isinstance(key, str):
+                self.err(node, key, where, f"key {key!r} is not a string (YAML reads on/off/"
+                                           "yes/no as booleans: quote it)")
+            elif key not in allowed:
+                self.err(node, key, where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        for key in sorted(required - set(node)):
+            self.err(node, None, where, f"missing required key {key!r}")
+        return node
+
+    def get(self, node: LineDict, key: str, where: str, kind: type | tuple[type, ...],
+            default: Any = _MISSING, check: Any = None, hint: str = "") -> Any:
+        if key not in node:
+            return None if default is _MISSING else default
+        value = node[key]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in
+                                              (kind if isinstance(kind, tuple) else (kind,)))
+        if ok and check is not None and not check(value):
+            ok = False
+        if not ok:
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            self.err(node, key, where, f"expected {hint or names}, got {value!r}")
+            return None if default is _MISSING else default
+        return value
+
+
+def load(path: str) -> Runbook:
+    try:
+        raw = load_yaml(path)
+    except OSError as exc:
+        raise RunbookError(path, [f"{path}:0: cannot read: {exc.strerror}"]) from None
+    except DuplicateKeyError as exc:
+        raise RunbookError(path, [f"{path}: {exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise RunbookError(path, [f"{path}:{yaml_error_line(exc) or 0}: not valid YAML: "
+                                  f"{getattr(exc, 'problem', exc)}"]) from None
+    c = _Checker(path)
+    rb = _runbook(c, raw)
+    if c.errors or rb is None:
+        raise RunbookError(path, c.errors)
+    return rb
+
+
+def _runbook(c: _Checker, raw: Any) -> Runbook | None:
+    top = c.mapping(raw, "", {"kind", "version", "cluster", "etcd", "lease_ttl", "sites", "dns",
+                              "services"}, {"kind", "version", "cluster", "etcd", "sites",
+                                            "services"})
+    if top.get("kind") not in (None, KIND):
+        c.err(top, "kind", "", f"must be {KIND!r}")
+    if top.get("version") not in (None, 1):
+        c.err(top, "version", "", "only version 1 is understood")
+    cluster = c.get(top, "cluster", "", str, "", hint="a name")
+    etcd = c.get(top, "etcd", "", list, [], check=lambda v: v and all(
+        isinstance(x, str) and ":" in x for x in v), hint="a list of HOST:PORT")
+    ttl = c.get(top, "lease_ttl", "", int, 2, check=lambda v: v >= 1, hint="whole seconds >= 1")
+    sites = _sites(c, top.get("sites"))
+    zones = _zones(c, top.get("dns") or LineDict())
+    services = _services(c, top.get("services"), sites, zones)
+    _dependencies(c, top.get("services"), services)
+    return Runbook(c.path, cluster or "", tuple(etcd or ()), ttl or 2, sites, zones, services)
+
+
+def _sites(c: _Checker, node: Any) -> dict[str, Site]:
+    out = {}
+    m = c.mapping(node, "sites", set(node or ()), set())
+    if not m:
+        c.err(m, None, "sites", "declare at least two sites")
+    for name, s in m.items():
+        where = f"sites.{name}"
+        sm = c.mapping(s, where, {"address", "endpoints"}, {"address"})
+        endpoints = c.get(sm, "endpoints", where, dict, {},
+                          check=lambda v: all(isinstance(x, str) for x in v.values()),
+                          hint="a mapping of name: URL or HOST:PORT")
+        out[name] = Site(name, c.get(sm, "address", where, str, "") or "", dict(endpoints or {}))
+    return out
+
+
+def _zones(c: _Checker, node: Any) -> dict[str, Zone]:
+    d = c.mapping(node, "dns", {"zones"}, set())
+    zones_node = d.get("zones") or LineDict()
+    out = {}
+    for zname, z in c.mapping(zones_node, "dns.zones", set(zones_node), set()).items():
+        where = f"dns.zones.{zname}"
+        zm = c.mapping(z, where, {"servers", "update", "tsig"}, {"servers", "tsig"})
+        servers = c.get(zm, "servers", where, list, [], check=bool, hint="a list of HOST:PORT")
+        update = c.get(zm, "update", where, list, servers, check=bool, hint="a list")
+        t = c.mapping(zm.get("tsig"), f"{where}.tsig", {"name", "file", "env", "algorithm",
+                                                          "secret"}, {"name"})
+        if "secret" in t:
+            c.err(t, "secret", f"{where}.tsig", "inline secrets are not allowed: give file: (a "
+                                                "tsig-keygen key file) or env: (a variable)")
+        elif ("file" in t) == ("env" in t):
+            c.err(t, None, f"{where}.tsig", "give exactly one of file: or env:")
+        out[zname] = Zone(zname, tuple(servers or ()), tuple(update or ()),
+                          str(t.get("name", "")), t.get("file"), t.get("env"))
+    return out
+
+
+def _services(c: _Checker, node: Any, sites: dict[str, Site],
+              zones: dict[str, Zone]) -> dict[str, Service]:
+    out = {}
+    m = c.mapping(node, "services", set(node or ()), set())
+    for name, s in m.items():
+        svc = _service(c, name, s, sites, zones)
+        if svc is not None:
+            out[name] = svc
+    return out
+
+
+def _service(c: _Checker, name: str, node: Any, sites: dict[str, Site],
+             zones: dict[str, Zone]) -> Service | None:
+    from replicator.errors import UsageError
+    from replicator.units import parse_rate
+
+    where = f"services.{name}"
+    m = c.mapping(node, where, {"primary", "replica", "volumes", "replication", "failover",
+                                "dns", "steps", "depends_on"}, {"primary", "replica", "steps"})
+    for role in ("primary", "replica"):
+        if role in m and m[role] not in sites:
+            c.err(m, role, where, f"unknown site {m[role]!r} (sites: {', '.join(sorted(sites))})")
+    if "primary" in m and m.get("primary") == m.get("replica"):
+        c.err(m, "replica", where, "must differ from primary")
+    volumes = []
+    for i, v in enumerate(c.get(m, "volumes", where, list, [], hint="a list") or []):
+        vw = f"{where}.volumes[{i}]"
+        vm = c.mapping(v, vw, {"name", "path", "group"}, {"name", "path"})
+        volumes.append(Volume(str(vm.get("name", "")), str(vm.get("path", "")),
+                              vm.get("group")))
+    rw = f"{where}.replication"
+    r = c.mapping(m.get("replication") or LineDict(), rw, {"mode", "rate_limit", "rpo"}, set())
+    mode = c.get(r, "mode", rw, str, "hot", check=lambda v: v in ("hot", "warm"),
+                 hint="hot or warm")
+    rate = None
+    if "rate_limit" in r:
+        try:
+            rate = parse_rate(str(r["rate_limit"]))
+        except UsageError as exc:
+            c.err(r, "rate_limit", rw, str(exc))
+    rpo = c.get(r, "rpo", rw, (int, float), 30, check=lambda v: v > 0, hint="seconds > 0")
+    fw = f"{where}.failover"
+    f = c.mapping(m.get("failover") or LineDict(), fw,
+                  {"automatic", "grace", "damping", "allow_data_loss"}, set())
+    automatic = c.get(f, "automatic", fw, bool, True)
+    grace = c.get(f, "grace", fw, (int, float), 4, check=lambda v: v >= 0, hint="seconds >= 0")
+    damping = c.get(f, "damping", fw, (int, float), 600, check=lambda v: v >= 0,
+                    hint="seconds >= 0")
+    loss = c.get(f, "allow_data_loss", fw, bool, False)
+    records = []
+    for i, d in enumerate(c.get(m, "dns", where, list, [], hint="a list") or []):
+        dw = f"{where}.dns[{i}]"
+        dm = c.mapping(d, dw, {"zone", "name", "type", "ttl"}, {"zone", "name"})
+        if "zone" in dm and dm["zone"] not in zones:
+            c.err(dm, "zone", dw, f"zone {dm['zone']!r} is not declared under dns.zones")
+        rtype = c.get(dm, "type", dw, str, "A", check=lambda v: v in ("A", "AAAA", "CNAME"),
+                      hint="A, AAAA or CNAME")
+        ttl = c.get(dm, "ttl", dw, int, 30, check=lambda v: 0 < v <= 86400,
+                    hint="seconds in 1..86400")
+        records.append(DnsRecord(str(dm.get("zone", "")), str(dm.get("name", "")), rtype, ttl))
+    steps = _steps(c, m.get("steps"), f"{where}.steps", bool(records), m.line_of("steps"))
+    depends = c.get(m, "depends_on", where, list, [], hint="a list of service names") or []
+    return Service(name, str(m.get("primary", "")), str(m.get("replica", "")), tuple(volumes),
+                   mode, rate, float(rpo), automatic, float(grace), float(damping), loss,
+                   tuple(records), steps, tuple(depends))
+
+
+def _steps(c: _Checker, node: Any, where: str, has_dns: bool,
+           line: int) -> tuple[Step, ...]:
+    if not isinstance(node, list) or not node:
+        c.errors.append(f"{c.path}:{line}: {where}: expected a non-empty list of steps")
+        return ()
+    out = []
+    for i, s in enumerate(node):
+        sw = f"{where}[{i}]"
+        if not isinstance(s, LineDict) or "type" not in s:
+            c.errors.append(f"{c.path}:{getattr(s, 'line', 0)}: {sw}: a step needs a type: "
+                            f"({', '.join(t.value for t in StepType)})")
+            continue
+        try:
+            stype = StepType(s["type"])
+        except ValueError:
+            c.err(s, "type", sw, f"unknown step type {s['type']!r} (one of "
+                                 f"{', '.join(t.value for t in StepType)})")
+            continue
+        c.mapping(s, sw, {"type", "name"} | _STEP_FIELDS[stype], set())
+        step = _step(c, s, sw, stype)
+        if step is not None:
+            out.append(step)
+    kinds = [s.type for s in out]
+    if StepType.PROMOTE not in kinds:
+        c.errors.append(f"{c.path}:{line}: {where}: no promote step")
+    elif has_dns and StepType.DNS in kinds and kinds.index(StepType.DNS) < kinds.index(
+            StepType.PROMOTE):
+        bad = out[kinds.index(StepType.DNS)]
+        c.errors.append(f"{c.path}:{bad.line}: {where}: the dns step must come after promote")
+    return tuple(out)
+
+
+def _step(c: _Checker, s: LineDict, sw: str, stype: StepType) -> Step | None:
+    name = c.get(s, "name", sw, str, stype.value)
+    timeout = c.get(s, "timeout", sw, (int, float), 30, check=lambda v: v > 0,
+                    hint="seconds > 0")
+    if stype is StepType.HOOK:
+        if "run" not in s:
+            c.err(s, None, sw, "missing required key 'run'")
+        on = c.get(s, "at", sw, str, "controller", check=lambda v: v in set(Where),
+                   hint="old_primary, new_primary or controller")
+        return Step(stype, name, s.line, run=s.get("run"), on=Where(on), timeout=timeout)
+    if stype is StepType.PRECHECK:
+        check = c.get(s, "check", sw, str, None, check=lambda v: v in _CHECKS,
+                      hint=" or ".join(sorted(_CHECKS)))
+        if "check" not in s:
+            c.err(s, None, sw, "missing required key 'check'")
+        return Step(stype, name, s.line, check=check)
+    if stype is StepType.HEALTH_CHECK:
+        probes = [k for k in ("http", "tcp", "command") if k in s]
+        if len(probes) != 1:
+            c.err(s, None, sw, "give exactly one of http:, tcp: or command:")
+        retries = c.get(s, "retries", sw, int, 0, check=lambda v: v >= 0, hint="an integer >= 0")
+        interval = c.get(s, "interval", sw, (int, float), 1, check=lambda v: v > 0,
+                         hint="seconds > 0")
+        return Step(stype, name, s.line, http=s.get("http"), tcp=s.get("tcp"),
+                    command=s.get("command"), timeout=timeout, retries=retries,
+                    interval=interval)
+    return Step(stype, name, s.line, timeout=timeout)
+
+
+def _dependencies(c: _Checker, node: Any, services: dict[str, Service]) -> None:
+    for name, svc in services.items():
+        for dep in svc.depends_on:
+            if dep not in services:
+                c.errors.append(f"{c.path}:{_line(node, name)}: services.{name}.depends_on: "
+                                f"unknown service {dep!r}")
+    seen: dict[str, int] = {}
+
+    def visit(n: str, stack: list[str]) -> None:
+        if seen.get(n) == 2 or n not in services:
+            return
+        if seen.get(n) == 1:
+            cycle = " -> ".join([*stack[stack.index(n):], n])
+            c.errors.append(f"{c.path}:{_line(node, n)}: services.{n}.depends_on: dependency "
+                            f"cycle {cycle}")
+            return
+        seen[n] = 1
+        for d in services[n].depends_on:
+            visit(d, [*stack, n])
+        seen[n] = 2
+
+    for n in services:
+        visit(n, [])
+
+
+def _line(node: Any, key: str) -> int:
+    return node.line_of(key) if isinstance(node, LineDict) else 0

@@ -1,0 +1,98 @@
+"""The typed runbook model. Steps are a tagged union on ``type``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class StepType(StrEnum):
+    PRECHECK = "precheck"
+    HOOK = "hook"
+    WAIT_REPLICATION = "wait_replication"
+    PROMOTE = "promote"
+    HEALTH_CHECK = "health_check"
+    DNS = "dns"
+
+
+class Where(StrEnum):
+    OLD_PRIMARY = "old_primary"
+    NEW_PRIMARY = "new_primary"
+    CONTROLLER = "controller"
+
+
+@dataclass(frozen=True)
+class Step:
+    type: StepType
+    name: str
+    line: int
+    run: str | None = None  # hook: shell command
+    on: Where = Where.CONTROLLER
+    check: str | None = None  # precheck: replication_lag | sites_reachable
+    http: str | None = None  # health_check probes: one of http / tcp / command
+    tcp: str | None = None
+    command: str | None = None
+    timeout: float = 30.0
+    retries: int = 0
+    interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class Volume:
+    name: str
+    path: str
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class DnsRecord:
+    zone: str
+    name: str
+    type: str
+    ttl: int
+
+
+@dataclass(frozen=True)
+class Zone:
+    name: str
+    servers: tuple[str, ...]
+    update: tuple[str, ...]
+    tsig_name: str
+    tsig_file: str | None
+    tsig_env: str | None
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    primary: str
+    replica: str
+    volumes: tuple[Volume, ...]
+    mode: str  # hot | warm
+    rate_limit: int | None
+    rpo: float
+    automatic: bool
+    grace: float
+    damping: float
+    allow_data_loss: bool
+    dns: tuple[DnsRecord, ...]
+    steps: tuple[Step, ...]
+    depends_on: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    address: str
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Runbook:
+    path: str
+    cluster: str
+    etcd: tuple[str, ...]
+    lease_ttl: int
+    sites: dict[str, Site]
+    zones: dict[str, Zone]
+    services: dict[str, Service]
