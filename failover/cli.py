@@ -40,6 +40,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                            help="fail over even beyond the RPO budget (accepts data loss)")
         p.set_defaults(func=cmd_request, request=name)
 
+    w = sub.add_parser("api", help="serve the HTTP API and the operator's web page")
+    w.add_argument("--config", required=True)
+    w.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
+    w.add_argument("--token-file", help="file holding the bearer token "
+                   "(default: $DRCTL_API_TOKEN)")
+    w.set_defaults(func=cmd_api)
+
     s = sub.add_parser("status", help="services, sites and the leading controller")
     s.add_argument("--config", required=True)
     s.add_argument("--json", action="store_true")
@@ -178,4 +185,32 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"service {name}: {s['state']} primary={s['primary']} replica={s['replica']}"
                   f" epoch={s['epoch']} lag={s['lag_seconds']} -- {s['message']}"
                   + (f" [error: {s['error']}]" if s["error"] else ""))
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from drctl.lifecycle import stop_on_signals
+    from failover.api.app import make_app, read_token
+
+    cfg = _config(args.config)
+    token = read_token(args.token_file)
+    host, _, port = args.listen.rpartition(":")
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        async with AsyncExitStack() as stack:
+            stop_on_signals(stack, stop)
+            store = _store(cfg)
+            stack.push_async_callback(store.close)
+            runner = web.AppRunner(make_app(cfg, store, token), access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+            await site.start()
+            print(f"drctl api: http://{host or '127.0.0.1'}:{port}/", flush=True)
+            await stop.wait()
+
+    asyncio.run(serve())
     return 0

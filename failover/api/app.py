@@ -1,0 +1,165 @@
+"""`drctl api`: an aiohttp API with bearer-token auth and a one-page operator UI.
+
+Handlers never run a failover inline: a request writes a command record to etcd (exactly
+what `drctl failover` does) and returns 202 with the operation id; the leading controller
+carries it out and the page follows the service record.
+
+  GET  /                                   the web page (it asks for the token)
+  GET  /api/v1/status                      services, sites, leader, DNS answers, operations
+  POST /api/v1/services/{name}/{op}        op: failover | switchover | failback -> 202
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+import uuid
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from failover.config import ClusterConfig
+from failover.coordination.base import CoordinationStore
+from failover.dns.rfc2136 import DnsUpdater
+from failover.errors import FailoverError, StoreUnavailableError
+from failover.fsm import Command, State
+from failover.records import (
+    CommandRecord,
+    Heartbeat,
+    ServiceRecord,
+    command_key,
+    heartbeat_key,
+    leader_key,
+    state_key,
+)
+
+STORE = web.AppKey("store", CoordinationStore)
+CONFIG = web.AppKey("config", ClusterConfig)
+TOKEN = web.AppKey("token", str)
+_OPS = {"failover": Command.FAILOVER, "switchover": Command.SWITCHOVER,
+        "failback": Command.SWITCHOVER}
+
+
+@web.middleware
+async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path.startswith("/api/"):
+        expected = request.app[TOKEN]
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+            return web.json_response({"error": "unauthorized", "message": "send "
+                                      "'Authorization: Bearer <token>'"}, status=401)
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except StoreUnavailableError as exc:
+        return web.json_response({"error": exc.code, "message": str(exc)}, status=503)
+    except FailoverError as exc:
+        return web.json_response({"error": exc.code, "message": str(exc)},
+                                 status=exc.http_status)
+
+
+async def page(request: web.Request) -> web.Response:
+    html = resources.files("failover.api").joinpath("index.html").read_text(encoding="utf-8")
+    return web.Response(text=html, content_type="text/html")
+
+
+async def dns_answers(cfg: ClusterConfig) -> dict[str, dict[str, list[str] | None]]:
+    out: dict[str, dict[str, list[str] | None]] = {}
+    for name, svc in cfg.services.items():
+        if svc.dns is None:
+            continue
+        up = DnsUpdater(svc.dns.key, timeout=0.5)
+        rr = svc.dns.record
+        got = await asyncio.gather(*(up.answers(rr, s) for s in svc.dns.servers))
+        out[name] = {str(s): (sorted(g) if g is not None else None)
+                     for s, g in zip(svc.dns.servers, got, strict=True)}
+    return out
+
+
+async def status(request: web.Request) -> web.Response:
+    cfg, store = request.app[CONFIG], request.app[STORE]
+    snap = await store.snapshot(cfg.prefix)
+    now = time.time()
+    sites = {}
+    for site, s in cfg.sites.items():
+        raw = snap.value(heartbeat_key(cfg.prefix, site))
+        hb = Heartbeat.decode(raw) if raw else None
+        sites[site] = {"address": s.address, "alive": hb is not None,
+                       "heartbeat_age_seconds": round(now - hb.at, 2) if hb else None}
+    answers = await dns_answers(cfg)
+    services = {}
+    for name, svc in cfg.services.items():
+        raw = snap.value(state_key(cfg.prefix, name))
+        rec = (ServiceRecord.decode(raw) if raw else
+               ServiceRecord(State.HEALTHY, 0, svc.primary, svc.replica))
+        pending = snap.value(command_key(cfg.prefix, name))
+        services[name] = {
+            "state": rec.state, "primary": rec.primary, "replica": rec.replica,
+            "epoch": rec.epoch, "lag_seconds": rec.last_lag_seconds,
+            "rpo_budget_seconds": svc.policy.rpo_seconds, "message": rec.message,
+            "error": rec.operation.error if rec.operation else None,
+            "pending": CommandRecord.decode(pending).command if pending else None,
+            "dns_name": f"{svc.dns.record.name}.{svc.dns.record.zone}" if svc.dns else None,
+            "dns": answers.get(name),
+            "operations": [{"at": h["at"], "from": h["from"], "to": h["to"]}
+                           for h in reversed(rec.history[-10:])],
+        }
+    leader = snap.value(leader_key(cfg.prefix))
+    return web.json_response({"leader": leader.decode() if leader else None, "sites": sites,
+                              "services": services, "at": now})
+
+
+async def operate(request: web.Request) -> web.Response:
+    cfg, store = request.app[CONFIG], request.app[STORE]
+    name, op = request.match_info["name"], request.match_info["op"]
+    svc = cfg.services.get(name)
+    if svc is None:
+        return web.json_response({"error": "not_found", "message": f"no service {name!r}"},
+                                 status=404)
+    if op not in _OPS:
+        return web.json_response({"error": "bad_operation", "message": f"unknown operation "
+                                  f"{op!r} (failover, switchover, failback)"}, status=400)
+    body: dict[str, Any] = {}
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "bad_request", "message": "body is not JSON"},
+                                     status=400)
+    command = _OPS[op]
+    if op == "failover" and body.get("force"):
+        command = Command.FORCE_FAILOVER
+    target = svc.primary if op == "failback" else body.get("to")
+    if target is not None and target not in cfg.sites:
+        return web.json_response({"error": "bad_request", "message": f"unknown site "
+                                  f"{target!r}"}, status=400)
+    rec = CommandRecord(command, target, uuid.uuid4().hex[:12], time.time())
+    if not await store.create(command_key(cfg.prefix, name), rec.encode()):
+        return web.json_response({"error": "busy", "message": f"{name}: another request is "
+                                  "still pending"}, status=409)
+    return web.json_response({"operation": rec.id, "service": name, "request": op,
+                              "status": "queued"}, status=202)
+
+
+def make_app(cfg: ClusterConfig, store: CoordinationStore, token: str) -> web.Application:
+    if len(token) < 16:
+        raise FailoverError("the API token must be at least 16 characters")
+    app = web.Application(middlewares=[auth])
+    app[CONFIG], app[STORE], app[TOKEN] = cfg, store, token
+    app.router.add_get("/", page)
+    app.router.add_get("/api/v1/status", status)
+    app.router.add_post("/api/v1/services/{name}/{op}", operate)
+    return app
+
+
+def read_token(path: str | None) -> str:
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    token = os.environ.get("DRCTL_API_TOKEN", "")
+    if not token:
+        raise FailoverError("no API token: pass --token-file or set DRCTL_API_TOKEN")
+    return token
