@@ -29,11 +29,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import DRCTL, REPO, free_port, stop, wait_port
+from drctl.localservers import EtcdServer, NamedServer
 from failover.coordination.etcd import EtcdStore
 from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server, TsigKey
 from failover.fsm import Command
 from failover.records import CommandRecord, command_key
-from tests.services import EtcdServer, NamedServer
 
 
 def config(work: str, cluster: str, etcd: EtcdServer, dns: list[NamedServer]) -> str:

@@ -1,122 +1,194 @@
-"""`make demo`: a local two-site replication drill on loopback.
+"""`make demo`: a two-site DR drill on loopback with real etcd and BIND.
 
-Starts a target daemon ("standby site") and a source agent ("primary site") replicating a
-sample volume while a writer keeps changing it; prints lag and throughput every second; then
-stops the writer, waits for the replica to catch up, verifies it block for block and stops
-everything by PID. DEMO_SECONDS (default 20) sets how long the write load runs.
+Starts etcd, an authoritative named for dr.test (TSIG key), the standby site (a replication
+target daemon and its site agent), the primary site (a source agent replicating a sample
+volume under a steady write load, and its site agent), a controller and the web page; prints
+the page's URL. Click Failover: the controller fences the primary (epoch bump; the standby's
+promote hook raises the replica's epoch so the old source is refused), promotes the standby
+and rewrites app.dr.test on the DNS server; the page shows the primary, lag and DNS answers
+change. Runs until Ctrl-C (or DEMO_SECONDS), then stops everything by PID.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
+
+from drctl.localservers import EtcdServer, NamedServer
 
 DRCTL = [sys.executable, "-m", "drctl"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise SystemExit(f"demo: nothing listening on 127.0.0.1:{port} after {timeout}s")
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def _metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("drctl_"):
-            name, _, value = line.rpartition(" ")
-            out[name.split("{")[0]] = float(value)
-    return out
+@dataclass
+class DemoCluster:
+    """Every process of the drill; ``start()`` then ``stop()`` (also used by the browser
+    test)."""
 
+    work: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="drctl-demo-"))
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    etcd: EtcdServer | None = None
+    named: NamedServer | None = None
+    api_port: int = 0
+    _stop_writer: threading.Event = field(default_factory=threading.Event)
 
-def _stop(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}/"
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(os.path.join(self.work, f"{name}.log"), "ab")
+        self.procs[name] = subprocess.Popen([*DRCTL, "--log-level", "INFO", *args],
+                                            stdout=log, stderr=log)
+        log.close()
+
+    def start(self) -> DemoCluster:
+        self.etcd = EtcdServer().start()
+        self.named = NamedServer().start()
+        key = os.path.join(self.work, "tsig.key")
+        with open(key, "w") as fh:
+            fh.write(f'key "{self.named.key_name}" {{ algorithm hmac-sha256; '
+                     f'secret "{self.named.secret}"; }};\n')
+        tport, tmetrics, smetrics, cmetrics = (free_port() for _ in range(4))
+        self.api_port = free_port()
+        self._spawn("standby-target", ["replicate", "serve", "--listen", f"127.0.0.1:{tport}",
+                                       "--dir", os.path.join(self.work, "standby"),
+                                       "--metrics-port", str(tmetrics)])
+        wait_port(tport)
+        volume = os.path.join(self.work, "primary", "app-data.img")
+        os.makedirs(os.path.dirname(volume))
+        with open(volume, "wb") as fh:
+            rng = random.Random(1)
+            for i in range(64):
+                fh.write(rng.randbytes(1 << 20) if i % 3 else bytes(1 << 20))
+        self._spawn("primary-source", [
+            "replicate", "push", volume, "--to", f"127.0.0.1:{tport}", "--volume", "app-data",
+            "--epoch", "1", "--rate-limit", "50MB/s", "--interval", "0.2", "--rpo-budget", "30",
+            "--metrics-port", str(smetrics), "--no-progress",
+            "--state-dir", os.path.join(self.work, "state")])
+        wait_port(smetrics)
+        fence = (f"{' '.join(DRCTL)} replicate fence --to 127.0.0.1:{tport} --volume app-data "
+                 "--epoch $DRCTL_EPOCH")
+        cfg = {"cluster": "demo", "etcd": [f"127.0.0.1:{self.etcd.client_port}"],
+               "lease_ttl": 2,
+               "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
+               "services": {"app": {
+                   "primary": "east", "replica": "west",
+                   "policy": {"automatic": True, "grace": 2, "rpo": 30},
+                   "hooks": {"promote": fence},
+                   "dns": {"zone": self.named.zone, "name": "app", "ttl": 5,
+                           "servers": [f"127.0.0.1:{self.named.port}"],
+                           "tsig": {"name": self.named.key_name, "file": key}}}}}
+        self.config = os.path.join(self.work, "cluster.yaml")
+        with open(self.config, "w") as fh:
+            json.dump(cfg, fh, indent=1)
+        lag_url = f"http://127.0.0.1:{smetrics}/metrics"
+        self._spawn("agent-east", ["agent", "--config", self.config, "--site", "east",
+                                   "--lag-url", lag_url])
+        self._spawn("agent-west", ["agent", "--config", self.config, "--site", "west"])
+        self._spawn("controller", ["controller", "--config", self.config, "--metrics-port",
+                                   str(cmetrics)])
+        token_file = os.path.join(self.work, "api.token")
+        with open(token_file, "w") as fh:
+            fh.write(self.token)
+        self._spawn("api", ["api", "--config", self.config, "--listen",
+                            f"127.0.0.1:{self.api_port}", "--token-file", token_file])
+        wait_port(self.api_port)
+        threading.Thread(target=self._writer, args=(volume,), daemon=True).start()
+        return self
+
+    def _writer(self, volume: str) -> None:
+        """A steady write load on the primary's volume: 4 KiB blocks, ~200 per second."""
+        rng = random.Random(2)
+        fd = os.open(volume, os.O_RDWR)
         try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            while not self._stop_writer.is_set():
+                os.pwrite(fd, rng.randbytes(4096), rng.randrange(16384) * 4096)
+                time.sleep(0.005)
+        finally:
+            os.close(fd)
+
+    def status(self) -> dict[str, object]:
+        req = urllib.request.Request(f"{self.url}api/v1/status",
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            out: dict[str, object] = json.loads(r.read())
+        return out
+
+    def stop(self) -> None:
+        self._stop_writer.set()
+        for p in reversed(list(self.procs.values())):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for server in (self.named, self.etcd):
+            if server is not None:
+                server.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 def main() -> int:
-    seconds = float(os.environ.get("DEMO_SECONDS", "20"))
-    work = tempfile.mkdtemp(prefix="drctl-demo-")
-    vol = os.path.join(work, "primary", "app-data.img")
-    os.makedirs(os.path.dirname(vol))
-    rng = random.Random(1)
-    with open(vol, "wb") as fh:
-        for i in range(64):
-            fh.write(rng.randbytes(1 << 20) if i % 3 else bytes(1 << 20))
-    tport, aport = _free_port(), _free_port()
-    procs: list[subprocess.Popen[bytes]] = []
+    seconds = float(os.environ.get("DEMO_SECONDS", "0"))
+    demo = DemoCluster()
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
-        procs.append(subprocess.Popen([*DRCTL, "replicate", "serve", "--listen",
-                                       f"127.0.0.1:{tport}", "--dir",
-                                       os.path.join(work, "standby")]))
-        _wait_port(tport)
-        procs.append(subprocess.Popen([*DRCTL, "replicate", "push", vol, "--to",
-                                       f"127.0.0.1:{tport}", "--volume", "app-data",
-                                       "--rate-limit", "50MB/s", "--interval", "0.2",
-                                       "--metrics-port", str(aport), "--state-dir",
-                                       os.path.join(work, "state"), "--no-progress"]))
-        _wait_port(aport)
-        print(f"demo: primary volume {vol}\n      standby replicas in {work}/standby\n"
-              f"      agent metrics http://127.0.0.1:{aport}/metrics\n"
-              f"      writing random 4 KiB blocks for {seconds:.0f}s ...", flush=True)
-        fd = os.open(vol, os.O_RDWR)
+        demo.start()
+        print(f"\ndrctl demo is up (logs in {demo.work})\n\n  open  {demo.url}#token="
+              f"{demo.token}\n\nand press Failover. Ctrl-C stops everything.\n", flush=True)
         started = time.monotonic()
-        last = started
-        writes = 0
-        while time.monotonic() - started < seconds:
-            os.pwrite(fd, rng.randbytes(4096), rng.randrange(16384) * 4096)
-            writes += 1
-            time.sleep(0.002)
-            if time.monotonic() - last >= 1.0:
-                last = time.monotonic()
-                m = _metrics(aport)
-                lag = m.get("drctl_replication_lag_seconds", 0)
-                pending = m.get("drctl_replication_pending_bytes", 0) / 1e6
-                shipped = m.get("drctl_replication_shipped_compressed_bytes_total", 0) / 1e6
-                print(f"  t={last - started:4.0f}s writes={writes:6d} lag={lag:5.2f}s "
-                      f"pending={pending:6.2f}MB shipped={shipped:7.1f}MB", flush=True)
-        os.close(fd)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            m = _metrics(aport)
-            if (m.get("drctl_replication_lag_seconds", 1) == 0
-                    and m.get("drctl_replication_pending_bytes", 1) == 0):
-                break
-            time.sleep(0.2)
-        rc = subprocess.run([*DRCTL, "replicate", "verify", vol, "--to", f"127.0.0.1:{tport}",
-                             "--volume", "app-data"]).returncode
-        print("demo: replica verified equal to the primary" if rc == 0
-              else "demo: REPLICA DIFFERS", flush=True)
-        return rc
+        while not stopping.is_set() and (not seconds or time.monotonic() - started < seconds):
+            try:
+                s = demo.status()
+                app = s["services"]["app"]  # type: ignore[index]
+                dns = ", ".join(a for answers in (app["dns"] or {}).values()
+                                for a in (answers or ["-"]))
+                lag = app["lag_seconds"]
+                print(f"  {time.strftime('%H:%M:%S')} app: {app['state']:<15} primary="
+                      f"{app['primary']:<5} lag={'-' if lag is None else f'{lag:.2f}s':<6} "
+                      f"app.dr.test -> {dns}", flush=True)
+            except OSError as exc:
+                print(f"  status unavailable: {exc}", flush=True)
+            stopping.wait(2)
+    except KeyboardInterrupt:
+        pass
     finally:
-        for p in reversed(procs):
-            _stop(p)
-        shutil.rmtree(work, ignore_errors=True)
+        print("stopping...", flush=True)
+        demo.stop()
+    return 0
 
 
 if __name__ == "__main__":
