@@ -8,6 +8,7 @@ import sys
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    root = sub
     rb = sub.add_parser("runbook", help="validate runbooks and show failover plans")
     rsub = rb.add_subparsers(dest="runbook_cmd", required=True, metavar="COMMAND")
     v = rsub.add_parser("validate", help="report every error with file, line and field")
@@ -18,6 +19,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("service")
     p.add_argument("--switchover", action="store_true", help="a planned switchover instead")
     p.set_defaults(func=cmd_plan)
+    d = root.add_parser("drill", help="a DR drill: clone the replica, check it, report RPO/RTO")
+    d.add_argument("service")
+    d.add_argument("--runbook", required=True)
+    d.add_argument("--name", help="drill name (default: drill-<random>)")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_drill)
+
     s = rsub.add_parser("schema", help="print the runbook JSON Schema (for editors)")
     s.set_defaults(func=cmd_schema)
 
@@ -65,3 +73,31 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     print(json.dumps(schema(), indent=2))
     return 0
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from runbooks.drill import run_drill
+    from runbooks.loader import RunbookError, load
+
+    try:
+        rb = load(args.runbook)
+    except RunbookError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 65
+    if args.service not in rb.services:
+        print(f"drctl: error: unknown service {args.service!r}", file=sys.stderr)
+        return 2
+    report = asyncio.run(run_drill(rb, args.service, args.name))
+    if args.json:
+        print(report.to_json())
+    else:
+        rpo = report.achieved_rpo_seconds
+        print(f"drill {report.drill} of {report.service} at {report.standby}: "
+              f"{'PASSED' if report.ok else 'FAILED'}; achieved RPO "
+              f"{'unknown' if rpo is None else f'{rpo:.2f}s'}, RTO {report.rto_seconds:.2f}s")
+        for s in report.steps:
+            print(f"  {'ok ' if s.ok else 'FAIL'} {s.seconds:7.3f}s  {s.name}: {s.detail}")
+    return 0 if report.ok else 1

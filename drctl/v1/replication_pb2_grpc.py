@@ -54,6 +54,16 @@ class ReplicationStub:
                 request_serializer=drctl_dot_v1_dot_replication__pb2.FenceRequest.SerializeToString,
                 response_deserializer=drctl_dot_v1_dot_replication__pb2.FenceResponse.FromString,
                 _registered_method=True)
+        self.Clone = channel.unary_unary(
+                '/drctl.v1.Replication/Clone',
+                request_serializer=drctl_dot_v1_dot_replication__pb2.CloneRequest.SerializeToString,
+                response_deserializer=drctl_dot_v1_dot_replication__pb2.CloneResponse.FromString,
+                _registered_method=True)
+        self.DropClone = channel.unary_unary(
+                '/drctl.v1.Replication/DropClone',
+                request_serializer=drctl_dot_v1_dot_replication__pb2.CloneRequest.SerializeToString,
+                response_deserializer=drctl_dot_v1_dot_replication__pb2.CloneResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -88,6 +98,20 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Clone(self, request, context):
+        """A writable point-in-time copy of a replica (copy-on-write where the filesystem can),
+        taken between two batches while replication goes on; for DR drills.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropClone(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +134,16 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.Fence,
                     request_deserializer=drctl_dot_v1_dot_replication__pb2.FenceRequest.FromString,
                     response_serializer=drctl_dot_v1_dot_replication__pb2.FenceResponse.SerializeToString,
+            ),
+            'Clone': grpc.unary_unary_rpc_method_handler(
+                    servicer.Clone,
+                    request_deserializer=drctl_dot_v1_dot_replication__pb2.CloneRequest.FromString,
+                    response_serializer=drctl_dot_v1_dot_replication__pb2.CloneResponse.SerializeToString,
+            ),
+            'DropClone': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropClone,
+                    request_deserializer=drctl_dot_v1_dot_replication__pb2.CloneRequest.FromString,
+                    response_serializer=drctl_dot_v1_dot_replication__pb2.CloneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +254,60 @@ class Replication:
             '/drctl.v1.Replication/Fence',
             drctl_dot_v1_dot_replication__pb2.FenceRequest.SerializeToString,
             drctl_dot_v1_dot_replication__pb2.FenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Clone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/drctl.v1.Replication/Clone',
+            drctl_dot_v1_dot_replication__pb2.CloneRequest.SerializeToString,
+            drctl_dot_v1_dot_replication__pb2.CloneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropClone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/drctl.v1.Replication/DropClone',
+            drctl_dot_v1_dot_replication__pb2.CloneRequest.SerializeToString,
+            drctl_dot_v1_dot_replication__pb2.CloneResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,11 @@ class ReplicationStub:
     """Raise the replica's epoch without sending data (a failover's promote step): from then on
     every source with an older epoch is refused.
     """
+    Clone: _grpc.UnaryUnaryMultiCallable[_replication_pb2.CloneRequest, _replication_pb2.CloneResponse]
+    """A writable point-in-time copy of a replica (copy-on-write where the filesystem can),
+    taken between two batches while replication goes on; for DR drills.
+    """
+    DropClone: _grpc.UnaryUnaryMultiCallable[_replication_pb2.CloneRequest, _replication_pb2.CloneResponse]
 
 @_typing.type_check_only
 class ReplicationAsyncStub(ReplicationStub):
@@ -60,6 +65,11 @@ class ReplicationAsyncStub(ReplicationStub):
     """Raise the replica's epoch without sending data (a failover's promote step): from then on
     every source with an older epoch is refused.
     """
+    Clone: _aio.UnaryUnaryMultiCallable[_replication_pb2.CloneRequest, _replication_pb2.CloneResponse]  # type: ignore[assignment]
+    """A writable point-in-time copy of a replica (copy-on-write where the filesystem can),
+    taken between two batches while replication goes on; for DR drills.
+    """
+    DropClone: _aio.UnaryUnaryMultiCallable[_replication_pb2.CloneRequest, _replication_pb2.CloneResponse]  # type: ignore[assignment]
 
 class ReplicationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -95,5 +105,22 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
         """Raise the replica's epoch without sending data (a failover's promote step): from then on
         every source with an older epoch is refused.
         """
+
+    @_abc_1.abstractmethod
+    def Clone(
+        self,
+        request: _replication_pb2.CloneRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.CloneResponse, _abc.Awaitable[_replication_pb2.CloneResponse]]:
+        """A writable point-in-time copy of a replica (copy-on-write where the filesystem can),
+        taken between two batches while replication goes on; for DR drills.
+        """
+
+    @_abc_1.abstractmethod
+    def DropClone(
+        self,
+        request: _replication_pb2.CloneRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.CloneResponse, _abc.Awaitable[_replication_pb2.CloneResponse]]: ...
 
 def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

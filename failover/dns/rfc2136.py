@@ -109,9 +109,17 @@ class DnsUpdater:
         for server in targets:
             await self._update_one(rrset, server)
 
-    async def _update_one(self, rrset: RecordSet, server: Server) -> None:
+    async def delete(self, rrset: RecordSet, targets: Sequence[Server]) -> None:
+        """Remove the record set (idempotent) on every update target."""
+        for server in targets:
+            await self._update_one(rrset, server, delete=True)
+
+    async def _update_one(self, rrset: RecordSet, server: Server, delete: bool = False) -> None:
         update = dns.update.UpdateMessage(rrset.zone, keyring=self.key.keyring())
-        update.replace(rrset.fqdn, rrset.ttl, rrset.rtype, *rrset.values)
+        if delete:
+            update.delete(rrset.fqdn, rrset.rtype)
+        else:
+            update.replace(rrset.fqdn, rrset.ttl, rrset.rtype, *rrset.values)
         try:
             response = await dns.asyncquery.tcp(update, server.host, port=server.port,
                                                 timeout=self.timeout)

@@ -72,6 +72,14 @@ class HandshakeInfo:
     target_id: str
 
 
+@dataclass(frozen=True)
+class CloneInfo:
+    path: str
+    applied_seq: int
+    method: str
+    size: int
+
+
 class TargetClient:
     """One channel to a target daemon."""
 
@@ -125,6 +133,21 @@ class TargetClient:
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, self.address) from None
         return int(r.epoch)
+
+    async def clone(self, volume: str, name: str, timeout: float = 600.0) -> CloneInfo:
+        try:
+            r = await self.stub.Clone(wire.ProtoCloneRequest(volume=volume, name=name),
+                                      timeout=timeout, wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, self.address) from None
+        return CloneInfo(r.path, int(r.applied_seq), r.method, int(r.size))
+
+    async def drop_clone(self, volume: str, name: str, timeout: float = 60.0) -> None:
+        try:
+            await self.stub.DropClone(wire.ProtoCloneRequest(volume=volume, name=name),
+                                      timeout=timeout, wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, self.address) from None
 
     def push(self) -> PushCall:
         """The delta stream. Requests are passed as already-serialised bytes

@@ -139,6 +139,33 @@ class ReplicationService(wire.ReplicationServicer):
         log.info("volume %s fenced at epoch %d", replica.name, replica.record.epoch)
         return wire.ProtoFenceResponse(epoch=replica.record.epoch)
 
+    # -- Clone / DropClone -------------------------------------------------------------
+
+    async def Clone(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        slot = await self._open(request.volume, context)
+        replica = slot.replica
+        if replica.created or not replica.record.size:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"volume {request.volume} has no replica here")
+        try:
+            path, method = await slot.run(replica.clone, request.name)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"replica I/O error: {exc}")
+        log.info("volume %s: clone %s at seq %d (%s)", replica.name, request.name,
+                 replica.record.applied_seq, method)
+        return wire.ProtoCloneResponse(path=path, applied_seq=replica.record.applied_seq,
+                                       method=method, size=replica.record.size)
+
+    async def DropClone(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        slot = await self._open(request.volume, context)
+        try:
+            path = await slot.run(slot.replica.drop_clone, request.name)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return wire.ProtoCloneResponse(path=path)
+
     # -- BlockHashes -------------------------------------------------------------------------
 
     async def BlockHashes(self, request: Any, context: grpc.aio.ServicerContext

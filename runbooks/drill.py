@@ -1,0 +1,200 @@
+"""`drctl drill SERVICE`: bring up the replica as a writable copy-on-write clone at the standby
+site under a test DNS name, run the service's health checks against it, report the achieved
+RPO and each step's duration (RTO), clean up, while replication goes on untouched (no epoch,
+no service record, no production DNS record is changed).
+
+Run it on the standby site: hooks (``at: new_primary``) run locally with DRCTL_DRILL=1 and
+DRCTL_CLONES (the clone paths, space-separated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+import urllib.request
+import uuid
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass, field
+
+from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server, TsigKey
+from runbooks.model import Runbook, Service, Step, StepType, Where
+
+
+@dataclass
+class StepResult:
+    name: str
+    seconds: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class DrillReport:
+    service: str
+    drill: str
+    standby: str
+    achieved_rpo_seconds: float | None
+    clones: list[dict[str, object]] = field(default_factory=list)
+    steps: list[StepResult] = field(default_factory=list)
+    ok: bool = False
+
+    @property
+    def rto_seconds(self) -> float:
+        return round(sum(s.seconds for s in self.steps if s.name != "cleanup"), 3)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "rto_seconds": self.rto_seconds}, indent=1)
+
+
+def _lag(url: str | None, volumes: list[str]) -> float | None:
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    lags = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("drctl_replication_lag_seconds{")
+            and any(f'volume="{v}"' in line for v in volumes)]
+    return max(lags) if lags else None
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+async def _probe(step: Step, env: dict[str, str]) -> str:
+    if step.http:
+        def get() -> int:
+            with urllib.request.urlopen(step.http, timeout=step.timeout) as r:  # type: ignore[arg-type]
+                return int(r.status)
+        status = await asyncio.to_thread(get)
+        return f"HTTP {status}"
+    if step.tcp:
+        host, port = _hostport(step.tcp)
+        await asyncio.to_thread(socket.create_connection, (host, port), step.timeout)
+        return f"connected to {step.tcp}"
+    proc = await asyncio.create_subprocess_shell(
+        step.command or "true", env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), step.timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {out.decode(errors='replace')[-300:]}")
+    return "command ok"
+
+
+async def _health(step: Step, env: dict[str, str]) -> str:
+    last = ""
+    for attempt in range(step.retries + 1):
+        try:
+            return await asyncio.wait_for(_probe(step, env), step.timeout + 1)
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            last = f"attempt {attempt + 1}: {exc}"
+            if attempt < step.retries:
+                await asyncio.sleep(step.interval)
+    raise RuntimeError(last)
+
+
+async def _hook(step: Step, env: dict[str, str]) -> str:
+    proc = await asyncio.create_subprocess_shell(
+        step.run or "true", env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), step.timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {out.decode(errors='replace')[-300:]}")
+    return "ok"
+
+
+def _key(rb: Runbook, zone: str) -> TsigKey:
+    z = rb.zones[zone]
+    if z.tsig_file:
+        return TsigKey.from_bind_file(z.tsig_file)
+    return TsigKey.from_env(z.tsig_name, z.tsig_env or "")
+
+
+class Drill:
+    def __init__(self, rb: Runbook, service: str, name: str | None) -> None:
+        from replicator.transport.client import TargetClient
+
+        self.rb = rb
+        self.svc: Service = rb.services[service]
+        self.standby = rb.sites[self.svc.replica]
+        target = self.standby.endpoints.get("replication")
+        if not target:
+            raise RuntimeError(f"sites.{self.standby.name}.endpoints.replication is not set: "
+                               "the drill needs the standby's replication target")
+        self.client = TargetClient(target)
+        self.volumes = [v.name for v in self.svc.volumes]
+        drill = name or f"drill-{uuid.uuid4().hex[:8]}"
+        self.report = DrillReport(service, drill, self.standby.name, _lag(
+            rb.sites[self.svc.primary].endpoints.get("source_metrics"), self.volumes))
+        self.dns_done: list[tuple[DnsUpdater, RecordSet, list[Server]]] = []
+
+    async def timed(self, label: str, coro: Coroutine[object, object, str]) -> bool:
+        t0 = time.perf_counter()
+        try:
+            detail = await coro
+            ok, text = True, detail
+        except Exception as exc:
+            ok, text = False, f"{type(exc).__name__}: {exc}"
+        self.report.steps.append(StepResult(label, round(time.perf_counter() - t0, 3), ok, text))
+        return ok
+
+    async def clone_all(self) -> str:
+        for v in self.volumes:
+            info = await self.client.clone(v, self.report.drill)
+            self.report.clones.append({"volume": v, **asdict(info)})
+        return ", ".join(f"{c['volume']}@{c['applied_seq']} ({c['method']})"
+                         for c in self.report.clones)
+
+    async def dns_test(self) -> str:
+        names = []
+        for r in self.svc.dns:
+            zone = self.rb.zones[r.zone]
+            up = DnsUpdater(_key(self.rb, r.zone))
+            rr = RecordSet(r.zone, f"{r.name}-{self.report.drill}", r.type, r.ttl,
+                           (self.standby.address,))
+            servers = [Server(*_hostport(s)) for s in zone.update]
+            await up.replace(rr, servers)
+            self.dns_done.append((up, rr, servers))
+            await up.verify(rr, [Server(*_hostport(s)) for s in zone.servers], deadline=10)
+            names.append(f"{rr.name}.{r.zone} -> {self.standby.address}")
+        return "; ".join(names) or "no DNS records"
+
+    async def cleanup(self) -> str:
+        for up, rr, servers in self.dns_done:
+            await up.delete(rr, servers)
+        for c in self.report.clones:
+            await self.client.drop_clone(str(c["volume"]), self.report.drill)
+        return (f"{len(self.report.clones)} clones dropped, {len(self.dns_done)} test records "
+                "removed")
+
+    async def run(self) -> DrillReport:
+        try:
+            ok = await self.timed("clone", self.clone_all())
+            env = {"DRCTL_DRILL": "1", "DRCTL_SERVICE": self.svc.name,
+                   "DRCTL_SITE": self.standby.name,
+                   "DRCTL_CLONES": " ".join(str(c["path"]) for c in self.report.clones)}
+            for step in self.svc.steps:
+                if not ok:
+                    break
+                if step.type is StepType.HOOK and step.on is Where.NEW_PRIMARY:
+                    ok = await self.timed(f"hook: {step.name}", _hook(step, env))
+                elif step.type is StepType.HEALTH_CHECK:
+                    ok = await self.timed(f"health check: {step.name}", _health(step, env))
+            if ok:
+                ok = await self.timed("dns: test name", self.dns_test())
+            self.report.ok = ok
+        finally:
+            await self.timed("cleanup", self.cleanup())
+            await self.client.close()
+        return self.report
+
+
+async def run_drill(rb: Runbook, service: str, name: str | None = None) -> DrillReport:
+    return await Drill(rb, service, name).run()
