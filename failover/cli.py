@@ -54,9 +54,24 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _config(path: str) -> ClusterConfig:
-    from failover.config import load
+    """A cluster configuration, or a runbook (``kind: drctl-runbook``) converted to one."""
+    from failover.config import ConfigError, load
 
-    return load(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            is_runbook = "drctl-runbook" in fh.read(4096)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
+    if not is_runbook:
+        return load(path)
+    from runbooks.cluster import to_cluster
+    from runbooks.loader import RunbookError
+    from runbooks.loader import load as load_runbook
+
+    try:
+        return to_cluster(load_runbook(path))
+    except RunbookError as exc:
+        raise ConfigError("\n".join(exc.errors)) from None
 
 
 def _store(cfg: ClusterConfig) -> EtcdStore:

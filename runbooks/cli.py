@@ -26,6 +26,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_drill)
 
+    c = rsub.add_parser("check", help="run a service's health checks (exit 0 if all pass)")
+    c.add_argument("file")
+    c.add_argument("service")
+    c.set_defaults(func=cmd_check)
+
     s = rsub.add_parser("schema", help="print the runbook JSON Schema (for editors)")
     s.set_defaults(func=cmd_schema)
 
@@ -101,3 +106,25 @@ def cmd_drill(args: argparse.Namespace) -> int:
         for s in report.steps:
             print(f"  {'ok ' if s.ok else 'FAIL'} {s.seconds:7.3f}s  {s.name}: {s.detail}")
     return 0 if report.ok else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from runbooks.drill import run_health_checks
+    from runbooks.loader import RunbookError, load
+
+    try:
+        rb = load(args.file)
+    except RunbookError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 65
+    if args.service not in rb.services:
+        print(f"drctl: error: unknown service {args.service!r}", file=sys.stderr)
+        return 2
+    results = asyncio.run(run_health_checks(rb.services[args.service], dict(os.environ)))
+    for r in results:
+        print(f"{'ok ' if r.ok else 'FAIL'} {r.seconds:7.3f}s  {r.name}: {r.detail}")
+    return 0 if all(r.ok for r in results) else 1

@@ -196,5 +196,23 @@ class Drill:
         return self.report
 
 
+async def run_health_checks(svc: Service, env: dict[str, str]) -> list[StepResult]:
+    """Every health check of the service, in order, stopping at the first failure."""
+    out = []
+    for step in svc.steps:
+        if step.type is not StepType.HEALTH_CHECK:
+            continue
+        t0 = time.perf_counter()
+        try:
+            detail, ok = await _health(step, env), True
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            detail, ok = str(exc), False
+        out.append(StepResult(f"health check: {step.name}",
+                              round(time.perf_counter() - t0, 3), ok, detail))
+        if not ok:
+            break
+    return out
+
+
 async def run_drill(rb: Runbook, service: str, name: str | None = None) -> DrillReport:
     return await Drill(rb, service, name).run()

@@ -256,3 +256,49 @@ def test_partitioned_primary_fences_itself_before_the_replica_is_promoted(
             p.stop()
         source.stop()
         target.stop()
+
+
+def test_a_runbook_drives_the_failover(workdir: str, etcd: EtcdServer,
+                                       named: NamedServer) -> None:
+    """The daemons take a runbook as --config: its old_primary hooks fence, its new_primary
+    hooks and health checks promote (a promotion counts once the checks pass)."""
+    key = os.path.join(workdir, "tsig.key")
+    with open(key, "w") as fh:
+        fh.write(f'key "{named.key_name}" {{ algorithm hmac-sha256; secret "{named.secret}"; }};\n')
+    rb = {
+        "kind": "drctl-runbook", "version": 1, "cluster": "rb", "lease_ttl": 2,
+        "etcd": [f"127.0.0.1:{etcd.client_port}"],
+        "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
+        "dns": {"zones": {"dr.test": {"servers": [f"127.0.0.1:{named.port}"],
+                                      "tsig": {"name": named.key_name, "file": key}}}},
+        "services": {"app": {
+            "primary": "east", "replica": "west",
+            "failover": {"automatic": False},
+            "dns": [{"zone": "dr.test", "name": "app", "ttl": 5}],
+            "steps": [
+                {"type": "hook", "name": "stop", "at": "old_primary",
+                 "run": f"echo $DRCTL_EPOCH > {workdir}/stopped-$DRCTL_SITE"},
+                {"type": "promote"},
+                {"type": "hook", "name": "start", "at": "new_primary",
+                 "run": f"echo $DRCTL_EPOCH > {workdir}/started-$DRCTL_SITE"},
+                {"type": "health_check", "name": "started",
+                 "command": f"test -s {workdir}/started-west", "retries": 3},
+                {"type": "dns"}]}},
+    }
+    path = os.path.join(workdir, "runbook.yaml")
+    with open(path, "w") as fh:
+        json.dump(rb, fh)
+    procs = start_all(workdir, path)
+    try:
+        wait_for(lambda: status(path)["sites"]["east"]["alive"]  # type: ignore[index]
+                 and status(path)["sites"]["west"]["alive"], 20, "both agents")  # type: ignore[index]
+        assert run([*DRCTL, "failover", "app", "--config", path]).returncode == 0
+        wait_for(lambda: app(path)["primary"] == "west" and dig(named) == "10.0.0.2", 30,
+                 "runbook failover")
+        with open(f"{workdir}/stopped-east") as fh:
+            assert fh.read().strip() == "2"
+        with open(f"{workdir}/started-west") as fh:
+            assert fh.read().strip() == "2"
+    finally:
+        for p in procs.values():
+            p.stop()
