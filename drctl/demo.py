@@ -2,11 +2,13 @@
 
 Starts etcd, an authoritative named for dr.test (TSIG key), the standby site (a replication
 target daemon and its site agent), the primary site (a source agent replicating a sample
-volume under a steady write load, and its site agent), a controller and the web page; prints
-the page's URL. Click Failover: the controller fences the primary (epoch bump; the standby's
-promote hook raises the replica's epoch so the old source is refused), promotes the standby
-and rewrites app.dr.test on the DNS server; the page shows the primary, lag and DNS answers
-change. Runs until Ctrl-C (or DEMO_SECONDS), then stops everything by PID.
+volume under a steady write load, and its site agent), a controller and the web page, all
+driven by one runbook; prints the page's URL. Click Failover: the controller fences the
+primary (epoch bump; the promotion raises the standby replica's epoch so the old source is
+refused), promotes the standby (its health check must pass) and rewrites app.dr.test on the
+DNS server; the page shows the primary, lag and DNS answers change. Click Drill: the replica
+is cloned, checked under a test DNS name and cleaned up while replication goes on. Runs until
+Ctrl-C (or DEMO_SECONDS), then stops everything by PID.
 """
 
 from __future__ import annotations
@@ -95,21 +97,34 @@ class DemoCluster:
             "--metrics-port", str(smetrics), "--no-progress",
             "--state-dir", os.path.join(self.work, "state")])
         wait_port(smetrics)
-        fence = (f"{' '.join(DRCTL)} replicate fence --to 127.0.0.1:{tport} --volume app-data "
-                 "--epoch $DRCTL_EPOCH")
-        cfg = {"cluster": "demo", "etcd": [f"127.0.0.1:{self.etcd.client_port}"],
-               "lease_ttl": 2,
-               "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
-               "services": {"app": {
-                   "primary": "east", "replica": "west",
-                   "policy": {"automatic": True, "grace": 2, "rpo": 30},
-                   "hooks": {"promote": fence},
-                   "dns": {"zone": self.named.zone, "name": "app", "ttl": 5,
-                           "servers": [f"127.0.0.1:{self.named.port}"],
-                           "tsig": {"name": self.named.key_name, "file": key}}}}}
-        self.config = os.path.join(self.work, "cluster.yaml")
+        runbook = {
+            "kind": "drctl-runbook", "version": 1, "cluster": "demo", "lease_ttl": 2,
+            "etcd": [f"127.0.0.1:{self.etcd.client_port}"],
+            "sites": {
+                "east": {"address": "10.0.0.1", "endpoints": {
+                    "source_metrics": f"http://127.0.0.1:{smetrics}/metrics"}},
+                "west": {"address": "10.0.0.2", "endpoints": {
+                    "replication": f"127.0.0.1:{tport}"}}},
+            "dns": {"zones": {self.named.zone: {
+                "servers": [f"127.0.0.1:{self.named.port}"],
+                "tsig": {"name": self.named.key_name, "file": key}}}},
+            "services": {"app": {
+                "primary": "east", "replica": "west",
+                "volumes": [{"name": "app-data", "path": volume}],
+                "replication": {"mode": "hot", "rate_limit": "50MB/s", "rpo": 30},
+                "failover": {"automatic": True, "grace": 2, "damping": 600},
+                "dns": [{"zone": self.named.zone, "name": "app", "ttl": 5}],
+                "steps": [
+                    {"type": "precheck", "name": "lag within budget",
+                     "check": "replication_lag"},
+                    {"type": "promote"},
+                    {"type": "health_check", "name": "standby replication target answers",
+                     "tcp": f"127.0.0.1:{tport}", "timeout": 2, "retries": 5},
+                    {"type": "dns"}]}},
+        }
+        self.config = os.path.join(self.work, "runbook.yaml")
         with open(self.config, "w") as fh:
-            json.dump(cfg, fh, indent=1)
+            json.dump(runbook, fh, indent=1)
         lag_url = f"http://127.0.0.1:{smetrics}/metrics"
         self._spawn("agent-east", ["agent", "--config", self.config, "--site", "east",
                                    "--lag-url", lag_url])

@@ -125,7 +125,8 @@ class SiteAgent:
         if want == mine.role and rec.epoch == mine.epoch:
             return
         env = {"DRCTL_SERVICE": svc.name, "DRCTL_SITE": self.site,
-               "DRCTL_EPOCH": str(rec.epoch), "DRCTL_ROLE": want}
+               "DRCTL_EPOCH": str(rec.epoch), "DRCTL_ROLE": want,
+               "DRCTL_REPLICATION_TARGET": self.config.sites[self.site].replication or ""}
         if want == "fenced" or (want == "replica" and mine.role == "primary"):
             ok = await run_hook("fence", svc.hooks.fence, env)
             ok = ok and await run_hook("stop", svc.hooks.stop, env)

@@ -212,6 +212,13 @@ def cmd_api(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
     token = read_token(args.token_file)
     host, _, port = args.listen.rpartition(":")
+    runbook = None
+    if cfg.path.endswith((".yaml", ".yml", ".json")):
+        with open(cfg.path, encoding="utf-8") as fh:
+            if "drctl-runbook" in fh.read(4096):
+                from runbooks.loader import load as load_runbook
+
+                runbook = load_runbook(cfg.path)
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -219,7 +226,7 @@ def cmd_api(args: argparse.Namespace) -> int:
             stop_on_signals(stack, stop)
             store = _store(cfg)
             stack.push_async_callback(store.close)
-            runner = web.AppRunner(make_app(cfg, store, token), access_log=None)
+            runner = web.AppRunner(make_app(cfg, store, token, runbook), access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, host or "127.0.0.1", int(port))

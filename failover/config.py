@@ -107,6 +107,7 @@ class Site:
     name: str
     address: str
     health_url: str | None = None
+    replication: str | None = None  # this site's replication target (HOST:PORT)
 
 
 @dataclass(frozen=True)
@@ -177,9 +178,10 @@ def load(path: str) -> ClusterConfig:
     sites = {}
     for name, node in sites_node.items():
         where = f"sites.{name}"
-        n = r.mapping(node, where, {"address", "health_url"}, {"address"})
+        n = r.mapping(node, where, {"address", "health_url", "replication"}, {"address"})
         sites[name] = Site(name, r.string(n, "address", where),
-                           n.get("health_url") and r.string(n, "health_url", where))
+                           n.get("health_url") and r.string(n, "health_url", where),
+                           n.get("replication") and r.string(n, "replication", where))
     services = {}
     for name, node in (r.mapping(top.get("services") or {}, "services",
                                  set(top.get("services") or {}))).items():

@@ -1,8 +1,9 @@
 """A runbook as the failover daemons' cluster configuration (`--config runbook.yaml`).
 
-Hooks come from the steps: ``at: old_primary`` hooks become the site's fence hook, and
-``at: new_primary`` hooks followed by the health checks (``drctl runbook check``) become the
-promote hook, so a promotion only reports success once the service answers.
+Hooks come from the steps: ``at: old_primary`` hooks become the site's fence hook, and the
+promote hook is: fence the promoted site's replicas at the new epoch (when the site declares a
+``replication`` endpoint), then the ``at: new_primary`` hooks, then the health checks
+(``drctl runbook check``), so a promotion only reports success once the service answers.
 """
 
 from __future__ import annotations
@@ -25,8 +26,14 @@ def _hostport(text: str, default: int) -> Server:
 def _hooks(rb: Runbook, svc: Service) -> Hooks:
     fence = [s.run for s in svc.steps if s.type is StepType.HOOK and s.on is Where.OLD_PRIMARY
              and s.run]
-    promote = [s.run for s in svc.steps if s.type is StepType.HOOK
-               and s.on is Where.NEW_PRIMARY and s.run]
+    promote: list[str] = []
+    if rb.sites[svc.replica].endpoints.get("replication"):
+        # Built in: the promoted site's replica refuses the old primary's epoch from now on.
+        promote += ['{ [ -z "$DRCTL_REPLICATION_TARGET" ] || ' + " ".join(shlex.quote(a) for a in (
+            sys.executable, "-m", "drctl", "replicate", "fence", "--volume", v.name))
+            + ' --to "$DRCTL_REPLICATION_TARGET" --epoch "$DRCTL_EPOCH"; }' for v in svc.volumes]
+    promote += [s.run for s in svc.steps if s.type is StepType.HOOK
+                and s.on is Where.NEW_PRIMARY and s.run]
     if any(s.type is StepType.HEALTH_CHECK for s in svc.steps):
         promote.append(" ".join(shlex.quote(a) for a in (
             sys.executable, "-m", "drctl", "runbook", "check", rb.path, svc.name)))
@@ -55,6 +62,7 @@ def to_cluster(rb: Runbook) -> ClusterConfig:
                         allow_data_loss=svc.allow_data_loss, damping_seconds=svc.damping)
         services[name] = ServiceConfig(name, svc.primary, svc.replica, policy, _dns(rb, svc),
                                        _hooks(rb, svc))
-    sites = {n: Site(n, s.address, s.endpoints.get("health")) for n, s in rb.sites.items()}
+    sites = {n: Site(n, s.address, s.endpoints.get("health"), s.endpoints.get("replication"))
+             for n, s in rb.sites.items()}
     etcd = tuple((h.host, h.port) for h in (_hostport(e, 2379) for e in rb.etcd))
     return ClusterConfig(rb.path, rb.cluster, etcd, rb.lease_ttl, sites, services)

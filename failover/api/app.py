@@ -7,12 +7,15 @@ carries it out and the page follows the service record.
   GET  /                                   the web page (it asks for the token)
   GET  /api/v1/status                      services, sites, leader, DNS answers, operations
   POST /api/v1/services/{name}/{op}        op: failover | switchover | failback -> 202
+  POST /api/v1/services/{name}/drill       a DR drill (runbook configured) -> 202; its
+                                           progress and report appear in the status
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import os
 import time
 import uuid
@@ -37,6 +40,9 @@ from failover.records import (
 )
 
 STORE = web.AppKey("store", CoordinationStore)
+RUNBOOK = web.AppKey("runbook", object)  # runbooks.model.Runbook | None
+DRILLS = web.AppKey("drills", dict)  # service -> recent drill records
+TASKS = web.AppKey("tasks", set)
 CONFIG = web.AppKey("config", ClusterConfig)
 TOKEN = web.AppKey("token", str)
 _OPS = {"failover": Command.FAILOVER, "switchover": Command.SWITCHOVER,
@@ -106,6 +112,8 @@ async def status(request: web.Request) -> web.Response:
             "dns": answers.get(name),
             "operations": [{"at": h["at"], "from": h["from"], "to": h["to"]}
                            for h in reversed(rec.history[-10:])],
+            "drills": request.app[DRILLS].get(name, [])[-5:][::-1],
+            "drill_available": request.app[RUNBOOK] is not None,
         }
     leader = snap.value(leader_key(cfg.prefix))
     return web.json_response({"leader": leader.decode() if leader else None, "sites": sites,
@@ -119,6 +127,8 @@ async def operate(request: web.Request) -> web.Response:
     if svc is None:
         return web.json_response({"error": "not_found", "message": f"no service {name!r}"},
                                  status=404)
+    if op == "drill":
+        return await _drill(request, name)
     if op not in _OPS:
         return web.json_response({"error": "bad_operation", "message": f"unknown operation "
                                   f"{op!r} (failover, switchover, failback)"}, status=400)
@@ -144,11 +154,55 @@ async def operate(request: web.Request) -> web.Response:
                               "status": "queued"}, status=202)
 
 
-def make_app(cfg: ClusterConfig, store: CoordinationStore, token: str) -> web.Application:
+async def _drill(request: web.Request, name: str) -> web.Response:
+    rb = request.app[RUNBOOK]
+    if rb is None:
+        return web.json_response({"error": "no_runbook", "message": "start the API with a "
+                                  "runbook as --config to run drills"}, status=409)
+    drills = request.app[DRILLS].setdefault(name, [])
+    if any(d["status"] == "running" for d in drills):
+        return web.json_response({"error": "busy", "message": f"a drill of {name} is "
+                                  "already running"}, status=409)
+    record: dict[str, Any] = {"id": uuid.uuid4().hex[:12], "status": "running",
+                              "started_at": time.time(), "report": None}
+    drills.append(record)
+
+    async def work() -> None:
+        from runbooks.drill import run_drill
+
+        try:
+            report = await run_drill(rb, name, f"drill-{record['id']}")  # type: ignore[arg-type]
+            record["report"] = json.loads(report.to_json())
+            record["status"] = "passed" if report.ok else "failed"
+        except Exception as exc:
+            record["status"], record["error"] = "failed", f"{type(exc).__name__}: {exc}"
+
+    task = asyncio.get_running_loop().create_task(work())
+    request.app[TASKS].add(task)
+    task.add_done_callback(request.app[TASKS].discard)
+    return web.json_response({"operation": record["id"], "service": name, "request": "drill",
+                              "status": "queued"}, status=202)
+
+
+async def _tasks_ctx(app: web.Application) -> Any:
+    """Background drills belong to the app: cancelled and awaited on shutdown."""
+    tasks: set[asyncio.Task[None]] = set()
+    app[TASKS] = tasks
+    yield
+    for task in list(tasks):
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+
+
+def make_app(cfg: ClusterConfig, store: CoordinationStore, token: str,
+             runbook: object | None = None) -> web.Application:
     if len(token) < 16:
         raise FailoverError("the API token must be at least 16 characters")
     app = web.Application(middlewares=[auth])
     app[CONFIG], app[STORE], app[TOKEN] = cfg, store, token
+    app[RUNBOOK], app[DRILLS] = runbook, {}
+    app.cleanup_ctx.append(_tasks_ctx)
     app.router.add_get("/", page)
     app.router.add_get("/api/v1/status", status)
     app.router.add_post("/api/v1/services/{name}/{op}", operate)

@@ -56,26 +56,43 @@ def browser() -> Iterator[object]:
 
 def test_click_failover_and_see_primary_and_dns_change(demo: DemoCluster,
                                                        browser: object) -> None:
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     b = browser
     b.get(f"{demo.url}#token={demo.token}")  # type: ignore[attr-defined]
-    wait = WebDriverWait(b, 30, poll_frequency=0.2)
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    # the page re-renders every second: read and click through fresh queries
+    wait = WebDriverWait(b, 30, poll_frequency=0.2,
+                         ignored_exceptions=[StaleElementReferenceException])
 
     def card_text() -> str:
-        return b.find_element(By.CSS_SELECTOR, '[data-service="app"]').text  # type: ignore[attr-defined,no-any-return]
+        return str(b.execute_script(  # type: ignore[attr-defined]
+            'return document.querySelector(\'[data-service="app"]\').innerText'))
+
+    def click(op: str) -> None:
+        b.execute_script(  # type: ignore[attr-defined]
+            f'document.querySelector(\'[data-service="app"] button[data-op="{op}"]\').click()')
 
     wait.until(lambda _: "primary east" in card_text() and "10.0.0.1" in card_text()
                and "healthy" in card_text().lower())
     wait.until(lambda _: "lag unknown" not in card_text())
-    b.find_element(By.CSS_SELECTOR, '[data-service="app"] button[data-op="failover"]').click()  # type: ignore[attr-defined]
+    # a drill first: the replica is cloned and checked while replication goes on
+    click("drill")
+    wait.until(ec.alert_is_present())
+    b.switch_to.alert.accept()  # type: ignore[attr-defined]
+    wait.until(lambda _: ": passed" in card_text() or ": failed" in card_text())
+    assert ": passed" in card_text() and "RPO" in card_text() and "RTO" in card_text(), \
+        card_text()
+    assert "primary east" in card_text()  # production untouched
+    click("failover")
     wait.until(ec.alert_is_present())
     b.switch_to.alert.accept()  # type: ignore[attr-defined]
     wait.until(lambda _: "primary west" in card_text())
-    wait.until(lambda _: all(e.text == "10.0.0.2" for e in  # type: ignore[attr-defined]
-                             b.find_elements(By.CSS_SELECTOR, '[data-service="app"] .dns-answer')))  # type: ignore[attr-defined]
+    wait.until(lambda _: b.execute_script(  # type: ignore[attr-defined]
+        'return [...document.querySelectorAll(\'[data-service="app"] .dns-answer\')]'
+        '.every(e => e.innerText === "10.0.0.2")'))
     text = card_text()
     assert "epoch 2" in text
     assert "failed_over" in text.lower() or "healthy" in text.lower()
