@@ -19,7 +19,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,25 +27,9 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from drctl.localservers import EtcdServer, NamedServer
+from drctl.localservers import EtcdServer, NamedServer, free_port, wait_port
 
 DRCTL = [sys.executable, "-m", "drctl"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 @dataclass

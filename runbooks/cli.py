@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runbooks.model import Runbook
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,6 +39,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.set_defaults(func=cmd_schema)
 
 
+def _load(path: str) -> Runbook | None:
+    """The runbook, or None after printing every error."""
+    from runbooks.loader import RunbookError, load
+
+    try:
+        return load(path)
+    except RunbookError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return None
+
+
+def _service(rb: Runbook, name: str) -> bool:
+    if name in rb.services:
+        return True
+    print(f"drctl: error: unknown service {name!r} (services: "
+          f"{', '.join(sorted(rb.services))})", file=sys.stderr)
+    return False
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from runbooks.loader import RunbookError, load
 
@@ -53,18 +77,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from runbooks.loader import RunbookError, load
     from runbooks.plan import plan
 
-    try:
-        rb = load(args.file)
-    except RunbookError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    rb = _load(args.file)
+    if rb is None:
         return 65
-    if args.service not in rb.services:
-        print(f"drctl: error: unknown service {args.service!r} (services: "
-              f"{', '.join(sorted(rb.services))})", file=sys.stderr)
+    if not _service(rb, args.service):
         return 2
     kind = "switchover" if args.switchover else "failover"
     print(f"{kind} of {args.service} ({rb.path}):")
@@ -84,16 +102,11 @@ def cmd_drill(args: argparse.Namespace) -> int:
     import asyncio
 
     from runbooks.drill import run_drill
-    from runbooks.loader import RunbookError, load
 
-    try:
-        rb = load(args.runbook)
-    except RunbookError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    rb = _load(args.runbook)
+    if rb is None:
         return 65
-    if args.service not in rb.services:
-        print(f"drctl: error: unknown service {args.service!r}", file=sys.stderr)
+    if not _service(rb, args.service):
         return 2
     report = asyncio.run(run_drill(rb, args.service, args.name))
     if args.json:
@@ -113,16 +126,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     import os
 
     from runbooks.drill import run_health_checks
-    from runbooks.loader import RunbookError, load
 
-    try:
-        rb = load(args.file)
-    except RunbookError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    rb = _load(args.file)
+    if rb is None:
         return 65
-    if args.service not in rb.services:
-        print(f"drctl: error: unknown service {args.service!r}", file=sys.stderr)
+    if not _service(rb, args.service):
         return 2
     results = asyncio.run(run_health_checks(rb.services[args.service], dict(os.environ)))
     for r in results:

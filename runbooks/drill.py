@@ -79,13 +79,22 @@ async def _probe(step: Step, env: dict[str, str]) -> str:
         host, port = _hostport(step.tcp)
         await asyncio.to_thread(socket.create_connection, (host, port), step.timeout)
         return f"connected to {step.tcp}"
+    await _shell(step.command or "true", env, step.timeout)
+    return "command ok"
+
+
+async def _shell(command: str, env: dict[str, str], timeout: float) -> None:
     proc = await asyncio.create_subprocess_shell(
-        step.command or "true", env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
+        command, env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), step.timeout)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {out.decode(errors='replace')[-300:]}")
-    return "command ok"
 
 
 async def _health(step: Step, env: dict[str, str]) -> str:
@@ -101,12 +110,7 @@ async def _health(step: Step, env: dict[str, str]) -> str:
 
 
 async def _hook(step: Step, env: dict[str, str]) -> str:
-    proc = await asyncio.create_subprocess_shell(
-        step.run or "true", env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), step.timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}: {out.decode(errors='replace')[-300:]}")
+    await _shell(step.run or "true", env, step.timeout)
     return "ok"
 
 

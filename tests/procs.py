@@ -12,14 +12,10 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from drctl.localservers import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRCTL = [sys.executable, "-m", "drctl"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str,

@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from failover.coordination.base import CoordinationStore
 from failover.coordination.etcd import EtcdStore
-from failover.coordination.memory import MemoryStore
 from failover.errors import FailoverError, LeaseLostError
 from failover.lease import Election, LeaseKeeper, check_timings
 from tests.services import EtcdServer
-
-
-@pytest.fixture(scope="module")
-def etcd_server() -> Iterator[EtcdServer]:
-    server = EtcdServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(params=["memory", "etcd"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[CoordinationStore]:
-    if request.param == "memory":
-        s: CoordinationStore = MemoryStore()
-    else:
-        s = EtcdStore([request.getfixturevalue("etcd_server").endpoint], timeout=2.0)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def test_timing_invariant_is_enforced() -> None:

@@ -3,41 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from failover.coordination.base import CoordinationStore, EventKind
 from failover.coordination.etcd import EtcdStore
-from failover.coordination.memory import MemoryStore
 from failover.errors import LeaseLostError, StoreUnavailableError
 from tests.services import EtcdServer
-
-
-@pytest.fixture(scope="module")
-def etcd_server() -> Iterator[EtcdServer]:
-    server = EtcdServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(params=["memory", "etcd"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[CoordinationStore]:
-    if request.param == "memory":
-        s: CoordinationStore = MemoryStore()
-    else:
-        server: EtcdServer = request.getfixturevalue("etcd_server")
-        s = EtcdStore([server.endpoint])
-    prefix = f"/t/{request.node.name}/"
-    try:
-        yield s
-    finally:
-        snap = await s.snapshot(prefix)
-        for e in snap.entries.values():
-            await s.delete_if(e.key, e.mod_revision)
-        await s.close()
 
 
 def _p(request: pytest.FixtureRequest, key: str) -> str:
