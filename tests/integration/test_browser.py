@@ -69,7 +69,8 @@ def test_click_failover_and_see_primary_and_dns_change(demo: DemoCluster,
 
     def card_text() -> str:
         return str(b.execute_script(  # type: ignore[attr-defined]
-            'return document.querySelector(\'[data-service="app"]\').innerText'))
+            'const e = document.querySelector(\'[data-service="app"]\');'
+            'return e ? e.innerText : ""'))
 
     def click(op: str) -> None:
         b.execute_script(  # type: ignore[attr-defined]
