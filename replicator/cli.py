@@ -73,6 +73,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="give up (with --once) when the target stays unreachable this long")
     p.add_argument("--verify-from-disk", action="store_true",
                    help="with --once: also re-read the replica and compare every block")
+    p.add_argument("--nbd-listen", type=_address, metavar="HOST:PORT",
+                   help="serve the volume over NBD and ship every captured write "
+                   "(no rescans); not with --once")
     p.add_argument("--metrics-port", type=_port)
     p.add_argument("--rpo-budget", type=float, default=0.0, metavar="SECONDS",
                    help="exported as drctl_replication_rpo_budget_seconds for alerting")
@@ -121,7 +124,10 @@ def cmd_push(args: argparse.Namespace) -> int:
         interval=args.interval, window_bytes=args.window,
         connect_timeout=args.connect_timeout if args.once else None,
         verify_from_disk=args.verify_from_disk, rpo_budget=args.rpo_budget,
+        nbd_listen=args.nbd_listen,
     )
+    if args.once and args.nbd_listen:
+        raise UsageError("--nbd-listen serves the volume: it needs a running agent, not --once")
     report = asyncio.run(run_push(opts, args.metrics_port, show_progress=not args.no_progress))
     if args.json:
         print(report.to_json(), flush=True)

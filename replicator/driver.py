@@ -23,6 +23,7 @@ import threading
 import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,15 @@ from tenacity import (
 )
 
 from replicator.batch import Kind
-from replicator.blockmap import UNKNOWN, Geometry, MappedVolume, hash_all, scan_chunks
+from replicator.blockmap import (
+    CHUNK_BLOCKS,
+    UNKNOWN,
+    Geometry,
+    MappedVolume,
+    ScanWindow,
+    hash_all,
+    scan_chunks,
+)
 from replicator.errors import (
     ProtocolError,
     ReplanNeededError,
@@ -78,6 +87,7 @@ class PushOptions:
     verify_from_disk: bool = False
     save_interval: float = 10.0
     rpo_budget: float = 0.0
+    nbd_listen: str | None = None  # serve the volume over NBD and ship captured writes
 
 
 @dataclass
@@ -122,6 +132,8 @@ class PushDriver:
         self._all_acked = asyncio.Event()
         self.dirty_since: float | None = None
         self.clean_as_of: float | None = None  # the replica held everything written before this
+        # With write capture: when the oldest unshipped write was acknowledged (exact lag).
+        self.capture_clock: Callable[[], float | None] | None = None
         self._last_save = 0.0
         self.planner: Planner | None = None
         # Encoded messages of unacknowledged batches, by sequence (kept apart from PlannedBatch
@@ -210,8 +222,9 @@ class PushDriver:
 
     # -- one pass --------------------------------------------------------------------------
 
-    async def run_pass(self) -> bool:
-        """Ship every difference between the volume and the replica. True if anything changed."""
+    async def run_pass(self, blocks: set[int] | None = None) -> bool:
+        """Ship every difference between the volume and the replica (or, with ``blocks``
+        from write capture, only those blocks' chunks: no scan). True if anything changed."""
         assert self.vol is not None and self.planner is not None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[PlannedBatch | None] = asyncio.Queue(maxsize=8)
@@ -224,7 +237,10 @@ class PushDriver:
         self._all_acked.clear()
         self._window_open.set()
         changed_before = self.planner.stats.changed_blocks
-        producer = loop.run_in_executor(self.pool, self._produce, queue, loop, abort, estimate)
+        chunks = None if blocks is None else sorted({b // CHUNK_BLOCKS for b in blocks
+                                                     if b < self.geo.blocks})
+        producer = loop.run_in_executor(self.pool, self._produce, queue, loop, abort, estimate,
+                                        chunks)
         try:
             await self._ship(queue)
         finally:
@@ -251,7 +267,7 @@ class PushDriver:
         return self._seq
 
     def _produce(self, queue: asyncio.Queue[PlannedBatch | None], loop: asyncio.AbstractEventLoop,
-                 abort: threading.Event, estimate: float) -> None:
+                 abort: threading.Event, estimate: float, chunks: list[int] | None) -> None:
         assert self.vol is not None and self.planner is not None
         view = self.vol.view
         self.progress.scanned = 0
@@ -267,7 +283,9 @@ class PushDriver:
                         fut.cancel()
                         return False
 
-        for window in scan_chunks(view, self.geo, self.state.seen):
+        windows = (scan_chunks(view, self.geo, self.state.seen) if chunks is None else
+                   [ScanWindow([(c, UNKNOWN) for c in chunks], 0)])
+        for window in windows:
             if abort.is_set():
                 return
             self.progress.scanned += window.scanned_bytes
@@ -422,6 +440,11 @@ class PushDriver:
     def lag(self) -> float:
         """Seconds since the oldest write the replica may not hold (an upper bound)."""
         now = time.time()
+        if self.capture_clock is not None:
+            since = self.capture_clock()
+            oldest = min(t for t in (since, self.dirty_since) if t is not None) \
+                if since is not None or self.dirty_since is not None else None
+            return 0.0 if oldest is None else max(0.0, now - oldest)
         if self.dirty_since is not None:
             return max(0.0, now - self.dirty_since)
         if self.clean_as_of is None:
