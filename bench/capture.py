@@ -35,7 +35,8 @@ def fio(args: list[str], seconds: int) -> float:
                         "--output-format=json", *args], capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"fio failed: {p.stderr[-2000:]}")
-    return float(json.loads(p.stdout)["jobs"][0]["write"]["iops"])
+    out = p.stdout[p.stdout.index("{"):]  # the nbd engine prints a line before the JSON
+    return float(json.loads(out)["jobs"][0]["write"]["iops"])
 
 
 def lag(port: int) -> float | None:

@@ -34,7 +34,8 @@ class ChangeJournal:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.lock = threading.Lock()
         self.dirty: set[int] = set()
-        self.first_dirty_at: float | None = None
+        self._dirty_since: float | None = None  # first write into ``dirty``
+        self._inflight_since: float | None = None  # first write of the blocks taken, unacked
         self.records = 0
         self.flushes = 0
         self.seq = 0  # appends ever made by this process: GroupCommit's clock, never reset
@@ -51,7 +52,7 @@ class ChangeJournal:
                 self._mark(offset, length)
             self.records += 1
         if self.dirty:
-            self.first_dirty_at = os.fstat(self.fd).st_mtime
+            self._dirty_since = os.fstat(self.fd).st_mtime
 
     def _mark(self, offset: int, length: int) -> None:
         bs = self.block_size
@@ -65,8 +66,8 @@ class ChangeJournal:
             self.seq += 1
             if kind == KIND_WRITE:
                 self._mark(offset, length)
-                if self.first_dirty_at is None:
-                    self.first_dirty_at = time.time()
+                if self._dirty_since is None:
+                    self._dirty_since = time.time()
             else:
                 self.flushes += 1
             return self.seq
@@ -82,17 +83,31 @@ class ChangeJournal:
         finally:
             os.close(fd)
 
+    @property
+    def first_dirty_at(self) -> float | None:
+        """When the oldest write not yet acknowledged by the target was acknowledged to the
+        NBD client (None: everything is shipped)."""
+        times = [t for t in (self._inflight_since, self._dirty_since) if t is not None]
+        return min(times) if times else None
+
     def take(self) -> set[int]:
         """The blocks written since the last take (they stay journaled until checkpoint)."""
         with self.lock:
             out, self.dirty = self.dirty, set()
+            if self._inflight_since is None:
+                self._inflight_since = self._dirty_since
+            self._dirty_since = None
             return out
 
     def checkpoint(self, still_dirty: set[int]) -> None:
         """Everything taken so far is acknowledged by the target: rewrite the journal with only
         the blocks written since (and any given back)."""
         with self.lock:
-            self.dirty |= still_dirty
+            if still_dirty:
+                self.dirty |= still_dirty
+                times = [t for t in (self._inflight_since, self._dirty_since) if t is not None]
+                self._dirty_since = min(times) if times else time.time()
+            self._inflight_since = None
             tmp = self.path + ".tmp"
             with open(tmp, "wb") as fh:
                 for b in sorted(self.dirty):
@@ -103,8 +118,6 @@ class ChangeJournal:
             os.close(self.fd)
             self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
             self.records = len(self.dirty)
-            if not self.dirty:
-                self.first_dirty_at = None
 
     def close(self) -> None:
         os.close(self.fd)

@@ -85,6 +85,8 @@ def test_qemu_io_writes_flush_trim_and_zeroes(captured: tuple[str, str, int, Pro
         fh.seek(4096)
         assert fh.read(65536) == b"\xab" * 65536
     wait_for(lambda: same_file(src, target.image("vol")), 20, "qemu-io writes to replicate")
+    wait_for(lambda: metric(scrape(mport), "drctl_replication_lag_seconds", volume="vol") == 0,
+             10, "lag back to 0 once everything is acknowledged")
     shipped = _scanned(mport) - before
     assert shipped <= 24 * 4096, f"shipped {shipped} bytes: only written blocks should go"
 
