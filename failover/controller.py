@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+import urllib.request
 from dataclasses import dataclass
 
 from failover.config import ClusterConfig, ServiceConfig
@@ -145,7 +146,7 @@ class Controller:
             primary_lost_since=rec.primary_lost_since, replica_alive=replica_hb is not None,
             replica_lag_seconds=rec.last_lag_seconds, last_failover_at=rec.last_failover_at,
             state_since=rec.since, command=cmd.command if cmd else Command.NONE,
-            step_done=self._step_done(rec, snap, svc),
+            step_done=await self._step_done(rec, snap, svc),
             step_failed=bool(rec.operation and rec.operation.error and
                              rec.state is not State.FAILED),
             failed_step=State(rec.operation.failed_step)
@@ -179,12 +180,15 @@ class Controller:
             self.metrics.service(svc.name, rec.state, rec.epoch, rec.last_lag_seconds)
         return CycleResult(svc.name, rec.state, decision.action, decision.message)
 
-    def _step_done(self, rec: ServiceRecord, snap: Snapshot, svc: ServiceConfig) -> bool:
+    async def _step_done(self, rec: ServiceRecord, snap: Snapshot, svc: ServiceConfig) -> bool:
         op = rec.operation
         if rec.state is State.FENCING and op is not None:
             old = self._heartbeat(snap, op.source)
             if old is None:
-                return True  # its lease expired: the agent fenced itself before that
+                # Its lease expired: the agent fenced itself before that. The witness (the old
+                # primary site's health endpoint, if configured) must agree: a service still
+                # answering there was not stopped, and promoting now would make two primaries.
+                return not await self._witness_says_serving(op.source)
             health = old.services.get(svc.name)
             return health is not None and health.role == "fenced" and health.epoch >= rec.epoch
         if rec.state is State.PROMOTING and op is not None:
@@ -198,6 +202,24 @@ class Controller:
             health = back.services.get(svc.name) if back else None
             return health is not None and health.role == "replica"
         return False
+
+    async def _witness_says_serving(self, site: str) -> bool:
+        url = self.config.sites[site].health_url
+        if not url:
+            return False
+
+        def probe() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as r:
+                    return 200 <= int(r.status) < 300
+            except OSError:
+                return False
+
+        serving = await asyncio.to_thread(probe)
+        if serving:
+            log.warning("witness: %s still answers at %s: not promoting until it stops", site,
+                        url)
+        return serving
 
     async def _act(self, d: Decision, rec: ServiceRecord, svc: ServiceConfig,
                    cmd: CommandRecord | None, now: float) -> None:

@@ -302,3 +302,45 @@ def test_a_runbook_drives_the_failover(workdir: str, etcd: EtcdServer,
     finally:
         for p in procs.values():
             p.stop()
+
+
+def test_witness_holds_promotion_while_the_old_primary_still_answers(
+        workdir: str, etcd: EtcdServer, named: NamedServer) -> None:
+    """The primary's agent dies but its service still answers on the health endpoint (it was
+    never stopped): the controller does not promote until the witness stops answering."""
+    import http.server
+    import threading
+    import time
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    cfg = write_config(workdir, etcd, named, allow_data_loss=True)
+    with open(cfg) as fh:
+        doc = json.load(fh)
+    doc["sites"]["east"]["health_url"] = f"http://127.0.0.1:{httpd.server_port}/health"
+    with open(cfg, "w") as fh:
+        json.dump(doc, fh)
+    procs = start_all(workdir, cfg)
+    try:
+        wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 20, "east start hook")
+        procs["east"].kill9()
+        wait_for(lambda: app(cfg)["state"] == "fencing", 20, "fencing")
+        time.sleep(3)  # well past the lease and grace: still held by the witness
+        assert app(cfg)["state"] == "fencing" and app(cfg)["primary"] == "east"
+        assert dig(named) == "10.0.0.1"
+        httpd.shutdown()
+        httpd.server_close()
+        wait_for(lambda: app(cfg)["state"] == "failed_over", 20, "failover once it stops")
+        assert dig(named) == "10.0.0.2"
+    finally:
+        for p in procs.values():
+            p.stop()
