@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
+
+from drctl.shell import ShellError, run_shell
 
 log = logging.getLogger(__name__)
 
@@ -14,19 +14,13 @@ async def run_hook(name: str, command: str | None, env: dict[str, str],
     """Run ``command`` (if any) with DRCTL_* variables; True on exit status 0."""
     if not command:
         return True
-    proc = await asyncio.create_subprocess_shell(
-        command, env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        await run_shell(command, env, timeout)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         log.error("hook %s timed out after %.0fs: %s", name, timeout, command)
         return False
-    if proc.returncode != 0:
-        log.error("hook %s failed (exit %s): %s", name, proc.returncode,
-                  out.decode(errors="replace")[-500:])
+    except ShellError as exc:
+        log.error("hook %s failed (%s)", name, exc)
         return False
     log.info("hook %s ok", name)
     return True

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import time
 import urllib.request
@@ -19,6 +18,7 @@ import uuid
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 
+from drctl.shell import run_shell
 from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server, TsigKey
 from runbooks.model import Runbook, Service, Step, StepType, Where
 
@@ -84,17 +84,7 @@ async def _probe(step: Step, env: dict[str, str]) -> str:
 
 
 async def _shell(command: str, env: dict[str, str], timeout: float) -> None:
-    proc = await asyncio.create_subprocess_shell(
-        command, env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}: {out.decode(errors='replace')[-300:]}")
+    await run_shell(command, env, timeout)
 
 
 async def _health(step: Step, env: dict[str, str]) -> str:
@@ -102,7 +92,7 @@ async def _health(step: Step, env: dict[str, str]) -> str:
     for attempt in range(step.retries + 1):
         try:
             return await asyncio.wait_for(_probe(step, env), step.timeout + 1)
-        except (OSError, RuntimeError, TimeoutError) as exc:
+        except (OSError, RuntimeError, TimeoutError) as exc:  # ShellError is a RuntimeError
             last = f"attempt {attempt + 1}: {exc}"
             if attempt < step.retries:
                 await asyncio.sleep(step.interval)
