@@ -149,15 +149,18 @@ async def _captured(driver: PushDriver, opts: PushOptions, stop: asyncio.Event) 
     anything written while the agent was down); after that each pass covers the blocks the
     journal recorded. A pass's blocks leave the journal only once the target acknowledged it.
     """
-    from replicator.capture.journal import ChangeJournal
     from replicator.capture.nbd import NbdExport, NbdServer
     from replicator.units import parse_hostport
 
     assert opts.nbd_listen is not None
     os.makedirs(opts.state_dir, exist_ok=True)
-    journal = ChangeJournal(os.path.join(opts.state_dir, "journal"), opts.block_size)
     wake = asyncio.Event()
-    export = NbdExport(opts.volume, opts.path, journal, on_change=wake.set)
+    export = NbdExport(opts.volume, opts.path, os.path.join(opts.state_dir, "journal"),
+                       opts.block_size, on_change=wake.set)
+    journal = export.journal
+    if journal.replayed:
+        log.warning("volume %s: replayed %d journaled writes into the volume", opts.volume,
+                    journal.replayed)
     server = NbdServer(export)
     host, port = parse_hostport(opts.nbd_listen)
     bound = await server.start(host, port)
@@ -195,7 +198,6 @@ async def _captured(driver: PushDriver, opts: PushOptions, stop: asyncio.Event) 
     finally:
         await server.close()
         export.close()
-        journal.close()
 
 
 async def _first(*events: asyncio.Event) -> None:

@@ -2,8 +2,9 @@
 
 Options: EXPORT_NAME, INFO, GO, LIST, ABORT (STRUCTURED_REPLY and others are answered
 unsupported, so clients use simple replies). Commands: READ, WRITE, FLUSH, TRIM,
-WRITE_ZEROES, DISC. A WRITE / TRIM / WRITE_ZEROES is written to the volume and journaled,
-and both are durable (group commit) before the reply; FLUSH journals a consistency point.
+WRITE_ZEROES, DISC. A WRITE is journaled with its data (a redo log) and written to the volume; the
+journal is durable (group commit) before the reply; TRIM / WRITE_ZEROES journal a zero range;
+FLUSH journals a marker.
 Protocol reference: the NBD protocol document (doc/proto.md of the NBD project).
 """
 
@@ -16,7 +17,13 @@ import os
 import struct
 from collections.abc import Callable
 
-from replicator.capture.journal import KIND_FLUSH, KIND_WRITE, ChangeJournal, GroupCommit
+from replicator.capture.journal import (
+    KIND_FLUSH,
+    KIND_WRITE,
+    KIND_ZERO,
+    ChangeJournal,
+    GroupCommit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +51,19 @@ _REQ = struct.Struct(">IHHQQI")
 
 
 class NbdExport:
-    def __init__(self, name: str, path: str, journal: ChangeJournal,
+    def __init__(self, name: str, path: str, journal_path: str, block_size: int,
                  on_change: Callable[[], None] | None = None) -> None:
         self.name = name
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        self.journal = journal
-        self.commit = GroupCommit(self.fd, journal)
+        self.journal = ChangeJournal(journal_path, block_size, self.fd)  # replays into the fd
+        self.commit = GroupCommit(self.journal)
         self.on_change = on_change
         self.flags = (T_HAS_FLAGS | T_SEND_FLUSH | T_SEND_FUA | T_SEND_TRIM
                       | T_SEND_WRITE_ZEROES | T_CAN_MULTI_CONN)
 
     def close(self) -> None:
+        self.journal.close()
         os.close(self.fd)
 
 
@@ -175,10 +183,12 @@ class NbdServer:
                 payload = await asyncio.to_thread(os.pread, ex.fd, length, offset)
                 await self._simple(w, lock, handle, 0, payload)
                 return
-            if cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
-                buf = data if cmd == CMD_WRITE else bytes(length)
-                await asyncio.to_thread(os.pwrite, ex.fd, buf, offset)
-                n = ex.journal.append(KIND_WRITE, offset, length)
+            if cmd == CMD_WRITE:
+                n = ex.journal.append(KIND_WRITE, offset, length, data)  # the redo record
+                await asyncio.to_thread(os.pwrite, ex.fd, data, offset)
+            elif cmd in (CMD_TRIM, CMD_WRITE_ZEROES):
+                n = ex.journal.append(KIND_ZERO, offset, length)
+                await asyncio.to_thread(os.pwrite, ex.fd, bytes(length), offset)
             elif cmd == CMD_FLUSH:
                 n = ex.journal.append(KIND_FLUSH, 0, 0)
             else:
