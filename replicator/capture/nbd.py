@@ -46,6 +46,7 @@ T_CAN_MULTI_CONN = 256
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
 EIO, EINVAL, ENOSPC, ENOTSUP = 5, 22, 28, 95
 MAX_REQUEST = 32 << 20
+INLINE_IO = 64 << 10  # smaller reads and writes are done on the loop (page cache copies)
 
 _REQ = struct.Struct(">IHHQQI")
 
@@ -180,12 +181,16 @@ class NbdServer:
         ex = self.export
         try:
             if cmd == CMD_READ:
-                payload = await asyncio.to_thread(os.pread, ex.fd, length, offset)
+                payload = (os.pread(ex.fd, length, offset) if length <= INLINE_IO
+                           else await asyncio.to_thread(os.pread, ex.fd, length, offset))
                 await self._simple(w, lock, handle, 0, payload)
                 return
             if cmd == CMD_WRITE:
                 n = ex.journal.append(KIND_WRITE, offset, length, data)  # the redo record
-                await asyncio.to_thread(os.pwrite, ex.fd, data, offset)
+                if length <= INLINE_IO:  # a page-cache copy: cheaper than a thread hop
+                    os.pwrite(ex.fd, data, offset)
+                else:
+                    await asyncio.to_thread(os.pwrite, ex.fd, data, offset)
             elif cmd in (CMD_TRIM, CMD_WRITE_ZEROES):
                 n = ex.journal.append(KIND_ZERO, offset, length)
                 await asyncio.to_thread(os.pwrite, ex.fd, bytes(length), offset)
