@@ -72,6 +72,9 @@ class SiteAgent:
                 await self._registered(stop)
             except* (StoreUnavailableError, LeaseLostError) as group:
                 log.warning("site %s: %s", self.site, group.exceptions[0])
+            except* Exception as group:  # an agent must outlive surprises: fence, re-register
+                log.error("site %s: unexpected %r: fencing and registering again", self.site,
+                          group.exceptions[0])
             if not stop.is_set():
                 await self.fence_all("lost etcd: fencing before the lease can expire")
                 with contextlib.suppress(TimeoutError):

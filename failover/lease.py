@@ -50,8 +50,9 @@ class LeaseKeeper:
         self._last_ok = 0.0
 
     async def grant(self) -> Lease:
+        sent = asyncio.get_running_loop().time()
         self.lease = await self.store.grant_lease(self.ttl)
-        self._last_ok = asyncio.get_running_loop().time()
+        self._last_ok = sent
         return self.lease
 
     async def run(self) -> None:
@@ -59,13 +60,16 @@ class LeaseKeeper:
         assert self.lease is not None, "grant() first"
         loop = asyncio.get_running_loop()
         while not self.lost.is_set():
-            await asyncio.sleep(self.interval)
-            if loop.time() - self._last_ok > self.local_deadline:
+            # Wake at the next refresh, or exactly at the local deadline if that comes first.
+            remaining = self.local_deadline - (loop.time() - self._last_ok)
+            await asyncio.sleep(max(0.0, min(self.interval, remaining)))
+            if loop.time() - self._last_ok >= self.local_deadline:
                 self._lose("no successful refresh within the local deadline")
                 return
+            sent = loop.time()  # etcd restarts the TTL at most now: count from here
             try:
                 await asyncio.wait_for(self.lease.refresh(), self.retry_timeout)
-                self._last_ok = loop.time()
+                self._last_ok = sent
             except LeaseLostError as exc:
                 self._lose(str(exc))
                 return

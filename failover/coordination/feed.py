@@ -30,6 +30,11 @@ class ChangeFeed:
                 log.warning("change feed on %s: %s: starting again", self.prefix, exc)
                 self.changed.set()
                 await asyncio.sleep(0.5)
+            except Exception as exc:
+                log.error("change feed on %s failed (%s: %s): starting again", self.prefix,
+                          type(exc).__name__, exc)
+                self.changed.set()
+                await asyncio.sleep(1.0)
 
     async def wait(self, timeout: float) -> None:
         """Until something changed or ``timeout`` passed; then re-arm."""

@@ -236,7 +236,11 @@ def test_partitioned_primary_fences_itself_before_the_replica_is_promoted(
     try:
         wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 20, "east start hook")
         subprocess.run(["iptables", "-I", *rule], check=True)
-        wait_for(lambda: app(cfg)["state"] == "failed_over", 30, "failover")
+        try:
+            wait_for(lambda: app(cfg)["state"] == "failed_over", 30, "failover")
+        except TimeoutError as exc:
+            logs = {n: p.log()[-1500:] for n, p in procs.items()}
+            raise AssertionError(f"{exc}: {app(cfg)}\n{logs}") from None
         east = procs["east"].popen
         assert east is not None and east.poll() is None, procs["east"].log()[-3000:]
         fenced = os.path.getmtime(f"{workdir}/east.fence")
