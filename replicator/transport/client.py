@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from array import array
 from collections.abc import AsyncIterator
@@ -53,12 +54,15 @@ _BY_DETAIL_PREFIX: dict[str, type[ReplicatorError]] = {
 
 
 def translate(exc: grpc.aio.AioRpcError, address: str) -> ReplicatorError:
-    details = exc.details() or ""
+    return translate_status(exc.code(), exc.details() or "", address)
+
+
+def translate_status(code: grpc.StatusCode, details: str, address: str) -> ReplicatorError:
     for prefix, cls in _BY_DETAIL_PREFIX.items():
         if details.startswith(prefix):
             return cls(f"target {address}: {details}")
-    cls = _BY_STATUS.get(exc.code(), ReplicatorError)
-    return cls(f"target {address}: {exc.code().name}: {details}")
+    cls = _BY_STATUS.get(code, ReplicatorError)
+    return cls(f"target {address}: {code.name}: {details}")
 
 
 @dataclass(frozen=True)
@@ -170,14 +174,30 @@ class PushCall:
             await self.call.write(msg)
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, self.address) from None
-        except grpc.aio.UsageError as exc:  # the call already ended; read() tells why
-            raise TargetUnavailableError(f"target {self.address}: stream closed: {exc}") from None
+        except (grpc.aio.UsageError, asyncio.InvalidStateError):
+            # The target already ended the stream (e.g. it refused a stale epoch): report
+            # why it did, not that we could not write.
+            raise await self._ended() from None
+
+    async def _ended(self) -> ReplicatorError:
+        try:
+            code = await self.call.code()
+            details = await self.call.details()
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            return TargetUnavailableError(f"target {self.address}: stream closed: {exc}")
+        if code == grpc.StatusCode.OK:
+            return TargetUnavailableError(f"target {self.address}: stream closed")
+        return translate_status(code, details or "", self.address)
 
     async def done_writing(self) -> None:
         try:
             await self.call.done_writing()
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, self.address) from None
+        except (grpc.aio.UsageError, asyncio.InvalidStateError):
+            raise await self._ended() from None
 
     async def acks(self) -> AsyncIterator[Any]:
         try:
