@@ -123,13 +123,6 @@ class MappedVolume:
         self.close()
 
 
-def hash_blocks(view: memoryview, geo: Geometry, first: int, count: int) -> list[int]:
-    bs = geo.block_size
-    start = first * bs
-    end = min(geo.size, (first + count) * bs)
-    return [block_hash(view[off : off + bs]) for off in range(start, end, bs)]
-
-
 def hash_all(view: memoryview, geo: Geometry) -> array[int]:
     """Per-block hashes of the whole volume."""
     bs = geo.block_size
@@ -147,7 +140,7 @@ def chunk_hashes(view: memoryview, geo: Geometry, first_chunk: int, count: int) 
 class ScanWindow:
     """Chunks of one window of the volume whose content may differ from the replica's."""
 
-    chunks: list[tuple[int, int]]  # (chunk index, chunk hash at scan time)
+    chunks: list[int]  # chunk indices
     scanned_bytes: int
 
 
@@ -162,7 +155,7 @@ def scan_chunks(view: memoryview, geo: Geometry, seen_chunks: array[int],
     for c0 in range(0, geo.chunks, window_chunks):
         n = min(window_chunks, geo.chunks - c0)
         hashes = chunk_hashes(view, geo, c0, n)
-        moved = [(c0 + k, ch) for k, ch in enumerate(hashes)
+        moved = [c0 + k for k, ch in enumerate(hashes)
                  if ch == UNKNOWN or seen_chunks[c0 + k] != ch]
         first = c0 * geo.chunk_bytes
         yield ScanWindow(moved, min(geo.size, (c0 + n) * geo.chunk_bytes) - first)

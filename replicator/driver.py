@@ -184,14 +184,14 @@ class PushDriver:
         info = await self.handshake()
         st = self.state
         same_geometry = st.size == self.geo.size and st.block_size == self.geo.block_size
-        if (same_geometry and st.generation == info.generation
-                and st.acked_seq == info.applied_seq and len(st.view) == self.geo.blocks
-                and index_digest(st.view) == info.index_digest):
+        trusted = (same_geometry and st.generation == info.generation
+                   and st.acked_seq == info.applied_seq and len(st.view) == self.geo.blocks
+                   and index_digest(st.view) == info.index_digest)
+        if trusted:
             log.info("volume %s: saved state matches the replica at seq %d", self.o.volume,
                      info.applied_seq)
         elif info.created:
             st.view = self.geo.zero_hashes()
-            st.seen = array("Q", [UNKNOWN]) * self.geo.chunks
         else:
             log.info("volume %s: saved state does not match the replica: fetching its block "
                      "hashes", self.o.volume)
@@ -200,9 +200,8 @@ class PushDriver:
                 raise ProtocolError(f"replica listing has {len(view)} blocks of size {size}, "
                                     f"expected {self.geo.blocks} of {self.geo.size}")
             st.view = view
-            st.seen = array("Q", [UNKNOWN]) * self.geo.chunks
             self.totals.listing_fetched = True
-        if len(st.seen) != self.geo.chunks:
+        if not trusted or len(st.seen) != self.geo.chunks:
             st.seen = array("Q", [UNKNOWN]) * self.geo.chunks
         st.generation, st.size, st.block_size = info.generation, self.geo.size, self.geo.block_size
         st.acked_seq = info.applied_seq
@@ -284,7 +283,7 @@ class PushDriver:
                         return False
 
         windows = (scan_chunks(view, self.geo, self.state.seen) if chunks is None else
-                   [ScanWindow([(c, UNKNOWN) for c in chunks], 0)])
+                   [ScanWindow(chunks, 0)])
         for window in windows:
             if abort.is_set():
                 return
@@ -294,9 +293,7 @@ class PushDriver:
             for planned in self.planner.plan(view, window.chunks, self._next_seq):
                 if self.dirty_since is None:
                     self.dirty_since = estimate
-                encoded = wire.encode_batch(planned.batch)
-                planned.batch.wire_size = len(encoded)
-                self._protos[planned.batch.seq] = encoded
+                self._encoded(planned)
                 with self._unacked_lock:
                     self._unacked_raw += planned.raw_bytes
                 self.m.add(self.m.written, planned.raw_bytes)
@@ -357,16 +354,21 @@ class PushDriver:
         except BaseExceptionGroup as group:
             raise unwrap_group(group) from None
 
-    async def _send(self, call: PushCall, planned: PlannedBatch, resent: str = "") -> None:
+    def _encoded(self, planned: PlannedBatch) -> bytes:
+        """The batch serialised for the wire, kept until acknowledged (re-encoded if the batch
+        was rebuilt)."""
         encoded = self._protos.get(planned.batch.seq)
         if encoded is None:
             encoded = self._protos[planned.batch.seq] = wire.encode_batch(planned.batch)
             planned.batch.wire_size = len(encoded)
-        proto = encoded
+        return encoded
+
+    async def _send(self, call: PushCall, planned: PlannedBatch, resent: str = "") -> None:
+        encoded = self._encoded(planned)
         size = len(encoded)
         if self.bucket is not None:
             await self.bucket.acquire(size)
-        await call.write(proto)
+        await call.write(encoded)
         self.totals.wire_bytes += size
         self.m.add(self.m.shipped_compressed, len(planned.batch.payload))
         self.m.add(self.m.shipped_raw, planned.batch.raw_length)
@@ -399,9 +401,6 @@ class PushDriver:
                     await self._send(call, planned, resent=ack.reason or "rejected")
 
     def _ack_through(self, seq: int) -> None:
-        if seq <= self.acked_seq and self.pending and next(iter(self.pending)) > seq:
-            self._check_all_acked()
-            return
         self.acked_seq = max(self.acked_seq, seq)
         released = 0
         while self.pending:

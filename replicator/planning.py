@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-from replicator.batch import Batch, Compression, Kind
+from replicator.batch import Batch, Compression, Decoder, Kind
 from replicator.blockmap import (
     CHUNK_BLOCKS,
     Geometry,
@@ -68,7 +68,6 @@ class Planner:
         self.seen = seen
         self.dedup_enabled = dedup
         self.max_blocks = max_blocks
-        self.level = compress_level
         self._zstd = zstandard.ZstdCompressor(level=compress_level) if compress_level > 0 else None
         self._dedup: dict[int, int] | None = None
         self.stats = PlanStats()
@@ -79,7 +78,7 @@ class Planner:
             self._dedup.pop(zero_hash(self.geo.block_size), None)
         return self._dedup
 
-    def plan(self, src: memoryview, chunks: list[tuple[int, int]],
+    def plan(self, src: memoryview, chunks: list[int],
              next_seq: Callable[[], int]) -> Iterator[PlannedBatch]:
         """Batches for every block of ``chunks`` whose content differs from the view.
 
@@ -95,7 +94,7 @@ class Planner:
         zh_full = zero_hash(bs)
         max_blocks = self.max_blocks
         cur = _Builder()
-        for c, _scan_hash in chunks:
+        for c in chunks:
             start = c * chunk_bytes
             # A private copy of the chunk first: the volume may be written while we plan, and
             # what is hashed must be exactly what is shipped.
@@ -216,30 +215,16 @@ class Planner:
     def without_copies(self, planned: PlannedBatch) -> Batch:
         """The same batch with every COPY record turned into DATA (the replica refused a copy)."""
         b = planned.batch
+        # A batch with a COPY record is never a contiguous DATA run, so the decoder lists
+        # every record, with each DATA block's offset in the decompressed payload.
+        records, payload = Decoder().open(b)
         kinds = bytearray(b.kinds)
         datas: list[bytes] = []
-        # DATA payload order must follow record order, so rebuild it from scratch.
-        payload = _split_payload(b, self.geo)
-        for pos, kind in enumerate(b.kinds):
+        for pos, (index, kind, _h, source) in enumerate(records):
             if kind == Kind.COPY:
                 kinds[pos] = Kind.DATA
                 datas.append(planned.copy_data[pos])
             elif kind == Kind.DATA:
-                datas.append(payload[pos])
+                datas.append(payload[source : source + self.geo.block_len(index)])
         planned.copy_data.clear()
         return self.encode(b.seq, b.indices, bytes(kinds), b.hashes, [], datas)
-
-
-def _split_payload(b: Batch, geo: Geometry) -> dict[int, bytes]:
-    if b.compression is Compression.ZSTD:
-        raw = zstandard.ZstdDecompressor().decompress(b.payload, max_output_size=b.raw_length)
-    else:
-        raw = b.payload
-    out: dict[int, bytes] = {}
-    pos = 0
-    for i, (index, kind) in enumerate(zip(b.indices, b.kinds, strict=True)):
-        if kind == Kind.DATA:
-            n = geo.block_len(index)
-            out[i] = raw[pos : pos + n]
-            pos += n
-    return out

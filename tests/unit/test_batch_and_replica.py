@@ -144,3 +144,21 @@ def test_hash_all_matches_chunk_scan(tmp_path: object) -> None:
         assert len(hash_all(vol.view, geo)) == 41
         seen = array("Q", [UNKNOWN]) * geo.chunks
         assert sum(len(w.chunks) for w in scan_chunks(vol.view, geo, seen)) == geo.chunks
+
+
+def test_a_refused_copy_is_resent_as_data(tmp_path: object) -> None:
+    d = str(tmp_path)
+    blocks = [b"t" * BS, os.urandom(BS), os.urandom(BS), b"t" * BS]  # block 3 copies block 0
+    src = os.path.join(d, "src.img")
+    _volume(src, blocks)
+    vol, geo, planner, batches = _plan(src, compress_level=1)
+    planned = batches[0]
+    assert planned.batch.kinds.count(Kind.COPY) == 1
+    rebuilt = planner.without_copies(planned)
+    assert rebuilt.kinds == bytes([Kind.DATA]) * 4 and rebuilt.copy_from == []
+    r = Replica(d, "v")
+    r.prepare(geo.size, BS)
+    r.apply(rebuilt)
+    with open(os.path.join(d, "v.img"), "rb") as fh:
+        assert fh.read() == b"".join(blocks)
+    vol.close()
