@@ -24,7 +24,14 @@ from failover.errors import LeaseLostError, StoreUnavailableError
 from failover.fsm import State
 from failover.hooks import run_hook
 from failover.lease import LeaseKeeper
-from failover.records import Heartbeat, ServiceHealth, ServiceRecord, heartbeat_key, state_key
+from failover.records import (
+    Heartbeat,
+    ServiceHealth,
+    ServiceRecord,
+    heartbeat_key,
+    service_record,
+    state_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +42,18 @@ class Role:
     epoch: int = 0
 
 
-def scrape_lag(url: str, timeout: float = 1.0) -> float | None:
-    """Highest drctl_replication_lag_seconds on a push agent's metrics endpoint."""
+def scrape_lag(url: str, volumes: list[str] | None = None,
+               timeout: float = 1.0) -> float | None:
+    """Highest drctl_replication_lag_seconds on a push agent's metrics endpoint (of the given
+    volumes, or of all); None if it cannot be read."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             text = r.read().decode()
     except OSError:
         return None
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("drctl_replication_lag_seconds")]
+              if line.startswith("drctl_replication_lag_seconds{")
+              and (volumes is None or any(f'volume="{v}"' in line for v in volumes))]
     return max(values) if values else None
 
 
@@ -61,10 +71,8 @@ class SiteAgent:
         return [s for s in self.config.services.values() if self.site in (s.primary, s.replica)]
 
     def record(self, snap: Snapshot, svc: ServiceConfig) -> ServiceRecord:
-        raw = snap.value(state_key(self.config.prefix, svc.name))
-        if raw is None:
-            return ServiceRecord(State.HEALTHY, 0.0, svc.primary, svc.replica)
-        return ServiceRecord.decode(raw)
+        return service_record(snap.value(state_key(self.config.prefix, svc.name)), svc.primary,
+                              svc.replica)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -116,9 +124,7 @@ class SiteAgent:
         op = rec.operation
         if op is not None and rec.state is State.FENCING and op.source == self.site:
             return "fenced"
-        if rec.primary == self.site and rec.state is not State.FENCING:
-            return "primary"
-        if rec.primary == self.site:  # fencing someone else while we are primary: keep serving
+        if rec.primary == self.site:
             return "primary"
         return "replica"
 

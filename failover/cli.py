@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # heavy imports stay out of every other drctl command's start-up
     from failover.config import ClusterConfig
     from failover.coordination.etcd import EtcdStore
+    from runbooks.model import Runbook
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,7 +55,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _config(path: str) -> ClusterConfig:
-    """A cluster configuration, or a runbook (``kind: drctl-runbook``) converted to one."""
+    return _load(path)[0]
+
+
+def _load(path: str) -> tuple[ClusterConfig, Runbook | None]:
+    """A cluster configuration, or a runbook (``kind: drctl-runbook``) and the configuration
+    it makes."""
     from failover.config import ConfigError, load
 
     try:
@@ -63,15 +69,16 @@ def _config(path: str) -> ClusterConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from exc
     if not is_runbook:
-        return load(path)
+        return load(path), None
     from runbooks.cluster import to_cluster
     from runbooks.loader import RunbookError
     from runbooks.loader import load as load_runbook
 
     try:
-        return to_cluster(load_runbook(path))
+        runbook = load_runbook(path)
     except RunbookError as exc:
         raise ConfigError("\n".join(exc.errors)) from None
+    return to_cluster(runbook), runbook
 
 
 def _store(cfg: ClusterConfig) -> EtcdStore:
@@ -159,8 +166,7 @@ def cmd_request(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from failover.fsm import State
-    from failover.records import Heartbeat, ServiceRecord, heartbeat_key, leader_key, state_key
+    from failover.records import Heartbeat, heartbeat_key, leader_key, service_record, state_key
 
     cfg = _config(args.config)
 
@@ -178,9 +184,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 {"alive": True, "age_seconds": round(time.time() - Heartbeat.decode(raw).at, 1)}
                 if raw else {"alive": False})
         for name, svc in cfg.services.items():
-            raw = snap.value(state_key(cfg.prefix, name))
-            rec = (ServiceRecord.decode(raw) if raw else
-                   ServiceRecord(State.HEALTHY, 0, svc.primary, svc.replica))
+            rec = service_record(snap.value(state_key(cfg.prefix, name)), svc.primary,
+                                 svc.replica)
             out["services"][name] = {  # type: ignore[index]
                 "state": rec.state, "primary": rec.primary, "replica": rec.replica,
                 "epoch": rec.epoch, "lag_seconds": rec.last_lag_seconds,
@@ -209,16 +214,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     from drctl.lifecycle import stop_on_signals
     from failover.api.app import make_app, read_token
 
-    cfg = _config(args.config)
+    cfg, runbook = _load(args.config)
     token = read_token(args.token_file)
     host, _, port = args.listen.rpartition(":")
-    runbook = None
-    if cfg.path.endswith((".yaml", ".yml", ".json")):
-        with open(cfg.path, encoding="utf-8") as fh:
-            if "drctl-runbook" in fh.read(4096):
-                from runbooks.loader import load as load_runbook
-
-                runbook = load_runbook(cfg.path)
 
     async def serve() -> None:
         stop = asyncio.Event()

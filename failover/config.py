@@ -93,12 +93,10 @@ class _Reader:
             raise self.fail(node, key, where, "expected a non-empty list of HOST:PORT")
         out = []
         for item in value:
-            host, sep, port = str(item).rpartition(":")
-            if not sep:
-                host, port = str(item), str(default_port)
-            if not host or not port.isdigit():
-                raise self.fail(node, key, where, f"invalid address {item!r}")
-            out.append(Server(host, int(port)))
+            try:
+                out.append(Server.parse(item, default_port))
+            except ValueError as exc:
+                raise self.fail(node, key, where, str(exc)) from None
         return out
 
 

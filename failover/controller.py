@@ -38,6 +38,7 @@ from failover.records import (
     command_key,
     heartbeat_key,
     leader_key,
+    service_record,
     state_key,
 )
 
@@ -120,9 +121,9 @@ class Controller:
     def _record(self, snap: Snapshot, svc: ServiceConfig) -> tuple[ServiceRecord, int]:
         key = state_key(self.config.prefix, svc.name)
         entry = snap.entries.get(key)
-        if entry is None:
-            return ServiceRecord(State.HEALTHY, time.time(), svc.primary, svc.replica), 0
-        return ServiceRecord.decode(entry.value), entry.mod_revision
+        rec = service_record(entry.value if entry else None, svc.primary, svc.replica,
+                             time.time())
+        return rec, entry.mod_revision if entry else 0
 
     def _heartbeat(self, snap: Snapshot, site: str) -> Heartbeat | None:
         raw = snap.value(heartbeat_key(self.config.prefix, site))

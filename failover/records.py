@@ -106,3 +106,11 @@ class CommandRecord:
     def decode(cls, raw: bytes) -> CommandRecord:
         d = json.loads(raw)
         return cls(Command(d["command"]), d.get("target"), d["id"], d["at"])
+
+
+def service_record(raw: bytes | None, primary: str, replica: str,
+                   since: float = 0.0) -> ServiceRecord:
+    """The stored record, or the configured starting point when none is stored yet."""
+    if raw is None:
+        return ServiceRecord(State.HEALTHY, since, primary, replica)
+    return ServiceRecord.decode(raw)

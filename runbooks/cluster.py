@@ -15,12 +15,7 @@ from failover.config import ClusterConfig, ConfigError, DnsConfig, Hooks, Servic
 from failover.dns.rfc2136 import RecordSet, Server, TsigKey
 from failover.errors import FailoverError
 from failover.fsm import Policy
-from runbooks.model import Runbook, Service, StepType, Where
-
-
-def _hostport(text: str, default: int) -> Server:
-    host, sep, port = text.rpartition(":")
-    return Server(host, int(port)) if sep else Server(text, default)
+from runbooks.model import Runbook, Service, StepType, Where, Zone
 
 
 def _hooks(rb: Runbook, svc: Service) -> Hooks:
@@ -46,13 +41,19 @@ def _dns(rb: Runbook, svc: Service) -> DnsConfig | None:
     r = svc.dns[0]
     zone = rb.zones[r.zone]
     try:
-        key = (TsigKey.from_bind_file(zone.tsig_file) if zone.tsig_file
-               else TsigKey.from_env(zone.tsig_name, zone.tsig_env or ""))
+        key = zone_key(zone)
     except FailoverError as exc:
         raise ConfigError(f"{rb.path}: dns.zones.{r.zone}.tsig: {exc}") from None
     return DnsConfig(RecordSet(r.zone, r.name, r.type, r.ttl, ()),
-                     tuple(_hostport(s, 53) for s in zone.servers),
-                     tuple(_hostport(s, 53) for s in zone.update), key)
+                     tuple(Server.parse(s) for s in zone.servers),
+                     tuple(Server.parse(s) for s in zone.update), key)
+
+
+def zone_key(zone: Zone) -> TsigKey:
+    """The zone's TSIG key, from its key file or its environment variable."""
+    if zone.tsig_file:
+        return TsigKey.from_bind_file(zone.tsig_file)
+    return TsigKey.from_env(zone.tsig_name, zone.tsig_env or "")
 
 
 def to_cluster(rb: Runbook) -> ClusterConfig:
@@ -64,5 +65,5 @@ def to_cluster(rb: Runbook) -> ClusterConfig:
                                        _hooks(rb, svc))
     sites = {n: Site(n, s.address, s.endpoints.get("health"), s.endpoints.get("replication"))
              for n, s in rb.sites.items()}
-    etcd = tuple((h.host, h.port) for h in (_hostport(e, 2379) for e in rb.etcd))
+    etcd = tuple((h.host, h.port) for h in (Server.parse(e, 2379) for e in rb.etcd))
     return ClusterConfig(rb.path, rb.cluster, etcd, rb.lease_ttl, sites, services)

@@ -19,7 +19,9 @@ from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 
 from drctl.shell import run_shell
-from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server, TsigKey
+from failover.agent import scrape_lag
+from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server
+from runbooks.cluster import zone_key
 from runbooks.model import Runbook, Service, Step, StepType, Where
 
 
@@ -49,25 +51,6 @@ class DrillReport:
         return json.dumps({**asdict(self), "rto_seconds": self.rto_seconds}, indent=1)
 
 
-def _lag(url: str | None, volumes: list[str]) -> float | None:
-    if not url:
-        return None
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            text = r.read().decode()
-    except OSError:
-        return None
-    lags = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("drctl_replication_lag_seconds{")
-            and any(f'volume="{v}"' in line for v in volumes)]
-    return max(lags) if lags else None
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port)
-
-
 async def _probe(step: Step, env: dict[str, str]) -> str:
     if step.http:
         def get() -> int:
@@ -76,8 +59,8 @@ async def _probe(step: Step, env: dict[str, str]) -> str:
         status = await asyncio.to_thread(get)
         return f"HTTP {status}"
     if step.tcp:
-        host, port = _hostport(step.tcp)
-        await asyncio.to_thread(socket.create_connection, (host, port), step.timeout)
+        addr = Server.parse(step.tcp)
+        await asyncio.to_thread(socket.create_connection, (addr.host, addr.port), step.timeout)
         return f"connected to {step.tcp}"
     await _shell(step.command or "true", env, step.timeout)
     return "command ok"
@@ -104,13 +87,6 @@ async def _hook(step: Step, env: dict[str, str]) -> str:
     return "ok"
 
 
-def _key(rb: Runbook, zone: str) -> TsigKey:
-    z = rb.zones[zone]
-    if z.tsig_file:
-        return TsigKey.from_bind_file(z.tsig_file)
-    return TsigKey.from_env(z.tsig_name, z.tsig_env or "")
-
-
 class Drill:
     def __init__(self, rb: Runbook, service: str, name: str | None) -> None:
         from replicator.transport.client import TargetClient
@@ -125,8 +101,9 @@ class Drill:
         self.client = TargetClient(target)
         self.volumes = [v.name for v in self.svc.volumes]
         drill = name or f"drill-{uuid.uuid4().hex[:8]}"
-        self.report = DrillReport(service, drill, self.standby.name, _lag(
-            rb.sites[self.svc.primary].endpoints.get("source_metrics"), self.volumes))
+        metrics = rb.sites[self.svc.primary].endpoints.get("source_metrics")
+        self.report = DrillReport(service, drill, self.standby.name,
+                                  scrape_lag(metrics, self.volumes) if metrics else None)
         self.dns_done: list[tuple[DnsUpdater, RecordSet, list[Server]]] = []
 
     async def timed(self, label: str, coro: Coroutine[object, object, str]) -> bool:
@@ -150,13 +127,13 @@ class Drill:
         names = []
         for r in self.svc.dns:
             zone = self.rb.zones[r.zone]
-            up = DnsUpdater(_key(self.rb, r.zone))
+            up = DnsUpdater(zone_key(zone))
             rr = RecordSet(r.zone, f"{r.name}-{self.report.drill}", r.type, r.ttl,
                            (self.standby.address,))
-            servers = [Server(*_hostport(s)) for s in zone.update]
+            servers = [Server.parse(s) for s in zone.update]
             await up.replace(rr, servers)
             self.dns_done.append((up, rr, servers))
-            await up.verify(rr, [Server(*_hostport(s)) for s in zone.servers], deadline=10)
+            await up.verify(rr, [Server.parse(s) for s in zone.servers], deadline=10)
             names.append(f"{rr.name}.{r.zone} -> {self.standby.address}")
         return "; ".join(names) or "no DNS records"
 

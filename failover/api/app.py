@@ -28,14 +28,14 @@ from failover.config import ClusterConfig
 from failover.coordination.base import CoordinationStore
 from failover.dns.rfc2136 import DnsUpdater
 from failover.errors import FailoverError, StoreUnavailableError
-from failover.fsm import Command, State
+from failover.fsm import Command
 from failover.records import (
     CommandRecord,
     Heartbeat,
-    ServiceRecord,
     command_key,
     heartbeat_key,
     leader_key,
+    service_record,
     state_key,
 )
 
@@ -98,9 +98,7 @@ async def status(request: web.Request) -> web.Response:
     answers = await dns_answers(cfg)
     services = {}
     for name, svc in cfg.services.items():
-        raw = snap.value(state_key(cfg.prefix, name))
-        rec = (ServiceRecord.decode(raw) if raw else
-               ServiceRecord(State.HEALTHY, 0, svc.primary, svc.replica))
+        rec = service_record(snap.value(state_key(cfg.prefix, name)), svc.primary, svc.replica)
         pending = snap.value(command_key(cfg.prefix, name))
         services[name] = {
             "state": rec.state, "primary": rec.primary, "replica": rec.replica,

@@ -82,6 +82,16 @@ class Server:
     host: str
     port: int = 53
 
+    @classmethod
+    def parse(cls, text: str, default_port: int = 53) -> Server:
+        """HOST:PORT, or HOST alone with ``default_port``; ValueError if malformed."""
+        host, sep, port = str(text).rpartition(":")
+        if not sep:
+            host, port = str(text), str(default_port)
+        if not host or not port.isdigit():
+            raise ValueError(f"invalid address {text!r}")
+        return cls(host, int(port))
+
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
 
