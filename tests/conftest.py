@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.procs import Target
+from tests.procs import Target, stop_all
 
 
 @pytest.fixture
@@ -30,3 +30,12 @@ def target(workdir: str) -> Iterator[Target]:
 @pytest.fixture
 def state_dir(workdir: str) -> str:
     return os.path.join(workdir, "state")
+
+
+@pytest.fixture(autouse=True)
+def _stop_started_processes() -> Iterator[None]:
+    """Whatever a test started through tests.procs is stopped by PID when it ends."""
+    try:
+        yield
+    finally:
+        stop_all()

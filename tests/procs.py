@@ -55,6 +55,15 @@ def metric(samples: dict[str, float], name: str, **labels: str) -> float:
     return 0.0
 
 
+_STARTED: list[Proc] = []
+
+
+def stop_all() -> None:
+    """Stop, by PID, every process a test started and left running (even a failed test)."""
+    while _STARTED:
+        _STARTED.pop().stop()
+
+
 @dataclass
 class Proc:
     args: list[str]
@@ -68,6 +77,7 @@ class Proc:
         self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
                                       cwd=REPO, env=env, start_new_session=True)
         log.close()
+        _STARTED.append(self)
         return self
 
     @property
