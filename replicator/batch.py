@@ -56,13 +56,18 @@ class Batch:
     payload: bytes
     checksum: int = 0
     commit: bool = False
+    # Consistency points (write capture): a staged batch is journaled by the target and applied
+    # only together with the rest of its consistency point; ``cp`` is nonzero on the batch that
+    # closes consistency point number ``cp`` (everything staged up to it applies atomically).
+    staged: bool = False
+    cp: int = 0
     # Source-side bookkeeping, never sent.
     wire_size: int = field(default=0, compare=False)
 
     def compute_checksum(self) -> int:
         h = xxhash.xxh3_64()
-        h.update(struct.pack("<QQIIQ", self.seq, self.volume_size, self.block_size,
-                             int(self.compression), self.raw_length))
+        h.update(struct.pack("<QQIIQQB", self.seq, self.volume_size, self.block_size,
+                             int(self.compression), self.raw_length, self.cp, self.staged))
         h.update(_u64_bytes(self.indices))
         h.update(self.kinds)
         h.update(_u64_bytes(self.hashes))
@@ -77,6 +82,51 @@ class Batch:
     @property
     def data_blocks(self) -> int:
         return self.kinds.count(Kind.DATA)
+
+    def pack(self) -> bytes:
+        """A self-contained encoding for the target's redo journal (not the wire format)."""
+        name = self.volume.encode()
+        n, ncopy = len(self.indices), len(self.copy_from)
+        head = _PACK_HEAD.pack(len(name), self.epoch, self.seq, self.block_size,
+                               self.volume_size, n, ncopy, int(self.compression),
+                               self.raw_length, len(self.payload), self.checksum, self.cp,
+                               self.staged)
+        return b"".join((head, name, _u64_bytes(self.indices), self.kinds,
+                         _u64_bytes(self.hashes), _u64_bytes(self.copy_from), self.payload))
+
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview) -> Batch:
+        (nlen, epoch, seq, bs, size, n, ncopy, comp, raw_len, plen, checksum, cp,
+         staged) = _PACK_HEAD.unpack_from(raw, 0)
+        pos = _PACK_HEAD.size
+        view = memoryview(raw)
+
+        def u64s(count: int) -> list[int]:
+            nonlocal pos
+            arr = array("Q")
+            arr.frombytes(view[pos : pos + 8 * count])
+            if sys.byteorder == "big":
+                arr.byteswap()
+            pos += 8 * count
+            return arr.tolist()
+
+        volume = bytes(view[pos : pos + nlen]).decode()
+        pos += nlen
+        indices = u64s(n)
+        kinds = bytes(view[pos : pos + n])
+        pos += n
+        hashes = u64s(n)
+        copy_from = u64s(ncopy)
+        payload = bytes(view[pos : pos + plen])
+        if pos + plen != len(raw):
+            raise CorruptBatchError("malformed", f"journaled batch {seq}: bad length")
+        return cls(volume=volume, epoch=epoch, seq=seq, block_size=bs, volume_size=size,
+                   indices=indices, kinds=kinds, hashes=hashes, copy_from=copy_from,
+                   compression=Compression(comp), raw_length=raw_len, payload=payload,
+                   checksum=checksum, staged=bool(staged), cp=cp)
+
+
+_PACK_HEAD = struct.Struct("<HQQIQIIBIIQQB")
 
 
 # A record as the target applies it: (block index, kind, content hash, source), where source

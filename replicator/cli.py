@@ -52,6 +52,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument("--dir", required=True, help="directory holding the replicas")
     s.add_argument("--metrics-port", type=_port)
     s.add_argument("--grace", type=float, default=10.0, help="drain time on SIGTERM (s)")
+    s.add_argument("--mode", choices=("hot", "warm"), default="hot",
+                   help="hot: write each consistency point into the replica as it completes; "
+                   "warm: keep them in the redo journal until promotion or --apply-interval")
+    s.add_argument("--apply-interval", type=float, metavar="SECONDS",
+                   help="warm mode: apply complete consistency points on this schedule")
     s.set_defaults(func=cmd_serve)
 
     p = rsub.add_parser("push", help="replicate a volume (file or block device) to a target")
@@ -101,7 +106,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def cmd_serve(args: argparse.Namespace) -> int:
     from replicator.daemon import serve
 
-    asyncio.run(serve(args.listen, args.dir, args.metrics_port, args.grace))
+    if args.apply_interval is not None and (args.mode != "warm" or args.apply_interval <= 0):
+        raise UsageError("--apply-interval needs --mode warm and a positive number of seconds")
+    asyncio.run(serve(args.listen, args.dir, args.metrics_port, args.grace, args.mode,
+                      args.apply_interval))
     return 0
 
 

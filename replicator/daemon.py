@@ -35,7 +35,11 @@ GRPC_OPTIONS = [
 
 
 async def serve(listen: str, directory: str, metrics_port: int | None = None,
-                grace: float = 10.0) -> None:
+                grace: float = 10.0, mode: str = "hot",
+                apply_interval: float | None = None) -> None:
+    """``mode``: "hot" writes each complete consistency point into the replica at once; "warm"
+    keeps them in the redo journal until promotion (Fence), a drill (Clone) or, every
+    ``apply_interval`` seconds, the schedule."""
     os.makedirs(directory, exist_ok=True)
     if not os.access(directory, os.W_OK):
         raise UsageError(f"--dir {directory} is not writable")
@@ -47,7 +51,7 @@ async def serve(listen: str, directory: str, metrics_port: int | None = None,
 
     async with AsyncExitStack() as stack:
         stop_on_signals(stack, stop)
-        service = ReplicationService(directory, metrics)
+        service = ReplicationService(directory, metrics, mode)
         stack.callback(service.close)
         server = grpc.aio.server(options=GRPC_OPTIONS)
         wire.add_servicer(service, server)
@@ -56,7 +60,18 @@ async def serve(listen: str, directory: str, metrics_port: int | None = None,
             raise UsageError(f"cannot listen on {listen}")
         await server.start()
         stack.push_async_callback(server.stop, grace)
-        log.info("replication target listening on %s, replicas in %s", listen, directory)
-        print(f"drctl replicate serve: listening on {listen} (dir {directory})", flush=True)
+        log.info("replication target listening on %s, replicas in %s (%s mode)", listen,
+                 directory, mode)
+        print(f"drctl replicate serve: listening on {listen} (dir {directory}, {mode})",
+              flush=True)
+        if mode == "warm" and apply_interval:
+            scheduler = asyncio.ensure_future(_apply_every(service, apply_interval))
+            stack.callback(scheduler.cancel)
         await stop.wait()
         log.info("shutting down: draining streams for up to %.0fs", grace)
+
+
+async def _apply_every(service: ReplicationService, seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        await service.apply_all()

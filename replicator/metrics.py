@@ -124,6 +124,17 @@ class TargetMetrics:
                                         ["volume"], namespace=NS, subsystem=SUB,
                                         registry=registry,
                                         buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+        self.applied_cp = Gauge("applied_consistency_point", "Last consistency point written "
+                                "into the replica image.", ["volume"], namespace=NS,
+                                subsystem=SUB, registry=registry)
+        self.staged_batches = Gauge("staged_batches", "Batches held in the redo journal, not "
+                                    "yet in the image.", ["volume"], namespace=NS, subsystem=SUB,
+                                    registry=registry)
+        self.cp_apply_seconds = Histogram("cp_apply_duration_seconds", "Writing complete "
+                                          "consistency points from the redo journal into the "
+                                          "image.", ["volume"], namespace=NS, subsystem=SUB,
+                                          registry=registry,
+                                          buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
 
 
 def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> None:

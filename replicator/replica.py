@@ -3,8 +3,13 @@
 Files under the target directory, per volume NAME:
   NAME.img   the replica, same size as the source volume
   NAME.meta  two 512-byte commit slots written alternately with pwrite + fdatasync; each holds
-             applied_seq, epoch, geometry and generation with a checksum, so a torn write of one
-             slot leaves the other valid.
+             applied_seq, applied_cp, epoch, geometry and generation with a checksum, so a torn
+             write of one slot leaves the other valid.
+  NAME.wal   the redo journal of staged batches (write capture: see staging.py).
+
+Batches from a scan-based source are written into the image as they arrive. Staged batches
+(write capture), and every batch in warm mode or while staged batches wait, go to the redo
+journal first and reach the image one whole consistency point at a time.
 
 The per-block hash index is kept in memory: built from the image when the daemon first opens the
 volume (or all-zero for a new replica) and updated as blocks are written. Batches are verified
@@ -28,13 +33,15 @@ import xxhash
 from replicator.batch import Batch, Decoder, Kind, Record
 from replicator.blockmap import Geometry, MappedVolume, block_hash, hash_all, zero_block
 from replicator.errors import CorruptBatchError, ProtocolError, VolumeError
+from replicator.staging import StagingLog
 
 Buffer: TypeAlias = bytes | memoryview
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SLOT = 512
 _MAGIC = b"DRCTLRV1"
 _FICLONE = 0x40049409  # ioctl(dest_fd, FICLONE, src_fd): share extents (btrfs, xfs, ...)
-_FMT = "<8sIQQQI36sQ"
+_FMT = "<8sIQQQI36sQQ"
+MODES = ("hot", "warm")
 
 
 def check_volume_name(name: str) -> str:
@@ -53,11 +60,12 @@ class CommitRecord:
     block_size: int
     generation: str
     counter: int
+    applied_cp: int = 0  # the last consistency point written into the image
 
     def pack(self) -> bytes:
-        body = struct.pack(_FMT, _MAGIC, 1, self.applied_seq, self.epoch, self.size,
+        body = struct.pack(_FMT, _MAGIC, 2, self.applied_seq, self.epoch, self.size,
                            self.block_size, self.generation.encode().ljust(36, b"\0"),
-                           self.counter)
+                           self.counter, self.applied_cp)
         body += struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
         return body.ljust(_SLOT, b"\0")
 
@@ -69,10 +77,10 @@ class CommitRecord:
         body, (check,) = raw[:n], struct.unpack("<Q", raw[n : n + 8])
         if xxhash.xxh3_64_intdigest(body) != check:
             return None
-        magic, _ver, seq, epoch, size, bs, gen, counter = struct.unpack(_FMT, body)
+        magic, _ver, seq, epoch, size, bs, gen, counter, cp = struct.unpack(_FMT, body)
         if magic != _MAGIC:
             return None
-        return cls(seq, epoch, size, bs, gen.rstrip(b"\0").decode(), counter)
+        return cls(seq, epoch, size, bs, gen.rstrip(b"\0").decode(), counter, cp)
 
 
 def _index_bytes(index: array[int]) -> bytes:
@@ -90,8 +98,9 @@ def index_digest(index: array[int]) -> bytes:
 class Replica:
     """One replica volume. Not thread-safe by itself: the daemon serialises access per volume."""
 
-    def __init__(self, directory: str, name: str) -> None:
+    def __init__(self, directory: str, name: str, mode: str = "hot") -> None:
         self.name = check_volume_name(name)
+        self.mode = mode
         self.img_path = os.path.join(directory, f"{name}.img")
         self.meta_path = os.path.join(directory, f"{name}.meta")
         self.lock = threading.Lock()
@@ -109,6 +118,7 @@ class Replica:
             self.created = True
         self.record = record
         self._index: array[int] | None = None
+        self.wal = StagingLog(os.path.join(directory, f"{name}.wal"), record.applied_seq)
 
     # -- durable commit record -------------------------------------------------------------
 
@@ -163,7 +173,23 @@ class Replica:
         return self._index
 
     def _rebuild_index(self) -> array[int]:
-        return self.hashes_from_disk()
+        """The image's hashes with every staged batch laid over them: the replica as it will
+        be once everything received is applied (what the source plans against)."""
+        index = self.hashes_from_disk()
+        for frame in self.wal.frames:
+            batch = self.wal.read(frame)
+            for i, h in zip(batch.indices, batch.hashes, strict=True):
+                if i < len(index):
+                    index[i] = h
+        return index
+
+    @property
+    def received_seq(self) -> int:
+        """The last batch held durably here, in the image or in the redo journal."""
+        return max(self.record.applied_seq, self.wal.last_seq)
+
+    def must_stage(self, batch: Batch) -> bool:
+        return batch.staged or self.mode == "warm" or bool(self.wal.frames)
 
     def hashes_from_disk(self) -> array[int]:
         geo = self.geometry
@@ -179,18 +205,83 @@ class Replica:
 
     def apply(self, batch: Batch) -> int:
         """Verify then write one batch (not yet durable). Returns the bytes written."""
+        return self._apply(batch, self.index())
+
+    def _apply(self, batch: Batch, index: array[int] | None) -> int:
+        """Verify then write; ``index`` (None: leave the index alone) takes the new hashes."""
         records, payload = self._decoder.open(batch)
         if batch.block_size != self.record.block_size:
             raise CorruptBatchError("malformed", f"batch {batch.seq}: block size mismatch")
         if batch.volume_size != self.record.size:
             self._resize(batch.volume_size)
-        index = self.index()
         if not records and batch.indices:
             return self._apply_run(batch, payload, index)
         contents = self._verify(batch.seq, records, payload)
         return self._write(records, contents, index)
 
-    def _apply_run(self, batch: Batch, payload: bytes, index: array[int]) -> int:
+    # -- staging (redo journal) ----------------------------------------------------------------
+
+    def stage(self, batch: Batch) -> int:
+        """Verify a batch completely and append it to the redo journal (durable at the next
+        :meth:`commit`). Returns the raw bytes it carries."""
+        records, payload = self._decoder.open(batch)
+        if batch.block_size != self.record.block_size:
+            raise CorruptBatchError("malformed", f"batch {batch.seq}: block size mismatch")
+        if batch.copy_from:
+            # A COPY reads another block at apply time: not idempotent if a crash makes the
+            # target apply the consistency point twice.
+            raise CorruptBatchError("malformed", f"batch {batch.seq}: staged batches cannot "
+                                    "carry COPY records")
+        if batch.volume_size != self.record.size:
+            self._resize(batch.volume_size)
+        bs = self.record.block_size
+        view = memoryview(payload)
+        if not records and batch.indices:
+            got = [block_hash(view[o : o + bs]) for o in range(0, len(payload), bs)]
+            if got != list(batch.hashes):
+                raise CorruptBatchError("block_hash", f"batch {batch.seq}: block hash mismatch")
+        else:
+            self._verify(batch.seq, records, payload)
+        # A batch that was not sent as staged closes its own point (scan passes into a warm
+        # replica): its cp stays the last one seen.
+        closes = batch.cp != 0 or not batch.staged
+        self.wal.append(batch, batch.cp or self._last_cp(), closes)
+        index = self.index()
+        for i, h in zip(batch.indices, batch.hashes, strict=True):
+            index[i] = h
+        return len(payload)
+
+    def _last_cp(self) -> int:
+        for f in reversed(self.wal.frames):
+            if f.closes:
+                return f.cp
+        return self.record.applied_cp
+
+    def apply_staged(self, max_seq: int | None = None) -> tuple[int, int]:
+        """Write every complete consistency point of the redo journal (frames up to
+        ``max_seq``, which must be durable) into the image, make it durable and record it.
+        Returns (frames applied, the image's consistency point)."""
+        frames = self.wal.complete(max_seq)
+        if not frames:
+            return 0, self.record.applied_cp
+        for frame in frames:
+            self._apply(self.wal.read(frame), None)
+        os.fdatasync(self.img_fd)
+        with self.lock:
+            self.record.applied_seq = max(self.record.applied_seq, frames[-1].seq)
+            self.record.applied_cp = frames[-1].cp
+            self._write_meta()
+        self.wal.drop_through(frames[-1].seq)
+        return len(frames), self.record.applied_cp
+
+    def discard_incomplete(self) -> int:
+        """Promotion: the open consistency point will never complete. Drop its batches."""
+        dropped = self.wal.discard_incomplete()
+        if dropped:
+            self._index = None  # the projection included them
+        return dropped
+
+    def _apply_run(self, batch: Batch, payload: bytes, index: array[int] | None) -> int:
         """A run of full DATA blocks: one hash pass, one pwrite, one slice of the index."""
         bs = self.record.block_size
         view = memoryview(payload)
@@ -205,7 +296,8 @@ class Replica:
         written = 0
         while written < len(payload):
             written += os.pwrite(self.img_fd, view[written:], first * bs + written)
-        index[first : first + len(got)] = array("Q", got)
+        if index is not None:
+            index[first : first + len(got)] = array("Q", got)
         return written
 
     def _verify(self, seq: int, records: list[Record], payload: bytes) -> list[Buffer]:
@@ -250,7 +342,8 @@ class Replica:
             append(data)
         return contents
 
-    def _write(self, records: list[Record], contents: list[Buffer], index: array[int]) -> int:
+    def _write(self, records: list[Record], contents: list[Buffer],
+               index: array[int] | None) -> int:
         bs = self.record.block_size
         fd = self.img_fd
         written = 0
@@ -258,7 +351,8 @@ class Replica:
         run: list[Buffer] = []
         for rec, data in zip(records, contents, strict=True):
             i = rec[0]
-            index[i] = rec[2]
+            if index is not None:
+                index[i] = rec[2]
             if run and i == run_start + len(run):
                 run.append(data)
                 continue
@@ -276,11 +370,19 @@ class Replica:
         may or may not be flushed, which is why the caller passes the sequence it had applied
         *before* calling, and only that is recorded.
         """
-        os.fdatasync(self.img_fd)
-        with self.lock:
-            if applied_seq is not None and applied_seq > self.record.applied_seq:
-                self.record.applied_seq = applied_seq
-            self._write_meta()
+        frames = self.wal.frames  # appended to by the volume thread meanwhile
+        if frames:
+            self.wal.sync()  # staged batches: durable in the redo journal
+        # Only batches written into the image count as applied there: stop before the first
+        # one waiting in the redo journal (staging, once begun, lasts until it is drained).
+        direct = applied_seq if applied_seq is not None else self.record.applied_seq
+        if frames:
+            direct = min(direct, frames[0].seq - 1)
+        if direct > self.record.applied_seq or applied_seq is None:
+            os.fdatasync(self.img_fd)
+            with self.lock:
+                self.record.applied_seq = max(self.record.applied_seq, direct)
+                self._write_meta()
 
     def clone(self, name: str) -> tuple[str, str]:
         """A writable copy of the image as applied so far: (path, method). Copy-on-write
@@ -332,6 +434,7 @@ class Replica:
                 self._write_meta()
 
     def close(self) -> None:
+        self.wal.close()
         for fd in (self.img_fd, self.meta_fd):
             try:
                 os.close(fd)

@@ -131,6 +131,9 @@ class HandshakeResponse(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     TARGET_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_SEQ_FIELD_NUMBER: _builtins.int
+    APPLIED_CP_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     generation: _builtins.str
     """changes whenever the replica is (re)created"""
@@ -144,6 +147,14 @@ class HandshakeResponse(_message.Message):
     epoch: _builtins.int
     """highest epoch the replica has accepted"""
     target_id: _builtins.str
+    image_seq: _builtins.int
+    """Write capture (consistency points): batches up to applied_seq are durable on the target,
+    either written into the image or held in its redo journal (staged). image_seq is the last
+    batch written into the image; applied_cp the last consistency point the image shows.
+    """
+    applied_cp: _builtins.int
+    mode: _builtins.str
+    """"hot" (apply each consistency point) or "warm" """
     def __init__(
         self,
         *,
@@ -155,10 +166,13 @@ class HandshakeResponse(_message.Message):
         created: _builtins.bool = ...,
         epoch: _builtins.int = ...,
         target_id: _builtins.str = ...,
+        image_seq: _builtins.int = ...,
+        applied_cp: _builtins.int = ...,
+        mode: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_seq", b"applied_seq", "created", b"created", "epoch", b"epoch", "generation", b"generation", "index_digest", b"index_digest", "protocol_version", b"protocol_version", "replica_size", b"replica_size", "target_id", b"target_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_cp", b"applied_cp", "applied_seq", b"applied_seq", "created", b"created", "epoch", b"epoch", "generation", b"generation", "image_seq", b"image_seq", "index_digest", b"index_digest", "mode", b"mode", "protocol_version", b"protocol_version", "replica_size", b"replica_size", "target_id", b"target_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -182,6 +196,8 @@ class DeltaBatch(_message.Message):
     CHECKSUM_FIELD_NUMBER: _builtins.int
     VOLUME_SIZE_FIELD_NUMBER: _builtins.int
     COMMIT_FIELD_NUMBER: _builtins.int
+    STAGED_FIELD_NUMBER: _builtins.int
+    CP_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     epoch: _builtins.int
     seq: _builtins.int
@@ -201,6 +217,12 @@ class DeltaBatch(_message.Message):
     """A consistency point: make durable and ack now. A batch with seq 0, no records and commit
     set is a flush request.
     """
+    staged: _builtins.bool
+    """Consistency points (write capture): a staged batch is kept in the target's redo journal
+    and written into the replica only together with its whole consistency point; the batch
+    with cp set closes consistency point number cp.
+    """
+    cp: _builtins.int
     @_builtins.property
     def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """block numbers, in apply order"""
@@ -230,10 +252,12 @@ class DeltaBatch(_message.Message):
         checksum: _builtins.int = ...,
         volume_size: _builtins.int = ...,
         commit: _builtins.bool = ...,
+        staged: _builtins.bool = ...,
+        cp: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "checksum", b"checksum", "commit", b"commit", "compression", b"compression", "copy_from", b"copy_from", "epoch", b"epoch", "hashes", b"hashes", "indices", b"indices", "kinds", b"kinds", "payload", b"payload", "raw_length", b"raw_length", "seq", b"seq", "volume", b"volume", "volume_size", b"volume_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "checksum", b"checksum", "commit", b"commit", "compression", b"compression", "copy_from", b"copy_from", "cp", b"cp", "epoch", b"epoch", "hashes", b"hashes", "indices", b"indices", "kinds", b"kinds", "payload", b"payload", "raw_length", b"raw_length", "seq", b"seq", "staged", b"staged", "volume", b"volume", "volume_size", b"volume_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,16 +375,25 @@ class FenceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EPOCH_FIELD_NUMBER: _builtins.int
+    APPLIED_CP_FIELD_NUMBER: _builtins.int
+    DISCARDED_BATCHES_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     """the replica's epoch after the call"""
+    applied_cp: _builtins.int
+    """Before fencing, every complete consistency point held in the redo journal is applied;
+    an incomplete one (its closing batch never arrived) is discarded.
+    """
+    discarded_batches: _builtins.int
     def __init__(
         self,
         *,
         epoch: _builtins.int = ...,
+        applied_cp: _builtins.int = ...,
+        discarded_batches: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_cp", b"applied_cp", "discarded_batches", b"discarded_batches", "epoch", b"epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -53,9 +53,10 @@ class VolumeSlot:
 
 
 class ReplicationService(wire.ReplicationServicer):
-    def __init__(self, directory: str, metrics: TargetMetrics) -> None:
+    def __init__(self, directory: str, metrics: TargetMetrics, mode: str = "hot") -> None:
         self.directory = directory
         self.metrics = metrics
+        self.mode = mode
         self.target_id = f"{os.uname().nodename}:{uuid.uuid4().hex[:8]}"
         self._slots: dict[str, VolumeSlot] = {}
         self._open_lock = asyncio.Lock()
@@ -65,9 +66,37 @@ class ReplicationService(wire.ReplicationServicer):
         async with self._open_lock:
             slot = self._slots.get(name)
             if slot is None:
-                replica = await asyncio.to_thread(Replica, self.directory, name)
+                replica = await asyncio.to_thread(Replica, self.directory, name, self.mode)
                 slot = self._slots[name] = VolumeSlot(replica)
+                if replica.wal.frames:
+                    log.info("volume %s: %d staged batches in the redo journal", name,
+                             len(replica.wal.frames))
+                if self.mode == "hot":
+                    await self.apply_staged(slot)  # finish what a crash interrupted
             return slot
+
+    async def apply_staged(self, slot: VolumeSlot, max_seq: int | None = None) -> int:
+        """Write the complete consistency points of a replica's redo journal into its image."""
+        replica = slot.replica
+        if not replica.wal.frames:
+            return 0
+        started = time.perf_counter()
+        applied, cp = await slot.run(replica.apply_staged, max_seq)
+        if applied:
+            self.metrics.applied_cp.labels(replica.name).set(cp)
+            self.metrics.cp_apply_seconds.labels(replica.name).observe(
+                time.perf_counter() - started)
+        self.metrics.staged_batches.labels(replica.name).set(len(replica.wal.frames))
+        return applied
+
+    async def apply_all(self) -> None:
+        """Warm mode's schedule: apply every replica's complete consistency points."""
+        for slot in list(self._slots.values()):
+            try:
+                await self.apply_staged(slot)
+            except (OSError, ReplicatorError) as exc:
+                log.error("volume %s: applying staged batches failed: %s", slot.replica.name,
+                          exc)
 
     def close(self) -> None:
         for slot in self._slots.values():
@@ -101,16 +130,19 @@ class ReplicationService(wire.ReplicationServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"replica I/O error: {exc}")
         replica.created = False
         self.metrics.epoch.labels(replica.name).set(replica.record.epoch)
-        self.metrics.applied_seq.labels(replica.name).set(replica.record.applied_seq)
+        self.metrics.applied_seq.labels(replica.name).set(replica.received_seq)
         return wire.ProtoHandshakeResponse(
             protocol_version=wire.PROTOCOL_VERSION,
             generation=replica.record.generation,
-            applied_seq=replica.record.applied_seq,
+            applied_seq=replica.received_seq,
             index_digest=digest,
             replica_size=replica.record.size,
             created=created,
             epoch=replica.record.epoch,
             target_id=self.target_id,
+            image_seq=replica.record.applied_seq,
+            applied_cp=replica.record.applied_cp,
+            mode=self.mode,
         )
 
     async def _open(self, name: str, context: grpc.aio.ServicerContext) -> VolumeSlot:
@@ -134,10 +166,19 @@ class ReplicationService(wire.ReplicationServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"stale_epoch: volume {request.volume} is already at epoch "
                                 f"{replica.record.epoch}")
-        await slot.run(replica.raise_epoch, request.epoch)
+        async with slot.stream_lock:  # no stream may stage while the journal is settled
+            await self.apply_staged(slot)
+            discarded = await slot.run(replica.discard_incomplete)
+            await slot.run(replica.raise_epoch, request.epoch)
+        if discarded:
+            log.warning("volume %s: discarded %d staged batches of a consistency point that "
+                        "never completed", replica.name, discarded)
         self.metrics.epoch.labels(replica.name).set(replica.record.epoch)
-        log.info("volume %s fenced at epoch %d", replica.name, replica.record.epoch)
-        return wire.ProtoFenceResponse(epoch=replica.record.epoch)
+        log.info("volume %s fenced at epoch %d, consistency point %d", replica.name,
+                 replica.record.epoch, replica.record.applied_cp)
+        return wire.ProtoFenceResponse(epoch=replica.record.epoch,
+                                       applied_cp=replica.record.applied_cp,
+                                       discarded_batches=discarded)
 
     # -- Clone / DropClone -------------------------------------------------------------
 
@@ -148,6 +189,7 @@ class ReplicationService(wire.ReplicationServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"volume {request.volume} has no replica here")
         try:
+            await self.apply_staged(slot)  # a clone shows the last complete consistency point
             path, method = await slot.run(replica.clone, request.name)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -258,7 +300,8 @@ class _PushSession:
         self.end = end
         self.m = service.metrics
         self.name = slot.replica.name
-        self.applied = slot.replica.record.applied_seq  # applied in the file, maybe not durable
+        self.applied = slot.replica.received_seq  # applied or staged, maybe not durable
+        self.durable = self.applied  # acknowledged
         self.waiting_for: int | None = None  # after a rejection: only this seq is accepted
         self.group_bytes = 0
         self._commit_target = self.applied
@@ -321,7 +364,10 @@ class _PushSession:
         await self.slot.run_sync(self.replica.commit, seq)
         self.m.commit_seconds.labels(self.name).observe(time.perf_counter() - started)
         self.m.applied_seq.labels(self.name).set(seq)
+        self.durable = max(self.durable, seq)
         await self.send(wire.ack_ok(seq))
+        if self.service.mode == "hot":
+            await self.service.apply_staged(self.slot, seq)
         if self.commit_again and self.applied > seq:
             self.commit_again = False
             self._commit_target = self.applied
@@ -332,25 +378,23 @@ class _PushSession:
         while True:
             if self.committing is not None:
                 await self.committing
-            if self.applied > self.replica.record.applied_seq:
+            if self.applied > self.durable:
                 self.commit_again = False
                 self.start_commit()
                 continue
             return
 
     async def flush(self) -> None:
-        if self.applied > self.replica.record.applied_seq:
+        if self.applied > self.durable:
             await self.drain_commits()
         else:
-            await self.send(wire.ack_ok(self.replica.record.applied_seq))
+            await self.send(wire.ack_ok(self.durable))
 
     async def reject(self, seq: int, reason: str, message: str) -> None:
         log.warning("volume %s: rejected batch %d (%s): %s", self.name, seq, reason, message)
         self.m.rejected.labels(self.name, reason).inc()
         self.waiting_for = seq
-        await self.send(
-            wire.ack_rejected(self.replica.record.applied_seq, seq, reason, message)
-        )
+        await self.send(wire.ack_rejected(self.durable, seq, reason, message))
 
     async def handle(self, msg: Any) -> None:
         if msg.volume != self.name:
@@ -387,6 +431,8 @@ class _PushSession:
         self.m.received_bytes.labels(self.name).inc(payload_len)
 
     def _apply(self, msg: Any) -> tuple[int, int]:
-        """On the volume thread: convert (copies the payload once) and apply."""
+        """On the volume thread: convert (copies the payload once), then apply or stage."""
         batch: Batch = wire.batch_from_proto(msg)
+        if self.replica.must_stage(batch):
+            return self.replica.stage(batch), len(batch.payload)
         return self.replica.apply(batch), len(batch.payload)

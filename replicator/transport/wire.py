@@ -48,6 +48,8 @@ def batch_to_proto(b: Batch) -> pb.DeltaBatch:
         checksum=b.checksum,
         volume_size=b.volume_size,
         commit=b.commit,
+        staged=b.staged,
+        cp=b.cp,
     )
     return msg
 
@@ -69,6 +71,8 @@ def batch_from_proto(m: pb.DeltaBatch) -> Batch:
         payload=m.payload,
         checksum=m.checksum,
         commit=m.commit,
+        staged=m.staged,
+        cp=m.cp,
     )
 
 

@@ -1,0 +1,186 @@
+"""The target's redo journal (NAME.wal): staged batches waiting for their consistency point.
+
+With write capture the source groups its writes into consistency points (CPs). The target
+appends each verified batch of a CP here and acknowledges it once the journal is fdatasynced;
+the batches are written into the replica image only when the frame that *closes* the CP is
+durable (hot mode: at once; warm mode: on schedule or on promotion). Applying a CP is
+idempotent (staged batches hold only DATA and ZERO records, whole blocks), so a crash while
+applying is repaired by applying the same frames again at the next open: the image as the
+daemon exposes it always shows a whole number of consistency points.
+
+Frame layout: magic, body length, seq, cp, flags, xxh3-64 of the header fields and the body;
+the body is ``Batch.pack()``. A torn frame at the end (a crash mid-append) was never
+acknowledged and is cut off at open.
+
+Concurrency: appends, reads and rewrites run on the volume's thread; ``sync`` may run on
+another thread at the same time (it syncs a duplicate of the descriptor taken under the lock,
+and a rewrite fsyncs the new file before swapping it in, so a sync never acknowledges a frame
+that is not durable).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from dataclasses import dataclass
+
+import xxhash
+
+from replicator.batch import Batch
+from replicator.errors import VolumeError
+
+_MAGIC = b"DWAL"
+_FRAME = struct.Struct("<4sIQQBQ")  # magic, length, seq, cp, flags, checksum
+CLOSES = 1  # this frame closes a consistency point
+_BLOCKS_AT = struct.calcsize("<HQQIQ")  # record count inside Batch.pack()
+REWRITE_BYTES = 64 << 20  # rewrite the journal once this much of it is applied
+
+
+@dataclass(frozen=True)
+class Frame:
+    seq: int
+    cp: int
+    closes: bool
+    offset: int  # of the body in the current file
+    length: int
+    blocks: int
+
+
+def _checksum(length: int, seq: int, cp: int, flags: int, body: bytes | memoryview) -> int:
+    h = xxhash.xxh3_64()
+    h.update(struct.pack("<IQQB", length, seq, cp, flags))
+    h.update(body)
+    return h.intdigest()
+
+
+def _frame(batch: Batch, cp: int, closes: bool) -> bytes:
+    body = batch.pack()
+    flags = CLOSES if closes else 0
+    return _FRAME.pack(_MAGIC, len(body), batch.seq, cp, flags,
+                       _checksum(len(body), batch.seq, cp, flags, body)) + body
+
+
+class StagingLog:
+    def __init__(self, path: str, applied_seq: int) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise VolumeError(f"cannot open redo journal {path}: {exc.strerror}") from exc
+        self.frames: list[Frame] = []
+        self.applied_bytes = 0  # frames already applied at the head of the file
+        self._scan(applied_seq)
+
+    def _scan(self, applied_seq: int) -> None:
+        raw = memoryview(os.pread(self.fd, os.fstat(self.fd).st_size, 0))
+        pos = 0
+        while pos + _FRAME.size <= len(raw):
+            magic, length, seq, cp, flags, check = _FRAME.unpack_from(raw, pos)
+            body = raw[pos + _FRAME.size : pos + _FRAME.size + length]
+            if magic != _MAGIC or len(body) != length or \
+                    _checksum(length, seq, cp, flags, body) != check:
+                break
+            if seq > applied_seq and (not self.frames or seq == self.frames[-1].seq + 1):
+                blocks = struct.unpack_from("<I", body, _BLOCKS_AT)[0]
+                self.frames.append(Frame(seq, cp, bool(flags & CLOSES), pos + _FRAME.size,
+                                         length, blocks))
+            elif seq > applied_seq:
+                break  # a gap cannot happen; stop trusting the file here
+            else:
+                self.applied_bytes = pos + _FRAME.size + length
+            pos += _FRAME.size + length
+        if pos != len(raw):
+            os.ftruncate(self.fd, pos)  # a torn tail: never acknowledged
+        os.fdatasync(self.fd)  # what survived the crash is durable from now on
+
+    # -- appending -----------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self.frames[-1].seq if self.frames else 0
+
+    def append(self, batch: Batch, cp: int, closes: bool) -> Frame:
+        """Add a verified batch (not durable until :meth:`sync`)."""
+        rec = _frame(batch, cp, closes)
+        with self.lock:
+            offset = os.lseek(self.fd, 0, os.SEEK_END)
+            os.write(self.fd, rec)
+        frame = Frame(batch.seq, cp, closes, offset + _FRAME.size, len(rec) - _FRAME.size,
+                      len(batch.indices))
+        self.frames.append(frame)
+        return frame
+
+    def sync(self) -> None:
+        with self.lock:
+            fd = os.dup(self.fd)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def read(self, frame: Frame) -> Batch:
+        return Batch.unpack(os.pread(self.fd, frame.length, frame.offset))
+
+    def complete(self, max_seq: int | None = None) -> list[Frame]:
+        """The frames of every complete consistency point (up to ``max_seq``), in order."""
+        end = 0
+        for i, f in enumerate(self.frames):
+            if max_seq is not None and f.seq > max_seq:
+                break
+            if f.closes:
+                end = i + 1
+        return self.frames[:end]
+
+    @property
+    def staged_blocks(self) -> int:
+        return sum(f.blocks for f in self.frames)
+
+    # -- trimming ------------------------------------------------------------------------------
+
+    def drop_through(self, seq: int) -> None:
+        """Frames up to ``seq`` are applied (and recorded as such): forget them."""
+        keep = [f for f in self.frames if f.seq > seq]
+        if not keep:
+            with self.lock:
+                os.ftruncate(self.fd, 0)
+            self.frames, self.applied_bytes = [], 0
+            return
+        if keep[0] is not self.frames[0]:
+            self.applied_bytes = keep[0].offset - _FRAME.size
+        self.frames = keep
+        if self.applied_bytes >= REWRITE_BYTES:
+            self._rewrite(keep)
+
+    def discard_incomplete(self) -> int:
+        """Drop the frames after the last complete consistency point (promotion: that point
+        will never complete). Returns how many were dropped."""
+        keep = self.complete()
+        dropped = len(self.frames) - len(keep)
+        if dropped:
+            self._rewrite(keep)
+        return dropped
+
+    def _rewrite(self, keep: list[Frame]) -> None:
+        tmp = self.path + ".tmp"
+        moved: list[Frame] = []
+        with open(tmp, "wb") as fh:
+            for f in keep:
+                head = os.pread(self.fd, _FRAME.size + f.length, f.offset - _FRAME.size)
+                moved.append(Frame(f.seq, f.cp, f.closes, fh.tell() + _FRAME.size, f.length,
+                                   f.blocks))
+                fh.write(head)
+            fh.flush()
+            os.fsync(fh.fileno())
+        new_fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        with self.lock:
+            os.replace(tmp, self.path)
+            old, self.fd = self.fd, new_fd
+        os.close(old)
+        self.frames, self.applied_bytes = moved, 0
+
+    def close(self) -> None:
+        os.close(self.fd)
