@@ -14,9 +14,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Coroutine
 from contextlib import AsyncExitStack
-from typing import Any
 
 from drctl.lifecycle import stop_on_signals
 from replicator.driver import PushDriver, PushOptions
@@ -24,6 +22,7 @@ from replicator.errors import ReplanNeededError, ReplicatorError, unwrap_group
 from replicator.metrics import SourceMetrics, serve_metrics
 from replicator.progress import ProgressBar
 from replicator.report import PushReport, PushState
+from replicator.waiting import until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +35,6 @@ class Interrupted(ReplicatorError):
 def _signature(path: str) -> tuple[int, int, bool]:
     st = os.stat(path)
     return st.st_mtime_ns, st.st_size, stat.S_ISBLK(st.st_mode)
-
-
-async def _until_stopped(coro: Coroutine[Any, Any, Any], stop: asyncio.Event) -> bool:
-    """Run ``coro``; if ``stop`` is set first, cancel it. True if it completed."""
-    task = asyncio.ensure_future(coro)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    if task.done():
-        task.result()
-        return True
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return False
 
 
 async def run_push(opts: PushOptions, metrics_port: int | None = None,
@@ -83,7 +65,7 @@ async def run_push(opts: PushOptions, metrics_port: int | None = None,
                                                    driver.progress.started)))
                 try:
                     if opts.once:
-                        completed = await _until_stopped(driver.sync_once(), stop)
+                        completed = await until_stopped(driver.sync_once(), stop)
                     else:
                         completed = await _continuous(driver, opts, stop)
                 finally:
@@ -112,7 +94,7 @@ async def _continuous(driver: PushDriver, opts: PushOptions, stop: asyncio.Event
     if opts.nbd_listen:
         return await _captured(driver, opts, stop)
     driver.open_volume()
-    if not await _until_stopped(driver.reconcile(), stop):
+    if not await until_stopped(driver.reconcile(), stop):
         return False
     last: tuple[int, int, bool] | None = None
     prev_poll = time.time()
@@ -127,7 +109,7 @@ async def _continuous(driver: PushDriver, opts: PushOptions, stop: asyncio.Event
                 driver.open_volume()
                 await driver.reconcile()
             try:
-                if not await _until_stopped(driver.run_pass(), stop):
+                if not await until_stopped(driver.run_pass(), stop):
                     return False
             except ReplanNeededError as exc:
                 log.warning("%s: planning again", exc)
@@ -143,67 +125,6 @@ async def _continuous(driver: PushDriver, opts: PushOptions, stop: asyncio.Event
 
 
 async def _captured(driver: PushDriver, opts: PushOptions, stop: asyncio.Event) -> bool:
-    """Serve the volume over NBD; ship exactly the blocks clients write (no rescans).
+    from replicator.capture.shipper import run_captured
 
-    The first pass after start compares the whole volume with the replica (it catches up with
-    anything written while the agent was down); after that each pass covers the blocks the
-    journal recorded. A pass's blocks leave the journal only once the target acknowledged it.
-    """
-    from replicator.capture.nbd import NbdExport, NbdServer
-    from replicator.units import parse_hostport
-
-    assert opts.nbd_listen is not None
-    os.makedirs(opts.state_dir, exist_ok=True)
-    wake = asyncio.Event()
-    export = NbdExport(opts.volume, opts.path, os.path.join(opts.state_dir, "journal"),
-                       opts.block_size, on_change=wake.set)
-    journal = export.journal
-    if journal.replayed:
-        log.warning("volume %s: replayed %d journaled writes into the volume", opts.volume,
-                    journal.replayed)
-    server = NbdServer(export)
-    host, port = parse_hostport(opts.nbd_listen)
-    bound = await server.start(host, port)
-    print(f"drctl replicate push: NBD export {opts.volume!r} on {host}:{bound}", flush=True)
-    driver.capture_clock = lambda: journal.first_dirty_at
-    try:
-        driver.open_volume()
-        if not await _until_stopped(driver.reconcile(), stop):
-            return False
-        blocks: set[int] | None = None  # None: a full pass first
-        while not stop.is_set():
-            if blocks is None or blocks:
-                if blocks is None:
-                    journal.take()
-                try:
-                    if not await _until_stopped(driver.run_pass(blocks), stop):
-                        if blocks:
-                            journal.checkpoint(blocks)
-                        return False
-                except ReplanNeededError as exc:
-                    log.warning("%s: planning again", exc)
-                    await driver.reconcile()
-                    if blocks:
-                        journal.checkpoint(blocks)
-                    blocks = None
-                    continue
-                journal.checkpoint(set())
-            if time.monotonic() - driver._last_save >= opts.save_interval:
-                await asyncio.to_thread(driver.save_state)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_first(stop, wake), opts.interval)
-            wake.clear()
-            blocks = journal.take()
-        return True
-    finally:
-        await server.close()
-        export.close()
-
-
-async def _first(*events: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
+    return await run_captured(driver, opts, stop)

@@ -23,7 +23,7 @@ import threading
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +88,8 @@ class PushOptions:
     save_interval: float = 10.0
     rpo_budget: float = 0.0
     nbd_listen: str | None = None  # serve the volume over NBD and ship captured writes
+    journal_limit: int = 1 << 30  # past this the capture falls back to a change bitmap
+    cp_interval: float = 0.2  # cut a consistency point when writes wait this long unflushed
 
 
 @dataclass
@@ -211,8 +213,11 @@ class PushDriver:
         with self._unacked_lock:
             self._unacked_raw = 0
         self.m.set(self.m.acked_seq, self.acked_seq)
+        capture = self.o.nbd_listen is not None
         self.planner = Planner(self.o.volume, self.o.epoch, self.geo, st.view, st.seen,
-                               dedup=self.o.dedup, compress_level=self.o.compress_level)
+                               dedup=self.o.dedup and not capture,
+                               compress_level=self.o.compress_level)
+        self.planner.staged = capture  # consistency points: the target stages everything
 
     def save_state(self) -> None:
         self.state.acked_seq = self.acked_seq
@@ -224,6 +229,24 @@ class PushDriver:
     async def run_pass(self, blocks: set[int] | None = None) -> bool:
         """Ship every difference between the volume and the replica (or, with ``blocks``
         from write capture, only those blocks' chunks: no scan). True if anything changed."""
+        chunks = None if blocks is None else sorted({b // CHUNK_BLOCKS for b in blocks
+                                                     if b < self.geo.blocks})
+        return await self.run_planned(lambda: self._scan_plan(chunks))
+
+    def _scan_plan(self, chunks: list[int] | None) -> Iterator[PlannedBatch]:
+        assert self.vol is not None and self.planner is not None
+        view = self.vol.view
+        self.progress.scanned = 0
+        windows = (scan_chunks(view, self.geo, self.state.seen) if chunks is None else
+                   [ScanWindow(chunks, 0)])
+        for window in windows:
+            self.progress.scanned += window.scanned_bytes
+            if window.chunks:
+                yield from self.planner.plan(view, window.chunks, self.next_seq)
+
+    async def run_planned(self, plan: Callable[[], Iterator[PlannedBatch]]) -> bool:
+        """One pass: ``plan()`` runs on the planning thread; its batches are shipped in order
+        and the pass returns once the target acknowledged all of them."""
         assert self.vol is not None and self.planner is not None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[PlannedBatch | None] = asyncio.Queue(maxsize=8)
@@ -236,10 +259,8 @@ class PushDriver:
         self._all_acked.clear()
         self._window_open.set()
         changed_before = self.planner.stats.changed_blocks
-        chunks = None if blocks is None else sorted({b // CHUNK_BLOCKS for b in blocks
-                                                     if b < self.geo.blocks})
         producer = loop.run_in_executor(self.pool, self._produce, queue, loop, abort, estimate,
-                                        chunks)
+                                        plan)
         try:
             await self._ship(queue)
         finally:
@@ -261,16 +282,13 @@ class PushDriver:
         if self.dirty_since is None:
             self.dirty_since = since
 
-    def _next_seq(self) -> int:
+    def next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
     def _produce(self, queue: asyncio.Queue[PlannedBatch | None], loop: asyncio.AbstractEventLoop,
-                 abort: threading.Event, estimate: float, chunks: list[int] | None) -> None:
-        assert self.vol is not None and self.planner is not None
-        view = self.vol.view
-        self.progress.scanned = 0
-
+                 abort: threading.Event, estimate: float,
+                 plan: Callable[[], Iterator[PlannedBatch]]) -> None:
         def put(item: PlannedBatch | None) -> bool:
             fut = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
             while True:
@@ -282,26 +300,20 @@ class PushDriver:
                         fut.cancel()
                         return False
 
-        windows = (scan_chunks(view, self.geo, self.state.seen) if chunks is None else
-                   [ScanWindow(chunks, 0)])
-        for window in windows:
+        for planned in plan():
             if abort.is_set():
                 return
-            self.progress.scanned += window.scanned_bytes
-            if not window.chunks:
-                continue
-            for planned in self.planner.plan(view, window.chunks, self._next_seq):
-                if self.dirty_since is None:
-                    self.dirty_since = estimate
-                self._encoded(planned)
-                with self._unacked_lock:
-                    self._unacked_raw += planned.raw_bytes
-                self.m.add(self.m.written, planned.raw_bytes)
-                kinds = planned.batch.kinds
-                self.m.add(self.m.skipped, kinds.count(Kind.ZERO), "zero")
-                self.m.add(self.m.skipped, kinds.count(Kind.COPY), "dedup")
-                if not put(planned):
-                    return
+            if self.dirty_since is None and self.capture_clock is None:
+                self.dirty_since = estimate
+            self._encoded(planned)
+            with self._unacked_lock:
+                self._unacked_raw += planned.raw_bytes
+            self.m.add(self.m.written, planned.raw_bytes)
+            kinds = planned.batch.kinds
+            self.m.add(self.m.skipped, kinds.count(Kind.ZERO), "zero")
+            self.m.add(self.m.skipped, kinds.count(Kind.COPY), "dedup")
+            if not put(planned):
+                return
         put(None)
 
     # -- shipping ------------------------------------------------------------------------------

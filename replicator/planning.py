@@ -71,6 +71,8 @@ class Planner:
         self._zstd = zstandard.ZstdCompressor(level=compress_level) if compress_level > 0 else None
         self._dedup: dict[int, int] | None = None
         self.stats = PlanStats()
+        # Write capture: every batch goes to the target's redo journal (see staging.py).
+        self.staged = False
 
     def _dedup_index(self) -> dict[int, int]:
         if self._dedup is None:
@@ -189,7 +191,7 @@ class Planner:
         return PlannedBatch(batch, cur.raw, cur.copy_data)
 
     def encode(self, seq: int, indices: list[int], kinds: bytes, hashes: list[int],
-               copy_from: list[int], datas: list[memoryview] | list[bytes]) -> Batch:
+               copy_from: list[int], datas: list[memoryview] | list[bytes], cp: int = 0) -> Batch:
         raw_payload = b"".join(datas)
         payload, compression = raw_payload, Compression.NONE
         if self._zstd is not None and raw_payload and self._worth_compressing(datas):
@@ -199,7 +201,8 @@ class Planner:
         return Batch(volume=self.volume, epoch=self.epoch, seq=seq, block_size=self.geo.block_size,
                      volume_size=self.geo.size, indices=indices, kinds=kinds, hashes=hashes,
                      copy_from=copy_from, compression=compression,
-                     raw_length=len(raw_payload), payload=payload).seal()
+                     raw_length=len(raw_payload), payload=payload, staged=self.staged,
+                     cp=cp).seal()
 
     def _worth_compressing(self, datas: list[memoryview] | list[bytes]) -> bool:
         """Probe two blocks: if neither shrinks, the batch is (most likely) already-compressed

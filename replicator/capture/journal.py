@@ -1,15 +1,23 @@
-"""The source's change journal: every acknowledged write, durable before the NBD reply.
+"""The source's change journal: every acknowledged write, in order, durable before the reply.
 
-A WRITE record carries the data itself (a redo log): the write goes to the journal and to the
-volume's page cache, and only the journal is fdatasynced before the client is answered
-(concurrent writes share one sync: group commit). ZERO records stand for TRIM/WRITE_ZEROES,
-FLUSH records mark the client's flushes, DIRTY records (written by a checkpoint) name blocks
-whose data is already durable in the volume but not yet acknowledged by the target.
+Journal mode (normal): a WRITE record carries the new content of whole blocks (the NBD export
+reads, merges and journals whole blocks for unaligned writes), ZERO records aligned zero
+ranges. The writes between two markers form a *consistency point* (CP): a client FLUSH closes
+one, and so does a CUT the agent writes itself (so that a client that rarely flushes does not
+hold back replication; any prefix of the journal is a state a crash could have left, hence
+crash-consistent). Closed CPs are extracted in order, shipped (each block once, its last
+content in the CP) and released when the target acknowledged them; released records are
+dropped by rewriting the journal.
 
-On start the journal is replayed into the volume (idempotent) and fdatasynced, so an
-acknowledged write survives a crash of the process or of the machine. ``checkpoint()`` runs
-after the target acknowledged a pass: it fdatasyncs the volume, then rewrites the journal with
-DIRTY records for the blocks still unshipped.
+Bitmap mode: when the journal would grow past its limit (a slow or broken link), the unreleased
+records are folded into a set of dirty blocks (the volume is fdatasynced first: it holds their
+data), the journal is rewritten with DIRTY records, and later writes only add DIRTY records.
+``begin_resync`` returns to journal mode and hands the dirty blocks to a resync pass; they stay
+recorded (``resyncing``) until ``end_resync``, so a crash or a second overflow loses nothing.
+
+Records: kind, offset, length, checksum (of the other fields and the data). BASE is the first
+record of a rewritten journal (offset: the next CP number; length: 1 in bitmap mode). On start
+the journal is replayed into the volume (idempotent) and fdatasynced.
 """
 
 from __future__ import annotations
@@ -19,130 +27,327 @@ import os
 import struct
 import threading
 import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import xxhash
 
-_HEAD = struct.Struct("<BQIQ")  # kind, offset, length, checksum (of kind, offset, length, data)
+_HEAD = struct.Struct("<BQIQ")  # kind, offset, length, checksum
 KIND_WRITE = 1
 KIND_FLUSH = 2
 KIND_DIRTY = 3
 KIND_ZERO = 4
+KIND_CUT = 5
+KIND_BASE = 6
+_MARKERS = (KIND_FLUSH, KIND_CUT)
+REWRITE_BYTES = 8 << 20  # rewrite once this much of the journal is released
 
 
-def _record(kind: int, offset: int, length: int, data: bytes = b"") -> bytes:
+def _record(kind: int, offset: int, length: int,
+            data: bytes | bytearray | memoryview = b"") -> bytes:
     h = xxhash.xxh3_64()
     h.update(struct.pack("<BQI", kind, offset, length))
     h.update(data)
     return _HEAD.pack(kind, offset, length, h.intdigest()) + data
 
 
+@dataclass
+class ConsistencyPoint:
+    """A closed CP: its records lie in [start, end) of the journal file."""
+    cp: int
+    start: int
+    end: int
+    first_at: float  # when its first write was acknowledged to the client (0: no writes)
+    blocks: set[int]
+    extracted: bool = False
+
+
+@dataclass
+class ExtractedPoint:
+    cp: int
+    blocks: dict[int, bytes | None] = field(default_factory=dict)  # None: zeroes
+    first_at: float = 0.0
+
+
 class ChangeJournal:
-    def __init__(self, path: str, block_size: int, volume_fd: int) -> None:
+    def __init__(self, path: str, block_size: int, volume_fd: int, volume_size: int,
+                 limit: int = 1 << 30) -> None:
         self.path = path
         self.block_size = block_size
         self.volume_fd = volume_fd
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.volume_size = volume_size
+        self.limit = limit
         self.lock = threading.Lock()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.size = 0
+        self.next_cp = 1
+        self.closed: deque[ConsistencyPoint] = deque()
+        self.open_start = 0
+        self.open_first_at: float | None = None
+        self.open_blocks: set[int] = set()
+        self.overflowed = False
         self.dirty: set[int] = set()
-        self._dirty_since: float | None = None  # first write into ``dirty``
-        self._inflight_since: float | None = None  # first write of the blocks taken, unacked
-        self.records = 0
+        self.dirty_since: float | None = None
+        self.resyncing: set[int] = set()
+        self.resync_since: float | None = None
+        self.released_cp = 0
+        self.overflows = 0
         self.flushes = 0
         self.replayed = 0
-        self.seq = 0  # appends ever made by this process: GroupCommit's clock, never reset
+        self.seq = 0  # appends ever made by this process: GroupCommit's clock
         self._replay()
 
+    # -- start -----------------------------------------------------------------------------
+
     def _replay(self) -> None:
-        raw = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+        raw = memoryview(os.pread(self.fd, os.fstat(self.fd).st_size, 0))
         pos = 0
         while pos + _HEAD.size <= len(raw):
-            kind, offset, length, _check = _HEAD.unpack_from(raw, pos)
+            kind, offset, length, check = _HEAD.unpack_from(raw, pos)
             data_len = length if kind == KIND_WRITE else 0
             end = pos + _HEAD.size + data_len
-            if end > len(raw) or _record(kind, offset, length, raw[pos + _HEAD.size : end])[
-                    : _HEAD.size] != raw[pos : pos + _HEAD.size]:
+            data = raw[pos + _HEAD.size : end]
+            if end > len(raw) or _HEAD.unpack_from(_record(kind, offset, length, data))[3] \
+                    != check:
                 break  # a torn tail: that write was never acknowledged
             if kind == KIND_WRITE:
-                os.pwrite(self.volume_fd, raw[pos + _HEAD.size : end], offset)
+                os.pwrite(self.volume_fd, data, offset)
                 self.replayed += 1
             elif kind == KIND_ZERO:
-                os.pwrite(self.volume_fd, bytes(length), offset)
+                self._zero_volume(offset, length)
                 self.replayed += 1
+            elif kind == KIND_BASE:
+                self.next_cp = max(self.next_cp, offset)
+            elif kind in _MARKERS:
+                self.next_cp = max(self.next_cp, offset + 1)
             if kind in (KIND_WRITE, KIND_ZERO, KIND_DIRTY):
-                self._mark(offset, length)
-            self.records += 1
+                self.dirty.update(self._blocks(offset, length))
             pos = end
         if self.replayed:
             os.fdatasync(self.volume_fd)
         if self.dirty:
-            self._dirty_since = os.fstat(self.fd).st_mtime
+            self.dirty_since = os.fstat(self.fd).st_mtime
+        # Everything replayed is in the volume now and stays listed as dirty until the agent's
+        # first pass (a resync) has shipped it; the journal starts over, keeping the CP count.
+        self._rewrite(sorted(self.dirty), [])
 
-    def _mark(self, offset: int, length: int) -> None:
+    def _zero_volume(self, offset: int, length: int) -> None:
+        chunk = bytes(min(length, 8 << 20))
+        done = 0
+        while done < length:
+            done += os.pwrite(self.volume_fd, memoryview(chunk)[: length - done],
+                              offset + done)
+
+    def _blocks(self, offset: int, length: int) -> range:
         bs = self.block_size
-        self.dirty.update(range(offset // bs, (offset + max(1, length) - 1) // bs + 1))
+        return range(offset // bs, (offset + max(1, length) - 1) // bs + 1)
 
-    def append(self, kind: int, offset: int, length: int, data: bytes = b"") -> int:
-        """Record (not yet durable: see GroupCommit). Returns the record's number."""
-        rec = _record(kind, offset, length, data if kind == KIND_WRITE else b"")
+    # -- appending (called on the event loop; never blocks on I/O but the append) -----------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Journal whole blocks of new content. Returns the record number to wait for."""
+        return self._append(KIND_WRITE, offset, len(data), data)
+
+    def zero(self, offset: int, length: int) -> int:
+        return self._append(KIND_ZERO, offset, length)
+
+    def flush(self) -> int:
+        """A client FLUSH: closes the open consistency point (if it holds any write)."""
         with self.lock:
-            os.write(self.fd, rec)
-            self.records += 1
-            self.seq += 1
-            if kind in (KIND_WRITE, KIND_ZERO):
-                self._mark(offset, length)
-                if self._dirty_since is None:
-                    self._dirty_since = time.time()
+            self.flushes += 1
+            if self.overflowed or self.open_first_at is None:
+                return self._bump()  # nothing new: just wait for what is already appended
+            return self._close(KIND_FLUSH)
+
+    def cut(self) -> int:
+        """Close the open consistency point here (even an empty one). Returns its number."""
+        with self.lock:
+            if self.overflowed:
+                raise RuntimeError("cut in bitmap mode")
+            cp = self.next_cp
+            self._close(KIND_CUT)
+            return cp
+
+    def _close(self, kind: int) -> int:
+        cp = self.next_cp
+        start = self.open_start
+        self._raw_append(_record(kind, cp, 0))
+        self.closed.append(ConsistencyPoint(cp, start, self.size, self.open_first_at or 0.0,
+                                            self.open_blocks))
+        self.next_cp += 1
+        self.open_start, self.open_first_at, self.open_blocks = self.size, None, set()
+        return self._bump()
+
+    def _append(self, kind: int, offset: int, length: int,
+                data: bytes | bytearray | memoryview = b"") -> int:
+        with self.lock:
+            if not self.overflowed and self.size + _HEAD.size + len(data) > self.limit:
+                self._overflow()
+            if self.overflowed:
+                self.dirty.update(self._blocks(offset, length))
+                if self.dirty_since is None:
+                    self.dirty_since = time.time()
+                self._raw_append(_record(KIND_DIRTY, offset, length))
             else:
-                self.flushes += 1
-            return self.seq
+                self._raw_append(_record(kind, offset, length, data))
+                self.open_blocks.update(self._blocks(offset, length))
+                if self.open_first_at is None:
+                    self.open_first_at = time.time()
+            return self._bump()
+
+    def _raw_append(self, rec: bytes) -> None:
+        os.write(self.fd, rec)
+        self.size += len(rec)
+
+    def _bump(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    # -- durability ----------------------------------------------------------------------------
 
     def sync(self) -> None:
-        # A checkpoint may swap the file meanwhile: sync through our own duplicate. Records
-        # appended to the old file were made durable in the volume by the checkpoint, which
-        # also wrote a DIRTY record for each of their blocks into the new file.
+        """Make every record appended so far durable (in bitmap mode the volume holds the data,
+        so it is synced too). A rewrite fsyncs the new file before swapping it in."""
         with self.lock:
             fd = os.dup(self.fd)
+            volume_too = self.overflowed
         try:
+            if volume_too:
+                os.fdatasync(self.volume_fd)
             os.fdatasync(fd)
         finally:
             os.close(fd)
 
+    # -- shipping --------------------------------------------------------------------------
+
     @property
     def first_dirty_at(self) -> float | None:
-        """When the oldest write not yet acknowledged by the target was acknowledged to the
-        NBD client (None: everything is shipped)."""
-        times = [t for t in (self._inflight_since, self._dirty_since) if t is not None]
+        """When the oldest write the target does not hold yet was acknowledged to the client
+        (None: it holds everything)."""
+        times = [cp.first_at for cp in self.closed if cp.first_at]
+        times += [t for t in (self.open_first_at, self.dirty_since, self.resync_since)
+                  if t is not None]
         return min(times) if times else None
 
-    def take(self) -> set[int]:
-        """The blocks written since the last take (they stay journaled until checkpoint)."""
-        with self.lock:
-            out, self.dirty = self.dirty, set()
-            if self._inflight_since is None:
-                self._inflight_since = self._dirty_since
-            self._dirty_since = None
-            return out
+    def ready(self) -> bool:
+        return any(not cp.extracted for cp in self.closed)
 
-    def checkpoint(self, still_dirty: set[int]) -> None:
-        """Everything taken so far is acknowledged by the target (``still_dirty``: blocks
-        handed back unshipped). Make the volume durable, then keep only DIRTY records."""
+    def extract(self, upto: int | None = None) -> list[ExtractedPoint]:
+        """The closed CPs not yet extracted (up to number ``upto``), each as its blocks' last
+        content. Reads a duplicate descriptor: a rewrite meanwhile replaces the file, never
+        changes it."""
         with self.lock:
-            if still_dirty:
-                self.dirty |= still_dirty
-                times = [t for t in (self._inflight_since, self._dirty_since) if t is not None]
-                self._dirty_since = min(times) if times else time.time()
-            self._inflight_since = None
-            os.fdatasync(self.volume_fd)
-            tmp = self.path + ".tmp"
-            with open(tmp, "wb") as fh:
-                for b in sorted(self.dirty):
-                    fh.write(_record(KIND_DIRTY, b * self.block_size, self.block_size))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-            os.close(self.fd)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-            self.records = len(self.dirty)
+            todo = [cp for cp in self.closed
+                    if not cp.extracted and (upto is None or cp.cp <= upto)]
+            for cp in todo:
+                cp.extracted = True
+            spans = [(cp.cp, cp.start, cp.end, cp.first_at) for cp in todo]
+            fd = os.dup(self.fd)
+        try:
+            return [self._read_point(fd, *span) for span in spans]
+        finally:
+            os.close(fd)
+
+    def _read_point(self, fd: int, cp: int, start: int, end: int,
+                    first_at: float) -> ExtractedPoint:
+        bs = self.block_size
+        raw = memoryview(os.pread(fd, end - start, start))
+        out = ExtractedPoint(cp, first_at=first_at)
+        blocks = out.blocks
+        pos = 0
+        while pos < len(raw):
+            kind, offset, length, _check = _HEAD.unpack_from(raw, pos)
+            pos += _HEAD.size
+            if kind == KIND_WRITE:
+                data = raw[pos : pos + length]
+                first = offset // bs
+                for k in range(0, length, bs):
+                    blocks[first + k // bs] = bytes(data[k : k + bs])
+                pos += length
+            elif kind == KIND_ZERO:
+                for b in self._blocks(offset, length):
+                    blocks[b] = None
+        return out
+
+    def release(self, cp: int) -> None:
+        """The target acknowledged every CP up to ``cp``: drop their records."""
+        with self.lock:
+            self.released_cp = max(self.released_cp, cp)
+            while self.closed and self.closed[0].cp <= cp:
+                self.closed.popleft()
+            head = self.closed[0].start if self.closed else self.open_start
+            idle = not self.closed and self.open_first_at is None
+            big = head >= REWRITE_BYTES or (idle and self.size >= 1 << 20)
+            if not self.overflowed and big:
+                self._rewrite_tail(head)
+
+    # -- bitmap mode and resync --------------------------------------------------------------
+
+    def _overflow(self) -> None:
+        """Under the lock: fold every unreleased record into the dirty set (bitmap mode)."""
+        for cp in self.closed:
+            self.dirty |= cp.blocks
+        self.dirty |= self.open_blocks
+        self.dirty_since = self.first_dirty_at or time.time()
+        os.fdatasync(self.volume_fd)  # the volume now carries the only copy of that data
+        self.closed.clear()
+        self.open_first_at, self.open_blocks = None, set()
+        self.overflowed = True
+        self.overflows += 1
+        self._rewrite(sorted(self.dirty | self.resyncing), [])
+
+    def begin_resync(self) -> set[int]:
+        """Back to journal mode; returns the blocks a resync pass must ship (they stay
+        recorded until :meth:`end_resync`)."""
+        with self.lock:
+            self.resyncing |= self.dirty
+            if self.resync_since is None or (self.dirty_since is not None
+                                             and self.dirty_since < self.resync_since):
+                self.resync_since = self.dirty_since or time.time()
+            self.dirty, self.dirty_since = set(), None
+            self.overflowed = False
+            self._rewrite(sorted(self.resyncing), [])
+            return set(self.resyncing)
+
+    def end_resync(self, blocks: Iterable[int]) -> None:
+        """The resync of ``blocks`` is committed on the target (with the CP that closed it)."""
+        with self.lock:
+            self.resyncing.difference_update(blocks)
+            if not self.resyncing:
+                self.resync_since = None
+
+    # -- rewriting -----------------------------------------------------------------------------
+
+    def _rewrite_tail(self, head: int) -> None:
+        """Under the lock: keep only the records from ``head`` on (unreleased)."""
+        tail = os.pread(self.fd, self.size - head, head)
+        shift = head
+        self._rewrite(sorted(self.resyncing), [tail])
+        base = self.size - len(tail)
+        for cp in self.closed:
+            cp.start, cp.end = cp.start - shift + base, cp.end - shift + base
+        self.open_start = self.open_start - shift + base
+
+    def _rewrite(self, dirty: list[int], tails: list[bytes]) -> None:
+        tmp = self.path + ".tmp"
+        bs = self.block_size
+        with open(tmp, "wb") as fh:
+            fh.write(_record(KIND_BASE, self.next_cp, int(self.overflowed)))
+            for b in dirty:
+                fh.write(_record(KIND_DIRTY, b * bs, bs))
+            for t in tails:
+                fh.write(t)
+            fh.flush()
+            os.fsync(fh.fileno())
+            size = fh.tell()
+        new_fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        os.replace(tmp, self.path)
+        old, self.fd = self.fd, new_fd
+        os.close(old)
+        self.size = size
+        if not tails:
+            self.open_start = size
 
     def close(self) -> None:
         os.close(self.fd)

@@ -2,9 +2,12 @@
 
 Options: EXPORT_NAME, INFO, GO, LIST, ABORT (STRUCTURED_REPLY and others are answered
 unsupported, so clients use simple replies). Commands: READ, WRITE, FLUSH, TRIM,
-WRITE_ZEROES, DISC. A WRITE is journaled with its data (a redo log) and written to the volume; the
-journal is durable (group commit) before the reply; TRIM / WRITE_ZEROES journal a zero range;
-FLUSH journals a marker.
+WRITE_ZEROES, DISC. A WRITE is journaled as the new content of whole blocks (an unaligned
+write is merged with the blocks' current content first) and written to the volume; TRIM /
+WRITE_ZEROES journal an aligned zero range (their unaligned edges are merged writes); FLUSH
+closes a consistency point. The journal is durable (group commit) before the reply. Writes reach
+the volume on the event loop, in the order they are journaled, so the journal replays to exactly
+the volume's content.
 Protocol reference: the NBD protocol document (doc/proto.md of the NBD project).
 """
 
@@ -17,13 +20,7 @@ import os
 import struct
 from collections.abc import Callable
 
-from replicator.capture.journal import (
-    KIND_FLUSH,
-    KIND_WRITE,
-    KIND_ZERO,
-    ChangeJournal,
-    GroupCommit,
-)
+from replicator.capture.journal import ChangeJournal, GroupCommit
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +50,14 @@ _REQ = struct.Struct(">IHHQQI")
 
 class NbdExport:
     def __init__(self, name: str, path: str, journal_path: str, block_size: int,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 journal_limit: int = 1 << 30) -> None:
         self.name = name
+        self.block_size = block_size
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        self.journal = ChangeJournal(journal_path, block_size, self.fd)  # replays into the fd
+        self.journal = ChangeJournal(journal_path, block_size, self.fd, self.size,
+                                     journal_limit)  # replays into the fd
         self.commit = GroupCommit(self.journal)
         self.on_change = on_change
         self.flags = (T_HAS_FLAGS | T_SEND_FLUSH | T_SEND_FUA | T_SEND_TRIM
@@ -66,6 +66,43 @@ class NbdExport:
     def close(self) -> None:
         self.journal.close()
         os.close(self.fd)
+
+    def _whole_blocks(self, offset: int, data: bytes | bytearray) -> tuple[int, bytes | bytearray]:
+        """``data`` at ``offset`` widened to whole blocks with the volume's current content."""
+        bs = self.block_size
+        start = offset - offset % bs
+        end = min(self.size, -(-(offset + len(data)) // bs) * bs)
+        if start == offset and end == offset + len(data):
+            return offset, data
+        merged = bytearray(os.pread(self.fd, end - start, start))
+        merged[offset - start : offset - start + len(data)] = data
+        return start, merged
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Journal then write (on the loop: no other request interleaves). Returns the
+        journal record number to wait for."""
+        start, whole = self._whole_blocks(offset, data)
+        n = self.journal.write(start, whole)
+        done = 0
+        while done < len(whole):
+            done += os.pwrite(self.fd, memoryview(whole)[done:], start + done)
+        return n
+
+    def zero(self, offset: int, length: int) -> int:
+        bs = self.block_size
+        head = min(offset + length, -(-offset // bs) * bs)  # first block boundary
+        tail = max(head, (offset + length) // bs * bs)
+        if (offset + length) == self.size:
+            tail = offset + length  # the volume's last, partial block counts as whole
+        n = 0
+        if head > offset:
+            n = self.write(offset, bytes(head - offset))
+        if tail > head:
+            n = self.journal.zero(head, tail - head)
+            _zero(self.fd, head, tail - head)
+        if offset + length > tail:
+            n = self.write(tail, bytes(offset + length - tail))
+        return n
 
 
 class NbdServer:
@@ -186,16 +223,11 @@ class NbdServer:
                 await self._simple(w, lock, handle, 0, payload)
                 return
             if cmd == CMD_WRITE:
-                n = ex.journal.append(KIND_WRITE, offset, length, data)  # the redo record
-                if length <= INLINE_IO:  # a page-cache copy: cheaper than a thread hop
-                    os.pwrite(ex.fd, data, offset)
-                else:
-                    await asyncio.to_thread(os.pwrite, ex.fd, data, offset)
+                n = ex.write(offset, data)
             elif cmd in (CMD_TRIM, CMD_WRITE_ZEROES):
-                n = ex.journal.append(KIND_ZERO, offset, length)
-                await asyncio.to_thread(os.pwrite, ex.fd, bytes(length), offset)
+                n = ex.zero(offset, length)
             elif cmd == CMD_FLUSH:
-                n = ex.journal.append(KIND_FLUSH, 0, 0)
+                n = ex.journal.flush()
             else:
                 await self._simple(w, lock, handle, ENOTSUP)
                 return
@@ -213,3 +245,10 @@ class NbdServer:
         async with lock:
             w.write(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle) + payload)
             await w.drain()
+
+
+def _zero(fd: int, offset: int, length: int) -> None:
+    chunk = memoryview(bytes(min(length, 8 << 20)))
+    done = 0
+    while done < length:
+        done += os.pwrite(fd, chunk[: length - done], offset + done)

@@ -1,0 +1,78 @@
+"""Staged batches for consistency points extracted from the change journal.
+
+Each point's blocks are shipped once, with their last content in the point, as DATA or ZERO
+records (never COPY: the target may apply a point twice after a crash, and a copy is not
+idempotent). A block whose content the replica already holds is skipped. The last batch of a
+point carries its number (``cp``), which tells the target the point is complete; for a resync,
+only the very last batch closes, with the number of the point the resync ends at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from replicator.batch import Kind
+from replicator.blockmap import CHUNK_BLOCKS, UNKNOWN, block_hash, zero_block
+from replicator.capture.journal import ExtractedPoint
+from replicator.planning import MAX_BATCH_BLOCKS, PlannedBatch, Planner
+
+
+def plan_points(planner: Planner, points: list[ExtractedPoint], next_seq: Callable[[], int],
+                close_with: int | None = None) -> Iterator[PlannedBatch]:
+    """Batches for ``points`` in order. ``close_with``: only the last batch closes a point,
+    with that number (an empty batch if nothing else is left to send)."""
+    for i, point in enumerate(points):
+        closing = close_with is None or i == len(points) - 1
+        cp = 0 if not closing else point.cp if close_with is None else close_with
+        yield from _plan_point(planner, point, next_seq, cp)
+    if not points and close_with is not None:
+        yield from _plan_point(planner, ExtractedPoint(close_with), next_seq, close_with)
+
+
+def _plan_point(planner: Planner, point: ExtractedPoint, next_seq: Callable[[], int],
+                cp: int) -> Iterator[PlannedBatch]:
+    geo, view, seen, st = planner.geo, planner.view, planner.seen, planner.stats
+    indices: list[int] = []
+    kinds = bytearray()
+    hashes: list[int] = []
+    datas: list[bytes] = []
+    raw = 0
+    items = sorted(point.blocks.items())
+    for n, (b, data) in enumerate(items):
+        if b < geo.blocks:
+            length = geo.block_len(b)
+            content = zero_block(length) if data is None else data[:length]
+            h = block_hash(content)
+            if h != view[b]:
+                indices.append(b)
+                hashes.append(h)
+                raw += length
+                if data is None or content == zero_block(length):
+                    kinds.append(Kind.ZERO)
+                    st.zero_blocks += 1
+                else:
+                    kinds.append(Kind.DATA)
+                    datas.append(content)
+                    st.data_blocks += 1
+                view[b] = h
+                seen[b // CHUNK_BLOCKS] = UNKNOWN  # the chunk's scan cache no longer holds
+        last = n == len(items) - 1
+        if len(indices) >= MAX_BATCH_BLOCKS or (last and indices):
+            yield _finish(planner, next_seq(), indices, kinds, hashes, datas, raw,
+                          cp if last else 0)
+            indices, kinds, hashes, datas, raw = [], bytearray(), [], [], 0
+            if last:
+                return
+    if cp:
+        yield _finish(planner, next_seq(), [], bytearray(), [], [], 0, cp)
+
+
+def _finish(planner: Planner, seq: int, indices: list[int], kinds: bytearray,
+            hashes: list[int], datas: list[bytes], raw: int, cp: int) -> PlannedBatch:
+    batch = planner.encode(seq, indices, bytes(kinds), hashes, [], datas, cp=cp)
+    st = planner.stats
+    st.changed_blocks += len(indices)
+    st.raw_bytes += raw
+    st.payload_bytes += len(batch.payload)
+    st.batches += 1
+    return PlannedBatch(batch, raw)
