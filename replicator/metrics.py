@@ -63,6 +63,13 @@ class SourceMetrics:
                               "gauge")
         self.rpo_budget = fam("rpo_budget_seconds", "The volume's RPO budget (alerting "
                               "threshold for the lag; 0: none configured).", "gauge")
+        # write capture only (push --nbd-listen)
+        self.journal_bytes = fam("journal_bytes", "Size of the change journal (writes not yet "
+                                 "acknowledged by the target, with their data).", "gauge")
+        self.bitmap_blocks = fam("bitmap_blocks", "Blocks tracked only in the change bitmap "
+                                 "(journal overflowed) or being resynced.", "gauge")
+        self.consistency_point = fam("consistency_point", "Last consistency point the target "
+                                     "acknowledged.", "gauge")
         for f in (self.written, self.shipped_raw, self.shipped_compressed, self.reconnects,
                   self.pending, self.lag, self.acked_seq, self.rate_limit, self.rpo_budget):
             f.values[(volume,)] = 0.0

@@ -114,7 +114,8 @@ class Proc:
 class Target:
     """A `drctl replicate serve` daemon on free loopback ports."""
 
-    def __init__(self, workdir: str, port: int | None = None) -> None:
+    def __init__(self, workdir: str, port: int | None = None, *extra: str) -> None:
+        self.extra = extra  # more `serve` flags, e.g. "--mode", "warm"
         self.dir = os.path.join(workdir, "target")
         self.port = port or free_port()
         self.metrics_port = free_port()
@@ -128,7 +129,8 @@ class Target:
     def start(self) -> Target:
         self.proc = Proc([*DRCTL, "--log-level", "INFO", "replicate", "serve", "--listen",
                           self.address, "--dir", self.dir, "--metrics-port",
-                          str(self.metrics_port)], os.path.join(self.workdir, "target.log"))
+                          str(self.metrics_port), *self.extra],
+                         os.path.join(self.workdir, "target.log"))
         self.proc.start()
         wait_for(lambda: port_open(self.port) and port_open(self.metrics_port), 20,
                  f"target daemon on {self.address}")

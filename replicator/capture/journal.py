@@ -316,6 +316,8 @@ class ChangeJournal:
             self.resyncing.difference_update(blocks)
             if not self.resyncing:
                 self.resync_since = None
+            if not self.overflowed:  # drop the DIRTY records of what is committed
+                self._rewrite_tail(self.closed[0].start if self.closed else self.open_start)
 
     # -- rewriting -----------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ async def run_captured(driver: PushDriver, opts: PushOptions, stop: asyncio.Even
     bound = await server.start(host, port)
     print(f"drctl replicate push: NBD export {opts.volume!r} on {host}:{bound}", flush=True)
     driver.capture_clock = lambda: journal.first_dirty_at
+    _export_gauges(driver, journal)
     loop = _Loop(driver, opts, journal, wake, stop)
     try:
         driver.open_volume()
@@ -60,6 +61,20 @@ async def run_captured(driver: PushDriver, opts: PushOptions, stop: asyncio.Even
     finally:
         await server.close()
         export.close()
+
+
+def _export_gauges(driver: PushDriver, journal: ChangeJournal) -> None:
+    m = driver.m
+    inner = m.refresh
+
+    def refresh() -> None:
+        if inner is not None:
+            inner()
+        m.set(m.journal_bytes, journal.size)
+        m.set(m.bitmap_blocks, len(journal.dirty) + len(journal.resyncing))
+        m.set(m.consistency_point, journal.released_cp)
+
+    m.refresh = refresh
 
 
 class _Loop:

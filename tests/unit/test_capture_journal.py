@@ -1,0 +1,130 @@
+"""The source's change journal: consistency points, release, overflow to a bitmap, replay."""
+
+from __future__ import annotations
+
+import os
+
+from replicator.capture.journal import ChangeJournal
+
+BS = 4096
+
+
+def _journal(tmp_path: object, size: int = 64 * BS, limit: int = 1 << 30) -> ChangeJournal:
+    vol = os.path.join(str(tmp_path), "vol.img")
+    if not os.path.exists(vol):
+        with open(vol, "wb") as fh:
+            fh.truncate(size)
+    fd = os.open(vol, os.O_RDWR)
+    return ChangeJournal(os.path.join(str(tmp_path), "journal"), BS, fd, size, limit)
+
+
+def _write(j: ChangeJournal, block: int, byte: int, blocks: int = 1) -> None:
+    data = bytes([byte]) * (BS * blocks)
+    j.write(block * BS, data)
+    os.pwrite(j.volume_fd, data, block * BS)
+
+
+def test_points_close_at_flush_and_cut_and_keep_each_blocks_last_content(tmp_path: object
+                                                                         ) -> None:
+    j = _journal(tmp_path)
+    _write(j, 1, 0xA1)
+    _write(j, 1, 0xA2)  # rewritten inside the point: shipped once, last content
+    j.zero(2 * BS, 2 * BS)
+    j.flush()
+    _write(j, 5, 0xB1, blocks=2)
+    assert not any(p.cp == 2 for p in j.closed)  # still open
+    cut = j.cut()
+    points = j.extract()
+    assert [p.cp for p in points] == [1, cut] == [1, 2]
+    assert points[0].blocks == {1: b"\xa2" * BS, 2: None, 3: None}
+    assert points[1].blocks == {5: b"\xb1" * BS, 6: b"\xb1" * BS}
+    assert j.extract() == []  # each point is extracted once
+    assert j.first_dirty_at is not None
+    j.release(2)
+    assert j.first_dirty_at is None and not j.closed
+
+
+def test_a_flush_with_nothing_new_makes_no_point(tmp_path: object) -> None:
+    j = _journal(tmp_path)
+    j.flush()
+    assert not j.closed and j.next_cp == 1
+    _write(j, 0, 1)
+    j.flush()
+    j.flush()
+    assert [p.cp for p in j.closed] == [1]
+
+
+def test_replay_after_a_crash_redoes_writes_and_lists_them_dirty(tmp_path: object) -> None:
+    j = _journal(tmp_path)
+    j.write(3 * BS, b"\x33" * BS)  # journaled, never written to the volume (crash)
+    j.flush()
+    _write(j, 4, 0x44)
+    os.close(j.fd)
+    vol_fd = j.volume_fd
+    j2 = ChangeJournal(j.path, BS, vol_fd, 64 * BS)
+    assert os.pread(vol_fd, BS, 3 * BS) == b"\x33" * BS
+    assert j2.dirty == {3, 4} and j2.replayed == 2
+    assert j2.next_cp == 2  # the numbering goes on after point 1
+    assert j2.begin_resync() == {3, 4}
+    j2.end_resync({3, 4})
+    assert j2.first_dirty_at is None
+
+
+def test_a_torn_tail_is_cut_off(tmp_path: object) -> None:
+    j = _journal(tmp_path)
+    _write(j, 1, 0x11)
+    size = os.path.getsize(j.path)
+    j.write(2 * BS, b"\x22" * BS)
+    os.truncate(j.path, size + 100)  # the second record half written
+    j2 = ChangeJournal(j.path, BS, j.volume_fd, 64 * BS)
+    assert j2.dirty == {1}
+
+
+def test_overflow_folds_unreleased_writes_into_the_bitmap_and_resync_returns_them(
+        tmp_path: object) -> None:
+    j = _journal(tmp_path, limit=6 * BS)
+    _write(j, 1, 1)
+    j.flush()
+    in_flight = j.extract()  # shipped, not yet acknowledged
+    _write(j, 2, 2)
+    _write(j, 3, 3, blocks=4)  # past the limit: bitmap mode
+    assert j.overflowed and j.overflows == 1
+    assert j.dirty == {1, 2, 3, 4, 5, 6}
+    assert os.path.getsize(j.path) < 2 * BS  # DIRTY records only, no data
+    _write(j, 9, 9)  # in bitmap mode: a DIRTY record
+    assert 9 in j.dirty and not j.closed
+    j.release(in_flight[-1].cp)  # the old point's ack changes nothing now
+    blocks = j.begin_resync()
+    assert blocks == {1, 2, 3, 4, 5, 6, 9} and not j.overflowed
+    _write(j, 7, 7)  # journaled with data again
+    end = j.cut()
+    assert [p.cp for p in j.extract(end)] == [end]
+    j.release(end)
+    assert j.first_dirty_at is not None  # the resync is not committed yet
+    j.end_resync(blocks)
+    assert j.first_dirty_at is None
+    # a crash now keeps nothing to resend: the rewritten journal has no records left
+    j2 = ChangeJournal(j.path, BS, j.volume_fd, 64 * BS)
+    assert j2.dirty == set()
+
+
+def test_release_rewrites_the_journal_keeping_unreleased_points(tmp_path: object) -> None:
+    import replicator.capture.journal as mod
+
+    j = _journal(tmp_path, size=4096 * BS)
+    old = mod.REWRITE_BYTES
+    mod.REWRITE_BYTES = 8 * BS
+    try:
+        for b in range(10):
+            _write(j, b, b + 1)
+            j.flush()
+        _write(j, 100, 0xEE)  # open point
+        j.release(9)
+        assert os.path.getsize(j.path) < 3 * BS
+        j.flush()
+        pts = j.extract()
+        assert [p.cp for p in pts] == [10, 11]
+        assert pts[0].blocks == {9: bytes([10]) * BS}
+        assert pts[1].blocks == {100: b"\xee" * BS}
+    finally:
+        mod.REWRITE_BYTES = old

@@ -1,0 +1,158 @@
+"""Consistency points on the target: staged batches reach the image one whole point at a time,
+survive a crash at any step, and a promotion drops an incomplete point."""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+import pytest
+
+from replicator.batch import Batch, Compression
+from replicator.blockmap import UNKNOWN, Geometry, hash_all
+from replicator.capture.journal import ExtractedPoint
+from replicator.capture.points import plan_points
+from replicator.errors import CorruptBatchError
+from replicator.planning import Planner
+from replicator.replica import Replica
+from replicator.staging import StagingLog
+
+BS = 4096
+BLOCKS = 32
+
+
+class Source:
+    """A planner over a model volume: what the replica must show after each point."""
+
+    def __init__(self) -> None:
+        self.geo = Geometry(BLOCKS * BS, BS)
+        self.model = bytearray(BLOCKS * BS)
+        self.planner = Planner("v", 0, self.geo, self.geo.zero_hashes(),
+                               array("Q", [UNKNOWN]) * self.geo.chunks, dedup=False)
+        self.planner.staged = True
+        self.seq = 0
+        self.cp = 0
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def point(self, writes: dict[int, int | None]) -> list[Batch]:
+        self.cp += 1
+        pt = ExtractedPoint(self.cp)
+        for b, byte in writes.items():
+            pt.blocks[b] = None if byte is None else bytes([byte]) * BS
+            self.model[b * BS : (b + 1) * BS] = bytes(BS) if byte is None else bytes([byte]) * BS
+        return [p.batch for p in plan_points(self.planner, [pt], self.next_seq)]
+
+
+def _image(d: str) -> bytes:
+    with open(os.path.join(d, "v.img"), "rb") as fh:
+        return fh.read()
+
+
+def _replica(d: str, mode: str = "hot") -> Replica:
+    r = Replica(d, "v", mode)
+    r.prepare(BLOCKS * BS, BS)
+    return r
+
+
+def test_batch_pack_round_trip() -> None:
+    src = Source()
+    batch = src.point({1: 7, 2: None, 9: 3})[0]
+    again = Batch.unpack(batch.pack())
+    assert again == batch and again.compute_checksum() == batch.checksum
+    assert again.staged and again.cp == 1
+
+
+def test_points_apply_whole_and_the_index_projects_staged_batches(tmp_path: object) -> None:
+    d = str(tmp_path)
+    src = Source()
+    r = _replica(d)
+    first = src.point({b: 0x11 for b in range(20)})
+    state1 = bytes(src.model)
+    second = src.point({3: 0x22, 4: None, 30: 0x23})
+    for b in first + second:
+        r.stage(b)
+    r.commit(src.seq)
+    assert r.received_seq == src.seq
+    applied, cp = r.apply_staged(first[-1].seq)
+    assert cp == 1 and _image(d) == state1  # point 2 stays in the redo journal
+    assert r.digest() == Replica(d, "v").digest()  # projected index = image + staged, on reopen
+    applied, cp = r.apply_staged()
+    assert cp == 2 and _image(d) == bytes(src.model)
+    assert r.wal.frames == [] and os.path.getsize(os.path.join(d, "v.wal")) == 0
+    assert list(r.index()) == list(hash_all(memoryview(bytes(src.model)), src.geo))
+
+
+def test_a_crash_in_the_middle_of_applying_a_point_is_repaired_at_open(tmp_path: object
+                                                                        ) -> None:
+    d = str(tmp_path)
+    src = Source()
+    r = _replica(d)
+    base = src.point({b: 0x10 for b in range(BLOCKS)})
+    for b in base:
+        r.stage(b)
+    r.commit(src.seq)
+    r.apply_staged()
+    before = bytes(src.model)
+    batches = src.point({b: 0x30 + b for b in range(0, BLOCKS, 2)})
+    for b in batches:
+        r.stage(b)
+    r.commit(src.seq)
+    # the crash: half of the point written into the image, the commit record not updated
+    half = r.wal.read(r.wal.frames[0])
+    half.indices, half.kinds, half.hashes = half.indices[:5], half.kinds[:5], half.hashes[:5]
+    for i in half.indices:
+        os.pwrite(r.img_fd, bytes([0x30 + i]) * BS, i * BS)
+    assert _image(d) not in (before, bytes(src.model))
+    r.close()
+    r2 = Replica(d, "v")
+    assert r2.record.applied_cp == 1 and len(r2.wal.frames) == len(batches)
+    r2.apply_staged()
+    assert _image(d) == bytes(src.model) and r2.record.applied_cp == 2
+
+
+def test_promotion_discards_an_incomplete_point(tmp_path: object) -> None:
+    d = str(tmp_path)
+    src = Source()
+    r = _replica(d, "warm")
+    done = src.point({1: 1, 2: 2})
+    state = bytes(src.model)
+    for b in done:
+        r.stage(b)
+    import replicator.capture.points as points
+
+    old = points.MAX_BATCH_BLOCKS
+    points.MAX_BATCH_BLOCKS = 2  # the next point spans several batches
+    try:
+        open_point = src.point({5: 5, 6: 6, 7: 7, 8: 8})
+    finally:
+        points.MAX_BATCH_BLOCKS = old
+    assert len(open_point) >= 2 and open_point[0].cp == 0
+    r.stage(open_point[0])  # its closing batch never arrives
+    r.commit(src.seq)
+    assert _image(d) == bytes(BLOCKS * BS)  # warm: nothing applied yet
+    r.apply_staged()
+    assert r.discard_incomplete() == 1
+    assert _image(d) == state and r.record.applied_cp == 1
+    assert list(r.index()) == list(hash_all(memoryview(state), src.geo))
+
+
+def test_a_torn_frame_is_cut_off_and_copy_records_are_refused(tmp_path: object) -> None:
+    d = str(tmp_path)
+    src = Source()
+    r = _replica(d)
+    b1 = src.point({1: 1})[0]
+    b2 = src.point({2: 2})[0]
+    r.stage(b1)
+    r.stage(b2)
+    r.commit(src.seq)
+    size = os.path.getsize(os.path.join(d, "v.wal"))
+    os.truncate(os.path.join(d, "v.wal"), size - 10)
+    log = StagingLog(os.path.join(d, "v.wal"), 0)
+    assert [f.seq for f in log.frames] == [b1.seq]
+    copy = Batch("v", 0, 99, BS, BLOCKS * BS, [3], bytes([3]), [b1.hashes[0]], [1],
+                 Compression.NONE, 0, b"", staged=True, cp=9).seal()
+    with pytest.raises(CorruptBatchError, match="COPY"):
+        r.stage(copy)
