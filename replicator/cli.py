@@ -81,6 +81,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--nbd-listen", type=_address, metavar="HOST:PORT",
                    help="serve the volume over NBD and ship every captured write "
                    "(no rescans); not with --once")
+    p.add_argument("--journal-limit", type=_size, default=1 << 30, metavar="SIZE",
+                   help="with --nbd-listen: past this size the change journal falls back to "
+                   "a change bitmap until the link catches up (default 1GiB)")
+    p.add_argument("--cp-interval", type=float, default=0.2, metavar="SECONDS",
+                   help="with --nbd-listen: close a consistency point when writes have "
+                   "waited this long without a client FLUSH (default 0.2)")
     p.add_argument("--metrics-port", type=_port)
     p.add_argument("--rpo-budget", type=float, default=0.0, metavar="SECONDS",
                    help="exported as drctl_replication_rpo_budget_seconds for alerting")
@@ -132,8 +138,13 @@ def cmd_push(args: argparse.Namespace) -> int:
         interval=args.interval, window_bytes=args.window,
         connect_timeout=args.connect_timeout if args.once else None,
         verify_from_disk=args.verify_from_disk, rpo_budget=args.rpo_budget,
-        nbd_listen=args.nbd_listen,
+        nbd_listen=args.nbd_listen, journal_limit=args.journal_limit,
+        cp_interval=args.cp_interval,
     )
+    if args.journal_limit < 64 * args.block_size:
+        raise UsageError(f"--journal-limit must be at least {64 * args.block_size} bytes")
+    if args.cp_interval <= 0:
+        raise UsageError("--cp-interval must be positive")
     if args.once and args.nbd_listen:
         raise UsageError("--nbd-listen serves the volume: it needs a running agent, not --once")
     report = asyncio.run(run_push(opts, args.metrics_port, show_progress=not args.no_progress))
@@ -170,19 +181,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_fence(args: argparse.Namespace) -> int:
-    from replicator.transport.client import TargetClient
+    from replicator.transport.client import FenceInfo, TargetClient
 
     _check_name(args.volume)
     if args.epoch < 0:
         raise UsageError("--epoch must be >= 0")
 
-    async def fence() -> int:
+    async def fence() -> FenceInfo:
         client = TargetClient(args.to)
         try:
             return await client.fence(args.volume, args.epoch)
         finally:
             await client.close()
 
-    epoch = asyncio.run(fence())
-    print(f"volume {args.volume}: replica at epoch {epoch}; sources below it are refused")
+    info = asyncio.run(fence())
+    point = f", consistency point {info.applied_cp}" if info.applied_cp else ""
+    dropped = (f"; dropped {info.discarded_batches} batches of an incomplete consistency point"
+               if info.discarded_batches else "")
+    print(f"volume {args.volume}: replica at epoch {info.epoch}{point}; sources below it are "
+          f"refused{dropped}")
     return 0

@@ -23,6 +23,7 @@ the journal is replayed into the volume (idempotent) and fdatasynced.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import struct
 import threading
@@ -32,6 +33,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import xxhash
+
+log = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("<BQIQ")  # kind, offset, length, checksum
 KIND_WRITE = 1
@@ -295,6 +298,9 @@ class ChangeJournal:
         self.open_first_at, self.open_blocks = None, set()
         self.overflowed = True
         self.overflows += 1
+        log.warning("change journal %s reached its limit (%d bytes): tracking %d changed blocks "
+                    "in a change bitmap until the target catches up", self.path, self.limit,
+                    len(self.dirty))
         self._rewrite(sorted(self.dirty | self.resyncing), [])
 
     def begin_resync(self) -> set[int]:

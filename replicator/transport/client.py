@@ -84,6 +84,13 @@ class CloneInfo:
     size: int
 
 
+@dataclass(frozen=True)
+class FenceInfo:
+    epoch: int
+    applied_cp: int  # the consistency point the replica shows (0: no write capture)
+    discarded_batches: int  # of an incomplete consistency point
+
+
 class TargetClient:
     """One channel to a target daemon."""
 
@@ -129,14 +136,15 @@ class TargetClient:
             raise translate(exc, self.address) from None
         return out, size, seq
 
-    async def fence(self, volume: str, epoch: int, timeout: float = 10.0) -> int:
-        """Raise the replica's epoch; returns the epoch it is at afterwards."""
+    async def fence(self, volume: str, epoch: int, timeout: float = 120.0) -> FenceInfo:
+        """Apply the replica's complete consistency points, drop an incomplete one and raise
+        its epoch (a promotion); returns where the replica stands afterwards."""
         try:
             r = await self.stub.Fence(wire.ProtoFenceRequest(volume=volume, epoch=epoch),
                                       timeout=timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, self.address) from None
-        return int(r.epoch)
+        return FenceInfo(int(r.epoch), int(r.applied_cp), int(r.discarded_batches))
 
     async def clone(self, volume: str, name: str, timeout: float = 600.0) -> CloneInfo:
         try:

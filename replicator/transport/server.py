@@ -365,6 +365,7 @@ class _PushSession:
         self.m.commit_seconds.labels(self.name).observe(time.perf_counter() - started)
         self.m.applied_seq.labels(self.name).set(seq)
         self.durable = max(self.durable, seq)
+        self.m.staged_batches.labels(self.name).set(len(self.replica.wal.frames))
         await self.send(wire.ack_ok(seq))
         if self.service.mode == "hot":
             await self.service.apply_staged(self.slot, seq)

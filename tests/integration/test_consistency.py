@@ -1,0 +1,268 @@
+"""Consistency points end to end, against real daemons: the replica only ever shows the volume
+as it was at a client FLUSH (even across kill -9 of the target or the source), warm mode holds
+points until promotion, and an overflowing journal falls back to a change bitmap and catches up.
+
+The writer is a synchronous NBD client (tests/nbdclient.py): one request at a time, so the test
+knows exactly which writes were acknowledged; it keeps a model of the volume and the hash of
+the model at every FLUSH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+import time
+
+import xxhash
+
+from replicator.transport.client import TargetClient
+from tests.nbdclient import NbdClient
+from tests.procs import (
+    DRCTL,
+    Proc,
+    Target,
+    free_port,
+    metric,
+    port_open,
+    push_cmd,
+    run,
+    same_file,
+    scrape,
+    wait_for,
+    write_random,
+)
+
+BS = 4096
+SIZE = 4 << 20
+
+
+class Writer:
+    """Rounds of random writes (aligned, unaligned, zeroes) each ended by a FLUSH."""
+
+    def __init__(self, path: str, port: int, seed: int) -> None:
+        with open(path, "rb") as fh:
+            self.model = bytearray(fh.read())
+        self.port = port
+        self.rng = random.Random(seed)
+        self.flushed = {xxhash.xxh3_128_digest(bytes(self.model))}  # states at every FLUSH
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.pending: tuple[int, bytes] | None = None  # sent, not yet acknowledged
+        self.rounds = 0
+        self.error: BaseException | None = None
+        self.client: NbdClient | None = None
+
+    def connect(self) -> None:
+        if self.client is not None:
+            self.client.sock.close()
+        self.client = NbdClient("127.0.0.1", self.port, "vol")
+
+    def _write(self, offset: int, data: bytes, zero: bool = False) -> None:
+        assert self.client is not None
+        self.pending = (offset, data)
+        if zero:
+            self.client.zero(offset, len(data))
+        else:
+            self.client.write(offset, data)
+        with self.lock:
+            self.model[offset : offset + len(data)] = data
+            self.pending = None
+
+    def round(self) -> None:
+        rng = self.rng
+        big = rng.random() < 0.2  # a point of several batches (more than 512 blocks)
+        for _ in range(rng.randint(1, 6)):
+            kind = rng.random()
+            if big:
+                b = rng.randrange(SIZE // BS - 200)
+                self._write(b * BS, rng.randbytes(BS * 200))
+            elif kind < 0.6:
+                b = rng.randrange(SIZE // BS - 4)
+                self._write(b * BS, rng.randbytes(BS * rng.randint(1, 4)))
+            elif kind < 0.9:  # unaligned: the export merges whole blocks
+                off = rng.randrange(SIZE - 3000)
+                self._write(off, rng.randbytes(rng.randint(1, 3000)))
+            else:
+                off = rng.randrange(SIZE - 20000)
+                self._write(off, bytes(rng.randint(1, 20000)), zero=True)
+        assert self.client is not None
+        self.client.flush()
+        with self.lock:
+            self.flushed.add(xxhash.xxh3_128_digest(bytes(self.model)))
+            self.rounds += 1
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.round()
+        except (ConnectionError, OSError) as exc:
+            self.error = exc  # the source was killed: the test reconnects
+
+    def start(self) -> threading.Thread:
+        self.stop.clear()
+        self.error = None
+        t = threading.Thread(target=self.run, daemon=True)
+        t.start()
+        return t
+
+
+def _clone_hash(target: Target, name: str) -> bytes:
+    async def clone() -> str:
+        client = TargetClient(target.address)
+        try:
+            return (await client.clone("vol", name)).path
+        finally:
+            await client.close()
+
+    path = asyncio.run(clone())
+    with open(path, "rb") as fh:
+        digest = xxhash.xxh3_128_digest(fh.read())
+    os.unlink(path)
+    return digest
+
+
+def _kill_target_and_check(target: Target, writer: Writer, rng: random.Random,
+                           name: str) -> None:
+    time.sleep(rng.uniform(0.3, 1.0))
+    assert target.proc is not None
+    target.proc.kill9()
+    time.sleep(rng.uniform(0.1, 0.5))
+    target.start()
+    # Point-in-time copies while the source reconnects and streams again: each must show
+    # the volume at one of the writer's FLUSHes.
+    for k in range(25):
+        digest = _clone_hash(target, f"{name}-{k}")
+        with writer.lock:
+            assert digest in writer.flushed, f"replica not at a FLUSH after crash {name} ({k})"
+        time.sleep(rng.uniform(0.0, 0.05))
+
+
+def _check_no_acknowledged_write_lost(src: str, writer: Writer) -> None:
+    """The volume holds the model, plus perhaps the one write that was in flight (never
+    acknowledged) when the source was killed."""
+    with open(src, "rb") as fh:
+        volume = fh.read()
+    candidates = [bytes(writer.model)]
+    if writer.pending is not None:
+        m = bytearray(writer.model)
+        m[writer.pending[0] : writer.pending[0] + len(writer.pending[1])] = writer.pending[1]
+        candidates.append(bytes(m))
+    assert volume in candidates, "an acknowledged write was lost"
+    writer.model = bytearray(volume)
+    writer.flushed.add(xxhash.xxh3_128_digest(volume))
+
+
+def test_replica_is_always_at_a_flush_across_kill_9_of_either_side(workdir: str,
+                                                                   target: Target) -> None:
+    src = os.path.join(workdir, "vol.img")
+    write_random(src, SIZE, seed=71)
+    nport = free_port()
+    # Only client FLUSHes close consistency points here (no timed cuts), so every state the
+    # replica may show is one of the writer's flushed states.
+    cmd = push_cmd(src, target, "vol", os.path.join(workdir, "st"), "--nbd-listen",
+                   f"127.0.0.1:{nport}", "--cp-interval", "3600", "--interval", "0.2")
+    agent = Proc(cmd, os.path.join(workdir, "agent1.log")).start()
+    wait_for(lambda: port_open(nport) and os.path.exists(target.image("vol"))
+             and same_file(src, target.image("vol")), 30, "initial sync")
+    writer = Writer(src, nport, seed=72)
+    writer.connect()
+    rng = random.Random()
+    thread = writer.start()
+    for crash in range(3):
+        _kill_target_and_check(target, writer, rng, f"c{crash}")
+    # now the source dies with writes in flight
+    time.sleep(rng.uniform(0.2, 0.8))
+    agent.kill9()
+    thread.join(30)
+    assert writer.error is not None
+    agent = Proc(cmd, os.path.join(workdir, "agent2.log")).start()
+    wait_for(lambda: port_open(nport), 30, "the restarted export")
+    _check_no_acknowledged_write_lost(src, writer)
+    writer.connect()
+    thread = writer.start()
+    time.sleep(1.0)
+    digest = _clone_hash(target, "after-source-crash")
+    with writer.lock:
+        assert digest in writer.flushed
+    writer.stop.set()
+    thread.join(30)
+    assert writer.error is None and writer.rounds > 20
+    wait_for(lambda: same_file(src, target.image("vol")), 60, "replica == source at the end")
+    if writer.client is not None:
+        writer.client.close()
+    assert agent.stop() == 0
+    assert "Traceback" not in agent.log(), agent.log()[-4000:]
+
+
+def test_warm_mode_holds_points_until_promotion(workdir: str) -> None:
+    target = Target(workdir, None, "--mode", "warm").start()
+    src = os.path.join(workdir, "vol.img")
+    write_random(src, SIZE, seed=73)
+    nport, mport = free_port(), free_port()
+    agent = Proc(push_cmd(src, target, "vol", os.path.join(workdir, "st"), "--nbd-listen",
+                          f"127.0.0.1:{nport}", "--metrics-port", str(mport)),
+                 os.path.join(workdir, "agent.log")).start()
+    wait_for(lambda: port_open(nport) and port_open(mport), 20, "export")
+    client = NbdClient("127.0.0.1", nport, "vol")
+    client.write(8 * BS, b"\x5a" * (3 * BS))
+    client.flush()
+    client.close()
+
+    def caught_up() -> bool:
+        s = scrape(mport)
+        return (metric(s, "drctl_replication_consistency_point", volume="vol") >= 2
+                and metric(s, "drctl_replication_lag_seconds", volume="vol") == 0)
+
+    wait_for(caught_up, 30, "the source to see its points acknowledged")
+    assert metric(target.metrics(), "drctl_replication_staged_batches", volume="vol") > 0
+    with open(target.image("vol"), "rb") as fh:
+        assert fh.read() == bytes(SIZE)  # nothing applied in warm mode
+    p = run([*DRCTL, "replicate", "fence", "--to", target.address, "--volume", "vol",
+             "--epoch", "1"])
+    assert p.returncode == 0, p.stderr
+    assert "consistency point" in p.stdout
+    assert same_file(src, target.image("vol"))  # promotion applied every complete point
+    assert metric(target.metrics(), "drctl_replication_staged_batches", volume="vol") == 0
+    agent.stop()
+    target.stop()
+
+
+def test_journal_overflow_falls_back_to_a_bitmap_and_catches_up(workdir: str,
+                                                                 target: Target) -> None:
+    src = os.path.join(workdir, "vol.img")
+    write_random(src, SIZE, seed=74)
+    nport, mport = free_port(), free_port()
+    limit = 256 << 10
+    agent = Proc(push_cmd(src, target, "vol", os.path.join(workdir, "st"), "--nbd-listen",
+                          f"127.0.0.1:{nport}", "--metrics-port", str(mport),
+                          "--journal-limit", str(limit)),
+                 os.path.join(workdir, "agent.log")).start()
+    wait_for(lambda: port_open(nport) and port_open(mport) and os.path.exists(
+        target.image("vol")) and same_file(src, target.image("vol")), 30, "initial sync")
+    assert target.stop() == 0  # the link is down
+    client = NbdClient("127.0.0.1", nport, "vol")
+    rng = random.Random(75)
+    for i in range(64):  # 2 MiB of writes: eight times the journal's limit
+        client.write(rng.randrange(SIZE // BS - 8) * BS, rng.randbytes(8 * BS))
+        if i % 8 == 7:
+            client.flush()
+    s = scrape(mport)
+    assert metric(s, "drctl_replication_bitmap_blocks", volume="vol") > 0
+    assert metric(s, "drctl_replication_journal_bytes", volume="vol") <= limit
+    lag = metric(s, "drctl_replication_lag_seconds", volume="vol")
+    assert lag > 0
+    # writes keep being accepted in bitmap mode, and the lag keeps growing truthfully
+    time.sleep(0.5)
+    client.write(0, b"\x01" * BS)
+    client.flush()
+    assert metric(scrape(mport), "drctl_replication_lag_seconds", volume="vol") >= lag + 0.4
+    target.start()
+    wait_for(lambda: same_file(src, target.image("vol")), 60, "the resync after the outage")
+    wait_for(lambda: metric(scrape(mport), "drctl_replication_lag_seconds", volume="vol") == 0
+             and metric(scrape(mport), "drctl_replication_bitmap_blocks", volume="vol") == 0,
+             20, "lag back to 0")
+    client.close()
+    assert agent.stop() == 0
+    assert "change bitmap" in agent.log(), agent.log()[-3000:]
