@@ -15,9 +15,13 @@ data), the journal is rewritten with DIRTY records, and later writes only add DI
 ``begin_resync`` returns to journal mode and hands the dirty blocks to a resync pass; they stay
 recorded (``resyncing``) until ``end_resync``, so a crash or a second overflow loses nothing.
 
+Consistency groups: one journal serves several volumes, so their writes share one order and
+every consistency point spans all of them. A record's offset carries the volume's index in its
+top byte; a block is named by ``block_key(volume, block)``.
+
 Records: kind, offset, length, checksum (of the other fields and the data). BASE is the first
 record of a rewritten journal (offset: the next CP number; length: 1 in bitmap mode). On start
-the journal is replayed into the volume (idempotent) and fdatasynced.
+the journal is replayed into the volumes (idempotent) and they are fdatasynced.
 """
 
 from __future__ import annotations
@@ -45,6 +49,18 @@ KIND_CUT = 5
 KIND_BASE = 6
 _MARKERS = (KIND_FLUSH, KIND_CUT)
 REWRITE_BYTES = 8 << 20  # rewrite once this much of the journal is released
+_VOL_SHIFT = 56  # of a record's offset field
+KEY_SHIFT = 48  # of a block key
+BLOCK_MASK = (1 << KEY_SHIFT) - 1
+
+
+def block_key(volume: int, block: int) -> int:
+    return volume << KEY_SHIFT | block
+
+
+def volume_blocks(keys: Iterable[int], volume: int) -> set[int]:
+    """The block numbers of ``volume`` among block keys."""
+    return {k & BLOCK_MASK for k in keys if k >> KEY_SHIFT == volume}
 
 
 def _record(kind: int, offset: int, length: int,
@@ -69,17 +85,16 @@ class ConsistencyPoint:
 @dataclass
 class ExtractedPoint:
     cp: int
-    blocks: dict[int, bytes | None] = field(default_factory=dict)  # None: zeroes
+    blocks: dict[int, bytes | None] = field(default_factory=dict)  # by block key; None: zeroes
     first_at: float = 0.0
 
 
 class ChangeJournal:
-    def __init__(self, path: str, block_size: int, volume_fd: int, volume_size: int,
+    def __init__(self, path: str, block_size: int, volume_fds: int | list[int],
                  limit: int = 1 << 30) -> None:
         self.path = path
         self.block_size = block_size
-        self.volume_fd = volume_fd
-        self.volume_size = volume_size
+        self.fds = [volume_fds] if isinstance(volume_fds, int) else list(volume_fds)
         self.limit = limit
         self.lock = threading.Lock()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -114,46 +129,54 @@ class ChangeJournal:
             if end > len(raw) or _HEAD.unpack_from(_record(kind, offset, length, data))[3] \
                     != check:
                 break  # a torn tail: that write was never acknowledged
+            vol, at = offset >> _VOL_SHIFT, offset & ((1 << _VOL_SHIFT) - 1)
+            if kind in (KIND_WRITE, KIND_ZERO, KIND_DIRTY) and vol >= len(self.fds):
+                break  # not a journal of these volumes
             if kind == KIND_WRITE:
-                os.pwrite(self.volume_fd, data, offset)
+                os.pwrite(self.fds[vol], data, at)
                 self.replayed += 1
             elif kind == KIND_ZERO:
-                self._zero_volume(offset, length)
+                self._zero_volume(self.fds[vol], at, length)
                 self.replayed += 1
             elif kind == KIND_BASE:
                 self.next_cp = max(self.next_cp, offset)
             elif kind in _MARKERS:
                 self.next_cp = max(self.next_cp, offset + 1)
             if kind in (KIND_WRITE, KIND_ZERO, KIND_DIRTY):
-                self.dirty.update(self._blocks(offset, length))
+                self.dirty.update(self._blocks(vol, at, length))
             pos = end
         if self.replayed:
-            os.fdatasync(self.volume_fd)
+            self._sync_volumes()
         if self.dirty:
             self.dirty_since = os.fstat(self.fd).st_mtime
         # Everything replayed is in the volume now and stays listed as dirty until the agent's
         # first pass (a resync) has shipped it; the journal starts over, keeping the CP count.
         self._rewrite(sorted(self.dirty), [])
 
-    def _zero_volume(self, offset: int, length: int) -> None:
+    @staticmethod
+    def _zero_volume(fd: int, offset: int, length: int) -> None:
         chunk = bytes(min(length, 8 << 20))
         done = 0
         while done < length:
-            done += os.pwrite(self.volume_fd, memoryview(chunk)[: length - done],
-                              offset + done)
+            done += os.pwrite(fd, memoryview(chunk)[: length - done], offset + done)
 
-    def _blocks(self, offset: int, length: int) -> range:
+    def _sync_volumes(self) -> None:
+        for fd in self.fds:
+            os.fdatasync(fd)
+
+    def _blocks(self, vol: int, offset: int, length: int) -> range:
         bs = self.block_size
-        return range(offset // bs, (offset + max(1, length) - 1) // bs + 1)
+        return range(block_key(vol, offset // bs),
+                     block_key(vol, (offset + max(1, length) - 1) // bs) + 1)
 
     # -- appending (called on the event loop; never blocks on I/O but the append) -----------
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+    def write(self, offset: int, data: bytes | bytearray | memoryview, vol: int = 0) -> int:
         """Journal whole blocks of new content. Returns the record number to wait for."""
-        return self._append(KIND_WRITE, offset, len(data), data)
+        return self._append(KIND_WRITE, vol, offset, len(data), data)
 
-    def zero(self, offset: int, length: int) -> int:
-        return self._append(KIND_ZERO, offset, length)
+    def zero(self, offset: int, length: int, vol: int = 0) -> int:
+        return self._append(KIND_ZERO, vol, offset, length)
 
     def flush(self) -> int:
         """A client FLUSH: closes the open consistency point (if it holds any write)."""
@@ -182,19 +205,20 @@ class ChangeJournal:
         self.open_start, self.open_first_at, self.open_blocks = self.size, None, set()
         return self._bump()
 
-    def _append(self, kind: int, offset: int, length: int,
+    def _append(self, kind: int, vol: int, offset: int, length: int,
                 data: bytes | bytearray | memoryview = b"") -> int:
+        tagged = vol << _VOL_SHIFT | offset
         with self.lock:
             if not self.overflowed and self.size + _HEAD.size + len(data) > self.limit:
                 self._overflow()
             if self.overflowed:
-                self.dirty.update(self._blocks(offset, length))
+                self.dirty.update(self._blocks(vol, offset, length))
                 if self.dirty_since is None:
                     self.dirty_since = time.time()
-                self._raw_append(_record(KIND_DIRTY, offset, length))
+                self._raw_append(_record(KIND_DIRTY, tagged, length))
             else:
-                self._raw_append(_record(kind, offset, length, data))
-                self.open_blocks.update(self._blocks(offset, length))
+                self._raw_append(_record(kind, tagged, length, data))
+                self.open_blocks.update(self._blocks(vol, offset, length))
                 if self.open_first_at is None:
                     self.open_first_at = time.time()
             return self._bump()
@@ -217,7 +241,7 @@ class ChangeJournal:
             volume_too = self.overflowed
         try:
             if volume_too:
-                os.fdatasync(self.volume_fd)
+                self._sync_volumes()
             os.fdatasync(fd)
         finally:
             os.close(fd)
@@ -261,15 +285,16 @@ class ChangeJournal:
         pos = 0
         while pos < len(raw):
             kind, offset, length, _check = _HEAD.unpack_from(raw, pos)
+            vol, at = offset >> _VOL_SHIFT, offset & ((1 << _VOL_SHIFT) - 1)
             pos += _HEAD.size
             if kind == KIND_WRITE:
                 data = raw[pos : pos + length]
-                first = offset // bs
+                first = block_key(vol, at // bs)
                 for k in range(0, length, bs):
                     blocks[first + k // bs] = bytes(data[k : k + bs])
                 pos += length
             elif kind == KIND_ZERO:
-                for b in self._blocks(offset, length):
+                for b in self._blocks(vol, at, length):
                     blocks[b] = None
         return out
 
@@ -293,7 +318,7 @@ class ChangeJournal:
             self.dirty |= cp.blocks
         self.dirty |= self.open_blocks
         self.dirty_since = self.first_dirty_at or time.time()
-        os.fdatasync(self.volume_fd)  # the volume now carries the only copy of that data
+        self._sync_volumes()  # the volumes now carry the only copy of that data
         self.closed.clear()
         self.open_first_at, self.open_blocks = None, set()
         self.overflowed = True
@@ -342,8 +367,9 @@ class ChangeJournal:
         bs = self.block_size
         with open(tmp, "wb") as fh:
             fh.write(_record(KIND_BASE, self.next_cp, int(self.overflowed)))
-            for b in dirty:
-                fh.write(_record(KIND_DIRTY, b * bs, bs))
+            for key in dirty:
+                vol, b = key >> KEY_SHIFT, key & BLOCK_MASK
+                fh.write(_record(KIND_DIRTY, vol << _VOL_SHIFT | b * bs, bs))
             for t in tails:
                 fh.write(t)
             fh.flush()

@@ -49,22 +49,43 @@ _REQ = struct.Struct(">IHHQQI")
 
 
 class NbdExport:
-    def __init__(self, name: str, path: str, journal_path: str, block_size: int,
-                 on_change: Callable[[], None] | None = None,
-                 journal_limit: int = 1 << 30) -> None:
+    """One volume served over NBD; its writes go to a journal it may share with the other
+    volumes of a consistency group (``index``: its place in that journal)."""
+
+    def __init__(self, name: str, fd: int, block_size: int, journal: ChangeJournal,
+                 commit: GroupCommit, index: int = 0,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.name = name
         self.block_size = block_size
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        self.journal = ChangeJournal(journal_path, block_size, self.fd, self.size,
-                                     journal_limit)  # replays into the fd
-        self.commit = GroupCommit(self.journal)
+        self.fd = fd
+        self.size = os.lseek(fd, 0, os.SEEK_END)
+        self.journal = journal
+        self.commit = commit
+        self.index = index
         self.on_change = on_change
         self.flags = (T_HAS_FLAGS | T_SEND_FLUSH | T_SEND_FUA | T_SEND_TRIM
                       | T_SEND_WRITE_ZEROES | T_CAN_MULTI_CONN)
 
+    @classmethod
+    def open_group(cls, volumes: list[tuple[str, str]], journal_path: str, block_size: int,
+                   on_change: Callable[[], None] | None = None,
+                   journal_limit: int = 1 << 30) -> list[NbdExport]:
+        """Open the volumes ((name, path) in journal order) and their shared journal, which
+        replays into them."""
+        fds: list[int] = []
+        try:
+            for _name, path in volumes:
+                fds.append(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+            journal = ChangeJournal(journal_path, block_size, fds, journal_limit)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        commit = GroupCommit(journal)
+        return [cls(name, fd, block_size, journal, commit, i, on_change)
+                for i, ((name, _path), fd) in enumerate(zip(volumes, fds, strict=True))]
+
     def close(self) -> None:
-        self.journal.close()
         os.close(self.fd)
 
     def _whole_blocks(self, offset: int, data: bytes | bytearray) -> tuple[int, bytes | bytearray]:
@@ -82,7 +103,7 @@ class NbdExport:
         """Journal then write (on the loop: no other request interleaves). Returns the
         journal record number to wait for."""
         start, whole = self._whole_blocks(offset, data)
-        n = self.journal.write(start, whole)
+        n = self.journal.write(start, whole, self.index)
         done = 0
         while done < len(whole):
             done += os.pwrite(self.fd, memoryview(whole)[done:], start + done)
@@ -98,7 +119,7 @@ class NbdExport:
         if head > offset:
             n = self.write(offset, bytes(head - offset))
         if tail > head:
-            n = self.journal.zero(head, tail - head)
+            n = self.journal.zero(head, tail - head, self.index)
             _zero(self.fd, head, tail - head)
         if offset + length > tail:
             n = self.write(tail, bytes(offset + length - tail))
@@ -106,8 +127,10 @@ class NbdExport:
 
 
 class NbdServer:
-    def __init__(self, export: NbdExport) -> None:
-        self.export = export
+    """Serves one or more exports by name (the empty name: the only export, if just one)."""
+
+    def __init__(self, exports: list[NbdExport]) -> None:
+        self.exports = {e.name: e for e in exports}
         self.server: asyncio.Server | None = None
         self.clients: set[asyncio.Task[None]] = set()
 
@@ -120,11 +143,17 @@ class NbdServer:
             self.server.close()
             await self.server.wait_closed()
 
+    def _find(self, name: str) -> NbdExport | None:
+        if name == "" and len(self.exports) == 1:
+            return next(iter(self.exports.values()))
+        return self.exports.get(name)
+
     async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         peer = w.get_extra_info("peername")
         try:
-            if await self._handshake(r, w):
-                await self._transmission(r, w)
+            export = await self._handshake(r, w)
+            if export is not None:
+                await self._transmission(r, w, export)
         except* (asyncio.IncompleteReadError, ConnectionError) as group:
             log.debug("nbd client %s went away: %s", peer, group.exceptions[0])
         except* ValueError as group:
@@ -136,7 +165,8 @@ class NbdServer:
 
     # -- handshake ------------------------------------------------------------------------
 
-    async def _handshake(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+    async def _handshake(self, r: asyncio.StreamReader,
+                         w: asyncio.StreamWriter) -> NbdExport | None:
         w.write(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         await w.drain()
         (cflags,) = struct.unpack(">I", await r.readexactly(4))
@@ -149,45 +179,48 @@ class NbdServer:
                 raise ValueError("option too long")
             data = await r.readexactly(length)
             if opt == OPT_EXPORT_NAME:
-                if data.decode(errors="replace") not in ("", self.export.name):
-                    return False  # no way to report an error here: hang up (per protocol)
-                w.write(struct.pack(">QH", self.export.size, self.export.flags))
+                export = self._find(data.decode(errors="replace"))
+                if export is None:
+                    return None  # no way to report an error here: hang up (per protocol)
+                w.write(struct.pack(">QH", export.size, export.flags))
                 if not no_zeroes:
                     w.write(bytes(124))
                 await w.drain()
-                return True
+                return export
             if opt == OPT_ABORT:
                 self._reply(w, opt, REP_ACK)
                 await w.drain()
-                return False
+                return None
             if opt == OPT_LIST:
-                export = self.export.name.encode()
-                self._reply(w, opt, REP_SERVER, struct.pack(">I", len(export)) + export)
+                for name in self.exports:
+                    raw = name.encode()
+                    self._reply(w, opt, REP_SERVER, struct.pack(">I", len(raw)) + raw)
                 self._reply(w, opt, REP_ACK)
             elif opt in (OPT_INFO, OPT_GO):
-                if self._info(w, opt, data) and opt == OPT_GO:
+                export = self._info(w, opt, data)
+                if export is not None and opt == OPT_GO:
                     await w.drain()
-                    return True
+                    return export
             else:
                 self._reply(w, opt, REP_ERR_UNSUP)
             await w.drain()
 
-    def _info(self, w: asyncio.StreamWriter, opt: int, data: bytes) -> bool:
-        """Answer NBD_OPT_INFO / NBD_OPT_GO; True if the export was described."""
+    def _info(self, w: asyncio.StreamWriter, opt: int, data: bytes) -> NbdExport | None:
+        """Answer NBD_OPT_INFO / NBD_OPT_GO; the export if it was described."""
         if len(data) < 6:
             self._reply(w, opt, REP_ERR_INVALID)
-            return False
+            return None
         (nlen,) = struct.unpack(">I", data[:4])
-        name = data[4 : 4 + nlen].decode(errors="replace")
-        if name not in ("", self.export.name):
+        export = self._find(data[4 : 4 + nlen].decode(errors="replace"))
+        if export is None:
             self._reply(w, opt, REP_ERR_UNKNOWN, b"no such export")
-            return False
-        self._reply(w, opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, self.export.size,
-                                                 self.export.flags))
+            return None
+        self._reply(w, opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, export.size,
+                                                 export.flags))
         self._reply(w, opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096,
                                                  MAX_REQUEST))
         self._reply(w, opt, REP_ACK)
-        return True
+        return export
 
     @staticmethod
     def _reply(w: asyncio.StreamWriter, opt: int, rtype: int, data: bytes = b"") -> None:
@@ -195,8 +228,8 @@ class NbdServer:
 
     # -- transmission -----------------------------------------------------------------------
 
-    async def _transmission(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        ex = self.export
+    async def _transmission(self, r: asyncio.StreamReader, w: asyncio.StreamWriter,
+                            ex: NbdExport) -> None:
         lock = asyncio.Lock()  # replies are written whole
         async with asyncio.TaskGroup() as tg:
             while True:
@@ -211,11 +244,10 @@ class NbdServer:
                     await self._simple(w, lock, handle, EINVAL if length > MAX_REQUEST
                                        else ENOSPC)
                     continue
-                tg.create_task(self._serve(w, lock, cmd, handle, offset, length, data))
+                tg.create_task(self._serve(ex, w, lock, cmd, handle, offset, length, data))
 
-    async def _serve(self, w: asyncio.StreamWriter, lock: asyncio.Lock, cmd: int, handle: int,
-                     offset: int, length: int, data: bytes) -> None:
-        ex = self.export
+    async def _serve(self, ex: NbdExport, w: asyncio.StreamWriter, lock: asyncio.Lock, cmd: int,
+                     handle: int, offset: int, length: int, data: bytes) -> None:
         try:
             if cmd == CMD_READ:
                 payload = (os.pread(ex.fd, length, offset) if length <= INLINE_IO

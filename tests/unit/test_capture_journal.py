@@ -15,13 +15,13 @@ def _journal(tmp_path: object, size: int = 64 * BS, limit: int = 1 << 30) -> Cha
         with open(vol, "wb") as fh:
             fh.truncate(size)
     fd = os.open(vol, os.O_RDWR)
-    return ChangeJournal(os.path.join(str(tmp_path), "journal"), BS, fd, size, limit)
+    return ChangeJournal(os.path.join(str(tmp_path), "journal"), BS, fd, limit)
 
 
 def _write(j: ChangeJournal, block: int, byte: int, blocks: int = 1) -> None:
     data = bytes([byte]) * (BS * blocks)
     j.write(block * BS, data)
-    os.pwrite(j.volume_fd, data, block * BS)
+    os.pwrite(j.fds[0], data, block * BS)
 
 
 def test_points_close_at_flush_and_cut_and_keep_each_blocks_last_content(tmp_path: object
@@ -60,8 +60,8 @@ def test_replay_after_a_crash_redoes_writes_and_lists_them_dirty(tmp_path: objec
     j.flush()
     _write(j, 4, 0x44)
     os.close(j.fd)
-    vol_fd = j.volume_fd
-    j2 = ChangeJournal(j.path, BS, vol_fd, 64 * BS)
+    vol_fd = j.fds[0]
+    j2 = ChangeJournal(j.path, BS, vol_fd)
     assert os.pread(vol_fd, BS, 3 * BS) == b"\x33" * BS
     assert j2.dirty == {3, 4} and j2.replayed == 2
     assert j2.next_cp == 2  # the numbering goes on after point 1
@@ -76,7 +76,7 @@ def test_a_torn_tail_is_cut_off(tmp_path: object) -> None:
     size = os.path.getsize(j.path)
     j.write(2 * BS, b"\x22" * BS)
     os.truncate(j.path, size + 100)  # the second record half written
-    j2 = ChangeJournal(j.path, BS, j.volume_fd, 64 * BS)
+    j2 = ChangeJournal(j.path, BS, j.fds[0])
     assert j2.dirty == {1}
 
 
@@ -104,7 +104,7 @@ def test_overflow_folds_unreleased_writes_into_the_bitmap_and_resync_returns_the
     j.end_resync(blocks)
     assert j.first_dirty_at is None
     # a crash now keeps nothing to resend: the rewritten journal has no records left
-    j2 = ChangeJournal(j.path, BS, j.volume_fd, 64 * BS)
+    j2 = ChangeJournal(j.path, BS, j.fds[0])
     assert j2.dirty == set()
 
 
