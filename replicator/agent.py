@@ -19,9 +19,10 @@ from contextlib import AsyncExitStack
 from drctl.lifecycle import stop_on_signals
 from replicator.driver import PushDriver, PushOptions
 from replicator.errors import ReplanNeededError, ReplicatorError, unwrap_group
-from replicator.metrics import SourceMetrics, serve_metrics
+from replicator.metrics import SourceMetrics, register_sources, serve_metrics
 from replicator.progress import ProgressBar
 from replicator.report import PushReport, PushState
+from replicator.throttle import TokenBucket
 from replicator.waiting import until_stopped
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,49 @@ async def run_push(opts: PushOptions, metrics_port: int | None = None,
     raise AssertionError("unreachable")
 
 
+async def run_group(members: list[PushOptions], journal_path: str,
+                    metrics_port: int | None = None) -> list[PushReport]:
+    """A consistency group: the members' volumes are served over NBD by one agent and their
+    writes journaled in one order (``journal_path``); a shared token bucket caps the group."""
+    metrics = [SourceMetrics(o.volume) for o in members]
+    if metrics_port is not None:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+        register_sources(registry, metrics)
+        serve_metrics(registry, metrics_port)
+    stop = asyncio.Event()
+    started = time.monotonic()
+    async with AsyncExitStack() as stack:
+        stop_on_signals(stack, stop)
+        drivers: list[PushDriver] = []
+        for o, m in zip(members, metrics, strict=True):
+            driver = PushDriver(o, m)
+            stack.push_async_callback(driver.close)
+            drivers.append(driver)
+        if members[0].rate_limit:
+            shared = TokenBucket(members[0].rate_limit)
+            for driver in drivers:
+                driver.bucket = shared
+        try:
+            async with asyncio.TaskGroup() as tg:
+                gauges = [tg.create_task(_refresh_gauges(d)) for d in drivers]
+                try:
+                    from replicator.capture.shipper import run_captured
+
+                    await run_captured(drivers, stop, journal_path)
+                finally:
+                    for g in gauges:
+                        g.cancel()
+                    for d in drivers:
+                        if d.planner is not None:
+                            d.save_state()
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+        return [d.report(PushState.IDLE, time.monotonic() - started) for d in drivers]
+    raise AssertionError("unreachable")
+
+
 async def _refresh_gauges(driver: PushDriver) -> None:
     while True:
         driver.update_gauges()
@@ -127,4 +171,4 @@ async def _continuous(driver: PushDriver, opts: PushOptions, stop: asyncio.Event
 async def _captured(driver: PushDriver, opts: PushOptions, stop: asyncio.Event) -> bool:
     from replicator.capture.shipper import run_captured
 
-    return await run_captured(driver, opts, stop)
+    return await run_captured([driver], stop, os.path.join(opts.state_dir, "journal"))

@@ -46,6 +46,11 @@ def _address(text: str) -> str:
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rep = sub.add_parser("replicate", help="block replication: serve, push, verify")
     rsub = rep.add_subparsers(dest="replicate_cmd", required=True, metavar="COMMAND")
+    for add in (_add_serve, _add_push, _add_push_group, _add_fence, _add_verify):
+        add(rsub)
+
+
+def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     s = rsub.add_parser("serve", help="run a target daemon that keeps replicas under --dir")
     s.add_argument("--listen", required=True, type=_address, metavar="HOST:PORT")
@@ -59,6 +64,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="warm mode: apply complete consistency points on this schedule")
     s.set_defaults(func=cmd_serve)
 
+
+def _add_push(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = rsub.add_parser("push", help="replicate a volume (file or block device) to a target")
     p.add_argument("path", help="the protected volume: an image file or a block device")
     p.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
@@ -94,12 +101,39 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--json", action="store_true", help="print a JSON report on exit")
     p.set_defaults(func=cmd_push)
 
+
+def _add_push_group(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = rsub.add_parser("push-group", help="capture several volumes as one consistency "
+                        "group (one write order) over NBD and replicate them")
+    g.add_argument("members", nargs="+", metavar="VOLUME=PATH",
+                   help="member volumes: name on the target = image file or block device")
+    g.add_argument("--group", required=True, help="consistency group name")
+    g.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
+    g.add_argument("--nbd-listen", required=True, type=_address, metavar="HOST:PORT",
+                   help="one NBD server; each member is an export named after its volume")
+    g.add_argument("--state-dir", help="where the agent keeps its journal and resume state")
+    g.add_argument("--rate-limit", type=_rate, metavar="RATE", help="cap for the whole group")
+    g.add_argument("--block-size", type=_size, default=4096)
+    g.add_argument("--epoch", type=int, default=0)
+    g.add_argument("--compress-level", type=int, default=1)
+    g.add_argument("--interval", type=float, default=1.0)
+    g.add_argument("--window", type=_size, default=64 << 20)
+    g.add_argument("--journal-limit", type=_size, default=1 << 30, metavar="SIZE")
+    g.add_argument("--cp-interval", type=float, default=0.2, metavar="SECONDS")
+    g.add_argument("--metrics-port", type=_port)
+    g.add_argument("--rpo-budget", type=float, default=0.0, metavar="SECONDS")
+    g.set_defaults(func=cmd_push_group)
+
+
+def _add_fence(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     f = rsub.add_parser("fence", help="raise a replica's epoch: older sources are refused")
     f.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
     f.add_argument("--volume", required=True)
     f.add_argument("--epoch", required=True, type=int)
     f.set_defaults(func=cmd_fence)
 
+
+def _add_verify(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v = rsub.add_parser("verify", help="exit 0 only if the replica equals the volume")
     v.add_argument("path")
     v.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
@@ -107,7 +141,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     v.add_argument("--block-size", type=_size, default=4096)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
-
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from replicator.daemon import serve
@@ -155,6 +188,53 @@ def cmd_push(args: argparse.Namespace) -> int:
               f"{report.data_blocks} data, {report.zero_blocks} zero, {report.dedup_blocks} "
               f"dedup blocks, {report.wire_bytes} bytes on the wire in {report.seconds}s",
               file=sys.stderr)
+    return 0
+
+
+def _parse_members(items: list[str]) -> list[tuple[str, str]]:
+    members: list[tuple[str, str]] = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"member {item!r}: expected VOLUME=PATH")
+        _check_name(name)
+        if not os.path.exists(path):
+            raise UsageError(f"member {name}: volume {path} does not exist")
+        members.append((name, path))
+    names = [n for n, _ in members]
+    paths = [os.path.realpath(p) for _, p in members]
+    if len(set(names)) != len(names) or len(set(paths)) != len(paths):
+        raise UsageError("each member needs its own volume name and its own path")
+    return members
+
+
+def cmd_push_group(args: argparse.Namespace) -> int:
+    import xxhash
+
+    from replicator.agent import run_group
+
+    _check_name(args.group)
+    members = _parse_members(args.members)
+    if args.block_size % 512 or args.block_size > 1 << 20:
+        raise UsageError("--block-size must be a multiple of 512, at most 1MiB")
+    if args.epoch < 0:
+        raise UsageError("--epoch must be >= 0")
+    if args.journal_limit < 64 * args.block_size or args.cp_interval <= 0:
+        raise UsageError("--journal-limit must be at least 64 blocks and --cp-interval > 0")
+    root = args.state_dir or default_state_root()
+    names = tuple(n for n, _ in members)
+    opts = [PushOptions(
+        path=path, address=args.to, volume=name,
+        state_dir=state_dir_for(root, path, args.to, name), rate_limit=args.rate_limit,
+        block_size=args.block_size, epoch=args.epoch, compress_level=args.compress_level,
+        dedup=False, interval=args.interval, window_bytes=args.window, connect_timeout=None,
+        rpo_budget=args.rpo_budget, nbd_listen=args.nbd_listen,
+        journal_limit=args.journal_limit, cp_interval=args.cp_interval, group=args.group,
+        group_members=names) for name, path in members]
+    key = xxhash.xxh3_64_hexdigest("\0".join([args.group, args.to, *(
+        f"{n}={os.path.abspath(p)}" for n, p in members)]).encode())
+    journal = os.path.join(root, "push", f"group-{args.group}-{key}", "journal")
+    asyncio.run(run_group(opts, journal, args.metrics_port))
     return 0
 
 

@@ -90,6 +90,8 @@ class PushOptions:
     nbd_listen: str | None = None  # serve the volume over NBD and ship captured writes
     journal_limit: int = 1 << 30  # past this the capture falls back to a change bitmap
     cp_interval: float = 0.2  # cut a consistency point when writes wait this long unflushed
+    group: str = ""  # consistency group this volume belongs to ("": none)
+    group_members: tuple[str, ...] = ()
 
 
 @dataclass
@@ -178,7 +180,9 @@ class PushDriver:
             with attempt:
                 return await self.client.handshake(self.o.volume, self.geo.size,
                                                    self.geo.block_size, self.state.source_id,
-                                                   self.o.epoch, timeout=10.0)
+                                                   self.o.epoch, timeout=10.0,
+                                                   group=self.o.group,
+                                                   members=self.o.group_members)
         raise AssertionError("unreachable")
 
     async def reconcile(self) -> None:
@@ -214,8 +218,10 @@ class PushDriver:
             self._unacked_raw = 0
         self.m.set(self.m.acked_seq, self.acked_seq)
         capture = self.o.nbd_listen is not None
+        # A COPY reads another block when applied: the target's redo journal (capture, warm
+        # mode) only takes idempotent DATA and ZERO records.
         self.planner = Planner(self.o.volume, self.o.epoch, self.geo, st.view, st.seen,
-                               dedup=self.o.dedup and not capture,
+                               dedup=self.o.dedup and not capture and info.mode != "warm",
                                compress_level=self.o.compress_level)
         self.planner.staged = capture  # consistency points: the target stages everything
 

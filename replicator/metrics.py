@@ -87,25 +87,32 @@ class SourceMetrics:
         return family.values.get((self.volume, *extra), 0.0)
 
     def register(self, registry: CollectorRegistry) -> None:
-        registry.register(_Collector(self))
+        registry.register(_Collector([self]))
+
+
+def register_sources(registry: CollectorRegistry, sources: list[SourceMetrics]) -> None:
+    """Several volumes' metrics (a consistency group) as one set of families."""
+    registry.register(_Collector(sources))
 
 
 class _Collector:
-    def __init__(self, metrics: SourceMetrics) -> None:
-        self.metrics = metrics
+    def __init__(self, sources: list[SourceMetrics]) -> None:
+        self.sources = sources
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        if self.metrics.refresh is not None:
-            self.metrics.refresh()
-        for f in self.metrics.families:
+        for m in self.sources:
+            if m.refresh is not None:
+                m.refresh()
+        for pos, f in enumerate(self.sources[0].families):
             full = f"{NS}_{SUB}_{f.name}"
             labels = ["volume", *f.extra_labels]
             cls = CounterMetricFamily if f.kind == "counter" else GaugeMetricFamily
             mf = cls(full, f.doc, labels=labels)
-            for key, value in list(f.values.items()):
-                mf.add_metric(list(key), value)
+            for m in self.sources:
+                for key, value in list(m.families[pos].values.items()):
+                    mf.add_metric(list(key), value)
             yield mf
 
     def describe(self) -> Iterator[Any]:

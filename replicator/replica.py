@@ -18,6 +18,7 @@ completely before the first byte is written: a rejected batch changes nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -119,6 +120,9 @@ class Replica:
         self.record = record
         self._index: array[int] | None = None
         self.wal = StagingLog(os.path.join(directory, f"{name}.wal"), record.applied_seq)
+        self.synced_seq = self.wal.last_seq  # staged frames up to here are durable
+        self.group_path = os.path.join(directory, f"{name}.group")
+        self.group, self.members = self._load_group()
 
     # -- durable commit record -------------------------------------------------------------
 
@@ -188,6 +192,43 @@ class Replica:
         """The last batch held durably here, in the image or in the redo journal."""
         return max(self.record.applied_seq, self.wal.last_seq)
 
+    def _load_group(self) -> tuple[str, tuple[str, ...]]:
+        try:
+            with open(self.group_path) as fh:
+                doc = json.load(fh)
+            return str(doc["group"]), tuple(str(m) for m in doc["members"])
+        except FileNotFoundError:
+            return "", ()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise VolumeError(f"{self.group_path}: unreadable group membership: {exc}") from exc
+
+    def set_group(self, group: str, members: tuple[str, ...]) -> None:
+        """Record (durably) the consistency group this replica belongs to."""
+        if group:
+            check_volume_name(group)
+            for m in members:
+                check_volume_name(m)
+            if self.name not in members:
+                raise ProtocolError(f"volume {self.name} is not among the members of group "
+                                    f"{group}: {', '.join(members)}")
+        if (group, tuple(members)) == (self.group, self.members):
+            return
+        if self.group and group != self.group and self.wal.frames:
+            raise ProtocolError(f"volume {self.name} has staged batches of group {self.group}; "
+                                f"it cannot join {group or 'no group'} before they are applied")
+        tmp = self.group_path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"group": group, "members": list(members)}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.group_path)
+        self.group, self.members = group, tuple(members)
+
+    def closed_cp(self) -> int:
+        """The last consistency point this replica holds completely and durably."""
+        cp = self.wal.last_closed_cp(self.synced_seq)
+        return self.record.applied_cp if cp is None else cp
+
     def must_stage(self, batch: Batch) -> bool:
         return batch.staged or self.mode == "warm" or bool(self.wal.frames)
 
@@ -230,8 +271,9 @@ class Replica:
         if batch.copy_from:
             # A COPY reads another block at apply time: not idempotent if a crash makes the
             # target apply the consistency point twice.
-            raise CorruptBatchError("malformed", f"batch {batch.seq}: staged batches cannot "
-                                    "carry COPY records")
+            # (reason copy_mismatch: the source resends the batch with the copies as DATA)
+            raise CorruptBatchError("copy_mismatch", f"batch {batch.seq}: staged batches "
+                                    "cannot carry COPY records")
         if batch.volume_size != self.record.size:
             self._resize(batch.volume_size)
         bs = self.record.block_size
@@ -257,11 +299,12 @@ class Replica:
                 return f.cp
         return self.record.applied_cp
 
-    def apply_staged(self, max_seq: int | None = None) -> tuple[int, int]:
+    def apply_staged(self, max_seq: int | None = None,
+                     max_cp: int | None = None) -> tuple[int, int]:
         """Write every complete consistency point of the redo journal (frames up to
-        ``max_seq``, which must be durable) into the image, make it durable and record it.
-        Returns (frames applied, the image's consistency point)."""
-        frames = self.wal.complete(max_seq)
+        ``max_seq``, which must be durable; points up to ``max_cp``) into the image, make it
+        durable and record it. Returns (frames applied, the image's consistency point)."""
+        frames = self.wal.complete(max_seq, max_cp)
         if not frames:
             return 0, self.record.applied_cp
         for frame in frames:
@@ -274,9 +317,10 @@ class Replica:
         self.wal.drop_through(frames[-1].seq)
         return len(frames), self.record.applied_cp
 
-    def discard_incomplete(self) -> int:
-        """Promotion: the open consistency point will never complete. Drop its batches."""
-        dropped = self.wal.discard_incomplete()
+    def discard_incomplete(self, max_cp: int | None = None) -> int:
+        """Promotion: the open consistency point will never complete. Drop its batches (and,
+        in a group, those of points past ``max_cp``, which not every member holds)."""
+        dropped = self.wal.discard_incomplete(max_cp)
         if dropped:
             self._index = None  # the projection included them
         return dropped
@@ -373,6 +417,8 @@ class Replica:
         frames = self.wal.frames  # appended to by the volume thread meanwhile
         if frames:
             self.wal.sync()  # staged batches: durable in the redo journal
+            if applied_seq is not None:
+                self.synced_seq = max(self.synced_seq, applied_seq)
         # Only batches written into the image count as applied there: stop before the first
         # one waiting in the redo journal (staging, once begun, lasts until it is drained).
         direct = applied_seq if applied_seq is not None else self.record.applied_seq

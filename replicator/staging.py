@@ -125,15 +125,25 @@ class StagingLog:
     def read(self, frame: Frame) -> Batch:
         return Batch.unpack(os.pread(self.fd, frame.length, frame.offset))
 
-    def complete(self, max_seq: int | None = None) -> list[Frame]:
-        """The frames of every complete consistency point (up to ``max_seq``), in order."""
+    def complete(self, max_seq: int | None = None, max_cp: int | None = None) -> list[Frame]:
+        """The frames of every complete consistency point (frames up to ``max_seq``, points up
+        to number ``max_cp``), in order."""
         end = 0
         for i, f in enumerate(self.frames):
             if max_seq is not None and f.seq > max_seq:
                 break
             if f.closes:
+                if max_cp is not None and f.cp > max_cp:
+                    break
                 end = i + 1
         return self.frames[:end]
+
+    def last_closed_cp(self, max_seq: int) -> int | None:
+        """The number of the last point closed by a frame up to ``max_seq`` (None: none)."""
+        for f in reversed(self.frames):
+            if f.seq <= max_seq and f.closes:
+                return f.cp
+        return None
 
     @property
     def staged_blocks(self) -> int:
@@ -155,10 +165,11 @@ class StagingLog:
         if self.applied_bytes >= REWRITE_BYTES:
             self._rewrite(keep)
 
-    def discard_incomplete(self) -> int:
-        """Drop the frames after the last complete consistency point (promotion: that point
-        will never complete). Returns how many were dropped."""
-        keep = self.complete()
+    def discard_incomplete(self, max_cp: int | None = None) -> int:
+        """Drop the frames after the last complete consistency point (up to number ``max_cp``:
+        a group's common point); promotion: those will never complete. Returns how many were
+        dropped."""
+        keep = self.complete(None, max_cp)
         dropped = len(self.frames) - len(keep)
         if dropped:
             self._rewrite(keep)

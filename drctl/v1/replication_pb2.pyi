@@ -95,12 +95,21 @@ class HandshakeRequest(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     SOURCE_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    GROUP_MEMBERS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     volume: _builtins.str
     volume_size: _builtins.int
     block_size: _builtins.int
     source_id: _builtins.str
     epoch: _builtins.int
+    group: _builtins.str
+    """Consistency group: volumes whose writes share one order (one change journal on the
+    source). The target writes a consistency point into any member only once every member
+    holds it, so the replicas are consistent with each other.
+    """
+    @_builtins.property
+    def group_members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -110,10 +119,12 @@ class HandshakeRequest(_message.Message):
         block_size: _builtins.int = ...,
         source_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        group: _builtins.str = ...,
+        group_members: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "epoch", b"epoch", "protocol_version", b"protocol_version", "source_id", b"source_id", "volume", b"volume", "volume_size", b"volume_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "epoch", b"epoch", "group", b"group", "group_members", b"group_members", "protocol_version", b"protocol_version", "source_id", b"source_id", "volume", b"volume", "volume_size", b"volume_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,31 +13,34 @@ from collections.abc import Callable, Iterator
 
 from replicator.batch import Kind
 from replicator.blockmap import CHUNK_BLOCKS, UNKNOWN, block_hash, zero_block
-from replicator.capture.journal import ExtractedPoint
+from replicator.capture.journal import BLOCK_MASK, KEY_SHIFT, ExtractedPoint
 from replicator.planning import MAX_BATCH_BLOCKS, PlannedBatch, Planner
 
 
 def plan_points(planner: Planner, points: list[ExtractedPoint], next_seq: Callable[[], int],
-                close_with: int | None = None) -> Iterator[PlannedBatch]:
-    """Batches for ``points`` in order. ``close_with``: only the last batch closes a point,
-    with that number (an empty batch if nothing else is left to send)."""
+                close_with: int | None = None, volume: int = 0) -> Iterator[PlannedBatch]:
+    """Batches for the blocks of journal volume ``volume`` in ``points``, in order. Every
+    point is closed, with an empty batch if the volume has nothing in it (a group's members
+    all close every point). ``close_with``: only the last batch closes, with that number."""
     for i, point in enumerate(points):
         closing = close_with is None or i == len(points) - 1
         cp = 0 if not closing else point.cp if close_with is None else close_with
-        yield from _plan_point(planner, point, next_seq, cp)
+        yield from _plan_point(planner, point, next_seq, cp, volume)
     if not points and close_with is not None:
-        yield from _plan_point(planner, ExtractedPoint(close_with), next_seq, close_with)
+        yield from _plan_point(planner, ExtractedPoint(close_with), next_seq, close_with,
+                               volume)
 
 
 def _plan_point(planner: Planner, point: ExtractedPoint, next_seq: Callable[[], int],
-                cp: int) -> Iterator[PlannedBatch]:
+                cp: int, volume: int) -> Iterator[PlannedBatch]:
     geo, view, seen, st = planner.geo, planner.view, planner.seen, planner.stats
     indices: list[int] = []
     kinds = bytearray()
     hashes: list[int] = []
     datas: list[bytes] = []
     raw = 0
-    items = sorted(point.blocks.items())
+    items = sorted((key & BLOCK_MASK, data) for key, data in point.blocks.items()
+                   if key >> KEY_SHIFT == volume)
     for n, (b, data) in enumerate(items):
         if b < geo.blocks:
             length = geo.block_len(b)

@@ -10,6 +10,10 @@
 3. Then ship each closed point as it closes (a client FLUSH, or a cut when writes have waited
    ``cp_interval`` unflushed); release it from the journal once the target acknowledged it.
 
+A consistency group runs one loop over several drivers (one per volume, each with its own
+stream): one journal, one NBD server with an export per volume, and every point closed on every
+member, so that the target applies a point to the members only once all of them hold it.
+
 If the journal overflows while a resync runs, the round ends without closing and another
 round ships what was written meanwhile: what was shipped stays staged on the target (acknowledged,
 never resent), so every round makes progress; the rounds end as soon as a resync and its points
@@ -23,44 +27,57 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from replicator.capture.journal import ChangeJournal
+from replicator.capture.journal import ChangeJournal, volume_blocks
 from replicator.capture.nbd import NbdExport, NbdServer
 from replicator.capture.points import plan_points
 from replicator.driver import PushDriver, PushOptions
-from replicator.errors import ReplanNeededError
+from replicator.errors import ReplanNeededError, unwrap_group
+from replicator.planning import Planner
 from replicator.units import parse_hostport
 from replicator.waiting import first_of, until_stopped
 
 log = logging.getLogger(__name__)
 
 
-async def run_captured(driver: PushDriver, opts: PushOptions, stop: asyncio.Event) -> bool:
-    """Serve and ship until ``stop``; False if stopped in the middle of a pass."""
+async def run_captured(drivers: list[PushDriver], stop: asyncio.Event,
+                       journal_path: str) -> bool:
+    """Serve the drivers' volumes and ship their writes until ``stop``; False if stopped in
+    the middle of a pass. ``drivers`` share one journal (a consistency group if several)."""
+    opts = drivers[0].o
     assert opts.nbd_listen is not None
-    os.makedirs(opts.state_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(journal_path), exist_ok=True)
     wake = asyncio.Event()
-    export = NbdExport(opts.volume, opts.path, os.path.join(opts.state_dir, "journal"),
-                       opts.block_size, on_change=wake.set, journal_limit=opts.journal_limit)
-    journal = export.journal
-    if journal.replayed:
-        log.warning("volume %s: replayed %d journaled writes into the volume", opts.volume,
-                    journal.replayed)
-    server = NbdServer(export)
-    host, port = parse_hostport(opts.nbd_listen)
-    bound = await server.start(host, port)
-    print(f"drctl replicate push: NBD export {opts.volume!r} on {host}:{bound}", flush=True)
-    driver.capture_clock = lambda: journal.first_dirty_at
-    _export_gauges(driver, journal)
-    loop = _Loop(driver, opts, journal, wake, stop)
+    exports = NbdExport.open_group([(d.o.volume, d.o.path) for d in drivers], journal_path,
+                                   opts.block_size, on_change=wake.set,
+                                   journal_limit=opts.journal_limit)
+    journal = exports[0].journal
+    names = ", ".join(d.o.volume for d in drivers)
     try:
-        driver.open_volume()
-        if not await until_stopped(driver.reconcile(), stop):
-            return False
-        return await loop.run()
+        if journal.replayed:
+            log.warning("%s: replayed %d journaled writes into the volumes", names,
+                        journal.replayed)
+        server = NbdServer(exports)
+        host, port = parse_hostport(opts.nbd_listen)
+        bound = await server.start(host, port)
+        print(f"drctl replicate push: NBD exports {names} on {host}:{bound}", flush=True)
+        for d in drivers:
+            d.capture_clock = lambda: journal.first_dirty_at
+            _export_gauges(d, journal)
+        try:
+            for d in drivers:
+                d.open_volume()
+                if not await until_stopped(d.reconcile(), stop):
+                    return False
+            return await _Loop(drivers, opts, journal, wake, stop).run()
+        finally:
+            await server.close()
     finally:
-        await server.close()
-        export.close()
+        journal.close()
+        for e in exports:
+            e.close()
 
 
 def _export_gauges(driver: PushDriver, journal: ChangeJournal) -> None:
@@ -78,14 +95,15 @@ def _export_gauges(driver: PushDriver, journal: ChangeJournal) -> None:
 
 
 class _Loop:
-    def __init__(self, driver: PushDriver, opts: PushOptions, journal: ChangeJournal,
+    def __init__(self, drivers: list[PushDriver], opts: PushOptions, journal: ChangeJournal,
                  wake: asyncio.Event, stop: asyncio.Event) -> None:
-        self.driver = driver
+        self.drivers = drivers
         self.opts = opts
         self.journal = journal
         self.wake = wake
         self.stop = stop
-        self.full = True  # the next resync covers the whole volume
+        self.full = True  # the next resync covers the whole volumes
+        self.name = ", ".join(d.o.volume for d in drivers)
 
     async def run(self) -> bool:
         while not self.stop.is_set():
@@ -100,40 +118,49 @@ class _Loop:
                     await self.idle()
             except ReplanNeededError as exc:
                 log.warning("%s: planning again", exc)
-                await self.driver.reconcile()
+                for d in self.drivers:
+                    await d.reconcile()
                 self.full = True
-            if time.monotonic() - self.driver._last_save >= self.opts.save_interval:
-                await asyncio.to_thread(self.driver.save_state)
+            for d in self.drivers:
+                if time.monotonic() - d._last_save >= self.opts.save_interval:
+                    await asyncio.to_thread(d.save_state)
         return True
 
+    async def _each(self, fn: Callable[[int, PushDriver], Coroutine[Any, Any, Any]]) -> None:
+        """Run ``fn`` for every member at once (their streams are independent)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i, d in enumerate(self.drivers):
+                    tg.create_task(fn(i, d))
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+
     async def resync(self) -> None:
-        driver, journal = self.driver, self.journal
+        journal = self.journal
         blocks = journal.begin_resync()
-        log.info("volume %s: resync of %s", self.opts.volume,
+        log.info("%s: resync of %s", self.name,
                  "the whole volume" if self.full else f"{len(blocks)} blocks")
-        await driver.run_pass(None if self.full else blocks)
+        full = self.full
+        await self._each(lambda i, d: d.run_pass(None if full else volume_blocks(blocks, i)))
         self.full = False  # shipped and acknowledged (staged): never again in full
         if journal.overflowed:
-            log.warning("volume %s: the journal overflowed during the resync: another round",
-                        self.opts.volume)
+            log.warning("%s: the journal overflowed during the resync: another round",
+                        self.name)
             return
         end = journal.cut()
         points = await asyncio.to_thread(journal.extract, end)
-        planner = driver.planner
-        assert planner is not None
-        await driver.run_planned(lambda: plan_points(planner, points, driver.next_seq,
-                                                     close_with=end))
+        await self._each(lambda i, d: d.run_planned(
+            lambda: plan_points(_planner(d), points, d.next_seq, close_with=end, volume=i)))
         journal.release(end)
         journal.end_resync(blocks)
-        log.info("volume %s: replica consistent at point %d", self.opts.volume, end)
+        log.info("%s: replica consistent at point %d", self.name, end)
 
     async def ship_points(self) -> None:
-        driver, journal = self.driver, self.journal
-        points = await asyncio.to_thread(journal.extract)
-        planner = driver.planner
-        if points and planner is not None:
-            await driver.run_planned(lambda: plan_points(planner, points, driver.next_seq))
-            journal.release(points[-1].cp)
+        points = await asyncio.to_thread(self.journal.extract)
+        if points:
+            await self._each(lambda i, d: d.run_planned(
+                lambda: plan_points(_planner(d), points, d.next_seq, volume=i)))
+            self.journal.release(points[-1].cp)
 
     async def idle(self) -> None:
         """Wait for a change; cut the open point once its oldest write waited cp_interval."""
@@ -148,3 +175,8 @@ class _Loop:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(first_of(self.stop, self.wake), timeout)
         self.wake.clear()
+
+
+def _planner(driver: PushDriver) -> Planner:
+    assert driver.planner is not None
+    return driver.planner

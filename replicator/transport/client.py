@@ -74,6 +74,7 @@ class HandshakeInfo:
     created: bool
     epoch: int
     target_id: str
+    mode: str = "hot"  # "warm": every batch is staged (no COPY records)
 
 
 @dataclass(frozen=True)
@@ -103,16 +104,18 @@ class TargetClient:
         await self.channel.close()
 
     async def handshake(self, volume: str, size: int, block_size: int, source_id: str,
-                        epoch: int, timeout: float = 10.0) -> HandshakeInfo:
+                        epoch: int, timeout: float = 10.0, group: str = "",
+                        members: tuple[str, ...] = ()) -> HandshakeInfo:
         req = wire.ProtoHandshakeRequest(protocol_version=wire.PROTOCOL_VERSION, volume=volume,
                                          volume_size=size, block_size=block_size,
-                                         source_id=source_id, epoch=epoch)
+                                         source_id=source_id, epoch=epoch, group=group,
+                                         group_members=list(members))
         try:
             r = await self.stub.Handshake(req, timeout=timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, self.address) from None
         return HandshakeInfo(r.generation, r.applied_seq, r.index_digest, r.replica_size,
-                             r.created, r.epoch, r.target_id)
+                             r.created, r.epoch, r.target_id, r.mode or "hot")
 
     async def block_hashes(self, volume: str, from_disk: bool = False,
                            timeout: float = 600.0) -> tuple[array[int], int, int]:

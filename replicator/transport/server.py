@@ -60,34 +60,75 @@ class ReplicationService(wire.ReplicationServicer):
         self.target_id = f"{os.uname().nodename}:{uuid.uuid4().hex[:8]}"
         self._slots: dict[str, VolumeSlot] = {}
         self._open_lock = asyncio.Lock()
+        self._group_locks: dict[str, asyncio.Lock] = {}
 
     async def _slot(self, name: str) -> VolumeSlot:
+        """Open a replica (once) and, in hot mode, finish what a crash interrupted."""
         check_volume_name(name)
         async with self._open_lock:
             slot = self._slots.get(name)
+            fresh = slot is None
             if slot is None:
                 replica = await asyncio.to_thread(Replica, self.directory, name, self.mode)
                 slot = self._slots[name] = VolumeSlot(replica)
                 if replica.wal.frames:
                     log.info("volume %s: %d staged batches in the redo journal", name,
                              len(replica.wal.frames))
-                if self.mode == "hot":
-                    await self.apply_staged(slot)  # finish what a crash interrupted
-            return slot
+        if fresh and self.mode == "hot":
+            await self.apply_staged(slot)
+        return slot
+
+    def _exists(self, name: str) -> bool:
+        return name in self._slots or os.path.exists(
+            os.path.join(self.directory, f"{name}.meta"))
 
     async def apply_staged(self, slot: VolumeSlot, max_seq: int | None = None) -> int:
-        """Write the complete consistency points of a replica's redo journal into its image."""
+        """Write the complete consistency points of a replica's redo journal into its image
+        (for a group member: the points every member holds, into every member)."""
+        if slot.replica.group:
+            return await self.apply_group(slot.replica.group, slot.replica.members)
+        return await self._apply_member(slot, max_seq, None)
+
+    async def _apply_member(self, slot: VolumeSlot, max_seq: int | None,
+                            max_cp: int | None) -> int:
         replica = slot.replica
         if not replica.wal.frames:
             return 0
         started = time.perf_counter()
-        applied, cp = await slot.run(replica.apply_staged, max_seq)
+        applied, cp = await slot.run(replica.apply_staged, max_seq, max_cp)
         if applied:
             self.metrics.applied_cp.labels(replica.name).set(cp)
             self.metrics.cp_apply_seconds.labels(replica.name).observe(
                 time.perf_counter() - started)
         self.metrics.staged_batches.labels(replica.name).set(len(replica.wal.frames))
         return applied
+
+    async def group_point(self, members: tuple[str, ...]) -> int:
+        """The last consistency point every member of a group holds durably."""
+        points = []
+        for m in members:
+            if not self._exists(m):
+                return 0  # a member never connected: nothing is complete yet
+            points.append((await self._open_quietly(m)).replica.closed_cp())
+        return min(points) if points else 0
+
+    async def _open_quietly(self, name: str) -> VolumeSlot:
+        """Open a member without applying anything (the caller applies for the group)."""
+        async with self._open_lock:
+            slot = self._slots.get(name)
+            if slot is None:
+                replica = await asyncio.to_thread(Replica, self.directory, name, self.mode)
+                slot = self._slots[name] = VolumeSlot(replica)
+            return slot
+
+    async def apply_group(self, group: str, members: tuple[str, ...]) -> int:
+        lock = self._group_locks.setdefault(group, asyncio.Lock())
+        async with lock:
+            point = await self.group_point(members)
+            applied = 0
+            for m in members:
+                applied += await self._apply_member(await self._open_quietly(m), None, point)
+            return applied
 
     async def apply_all(self) -> None:
         """Warm mode's schedule: apply every replica's complete consistency points."""
@@ -121,6 +162,7 @@ class ReplicationService(wire.ReplicationServicer):
                                 f"{replica.record.epoch}, source sent {request.epoch}")
         created = replica.created
         try:
+            await slot.run(replica.set_group, request.group, tuple(request.group_members))
             await slot.run(replica.prepare, request.volume_size, request.block_size)
             await slot.run(replica.raise_epoch, request.epoch)
             digest = await slot.run(replica.digest)
@@ -168,7 +210,8 @@ class ReplicationService(wire.ReplicationServicer):
                                 f"{replica.record.epoch}")
         async with slot.stream_lock:  # no stream may stage while the journal is settled
             await self.apply_staged(slot)
-            discarded = await slot.run(replica.discard_incomplete)
+            limit = await self.group_point(replica.members) if replica.group else None
+            discarded = await slot.run(replica.discard_incomplete, limit)
             await slot.run(replica.raise_epoch, request.epoch)
         if discarded:
             log.warning("volume %s: discarded %d staged batches of a consistency point that "

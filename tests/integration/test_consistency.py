@@ -18,7 +18,7 @@ import time
 import xxhash
 
 from replicator.transport.client import TargetClient
-from tests.nbdclient import NbdClient
+from tests.nbdclient import NbdClient, NbdError
 from tests.procs import (
     DRCTL,
     Proc,
@@ -226,6 +226,19 @@ def test_warm_mode_holds_points_until_promotion(workdir: str) -> None:
     assert same_file(src, target.image("vol"))  # promotion applied every complete point
     assert metric(target.metrics(), "drctl_replication_staged_batches", volume="vol") == 0
     agent.stop()
+    # A scan-based source into the warm target: no COPY records (they are not idempotent in
+    # the redo journal), the replica verifies against what it will hold, fencing applies it.
+    scan = os.path.join(workdir, "scan.img")
+    block = os.urandom(BS)
+    with open(scan, "wb") as fh:
+        fh.write(block * 64 + os.urandom(BS * 64))  # 63 duplicates of one block
+    p = run(push_cmd(scan, target, "scan", os.path.join(workdir, "st2"), "--once", "--json"))
+    assert p.returncode == 0, p.stderr
+    assert '"dedup_blocks": 0' in p.stdout and '"verified": true' in p.stdout
+    assert not same_file(scan, target.image("scan"))
+    p = run([*DRCTL, "replicate", "fence", "--to", target.address, "--volume", "scan",
+             "--epoch", "1"])
+    assert p.returncode == 0 and same_file(scan, target.image("scan"))
     target.stop()
 
 
@@ -266,3 +279,121 @@ def test_journal_overflow_falls_back_to_a_bitmap_and_catches_up(workdir: str,
     client.close()
     assert agent.stop() == 0
     assert "change bitmap" in agent.log(), agent.log()[-3000:]
+
+
+class GroupWriter:
+    """Transactions over two volumes of one consistency group: a data page and a log record
+    each, with FLUSHes; keeps the hash of both volumes together at every FLUSH."""
+
+    def __init__(self, paths: dict[str, str], port: int, seed: int) -> None:
+        self.models: dict[str, bytearray] = {}
+        for name, path in paths.items():
+            with open(path, "rb") as fh:
+                self.models[name] = bytearray(fh.read())
+        self.port = port
+        self.rng = random.Random(seed)
+        self.clients: dict[str, NbdClient] = {}
+        self.flushed = {self.digest()}
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.rounds = 0
+
+    def digest(self) -> bytes:
+        h = xxhash.xxh3_128()
+        for name in sorted(self.models):
+            h.update(self.models[name])
+        return h.digest()
+
+    def connect(self) -> None:
+        for c in self.clients.values():
+            c.sock.close()
+        self.clients = {n: NbdClient("127.0.0.1", self.port, n) for n in self.models}
+
+    def round(self) -> None:
+        rng = self.rng
+        for name in ("log", "data", "log") if rng.random() < 0.5 else ("data", "log"):
+            size = len(self.models[name])
+            n = rng.choice((1, 1, 2, 300)) if name == "data" else 1
+            b = rng.randrange(size // BS - n)
+            data = rng.randbytes(n * BS)
+            self.clients[name].write(b * BS, data)
+            self.models[name][b * BS : b * BS + len(data)] = data
+        self.clients[rng.choice(("data", "log"))].flush()  # closes a point of the group
+        self.flushed.add(self.digest())
+        self.rounds += 1
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.round()
+        except (ConnectionError, OSError, NbdError) as exc:
+            self.error = exc
+
+
+def _group_clone_digest(target: Target, tag: str) -> bytes:
+    async def clones() -> list[str]:
+        client = TargetClient(target.address)
+        try:
+            return [(await client.clone(v, f"{tag}-{v}")).path for v in ("data", "log")]
+        finally:
+            await client.close()
+
+    h = xxhash.xxh3_128()
+    for path in clones_sorted(asyncio.run(clones())):
+        with open(path, "rb") as fh:
+            h.update(fh.read())
+        os.unlink(path)
+    return h.digest()
+
+
+def clones_sorted(paths: list[str]) -> list[str]:
+    return sorted(paths, key=lambda p: os.path.basename(os.path.dirname(p)))
+
+
+def test_group_replicas_are_consistent_with_each_other(workdir: str, target: Target) -> None:
+    paths = {"data": os.path.join(workdir, "data.img"), "log": os.path.join(workdir, "log.img")}
+    write_random(paths["data"], SIZE, seed=81)
+    write_random(paths["log"], 1 << 20, seed=82)
+    nport, mport = free_port(), free_port()
+    cmd = [*DRCTL, "replicate", "push-group", "--group", "db", "--to", target.address,
+           "--nbd-listen", f"127.0.0.1:{nport}", "--state-dir", os.path.join(workdir, "st"),
+           "--cp-interval", "3600", "--metrics-port", str(mport), "--rate-limit", "4MB/s",
+           f"data={paths['data']}", f"log={paths['log']}"]
+    agent = Proc(cmd, os.path.join(workdir, "agent1.log")).start()
+    wait_for(lambda: port_open(nport) and all(
+        os.path.exists(target.image(v)) and same_file(p, target.image(v))
+        for v, p in paths.items()), 30, "initial sync of both members")
+    writer = GroupWriter(paths, nport, seed=83)
+    rng = random.Random()
+    for attempt in range(4):
+        writer.connect()
+        writer.stop.clear()
+        thread = threading.Thread(target=writer.run, daemon=True)
+        thread.start()
+        time.sleep(rng.uniform(0.5, 1.0))
+        if attempt % 2 == 0:
+            assert target.proc is not None
+            target.proc.kill9()  # the target dies with points half staged
+            time.sleep(rng.uniform(0.1, 0.4))
+        agent.kill9()  # no more batches: the target settles on one point for both members
+        thread.join(30)
+        assert not isinstance(writer.error, NbdError), f"{writer.error}\n{agent.log()[-3000:]}"
+        if attempt % 2 == 0:
+            target.start()
+        digest = _group_clone_digest(target, f"a{attempt}")
+        assert digest in writer.flushed, f"members not at the same FLUSH (attempt {attempt})"
+        for name, path in paths.items():  # the journal replays what was acknowledged
+            with open(path, "rb") as fh:
+                writer.models[name] = bytearray(fh.read())
+        writer.flushed.add(writer.digest())
+        agent = Proc(cmd, os.path.join(workdir, f"agent{attempt + 2}.log")).start()
+        wait_for(lambda: port_open(nport), 30, "the restarted exports")
+    assert writer.rounds > 10
+    wait_for(lambda: all(same_file(p, target.image(v)) for v, p in paths.items()), 60,
+             "both replicas to equal their sources")
+    wait_for(lambda: all(metric(scrape(mport), "drctl_replication_lag_seconds", volume=v) == 0
+                         for v in paths), 20, "the last consistency point acknowledged")
+    for c in writer.clients.values():
+        c.sock.close()
+    assert agent.stop() == 0
+    assert "Traceback" not in agent.log(), agent.log()[-3000:]
