@@ -139,9 +139,15 @@ class NbdServer:
         return int(self.server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
+        """Stop accepting, then end every client's session (before the volumes close)."""
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        for task in list(self.clients):
+            task.cancel()
+        for task in list(self.clients):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _find(self, name: str) -> NbdExport | None:
         if name == "" and len(self.exports) == 1:
@@ -150,6 +156,10 @@ class NbdServer:
 
     async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         peer = w.get_extra_info("peername")
+        task = asyncio.current_task()
+        if task is not None:
+            self.clients.add(task)
+            task.add_done_callback(self.clients.discard)
         try:
             export = await self._handshake(r, w)
             if export is not None:

@@ -34,7 +34,14 @@ from replicator.capture.journal import ChangeJournal, volume_blocks
 from replicator.capture.nbd import NbdExport, NbdServer
 from replicator.capture.points import plan_points
 from replicator.driver import PushDriver, PushOptions
-from replicator.errors import ReplanNeededError, unwrap_group
+from replicator.errors import (
+    ProtocolError,
+    ReplanNeededError,
+    TargetUnavailableError,
+    VerificationError,
+    VolumeBusyError,
+    unwrap_group,
+)
 from replicator.planning import Planner
 from replicator.units import parse_hostport
 from replicator.waiting import first_of, until_stopped
@@ -106,25 +113,53 @@ class _Loop:
         self.name = ", ".join(d.o.volume for d in drivers)
 
     async def run(self) -> bool:
+        """Until ``stop``. Replication errors that are not the source's own fault (target,
+        protocol) never stop the agent: the applications' volumes stay served, the journal
+        keeps every acknowledged write, and the agent starts over with a resync after a
+        backoff. A stale epoch (this source was fenced) or a local I/O error stop it."""
+        backoff = 0.0
         while not self.stop.is_set():
             try:
-                if self.full or self.journal.overflowed:
-                    if not await until_stopped(self.resync(), self.stop):
+                if backoff:
+                    if not await self._restart(backoff):
                         return False
-                elif self.journal.ready():
-                    if not await until_stopped(self.ship_points(), self.stop):
-                        return False
-                else:
-                    await self.idle()
+                    backoff = 0.0
+                if not await self._step():
+                    return False
             except ReplanNeededError as exc:
                 log.warning("%s: planning again", exc)
-                for d in self.drivers:
-                    await d.reconcile()
-                self.full = True
+                backoff = 0.01
+            except (ProtocolError, VerificationError, TargetUnavailableError,
+                    VolumeBusyError) as exc:
+                backoff = min(30.0, max(1.0, backoff * 2))
+                log.error("%s: replication failed (%s); the volumes stay served and every "
+                          "write journaled; starting over in %.0fs", self.name, exc, backoff)
             for d in self.drivers:
                 if time.monotonic() - d._last_save >= self.opts.save_interval:
                     await asyncio.to_thread(d.save_state)
         return True
+
+    async def _step(self) -> bool:
+        """One resync, one batch of points, or a wait. False if stopped meanwhile."""
+        if self.full or self.journal.overflowed:
+            return await until_stopped(self.resync(), self.stop)
+        if self.journal.ready():
+            return await until_stopped(self.ship_points(), self.stop)
+        await self.idle()
+        return True
+
+    async def _restart(self, backoff: float) -> bool:
+        """After a failure: wait, agree with the target again, resync everything."""
+        await self._backoff(backoff)
+        for d in self.drivers:
+            if not await until_stopped(d.reconcile(), self.stop):
+                return False
+        self.full = True
+        return True
+
+    async def _backoff(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
 
     async def _each(self, fn: Callable[[int, PushDriver], Coroutine[Any, Any, Any]]) -> None:
         """Run ``fn`` for every member at once (their streams are independent)."""
