@@ -59,6 +59,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--rate-limit-mb", type=int, default=40)
+    ap.add_argument("--cp-interval", type=float, default=0.05,
+                    help="push --cp-interval: how long writes wait for a FLUSH before a cut")
     args = ap.parse_args()
     if not shutil.which("fio"):
         raise SystemExit("fio is not installed (scripts/install-deps.sh installs it)")
@@ -85,6 +87,7 @@ def main() -> None:
             [*DRCTL, "replicate", "push", vol, "--to", f"127.0.0.1:{tport}", "--volume", "v",
              "--nbd-listen", f"127.0.0.1:{nport}", "--metrics-port", str(mport),
              "--rate-limit", f"{args.rate_limit_mb}MB/s", "--interval", "0.05",
+             "--cp-interval", str(args.cp_interval),
              "--state-dir", os.path.join(work, "st"), "--no-progress"],
             cwd=REPO, stdout=subprocess.DEVNULL))
         wait_port(nport)

@@ -91,9 +91,9 @@ def _add_push(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--journal-limit", type=_size, default=1 << 30, metavar="SIZE",
                    help="with --nbd-listen: past this size the change journal falls back to "
                    "a change bitmap until the link catches up (default 1GiB)")
-    p.add_argument("--cp-interval", type=float, default=0.2, metavar="SECONDS",
+    p.add_argument("--cp-interval", type=float, default=0.05, metavar="SECONDS",
                    help="with --nbd-listen: close a consistency point when writes have "
-                   "waited this long without a client FLUSH (default 0.2)")
+                   "waited this long without a client FLUSH (default 0.05)")
     p.add_argument("--metrics-port", type=_port)
     p.add_argument("--rpo-budget", type=float, default=0.0, metavar="SECONDS",
                    help="exported as drctl_replication_rpo_budget_seconds for alerting")
@@ -119,7 +119,7 @@ def _add_push_group(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     g.add_argument("--interval", type=float, default=1.0)
     g.add_argument("--window", type=_size, default=64 << 20)
     g.add_argument("--journal-limit", type=_size, default=1 << 30, metavar="SIZE")
-    g.add_argument("--cp-interval", type=float, default=0.2, metavar="SECONDS")
+    g.add_argument("--cp-interval", type=float, default=0.05, metavar="SECONDS")
     g.add_argument("--metrics-port", type=_port)
     g.add_argument("--rpo-budget", type=float, default=0.0, metavar="SECONDS")
     g.set_defaults(func=cmd_push_group)
