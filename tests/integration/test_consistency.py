@@ -250,7 +250,7 @@ def test_journal_overflow_falls_back_to_a_bitmap_and_catches_up(workdir: str,
     limit = 256 << 10
     agent = Proc(push_cmd(src, target, "vol", os.path.join(workdir, "st"), "--nbd-listen",
                           f"127.0.0.1:{nport}", "--metrics-port", str(mport),
-                          "--journal-limit", str(limit)),
+                          "--journal-limit", str(limit), "--rate-limit", "2MB/s"),
                  os.path.join(workdir, "agent.log")).start()
     wait_for(lambda: port_open(nport) and port_open(mport) and os.path.exists(
         target.image("vol")) and same_file(src, target.image("vol")), 30, "initial sync")
@@ -272,6 +272,13 @@ def test_journal_overflow_falls_back_to_a_bitmap_and_catches_up(workdir: str,
     client.flush()
     assert metric(scrape(mport), "drctl_replication_lag_seconds", volume="vol") >= lag + 0.4
     target.start()
+    # While the resync runs (at 2 MB/s), writes go on faster than the link: the journal
+    # overflows again and another round follows; once the writes stop the rounds converge.
+    stop_at = time.monotonic() + 2.0
+    while time.monotonic() < stop_at:
+        client.write(rng.randrange(SIZE // BS - 16) * BS, rng.randbytes(16 * BS))
+        client.flush()
+        time.sleep(0.02)
     wait_for(lambda: same_file(src, target.image("vol")), 60, "the resync after the outage")
     wait_for(lambda: metric(scrape(mport), "drctl_replication_lag_seconds", volume="vol") == 0
              and metric(scrape(mport), "drctl_replication_bitmap_blocks", volume="vol") == 0,
@@ -279,6 +286,7 @@ def test_journal_overflow_falls_back_to_a_bitmap_and_catches_up(workdir: str,
     client.close()
     assert agent.stop() == 0
     assert "change bitmap" in agent.log(), agent.log()[-3000:]
+    assert "another round" in agent.log(), agent.log()[-3000:]
 
 
 class GroupWriter:
@@ -397,3 +405,22 @@ def test_group_replicas_are_consistent_with_each_other(workdir: str, target: Tar
         c.sock.close()
     assert agent.stop() == 0
     assert "Traceback" not in agent.log(), agent.log()[-3000:]
+
+
+def test_warm_mode_applies_on_its_schedule(workdir: str) -> None:
+    target = Target(workdir, None, "--mode", "warm", "--apply-interval", "1").start()
+    src = os.path.join(workdir, "vol.img")
+    write_random(src, SIZE, seed=76)
+    nport = free_port()
+    agent = Proc(push_cmd(src, target, "vol", os.path.join(workdir, "st"), "--nbd-listen",
+                          f"127.0.0.1:{nport}"), os.path.join(workdir, "agent.log")).start()
+    wait_for(lambda: port_open(nport), 20, "export")
+    client = NbdClient("127.0.0.1", nport, "vol")
+    client.write(100, b"\x42" * 5000)  # unaligned: merged into whole blocks by the export
+    client.flush()
+    client.close()
+    wait_for(lambda: metric(target.metrics(), "drctl_replication_applied_consistency_point",
+                            volume="vol") >= 2, 30, "the scheduled apply")
+    assert same_file(src, target.image("vol"))
+    assert agent.stop() == 0
+    target.stop()
