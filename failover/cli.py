@@ -166,42 +166,26 @@ def cmd_request(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from failover.records import Heartbeat, heartbeat_key, leader_key, service_record, state_key
+    from failover.status import cluster_status
 
     cfg = _config(args.config)
 
-    async def read() -> dict[str, object]:
+    async def read() -> dict[str, Any]:
         store = _store(cfg)
         try:
             snap = await store.snapshot(cfg.prefix)
         finally:
             await store.close()
-        out: dict[str, object] = {"leader": (snap.value(leader_key(cfg.prefix)) or b"").decode()
-                                  or None, "sites": {}, "services": {}}
-        for site in cfg.sites:
-            raw = snap.value(heartbeat_key(cfg.prefix, site))
-            out["sites"][site] = (  # type: ignore[index]
-                {"alive": True, "age_seconds": round(time.time() - Heartbeat.decode(raw).at, 1)}
-                if raw else {"alive": False})
-        for name, svc in cfg.services.items():
-            rec = service_record(snap.value(state_key(cfg.prefix, name)), svc.primary,
-                                 svc.replica)
-            out["services"][name] = {  # type: ignore[index]
-                "state": rec.state, "primary": rec.primary, "replica": rec.replica,
-                "epoch": rec.epoch, "lag_seconds": rec.last_lag_seconds,
-                "message": rec.message,
-                "error": rec.operation.error if rec.operation else None,
-                "history": [f"{h['from']}->{h['to']}" for h in rec.history]}
-        return out
+        return cluster_status(cfg, snap, time.time())
 
     status = asyncio.run(read())
     if args.json:
         print(json.dumps(status, indent=1, default=str))
     else:
         print(f"leader: {status['leader']}")
-        for site, s in status["sites"].items():  # type: ignore[attr-defined]
+        for site, s in status["sites"].items():
             print(f"site {site}: {'alive' if s['alive'] else 'DOWN'}")
-        for name, s in status["services"].items():  # type: ignore[attr-defined]
+        for name, s in status["services"].items():
             print(f"service {name}: {s['state']} primary={s['primary']} replica={s['replica']}"
                   f" epoch={s['epoch']} lag={s['lag_seconds']} -- {s['message']}"
                   + (f" [error: {s['error']}]" if s["error"] else ""))

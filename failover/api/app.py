@@ -31,13 +31,9 @@ from failover.errors import FailoverError, StoreUnavailableError
 from failover.fsm import Command
 from failover.records import (
     CommandRecord,
-    Heartbeat,
     command_key,
-    heartbeat_key,
-    leader_key,
-    service_record,
-    state_key,
 )
+from failover.status import cluster_status
 
 STORE = web.AppKey("store", CoordinationStore)
 RUNBOOK = web.AppKey("runbook", object)  # runbooks.model.Runbook | None
@@ -88,34 +84,13 @@ async def dns_answers(cfg: ClusterConfig) -> dict[str, dict[str, list[str] | Non
 async def status(request: web.Request) -> web.Response:
     cfg, store = request.app[CONFIG], request.app[STORE]
     snap = await store.snapshot(cfg.prefix)
-    now = time.time()
-    sites = {}
-    for site, s in cfg.sites.items():
-        raw = snap.value(heartbeat_key(cfg.prefix, site))
-        hb = Heartbeat.decode(raw) if raw else None
-        sites[site] = {"address": s.address, "alive": hb is not None,
-                       "heartbeat_age_seconds": round(now - hb.at, 2) if hb else None}
+    out = cluster_status(cfg, snap, time.time())
     answers = await dns_answers(cfg)
-    services = {}
-    for name, svc in cfg.services.items():
-        rec = service_record(snap.value(state_key(cfg.prefix, name)), svc.primary, svc.replica)
-        pending = snap.value(command_key(cfg.prefix, name))
-        services[name] = {
-            "state": rec.state, "primary": rec.primary, "replica": rec.replica,
-            "epoch": rec.epoch, "lag_seconds": rec.last_lag_seconds,
-            "rpo_budget_seconds": svc.policy.rpo_seconds, "message": rec.message,
-            "error": rec.operation.error if rec.operation else None,
-            "pending": CommandRecord.decode(pending).command if pending else None,
-            "dns_name": f"{svc.dns.record.name}.{svc.dns.record.zone}" if svc.dns else None,
-            "dns": answers.get(name),
-            "operations": [{"at": h["at"], "from": h["from"], "to": h["to"]}
-                           for h in reversed(rec.history[-10:])],
-            "drills": request.app[DRILLS].get(name, [])[-5:][::-1],
-            "drill_available": request.app[RUNBOOK] is not None,
-        }
-    leader = snap.value(leader_key(cfg.prefix))
-    return web.json_response({"leader": leader.decode() if leader else None, "sites": sites,
-                              "services": services, "at": now})
+    for name, svc in out["services"].items():
+        svc["dns"] = answers.get(name)
+        svc["drills"] = request.app[DRILLS].get(name, [])[-5:][::-1]
+        svc["drill_available"] = request.app[RUNBOOK] is not None
+    return web.json_response(out)
 
 
 async def operate(request: web.Request) -> web.Response:
