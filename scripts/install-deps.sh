@@ -25,4 +25,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/pip" install -q -e '.[dev]'
+# Byte-compile the project once: where PYTHONDONTWRITEBYTECODE is set (as on the development
+# machines) every drctl process would otherwise compile its modules again at start-up.
+"$VENV/bin/python" -m compileall -q drctl replicator failover runbooks >/dev/null
 echo "install-deps: done ($("$VENV/bin/python" --version))"
