@@ -9,8 +9,7 @@ import sys
 import time
 import uuid
 from array import array
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -18,8 +17,9 @@ import grpc
 from replicator.batch import Batch
 from replicator.errors import CorruptBatchError, ProtocolError, ReplicatorError, VolumeError
 from replicator.metrics import TargetMetrics
-from replicator.replica import Replica, check_volume_name
 from replicator.transport import wire
+from replicator.transport.applying import Applier
+from replicator.transport.slots import SlotRegistry, VolumeSlot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,119 +30,28 @@ QUEUE_DEPTH = 16
 STREAM_TAKEOVER_SECONDS = 5.0
 
 
-class VolumeSlot:
-    """A replica plus the single thread that touches its files and the stream ownership lock."""
-
-    def __init__(self, replica: Replica) -> None:
-        self.replica = replica
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vol-{replica.name}")
-        # fdatasync runs on its own thread so that applying the next batches overlaps the flush
-        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sync-{replica.name}")
-        self.stream_lock = asyncio.Lock()
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.syncer, fn, *args)
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
-        self.syncer.shutdown(wait=True)
-        self.replica.close()
-
-
 class ReplicationService(wire.ReplicationServicer):
     def __init__(self, directory: str, metrics: TargetMetrics, mode: str = "hot") -> None:
         self.directory = directory
         self.metrics = metrics
         self.mode = mode
         self.target_id = f"{os.uname().nodename}:{uuid.uuid4().hex[:8]}"
-        self._slots: dict[str, VolumeSlot] = {}
-        self._open_lock = asyncio.Lock()
-        self._group_locks: dict[str, asyncio.Lock] = {}
+        self.registry = SlotRegistry(directory, mode)
+        self.applier = Applier(self.registry, metrics)
 
     async def _slot(self, name: str) -> VolumeSlot:
         """Open a replica (once) and, in hot mode, finish what a crash interrupted."""
-        check_volume_name(name)
-        async with self._open_lock:
-            slot = self._slots.get(name)
-            fresh = slot is None
-            if slot is None:
-                replica = await asyncio.to_thread(Replica, self.directory, name, self.mode)
-                slot = self._slots[name] = VolumeSlot(replica)
-                if replica.wal.frames:
-                    log.info("volume %s: %d staged batches in the redo journal", name,
-                             len(replica.wal.frames))
-        if fresh and self.mode == "hot":
-            await self.apply_staged(slot)
+        slot, opened = await self.registry.get(name)
+        if opened and self.mode == "hot":
+            await self.applier.apply(slot)
         return slot
-
-    def _exists(self, name: str) -> bool:
-        return name in self._slots or os.path.exists(
-            os.path.join(self.directory, f"{name}.meta"))
-
-    async def apply_staged(self, slot: VolumeSlot, max_seq: int | None = None) -> int:
-        """Write the complete consistency points of a replica's redo journal into its image
-        (for a group member: the points every member holds, into every member)."""
-        if slot.replica.group:
-            return await self.apply_group(slot.replica.group, slot.replica.members)
-        return await self._apply_member(slot, max_seq, None)
-
-    async def _apply_member(self, slot: VolumeSlot, max_seq: int | None,
-                            max_cp: int | None) -> int:
-        replica = slot.replica
-        if not replica.wal.frames:
-            return 0
-        started = time.perf_counter()
-        applied, cp = await slot.run(replica.apply_staged, max_seq, max_cp)
-        if applied:
-            self.metrics.applied_cp.labels(replica.name).set(cp)
-            self.metrics.cp_apply_seconds.labels(replica.name).observe(
-                time.perf_counter() - started)
-        self.metrics.staged_batches.labels(replica.name).set(len(replica.wal.frames))
-        return applied
-
-    async def group_point(self, members: tuple[str, ...]) -> int:
-        """The last consistency point every member of a group holds durably."""
-        points = []
-        for m in members:
-            if not self._exists(m):
-                return 0  # a member never connected: nothing is complete yet
-            points.append((await self._open_quietly(m)).replica.closed_cp())
-        return min(points) if points else 0
-
-    async def _open_quietly(self, name: str) -> VolumeSlot:
-        """Open a member without applying anything (the caller applies for the group)."""
-        async with self._open_lock:
-            slot = self._slots.get(name)
-            if slot is None:
-                replica = await asyncio.to_thread(Replica, self.directory, name, self.mode)
-                slot = self._slots[name] = VolumeSlot(replica)
-            return slot
-
-    async def apply_group(self, group: str, members: tuple[str, ...]) -> int:
-        lock = self._group_locks.setdefault(group, asyncio.Lock())
-        async with lock:
-            point = await self.group_point(members)
-            applied = 0
-            for m in members:
-                applied += await self._apply_member(await self._open_quietly(m), None, point)
-            return applied
 
     async def apply_all(self) -> None:
         """Warm mode's schedule: apply every replica's complete consistency points."""
-        for slot in list(self._slots.values()):
-            try:
-                await self.apply_staged(slot)
-            except (OSError, ReplicatorError) as exc:
-                log.error("volume %s: applying staged batches failed: %s", slot.replica.name,
-                          exc)
+        await self.applier.apply_all()
 
     def close(self) -> None:
-        for slot in self._slots.values():
-            slot.close()
-        self._slots.clear()
+        self.registry.close()
 
     # -- Handshake ---------------------------------------------------------------------------
 
@@ -209,9 +118,7 @@ class ReplicationService(wire.ReplicationServicer):
                                 f"stale_epoch: volume {request.volume} is already at epoch "
                                 f"{replica.record.epoch}")
         async with slot.stream_lock:  # no stream may stage while the journal is settled
-            await self.apply_staged(slot)
-            limit = await self.group_point(replica.members) if replica.group else None
-            discarded = await slot.run(replica.discard_incomplete, limit)
+            discarded = await self.applier.settle_for_promotion(slot)
             await slot.run(replica.raise_epoch, request.epoch)
         if discarded:
             log.warning("volume %s: discarded %d staged batches of a consistency point that "
@@ -232,8 +139,8 @@ class ReplicationService(wire.ReplicationServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"volume {request.volume} has no replica here")
         try:
-            await self.apply_staged(slot)  # a clone shows the last complete consistency point
-            path, method = await slot.run(replica.clone, request.name)
+            # the last complete consistency point (a group's members: the same one)
+            path, method = await self.applier.clone(slot, request.name)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except OSError as exc:
@@ -246,7 +153,7 @@ class ReplicationService(wire.ReplicationServicer):
     async def DropClone(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         slot = await self._open(request.volume, context)
         try:
-            path = await slot.run(slot.replica.drop_clone, request.name)
+            path = await self.applier.drop_clone(slot, request.name)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         return wire.ProtoCloneResponse(path=path)
@@ -411,7 +318,7 @@ class _PushSession:
         self.m.staged_batches.labels(self.name).set(len(self.replica.wal.frames))
         await self.send(wire.ack_ok(seq))
         if self.service.mode == "hot":
-            await self.service.apply_staged(self.slot, seq)
+            await self.service.applier.apply(self.slot, seq)
         if self.commit_again and self.applied > seq:
             self.commit_again = False
             self._commit_target = self.applied

@@ -305,6 +305,7 @@ class GroupWriter:
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.rounds = 0
+        self.sizes = (1, 1, 2, 300)  # blocks per data write: 300 spans several batches
 
     def digest(self) -> bytes:
         h = xxhash.xxh3_128()
@@ -321,7 +322,7 @@ class GroupWriter:
         rng = self.rng
         for name in ("log", "data", "log") if rng.random() < 0.5 else ("data", "log"):
             size = len(self.models[name])
-            n = rng.choice((1, 1, 2, 300)) if name == "data" else 1
+            n = rng.choice(self.sizes) if name == "data" else 1
             b = rng.randrange(size // BS - n)
             data = rng.randbytes(n * BS)
             self.clients[name].write(b * BS, data)
@@ -338,24 +339,25 @@ class GroupWriter:
             self.error = exc
 
 
-def _group_clone_digest(target: Target, tag: str) -> bytes:
-    async def clones() -> list[str]:
+def _group_clone_digest(target: Target, tag: str, pause: float = 0.0) -> bytes:
+    """Clone both members one after the other (the source may still be streaming: the target
+    holds the group at one point until the clones are dropped) and hash them together."""
+    async def clones() -> bytes:
         client = TargetClient(target.address)
         try:
-            return [(await client.clone(v, f"{tag}-{v}")).path for v in ("data", "log")]
+            h = xxhash.xxh3_128()
+            for v in ("data", "log"):  # the order of GroupWriter.digest
+                path = (await client.clone(v, f"{tag}-{v}")).path
+                with open(path, "rb") as fh:
+                    h.update(fh.read())
+                await asyncio.sleep(pause)
+            for v in ("data", "log"):
+                await client.drop_clone(v, f"{tag}-{v}")
+            return h.digest()
         finally:
             await client.close()
 
-    h = xxhash.xxh3_128()
-    for path in clones_sorted(asyncio.run(clones())):
-        with open(path, "rb") as fh:
-            h.update(fh.read())
-        os.unlink(path)
-    return h.digest()
-
-
-def clones_sorted(paths: list[str]) -> list[str]:
-    return sorted(paths, key=lambda p: os.path.basename(os.path.dirname(p)))
+    return asyncio.run(clones())
 
 
 def test_group_replicas_are_consistent_with_each_other(workdir: str, target: Target) -> None:
@@ -396,7 +398,19 @@ def test_group_replicas_are_consistent_with_each_other(workdir: str, target: Tar
         writer.flushed.add(writer.digest())
         agent = Proc(cmd, os.path.join(workdir, f"agent{attempt + 2}.log")).start()
         wait_for(lambda: port_open(nport), 30, "the restarted exports")
-    assert writer.rounds > 10
+    # A drill's clones while the source streams: members cloned 0.3 s apart show one point.
+    writer.connect()
+    writer.stop.clear()
+    writer.error = None
+    writer.sizes = (1, 2)  # lighter: the link (4 MB/s) must catch up at the end
+    thread = threading.Thread(target=writer.run, daemon=True)
+    thread.start()
+    for k in range(3):
+        time.sleep(0.3)
+        assert _group_clone_digest(target, f"live{k}", pause=0.3) in writer.flushed
+    writer.stop.set()
+    thread.join(30)
+    assert writer.error is None and writer.rounds > 10, agent.log()[-3000:]
     wait_for(lambda: all(same_file(p, target.image(v)) for v, p in paths.items()), 60,
              "both replicas to equal their sources")
     wait_for(lambda: all(metric(scrape(mport), "drctl_replication_lag_seconds", volume=v) == 0

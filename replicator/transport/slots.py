@@ -1,0 +1,70 @@
+"""The target's open replicas: one slot per volume, each with its own threads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from replicator.replica import Replica, check_volume_name
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class VolumeSlot:
+    """A replica plus the single thread that touches its files and the stream ownership lock."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vol-{replica.name}")
+        # fdatasync runs on its own thread so that applying the next batches overlaps the flush
+        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sync-{replica.name}")
+        self.stream_lock = asyncio.Lock()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.syncer, fn, *args)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.syncer.shutdown(wait=True)
+        self.replica.close()
+
+
+class SlotRegistry:
+    """Opens each replica once (on first use) and closes them all at shutdown."""
+
+    def __init__(self, directory: str, mode: str) -> None:
+        self.directory = directory
+        self.mode = mode
+        self.slots: dict[str, VolumeSlot] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, name: str) -> tuple[VolumeSlot, bool]:
+        """The slot of ``name`` and whether this call opened it."""
+        check_volume_name(name)
+        async with self._lock:
+            slot = self.slots.get(name)
+            if slot is not None:
+                return slot, False
+            replica = await asyncio.to_thread(Replica, self.directory, name, self.mode)
+            slot = self.slots[name] = VolumeSlot(replica)
+            if replica.wal.frames:
+                log.info("volume %s: %d staged batches in the redo journal", name,
+                         len(replica.wal.frames))
+            return slot, True
+
+    def exists(self, name: str) -> bool:
+        return name in self.slots or os.path.exists(
+            os.path.join(self.directory, f"{name}.meta"))
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            slot.close()
+        self.slots.clear()
