@@ -194,6 +194,7 @@ def test_replica_is_always_at_a_flush_across_kill_9_of_either_side(workdir: str,
         writer.client.close()
     assert agent.stop() == 0
     assert "Traceback" not in agent.log(), agent.log()[-4000:]
+    assert "replication failed" not in agent.log(), agent.log()[-4000:]
 
 
 def test_warm_mode_holds_points_until_promotion(workdir: str) -> None:
@@ -360,6 +361,26 @@ def _group_clone_digest(target: Target, tag: str, pause: float = 0.0) -> bytes:
     return asyncio.run(clones())
 
 
+def _drill_while_streaming(target: Target, writer: GroupWriter, agent: Proc) -> None:
+    """A drill's clones while the source streams: members cloned 0.3 s apart show one point."""
+    writer.connect()
+    writer.stop.clear()
+    writer.error = None
+    writer.sizes = (1, 2)  # lighter: the link (4 MB/s) must catch up at the end
+    thread = threading.Thread(target=writer.run, daemon=True)
+    thread.start()
+    try:
+        for k in range(3):
+            time.sleep(0.3)
+            assert _group_clone_digest(target, f"live{k}", pause=0.3) in writer.flushed
+    finally:
+        writer.stop.set()
+        thread.join(30)
+        for c in writer.clients.values():
+            c.sock.close()
+    assert writer.error is None and writer.rounds > 10, agent.log()[-3000:]
+
+
 def test_group_replicas_are_consistent_with_each_other(workdir: str, target: Target) -> None:
     paths = {"data": os.path.join(workdir, "data.img"), "log": os.path.join(workdir, "log.img")}
     write_random(paths["data"], SIZE, seed=81)
@@ -398,27 +419,20 @@ def test_group_replicas_are_consistent_with_each_other(workdir: str, target: Tar
         writer.flushed.add(writer.digest())
         agent = Proc(cmd, os.path.join(workdir, f"agent{attempt + 2}.log")).start()
         wait_for(lambda: port_open(nport), 30, "the restarted exports")
-    # A drill's clones while the source streams: members cloned 0.3 s apart show one point.
-    writer.connect()
-    writer.stop.clear()
-    writer.error = None
-    writer.sizes = (1, 2)  # lighter: the link (4 MB/s) must catch up at the end
-    thread = threading.Thread(target=writer.run, daemon=True)
-    thread.start()
-    for k in range(3):
-        time.sleep(0.3)
-        assert _group_clone_digest(target, f"live{k}", pause=0.3) in writer.flushed
-    writer.stop.set()
-    thread.join(30)
-    assert writer.error is None and writer.rounds > 10, agent.log()[-3000:]
-    wait_for(lambda: all(same_file(p, target.image(v)) for v, p in paths.items()), 60,
-             "both replicas to equal their sources")
+    _drill_while_streaming(target, writer, agent)
+    try:
+        wait_for(lambda: all(same_file(p, target.image(v)) for v, p in paths.items()), 60,
+                 "both replicas to equal their sources")
+    except TimeoutError:
+        assert target.proc is not None
+        raise AssertionError(f"agent:\n{agent.log()[-3000:]}\ntarget:\n"
+                             f"{target.proc.log()[-3000:]}\nsource metrics: {scrape(mport)}"
+                             ) from None
     wait_for(lambda: all(metric(scrape(mport), "drctl_replication_lag_seconds", volume=v) == 0
                          for v in paths), 20, "the last consistency point acknowledged")
-    for c in writer.clients.values():
-        c.sock.close()
     assert agent.stop() == 0
     assert "Traceback" not in agent.log(), agent.log()[-3000:]
+    assert "replication failed" not in agent.log(), agent.log()[-3000:]
 
 
 def test_warm_mode_applies_on_its_schedule(workdir: str) -> None:
