@@ -330,8 +330,12 @@ class PushDriver:
             try:
                 await self._stream(call, queue)
                 return
-            except (TargetUnavailableError, VolumeBusyError) as exc:
+            except BaseException as exc:
+                # Any failure ends this stream, so the target releases the volume's stream
+                # lock at once (else a retry finds it busy until the connection dies).
                 call.cancel()
+                if not isinstance(exc, (TargetUnavailableError, VolumeBusyError)):
+                    raise
                 self.totals.reconnects += 1
                 self.m.add(self.m.reconnects, 1)
                 log.warning("volume %s: stream to %s failed (%s): reconnecting", self.o.volume,

@@ -338,7 +338,9 @@ class ChangeJournal:
                 self.resync_since = self.dirty_since or time.time()
             self.dirty, self.dirty_since = set(), None
             self.overflowed = False
-            self._rewrite(sorted(self.resyncing), [])
+            # Keep every unreleased record (points clients closed while the agent started):
+            # they are shipped after the resync, at their (rebased) offsets.
+            self._rewrite_tail(self.closed[0].start if self.closed else self.open_start)
             return set(self.resyncing)
 
     def end_resync(self, blocks: Iterable[int]) -> None:

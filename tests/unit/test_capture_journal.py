@@ -128,3 +128,22 @@ def test_release_rewrites_the_journal_keeping_unreleased_points(tmp_path: object
         assert pts[1].blocks == {100: b"\xee" * BS}
     finally:
         mod.REWRITE_BYTES = old
+
+
+def test_points_closed_before_a_resync_survive_its_rewrite(tmp_path: object) -> None:
+    """Clients write and flush while the agent starts; the start-up resync must keep those
+    points (a rewrite that dropped their records left stale offsets: garbage batches)."""
+    j = _journal(tmp_path)
+    _write(j, 1, 0x11)
+    j.flush()
+    _write(j, 2, 0x22)  # still open
+    blocks = j.begin_resync()
+    _write(j, 3, 0x33)
+    end = j.cut()
+    pts = j.extract(end)
+    assert [p.cp for p in pts] == [1, 2]
+    assert pts[0].blocks == {1: b"\x11" * BS}
+    assert pts[1].blocks == {2: b"\x22" * BS, 3: b"\x33" * BS}
+    j.release(end)
+    j.end_resync(blocks)
+    assert j.first_dirty_at is None
