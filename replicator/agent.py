@@ -9,7 +9,6 @@ forces the exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import stat
@@ -19,11 +18,11 @@ from contextlib import AsyncExitStack
 from drctl.lifecycle import stop_on_signals
 from replicator.driver import PushDriver, PushOptions
 from replicator.errors import ReplanNeededError, ReplicatorError, unwrap_group
-from replicator.metrics import SourceMetrics, register_sources, serve_metrics
+from replicator.metrics import SourceMetrics, serve_sources
 from replicator.progress import ProgressBar
 from replicator.report import PushReport, PushState
 from replicator.throttle import TokenBucket
-from replicator.waiting import until_stopped
+from replicator.waiting import until_stopped, wait_at_most
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,7 @@ async def run_push(opts: PushOptions, metrics_port: int | None = None,
                    show_progress: bool = True) -> PushReport:
     metrics = SourceMetrics(opts.volume)
     if metrics_port is not None:
-        from prometheus_client import CollectorRegistry
-
-        registry = CollectorRegistry()
-        metrics.register(registry)
-        serve_metrics(registry, metrics_port)
+        serve_sources([metrics], metrics_port)
     stop = asyncio.Event()
 
     started = time.monotonic()
@@ -91,11 +86,7 @@ async def run_group(members: list[PushOptions], journal_path: str,
     writes journaled in one order (``journal_path``); a shared token bucket caps the group."""
     metrics = [SourceMetrics(o.volume) for o in members]
     if metrics_port is not None:
-        from prometheus_client import CollectorRegistry
-
-        registry = CollectorRegistry()
-        register_sources(registry, metrics)
-        serve_metrics(registry, metrics_port)
+        serve_sources(metrics, metrics_port)
     stop = asyncio.Event()
     started = time.monotonic()
     async with AsyncExitStack() as stack:
@@ -160,11 +151,9 @@ async def _continuous(driver: PushDriver, opts: PushOptions, stop: asyncio.Event
                 await driver.reconcile()
                 continue
             last = sig
-            if time.monotonic() - driver._last_save >= opts.save_interval:
-                await asyncio.to_thread(driver.save_state)
+            await driver.save_if_due()
         prev_poll = polled
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), opts.interval)
+        await wait_at_most(opts.interval, stop)
     return True
 
 

@@ -230,6 +230,11 @@ class PushDriver:
         self.store.save(self.state)
         self._last_save = time.monotonic()
 
+    async def save_if_due(self) -> None:
+        """Save the resume state if ``save_interval`` has passed since the last save."""
+        if time.monotonic() - self._last_save >= self.o.save_interval:
+            await asyncio.to_thread(self.save_state)
+
     # -- one pass --------------------------------------------------------------------------
 
     async def run_pass(self, blocks: set[int] | None = None) -> bool:

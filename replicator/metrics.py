@@ -86,13 +86,15 @@ class SourceMetrics:
     def value(self, family: Family, *extra: str) -> float:
         return family.values.get((self.volume, *extra), 0.0)
 
-    def register(self, registry: CollectorRegistry) -> None:
-        registry.register(_Collector([self]))
 
 
-def register_sources(registry: CollectorRegistry, sources: list[SourceMetrics]) -> None:
-    """Several volumes' metrics (a consistency group) as one set of families."""
+def serve_sources(sources: list[SourceMetrics], port: int) -> None:
+    """Expose one or more volumes' metrics (a consistency group: one set of families)."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
     registry.register(_Collector(sources))
+    serve_metrics(registry, port)
 
 
 class _Collector:

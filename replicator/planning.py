@@ -181,14 +181,22 @@ class Planner:
         return dedup is None or dedup.keys().isdisjoint(hs)
 
     def _finish(self, cur: _Builder, next_seq: Callable[[], int]) -> PlannedBatch:
+        planned = self.seal(next_seq(), cur.indices, bytes(cur.kinds), cur.hashes,
+                            cur.copy_from, cur.datas, cur.raw)
+        planned.copy_data = cur.copy_data
+        return planned
+
+    def seal(self, seq: int, indices: list[int], kinds: bytes, hashes: list[int],
+             copy_from: list[int], datas: list[memoryview] | list[bytes], raw: int,
+             cp: int = 0) -> PlannedBatch:
+        """Encode a batch of planned records and count it in the stats."""
         st = self.stats
-        batch = self.encode(next_seq(), cur.indices, bytes(cur.kinds), cur.hashes,
-                            cur.copy_from, cur.datas)
-        st.changed_blocks += len(cur.indices)
-        st.raw_bytes += cur.raw
+        batch = self.encode(seq, indices, kinds, hashes, copy_from, datas, cp=cp)
+        st.changed_blocks += len(indices)
+        st.raw_bytes += raw
         st.payload_bytes += len(batch.payload)
         st.batches += 1
-        return PlannedBatch(batch, cur.raw, cur.copy_data)
+        return PlannedBatch(batch, raw)
 
     def encode(self, seq: int, indices: list[int], kinds: bytes, hashes: list[int],
                copy_from: list[int], datas: list[memoryview] | list[bytes], cp: int = 0) -> Batch:

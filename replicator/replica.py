@@ -42,7 +42,6 @@ _SLOT = 512
 _MAGIC = b"DRCTLRV1"
 _FICLONE = 0x40049409  # ioctl(dest_fd, FICLONE, src_fd): share extents (btrfs, xfs, ...)
 _FMT = "<8sIQQQI36sQQ"
-MODES = ("hot", "warm")
 
 
 def check_volume_name(name: str) -> str:
@@ -224,9 +223,10 @@ class Replica:
         os.replace(tmp, self.group_path)
         self.group, self.members = group, tuple(members)
 
-    def closed_cp(self) -> int:
-        """The last consistency point this replica holds completely and durably."""
-        cp = self.wal.last_closed_cp(self.synced_seq)
+    def closed_cp(self, durable: bool = True) -> int:
+        """The last consistency point this replica holds completely (and durably, unless
+        ``durable`` is False: staged frames not yet synced count too)."""
+        cp = self.wal.last_closed_cp(self.synced_seq if durable else None)
         return self.record.applied_cp if cp is None else cp
 
     def must_stage(self, batch: Batch) -> bool:
@@ -248,13 +248,18 @@ class Replica:
         """Verify then write one batch (not yet durable). Returns the bytes written."""
         return self._apply(batch, self.index())
 
-    def _apply(self, batch: Batch, index: array[int] | None) -> int:
-        """Verify then write; ``index`` (None: leave the index alone) takes the new hashes."""
+    def _open(self, batch: Batch) -> tuple[list[Record], bytes]:
+        """Check a batch (checksum, fields, geometry) and decompress it; follow a resize."""
         records, payload = self._decoder.open(batch)
         if batch.block_size != self.record.block_size:
             raise CorruptBatchError("malformed", f"batch {batch.seq}: block size mismatch")
         if batch.volume_size != self.record.size:
             self._resize(batch.volume_size)
+        return records, payload
+
+    def _apply(self, batch: Batch, index: array[int] | None) -> int:
+        """Verify then write; ``index`` (None: leave the index alone) takes the new hashes."""
+        records, payload = self._open(batch)
         if not records and batch.indices:
             return self._apply_run(batch, payload, index)
         contents = self._verify(batch.seq, records, payload)
@@ -265,39 +270,25 @@ class Replica:
     def stage(self, batch: Batch) -> int:
         """Verify a batch completely and append it to the redo journal (durable at the next
         :meth:`commit`). Returns the raw bytes it carries."""
-        records, payload = self._decoder.open(batch)
-        if batch.block_size != self.record.block_size:
-            raise CorruptBatchError("malformed", f"batch {batch.seq}: block size mismatch")
         if batch.copy_from:
             # A COPY reads another block at apply time: not idempotent if a crash makes the
             # target apply the consistency point twice.
             # (reason copy_mismatch: the source resends the batch with the copies as DATA)
             raise CorruptBatchError("copy_mismatch", f"batch {batch.seq}: staged batches "
                                     "cannot carry COPY records")
-        if batch.volume_size != self.record.size:
-            self._resize(batch.volume_size)
-        bs = self.record.block_size
-        view = memoryview(payload)
+        records, payload = self._open(batch)
         if not records and batch.indices:
-            got = [block_hash(view[o : o + bs]) for o in range(0, len(payload), bs)]
-            if got != list(batch.hashes):
-                raise CorruptBatchError("block_hash", f"batch {batch.seq}: block hash mismatch")
+            self._run_hashes(batch, payload)
         else:
             self._verify(batch.seq, records, payload)
         # A batch that was not sent as staged closes its own point (scan passes into a warm
         # replica): its cp stays the last one seen.
         closes = batch.cp != 0 or not batch.staged
-        self.wal.append(batch, batch.cp or self._last_cp(), closes)
+        self.wal.append(batch, batch.cp or self.closed_cp(durable=False), closes)
         index = self.index()
         for i, h in zip(batch.indices, batch.hashes, strict=True):
             index[i] = h
         return len(payload)
-
-    def _last_cp(self) -> int:
-        for f in reversed(self.wal.frames):
-            if f.closes:
-                return f.cp
-        return self.record.applied_cp
 
     def apply_staged(self, max_seq: int | None = None,
                      max_cp: int | None = None) -> tuple[int, int]:
@@ -327,6 +318,19 @@ class Replica:
 
     def _apply_run(self, batch: Batch, payload: bytes, index: array[int] | None) -> int:
         """A run of full DATA blocks: one hash pass, one pwrite, one slice of the index."""
+        view = memoryview(payload)
+        got = self._run_hashes(batch, payload)
+        bs = self.record.block_size
+        first = batch.indices[0]
+        written = 0
+        while written < len(payload):
+            written += os.pwrite(self.img_fd, view[written:], first * bs + written)
+        if index is not None:
+            index[first : first + len(got)] = array("Q", got)
+        return written
+
+    def _run_hashes(self, batch: Batch, payload: bytes) -> list[int]:
+        """The hashes of a run of full DATA blocks, checked against the batch's."""
         bs = self.record.block_size
         view = memoryview(payload)
         hash_ = block_hash
@@ -336,13 +340,7 @@ class Replica:
             bad = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
             raise CorruptBatchError("block_hash",
                                     f"batch {batch.seq}: block {batch.indices[bad]} hash mismatch")
-        first = batch.indices[0]
-        written = 0
-        while written < len(payload):
-            written += os.pwrite(self.img_fd, view[written:], first * bs + written)
-        if index is not None:
-            index[first : first + len(got)] = array("Q", got)
-        return written
+        return got
 
     def _verify(self, seq: int, records: list[Record], payload: bytes) -> list[Buffer]:
         """Content of every record, checked against its hash; nothing is written yet."""

@@ -138,10 +138,10 @@ class StagingLog:
                 end = i + 1
         return self.frames[:end]
 
-    def last_closed_cp(self, max_seq: int) -> int | None:
-        """The number of the last point closed by a frame up to ``max_seq`` (None: none)."""
+    def last_closed_cp(self, max_seq: int | None = None) -> int | None:
+        """The number of the last point closed by a frame (up to ``max_seq``; None: none)."""
         for f in reversed(self.frames):
-            if f.seq <= max_seq and f.closes:
+            if (max_seq is None or f.seq <= max_seq) and f.closes:
                 return f.cp
         return None
 

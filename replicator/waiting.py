@@ -33,3 +33,9 @@ async def first_of(*events: asyncio.Event) -> None:
     finally:
         for w in waiters:
             w.cancel()
+
+
+async def wait_at_most(seconds: float, *events: asyncio.Event) -> None:
+    """Return after ``seconds`` or as soon as any of ``events`` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(first_of(*events), seconds)

@@ -54,6 +54,14 @@ KEY_SHIFT = 48  # of a block key
 BLOCK_MASK = (1 << KEY_SHIFT) - 1
 
 
+def write_zeroes(fd: int, offset: int, length: int) -> None:
+    """Zero a range of a volume (8 MiB of zeroes at a time)."""
+    chunk = memoryview(bytes(min(length, 8 << 20)))
+    done = 0
+    while done < length:
+        done += os.pwrite(fd, chunk[: length - done], offset + done)
+
+
 def block_key(volume: int, block: int) -> int:
     return volume << KEY_SHIFT | block
 
@@ -136,7 +144,7 @@ class ChangeJournal:
                 os.pwrite(self.fds[vol], data, at)
                 self.replayed += 1
             elif kind == KIND_ZERO:
-                self._zero_volume(self.fds[vol], at, length)
+                write_zeroes(self.fds[vol], at, length)
                 self.replayed += 1
             elif kind == KIND_BASE:
                 self.next_cp = max(self.next_cp, offset)
@@ -152,13 +160,6 @@ class ChangeJournal:
         # Everything replayed is in the volume now and stays listed as dirty until the agent's
         # first pass (a resync) has shipped it; the journal starts over, keeping the CP count.
         self._rewrite(sorted(self.dirty), [])
-
-    @staticmethod
-    def _zero_volume(fd: int, offset: int, length: int) -> None:
-        chunk = bytes(min(length, 8 << 20))
-        done = 0
-        while done < length:
-            done += os.pwrite(fd, memoryview(chunk)[: length - done], offset + done)
 
     def _sync_volumes(self) -> None:
         for fd in self.fds:

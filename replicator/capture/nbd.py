@@ -20,7 +20,7 @@ import os
 import struct
 from collections.abc import Callable
 
-from replicator.capture.journal import ChangeJournal, GroupCommit
+from replicator.capture.journal import ChangeJournal, GroupCommit, write_zeroes
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class NbdExport:
             n = self.write(offset, bytes(head - offset))
         if tail > head:
             n = self.journal.zero(head, tail - head, self.index)
-            _zero(self.fd, head, tail - head)
+            write_zeroes(self.fd, head, tail - head)
         if offset + length > tail:
             n = self.write(tail, bytes(offset + length - tail))
         return n
@@ -288,9 +288,3 @@ class NbdServer:
             w.write(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle) + payload)
             await w.drain()
 
-
-def _zero(fd: int, offset: int, length: int) -> None:
-    chunk = memoryview(bytes(min(length, 8 << 20)))
-    done = 0
-    while done < length:
-        done += os.pwrite(fd, chunk[: length - done], offset + done)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from replicator.batch import Kind
-from replicator.blockmap import CHUNK_BLOCKS, UNKNOWN, block_hash, zero_block
+from replicator.blockmap import CHUNK_BLOCKS, UNKNOWN, block_hash, zero_block, zero_hash
 from replicator.capture.journal import BLOCK_MASK, KEY_SHIFT, ExtractedPoint
 from replicator.planning import MAX_BATCH_BLOCKS, PlannedBatch, Planner
 
@@ -50,7 +50,7 @@ def _plan_point(planner: Planner, point: ExtractedPoint, next_seq: Callable[[], 
                 indices.append(b)
                 hashes.append(h)
                 raw += length
-                if data is None or content == zero_block(length):
+                if data is None or (h == zero_hash(length) and content == zero_block(length)):
                     kinds.append(Kind.ZERO)
                     st.zero_blocks += 1
                 else:
@@ -61,21 +61,11 @@ def _plan_point(planner: Planner, point: ExtractedPoint, next_seq: Callable[[], 
                 seen[b // CHUNK_BLOCKS] = UNKNOWN  # the chunk's scan cache no longer holds
         last = n == len(items) - 1
         if len(indices) >= MAX_BATCH_BLOCKS or (last and indices):
-            yield _finish(planner, next_seq(), indices, kinds, hashes, datas, raw,
-                          cp if last else 0)
+            yield planner.seal(next_seq(), indices, bytes(kinds), hashes, [], datas, raw,
+                               cp if last else 0)
             indices, kinds, hashes, datas, raw = [], bytearray(), [], [], 0
             if last:
                 return
     if cp:
-        yield _finish(planner, next_seq(), [], bytearray(), [], [], 0, cp)
+        yield planner.seal(next_seq(), [], b"", [], [], [], 0, cp)
 
-
-def _finish(planner: Planner, seq: int, indices: list[int], kinds: bytearray,
-            hashes: list[int], datas: list[bytes], raw: int, cp: int) -> PlannedBatch:
-    batch = planner.encode(seq, indices, bytes(kinds), hashes, [], datas, cp=cp)
-    st = planner.stats
-    st.changed_blocks += len(indices)
-    st.raw_bytes += raw
-    st.payload_bytes += len(batch.payload)
-    st.batches += 1
-    return PlannedBatch(batch, raw)

@@ -23,7 +23,6 @@ fit in the journal.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -44,7 +43,7 @@ from replicator.errors import (
 )
 from replicator.planning import Planner
 from replicator.units import parse_hostport
-from replicator.waiting import first_of, until_stopped
+from replicator.waiting import until_stopped, wait_at_most
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +134,7 @@ class _Loop:
                 log.error("%s: replication failed (%s); the volumes stay served and every "
                           "write journaled; starting over in %.0fs", self.name, exc, backoff)
             for d in self.drivers:
-                if time.monotonic() - d._last_save >= self.opts.save_interval:
-                    await asyncio.to_thread(d.save_state)
+                await d.save_if_due()
         return True
 
     async def _step(self) -> bool:
@@ -150,16 +148,12 @@ class _Loop:
 
     async def _restart(self, backoff: float) -> bool:
         """After a failure: wait, agree with the target again, resync everything."""
-        await self._backoff(backoff)
+        await wait_at_most(backoff, self.stop)
         for d in self.drivers:
             if not await until_stopped(d.reconcile(), self.stop):
                 return False
         self.full = True
         return True
-
-    async def _backoff(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), seconds)
 
     async def _each(self, fn: Callable[[int, PushDriver], Coroutine[Any, Any, Any]]) -> None:
         """Run ``fn`` for every member at once (their streams are independent)."""
@@ -207,8 +201,7 @@ class _Loop:
                 self.journal.cut()
                 return
             timeout = self.opts.cp_interval - age
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(first_of(self.stop, self.wake), timeout)
+        await wait_at_most(timeout, self.stop, self.wake)
         self.wake.clear()
 
 
