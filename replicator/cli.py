@@ -75,12 +75,7 @@ def _add_push(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="sync until the replica equals the volume, verify, exit")
     p.add_argument("--state-dir", help="where the agent keeps its resume state "
                    "(default: $DRCTL_STATE_DIR or ~/.local/state/drctl)")
-    p.add_argument("--block-size", type=_size, default=4096)
-    p.add_argument("--epoch", type=int, default=0, help="fencing epoch of this source")
-    p.add_argument("--compress-level", type=int, default=1, help="zstd level, 0 disables")
     p.add_argument("--no-dedup", action="store_true", help="do not send COPY records")
-    p.add_argument("--interval", type=float, default=1.0, help="change poll interval (s)")
-    p.add_argument("--window", type=_size, default=64 << 20, help="max unacknowledged bytes")
     p.add_argument("--connect-timeout", type=float, default=120.0,
                    help="give up (with --once) when the target stays unreachable this long")
     p.add_argument("--verify-from-disk", action="store_true",
@@ -88,15 +83,7 @@ def _add_push(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--nbd-listen", type=_address, metavar="HOST:PORT",
                    help="serve the volume over NBD and ship every captured write "
                    "(no rescans); not with --once")
-    p.add_argument("--journal-limit", type=_size, default=1 << 30, metavar="SIZE",
-                   help="with --nbd-listen: past this size the change journal falls back to "
-                   "a change bitmap until the link catches up (default 1GiB)")
-    p.add_argument("--cp-interval", type=float, default=0.05, metavar="SECONDS",
-                   help="with --nbd-listen: close a consistency point when writes have "
-                   "waited this long without a client FLUSH (default 0.05)")
-    p.add_argument("--metrics-port", type=_port)
-    p.add_argument("--rpo-budget", type=float, default=0.0, metavar="SECONDS",
-                   help="exported as drctl_replication_rpo_budget_seconds for alerting")
+    _add_shared_push_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON report on exit")
     p.set_defaults(func=cmd_push)
@@ -113,16 +100,26 @@ def _add_push_group(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="one NBD server; each member is an export named after its volume")
     g.add_argument("--state-dir", help="where the agent keeps its journal and resume state")
     g.add_argument("--rate-limit", type=_rate, metavar="RATE", help="cap for the whole group")
-    g.add_argument("--block-size", type=_size, default=4096)
-    g.add_argument("--epoch", type=int, default=0)
-    g.add_argument("--compress-level", type=int, default=1)
-    g.add_argument("--interval", type=float, default=1.0)
-    g.add_argument("--window", type=_size, default=64 << 20)
-    g.add_argument("--journal-limit", type=_size, default=1 << 30, metavar="SIZE")
-    g.add_argument("--cp-interval", type=float, default=0.05, metavar="SECONDS")
-    g.add_argument("--metrics-port", type=_port)
-    g.add_argument("--rpo-budget", type=float, default=0.0, metavar="SECONDS")
+    _add_shared_push_args(g)
     g.set_defaults(func=cmd_push_group)
+
+
+def _add_shared_push_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `push` that `push-group` takes too."""
+    p.add_argument("--block-size", type=_size, default=4096)
+    p.add_argument("--epoch", type=int, default=0, help="fencing epoch of this source")
+    p.add_argument("--compress-level", type=int, default=1, help="zstd level, 0 disables")
+    p.add_argument("--interval", type=float, default=1.0, help="change poll interval (s)")
+    p.add_argument("--window", type=_size, default=64 << 20, help="max unacknowledged bytes")
+    p.add_argument("--journal-limit", type=_size, default=1 << 30, metavar="SIZE",
+                   help="with write capture: past this size the change journal falls back to "
+                   "a change bitmap until the link catches up (default 1GiB)")
+    p.add_argument("--cp-interval", type=float, default=0.05, metavar="SECONDS",
+                   help="with write capture: close a consistency point when writes have "
+                   "waited this long without a client FLUSH (default 0.05)")
+    p.add_argument("--metrics-port", type=_port)
+    p.add_argument("--rpo-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="exported as drctl_replication_rpo_budget_seconds for alerting")
 
 
 def _add_fence(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -155,10 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from replicator.agent import run_push
 
-    if args.block_size % 512 or args.block_size > 1 << 20:
-        raise UsageError("--block-size must be a multiple of 512, at most 1MiB")
-    if args.epoch < 0:
-        raise UsageError("--epoch must be >= 0")
+    _check_push_flags(args)
     if not os.path.exists(args.path):
         raise UsageError(f"volume {args.path} does not exist")
     _check_name(args.volume)
@@ -174,10 +168,6 @@ def cmd_push(args: argparse.Namespace) -> int:
         nbd_listen=args.nbd_listen, journal_limit=args.journal_limit,
         cp_interval=args.cp_interval,
     )
-    if args.journal_limit < 64 * args.block_size:
-        raise UsageError(f"--journal-limit must be at least {64 * args.block_size} bytes")
-    if args.cp_interval <= 0:
-        raise UsageError("--cp-interval must be positive")
     if args.once and args.nbd_listen:
         raise UsageError("--nbd-listen serves the volume: it needs a running agent, not --once")
     report = asyncio.run(run_push(opts, args.metrics_port, show_progress=not args.no_progress))
@@ -189,6 +179,18 @@ def cmd_push(args: argparse.Namespace) -> int:
               f"dedup blocks, {report.wire_bytes} bytes on the wire in {report.seconds}s",
               file=sys.stderr)
     return 0
+
+
+def _check_push_flags(args: argparse.Namespace) -> None:
+    """The flags `push` and `push-group` share."""
+    if args.block_size % 512 or args.block_size > 1 << 20:
+        raise UsageError("--block-size must be a multiple of 512, at most 1MiB")
+    if args.epoch < 0:
+        raise UsageError("--epoch must be >= 0")
+    if args.journal_limit < 64 * args.block_size:
+        raise UsageError(f"--journal-limit must be at least {64 * args.block_size} bytes")
+    if args.cp_interval <= 0:
+        raise UsageError("--cp-interval must be positive")
 
 
 def _parse_members(items: list[str]) -> list[tuple[str, str]]:
@@ -215,12 +217,7 @@ def cmd_push_group(args: argparse.Namespace) -> int:
 
     _check_name(args.group)
     members = _parse_members(args.members)
-    if args.block_size % 512 or args.block_size > 1 << 20:
-        raise UsageError("--block-size must be a multiple of 512, at most 1MiB")
-    if args.epoch < 0:
-        raise UsageError("--epoch must be >= 0")
-    if args.journal_limit < 64 * args.block_size or args.cp_interval <= 0:
-        raise UsageError("--journal-limit must be at least 64 blocks and --cp-interval > 0")
+    _check_push_flags(args)
     root = args.state_dir or default_state_root()
     names = tuple(n for n, _ in members)
     opts = [PushOptions(
