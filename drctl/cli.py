@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from failover import cli as failover_cli
     from replicator import cli as replicate_cli
     from runbooks import cli as runbook_cli
+    from sites import cli as sites_cli
 
     parser = argparse.ArgumentParser(prog="drctl", description="DR replication and failover")
     parser.add_argument("--log-level", default=os.environ.get("DRCTL_LOG_LEVEL", "WARNING"),
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     replicate_cli.add_parser(sub)
     failover_cli.add_parsers(sub)
+    sites_cli.add_parser(sub)
     runbook_cli.add_parser(sub)
     return parser
 

@@ -108,17 +108,23 @@ class SiteAgent:
 
     async def tick(self) -> None:
         snap = await self.store.snapshot(self.config.prefix)
-        lag = await asyncio.to_thread(scrape_lag, self.lag_url) if self.lag_url else None
         hb = Heartbeat(self.site, time.time())
         for svc in self._services():
             rec = self.record(snap, svc)
             await self.follow(svc, rec)
-            mine = self.roles[svc.name]
-            hb.services[svc.name] = ServiceHealth(mine.role, mine.epoch,
-                                                  lag if mine.role == "primary" else None)
+            hb.services[svc.name] = await self.health(svc, rec)
         assert self.keeper is not None and self.keeper.lease is not None
         await self.store.put(heartbeat_key(self.config.prefix, self.site), hb.encode(),
                              lease=self.keeper.lease)
+
+    async def health(self, svc: ServiceConfig, rec: ServiceRecord) -> ServiceHealth:
+        """This site's report on ``svc`` for the heartbeat (a subclass running the data path
+        adds what it knows)."""
+        mine = self.roles[svc.name]
+        lag = None
+        if mine.role == "primary" and self.lag_url:
+            lag = await asyncio.to_thread(scrape_lag, self.lag_url)
+        return ServiceHealth(mine.role, mine.epoch, lag)
 
     def wanted(self, rec: ServiceRecord) -> str:
         op = rec.operation
@@ -133,6 +139,17 @@ class SiteAgent:
         want = self.wanted(rec)
         if want == mine.role and rec.epoch == mine.epoch:
             return
+        if await self.change_role(svc, rec, mine.role, want):
+            log.info("site %s: service %s is %s at epoch %d", self.site, svc.name, want,
+                     rec.epoch)
+            self.roles[svc.name] = Role(want, rec.epoch)
+
+    async def change_role(self, svc: ServiceConfig, rec: ServiceRecord, old: str,
+                          want: str) -> bool:
+        """Make this site ``want`` (primary, replica, fenced) for ``svc``: the hooks here; a
+        subclass that runs the data path does that first. True when done (else retried at
+        the next tick)."""
+        mine = Role(old, rec.epoch)
         env = {"DRCTL_SERVICE": svc.name, "DRCTL_SITE": self.site,
                "DRCTL_EPOCH": str(rec.epoch), "DRCTL_ROLE": want,
                "DRCTL_REPLICATION_TARGET": self.config.sites[self.site].replication or ""}
@@ -146,18 +163,19 @@ class SiteAgent:
             ok = await run_hook("start", svc.hooks.start, env)
         else:
             ok = True
-        if ok:
-            log.info("site %s: service %s is %s at epoch %d", self.site, svc.name, want,
-                     rec.epoch)
-            self.roles[svc.name] = Role(want, rec.epoch)
+        return ok
 
     async def fence_all(self, why: str) -> None:
         for svc in self._services():
             mine = self.roles[svc.name]
             if mine.role == "primary":
                 log.warning("site %s: fencing %s: %s", self.site, svc.name, why)
-                env = {"DRCTL_SERVICE": svc.name, "DRCTL_SITE": self.site,
-                       "DRCTL_EPOCH": str(mine.epoch), "DRCTL_ROLE": "fenced"}
-                await run_hook("fence", svc.hooks.fence, env)
-                await run_hook("stop", svc.hooks.stop, env)
+                await self.self_fence(svc, mine.epoch)
                 self.roles[svc.name] = Role("fenced", mine.epoch)
+
+    async def self_fence(self, svc: ServiceConfig, epoch: int) -> None:
+        """Stop writing for ``svc`` at once (the lease is about to be lost)."""
+        env = {"DRCTL_SERVICE": svc.name, "DRCTL_SITE": self.site,
+               "DRCTL_EPOCH": str(epoch), "DRCTL_ROLE": "fenced"}
+        await run_hook("fence", svc.hooks.fence, env)
+        await run_hook("stop", svc.hooks.stop, env)

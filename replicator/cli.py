@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from replicator.driver import PushOptions
 from replicator.errors import UsageError
-from replicator.source_state import default_state_root, state_dir_for
+from replicator.source_state import default_state_root, group_journal_path, state_dir_for
 from replicator.units import parse_hostport, parse_rate, parse_size
 
 
@@ -211,8 +211,6 @@ def _parse_members(items: list[str]) -> list[tuple[str, str]]:
 
 
 def cmd_push_group(args: argparse.Namespace) -> int:
-    import xxhash
-
     from replicator.agent import run_group
 
     _check_name(args.group)
@@ -228,9 +226,7 @@ def cmd_push_group(args: argparse.Namespace) -> int:
         rpo_budget=args.rpo_budget, nbd_listen=args.nbd_listen,
         journal_limit=args.journal_limit, cp_interval=args.cp_interval, group=args.group,
         group_members=names) for name, path in members]
-    key = xxhash.xxh3_64_hexdigest("\0".join([args.group, args.to, *(
-        f"{n}={os.path.abspath(p)}" for n, p in members)]).encode())
-    journal = os.path.join(root, "push", f"group-{args.group}-{key}", "journal")
+    journal = group_journal_path(root, args.group, args.to, members)
     asyncio.run(run_group(opts, journal, args.metrics_port))
     return 0
 

@@ -139,6 +139,7 @@ class PushDriver:
         # With write capture: when the oldest unshipped write was acknowledged (exact lag).
         self.capture_clock: Callable[[], float | None] | None = None
         self._last_save = 0.0
+        self.handshake_info: HandshakeInfo | None = None  # the target's last answer
         self.planner: Planner | None = None
         # Encoded messages of unacknowledged batches, by sequence (kept apart from PlannedBatch
         # so the planner never sees generated code).
@@ -178,11 +179,12 @@ class PushDriver:
         )
         async for attempt in retrying:
             with attempt:
-                return await self.client.handshake(self.o.volume, self.geo.size,
+                self.handshake_info = await self.client.handshake(self.o.volume, self.geo.size,
                                                    self.geo.block_size, self.state.source_id,
                                                    self.o.epoch, timeout=10.0,
                                                    group=self.o.group,
                                                    members=self.o.group_members)
+                return self.handshake_info
         raise AssertionError("unreachable")
 
     async def reconcile(self) -> None:

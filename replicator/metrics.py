@@ -70,6 +70,21 @@ class SourceMetrics:
                                  "(journal overflowed) or being resynced.", "gauge")
         self.consistency_point = fam("consistency_point", "Last consistency point the target "
                                      "acknowledged.", "gauge")
+        # re-protection and planned switchover (write capture)
+        self.protected = fam("protected", "1 while the replica holds a verified consistency "
+                             "point of this volume and receives its writes; 0 while it is "
+                             "resynced, unreachable or unknown.", "gauge")
+        self.resync_size = fam("resync_size_bytes", "Bytes the current resync covers (0: no "
+                               "resync running).", "gauge")
+        self.resync_remaining = fam("resync_remaining_bytes", "Bytes of the current resync "
+                                    "not yet compared or acknowledged.", "gauge")
+        self.resync_eta = fam("resync_eta_seconds", "Estimated seconds until the current "
+                              "resync is acknowledged (-1: unknown).", "gauge")
+        self.resync_exact = fam("resync_exact", "1: the running or last resync ships the "
+                                "journals' exact delta; 0: it compares both images (hashes).",
+                                "gauge")
+        self.write_barrier = fam("write_barrier", "1 while the export holds new writes (a "
+                                 "planned switchover drains the replica).", "gauge")
         for f in (self.written, self.shipped_raw, self.shipped_compressed, self.reconnects,
                   self.pending, self.lag, self.acked_seq, self.rate_limit, self.rpo_budget):
             f.values[(volume,)] = 0.0

@@ -33,6 +33,7 @@ import xxhash
 
 from replicator.batch import Batch, Decoder, Kind, Record
 from replicator.blockmap import Geometry, MappedVolume, block_hash, hash_all, zero_block
+from replicator.demotion import clear_divergence, load_divergence
 from replicator.errors import CorruptBatchError, ProtocolError, VolumeError
 from replicator.staging import StagingLog
 
@@ -101,6 +102,7 @@ class Replica:
     def __init__(self, directory: str, name: str, mode: str = "hot") -> None:
         self.name = check_volume_name(name)
         self.mode = mode
+        self.directory = directory
         self.img_path = os.path.join(directory, f"{name}.img")
         self.meta_path = os.path.join(directory, f"{name}.meta")
         self.lock = threading.Lock()
@@ -122,6 +124,8 @@ class Replica:
         self.synced_seq = self.wal.last_seq  # staged frames up to here are durable
         self.group_path = os.path.join(directory, f"{name}.group")
         self.group, self.members = self._load_group()
+        # A demoted primary: blocks that may differ from the promoted replica (demotion.py)
+        self.divergence = load_divergence(directory, name)
 
     # -- durable commit record -------------------------------------------------------------
 
@@ -427,6 +431,11 @@ class Replica:
             with self.lock:
                 self.record.applied_seq = max(self.record.applied_seq, direct)
                 self._write_meta()
+        if self.divergence is not None and self.closed_cp() > 0:
+            # The first consistency point since the demotion is durable: the resync that
+            # overwrote the diverged blocks is complete.
+            clear_divergence(self.directory, self.name)
+            self.divergence = None
 
     def clone(self, name: str) -> tuple[str, str]:
         """A writable copy of the image as applied so far: (path, method). Copy-on-write

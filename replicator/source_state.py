@@ -42,6 +42,14 @@ def state_dir_for(root: str, path: str, address: str, volume: str) -> str:
     return os.path.join(root, "push", f"{volume}-{key}")
 
 
+def group_journal_path(root: str, group: str, address: str,
+                       members: list[tuple[str, str]]) -> str:
+    """The change journal of a consistency group (``members``: (volume, path) in order)."""
+    key = xxhash.xxh3_64_hexdigest("\0".join([group, address, *(
+        f"{n}={os.path.abspath(p)}" for n, p in members)]).encode())
+    return os.path.join(root, "push", f"group-{group}-{key}", "journal")
+
+
 def _to_bytes(arr: array[int]) -> bytes:
     if sys.byteorder == "big":
         arr = array("Q", arr)

@@ -1,9 +1,9 @@
 """A runbook as the failover daemons' cluster configuration (`--config runbook.yaml`).
 
 Hooks come from the steps: ``at: old_primary`` hooks become the site's fence hook, and the
-promote hook is: fence the promoted site's replicas at the new epoch (when the site declares a
-``replication`` endpoint), then the ``at: new_primary`` hooks, then the health checks
-(``drctl runbook check``), so a promotion only reports success once the service answers.
+promote hook is the ``at: new_primary`` hooks, then the health checks (``drctl runbook
+check``), so a promotion only reports success once the service answers. The volumes' data path
+(promotion, demotion, replication) is run by the site agents themselves (sites/).
 """
 
 from __future__ import annotations
@@ -21,12 +21,9 @@ from runbooks.model import Runbook, Service, StepType, Where, Zone
 def _hooks(rb: Runbook, svc: Service) -> Hooks:
     fence = [s.run for s in svc.steps if s.type is StepType.HOOK and s.on is Where.OLD_PRIMARY
              and s.run]
+    # Promoting the replica (fence at the new epoch, release as the primary volume) is the
+    # site agent's own data path (sites/dataplane.py), not a hook.
     promote: list[str] = []
-    if rb.sites[svc.replica].endpoints.get("replication"):
-        # Built in: the promoted site's replica refuses the old primary's epoch from now on.
-        promote += ['{ [ -z "$DRCTL_REPLICATION_TARGET" ] || ' + " ".join(shlex.quote(a) for a in (
-            sys.executable, "-m", "drctl", "replicate", "fence", "--volume", v.name))
-            + ' --to "$DRCTL_REPLICATION_TARGET" --epoch "$DRCTL_EPOCH"; }' for v in svc.volumes]
     promote += [s.run for s in svc.steps if s.type is StepType.HOOK
                 and s.on is Where.NEW_PRIMARY and s.run]
     if any(s.type is StepType.HEALTH_CHECK for s in svc.steps):

@@ -41,6 +41,10 @@ _STEP_FIELDS = {
     StepType.DNS: set(),
 }
 _CHECKS = {"replication_lag", "sites_reachable"}
+# replication: the site's target daemon (HOST:PORT); health: a witness URL; source_metrics:
+# the metrics endpoint of a source agent the site does not run itself (hook-driven sites);
+# target_metrics: the metrics port the site agent gives its target daemon (HOST:PORT)
+_ENDPOINTS = {"replication", "health", "source_metrics", "target_metrics"}
 _MISSING = object()
 
 
@@ -130,11 +134,18 @@ def _sites(c: _Checker, node: Any) -> dict[str, Site]:
         c.err(m, None, "sites", "declare at least two sites")
     for name, s in m.items():
         where = f"sites.{name}"
-        sm = c.mapping(s, where, {"address", "endpoints"}, {"address"})
+        sm = c.mapping(s, where, {"address", "endpoints", "data_dir"}, {"address"})
         endpoints = c.get(sm, "endpoints", where, dict, {},
                           check=lambda v: all(isinstance(x, str) for x in v.values()),
                           hint="a mapping of name: URL or HOST:PORT")
-        out[name] = Site(name, c.get(sm, "address", where, str, "") or "", dict(endpoints or {}))
+        for key in endpoints or {}:
+            if key not in _ENDPOINTS:
+                c.err(endpoints, key, f"{where}.endpoints", "unknown endpoint (known: "
+                      f"{', '.join(sorted(_ENDPOINTS))})")
+        data_dir = c.get(sm, "data_dir", where, str, None, check=lambda v: v.startswith("/"),
+                         hint="an absolute path")
+        out[name] = Site(name, c.get(sm, "address", where, str, "") or "",
+                         dict(endpoints or {}), data_dir)
     return out
 
 
@@ -172,8 +183,6 @@ def _services(c: _Checker, node: Any, sites: dict[str, Site],
 
 def _service(c: _Checker, name: str, node: Any, sites: dict[str, Site],
              zones: dict[str, Zone]) -> Service | None:
-    from replicator.errors import UsageError
-    from replicator.units import parse_rate
 
     where = f"services.{name}"
     m = c.mapping(node, where, {"primary", "replica", "volumes", "replication", "failover",
@@ -189,17 +198,7 @@ def _service(c: _Checker, name: str, node: Any, sites: dict[str, Site],
         vm = c.mapping(v, vw, {"name", "path", "group"}, {"name", "path"})
         volumes.append(Volume(str(vm.get("name", "")), str(vm.get("path", "")),
                               vm.get("group")))
-    rw = f"{where}.replication"
-    r = c.mapping(m.get("replication") or LineDict(), rw, {"mode", "rate_limit", "rpo"}, set())
-    mode = c.get(r, "mode", rw, str, "hot", check=lambda v: v in ("hot", "warm"),
-                 hint="hot or warm")
-    rate = None
-    if "rate_limit" in r:
-        try:
-            rate = parse_rate(str(r["rate_limit"]))
-        except UsageError as exc:
-            c.err(r, "rate_limit", rw, str(exc))
-    rpo = c.get(r, "rpo", rw, (int, float), 30, check=lambda v: v > 0, hint="seconds > 0")
+    rep = _replication(c, m, where, sites)
     fw = f"{where}.failover"
     f = c.mapping(m.get("failover") or LineDict(), fw,
                   {"automatic", "grace", "damping", "allow_data_loss"}, set())
@@ -221,9 +220,106 @@ def _service(c: _Checker, name: str, node: Any, sites: dict[str, Site],
         records.append(DnsRecord(str(dm.get("zone", "")), str(dm.get("name", "")), rtype, ttl))
     steps = _steps(c, m.get("steps"), f"{where}.steps", bool(records), m.line_of("steps"))
     depends = c.get(m, "depends_on", where, list, [], hint="a list of service names") or []
-    return Service(name, str(m.get("primary", "")), str(m.get("replica", "")), tuple(volumes),
-                   mode, rate, float(rpo), automatic, float(grace), float(damping), loss,
-                   tuple(records), steps, tuple(depends))
+    groups = {v.group for v in volumes if v.group}
+    if len(groups) > 1:
+        c.err(m, "volumes", where, f"the volumes of one service are captured in one consistency "
+                                   f"group; they name several ({', '.join(sorted(groups))})")
+    svc = Service(name, str(m.get("primary", "")), str(m.get("replica", "")), tuple(volumes),
+                  rep["mode"], rep["rate"], rep["rpo"], automatic, float(grace), float(damping),
+                  loss, tuple(records), steps, tuple(depends), rep["level"], rep["cp_interval"],
+                  rep["journal_limit"], rep["apply_interval"], rep["export"])
+    if volumes:
+        _data_path(c, m, where, svc, sites)
+    return svc
+
+
+def _replication(c: _Checker, m: Any, where: str, sites: dict[str, Site]) -> dict[str, Any]:
+    """The service's ``replication:`` block (every field configures the data path)."""
+    from replicator.errors import UsageError
+    from replicator.units import parse_rate, parse_size
+
+    rw = f"{where}.replication"
+    r = c.mapping(m.get("replication") or LineDict(), rw,
+                  {"mode", "rate_limit", "rpo", "compression", "cp_interval", "journal_limit",
+                   "apply_interval", "export"}, set())
+    mode = c.get(r, "mode", rw, str, "hot", check=lambda v: v in ("hot", "warm"),
+                 hint="hot or warm")
+    rate = None
+    if "rate_limit" in r:
+        try:
+            rate = parse_rate(str(r["rate_limit"]))
+        except UsageError as exc:
+            c.err(r, "rate_limit", rw, str(exc))
+    rpo = c.get(r, "rpo", rw, (int, float), 30, check=lambda v: v > 0, hint="seconds > 0")
+    level = c.get(r, "compression", rw, (int, str), 1,
+                  check=lambda v: v in ("zstd", "none") or (isinstance(v, int) and 0 <= v <= 22),
+                  hint="zstd, none or a zstd level 0..22")
+    level = {"zstd": 1, "none": 0}.get(level, level) if isinstance(level, str) else level
+    cp_interval = c.get(r, "cp_interval", rw, (int, float), 0.05, check=lambda v: v > 0,
+                        hint="seconds > 0")
+    journal_limit = 1 << 30
+    if "journal_limit" in r:
+        try:
+            journal_limit = parse_size(str(r["journal_limit"]))
+            if journal_limit < 1 << 20:
+                raise UsageError("at least 1MiB")
+        except UsageError as exc:
+            c.err(r, "journal_limit", rw, str(exc))
+    apply_interval = c.get(r, "apply_interval", rw, (int, float), None, check=lambda v: v > 0,
+                           hint="seconds > 0")
+    if apply_interval is not None and mode != "warm":
+        c.err(r, "apply_interval", rw, "only a warm replica applies on a schedule (mode: warm)")
+    export = _export(c, r, rw, sites)
+    return {"mode": mode, "rate": rate, "rpo": float(rpo), "level": int(level),
+            "cp_interval": float(cp_interval), "journal_limit": journal_limit,
+            "apply_interval": float(apply_interval) if apply_interval else None,
+            "export": export}
+
+
+def _export(c: _Checker, r: Any, rw: str, sites: dict[str, Site]) -> dict[str, str]:
+    """``replication.export``: where the application reaches the volumes (NBD) at each site."""
+    export: dict[str, str] = {}
+    if "export" in r:
+        raw_export = r["export"]
+        if isinstance(raw_export, str):
+            export = {n: raw_export for n in sites}
+        elif isinstance(raw_export, dict) and all(isinstance(v, str) for v in raw_export.values()):
+            export = {str(k): v for k, v in raw_export.items()}
+            for k in export:
+                if k not in sites:
+                    c.err(raw_export, k, f"{rw}.export", f"unknown site {k!r}")
+        else:
+            c.err(r, "export", rw, "expected HOST:PORT (the same at every site) or a mapping "
+                                   "of site: HOST:PORT")
+        for k, v in export.items():
+            if not _hostport(v):
+                c.err(r, "export", rw, f"{k}: {v!r} is not HOST:PORT")
+    return export
+
+
+def _hostport(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _data_path(c: _Checker, m: Any, where: str, svc: Service, sites: dict[str, Site]) -> None:
+    """A service with volumes is replicated by the site agents: each of its sites needs what
+    the agent runs there (its data directory, its replication target, the application's
+    export)."""
+    for role in ("primary", "replica"):
+        site = sites.get(getattr(svc, role))
+        if site is None:
+            continue
+        missing = [what for what, ok in (
+            ("data_dir", site.data_dir), ("endpoints.replication",
+                                          site.endpoints.get("replication")),
+            (f"{where}.replication.export", svc.export.get(site.name))) if not ok]
+        if missing:
+            c.err(m, "volumes", where, f"site {site.name} lacks {', '.join(missing)}: its agent "
+                                       "cannot run this service's replication")
+        elif not _hostport(site.endpoints["replication"]):
+            c.err(m, "volumes", where, f"site {site.name}: endpoints.replication "
+                                       f"{site.endpoints['replication']!r} is not HOST:PORT")
 
 
 def _steps(c: _Checker, node: Any, where: str, has_dns: bool,

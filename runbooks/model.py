@@ -78,6 +78,17 @@ class Service:
     dns: tuple[DnsRecord, ...]
     steps: tuple[Step, ...]
     depends_on: tuple[str, ...] = ()
+    # The data path the site agents run (replication: block)
+    compress_level: int = 1  # zstd level; 0: no compression
+    cp_interval: float = 0.05  # consistency point cut after writes wait this long unflushed
+    journal_limit: int = 1 << 30  # change journal size before the change bitmap takes over
+    apply_interval: float | None = None  # warm mode: apply complete points on this schedule
+    export: dict[str, str] = field(default_factory=dict)  # site -> NBD HOST:PORT of the app
+
+    @property
+    def group(self) -> str:
+        """The consistency group the service's volumes are captured in (one journal)."""
+        return next((v.group for v in self.volumes if v.group), None) or self.name
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,7 @@ class Site:
     name: str
     address: str
     endpoints: dict[str, str] = field(default_factory=dict)
+    data_dir: str | None = None  # where the site agent keeps replicas, journals, logs
 
 
 @dataclass(frozen=True)

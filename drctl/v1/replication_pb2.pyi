@@ -145,6 +145,9 @@ class HandshakeResponse(_message.Message):
     IMAGE_SEQ_FIELD_NUMBER: _builtins.int
     APPLIED_CP_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    DIVERGED_FIELD_NUMBER: _builtins.int
+    DIVERGED_BASE_FIELD_NUMBER: _builtins.int
+    DEMOTED_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     generation: _builtins.str
     """changes whenever the replica is (re)created"""
@@ -166,6 +169,18 @@ class HandshakeResponse(_message.Message):
     applied_cp: _builtins.int
     mode: _builtins.str
     """"hot" (apply each consistency point) or "warm" """
+    diverged: _builtins.bytes
+    """Re-protection after a failover: this replica was the primary volume until it was
+    demoted. Its blocks that were written there but never replicated (the old primary's
+    change journal knew them) may differ from what the replica of generation
+    diverged_base held when it was promoted; a source whose own change journal started at
+    that promotion ships exactly its changes plus these blocks. Empty diverged_base: the
+    divergence is unknown (journal lost): compare both images.
+    little-endian uint64 block numbers
+    """
+    diverged_base: _builtins.str
+    demoted: _builtins.bool
+    """a demoted primary whose first resync has not closed yet"""
     def __init__(
         self,
         *,
@@ -180,10 +195,13 @@ class HandshakeResponse(_message.Message):
         image_seq: _builtins.int = ...,
         applied_cp: _builtins.int = ...,
         mode: _builtins.str = ...,
+        diverged: _builtins.bytes = ...,
+        diverged_base: _builtins.str = ...,
+        demoted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_cp", b"applied_cp", "applied_seq", b"applied_seq", "created", b"created", "epoch", b"epoch", "generation", b"generation", "image_seq", b"image_seq", "index_digest", b"index_digest", "mode", b"mode", "protocol_version", b"protocol_version", "replica_size", b"replica_size", "target_id", b"target_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_cp", b"applied_cp", "applied_seq", b"applied_seq", "created", b"created", "demoted", b"demoted", "diverged", b"diverged", "diverged_base", b"diverged_base", "epoch", b"epoch", "generation", b"generation", "image_seq", b"image_seq", "index_digest", b"index_digest", "mode", b"mode", "protocol_version", b"protocol_version", "replica_size", b"replica_size", "target_id", b"target_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -365,17 +383,23 @@ class FenceRequest(_message.Message):
 
     VOLUME_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     epoch: _builtins.int
+    release: _builtins.bool
+    """Promotion at this site: after fencing, the target closes the replica and refuses to
+    serve it (it is this site's primary volume now) until it is demoted again.
+    """
     def __init__(
         self,
         *,
         volume: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        release: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "release", b"release", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -388,6 +412,7 @@ class FenceResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     APPLIED_CP_FIELD_NUMBER: _builtins.int
     DISCARDED_BATCHES_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     """the replica's epoch after the call"""
     applied_cp: _builtins.int
@@ -395,16 +420,19 @@ class FenceResponse(_message.Message):
     an incomplete one (its closing batch never arrived) is discarded.
     """
     discarded_batches: _builtins.int
+    generation: _builtins.str
+    """the replica's generation (the lineage of a promotion)"""
     def __init__(
         self,
         *,
         epoch: _builtins.int = ...,
         applied_cp: _builtins.int = ...,
         discarded_batches: _builtins.int = ...,
+        generation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_cp", b"applied_cp", "discarded_batches", b"discarded_batches", "epoch", b"epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_cp", b"applied_cp", "discarded_batches", b"discarded_batches", "epoch", b"epoch", "generation", b"generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -133,6 +133,26 @@ class NbdServer:
         self.exports = {e.name: e for e in exports}
         self.server: asyncio.Server | None = None
         self.clients: set[asyncio.Task[None]] = set()
+        # The write barrier of a planned switchover: while it is up, writes (and trims) wait
+        # unanswered, so the replica can drain to zero lag and nothing acknowledged after the
+        # final point is lost; a fenced agent then ends the sessions without replying.
+        self.writes_open = asyncio.Event()
+        self.writes_open.set()
+
+    def hold_writes(self) -> None:
+        if self.writes_open.is_set():
+            log.warning("nbd: write barrier up: new writes wait until it is lifted or the "
+                        "export stops")
+        self.writes_open.clear()
+
+    def release_writes(self) -> None:
+        if not self.writes_open.is_set():
+            log.warning("nbd: write barrier lifted")
+        self.writes_open.set()
+
+    @property
+    def barrier(self) -> bool:
+        return not self.writes_open.is_set()
 
     async def start(self, host: str, port: int) -> int:
         self.server = await asyncio.start_server(self._client, host, port)
@@ -264,6 +284,8 @@ class NbdServer:
                            else await asyncio.to_thread(os.pread, ex.fd, length, offset))
                 await self._simple(w, lock, handle, 0, payload)
                 return
+            if cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES) and not self.writes_open.is_set():
+                await self.writes_open.wait()
             if cmd == CMD_WRITE:
                 n = ex.write(offset, data)
             elif cmd in (CMD_TRIM, CMD_WRITE_ZEROES):

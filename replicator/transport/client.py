@@ -75,6 +75,11 @@ class HandshakeInfo:
     epoch: int
     target_id: str
     mode: str = "hot"  # "warm": every batch is staged (no COPY records)
+    # A demoted primary (re-protection): blocks that may differ from the promoted replica of
+    # generation diverged_base ("": unknown, compare everything)
+    demoted: bool = False
+    diverged: tuple[int, ...] = ()
+    diverged_base: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class FenceInfo:
     epoch: int
     applied_cp: int  # the consistency point the replica shows (0: no write capture)
     discarded_batches: int  # of an incomplete consistency point
+    generation: str = ""  # the replica's generation (a promotion's lineage)
 
 
 class TargetClient:
@@ -114,8 +120,13 @@ class TargetClient:
             r = await self.stub.Handshake(req, timeout=timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, self.address) from None
+        diverged = array("Q")
+        diverged.frombytes(r.diverged[: len(r.diverged) // 8 * 8])
+        if sys.byteorder == "big":
+            diverged.byteswap()
         return HandshakeInfo(r.generation, r.applied_seq, r.index_digest, r.replica_size,
-                             r.created, r.epoch, r.target_id, r.mode or "hot")
+                             r.created, r.epoch, r.target_id, r.mode or "hot", r.demoted,
+                             tuple(diverged), r.diverged_base)
 
     async def block_hashes(self, volume: str, from_disk: bool = False,
                            timeout: float = 600.0) -> tuple[array[int], int, int]:
@@ -139,15 +150,20 @@ class TargetClient:
             raise translate(exc, self.address) from None
         return out, size, seq
 
-    async def fence(self, volume: str, epoch: int, timeout: float = 120.0) -> FenceInfo:
+    async def fence(self, volume: str, epoch: int, timeout: float = 120.0,
+                    release: bool = False) -> FenceInfo:
         """Apply the replica's complete consistency points, drop an incomplete one and raise
-        its epoch (a promotion); returns where the replica stands afterwards."""
+        its epoch (a promotion); returns where the replica stands afterwards. ``release``: the
+        target also closes the replica and stops serving it (it becomes the primary volume of
+        the target's site)."""
         try:
-            r = await self.stub.Fence(wire.ProtoFenceRequest(volume=volume, epoch=epoch),
+            r = await self.stub.Fence(wire.ProtoFenceRequest(volume=volume, epoch=epoch,
+                                                             release=release),
                                       timeout=timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, self.address) from None
-        return FenceInfo(int(r.epoch), int(r.applied_cp), int(r.discarded_batches))
+        return FenceInfo(int(r.epoch), int(r.applied_cp), int(r.discarded_batches),
+                         r.generation)
 
     async def clone(self, volume: str, name: str, timeout: float = 600.0) -> CloneInfo:
         try:

@@ -15,7 +15,14 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from replicator.batch import Batch
-from replicator.errors import CorruptBatchError, ProtocolError, ReplicatorError, VolumeError
+from replicator.demotion import Divergence, mark_primary
+from replicator.errors import (
+    CorruptBatchError,
+    ProtocolError,
+    ReplicatorError,
+    VolumeBusyError,
+    VolumeError,
+)
 from replicator.metrics import TargetMetrics
 from replicator.transport import wire
 from replicator.transport.applying import Applier
@@ -94,11 +101,14 @@ class ReplicationService(wire.ReplicationServicer):
             image_seq=replica.record.applied_seq,
             applied_cp=replica.record.applied_cp,
             mode=self.mode,
+            **_divergence_fields(replica.divergence),
         )
 
     async def _open(self, name: str, context: grpc.aio.ServicerContext) -> VolumeSlot:
         try:
             return await self._slot(name)
+        except VolumeBusyError as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ReplicatorError as exc:
@@ -123,12 +133,23 @@ class ReplicationService(wire.ReplicationServicer):
         if discarded:
             log.warning("volume %s: discarded %d staged batches of a consistency point that "
                         "never completed", replica.name, discarded)
+            if request.release:
+                # Promotion at this site: the image becomes the primary volume. Marked first,
+                # so no handshake can open it again once the slot is closed.
+                await asyncio.to_thread(mark_primary, self.directory, replica.name,
+                                        replica.record.epoch)
         self.metrics.epoch.labels(replica.name).set(replica.record.epoch)
-        log.info("volume %s fenced at epoch %d, consistency point %d", replica.name,
-                 replica.record.epoch, replica.record.applied_cp)
-        return wire.ProtoFenceResponse(epoch=replica.record.epoch,
-                                       applied_cp=replica.record.applied_cp,
-                                       discarded_batches=discarded)
+        record = replica.record
+        if request.release:
+            await self.registry.release(replica.name)
+            log.info("volume %s promoted at epoch %d, consistency point %d: released as the "
+                     "site's primary volume", replica.name, record.epoch, record.applied_cp)
+        else:
+            log.info("volume %s fenced at epoch %d, consistency point %d", replica.name,
+                     record.epoch, record.applied_cp)
+        return wire.ProtoFenceResponse(epoch=record.epoch, applied_cp=record.applied_cp,
+                                       discarded_batches=discarded,
+                                       generation=record.generation)
 
     # -- Clone / DropClone -------------------------------------------------------------
 
@@ -214,6 +235,15 @@ class ReplicationService(wire.ReplicationServicer):
             # context.abort() raises inside the task group: hand grpc its own AbortError
             # (not a group), so the status reaches the client and nothing is logged as a crash.
             raise _first(group) from None
+
+
+def _divergence_fields(d: Divergence | None) -> dict[str, Any]:
+    if d is None:
+        return {}
+    blocks = array("Q", d.blocks)
+    if sys.byteorder == "big":
+        blocks.byteswap()
+    return {"diverged": blocks.tobytes(), "diverged_base": d.base_generation, "demoted": True}
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

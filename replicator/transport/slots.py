@@ -9,6 +9,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from replicator.demotion import is_primary
+from replicator.errors import VolumeBusyError
 from replicator.replica import Replica, check_volume_name
 
 log = logging.getLogger(__name__)
@@ -53,12 +55,23 @@ class SlotRegistry:
             slot = self.slots.get(name)
             if slot is not None:
                 return slot, False
+            if is_primary(self.directory, name):
+                raise VolumeBusyError(f"volume_promoted: {name} is this site's primary volume "
+                                      "(promoted); it is not served as a replica until the "
+                                      "site is demoted")
             replica = await asyncio.to_thread(Replica, self.directory, name, self.mode)
             slot = self.slots[name] = VolumeSlot(replica)
             if replica.wal.frames:
                 log.info("volume %s: %d staged batches in the redo journal", name,
                          len(replica.wal.frames))
             return slot, True
+
+    async def release(self, name: str) -> None:
+        """Close ``name``'s replica (a promotion: the site serves it as its primary volume)."""
+        async with self._lock:
+            slot = self.slots.pop(name, None)
+        if slot is not None:
+            await asyncio.to_thread(slot.close)
 
     def exists(self, name: str) -> bool:
         return name in self.slots or os.path.exists(
