@@ -1,4 +1,5 @@
-"""`drctl agent`, `drctl controller`, `drctl failover|switchover|failback|status`."""
+"""`drctl agent`, `drctl controller`, `drctl failover|switchover|failback|retry|cancel|status`.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +18,6 @@ if TYPE_CHECKING:  # heavy imports stay out of every other drctl command's start
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    a = sub.add_parser("agent", help="run a site agent (heartbeat, hooks, self-fencing)")
-    a.add_argument("--config", required=True)
-    a.add_argument("--site", required=True)
-    a.add_argument("--lag-url", help="metrics URL of this site's replication source agent")
-    a.set_defaults(func=cmd_agent)
-
     c = sub.add_parser("controller", help="run a failover controller (one of them leads)")
     c.add_argument("--config", required=True)
     c.add_argument("--id", help="controller id (default: host-pid)")
@@ -31,7 +26,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     for name, helptext in (("failover", "fail a service over to its replica site"),
                            ("switchover", "planned switchover: drain to zero lag first"),
-                           ("failback", "planned switchover back to the configured primary")):
+                           ("failback", "planned switchover back to the configured primary"),
+                           ("retry", "run a failed service's failed step again"),
+                           ("cancel", "abandon a failed operation: back to healthy with the "
+                                      "roles as recorded")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("service")
         p.add_argument("--config", required=True)
@@ -98,18 +96,6 @@ async def _daemon(cfg: ClusterConfig, make: Any) -> None:
         await make(store).run(stop)
 
 
-def cmd_agent(args: argparse.Namespace) -> int:
-    from failover.agent import SiteAgent
-    from failover.config import ConfigError
-
-    cfg = _config(args.config)
-    if args.site not in cfg.sites:
-        raise ConfigError(f"--site {args.site}: not in {cfg.path} (sites: "
-                          f"{', '.join(sorted(cfg.sites))})")
-    asyncio.run(_daemon(cfg, lambda store: SiteAgent(cfg, args.site, store, args.lag_url)))
-    return 0
-
-
 def cmd_controller(args: argparse.Namespace) -> int:
     from failover.controller import Controller
 
@@ -128,11 +114,25 @@ def cmd_controller(args: argparse.Namespace) -> int:
     return 0
 
 
+_COMMANDS = {"switchover": "switchover", "failback": "switchover", "retry": "retry",
+             "cancel": "cancel"}
+
+
 def cmd_request(args: argparse.Namespace) -> int:
+    """Write the request as a command record for the leading controller. A request the stored
+    record already rules out (a target that holds no replica, a switchover of a service that
+    is not healthy, a retry of one that has not failed) is refused here, before anything is
+    written."""
     from failover.config import ConfigError
-    from failover.errors import FailoverError
+    from failover.errors import FailoverError, InvalidTransition
     from failover.fsm import Command
-    from failover.records import CommandRecord, command_key
+    from failover.records import (
+        CommandRecord,
+        command_key,
+        refuse_request,
+        service_record,
+        state_key,
+    )
 
     cfg = _config(args.config)
     svc = cfg.services.get(args.service)
@@ -145,13 +145,18 @@ def cmd_request(args: argparse.Namespace) -> int:
     if args.request == "failover":
         command = Command.FORCE_FAILOVER if args.force else Command.FAILOVER
     else:
-        command = Command.SWITCHOVER
+        command = Command(_COMMANDS[args.request])
         if args.request == "failback":
             target = svc.primary
 
     async def send() -> str:
         store = _store(cfg)
         try:
+            stored = service_record(await _value(store, state_key(cfg.prefix, svc.name)),
+                                    svc.primary, svc.replica)
+            refusal = refuse_request(stored, svc.name, args.request, target)
+            if refusal is not None:
+                raise InvalidTransition(refusal)
             rec = CommandRecord(command, target, uuid.uuid4().hex[:12], time.time())
             if not await store.create(command_key(cfg.prefix, svc.name), rec.encode()):
                 raise FailoverError(f"{svc.name}: another request is still pending")
@@ -163,6 +168,10 @@ def cmd_request(args: argparse.Namespace) -> int:
     print(f"{args.request} of {svc.name} requested (operation {op}); follow it with "
           f"`drctl status --config {args.config}`")
     return 0
+
+
+async def _value(store: EtcdStore, key: str) -> bytes | None:
+    return (await store.snapshot(key)).value(key)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -182,14 +191,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=1, default=str))
     else:
-        print(f"leader: {status['leader']}")
-        for site, s in status["sites"].items():
-            print(f"site {site}: {'alive' if s['alive'] else 'DOWN'}")
-        for name, s in status["services"].items():
-            print(f"service {name}: {s['state']} primary={s['primary']} replica={s['replica']}"
-                  f" epoch={s['epoch']} lag={s['lag_seconds']} -- {s['message']}"
-                  + (f" [error: {s['error']}]" if s["error"] else ""))
+        print("\n".join(status_lines(status)))
     return 0
+
+
+def status_lines(status: dict[str, Any]) -> list[str]:
+    from failover.fsm import seconds
+
+    out = [f"leader: {status['leader']}"]
+    for site, s in status["sites"].items():
+        out.append(f"site {site}: {'alive' if s['alive'] else 'DOWN'}")
+        out += [f"  {name}: {v['role']} at epoch {v['epoch']}, data path "
+                f"{v['data_path'] or 'not reported'}" for name, v in s["services"].items()]
+    for name, s in status["services"].items():
+        out.append(f"service {name}: {s['state']} primary={s['primary']} "
+                   f"replica={s['replica']} epoch={s['epoch']} "
+                   f"lag={seconds(s['lag_seconds'])} -- {s['message']}"
+                   + (f" [error: {s['error']}]" if s["error"] else ""))
+        out += [f"  {line}" for line in s["progress"]]
+    return out
 
 
 def cmd_api(args: argparse.Namespace) -> int:

@@ -97,10 +97,12 @@ def _set_aside(aside_dir: str, volumes: list[tuple[str, str]], fds: list[int],
             os.close(fd)
     with open(os.path.join(where, "blocks.json"), "w", encoding="utf-8") as fh:
         json.dump({"block_size": block_size, "blocks": listing,
-                   "note": "writes the old primary acknowledged that were never replicated; "
-                           "each <volume>.img holds them at their own offsets"}, fh)
+                   "note": "blocks this site acknowledged to its clients whose replication "
+                           "the other site never acknowledged (some may have arrived); each "
+                           "<volume>.img holds them at their own offsets"}, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    log.warning("%d blocks written here were never replicated: set aside in %s before the "
-                "resync overwrites them", sum(len(b) for b in listing.values()), where)
+    log.warning("%d blocks written here were never acknowledged by the replica: set aside in "
+                "%s before the resync overwrites them", sum(len(b) for b in listing.values()),
+                where)
     return where

@@ -24,6 +24,13 @@ class NbdClient:
     def __init__(self, host: str, port: int, export: str, timeout: float = 30.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.handle = 0
+        try:
+            self._handshake(export)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handshake(self, export: str) -> None:
         magic, opt, _flags = struct.unpack(">QQH", self._read(18))
         if magic != NBDMAGIC or opt != IHAVEOPT:
             raise NbdError("not a newstyle NBD server")

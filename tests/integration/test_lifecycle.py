@@ -23,10 +23,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from drctl.localservers import free_port
 from tests.nbdclient import NbdClient
 from tests.procs import DRCTL, Proc, run, wait_for, write_random
 from tests.services import EtcdServer, NamedServer
-from drctl.localservers import free_port
 
 BS = 4096
 SIZE = 32 << 20
@@ -179,8 +179,12 @@ class ModelWriter:
                     client.flush()
                 time.sleep(0.002)
             except (OSError, ConnectionError, Exception):  # the export went away
+                if client is not None:
+                    client.sock.close()
                 client = None
                 time.sleep(0.1)
+        if client is not None:
+            client.close()
 
     def resolve_pending(self, volume: str) -> None:
         """A write that got no answer may or may not have happened: take what is there."""
@@ -236,7 +240,60 @@ def resync_bytes(cluster: Cluster, site: str) -> list[int]:
 
 def wait_protected(cluster: Cluster, primary: str) -> None:
     cluster.wait_state("healthy", primary, 90)
-    wait_for(lambda: cluster.status()["lag_seconds"] == 0, 30, "lag 0", interval=0.3)
+
+
+def fail_over_and_reprotect(c: Cluster, writer: ModelWriter, cycle: int) -> tuple[int, int,
+                                                                                    int]:
+    """kill -9 east while writing, fail over, write at west, bring east back: re-protected
+    by the exact delta. Returns (bytes the resync shipped, changed bytes, blocks set aside)."""
+    writer.start("east")
+    goal = writer.acked + 200
+    wait_for(lambda: writer.acked > goal, 30, f"writes at east (cycle {cycle})")
+    c.agents["east"].kill9()
+    c.wait_primary("west", 60)
+    writer.halt()
+    writer.resolve_pending(c.path("east"))
+    goal = len(writer.written["west"]) + 100
+    writer.start("west")
+    wait_for(lambda: len(writer.written["west"]) > goal, 30, "writes at west")
+    c.start_agent("east")
+    wait_protected(c, "west")
+    writer.halt()
+    writer.resolve_pending(c.path("west"))
+    wait_for(lambda: c.status()["lag_seconds"] == 0, 30, "lag 0 after writes")
+    aside = aside_blocks(c, "east")
+    check_model(writer, c.path("west"), aside)
+    verify_equal(c, "west", "east")
+    shipped = resync_bytes(c, "west")
+    assert shipped, c.logs()
+    changed = len(writer.written["west"] | set(aside)) * BS
+    assert shipped[-1] <= 2 * changed, (shipped, changed)
+    return shipped[-1], changed, len(aside)
+
+
+def fail_back(c: Cluster, writer: ModelWriter) -> int:
+    """A failback while writing at west: drain under the write barrier, fence, promote east,
+    re-protect west; nothing acknowledged is lost. Returns the bytes its resync shipped."""
+    writer.written = {"east": set(), "west": set()}
+    writer.start("west")
+    wait_for(lambda: len(writer.written["west"]) > 50, 30, "writes before failback")
+    p = run([*DRCTL, "failback", "app", "--config", c.config])
+    assert p.returncode == 0, p.stderr
+    c.wait_primary("east", 90)
+    writer.halt()
+    writer.resolve_pending(c.path("east"))
+    writer.start("east")
+    c.wait_state("healthy", "east", 90)
+    writer.halt()
+    writer.resolve_pending(c.path("east"))
+    wait_for(lambda: c.status()["lag_seconds"] == 0, 30, "lag 0 after failback")
+    check_model(writer, c.path("east"), {})  # a planned switchover loses nothing
+    verify_equal(c, "east", "west")
+    back = resync_bytes(c, "east")
+    assert back, c.logs()  # the failback re-protected west by the exact delta too
+    assert back[-1] <= 2 * max(1, len(writer.written["east"])) * BS + (1 << 20), back
+    writer.written = {"east": set(), "west": set()}
+    return back[-1]
 
 
 def test_failover_reprotect_failback_three_cycles(workdir: str, etcd: EtcdServer,
@@ -248,48 +305,12 @@ def test_failover_reprotect_failback_three_cycles(workdir: str, etcd: EtcdServer
     writer = ModelWriter(c, seed=3)
     try:
         wait_protected(c, "east")
+        wait_for(lambda: c.status()["lag_seconds"] == 0, 30, "lag 0", interval=0.3)
         for cycle in range(3):
-            writer.start("east")
-            wait_for(lambda: writer.acked > 200 * (cycle + 1), 30, "writes at east")
-            # -- the primary site dies while writing: failover
-            c.agents["east"].kill9()
-            c.wait_primary("west", 60)
-            writer.halt()
-            writer.resolve_pending(c.path("east"))
-            before = set(writer.written["west"])
-            writer.start("west")
-            wait_for(lambda: len(writer.written["west"]) > len(before) + 100, 30,
-                     "writes at west")
-            # -- the old site comes back: demoted, re-protected by the exact delta
-            c.start_agent("east")
-            wait_protected(c, "west")
-            writer.halt()
-            writer.resolve_pending(c.path("west"))
-            wait_for(lambda: c.status()["lag_seconds"] == 0, 30, "lag 0 after writes")
-            aside = aside_blocks(c, "east")
-            check_model(writer, c.path("west"), aside)
-            verify_equal(c, "west", "east")
-            shipped = resync_bytes(c, "west")
-            assert shipped, c.logs()
-            changed = len(writer.written["west"] | set(aside)) * BS
-            assert shipped[-1] <= 2 * changed, (shipped, changed)
-            # -- failback: drain under the barrier, fence, promote east, reverse
-            writer.written = {"east": set(), "west": set()}
-            writer.start("west")
-            wait_for(lambda: len(writer.written["west"]) > 50, 30, "writes before failback")
-            p = run([*DRCTL, "failback", "app", "--config", c.config])
-            assert p.returncode == 0, p.stderr
-            c.wait_primary("east", 90)
-            writer.halt()
-            writer.resolve_pending(c.path("east"))
-            writer.start("east")
-            c.wait_state("healthy", "east", 90)
-            writer.halt()
-            writer.resolve_pending(c.path("east"))
-            wait_for(lambda: c.status()["lag_seconds"] == 0, 30, "lag 0 after failback")
-            check_model(writer, c.path("east"), {})  # a planned switchover loses nothing
-            verify_equal(c, "east", "west")
-            writer.written = {"east": set(), "west": set()}
+            shipped, changed, aside = fail_over_and_reprotect(c, writer, cycle)
+            back = fail_back(c, writer)
+            print(f"cycle {cycle}: re-protect shipped {shipped} bytes for {changed} changed "
+                  f"({aside} blocks set aside); failback resync shipped {back}")
     finally:
         writer.halt()
         c.controller.stop()
