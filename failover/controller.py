@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from failover.config import ClusterConfig, ServiceConfig
 from failover.coordination.base import CoordinationStore, Snapshot
@@ -34,10 +34,12 @@ from failover.records import (
     CommandRecord,
     Heartbeat,
     Operation,
+    ServiceHealth,
     ServiceRecord,
     command_key,
     heartbeat_key,
     leader_key,
+    refuse_target,
     service_record,
     state_key,
 )
@@ -51,6 +53,10 @@ class CycleResult:
     state: State
     action: Action
     message: str
+    notable: bool = True  # worth a log line: an action, a state change or a refusal
+
+
+_FAILOVERS = (Command.FAILOVER, Command.FORCE_FAILOVER)
 
 
 class Controller:
@@ -98,7 +104,7 @@ class Controller:
         try:
             while not stop.is_set():
                 for result in await self.tick():
-                    if result.action is not Action.NONE or "->" in result.message:
+                    if result.notable:
                         log.info("%s: %s", result.service, result.message)
                 await feed.wait(self.interval)
         finally:
@@ -129,6 +135,10 @@ class Controller:
         raw = snap.value(heartbeat_key(self.config.prefix, site))
         return Heartbeat.decode(raw) if raw is not None else None
 
+    def _health(self, snap: Snapshot, site: str, service: str) -> ServiceHealth | None:
+        hb = self._heartbeat(snap, site)
+        return hb.services.get(service) if hb is not None else None
+
     async def _service(self, snap: Snapshot, svc: ServiceConfig, now: float) -> CycleResult:
         rec, rev = self._record(snap, svc)
         cmd_entry = snap.entries.get(command_key(self.config.prefix, svc.name))
@@ -137,11 +147,9 @@ class Controller:
         replica_hb = self._heartbeat(snap, rec.replica)
         if primary_hb is not None:
             rec.primary_lost_since = None
-            health = primary_hb.services.get(svc.name)
-            if health is not None and health.role == "primary":
-                rec.last_lag_seconds = health.lag_seconds
         elif rec.primary_lost_since is None:
             rec.primary_lost_since = now
+        protected, barrier = _observe(rec, svc.name, primary_hb, replica_hb)
         view = ServiceView(
             state=rec.state, now=now, primary_alive=primary_hb is not None,
             primary_lost_since=rec.primary_lost_since, replica_alive=replica_hb is not None,
@@ -152,8 +160,18 @@ class Controller:
                              rec.state is not State.FAILED),
             failed_step=State(rec.operation.failed_step)
             if rec.operation and rec.operation.failed_step else None,
-            policy=svc.policy)
-        decision = decide(view)
+            policy=svc.policy, protected=protected, barrier=barrier,
+            replica_consistent=rec.replica_consistent)
+        refusal = None
+        if cmd is not None and (cmd.command in _FAILOVERS or cmd.command is Command.SWITCHOVER):
+            refusal = refuse_target(rec, svc.name, "switchover" if cmd.command is
+                                    Command.SWITCHOVER else "failover", cmd.target)
+        if refusal is None:
+            decision = decide(view)
+        else:  # consumed, nothing else changes: the state's own work goes on without it
+            decision = decide(replace(view, command=Command.NONE))
+            decision = replace(decision, refused=True, message=f"{decision.message}; {refusal}")
+            cmd = None
         await self._act(decision, rec, svc, cmd, now)
         if decision.changes and self.metrics is not None:
             self.metrics.transitions.labels(svc.name, decision.next_state.value).inc()
@@ -162,24 +180,24 @@ class Controller:
                     "action": decision.action}
             rec.history = [*rec.history, step][-20:]
             rec.state, rec.since = decision.next_state, now
-        if rev and not decision.changes and _same(rec, snap, state_key(self.config.prefix,
-                                                                      svc.name)):
+        notable = decision.action is not Action.NONE or decision.consumes_command
+        if rev and not decision.consumes_command and _same(
+                rec, snap, state_key(self.config.prefix, svc.name)):
             # nothing worth a write (a write would wake every watcher, us included)
             if self.metrics is not None:
                 self.metrics.service(svc.name, rec.state, rec.epoch, rec.last_lag_seconds)
-            return CycleResult(svc.name, rec.state, decision.action, decision.message)
+            return CycleResult(svc.name, rec.state, decision.action, decision.message, notable)
         rec.message = decision.message
         written = await self.store.compare_and_set(state_key(self.config.prefix, svc.name),
                                                    rec.encode(), rev)
-        if written and cmd_entry is not None and (decision.changes or
-                                                  decision.action is Action.BLOCK):
+        if written and cmd_entry is not None and decision.consumes_command:
             await self.store.delete_if(cmd_entry.key, cmd_entry.mod_revision)
         if not written:
             return CycleResult(svc.name, rec.state, Action.NONE,
-                               "record changed under us: deciding again next tick")
+                               "record changed under us: deciding again next tick", False)
         if self.metrics is not None:
             self.metrics.service(svc.name, rec.state, rec.epoch, rec.last_lag_seconds)
-        return CycleResult(svc.name, rec.state, decision.action, decision.message)
+        return CycleResult(svc.name, rec.state, decision.action, decision.message, notable)
 
     async def _step_done(self, rec: ServiceRecord, snap: Snapshot, svc: ServiceConfig) -> bool:
         op = rec.operation
@@ -193,15 +211,20 @@ class Controller:
             health = old.services.get(svc.name)
             return health is not None and health.role == "fenced" and health.epoch >= rec.epoch
         if rec.state is State.PROMOTING and op is not None:
-            new = self._heartbeat(snap, op.target)
-            health = new.services.get(svc.name) if new else None
+            health = self._health(snap, op.target, svc.name)
             return health is not None and health.role == "primary" and health.epoch >= rec.epoch
         if rec.state is State.REROUTING and op is not None:
             return op.dns_done
         if rec.state is State.RESYNCING:
-            back = self._heartbeat(snap, rec.replica)
-            health = back.services.get(svc.name) if back else None
-            return health is not None and health.role == "replica"
+            # done when the new primary says its replica is protected at this epoch and the
+            # former primary follows as the replica at this epoch
+            serving = self._health(snap, rec.primary, svc.name)
+            back = self._health(snap, rec.replica, svc.name)
+            # (an agent that runs no data path, hooks only, reports protected None: there is
+            # nothing it could resync, the replica following is all there is to wait for)
+            return (serving is not None and serving.role == "primary"
+                    and serving.protected is not False and serving.epoch >= rec.epoch
+                    and back is not None and back.role == "replica" and back.epoch >= rec.epoch)
         return False
 
     async def _witness_says_serving(self, site: str) -> bool:
@@ -224,13 +247,17 @@ class Controller:
 
     async def _act(self, d: Decision, rec: ServiceRecord, svc: ServiceConfig,
                    cmd: CommandRecord | None, now: float) -> None:
-        if d.state is State.FAILED and d.changes and rec.operation is not None:
-            rec.operation.error = None  # an operator retry: run the failed step again
-            rec.operation.failed_step = None
+        if d.state is State.FAILED and d.changes:
+            if d.next_state is State.HEALTHY:
+                rec.operation = None  # cancelled: abandoned, the roles stay as recorded
+            elif rec.operation is not None:
+                rec.operation.error = None  # an operator retry: run the failed step again
+                rec.operation.failed_step = None
         if d.next_state is State.FENCING and d.state is not State.FENCING \
                 and d.state is not State.FAILED:
             target = (cmd.target if cmd and cmd.target else None) or rec.replica
-            kind = "switchover" if d.state is State.DRAINING else "failover"
+            asked = cmd is not None and cmd.command in _FAILOVERS
+            kind = "switchover" if d.state is State.DRAINING and not asked else "failover"
             rec.epoch += 1  # from now on the replica refuses the old primary's deltas
             rec.operation = Operation(kind, rec.primary, target, now)
         elif d.next_state is State.PROMOTING and rec.operation is not None:
@@ -241,8 +268,12 @@ class Controller:
         elif d.next_state is State.FAILED_OVER:
             rec.last_failover_at = now
             rec.operation = None
-        elif d.next_state is State.FAILED and rec.operation is not None:
-            rec.operation.failed_step = d.state.value
+        elif d.next_state is State.FAILED:
+            _record_failure(d, rec)
+        elif d.next_state is State.RESYNCING:
+            rec.replica_consistent = False  # the former primary is overwritten block by block
+        elif d.state is State.RESYNCING and d.next_state is State.HEALTHY:
+            rec.operation = None  # a retried resync's record
 
     async def _rewrite_dns(self, rec: ServiceRecord, svc: ServiceConfig) -> None:
         op = rec.operation
@@ -260,6 +291,45 @@ class Controller:
         except (DnsUpdateRefused, DnsVerifyTimeout) as exc:
             op.error = str(exc)
             log.error("%s: %s", svc.name, exc)
+
+
+def _observe(rec: ServiceRecord, service: str, primary_hb: Heartbeat | None,
+             replica_hb: Heartbeat | None) -> tuple[bool | None, bool]:
+    """Copy what the heartbeats say into the record; return the primary's (protected,
+    barrier) for the view. Reports at an older epoch than the record's say nothing."""
+    protected, barrier = None, False
+    health = primary_hb.services.get(service) if primary_hb is not None else None
+    if health is not None and health.role == "primary":
+        rec.last_lag_seconds = health.lag_seconds
+        rec.resync = health.resync
+        if health.epoch >= rec.epoch:
+            protected, barrier = health.protected, health.barrier
+        if protected is True:
+            rec.replica_consistent = True
+        elif health.resync is not None:
+            rec.replica_consistent = False
+    elif primary_hb is not None:
+        rec.resync = None  # alive but not (yet) serving this service: no resync of its own
+    back = replica_hb.services.get(service) if replica_hb is not None else None
+    if back is not None:
+        rec.unreplicated_blocks = back.unreplicated_blocks
+        rec.unreplicated_file = back.unreplicated_file
+    if protected is True and health is not None and health.data_path and (
+            back is None or back.role != "replica"
+            or not back.data_path.startswith("running")):
+        # The primary's capture agent holds a verified point, but the replica site is gone
+        # or its target daemon is not running: nothing receives the next writes.
+        protected = False
+    return protected, barrier
+
+
+def _record_failure(d: Decision, rec: ServiceRecord) -> None:
+    """The failed step (for a retry) and why (a timeout's reason is the decision itself)."""
+    if rec.operation is None:  # a resync has no operation of its own until it fails
+        rec.operation = Operation("resync", rec.primary, rec.replica, rec.since)
+    rec.operation.failed_step = d.state.value
+    if rec.operation.error is None:
+        rec.operation.error = d.message
 
 
 def _same(rec: ServiceRecord, snap: Snapshot, key: str) -> bool:

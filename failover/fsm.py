@@ -3,30 +3,38 @@
 Every allowed move is one ``Transition(src, dst, reason, action)`` row in ``TRANSITIONS``; an
 unknown (src, dst) pair raises InvalidTransition. ``decide()`` is pure: it reads an immutable
 ``ServiceView`` (one etcd snapshot plus the clock) and returns a ``Decision``; the controller
-acts on it and logs ``decision.message``. The diagram in docs/failover-fsm.dot is generated
-from the table (``python -m failover.fsm --dot``) and CI checks it is current.
+acts on it and logs ``decision.message``. A pending operator command is consumed by a state
+change or refused (``Decision.refused``, the reason in the message), never left pending.
+The diagram in docs/failover-fsm.dot is generated from the table (``python -m failover.fsm
+--dot``) and CI checks it is current.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from failover.errors import InvalidTransition
 
 
 class State(StrEnum):
-    HEALTHY = "healthy"  # primary serving, replica replicating
+    HEALTHY = "healthy"  # primary serving, replica receiving (protected)
+    UNPROTECTED = "unprotected"  # primary serving, its replica is not receiving
     PRIMARY_SUSPECT = "primary_suspect"  # primary heartbeat missing, inside the grace period
     BLOCKED = "blocked"  # automatic failover not allowed now (RPO, damping): operator decides
-    DRAINING = "draining"  # planned switchover: waiting for replication lag to reach zero
+    DRAINING = "draining"  # planned switchover: write barrier up, waiting for lag to reach zero
     FENCING = "fencing"  # epoch bumped; waiting until the old primary cannot write any more
     PROMOTING = "promoting"  # the replica becomes primary (warm journal applied first)
     REROUTING = "rerouting"  # DNS rewritten, waiting for every authoritative server
     FAILED_OVER = "failed_over"  # serving from the former replica; old primary not back yet
     RESYNCING = "resyncing"  # old primary back as replica: only diverged blocks are resent
-    FAILED = "failed"  # a step failed (e.g. DNS refused): reported, waiting for an operator
+    FAILED = "failed"  # a step failed or timed out: reported, waiting for an operator
+
+
+# States in which the service has a replica receiving its writes (the metric
+# drctl_failover_service_protected is 1 in these, 0 in every other state).
+PROTECTED_STATES = frozenset({State.HEALTHY, State.DRAINING})
 
 
 class Action(StrEnum):
@@ -55,6 +63,10 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(S.HEALTHY, S.PRIMARY_SUSPECT, "primary heartbeat lost", A.WAIT),
     Transition(S.HEALTHY, S.FENCING, "manual failover", A.FENCE),
     Transition(S.HEALTHY, S.DRAINING, "manual switchover", A.DRAIN),
+    Transition(S.HEALTHY, S.UNPROTECTED, "primary reports its replica not receiving", A.ALERT),
+    Transition(S.UNPROTECTED, S.HEALTHY, "primary reports its replica protected again", A.NONE),
+    Transition(S.UNPROTECTED, S.PRIMARY_SUSPECT, "primary heartbeat lost", A.WAIT),
+    Transition(S.UNPROTECTED, S.FENCING, "manual failover", A.FENCE),
     Transition(S.PRIMARY_SUSPECT, S.HEALTHY, "primary heartbeat back", A.NONE),
     Transition(S.PRIMARY_SUSPECT, S.FENCING, "grace expired, lag within the RPO budget",
                A.FENCE),
@@ -63,19 +75,27 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(S.BLOCKED, S.HEALTHY, "primary heartbeat back", A.NONE),
     Transition(S.BLOCKED, S.FENCING, "manual failover, or lag back within the RPO budget",
                A.FENCE),
-    Transition(S.DRAINING, S.FENCING, "replica caught up (lag 0)", A.FENCE),
+    Transition(S.DRAINING, S.FENCING, "write barrier up and lag 0, or manual failover",
+               A.FENCE),
     Transition(S.DRAINING, S.HEALTHY, "drain timed out: switchover abandoned", A.ALERT),
+    Transition(S.DRAINING, S.PRIMARY_SUSPECT, "primary heartbeat lost during the drain",
+               A.WAIT),
     Transition(S.FENCING, S.PROMOTING, "old primary fenced", A.PROMOTE),
     Transition(S.PROMOTING, S.REROUTING, "replica promoted", A.REWRITE_DNS),
     Transition(S.REROUTING, S.FAILED_OVER, "new address answered by every server", A.FINISH),
-    Transition(S.FENCING, S.FAILED, "fencing failed", A.ALERT),
-    Transition(S.PROMOTING, S.FAILED, "promotion failed", A.ALERT),
-    Transition(S.REROUTING, S.FAILED, "DNS update refused or not verified", A.ALERT),
+    Transition(S.FENCING, S.FAILED, "fencing failed or timed out", A.ALERT),
+    Transition(S.PROMOTING, S.FAILED, "promotion failed or timed out", A.ALERT),
+    Transition(S.REROUTING, S.FAILED, "DNS update refused, not verified or timed out",
+               A.ALERT),
+    Transition(S.RESYNCING, S.FAILED, "resync timed out", A.ALERT),
     Transition(S.FAILED, S.FENCING, "operator retry from fencing", A.FENCE),
     Transition(S.FAILED, S.PROMOTING, "operator retry from promotion", A.PROMOTE),
     Transition(S.FAILED, S.REROUTING, "operator retry from DNS", A.REWRITE_DNS),
+    Transition(S.FAILED, S.RESYNCING, "operator retry from resync", A.RESYNC),
+    Transition(S.FAILED, S.HEALTHY, "operation abandoned by an operator", A.NONE),
     Transition(S.FAILED_OVER, S.RESYNCING, "old primary back: failback resync", A.RESYNC),
-    Transition(S.RESYNCING, S.HEALTHY, "resync complete: roles swapped", A.NONE),
+    Transition(S.RESYNCING, S.HEALTHY, "resync complete: new primary protected", A.NONE),
+    Transition(S.RESYNCING, S.BLOCKED, "primary heartbeat lost mid-resync", A.BLOCK),
 )
 _BY_PAIR = {(t.src, t.dst): t for t in TRANSITIONS}
 assert len(_BY_PAIR) == len(TRANSITIONS), "one row per (src, dst)"
@@ -93,7 +113,8 @@ class Command(StrEnum):
     FAILOVER = "failover"
     FORCE_FAILOVER = "force_failover"
     SWITCHOVER = "switchover"
-    RETRY = "retry"
+    RETRY = "retry"  # FAILED: run the failed step again
+    CANCEL = "cancel"  # FAILED: abandon the operation, back to healthy with the roles as recorded
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,10 @@ class Policy:
     allow_data_loss: bool = False  # fail over automatically even beyond the RPO budget
     damping_seconds: float = 600.0  # no second automatic failover this soon after one
     drain_timeout_seconds: float = 120.0
+    fence_timeout_seconds: float = 60.0  # each step moves to FAILED past its timeout
+    promote_timeout_seconds: float = 120.0
+    reroute_timeout_seconds: float = 120.0
+    resync_timeout_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +148,13 @@ class ServiceView:
     step_failed: bool = False
     failed_step: State | None = None
     policy: Policy = Policy()
+    # The primary's report: its replica holds a consistency point at the current epoch and
+    # is receiving (None: unknown, e.g. an agent that does not report it).
+    protected: bool | None = None
+    barrier: bool = False  # the primary's write barrier is up (no new write acknowledged)
+    # False while the replica is known to be mid-resync (not at a consistency point): then
+    # only a forced failover may promote it.
+    replica_consistent: bool = True
 
 
 @dataclass(frozen=True)
@@ -131,10 +163,21 @@ class Decision:
     next_state: State
     action: Action
     message: str
+    refused: bool = False  # the pending command was refused (consumed, nothing done)
 
     @property
     def changes(self) -> bool:
         return self.next_state != self.state
+
+    @property
+    def consumes_command(self) -> bool:
+        """A pending command is used up by a state change or by its refusal."""
+        return self.changes or self.refused
+
+
+def seconds(value: float | None) -> str:
+    """A duration for a message: "1.2s", or "unknown" (never "None")."""
+    return "unknown" if value is None else f"{value:.1f}s"
 
 
 def _move(v: ServiceView, dst: State, detail: str) -> Decision:
@@ -146,6 +189,10 @@ def _stay(v: ServiceView, action: Action, detail: str) -> Decision:
     return Decision(v.state, v.state, action, f"{v.state}: {detail}")
 
 
+def _refuse(v: ServiceView, action: Action, detail: str) -> Decision:
+    return Decision(v.state, v.state, action, f"{v.state}: {detail}", refused=True)
+
+
 def _auto_allowed(v: ServiceView) -> tuple[bool, str]:
     p = v.policy
     if not p.automatic:
@@ -155,22 +202,46 @@ def _auto_allowed(v: ServiceView) -> tuple[bool, str]:
                        f"{p.damping_seconds:.0f}s damping window")
     if not v.replica_alive:
         return False, "replica site is not alive"
+    if not v.replica_consistent:
+        return False, ("the replica is mid-resync, not at a consistency point "
+                       "(only failover --force promotes it)")
     lag = v.replica_lag_seconds
     if lag is None and not p.allow_data_loss:
         return False, "replica lag unknown"
     if lag is not None and lag > p.rpo_seconds and not p.allow_data_loss:
         return False, f"replica lag {lag:.1f}s beyond the {p.rpo_seconds:.0f}s RPO budget"
-    return True, f"replica lag {lag if lag is not None else 'unknown'}s"
+    return True, f"replica lag {seconds(lag)}"
+
+
+_FAILOVERS = (Command.FAILOVER, Command.FORCE_FAILOVER)
 
 
 def _healthy(v: ServiceView) -> Decision:
-    if v.command in (Command.FAILOVER, Command.FORCE_FAILOVER):
+    if v.command in _FAILOVERS:
         return _move(v, State.FENCING, "requested by an operator")
-    if v.command is Command.SWITCHOVER:
+    # A switchover the move below makes impossible is consumed by it, and the message says so.
+    switch = v.command is Command.SWITCHOVER
+    if not v.primary_alive:
+        return _move(v, State.PRIMARY_SUSPECT, "waiting for the grace period" + (
+            "; switchover refused: the primary is not alive" if switch else ""))
+    if v.protected is False:  # None (unknown: an agent that does not say) is not False
+        return _move(v, State.UNPROTECTED, f"replica lag {seconds(v.replica_lag_seconds)}" + (
+            "; switchover refused: the replica is not receiving" if switch else ""))
+    if switch:
         return _move(v, State.DRAINING, "requested by an operator")
+    return _stay(v, Action.NONE, "primary alive")
+
+
+def _unprotected(v: ServiceView) -> Decision:
+    if v.command in _FAILOVERS:
+        return _move(v, State.FENCING, "requested by an operator")
     if not v.primary_alive:
         return _move(v, State.PRIMARY_SUSPECT, "waiting for the grace period")
-    return _stay(v, Action.NONE, "primary alive")
+    if v.protected is True:
+        return _move(v, State.HEALTHY, "replica receiving")
+    if v.command is Command.SWITCHOVER:
+        return _refuse(v, Action.NONE, "switchover refused: the replica is not receiving")
+    return _stay(v, Action.NONE, "primary serving, its replica is not receiving")
 
 
 def _suspect(v: ServiceView) -> Decision:
@@ -191,10 +262,15 @@ def _blocked(v: ServiceView) -> Decision:
         return _move(v, State.FENCING, "forced by an operator: data loss accepted")
     if v.command is Command.FAILOVER:
         lag = v.replica_lag_seconds
+        if not v.replica_consistent:
+            return _refuse(v, Action.BLOCK, "manual failover refused: the replica is "
+                           "mid-resync, not at a consistency point (use --force to promote "
+                           "it anyway)")
         if lag is not None and lag <= v.policy.rpo_seconds:
             return _move(v, State.FENCING, "requested by an operator")
-        return _stay(v, Action.BLOCK, "manual failover refused: lag beyond the RPO budget "
-                                      "(use --force to accept data loss)")
+        return _refuse(v, Action.BLOCK, f"manual failover refused: replica lag {seconds(lag)}"
+                       f", RPO budget {v.policy.rpo_seconds:.0f}s (use --force to accept data "
+                       "loss)")
     ok, why = _auto_allowed(v)
     if ok:
         return _move(v, State.FENCING, why)
@@ -202,17 +278,50 @@ def _blocked(v: ServiceView) -> Decision:
 
 
 def _draining(v: ServiceView) -> Decision:
-    if v.replica_lag_seconds == 0:
-        return _move(v, State.FENCING, "zero lag: no data loss")
+    if v.command in _FAILOVERS:
+        return _move(v, State.FENCING, "failover requested during the drain: carried out")
+    if not v.primary_alive:
+        return _move(v, State.PRIMARY_SUSPECT, "switchover abandoned: the failover path "
+                                               "decides")
+    lag = v.replica_lag_seconds
+    if v.barrier and lag == 0:
+        return _move(v, State.FENCING, "zero lag behind the write barrier: no data loss")
     if v.now - v.state_since > v.policy.drain_timeout_seconds:
-        return _move(v, State.HEALTHY, "replica did not catch up in time")
-    return _stay(v, Action.DRAIN, f"replica lag {v.replica_lag_seconds}s")
+        return _move(v, State.HEALTHY, f"replica did not catch up in "
+                                       f"{v.policy.drain_timeout_seconds:.0f}s (lag "
+                                       f"{seconds(lag)}, barrier {'up' if v.barrier else 'down'})")
+    return _stay(v, Action.DRAIN, f"replica lag {seconds(lag)}, write barrier "
+                                  f"{'up' if v.barrier else 'not up yet'}")
 
 
 _NEXT_STEP = {State.FENCING: State.PROMOTING, State.PROMOTING: State.REROUTING,
               State.REROUTING: State.FAILED_OVER}
 _STEP_ACTION = {State.FENCING: Action.FENCE, State.PROMOTING: Action.PROMOTE,
                 State.REROUTING: Action.REWRITE_DNS}
+_WAITING_FOR = {
+    State.FENCING: "the old primary to report itself fenced at the new epoch (or its "
+                   "heartbeat to expire with the witness agreeing)",
+    State.PROMOTING: "the new primary to report itself primary at the new epoch",
+    State.REROUTING: "every authoritative DNS server to answer the new address",
+    State.RESYNCING: "the new primary to report its replica protected and the former primary "
+                     "to report itself replica at the current epoch",
+}
+
+
+def step_timeout(state: State, policy: Policy) -> float | None:
+    """How long a step may take before the service moves to FAILED (None: no limit)."""
+    return {State.FENCING: policy.fence_timeout_seconds,
+            State.PROMOTING: policy.promote_timeout_seconds,
+            State.REROUTING: policy.reroute_timeout_seconds,
+            State.RESYNCING: policy.resync_timeout_seconds}.get(state)
+
+
+def _timed_out(v: ServiceView) -> Decision | None:
+    limit = step_timeout(v.state, v.policy)
+    if limit is None or v.now - v.state_since <= limit:
+        return None
+    return _move(v, State.FAILED, f"{v.state} timed out after {limit:.0f}s waiting for "
+                                  f"{_WAITING_FOR[v.state]}")
 
 
 def _step(v: ServiceView) -> Decision:
@@ -222,13 +331,20 @@ def _step(v: ServiceView) -> Decision:
         return _move(v, _NEXT_STEP[v.state], "step done")
     # Not done yet: (re)issue the step's action; every step is idempotent, so a new leader
     # resuming the operation simply runs it again.
-    return _stay(v, _STEP_ACTION[v.state], "step in progress")
+    return _timed_out(v) or _stay(v, _STEP_ACTION[v.state], "step in progress")
 
 
 def _failed(v: ServiceView) -> Decision:
-    if v.command is Command.RETRY and v.failed_step is not None:
-        return _move(v, v.failed_step, "retry requested by an operator")
-    return _stay(v, Action.ALERT, f"waiting for an operator (failed in {v.failed_step})")
+    if v.command is Command.CANCEL:
+        return _move(v, State.HEALTHY, f"{v.failed_step or 'operation'} abandoned; the roles "
+                                       "stay as recorded")
+    if v.command is Command.RETRY:
+        if v.failed_step is not None:
+            return _move(v, v.failed_step, "retry requested by an operator")
+        return _refuse(v, Action.ALERT, "retry refused: the failed step is unknown (cancel "
+                                        "instead)")
+    return _stay(v, Action.ALERT, f"waiting for an operator (failed in {v.failed_step}): "
+                                  "retry or cancel")
 
 
 def _failed_over(v: ServiceView) -> Decision:
@@ -241,20 +357,43 @@ def _failed_over(v: ServiceView) -> Decision:
 def _resyncing(v: ServiceView) -> Decision:
     if v.step_done:
         return _move(v, State.HEALTHY, "diverged blocks resent")
-    return _stay(v, Action.RESYNC, "resync in progress")
+    if not v.primary_alive:
+        return _move(v, State.BLOCKED, "the replica is mid-resync, not consistent: only "
+                                       "failover --force promotes it")
+    return _timed_out(v) or _stay(v, Action.RESYNC, "resync in progress")
 
 
 _HANDLERS = {
-    State.HEALTHY: _healthy, State.PRIMARY_SUSPECT: _suspect, State.BLOCKED: _blocked,
+    State.HEALTHY: _healthy, State.UNPROTECTED: _unprotected,
+    State.PRIMARY_SUSPECT: _suspect, State.BLOCKED: _blocked,
     State.DRAINING: _draining, State.FENCING: _step, State.PROMOTING: _step,
     State.REROUTING: _step, State.FAILED: _failed, State.FAILED_OVER: _failed_over,
     State.RESYNCING: _resyncing,
 }
 
 
+def _why_refused(v: ServiceView) -> str:
+    if v.command in (Command.RETRY, Command.CANCEL):
+        return f"nothing failed (state {v.state})"
+    return {
+        State.PRIMARY_SUSPECT: "the primary is silent and its grace period is running "
+                               "(then it fails over, or blocks: then failover --force)",
+        State.BLOCKED: "the primary is not alive (use failover)",
+        State.FAILED: "retry or cancel the failed operation first",
+        State.FAILED_OVER: "the former primary is not back as a replica yet",
+        State.RESYNCING: "the replica is mid-resync",
+    }.get(v.state, f"an operation is in progress ({v.state})")
+
+
 def decide(view: ServiceView) -> Decision:
-    """The pure decision for one controller tick."""
-    return _HANDLERS[view.state](view)
+    """The pure decision for one controller tick. A pending command the state has no use for
+    is refused (and so consumed) with the reason in the message; the state's own action
+    stands."""
+    d = _HANDLERS[view.state](view)
+    if view.command is Command.NONE or d.consumes_command:
+        return d
+    return replace(d, refused=True,
+                   message=f"{d.message}; {view.command} refused: {_why_refused(view)}")
 
 
 def to_dot() -> str:

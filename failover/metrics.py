@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from failover.fsm import State
+from failover.fsm import PROTECTED_STATES, State
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -21,6 +21,10 @@ class ControllerMetrics:
                                    "site's last heartbeat.", ["site"], registry=registry)
         self.state = Gauge("drctl_failover_service_state", "1 for the state the service is in.",
                            ["service", "state"], registry=registry)
+        self.protected = Gauge("drctl_failover_service_protected", "1 while the service has a "
+                               "replica receiving its writes (healthy or draining), 0 otherwise "
+                               "(unprotected, failing over, failed over, resyncing, failed...).",
+                               ["service"], registry=registry)
         self.epoch = Gauge("drctl_failover_epoch", "The service's fencing epoch.", ["service"],
                            registry=registry)
         self.lag = Gauge("drctl_failover_replica_lag_seconds", "Replication lag last reported "
@@ -48,6 +52,7 @@ class ControllerMetrics:
     def service(self, name: str, state: State, epoch: int, lag: float | None) -> None:
         for s in State:
             self.state.labels(name, s.value).set(1 if s is state else 0)
+        self.protected.labels(name).set(1 if state in PROTECTED_STATES else 0)
         self.epoch.labels(name).set(epoch)
         if lag is not None:
             self.lag.labels(name).set(lag)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from failover.fsm import Command, State
@@ -34,9 +34,28 @@ def leader_key(prefix: str) -> str:
 
 @dataclass
 class ServiceHealth:
+    """One service as a site agent reports it. Every field after ``epoch`` has a default, so
+    an older agent's heartbeat still decodes (and fields a newer agent adds are ignored)."""
+
     role: str  # "primary" | "replica" | "fenced"
     epoch: int
     lag_seconds: float | None = None
+    # primary only: its replica holds a consistency point at the current epoch and is
+    # receiving (None: unknown, or not the primary)
+    protected: bool | None = None
+    barrier: bool = False  # primary only: the write barrier is up (set while `draining`)
+    # primary only, while re-protecting:
+    # {"mode": "exact"|"hash", "bytes_total": int, "bytes_left": int, "eta_seconds": float|None}
+    resync: dict[str, Any] | None = None
+    # replica only: blocks the old primary wrote that were never replicated, set aside before
+    # being overwritten, and where
+    unreplicated_blocks: int = 0
+    unreplicated_file: str | None = None
+    data_path: str = ""  # free text: "running", "starting", "restarting in 4s: <reason>"...
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ServiceHealth:
+        return cls(**{k: v for k, v in d.items() if k in _HEALTH_FIELDS})
 
 
 @dataclass
@@ -51,15 +70,15 @@ class Heartbeat:
     @classmethod
     def decode(cls, raw: bytes) -> Heartbeat:
         d = json.loads(raw)
-        return cls(d["site"], d["at"], {k: ServiceHealth(**v)
+        return cls(d["site"], d["at"], {k: ServiceHealth.from_dict(v)
                                          for k, v in d.get("services", {}).items()})
 
 
 @dataclass
 class Operation:
-    kind: str  # "failover" | "switchover"
-    source: str  # the old primary
-    target: str  # the new primary
+    kind: str  # "failover" | "switchover" | "resync" (recorded when a resync fails)
+    source: str  # the old primary (resync: the primary, the source of the data)
+    target: str  # the new primary (resync: the replica being resynced)
     started_at: float
     dns_done: bool = False
     failed_step: str | None = None
@@ -79,6 +98,14 @@ class ServiceRecord:
     operation: Operation | None = None
     message: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
+    # copied from the heartbeats each tick: the primary's resync progress (ServiceHealth.resync)
+    # and the replica's set-aside unreplicated writes
+    resync: dict[str, Any] | None = None
+    unreplicated_blocks: int = 0
+    unreplicated_file: str | None = None
+    # False from the moment the replica is known to be mid-resync until the primary reports
+    # it protected: only a forced failover may promote it meanwhile
+    replica_consistent: bool = True
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -87,7 +114,8 @@ class ServiceRecord:
     def decode(cls, raw: bytes) -> ServiceRecord:
         d = json.loads(raw)
         op = d.pop("operation", None)
-        rec = cls(**{**d, "state": State(d["state"])})
+        known = {k: v for k, v in d.items() if k in _RECORD_FIELDS}
+        rec = cls(**{**known, "state": State(d["state"])})
         rec.operation = Operation(**op) if op else None
         return rec
 
@@ -114,3 +142,34 @@ def service_record(raw: bytes | None, primary: str, replica: str,
     if raw is None:
         return ServiceRecord(State.HEALTHY, since, primary, replica)
     return ServiceRecord.decode(raw)
+
+
+_HEALTH_FIELDS = frozenset(f.name for f in fields(ServiceHealth))
+_RECORD_FIELDS = frozenset(f.name for f in fields(ServiceRecord))
+
+
+def refuse_request(rec: ServiceRecord, service: str, request: str,
+                   target: str | None) -> str | None:
+    """Why an operator's request cannot be carried out on this record (None: it can be sent).
+
+    ``request`` is failover | switchover | failback | retry | cancel; the CLI and the API both
+    check it before writing a command (the controller checks the target again)."""
+    if request in ("retry", "cancel"):
+        if rec.state is not State.FAILED:
+            return f"{request} of {service} refused: nothing failed (the service is {rec.state})"
+        return None
+    if request in ("switchover", "failback") and rec.state is not State.HEALTHY:
+        return f"{request} of {service} refused: the service is {rec.state}, not healthy"
+    return refuse_target(rec, service, request, target)
+
+
+def refuse_target(rec: ServiceRecord, service: str, request: str,
+                  target: str | None) -> str | None:
+    """A failover or switchover can only go to the site holding the replica."""
+    if target is None or target == rec.replica:
+        return None
+    if target == rec.primary:
+        return (f"{request} to {target} refused: {target} is already the primary of {service} "
+                f"(replica: {rec.replica})")
+    return (f"{request} to {target} refused: {target} holds no replica of {service} "
+            f"(replica: {rec.replica})")

@@ -1,5 +1,9 @@
 """One status view of a cluster, built from one etcd snapshot: what `drctl status` prints and
-what `GET /api/v1/status` returns (the API adds DNS answers and drills)."""
+what `GET /api/v1/status` returns (the API adds DNS answers and drills).
+
+Per service, besides the record: the primary's protection report, resync progress,
+unreplicated writes set aside on the replica, each site's role and data path from the
+heartbeats, and ``progress``: the lines the CLI prints and the page shows under the service."""
 
 from __future__ import annotations
 
@@ -7,9 +11,12 @@ from typing import Any
 
 from failover.config import ClusterConfig
 from failover.coordination.base import Snapshot
+from failover.fsm import State, seconds
 from failover.records import (
     CommandRecord,
     Heartbeat,
+    ServiceHealth,
+    ServiceRecord,
     command_key,
     heartbeat_key,
     leader_key,
@@ -19,23 +26,39 @@ from failover.records import (
 
 
 def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, Any]:
+    beats: dict[str, Heartbeat | None] = {}
     sites: dict[str, Any] = {}
     for site, s in cfg.sites.items():
         raw = snap.value(heartbeat_key(cfg.prefix, site))
-        hb = Heartbeat.decode(raw) if raw else None
+        hb = beats[site] = Heartbeat.decode(raw) if raw else None
         sites[site] = {"address": s.address, "alive": hb is not None,
-                       "heartbeat_age_seconds": round(now - hb.at, 2) if hb else None}
+                       "heartbeat_age_seconds": round(now - hb.at, 2) if hb else None,
+                       "services": {n: _site_view(h) for n, h in hb.services.items()}
+                       if hb else {}}
     services: dict[str, Any] = {}
     for name, svc in cfg.services.items():
         rec = service_record(snap.value(state_key(cfg.prefix, name)), svc.primary, svc.replica)
         pending = snap.value(command_key(cfg.prefix, name))
+        health = {site: _health(beats.get(site), name) for site in (rec.primary, rec.replica)}
+        serving = health[rec.primary]
+        if serving is not None and serving.role != "primary":
+            serving = None
         services[name] = {
             "state": rec.state, "primary": rec.primary, "replica": rec.replica,
             "epoch": rec.epoch, "lag_seconds": rec.last_lag_seconds,
             "rpo_budget_seconds": svc.policy.rpo_seconds, "message": rec.message,
             "error": rec.operation.error if rec.operation else None,
+            "failed_step": rec.operation.failed_step if rec.operation else None,
             "pending": CommandRecord.decode(pending).command if pending else None,
             "dns_name": f"{svc.dns.record.name}.{svc.dns.record.zone}" if svc.dns else None,
+            "protected": serving.protected if serving else None,
+            "barrier": serving.barrier if serving else False,
+            "resync": rec.resync,
+            "unreplicated_blocks": rec.unreplicated_blocks,
+            "unreplicated_file": rec.unreplicated_file,
+            "sites": {site: _site_view(h) if h else None for site, h in health.items()},
+            "progress": progress(rec, serving, health[rec.replica],
+                                 beats.get(rec.replica) is not None),
             "history": [f"{h['from']}->{h['to']}" for h in rec.history],
             "operations": [{"at": h["at"], "from": h["from"], "to": h["to"]}
                            for h in reversed(rec.history[-10:])],
@@ -43,3 +66,72 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
     leader = snap.value(leader_key(cfg.prefix))
     return {"leader": leader.decode() if leader else None, "sites": sites,
             "services": services, "at": now}
+
+
+def _health(hb: Heartbeat | None, service: str) -> ServiceHealth | None:
+    return hb.services.get(service) if hb is not None else None
+
+
+def _site_view(h: ServiceHealth) -> dict[str, Any]:
+    return {"role": h.role, "epoch": h.epoch, "data_path": h.data_path}
+
+
+def progress(rec: ServiceRecord, serving: ServiceHealth | None,
+             replica: ServiceHealth | None, replica_alive: bool) -> list[str]:
+    """What is going on with the service, one line each (empty when there is nothing to say):
+    the drain, why it is unprotected, the resync, the failure, unreplicated writes."""
+    lines: list[str] = []
+    if rec.state is State.DRAINING:
+        barrier = serving is not None and serving.barrier
+        lines.append(f"draining: replica lag {seconds(rec.last_lag_seconds)}, write barrier "
+                     f"{'up' if barrier else 'not up yet'}")
+    elif rec.state is State.UNPROTECTED:
+        lines.append(f"unprotected: {_why_unprotected(rec, serving, replica, replica_alive)}")
+    if rec.resync is not None:
+        lines.append(resync_line(rec.resync))
+    elif rec.state is State.RESYNCING:
+        lines.append(f"resyncing: waiting for {rec.primary} to report its replica protected")
+    if rec.state is State.FAILED and rec.operation is not None:
+        lines.append(f"failed in {rec.operation.failed_step or 'an unknown step'}: "
+                     f"{rec.operation.error or 'no reason recorded'} (retry or cancel)")
+    if rec.unreplicated_blocks:
+        lines.append(f"unreplicated writes set aside: {rec.unreplicated_blocks} blocks in "
+                     f"{rec.unreplicated_file or 'an unnamed file'} (on {rec.replica})")
+    return lines
+
+
+def _why_unprotected(rec: ServiceRecord, serving: ServiceHealth | None,
+                     replica: ServiceHealth | None, replica_alive: bool) -> str:
+    if not replica_alive:
+        return f"the replica site {rec.replica} is down"
+    if replica is not None and replica.data_path and replica.data_path != "running":
+        return f"{rec.replica} is not receiving ({replica.data_path})"
+    if serving is not None and serving.data_path and serving.data_path != "running":
+        return f"{rec.primary}'s data path: {serving.data_path}"
+    return f"{rec.primary} reports {rec.replica} not receiving at epoch {rec.epoch}"
+
+
+def resync_line(r: dict[str, Any]) -> str:
+    eta = r.get("eta_seconds")
+    return (f"resync ({r.get('mode', '?')}): {human_bytes(r.get('bytes_left'))} left of "
+            f"{human_bytes(r.get('bytes_total'))}, ETA "
+            f"{'unknown' if eta is None else duration(float(eta))}")
+
+
+def human_bytes(n: object) -> str:
+    if not isinstance(n, int | float):
+        return "unknown"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def duration(s: float) -> str:
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"

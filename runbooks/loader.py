@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -45,6 +46,8 @@ _CHECKS = {"replication_lag", "sites_reachable"}
 # the metrics endpoint of a source agent the site does not run itself (hook-driven sites);
 # target_metrics: the metrics port the site agent gives its target daemon (HOST:PORT)
 _ENDPOINTS = {"replication", "health", "source_metrics", "target_metrics"}
+# A rate cap below this is almost certainly a unit mistake ("20" or "20kB/s" for 20MB/s)
+MIN_RATE_LIMIT = 64 * 1024
 _MISSING = object()
 
 
@@ -52,12 +55,14 @@ class _Checker:
     def __init__(self, path: str) -> None:
         self.path = path
         self.errors: list[str] = []
+        self.fields: set[str] = set()  # the fields already reported (no follow-on errors)
 
     def err(self, node: Any, key: str | None, where: str, message: str) -> None:
         line = 0
         if isinstance(node, LineDict):
             line = node.line_of(key) if key is not None else node.line
         field = f"{where}.{key}" if where and key else (key or where or "(top level)")
+        self.fields.add(field)
         self.errors.append(f"{self.path}:{line}: {field}: {message}")
 
     def mapping(self, node: Any, where: str, allowed: set[str], required: set[str]) -> LineDict:
@@ -124,6 +129,7 @@ def _runbook(c: _Checker, raw: Any) -> Runbook | None:
     zones = _zones(c, top.get("dns") or LineDict())
     services = _services(c, top.get("services"), sites, zones)
     _dependencies(c, top.get("services"), services)
+    _site_modes(c, top.get("services"), services)
     return Runbook(c.path, cluster or "", tuple(etcd or ()), ttl or 2, sites, zones, services)
 
 
@@ -246,10 +252,17 @@ def _replication(c: _Checker, m: Any, where: str, sites: dict[str, Site]) -> dic
                  hint="hot or warm")
     rate = None
     if "rate_limit" in r:
+        text = str(r["rate_limit"])
         try:
-            rate = parse_rate(str(r["rate_limit"]))
+            rate = parse_rate(text)
         except UsageError as exc:
             c.err(r, "rate_limit", rw, str(exc))
+        if rate is not None and rate < MIN_RATE_LIMIT:
+            number = re.match(r"\s*(\d+(?:\.\d+)?)", text)
+            c.err(r, "rate_limit", rw, f"{text!r} is {rate} bytes/s, below the 64KiB/s minimum: "
+                                       "a cap that low is almost certainly a unit mistake (did "
+                                       f"you mean {number.group(1) if number else 20}MB/s?)")
+            rate = None
     rpo = c.get(r, "rpo", rw, (int, float), 30, check=lambda v: v > 0, hint="seconds > 0")
     level = c.get(r, "compression", rw, (int, str), 1,
                   check=lambda v: v in ("zstd", "none") or (isinstance(v, int) and 0 <= v <= 22),
@@ -282,6 +295,9 @@ def _export(c: _Checker, r: Any, rw: str, sites: dict[str, Site]) -> dict[str, s
     if "export" in r:
         raw_export = r["export"]
         if isinstance(raw_export, str):
+            if not _hostport(raw_export):
+                c.err(r, "export", rw, f"{raw_export!r} is not HOST:PORT")
+                return {}
             export = {n: raw_export for n in sites}
         elif isinstance(raw_export, dict) and all(isinstance(v, str) for v in raw_export.values()):
             export = {str(k): v for k, v in raw_export.items()}
@@ -310,10 +326,12 @@ def _data_path(c: _Checker, m: Any, where: str, svc: Service, sites: dict[str, S
         site = sites.get(getattr(svc, role))
         if site is None:
             continue
-        missing = [what for what, ok in (
-            ("data_dir", site.data_dir), ("endpoints.replication",
-                                          site.endpoints.get("replication")),
-            (f"{where}.replication.export", svc.export.get(site.name))) if not ok]
+        sw = f"sites.{site.name}"
+        missing = [what for what, field, ok in (
+            ("data_dir", f"{sw}.data_dir", site.data_dir),
+            ("endpoints.replication", f"{sw}.endpoints", site.endpoints.get("replication")),
+            (f"{where}.replication.export", f"{where}.replication.export",
+             svc.export.get(site.name))) if not ok and field not in c.fields]
         if missing:
             c.err(m, "volumes", where, f"site {site.name} lacks {', '.join(missing)}: its agent "
                                        "cannot run this service's replication")
@@ -406,6 +424,35 @@ def _dependencies(c: _Checker, node: Any, services: dict[str, Service]) -> None:
 
     for n in services:
         visit(n, [])
+
+
+def _site_modes(c: _Checker, node: Any, services: dict[str, Service]) -> None:
+    """A site runs one replication target daemon, in one mode: every service with volumes
+    at a site (as its primary or its replica) must use the same ``replication.mode``. The
+    first such service (in file order) sets the site's mode; each one that differs is an
+    error."""
+    first: dict[str, Service] = {}
+    for name, svc in services.items():
+        if not svc.volumes:
+            continue  # no data path: its mode configures nothing
+        m = node.get(name) if isinstance(node, LineDict) else None
+        r = m.get("replication") if isinstance(m, LineDict) else None
+        if isinstance(r, LineDict) and r.get("mode", svc.mode) != svc.mode:
+            continue  # an invalid mode, already reported
+        clashes: dict[str, list[str]] = {}
+        for site in (svc.primary, svc.replica):
+            other = first.setdefault(site, svc)
+            if other.mode != svc.mode:
+                clashes.setdefault(f"{other.name} ({other.mode})", []).append(site)
+        if clashes:
+            line = (r.line_of("mode") if isinstance(r, LineDict) else
+                    m.line_of("replication") if isinstance(m, LineDict) else 0)
+            shared = "; ".join(f"site{'s' if len(s) > 1 else ''} {', '.join(s)} with {other}"
+                               for other, s in clashes.items())
+            c.errors.append(
+                f"{c.path}:{line}: services.{name}.replication.mode: {svc.mode}, but it shares "
+                f"{shared}: a site runs one replication target daemon, in one mode (hot or "
+                "warm), so the services with volumes at a site must use the same mode")
 
 
 def _line(node: Any, key: str) -> int:

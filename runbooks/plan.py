@@ -1,4 +1,5 @@
-"""The exact steps a failover (or switchover) of a service runs, dependencies first."""
+"""The exact steps a failover (or switchover) of a service runs, dependencies first, then the
+data path the site agents run for those services (sites/dataplane.py)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,46 @@ def describe(rb: Runbook, svc: Service, step: Step) -> str:
     return "; ".join(lines) or "dns: (no records)"
 
 
+def _bytes(n: int) -> str:
+    """``n`` bytes in the unit a runbook would use (50MB, 4GiB), exact where possible."""
+    for factor, unit in ((1 << 40, "TiB"), (1000**4, "TB"), (1 << 30, "GiB"), (1000**3, "GB"),
+                         (1 << 20, "MiB"), (1000**2, "MB"), (1 << 10, "KiB"), (1000, "kB")):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return f"{n}B"
+
+
+def volume_path(template: str, site: str) -> str:
+    """A volume's path at ``site`` (as sites.dataplane.volume_path: ``{site}`` replaced)."""
+    return template.replace("{site}", site)
+
+
+def data_path(rb: Runbook, svc: Service) -> list[str]:
+    """What the site agents run for ``svc``: its consistency group and replication settings,
+    then per site its data directory, replication target, export and volume paths."""
+    if not svc.volumes:
+        return [f"[{svc.name}] no volumes: nothing to replicate"]
+    mode = svc.mode
+    if svc.mode == "warm":
+        # The replica site's target applies on one schedule: the shortest of its services'
+        intervals = [s.apply_interval for s in rb.services.values()
+                     if s.apply_interval and svc.replica in (s.primary, s.replica)]
+        mode += (f" (applied every {min(intervals):g}s and on promotion)" if intervals
+                 else " (applied on promotion)")
+    rate = f"rate limit {_bytes(svc.rate_limit)}/s" if svc.rate_limit else "no rate limit"
+    level = f"zstd level {svc.compress_level}" if svc.compress_level else "no compression"
+    lines = [f"[{svc.name}] consistency group {svc.group}: {mode}, {rate}, {level}, "
+             f"consistency point every {svc.cp_interval:g}s, journal {_bytes(svc.journal_limit)}"]
+    for role in ("primary", "replica"):
+        name = getattr(svc, role)
+        site = rb.sites[name]
+        vols = ", ".join(f"{v.name} {volume_path(v.path, name)}" for v in svc.volumes)
+        lines.append(f"[{svc.name}] {name} ({role}): data_dir {site.data_dir}, target "
+                     f"{site.endpoints.get('replication')}, export {svc.export.get(name)}; "
+                     f"{vols}")
+    return lines
+
+
 def plan(rb: Runbook, service: str, switchover: bool = False) -> list[str]:
     lines = []
     for name in order(rb, service):
@@ -72,4 +113,7 @@ def plan(rb: Runbook, service: str, switchover: bool = False) -> list[str]:
             if step.type is StepType.WAIT_REPLICATION and not switchover:
                 continue
             lines.append(f"[{name}] {describe(rb, svc, step)}")
-    return [f"{i}. {line}" for i, line in enumerate(lines, 1)]
+    paths = [f"  {line}" for name in order(rb, service)
+             for line in data_path(rb, rb.services[name])]
+    return [f"{i}. {line}" for i, line in enumerate(lines, 1)] + [
+        "data path (what the site agents run):", *paths]

@@ -11,6 +11,9 @@ from runbooks.model import StepType, Where
 
 _NUM = {"type": "number", "exclusiveMinimum": 0}
 _HOSTPORTS = {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": ":"}}
+_HOSTPORT = {"type": "string", "pattern": "^.+:[0-9]{1,5}$"}
+# A size or rate: a number of bytes or a string with a unit ("50MB/s", "4GiB")
+_SIZE = {"type": ["string", "number"], "minimum": 1}
 
 
 def _obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
@@ -45,8 +48,18 @@ def schema() -> dict[str, Any]:
                                                     "path": {"type": "string"},
                                                     "group": {"type": "string"}},
                                                    ["name", "path"])},
-        "replication": _obj({"mode": {"enum": ["hot", "warm"]},
-                             "rate_limit": {"type": ["string", "number"]}, "rpo": _NUM}),
+        "replication": {**_obj({
+            "mode": {"enum": ["hot", "warm"]},
+            "rate_limit": {**_SIZE, "minimum": 65536}, "rpo": _NUM,
+            "compression": {"oneOf": [{"enum": ["zstd", "none"]},
+                                      {"type": "integer", "minimum": 0, "maximum": 22}]},
+            "cp_interval": _NUM, "journal_limit": {**_SIZE, "minimum": 1 << 20},
+            "apply_interval": _NUM,
+            "export": {"oneOf": [_HOSTPORT, {"type": "object", "minProperties": 1,
+                                             "additionalProperties": _HOSTPORT}]}}),
+            # apply_interval: only a warm replica applies on a schedule
+            "dependentSchemas": {"apply_interval": {"required": ["mode"],
+                                                    "properties": {"mode": {"const": "warm"}}}}},
         "failover": _obj({"automatic": {"type": "boolean"},
                           "grace": {"type": "number", "minimum": 0},
                           "damping": {"type": "number", "minimum": 0},
@@ -72,7 +85,10 @@ def schema() -> dict[str, Any]:
             "lease_ttl": {"type": "integer", "minimum": 1},
             "sites": {"type": "object", "additionalProperties": _obj({
                 "address": {"type": "string"},
-                "endpoints": {"type": "object", "additionalProperties": {"type": "string"}}},
+                "data_dir": {"type": "string", "pattern": "^/"},
+                "endpoints": _obj({"replication": _HOSTPORT, "health": {"type": "string"},
+                                   "source_metrics": {"type": "string"},
+                                   "target_metrics": _HOSTPORT})},
                 ["address"])},
             "dns": _obj({"zones": {"type": "object", "additionalProperties": zone}}),
             "services": {"type": "object", "additionalProperties": service},

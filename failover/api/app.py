@@ -6,7 +6,11 @@ carries it out and the page follows the service record.
 
   GET  /                                   the web page (it asks for the token)
   GET  /api/v1/status                      services, sites, leader, DNS answers, operations
-  POST /api/v1/services/{name}/{op}        op: failover | switchover | failback -> 202
+  POST /api/v1/services/{name}/{op}        op: failover | switchover | failback | retry |
+                                           cancel -> 202; 409 when the stored record rules
+                                           it out (a target holding no replica, a
+                                           switchover while not healthy, a retry or cancel
+                                           while nothing failed)
   POST /api/v1/services/{name}/drill       a DR drill (runbook configured) -> 202; its
                                            progress and report appear in the status
 """
@@ -27,11 +31,14 @@ from aiohttp import web
 from failover.config import ClusterConfig
 from failover.coordination.base import CoordinationStore
 from failover.dns.rfc2136 import DnsUpdater
-from failover.errors import FailoverError, StoreUnavailableError
+from failover.errors import FailoverError, InvalidTransition, StoreUnavailableError
 from failover.fsm import Command
 from failover.records import (
     CommandRecord,
     command_key,
+    refuse_request,
+    service_record,
+    state_key,
 )
 from failover.status import cluster_status
 
@@ -42,7 +49,7 @@ TASKS = web.AppKey("tasks", set)
 CONFIG = web.AppKey("config", ClusterConfig)
 TOKEN = web.AppKey("token", str)
 _OPS = {"failover": Command.FAILOVER, "switchover": Command.SWITCHOVER,
-        "failback": Command.SWITCHOVER}
+        "failback": Command.SWITCHOVER, "retry": Command.RETRY, "cancel": Command.CANCEL}
 
 
 @web.middleware
@@ -104,21 +111,30 @@ async def operate(request: web.Request) -> web.Response:
         return await _drill(request, name)
     if op not in _OPS:
         return web.json_response({"error": "bad_operation", "message": f"unknown operation "
-                                  f"{op!r} (failover, switchover, failback)"}, status=400)
+                                  f"{op!r} ({', '.join([*_OPS, 'drill'])})"}, status=400)
     body: dict[str, Any] = {}
     if request.can_read_body:
         try:
-            body = await request.json()
+            raw: Any = await request.json()
         except ValueError:
-            return web.json_response({"error": "bad_request", "message": "body is not JSON"},
-                                     status=400)
+            raw = None
+        if not isinstance(raw, dict):
+            return web.json_response({"error": "bad_request", "message": "body is not a "
+                                      "JSON object"}, status=400)
+        body = raw
     command = _OPS[op]
     if op == "failover" and body.get("force"):
         command = Command.FORCE_FAILOVER
-    target = svc.primary if op == "failback" else body.get("to")
+    target = svc.primary if op == "failback" else None if op in ("retry", "cancel") \
+        else body.get("to")
     if target is not None and target not in cfg.sites:
         return web.json_response({"error": "bad_request", "message": f"unknown site "
                                   f"{target!r}"}, status=400)
+    key = state_key(cfg.prefix, name)
+    stored = service_record((await store.snapshot(key)).value(key), svc.primary, svc.replica)
+    refusal = refuse_request(stored, name, op, target)
+    if refusal is not None:
+        raise InvalidTransition(refusal)  # 409 {"error": "invalid_transition", "message"}
     rec = CommandRecord(command, target, uuid.uuid4().hex[:12], time.time())
     if not await store.create(command_key(cfg.prefix, name), rec.encode()):
         return web.json_response({"error": "busy", "message": f"{name}: another request is "

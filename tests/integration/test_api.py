@@ -24,7 +24,8 @@ async def client(workdir: str) -> AsyncIterator[TestClient]:  # type: ignore[typ
     path = os.path.join(workdir, "c.yaml")
     with open(path, "w") as fh:
         json.dump({"cluster": "api", "etcd": [f"127.0.0.1:{etcd.client_port}"],
-                   "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
+                   "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"},
+                             "north": {"address": "10.0.0.3"}},
                    "services": {"app": {"primary": "east", "replica": "west"}}}, fh)
     cfg = load(path)
     store = EtcdStore(list(cfg.etcd))
@@ -70,6 +71,54 @@ async def test_bad_requests(client: TestClient) -> None:  # type: ignore[type-ar
     assert (await client.post("/api/v1/services/app/explode", headers=AUTH)).status == 400
     r = await client.post("/api/v1/services/app/failover", headers=AUTH, json={"to": "mars"})
     assert r.status == 400 and "mars" in (await r.json())["message"]
+
+
+async def test_requests_the_record_rules_out_are_refused_409(
+        client: TestClient) -> None:  # type: ignore[type-arg]
+    for body in ({"to": "north"}, {"to": "east"}):
+        r = await client.post("/api/v1/services/app/failover", headers=AUTH, json=body)
+        assert r.status == 409
+        err = await r.json()
+        assert err["error"] == "invalid_transition"
+        assert err["message"].startswith(f"failover to {body['to']} refused: ")
+        assert "(replica: west)" in err["message"]
+    r = await client.post("/api/v1/services/app/failover", headers=AUTH, json={"to": "north"})
+    assert "north holds no replica of app" in (await r.json())["message"]
+    r = await client.post("/api/v1/services/app/failback", headers=AUTH)  # east is primary
+    assert r.status == 409 and "already the primary" in (await r.json())["message"]
+    for op in ("retry", "cancel"):  # nothing failed
+        r = await client.post(f"/api/v1/services/app/{op}", headers=AUTH)
+        assert r.status == 409
+        assert (await r.json())["message"] == (f"{op} of app refused: nothing failed (the "
+                                               "service is healthy)")
+    s = await (await client.get("/api/v1/status", headers=AUTH)).json()
+    assert s["services"]["app"]["pending"] is None  # nothing was written
+    r = await client.post("/api/v1/services/app/failover", headers=AUTH, json=["west"])
+    assert r.status == 400
+
+
+async def test_retry_and_cancel_queue_commands_when_failed(
+        client: TestClient) -> None:  # type: ignore[type-arg]
+    from failover.api.app import CONFIG, STORE
+    from failover.fsm import State
+    from failover.records import Operation, ServiceRecord, state_key
+
+    app = client.app
+    assert app is not None
+    failed = ServiceRecord(State.FAILED, 1.0, "east", "west", epoch=2,
+                           operation=Operation("failover", "east", "west", 1.0,
+                                               failed_step="rerouting", error="DNS refused"))
+    await app[STORE].put(state_key(app[CONFIG].prefix, "app"), failed.encode())
+    r = await client.post("/api/v1/services/app/switchover", headers=AUTH)
+    assert r.status == 409 and "the service is failed, not healthy" in (await r.json())["message"]
+    r = await client.post("/api/v1/services/app/retry", headers=AUTH, json={"to": "north"})
+    assert r.status == 202 and (await r.json())["request"] == "retry"
+    s = await (await client.get("/api/v1/status", headers=AUTH)).json()
+    svc = s["services"]["app"]
+    assert (svc["pending"], svc["state"], svc["error"]) == ("retry", "failed", "DNS refused")
+    assert svc["progress"] == ["failed in rerouting: DNS refused (retry or cancel)"]
+    r = await client.post("/api/v1/services/app/cancel", headers=AUTH)
+    assert r.status == 409 and (await r.json())["error"] == "busy"  # one request at a time
 
 
 def test_short_tokens_are_refused() -> None:

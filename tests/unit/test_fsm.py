@@ -9,6 +9,7 @@ import pytest
 
 from failover.errors import InvalidTransition
 from failover.fsm import (
+    PROTECTED_STATES,
     TRANSITIONS,
     Action,
     Command,
@@ -16,13 +17,15 @@ from failover.fsm import (
     ServiceView,
     State,
     decide,
+    seconds,
+    step_timeout,
     to_dot,
     transition,
 )
 
 BASE = ServiceView(state=State.HEALTHY, now=1000.0, primary_alive=True, primary_lost_since=None,
                    replica_alive=True, replica_lag_seconds=1.0, last_failover_at=None,
-                   state_since=900.0, policy=Policy(grace_seconds=5, rpo_seconds=30,
+                   state_since=990.0, policy=Policy(grace_seconds=5, rpo_seconds=30,
                                                     damping_seconds=600))
 
 
@@ -89,20 +92,29 @@ def test_failover_steps_in_order_and_resume() -> None:
     assert (retry.next_state, retry.action) == (State.REROUTING, Action.REWRITE_DNS)
 
 
-def test_switchover_drains_to_zero_lag() -> None:
+def test_switchover_drains_to_zero_lag_behind_the_barrier() -> None:
     d = decide(view(command=Command.SWITCHOVER))
     assert (d.next_state, d.action) == (State.DRAINING, Action.DRAIN)
     assert decide(view(state=State.DRAINING, replica_lag_seconds=0.4)).action is Action.DRAIN
-    assert decide(view(state=State.DRAINING, replica_lag_seconds=0.0)).next_state \
-        is State.FENCING
+    assert decide(view(state=State.DRAINING, replica_lag_seconds=0.4, barrier=True)).action \
+        is Action.DRAIN
+    # lag 0 without the barrier up: writes may still be acknowledged, not done yet
+    no_barrier = decide(view(state=State.DRAINING, replica_lag_seconds=0.0))
+    assert (no_barrier.next_state, no_barrier.action) == (State.DRAINING, Action.DRAIN)
+    d = decide(view(state=State.DRAINING, replica_lag_seconds=0.0, barrier=True))
+    assert (d.next_state, d.action) == (State.FENCING, Action.FENCE)
     timed_out = decide(view(state=State.DRAINING, replica_lag_seconds=3.0, state_since=0.0))
-    assert timed_out.next_state is State.HEALTHY
+    assert (timed_out.next_state, timed_out.action) == (State.HEALTHY, Action.ALERT)
 
 
 def test_never_automatic_failback() -> None:
     d = decide(view(state=State.FAILED_OVER, replica_alive=True))
     assert (d.next_state, d.action) == (State.RESYNCING, Action.RESYNC)
+    assert decide(view(state=State.FAILED_OVER, replica_alive=False)).next_state \
+        is State.FAILED_OVER
     assert decide(view(state=State.RESYNCING, step_done=True)).next_state is State.HEALTHY
+    pending = decide(view(state=State.RESYNCING))
+    assert (pending.next_state, pending.action) == (State.RESYNCING, Action.RESYNC)
 
 
 def test_unknown_pair_raises() -> None:
@@ -115,3 +127,190 @@ def test_committed_diagram_matches_the_table() -> None:
     path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "failover-fsm.dot")
     with open(path) as fh:
         assert fh.read() == to_dot(), "run: python -m failover.fsm --dot > docs/failover-fsm.dot"
+
+
+# -- protection lifecycle ---------------------------------------------------------------------
+
+
+def test_unprotected_primary_leaves_healthy_and_comes_back() -> None:
+    d = decide(view(protected=False))
+    assert (d.next_state, d.action) == (State.UNPROTECTED, Action.ALERT)
+    back = decide(view(state=State.UNPROTECTED, protected=True))
+    assert (back.next_state, back.action) == (State.HEALTHY, Action.NONE)
+    still = decide(view(state=State.UNPROTECTED, protected=False))
+    assert (still.next_state, still.action, still.refused) == (State.UNPROTECTED, Action.NONE,
+                                                               False)
+
+
+@pytest.mark.parametrize("state", [State.HEALTHY, State.UNPROTECTED])
+def test_unknown_protection_changes_nothing(state: State) -> None:
+    # an agent that does not report `protected` (None) neither flips nor heals the state
+    d = decide(view(state=state, protected=None))
+    assert (d.next_state, d.action) == (state, Action.NONE)
+
+
+def test_a_dead_primary_is_suspect_before_it_is_unprotected() -> None:
+    d = decide(view(primary_alive=False, primary_lost_since=999.0, protected=False))
+    assert d.next_state is State.PRIMARY_SUSPECT
+    d = decide(view(state=State.UNPROTECTED, primary_alive=False, primary_lost_since=999.0))
+    assert (d.next_state, d.action) == (State.PRIMARY_SUSPECT, Action.WAIT)
+
+
+@pytest.mark.parametrize("cmd", [Command.FAILOVER, Command.FORCE_FAILOVER])
+def test_manual_failover_from_unprotected_fences(cmd: Command) -> None:
+    d = decide(view(state=State.UNPROTECTED, protected=False, command=cmd))
+    assert (d.next_state, d.action) == (State.FENCING, Action.FENCE)
+    assert d.consumes_command
+
+
+def test_switchover_is_refused_while_unprotected() -> None:
+    d = decide(view(state=State.UNPROTECTED, protected=False, command=Command.SWITCHOVER))
+    assert (d.next_state, d.refused, d.consumes_command) == (State.UNPROTECTED, True, True)
+    assert "switchover refused: the replica is not receiving" in d.message
+    # asked on the tick healthy turns unprotected: consumed by that move, and said so
+    d = decide(view(protected=False, command=Command.SWITCHOVER))
+    assert d.next_state is State.UNPROTECTED and d.consumes_command
+    assert "switchover refused" in d.message
+
+
+def test_draining_carries_out_a_failover_request() -> None:
+    for cmd in (Command.FAILOVER, Command.FORCE_FAILOVER):
+        d = decide(view(state=State.DRAINING, replica_lag_seconds=4.0, command=cmd))
+        assert (d.next_state, d.action) == (State.FENCING, Action.FENCE)
+
+
+def test_primary_lost_while_draining_takes_the_failover_path() -> None:
+    d = decide(view(state=State.DRAINING, primary_alive=False, primary_lost_since=999.0,
+                    barrier=True, replica_lag_seconds=0.0))
+    assert (d.next_state, d.action) == (State.PRIMARY_SUSPECT, Action.WAIT)
+
+
+@pytest.mark.parametrize("state", [State.FENCING, State.PROMOTING, State.REROUTING,
+                                   State.RESYNCING])
+def test_steps_time_out_into_failed(state: State) -> None:
+    policy = Policy()
+    limit = step_timeout(state, policy)
+    assert limit is not None
+    inside = decide(view(state=state, state_since=1000.0 - limit + 1, policy=policy))
+    assert inside.next_state is state
+    late = decide(view(state=state, state_since=1000.0 - limit - 1, policy=policy))
+    assert (late.next_state, late.action) == (State.FAILED, Action.ALERT)
+    assert f"{state} timed out after {limit:.0f}s waiting for" in late.message
+    # a step that completed is not failed for having been slow
+    if state is not State.RESYNCING:
+        done = decide(view(state=state, state_since=0.0, step_done=True, policy=policy))
+        assert done.next_state is not State.FAILED
+
+
+def test_policy_step_timeouts() -> None:
+    p = Policy()
+    assert (p.fence_timeout_seconds, p.promote_timeout_seconds, p.reroute_timeout_seconds,
+            p.resync_timeout_seconds) == (60, 120, 120, 3600)
+    assert step_timeout(State.HEALTHY, p) is None
+    assert step_timeout(State.FENCING, Policy(fence_timeout_seconds=5)) == 5
+
+
+def test_retry_resumes_a_failed_resync_and_cancel_abandons() -> None:
+    retry = decide(view(state=State.FAILED, command=Command.RETRY,
+                        failed_step=State.RESYNCING))
+    assert (retry.next_state, retry.action) == (State.RESYNCING, Action.RESYNC)
+    for step in (State.FENCING, State.PROMOTING, State.REROUTING, State.RESYNCING, None):
+        cancel = decide(view(state=State.FAILED, command=Command.CANCEL, failed_step=step))
+        assert (cancel.next_state, cancel.action) == (State.HEALTHY, Action.NONE)
+        assert "operation abandoned by an operator" in cancel.message
+    unknown = decide(view(state=State.FAILED, command=Command.RETRY, failed_step=None))
+    assert (unknown.next_state, unknown.action, unknown.refused) == (State.FAILED,
+                                                                     Action.ALERT, True)
+    waiting = decide(view(state=State.FAILED, failed_step=State.FENCING))
+    assert (waiting.next_state, waiting.action) == (State.FAILED, Action.ALERT)
+
+
+@pytest.mark.parametrize("state", [s for s in State if s is not State.FAILED])
+@pytest.mark.parametrize("cmd", [Command.RETRY, Command.CANCEL])
+def test_retry_and_cancel_outside_failed_are_refused(state: State, cmd: Command) -> None:
+    v = view(state=state, command=cmd, primary_alive=True, protected=True)
+    quiet = decide(dataclasses.replace(v, command=Command.NONE))
+    d = decide(v)
+    # refused and consumed; what the state does on its own goes on unchanged
+    assert (d.next_state, d.action) == (quiet.next_state, quiet.action)
+    if not d.changes:
+        assert d.refused and d.consumes_command and f"{cmd} refused" in d.message
+
+
+@pytest.mark.parametrize("state", [State.FENCING, State.PROMOTING, State.REROUTING,
+                                   State.RESYNCING, State.FAILED_OVER, State.FAILED,
+                                   State.PRIMARY_SUSPECT])
+def test_commands_a_state_has_no_use_for_are_refused_not_left_pending(state: State) -> None:
+    quiet = view(state=state, primary_alive=state is not State.PRIMARY_SUSPECT,
+                 primary_lost_since=999.0, replica_alive=state is not State.FAILED_OVER,
+                 failed_step=State.FENCING)
+    for cmd in (Command.FAILOVER, Command.SWITCHOVER):
+        d = decide(dataclasses.replace(quiet, command=cmd))
+        assert d.next_state is state and d.refused and d.consumes_command
+        assert d.action is decide(quiet).action  # a step in progress is still carried out
+
+
+def test_resync_done_only_when_step_done() -> None:
+    d = decide(view(state=State.RESYNCING, protected=True))  # the controller decides "done"
+    assert d.next_state is State.RESYNCING
+    assert decide(view(state=State.RESYNCING, step_done=True)).next_state is State.HEALTHY
+
+
+def test_primary_lost_mid_resync_blocks_and_only_force_promotes() -> None:
+    d = decide(view(state=State.RESYNCING, primary_alive=False, primary_lost_since=999.0))
+    assert (d.next_state, d.action) == (State.BLOCKED, Action.BLOCK)
+    blocked = view(state=State.BLOCKED, primary_alive=False, replica_lag_seconds=0.0,
+                   replica_consistent=False)
+    auto = decide(blocked)  # lag is fine and policy automatic, but the replica is mid-resync
+    assert (auto.next_state, auto.action) == (State.BLOCKED, Action.BLOCK)
+    manual = decide(dataclasses.replace(blocked, command=Command.FAILOVER))
+    assert (manual.next_state, manual.refused) == (State.BLOCKED, True)
+    forced = decide(dataclasses.replace(blocked, command=Command.FORCE_FAILOVER))
+    assert (forced.next_state, forced.action) == (State.FENCING, Action.FENCE)
+    suspect = decide(view(state=State.PRIMARY_SUSPECT, primary_alive=False,
+                          primary_lost_since=990.0, replica_consistent=False))
+    assert suspect.next_state is State.BLOCKED
+
+
+def test_unprotected_is_not_a_protected_state() -> None:
+    assert PROTECTED_STATES == {State.HEALTHY, State.DRAINING}
+
+
+def test_messages_never_show_none_as_a_number() -> None:
+    assert seconds(None) == "unknown" and seconds(1.25) == "1.2s"
+    for v in (view(state=State.DRAINING, replica_lag_seconds=None),
+              view(state=State.BLOCKED, primary_alive=False, replica_lag_seconds=None,
+                   command=Command.FAILOVER),
+              view(state=State.PRIMARY_SUSPECT, primary_alive=False, primary_lost_since=990.0,
+                   replica_lag_seconds=None, policy=Policy(allow_data_loss=True)),
+              view(protected=False, replica_lag_seconds=None)):
+        assert "None" not in decide(v).message, decide(v).message
+
+
+def test_every_row_is_reachable_from_decide() -> None:
+    """Each row of the table is produced by at least one view above (no dead rows)."""
+    views = [
+        view(primary_alive=False), view(command=Command.FAILOVER),
+        view(command=Command.SWITCHOVER), view(protected=False),
+        view(state=State.UNPROTECTED, protected=True),
+        view(state=State.UNPROTECTED, primary_alive=False),
+        view(state=State.UNPROTECTED, command=Command.FAILOVER),
+        view(state=State.PRIMARY_SUSPECT),
+        view(state=State.PRIMARY_SUSPECT, primary_alive=False, primary_lost_since=990.0),
+        view(state=State.PRIMARY_SUSPECT, primary_alive=False, primary_lost_since=990.0,
+             replica_alive=False),
+        view(state=State.BLOCKED), view(state=State.BLOCKED, primary_alive=False),
+        view(state=State.DRAINING, barrier=True, replica_lag_seconds=0.0),
+        view(state=State.DRAINING, state_since=0.0),
+        view(state=State.DRAINING, primary_alive=False),
+        *[view(state=s, step_done=True) for s in (State.FENCING, State.PROMOTING,
+                                                  State.REROUTING, State.RESYNCING)],
+        *[view(state=s, state_since=-1e6) for s in (State.FENCING, State.PROMOTING,
+                                                    State.REROUTING, State.RESYNCING)],
+        *[view(state=State.FAILED, command=Command.RETRY, failed_step=s)
+          for s in (State.FENCING, State.PROMOTING, State.REROUTING, State.RESYNCING)],
+        view(state=State.FAILED, command=Command.CANCEL),
+        view(state=State.FAILED_OVER), view(state=State.RESYNCING, primary_alive=False),
+    ]
+    produced = {(d.state, d.next_state) for d in map(decide, views) if d.changes}
+    assert produced == {(t.src, t.dst) for t in TRANSITIONS}

@@ -1,0 +1,344 @@
+"""The controller's ticks against the in-memory store: what it reads from heartbeats, what it
+records, which commands it consumes or refuses (the decisions themselves: test_fsm.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from failover.config import ClusterConfig, Hooks, ServiceConfig, Site
+from failover.controller import Controller
+from failover.coordination.memory import MemoryStore
+from failover.fsm import Command, Policy, State
+from failover.metrics import ControllerMetrics
+from failover.records import (
+    CommandRecord,
+    Heartbeat,
+    ServiceHealth,
+    ServiceRecord,
+    command_key,
+    heartbeat_key,
+    refuse_request,
+    service_record,
+    state_key,
+)
+from failover.status import cluster_status, human_bytes, resync_line
+
+SITES = {s: Site(s, a) for s, a in (("east", "10.0.0.1"), ("west", "10.0.0.2"),
+                                    ("north", "10.0.0.3"))}
+
+
+def config(**policy: Any) -> ClusterConfig:
+    svc = ServiceConfig("app", "east", "west", Policy(**policy), None, Hooks())
+    return ClusterConfig("t.yaml", "t", (), 2, SITES, {"app": svc})
+
+
+class Cluster:
+    def __init__(self, metrics: ControllerMetrics | None = None, **policy: Any) -> None:
+        self.cfg = config(**policy)
+        self.store = MemoryStore()
+        self.controller = Controller(self.cfg, self.store, "c0", metrics)
+
+    async def beat(self, site: str, role: str, epoch: int, **health: Any) -> None:
+        hb = Heartbeat(site, time.time(), {"app": ServiceHealth(role, epoch, **health)})
+        await self.store.put(heartbeat_key(self.cfg.prefix, site), hb.encode())
+
+    async def silence(self, site: str) -> None:
+        key = heartbeat_key(self.cfg.prefix, site)
+        await self.store.delete_if(key, self.store.entries[key].mod_revision)
+
+    async def command(self, command: Command, target: str | None = None) -> None:
+        rec = CommandRecord(command, target, "op1", time.time())
+        assert await self.store.create(command_key(self.cfg.prefix, "app"), rec.encode())
+
+    def pending(self) -> bool:
+        return command_key(self.cfg.prefix, "app") in self.store.entries
+
+    def record(self) -> ServiceRecord:
+        return service_record(self.store.entries[state_key(self.cfg.prefix, "app")].value,
+                              "east", "west")
+
+    async def put_record(self, rec: ServiceRecord) -> None:
+        await self.store.put(state_key(self.cfg.prefix, "app"), rec.encode())
+
+    async def tick(self) -> str:
+        (result,) = await self.controller.tick()
+        return result.message
+
+    async def healthy(self, epoch: int = 1) -> None:
+        await self.beat("east", "primary", epoch, lag_seconds=0.5, protected=True,
+                        data_path="running")
+        await self.beat("west", "replica", epoch, data_path="running")
+        await self.tick()
+        assert self.record().state is State.HEALTHY
+
+
+async def test_protection_follows_the_primarys_report() -> None:
+    c = Cluster()
+    await c.healthy()
+    await c.beat("east", "primary", 1, lag_seconds=3.0, protected=None)
+    await c.tick()
+    assert c.record().state is State.HEALTHY  # unknown is not unprotected
+    await c.beat("east", "primary", 1, lag_seconds=3.0, protected=False)
+    await c.tick()
+    assert c.record().state is State.UNPROTECTED
+    await c.command(Command.SWITCHOVER)
+    message = await c.tick()
+    assert "switchover refused: the replica is not receiving" in message
+    assert not c.pending() and c.record().state is State.UNPROTECTED
+    assert "switchover refused" in c.record().message
+    await c.beat("east", "primary", 1, lag_seconds=0.2, protected=True)
+    await c.tick()
+    assert c.record().state is State.HEALTHY
+
+
+async def test_a_report_at_an_older_epoch_says_nothing() -> None:
+    c = Cluster()
+    await c.put_record(ServiceRecord(State.HEALTHY, time.time(), "east", "west", epoch=3))
+    await c.beat("east", "primary", 2, protected=False)
+    await c.tick()
+    assert c.record().state is State.HEALTHY
+
+
+@pytest.mark.parametrize(("command", "target", "word"), [
+    (Command.FAILOVER, "north", "failover"), (Command.FORCE_FAILOVER, "north", "failover"),
+    (Command.SWITCHOVER, "north", "switchover"), (Command.SWITCHOVER, "east", "switchover")])
+async def test_a_target_without_the_replica_is_refused(command: Command, target: str,
+                                                       word: str) -> None:
+    c = Cluster()
+    await c.healthy()
+    await c.command(command, target)
+    message = await c.tick()
+    rec = c.record()
+    assert (rec.state, rec.epoch, rec.operation, c.pending()) == (State.HEALTHY, 1, None, False)
+    assert f"{word} to {target} refused: {target}" in message
+    assert "(replica: west)" in rec.message
+    if target == "north":
+        assert "north holds no replica of app (replica: west)" in rec.message
+
+
+async def test_failover_resync_and_protection_end_to_end() -> None:
+    c = Cluster()
+    await c.healthy()
+    await c.command(Command.FAILOVER, "west")
+    await c.tick()
+    rec = c.record()
+    assert (rec.state, rec.epoch, rec.operation and rec.operation.kind) == (
+        State.FENCING, 2, "failover")
+    assert not c.pending()
+    await c.beat("east", "fenced", 2)
+    await c.tick()
+    assert (c.record().state, c.record().primary) == (State.PROMOTING, "west")
+    await c.beat("west", "primary", 2, protected=False)
+    await c.tick()
+    assert c.record().state is State.REROUTING  # no DNS configured: done at once
+    await c.tick()
+    assert c.record().state is State.FAILED_OVER
+    # the old primary back as the replica: resync, not healthy yet
+    await c.beat("east", "replica", 2, unreplicated_blocks=7, unreplicated_file="/x/app.unrep",
+                 data_path="starting")
+    await c.tick()
+    rec = c.record()
+    assert rec.state is State.RESYNCING and rec.replica_consistent is False
+    assert (rec.unreplicated_blocks, rec.unreplicated_file) == (7, "/x/app.unrep")
+    progress = {"mode": "hash", "bytes_total": 8 << 30, "bytes_left": 3 << 30,
+                "eta_seconds": 125.0}
+    await c.beat("west", "primary", 2, protected=False, resync=progress)
+    await c.tick()
+    assert c.record().state is State.RESYNCING and c.record().resync == progress
+    # protected at the epoch, but the replica does not follow as "replica" yet
+    await c.beat("east", "fenced", 2, unreplicated_blocks=7, unreplicated_file="/x/app.unrep")
+    await c.beat("west", "primary", 2, protected=True)
+    await c.tick()
+    assert c.record().state is State.RESYNCING
+    await c.beat("east", "replica", 2, unreplicated_blocks=7, unreplicated_file="/x/app.unrep")
+    await c.tick()
+    rec = c.record()
+    assert (rec.state, rec.primary, rec.replica, rec.resync) == (State.HEALTHY, "west", "east",
+                                                                 None)
+    assert rec.replica_consistent and rec.operation is None
+
+
+async def test_primary_lost_mid_resync_blocks_until_forced() -> None:
+    c = Cluster()
+    rec = ServiceRecord(State.RESYNCING, time.time(), "west", "east", epoch=2,
+                        replica_consistent=False, last_lag_seconds=0.0)
+    await c.put_record(rec)
+    await c.beat("east", "replica", 2)
+    await c.tick()
+    assert c.record().state is State.BLOCKED
+    await c.tick()
+    assert c.record().state is State.BLOCKED  # lag 0 and automatic: still not promoted
+    await c.command(Command.FAILOVER)
+    assert "use --force" in await c.tick()
+    assert not c.pending() and c.record().state is State.BLOCKED
+    await c.command(Command.FORCE_FAILOVER)
+    await c.tick()
+    assert (c.record().state, c.record().epoch) == (State.FENCING, 3)
+
+
+async def test_step_timeout_retry_and_cancel() -> None:
+    c = Cluster(fence_timeout_seconds=30)
+    await c.healthy()
+    await c.command(Command.FAILOVER)
+    await c.tick()
+    rec = c.record()
+    rec.since -= 31  # fencing for 31 s: east never reports fenced
+    await c.put_record(rec)
+    await c.tick()
+    rec = c.record()
+    assert rec.state is State.FAILED and rec.operation is not None
+    assert rec.operation.failed_step == "fencing"
+    assert "fencing timed out after 30s waiting for the old primary" in str(rec.operation.error)
+    assert cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix),
+                          time.time())["services"]["app"]["error"] == rec.operation.error
+    await c.command(Command.RETRY)
+    await c.tick()
+    rec = c.record()
+    assert rec.state is State.FENCING and rec.operation is not None
+    assert (rec.operation.error, rec.operation.failed_step, rec.epoch) == (None, None, 2)
+    rec.since -= 31
+    await c.put_record(rec)
+    await c.tick()
+    assert c.record().state is State.FAILED
+    await c.command(Command.CANCEL)
+    await c.tick()
+    rec = c.record()
+    assert (rec.state, rec.operation, rec.primary, rec.replica) == (State.HEALTHY, None, "east",
+                                                                    "west")
+    assert not c.pending()
+
+
+async def test_a_resync_that_times_out_can_be_retried() -> None:
+    c = Cluster(resync_timeout_seconds=60)
+    await c.put_record(ServiceRecord(State.RESYNCING, time.time() - 61, "west", "east",
+                                     epoch=2, replica_consistent=False))
+    await c.beat("west", "primary", 2, protected=False)
+    await c.beat("east", "replica", 2)
+    await c.tick()
+    rec = c.record()
+    assert rec.state is State.FAILED and rec.operation is not None
+    assert (rec.operation.kind, rec.operation.failed_step) == ("resync", "resyncing")
+    await c.command(Command.RETRY)
+    await c.tick()
+    assert c.record().state is State.RESYNCING
+    await c.beat("west", "primary", 2, protected=True)
+    await c.tick()
+    assert (c.record().state, c.record().operation) == (State.HEALTHY, None)
+
+
+async def test_drain_waits_for_the_barrier_and_a_failover_request_wins() -> None:
+    for failover in (False, True):
+        c = Cluster()
+        await c.healthy()
+        await c.command(Command.SWITCHOVER)
+        await c.tick()
+        assert c.record().state is State.DRAINING
+        await c.beat("east", "primary", 1, lag_seconds=0.0, protected=True)
+        assert "write barrier not up yet" in await c.tick()
+        assert c.record().state is State.DRAINING
+        if failover:
+            await c.command(Command.FAILOVER)
+        else:
+            await c.beat("east", "primary", 1, lag_seconds=0.0, protected=True, barrier=True)
+        await c.tick()
+        rec = c.record()
+        assert rec.state is State.FENCING and rec.operation is not None
+        assert rec.operation.kind == ("failover" if failover else "switchover")
+
+
+async def test_retry_or_cancel_when_nothing_failed_is_refused_and_consumed() -> None:
+    c = Cluster()
+    await c.healthy()
+    await c.command(Command.CANCEL)
+    assert "cancel refused: nothing failed" in await c.tick()
+    assert not c.pending() and c.record().state is State.HEALTHY
+
+
+async def test_status_shows_protection_resync_and_unreplicated_writes() -> None:
+    c = Cluster()
+    await c.healthy()
+    await c.beat("east", "primary", 1, lag_seconds=None, protected=False,
+                 resync={"mode": "exact", "bytes_total": 1 << 30, "bytes_left": 1 << 29,
+                         "eta_seconds": None}, data_path="running")
+    await c.beat("west", "replica", 1, data_path="restarting in 4s: connection refused",
+                 unreplicated_blocks=3, unreplicated_file="/r/app.unrep")
+    await c.tick()
+    s = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix), time.time())
+    app = s["services"]["app"]
+    assert (app["state"], app["protected"], app["unreplicated_blocks"]) == (
+        State.UNPROTECTED, False, 3)
+    assert app["sites"]["west"] == {"role": "replica", "epoch": 1,
+                                    "data_path": "restarting in 4s: connection refused"}
+    assert s["sites"]["east"]["services"]["app"]["role"] == "primary"
+    lines = app["progress"]
+    assert lines[0] == ("unprotected: west is not receiving (restarting in 4s: connection "
+                        "refused)")
+    assert lines[1] == "resync (exact): 512.0 MiB left of 1.0 GiB, ETA unknown"
+    assert lines[2] == "unreplicated writes set aside: 3 blocks in /r/app.unrep (on west)"
+    assert not any("None" in line for line in lines)
+    await c.silence("west")
+    s = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix), time.time())
+    assert s["services"]["app"]["progress"][0] == "unprotected: the replica site west is down"
+    assert s["services"]["app"]["sites"]["west"] is None
+
+
+def test_progress_formatting() -> None:
+    assert human_bytes(None) == "unknown" and human_bytes(512) == "512 B"
+    assert resync_line({"mode": "hash", "bytes_total": 10 << 20, "bytes_left": 0,
+                        "eta_seconds": 3725}) == "resync (hash): 0 B left of 10.0 MiB, ETA 1h02m"
+
+
+def test_old_and_new_heartbeats_and_records_decode() -> None:
+    old = Heartbeat.decode(b'{"site": "east", "at": 1.0, "services": {"app": '
+                           b'{"role": "primary", "epoch": 2, "lag_seconds": 0.5}}}')
+    h = old.services["app"]
+    assert (h.protected, h.barrier, h.resync, h.unreplicated_blocks, h.data_path) == (
+        None, False, None, 0, "")
+    newer = Heartbeat.decode(b'{"site": "east", "at": 1.0, "services": {"app": {"role": '
+                             b'"primary", "epoch": 2, "protected": true, "later": 1}}}')
+    assert newer.services["app"].protected is True
+    rec = ServiceRecord.decode(b'{"state": "healthy", "since": 1.0, "primary": "east", '
+                               b'"replica": "west", "some_future_field": 1}')
+    assert (rec.resync, rec.unreplicated_blocks, rec.replica_consistent) == (None, 0, True)
+    assert ServiceRecord.decode(rec.encode()) == rec
+
+
+def test_requests_the_record_rules_out() -> None:
+    rec = ServiceRecord(State.HEALTHY, 0.0, "east", "west")
+    assert refuse_request(rec, "app", "failover", "west") is None
+    assert refuse_request(rec, "app", "failover", None) is None
+    assert refuse_request(rec, "app", "failover", "north") == (
+        "failover to north refused: north holds no replica of app (replica: west)")
+    assert "east is already the primary of app" in str(refuse_request(rec, "app", "failback",
+                                                                        "east"))
+    assert "nothing failed" in str(refuse_request(rec, "app", "retry", None))
+    rec.state = State.UNPROTECTED
+    assert refuse_request(rec, "app", "switchover", None) == (
+        "switchover of app refused: the service is unprotected, not healthy")
+    assert refuse_request(rec, "app", "failover", None) is None
+    rec.state = State.FAILED
+    assert refuse_request(rec, "app", "cancel", None) is None
+
+
+async def test_protected_gauge_follows_the_state_every_tick() -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    c = Cluster(ControllerMetrics(registry, list(SITES)))
+
+    def gauge() -> float | None:
+        return registry.get_sample_value("drctl_failover_service_protected", {"service": "app"})
+
+    await c.healthy()
+    assert gauge() == 1
+    await c.beat("east", "primary", 1, protected=False)
+    await c.tick()
+    assert gauge() == 0
+    await c.tick()  # no write this tick: still set
+    assert gauge() == 0
+    await c.beat("east", "primary", 1, protected=True)
+    await c.tick()
+    assert gauge() == 1
