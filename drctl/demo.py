@@ -1,14 +1,20 @@
-"""`make demo`: a two-site DR drill on loopback with real etcd and BIND.
+"""`make demo`: a two-site DR drill on loopback with real etcd and BIND, through the whole
+protection lifecycle.
 
-Starts etcd, an authoritative named for dr.test (TSIG key), the standby site (a replication
-target daemon and its site agent), the primary site (a source agent replicating a sample
-volume under a steady write load, and its site agent), a controller and the web page, all
-driven by one runbook; prints the page's URL. Click Failover: the controller fences the
-primary (epoch bump; the promotion raises the standby replica's epoch so the old source is
-refused), promotes the standby (its health check must pass) and rewrites app.dr.test on the
-DNS server; the page shows the primary, lag and DNS answers change. Click Drill: the replica
-is cloned, checked under a test DNS name and cleaned up while replication goes on. Runs until
-Ctrl-C (or DEMO_SECONDS), then stops everything by PID.
+Starts etcd, an authoritative named for dr.test (TSIG key), a controller, the web page and two
+site agents (east, west) driven by one runbook. Each agent runs the data path of its role: the
+primary's capture agent serves the volume over NBD (an application writes through it, ~200
+writes/s) and replicates it to the standby's target daemon. Then, unless DEMO_CYCLE=0, the
+demo runs the lifecycle and prints each phase (the page shows it too):
+
+  1. east is lost (its agent is killed with its data path): automatic failover to west
+  2. writes continue at west (the application follows the primary)
+  3. east comes back: demoted, its unreplicated writes set aside, re-protected by the exact
+     delta (only the diverged blocks move)
+  4. Failback: drain under a write barrier, fence, promote east, re-protect west
+
+Afterwards the page's buttons (Failover, Switchover, Failback, Drill, Retry, Cancel) work by
+hand. Runs until Ctrl-C (or DEMO_SECONDS), then stops everything by PID.
 """
 
 from __future__ import annotations
@@ -62,56 +68,46 @@ class DemoCluster:
         with open(key, "w") as fh:
             fh.write(f'key "{self.named.key_name}" {{ algorithm hmac-sha256; '
                      f'secret "{self.named.secret}"; }};\n')
-        tport, tmetrics, smetrics, cmetrics = (free_port() for _ in range(4))
         self.api_port = free_port()
-        self._spawn("standby-target", ["replicate", "serve", "--listen", f"127.0.0.1:{tport}",
-                                       "--dir", os.path.join(self.work, "standby"),
-                                       "--metrics-port", str(tmetrics)])
-        wait_port(tport)
-        volume = os.path.join(self.work, "primary", "app-data.img")
-        os.makedirs(os.path.dirname(volume))
-        with open(volume, "wb") as fh:
+        cmetrics = free_port()
+        self.ports = {s: {"replication": free_port(), "export": free_port()}
+                      for s in ("east", "west")}
+        volume = os.path.join(self.work, "{site}", "volumes", "app-data.img")
+        first = volume.replace("{site}", "east")
+        os.makedirs(os.path.dirname(first))
+        with open(first, "wb") as fh:
             rng = random.Random(1)
             for i in range(64):
                 fh.write(rng.randbytes(1 << 20) if i % 3 else bytes(1 << 20))
-        self._spawn("primary-source", [
-            "replicate", "push", volume, "--to", f"127.0.0.1:{tport}", "--volume", "app-data",
-            "--epoch", "1", "--rate-limit", "50MB/s", "--interval", "0.2", "--rpo-budget", "30",
-            "--metrics-port", str(smetrics), "--no-progress",
-            "--state-dir", os.path.join(self.work, "state")])
-        wait_port(smetrics)
         runbook = {
             "kind": "drctl-runbook", "version": 1, "cluster": "demo", "lease_ttl": 2,
             "etcd": [f"127.0.0.1:{self.etcd.client_port}"],
-            "sites": {
-                "east": {"address": "10.0.0.1", "endpoints": {
-                    "source_metrics": f"http://127.0.0.1:{smetrics}/metrics"}},
-                "west": {"address": "10.0.0.2", "endpoints": {
-                    "replication": f"127.0.0.1:{tport}"}}},
+            "sites": {s: {"address": a, "data_dir": os.path.join(self.work, s, "data"),
+                          "endpoints": {"replication":
+                                        f"127.0.0.1:{self.ports[s]['replication']}"}}
+                      for s, a in (("east", "10.0.0.1"), ("west", "10.0.0.2"))},
             "dns": {"zones": {self.named.zone: {
                 "servers": [f"127.0.0.1:{self.named.port}"],
                 "tsig": {"name": self.named.key_name, "file": key}}}},
             "services": {"app": {
                 "primary": "east", "replica": "west",
                 "volumes": [{"name": "app-data", "path": volume}],
-                "replication": {"mode": "hot", "rate_limit": "50MB/s", "rpo": 30},
-                "failover": {"automatic": True, "grace": 2, "damping": 600},
+                "replication": {"mode": "hot", "rate_limit": "50MB/s", "rpo": 30,
+                                "export": {s: f"127.0.0.1:{p['export']}"
+                                           for s, p in self.ports.items()}},
+                "failover": {"automatic": True, "grace": 2, "damping": 0},
                 "dns": [{"zone": self.named.zone, "name": "app", "ttl": 5}],
                 "steps": [
                     {"type": "precheck", "name": "lag within budget",
                      "check": "replication_lag"},
                     {"type": "promote"},
-                    {"type": "health_check", "name": "standby replication target answers",
-                     "tcp": f"127.0.0.1:{tport}", "timeout": 2, "retries": 5},
                     {"type": "dns"}]}},
         }
         self.config = os.path.join(self.work, "runbook.yaml")
         with open(self.config, "w") as fh:
             json.dump(runbook, fh, indent=1)
-        lag_url = f"http://127.0.0.1:{smetrics}/metrics"
-        self._spawn("agent-east", ["agent", "--config", self.config, "--site", "east",
-                                   "--lag-url", lag_url])
-        self._spawn("agent-west", ["agent", "--config", self.config, "--site", "west"])
+        for site in ("east", "west"):
+            self.start_agent(site)
         self._spawn("controller", ["controller", "--config", self.config, "--metrics-port",
                                    str(cmetrics)])
         token_file = os.path.join(self.work, "api.token")
@@ -120,19 +116,52 @@ class DemoCluster:
         self._spawn("api", ["api", "--config", self.config, "--listen",
                             f"127.0.0.1:{self.api_port}", "--token-file", token_file])
         wait_port(self.api_port)
-        threading.Thread(target=self._writer, args=(volume,), daemon=True).start()
+        threading.Thread(target=self._writer, daemon=True).start()
         return self
 
-    def _writer(self, volume: str) -> None:
-        """A steady write load on the primary's volume: 4 KiB blocks, ~200 per second."""
+    def start_agent(self, site: str) -> None:
+        self._spawn(f"agent-{site}", ["agent", "--config", self.config, "--site", site])
+
+    def kill_agent(self, site: str) -> None:
+        """The site is lost: its agent dies (kill -9) and its data path with it."""
+        p = self.procs.pop(f"agent-{site}")
+        p.kill()
+        p.wait()
+
+    def _writer(self) -> None:
+        """The application: 4 KiB writes (~200/s, a FLUSH every 20) through the NBD export of
+        whichever site is primary (it follows the service record, as a client follows DNS)."""
+        from drctl.nbdclient import NbdClient
+
         rng = random.Random(2)
-        fd = os.open(volume, os.O_RDWR)
-        try:
-            while not self._stop_writer.is_set():
-                os.pwrite(fd, rng.randbytes(4096), rng.randrange(16384) * 4096)
+        client: NbdClient | None = None
+        self.writes = 0
+        while not self._stop_writer.is_set():
+            try:
+                if client is None:
+                    primary = str(self.status()["services"]["app"]["primary"])  # type: ignore[index]
+                    client = NbdClient("127.0.0.1", self.ports[primary]["export"], "app-data",
+                                       timeout=10)
+                client.write(rng.randrange(16384) * 4096, rng.randbytes(4096))
+                self.writes += 1
+                if self.writes % 20 == 0:
+                    client.flush()
                 time.sleep(0.005)
-        finally:
-            os.close(fd)
+            except (OSError, ValueError, KeyError, Exception):
+                if client is not None:
+                    client.sock.close()
+                client = None
+                self._stop_writer.wait(0.3)
+        if client is not None:
+            client.close()
+
+    def request(self, op: str) -> None:
+        req = urllib.request.Request(f"{self.url}api/v1/services/app/{op}", data=b"{}",
+                                     method="POST", headers={
+                                         "Authorization": f"Bearer {self.token}",
+                                         "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            r.read()
 
     def status(self) -> dict[str, object]:
         req = urllib.request.Request(f"{self.url}api/v1/status",
@@ -158,6 +187,82 @@ class DemoCluster:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+def _line(demo: DemoCluster) -> str:
+    try:
+        app = demo.status()["services"]["app"]  # type: ignore[index]
+    except (OSError, ValueError) as exc:
+        return f"status unavailable: {exc}"
+    dns = ", ".join(a for answers in (app.get("dns") or {}).values() for a in (answers or ["-"]))
+    lag = app["lag_seconds"]
+    extra = "; ".join(app.get("progress") or [])
+    return (f"{time.strftime('%H:%M:%S')} app: {app['state']:<13} primary={app['primary']:<5}"
+            f" lag={'-' if lag is None else f'{lag:.2f}s':<6} app.dr.test -> {dns}"
+            + (f"  [{extra}]" if extra else ""))
+
+
+def _until(demo: DemoCluster, what: str, ok: object, stopping: threading.Event,
+           timeout: float = 180) -> bool:
+    """Print the status every second until ``ok(app)`` holds."""
+    deadline = time.monotonic() + timeout
+    last: tuple[object, ...] = ()
+    printed = 0.0
+    while not stopping.is_set() and time.monotonic() < deadline:
+        try:
+            app = demo.status()["services"]["app"]  # type: ignore[index]
+            done = bool(ok(app))  # type: ignore[operator]
+            key: tuple[object, ...] = (app["state"], app["primary"], str(app.get("dns")),
+                                       str(app.get("progress")))
+        except (OSError, ValueError, KeyError):
+            done, key = False, ()
+        if key != last or time.monotonic() - printed > 10:
+            print(f"    {_line(demo)}", flush=True)
+            last, printed = key, time.monotonic()
+        if done:
+            return True
+        stopping.wait(1)
+    if not stopping.is_set():
+        print(f"    (gave up waiting for {what} after {timeout:.0f}s)", flush=True)
+    return False
+
+
+def cycle(demo: DemoCluster, stopping: threading.Event) -> bool:
+    """The protection lifecycle, phase by phase."""
+    def healthy(at: str) -> object:
+        return lambda a: (a["state"] == "healthy" and a["primary"] == at
+                          and a["lag_seconds"] is not None and a["lag_seconds"] < 1)
+
+    print("phase 0: initial sync east -> west", flush=True)
+    if not _until(demo, "protected", healthy("east"), stopping):
+        return False
+    print(f"phase 1: site east lost (agent and data path killed) after {demo.writes} writes: "
+          "automatic failover", flush=True)
+    demo.kill_agent("east")
+    if not _until(demo, "failover", lambda a: a["primary"] == "west" and a["state"] in (
+            "failed_over", "resyncing", "healthy"), stopping):
+        return False
+    print("phase 2: writes continue at west for 5 s", flush=True)
+    before = demo.writes
+    stopping.wait(5)
+    print(f"    {demo.writes - before} writes acknowledged by west", flush=True)
+    print("phase 3: site east comes back: demoted, re-protected by the exact delta", flush=True)
+    demo.start_agent("east")
+    if not _until(demo, "re-protect", lambda a: a["state"] == "healthy"
+                  and a["primary"] == "west", stopping):
+        return False
+    log = os.path.join(demo.work, "west", "data", "logs", "push-app.log")
+    with open(log, errors="replace") as fh:
+        shipped = [ln.split(": ", 1)[-1].strip() for ln in fh if "shipped" in ln]
+    if shipped:
+        print(f"    west's capture agent: {shipped[-1]}", flush=True)
+    print("phase 4: Failback (drain under a write barrier, fence, promote east)", flush=True)
+    demo.request("failback")
+    if not _until(demo, "failback", lambda a: a["state"] == "healthy"
+                  and a["primary"] == "east", stopping):
+        return False
+    print("the service is home at east and protected by west again", flush=True)
+    return True
+
+
 def main() -> int:
     seconds = float(os.environ.get("DEMO_SECONDS", "0"))
     demo = DemoCluster()
@@ -166,20 +271,14 @@ def main() -> int:
     try:
         demo.start()
         print(f"\ndrctl demo is up (logs in {demo.work})\n\n  open  {demo.url}#token="
-              f"{demo.token}\n\nand press Failover. Ctrl-C stops everything.\n", flush=True)
+              f"{demo.token}\n\nCtrl-C stops everything.\n", flush=True)
         started = time.monotonic()
+        if os.environ.get("DEMO_CYCLE", "1") != "0":
+            if cycle(demo, stopping):
+                print("\nthe lifecycle is done; the page's buttons work by hand now\n",
+                      flush=True)
         while not stopping.is_set() and (not seconds or time.monotonic() - started < seconds):
-            try:
-                s = demo.status()
-                app = s["services"]["app"]  # type: ignore[index]
-                dns = ", ".join(a for answers in (app["dns"] or {}).values()
-                                for a in (answers or ["-"]))
-                lag = app["lag_seconds"]
-                print(f"  {time.strftime('%H:%M:%S')} app: {app['state']:<15} primary="
-                      f"{app['primary']:<5} lag={'-' if lag is None else f'{lag:.2f}s':<6} "
-                      f"app.dr.test -> {dns}", flush=True)
-            except OSError as exc:
-                print(f"  status unavailable: {exc}", flush=True)
+            print(f"  {_line(demo)}", flush=True)
             stopping.wait(2)
     except KeyboardInterrupt:
         pass

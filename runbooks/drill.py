@@ -87,13 +87,43 @@ async def _hook(step: Step, env: dict[str, str]) -> str:
     return "ok"
 
 
+@dataclass(frozen=True)
+class Roles:
+    """Where a service stands now (from its record in etcd): the drill clones the replica
+    the service has today, not the one the runbook started with."""
+
+    primary: str
+    replica: str
+    lag_seconds: float | None
+
+
+async def current_roles(rb: Runbook, service: str) -> Roles:
+    """The service's current primary and replica from etcd (the runbook's if no record yet)."""
+    from failover.coordination.etcd import EtcdStore
+    from failover.dns.rfc2136 import Server as HostPort
+    from failover.records import service_record, state_key
+
+    svc = rb.services[service]
+    store = EtcdStore([(h.host, h.port) for h in (HostPort.parse(e, 2379) for e in rb.etcd)],
+                      timeout=max(1.0, rb.lease_ttl / 2))
+    prefix = f"/drctl/{rb.cluster}/"
+    try:
+        raw = (await store.snapshot(prefix + "services/")).value(state_key(prefix, service))
+    finally:
+        await store.close()
+    rec = service_record(raw, svc.primary, svc.replica)
+    return Roles(rec.primary, rec.replica, rec.last_lag_seconds)
+
+
 class Drill:
-    def __init__(self, rb: Runbook, service: str, name: str | None) -> None:
+    def __init__(self, rb: Runbook, service: str, name: str | None,
+                 roles: Roles | None = None) -> None:
         from replicator.transport.client import TargetClient
 
         self.rb = rb
         self.svc: Service = rb.services[service]
-        self.standby = rb.sites[self.svc.replica]
+        roles = roles or Roles(self.svc.primary, self.svc.replica, None)
+        self.standby = rb.sites[roles.replica]
         target = self.standby.endpoints.get("replication")
         if not target:
             raise RuntimeError(f"sites.{self.standby.name}.endpoints.replication is not set: "
@@ -101,9 +131,9 @@ class Drill:
         self.client = TargetClient(target)
         self.volumes = [v.name for v in self.svc.volumes]
         drill = name or f"drill-{uuid.uuid4().hex[:8]}"
-        metrics = rb.sites[self.svc.primary].endpoints.get("source_metrics")
-        self.report = DrillReport(service, drill, self.standby.name,
-                                  scrape_lag(metrics, self.volumes) if metrics else None)
+        metrics = rb.sites[roles.primary].endpoints.get("source_metrics")
+        lag = scrape_lag(metrics, self.volumes) if metrics else roles.lag_seconds
+        self.report = DrillReport(service, drill, self.standby.name, lag)
         self.dns_done: list[tuple[DnsUpdater, RecordSet, list[Server]]] = []
 
     async def timed(self, label: str, coro: Coroutine[object, object, str]) -> bool:
@@ -186,4 +216,6 @@ async def run_health_checks(svc: Service, env: dict[str, str]) -> list[StepResul
 
 
 async def run_drill(rb: Runbook, service: str, name: str | None = None) -> DrillReport:
-    return await Drill(rb, service, name).run()
+    """A drill of the service's replica as the service stands now (roles from etcd)."""
+    roles = await current_roles(rb, service)
+    return await Drill(rb, service, name, roles).run()

@@ -33,7 +33,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import xxhash
@@ -47,6 +47,8 @@ KIND_DIRTY = 3
 KIND_ZERO = 4
 KIND_CUT = 5
 KIND_BASE = 6
+KIND_RELEASE = 7  # the target acknowledged every CP up to offset (no fsync: a lost one only
+                  # makes a replay count more blocks as unacknowledged, never fewer)
 _MARKERS = (KIND_FLUSH, KIND_CUT)
 REWRITE_BYTES = 8 << 20  # rewrite once this much of the journal is released
 _VOL_SHIFT = 56  # of a record's offset field
@@ -126,20 +128,28 @@ class ChangeJournal:
 
     # -- start -----------------------------------------------------------------------------
 
-    def _replay(self) -> None:
-        raw = memoryview(os.pread(self.fd, os.fstat(self.fd).st_size, 0))
+    def _records(self, raw: memoryview) -> Iterator[tuple[int, int, int, int, int,
+                                                          memoryview]]:
+        """(kind, offset field, volume, offset in it, length, data) of each whole record, up
+        to a torn tail (that write was never acknowledged) or a record of another journal."""
         pos = 0
         while pos + _HEAD.size <= len(raw):
             kind, offset, length, check = _HEAD.unpack_from(raw, pos)
-            data_len = length if kind == KIND_WRITE else 0
-            end = pos + _HEAD.size + data_len
+            end = pos + _HEAD.size + (length if kind == KIND_WRITE else 0)
             data = raw[pos + _HEAD.size : end]
             if end > len(raw) or _HEAD.unpack_from(_record(kind, offset, length, data))[3] \
                     != check:
-                break  # a torn tail: that write was never acknowledged
+                return
             vol, at = offset >> _VOL_SHIFT, offset & ((1 << _VOL_SHIFT) - 1)
             if kind in (KIND_WRITE, KIND_ZERO, KIND_DIRTY) and vol >= len(self.fds):
-                break  # not a journal of these volumes
+                return
+            yield kind, offset, vol, at, length, data
+            pos = end
+
+    def _replay(self) -> None:
+        raw = memoryview(os.pread(self.fd, os.fstat(self.fd).st_size, 0))
+        unacked = _Unacknowledged()
+        for kind, offset, vol, at, length, data in self._records(raw):
             if kind == KIND_WRITE:
                 os.pwrite(self.fds[vol], data, at)
                 self.replayed += 1
@@ -150,9 +160,9 @@ class ChangeJournal:
                 self.next_cp = max(self.next_cp, offset)
             elif kind in _MARKERS:
                 self.next_cp = max(self.next_cp, offset + 1)
-            if kind in (KIND_WRITE, KIND_ZERO, KIND_DIRTY):
-                self.dirty.update(self._blocks(vol, at, length))
-            pos = end
+            unacked.note(kind, offset, self._blocks(vol, at, length))
+        self.dirty = unacked.blocks()
+        self.released_cp = unacked.released
         if self.replayed:
             self._sync_volumes()
         if self.dirty:
@@ -303,6 +313,7 @@ class ChangeJournal:
         """The target acknowledged every CP up to ``cp``: drop their records."""
         with self.lock:
             self.released_cp = max(self.released_cp, cp)
+            self._raw_append(_record(KIND_RELEASE, cp, 0))
             while self.closed and self.closed[0].cp <= cp:
                 self.closed.popleft()
             head = self.closed[0].start if self.closed else self.open_start
@@ -388,6 +399,34 @@ class ChangeJournal:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+class _Unacknowledged:
+    """While replaying: which blocks the target has not acknowledged. The records of points
+    past the last RELEASE, the open point's, and DIRTY records (bitmap, resync running)."""
+
+    def __init__(self) -> None:
+        self.points: dict[int, set[int]] = {}
+        self.open: set[int] = set()
+        self.sticky: set[int] = set()
+        self.released = 0
+
+    def note(self, kind: int, offset: int, blocks: range) -> None:
+        if kind in (KIND_WRITE, KIND_ZERO):
+            self.open.update(blocks)
+        elif kind == KIND_DIRTY:
+            self.sticky.update(blocks)
+        elif kind in _MARKERS:
+            self.points[offset], self.open = self.open, set()
+        elif kind == KIND_RELEASE:
+            self.released = max(self.released, offset)
+
+    def blocks(self) -> set[int]:
+        out = self.sticky | self.open
+        for cp, blocks in self.points.items():
+            if cp > self.released:
+                out |= blocks
+        return out
 
 
 class GroupCommit:

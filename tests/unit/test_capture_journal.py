@@ -147,3 +147,29 @@ def test_points_closed_before_a_resync_survive_its_rewrite(tmp_path: object) -> 
     j.release(end)
     j.end_resync(blocks)
     assert j.first_dirty_at is None
+
+
+def test_a_replay_counts_only_what_the_target_did_not_acknowledge(tmp_path: object) -> None:
+    """Released points are recorded in the journal: after a crash (no rewrite in between),
+    only the writes of points the target never acknowledged are dirty, which is what a
+    demoted old primary sets aside and reports."""
+    j = _journal(tmp_path)
+    _write(j, 1, 0xA1)
+    _write(j, 2, 0xA2)
+    first = j.cut()
+    j.extract()
+    j.release(first)  # acknowledged by the target
+    _write(j, 3, 0xB1)
+    second = j.cut()
+    j.extract()  # shipped, never acknowledged
+    _write(j, 4, 0xC1)  # open point
+    j.zero(5 * BS, BS)
+    j.close()
+    again = _journal(tmp_path)
+    assert again.dirty == {3, 4, 5}
+    assert again.released_cp == first and second == first + 1
+    again.close()
+    # and once more: the rewritten journal keeps exactly that set
+    third = _journal(tmp_path)
+    assert third.dirty == {3, 4, 5}
+    third.close()
