@@ -6,23 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import sys
 import time
 
+from drctl.lifecycle import PARENT_ENV
+
 log = logging.getLogger(__name__)
 
 DRCTL = [sys.executable, "-m", "drctl"]
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the agent that started it dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Child:
@@ -54,8 +48,10 @@ class Child:
             os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
             out = open(self.log_path, "ab")
             try:
+                # drctl asks for SIGKILL when this agent dies (drctl/lifecycle.py)
+                env = {**os.environ, PARENT_ENV: str(os.getpid())}
                 self.proc = await asyncio.create_subprocess_exec(
-                    *self.args, stdout=out, stderr=out, preexec_fn=_die_with_parent)
+                    *self.args, stdout=out, stderr=out, env=env)
             finally:
                 out.close()
             started = time.monotonic()

@@ -112,6 +112,7 @@ class ServiceDataPath:
     async def become_primary(self, epoch: int) -> bool:
         if self.push is not None and self.push_epoch == epoch and self.push.running:
             return True
+        self.error = ""
         await self.stop_push()
         self._link_volumes()
         promoted: dict[str, str] = {}
@@ -159,6 +160,7 @@ class ServiceDataPath:
                         self.svc.name, got.blocks, got.saved_to)
 
     async def become_replica(self, epoch: int) -> bool:
+        self.error = ""
         await self.stop_push()
         self._link_volumes()
         was_primary = os.path.exists(self.journal_path) or any(

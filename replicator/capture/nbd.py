@@ -133,6 +133,7 @@ class NbdServer:
         self.exports = {e.name: e for e in exports}
         self.server: asyncio.Server | None = None
         self.clients: set[asyncio.Task[None]] = set()
+        self.writers: set[asyncio.StreamWriter] = set()
         # The write barrier of a planned switchover: while it is up, writes (and trims) wait
         # unanswered, so the replica can drain to zero lag and nothing acknowledged after the
         # final point is lost; a fenced agent then ends the sessions without replying.
@@ -162,12 +163,19 @@ class NbdServer:
         """Stop accepting, then end every client's session (before the volumes close)."""
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
+        # Abort the connections: each session ends on its failed read (requests waiting at
+        # the write barrier are never answered); a session that does not end is cancelled.
+        for w in list(self.writers):
+            w.transport.abort()
+        if self.clients:
+            await asyncio.wait(list(self.clients), timeout=2.0)
         for task in list(self.clients):
             task.cancel()
         for task in list(self.clients):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.server is not None:
+            await self.server.wait_closed()
 
     def _find(self, name: str) -> NbdExport | None:
         if name == "" and len(self.exports) == 1:
@@ -180,6 +188,7 @@ class NbdServer:
         if task is not None:
             self.clients.add(task)
             task.add_done_callback(self.clients.discard)
+        self.writers.add(w)
         try:
             export = await self._handshake(r, w)
             if export is not None:
@@ -189,6 +198,7 @@ class NbdServer:
         except* ValueError as group:
             log.warning("nbd client %s: protocol error: %s", peer, group.exceptions[0])
         finally:
+            self.writers.discard(w)
             w.close()
             with contextlib.suppress(ConnectionError):
                 await w.wait_closed()

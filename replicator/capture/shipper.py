@@ -252,9 +252,6 @@ class _Loop:
                  "the whole volume" if exact is None and full else
                  f"{sum(len(b or ()) for b in sets.values())} blocks")
         await self._each(lambda i, d: d.run_pass(sets[i]))
-        raw = sum(d.m.value(d.m.shipped_raw) for d in self.drivers) - raw0
-        log.info("%s: resync (%s) shipped %d bytes of blocks (%d on the wire)", self.name,
-                 how, raw, sum(d.totals.wire_bytes for d in self.drivers) - wire0)
         self.full = False  # shipped and acknowledged (staged): never again in full
         if journal.overflowed:
             log.warning("%s: the journal overflowed during the resync: another round",
@@ -267,6 +264,10 @@ class _Loop:
         journal.release(end)
         journal.end_resync(blocks)
         self.progress.stop()
+        raw = sum(d.m.value(d.m.shipped_raw) for d in self.drivers) - raw0
+        log.info("%s: resync (%s) shipped %d bytes of blocks (%d on the wire), with the "
+                 "points written meanwhile", self.name, how, raw,
+                 sum(d.totals.wire_bytes for d in self.drivers) - wire0)
         for d in self.drivers:
             if not await d.verify():
                 self.full = True

@@ -1,5 +1,6 @@
-"""The one-click failover in a real headless Chromium against the full local drill
-(drctl.demo: etcd, named, two sites with replication under load, controller, web page)."""
+"""The one-click lifecycle in a real headless Chromium against the full local drill
+(drctl.demo: etcd, named, two site agents running their data paths, an application writing
+through the primary's export, controller, web page): Drill, Failover, re-protect, Failback."""
 
 from __future__ import annotations
 
@@ -54,49 +55,68 @@ def browser() -> Iterator[object]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_click_failover_and_see_primary_and_dns_change(demo: DemoCluster,
-                                                       browser: object) -> None:
+def test_click_failover_wait_for_reprotect_then_failback(demo: DemoCluster,
+                                                         browser: object) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     b = browser
     b.get(f"{demo.url}#token={demo.token}")  # type: ignore[attr-defined]
-    from selenium.common.exceptions import StaleElementReferenceException
-
     # the page re-renders every second: read and click through fresh queries
-    wait = WebDriverWait(b, 30, poll_frequency=0.2,
+    wait = WebDriverWait(b, 90, poll_frequency=0.2,
                          ignored_exceptions=[StaleElementReferenceException])
+    shots = os.environ.get("DRCTL_SCREENSHOT_DIR")
+    seen: list[str] = []
 
     def card_text() -> str:
-        return str(b.execute_script(  # type: ignore[attr-defined]
+        text = str(b.execute_script(  # type: ignore[attr-defined]
             'const e = document.querySelector(\'[data-service="app"]\');'
             'return e ? e.innerText : ""'))
+        state = text.split("·")[1].strip().lower() if "·" in text else ""
+        if state and (not seen or seen[-1] != state):
+            seen.append(state)
+        return text
+
+    def shot(name: str) -> None:
+        if shots:
+            b.save_screenshot(os.path.join(shots, f"{name}.png"))  # type: ignore[attr-defined]
 
     def click(op: str) -> None:
         b.execute_script(  # type: ignore[attr-defined]
             f'document.querySelector(\'[data-service="app"] button[data-op="{op}"]\').click()')
+        wait.until(ec.alert_is_present())
+        b.switch_to.alert.accept()  # type: ignore[attr-defined]
 
-    wait.until(lambda _: "primary east" in card_text() and "10.0.0.1" in card_text()
-               and "healthy" in card_text().lower())
-    wait.until(lambda _: "lag unknown" not in card_text())
+    def serving(site: str, address: str) -> bool:
+        text = card_text()
+        return (f"primary {site}" in text and "healthy" in text.lower()
+                and b.execute_script(  # type: ignore[attr-defined]
+                    'return [...document.querySelectorAll(\'[data-service="app"] .dns-answer\')]'
+                    f'.every(e => e.innerText === "{address}")'))
+
+    wait.until(lambda _: serving("east", "10.0.0.1") and "lag unknown" not in card_text())
+    shot("1-protected-at-east")
     # a drill first: the replica is cloned and checked while replication goes on
     click("drill")
-    wait.until(ec.alert_is_present())
-    b.switch_to.alert.accept()  # type: ignore[attr-defined]
     wait.until(lambda _: ": passed" in card_text() or ": failed" in card_text())
     assert ": passed" in card_text() and "RPO" in card_text() and "RTO" in card_text(), \
         card_text()
     assert "primary east" in card_text()  # production untouched
     click("failover")
-    wait.until(ec.alert_is_present())
-    b.switch_to.alert.accept()  # type: ignore[attr-defined]
     wait.until(lambda _: "primary west" in card_text())
-    wait.until(lambda _: b.execute_script(  # type: ignore[attr-defined]
-        'return [...document.querySelectorAll(\'[data-service="app"] .dns-answer\')]'
-        '.every(e => e.innerText === "10.0.0.2")'))
+    shot("2-failed-over-to-west")
+    # east is fenced, demoted and re-protected by the exact delta: healthy again, at west
+    wait.until(lambda _: serving("west", "10.0.0.2"))
+    shot("3-reprotected-at-west")
+    assert "epoch 2" in card_text()
+    click("failback")
+    wait.until(lambda _: "draining" in seen or "primary east" in card_text())
+    wait.until(lambda _: serving("east", "10.0.0.1"))
+    shot("4-home-at-east")
+    assert "epoch 3" in card_text(), card_text()
+    # the page lists the phases it went through (failback: drain, fence, promote, re-protect)
     text = card_text()
-    assert "epoch 2" in text
-    assert "failed_over" in text.lower() or "healthy" in text.lower()
-    shot = os.environ.get("DRCTL_SCREENSHOT")
-    if shot:
-        b.save_screenshot(shot)  # type: ignore[attr-defined]
+    for step in ("healthy → draining", "draining → fencing", "fencing → promoting",
+                 "failed_over → resyncing", "resyncing → healthy"):
+        assert step in text, text

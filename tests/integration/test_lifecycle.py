@@ -240,6 +240,7 @@ def resync_bytes(cluster: Cluster, site: str) -> list[int]:
 
 def wait_protected(cluster: Cluster, primary: str) -> None:
     cluster.wait_state("healthy", primary, 90)
+    wait_for(lambda: cluster.status()["protected"] is True, 60, "protected", interval=0.3)
 
 
 def fail_over_and_reprotect(c: Cluster, writer: ModelWriter, cycle: int) -> tuple[int, int,
