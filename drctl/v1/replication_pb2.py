@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64rctl/v1/replication.proto\x12\x08\x64rctl.v1\"\xad\x01\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06volume\x18\x02 \x01(\t\x12\x13\n\x0bvolume_size\x18\x03 \x01(\x04\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\tsource_id\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\r\n\x05group\x18\x07 \x01(\t\x12\x15\n\rgroup_members\x18\x08 \x03(\t\"\xa4\x02\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\ngeneration\x18\x02 \x01(\t\x12\x13\n\x0b\x61pplied_seq\x18\x03 \x01(\x04\x12\x14\n\x0cindex_digest\x18\x04 \x01(\x0c\x12\x14\n\x0creplica_size\x18\x05 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x08\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x11\n\ttarget_id\x18\x08 \x01(\t\x12\x11\n\timage_seq\x18\t \x01(\x04\x12\x12\n\napplied_cp\x18\n \x01(\x04\x12\x0c\n\x04mode\x18\x0b \x01(\t\x12\x10\n\x08\x64iverged\x18\x0c \x01(\x0c\x12\x15\n\rdiverged_base\x18\r \x01(\t\x12\x0f\n\x07\x64\x65moted\x18\x0e \x01(\x08\"\xb3\x02\n\nDeltaBatch\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x0f\n\x07indices\x18\x05 \x03(\x04\x12\r\n\x05kinds\x18\x06 \x01(\x0c\x12\x0e\n\x06hashes\x18\x07 \x03(\x06\x12\x11\n\tcopy_from\x18\x08 \x03(\x04\x12*\n\x0b\x63ompression\x18\t \x01(\x0e\x32\x15.drctl.v1.Compression\x12\x12\n\nraw_length\x18\n \x01(\r\x12\x0f\n\x07payload\x18\x0b \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x0c \x01(\x06\x12\x13\n\x0bvolume_size\x18\r \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x0e \x01(\x08\x12\x0e\n\x06staged\x18\x0f \x01(\x08\x12\n\n\x02\x63p\x18\x10 \x01(\x04\"t\n\x03\x41\x63k\x12#\n\x06status\x18\x01 \x01(\x0e\x32\x13.drctl.v1.AckStatus\x12\x11\n\tacked_seq\x18\x02 \x01(\x04\x12\x14\n\x0crejected_seq\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"7\n\x12\x42lockHashesRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x11\n\tfrom_disk\x18\x02 \x01(\x08\"b\n\x10\x42lockHashesChunk\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\x04\x12\x0e\n\x06hashes\x18\x02 \x01(\x0c\x12\x14\n\x0creplica_size\x18\x03 \x01(\x04\x12\x13\n\x0b\x61pplied_seq\x18\x04 \x01(\x04\">\n\x0c\x46\x65nceRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07release\x18\x03 \x01(\x08\"a\n\rFenceResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\napplied_cp\x18\x02 \x01(\x04\x12\x19\n\x11\x64iscarded_batches\x18\x03 \x01(\x04\x12\x12\n\ngeneration\x18\x04 \x01(\t\",\n\x0c\x43loneRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"P\n\rCloneResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0b\x61pplied_seq\x18\x02 \x01(\x04\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04*f\n\tBlockKind\x12\x1a\n\x16\x42LOCK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOCK_KIND_DATA\x10\x01\x12\x13\n\x0f\x42LOCK_KIND_ZERO\x10\x02\x12\x13\n\x0f\x42LOCK_KIND_COPY\x10\x03*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02*S\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rACK_STATUS_OK\x10\x01\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x02\x32\x81\x03\n\x0bReplication\x12\x44\n\tHandshake\x12\x1a.drctl.v1.HandshakeRequest\x1a\x1b.drctl.v1.HandshakeResponse\x12/\n\x04Push\x12\x14.drctl.v1.DeltaBatch\x1a\r.drctl.v1.Ack(\x01\x30\x01\x12I\n\x0b\x42lockHashes\x12\x1c.drctl.v1.BlockHashesRequest\x1a\x1a.drctl.v1.BlockHashesChunk0\x01\x12\x38\n\x05\x46\x65nce\x12\x16.drctl.v1.FenceRequest\x1a\x17.drctl.v1.FenceResponse\x12\x38\n\x05\x43lone\x12\x16.drctl.v1.CloneRequest\x1a\x17.drctl.v1.CloneResponse\x12<\n\tDropClone\x12\x16.drctl.v1.CloneRequest\x1a\x17.drctl.v1.CloneResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64rctl/v1/replication.proto\x12\x08\x64rctl.v1\"\xc2\x01\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06volume\x18\x02 \x01(\t\x12\x13\n\x0bvolume_size\x18\x03 \x01(\x04\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\tsource_id\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\r\n\x05group\x18\x07 \x01(\t\x12\x15\n\rgroup_members\x18\x08 \x03(\t\x12\x13\n\x0b\x65poch_token\x18\t \x01(\x0c\"\xa4\x02\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\ngeneration\x18\x02 \x01(\t\x12\x13\n\x0b\x61pplied_seq\x18\x03 \x01(\x04\x12\x14\n\x0cindex_digest\x18\x04 \x01(\x0c\x12\x14\n\x0creplica_size\x18\x05 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x08\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x11\n\ttarget_id\x18\x08 \x01(\t\x12\x11\n\timage_seq\x18\t \x01(\x04\x12\x12\n\napplied_cp\x18\n \x01(\x04\x12\x0c\n\x04mode\x18\x0b \x01(\t\x12\x10\n\x08\x64iverged\x18\x0c \x01(\x0c\x12\x15\n\rdiverged_base\x18\r \x01(\t\x12\x0f\n\x07\x64\x65moted\x18\x0e \x01(\x08\"\xb3\x02\n\nDeltaBatch\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x0f\n\x07indices\x18\x05 \x03(\x04\x12\r\n\x05kinds\x18\x06 \x01(\x0c\x12\x0e\n\x06hashes\x18\x07 \x03(\x06\x12\x11\n\tcopy_from\x18\x08 \x03(\x04\x12*\n\x0b\x63ompression\x18\t \x01(\x0e\x32\x15.drctl.v1.Compression\x12\x12\n\nraw_length\x18\n \x01(\r\x12\x0f\n\x07payload\x18\x0b \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x0c \x01(\x06\x12\x13\n\x0bvolume_size\x18\r \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x0e \x01(\x08\x12\x0e\n\x06staged\x18\x0f \x01(\x08\x12\n\n\x02\x63p\x18\x10 \x01(\x04\"t\n\x03\x41\x63k\x12#\n\x06status\x18\x01 \x01(\x0e\x32\x13.drctl.v1.AckStatus\x12\x11\n\tacked_seq\x18\x02 \x01(\x04\x12\x14\n\x0crejected_seq\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"[\n\x12\x42lockHashesRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x11\n\tfrom_disk\x18\x02 \x01(\x08\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\x04\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\"b\n\x10\x42lockHashesChunk\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\x04\x12\x0e\n\x06hashes\x18\x02 \x01(\x0c\x12\x14\n\x0creplica_size\x18\x03 \x01(\x04\x12\x13\n\x0b\x61pplied_seq\x18\x04 \x01(\x04\"S\n\x0c\x46\x65nceRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07release\x18\x03 \x01(\x08\x12\x13\n\x0b\x65poch_token\x18\x04 \x01(\x0c\"a\n\rFenceResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\napplied_cp\x18\x02 \x01(\x04\x12\x19\n\x11\x64iscarded_batches\x18\x03 \x01(\x04\x12\x12\n\ngeneration\x18\x04 \x01(\t\",\n\x0c\x43loneRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"P\n\rCloneResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0b\x61pplied_seq\x18\x02 \x01(\x04\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04*f\n\tBlockKind\x12\x1a\n\x16\x42LOCK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOCK_KIND_DATA\x10\x01\x12\x13\n\x0f\x42LOCK_KIND_ZERO\x10\x02\x12\x13\n\x0f\x42LOCK_KIND_COPY\x10\x03*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02*S\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rACK_STATUS_OK\x10\x01\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x02\x32\x81\x03\n\x0bReplication\x12\x44\n\tHandshake\x12\x1a.drctl.v1.HandshakeRequest\x1a\x1b.drctl.v1.HandshakeResponse\x12/\n\x04Push\x12\x14.drctl.v1.DeltaBatch\x1a\r.drctl.v1.Ack(\x01\x30\x01\x12I\n\x0b\x42lockHashes\x12\x1c.drctl.v1.BlockHashesRequest\x1a\x1a.drctl.v1.BlockHashesChunk0\x01\x12\x38\n\x05\x46\x65nce\x12\x16.drctl.v1.FenceRequest\x1a\x17.drctl.v1.FenceResponse\x12\x38\n\x05\x43lone\x12\x16.drctl.v1.CloneRequest\x1a\x17.drctl.v1.CloneResponse\x12<\n\tDropClone\x12\x16.drctl.v1.CloneRequest\x1a\x17.drctl.v1.CloneResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'drctl.v1.replication_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BLOCKKIND']._serialized_start=1387
-  _globals['_BLOCKKIND']._serialized_end=1489
-  _globals['_COMPRESSION']._serialized_start=1491
-  _globals['_COMPRESSION']._serialized_end=1577
-  _globals['_ACKSTATUS']._serialized_start=1579
-  _globals['_ACKSTATUS']._serialized_end=1662
+  _globals['_BLOCKKIND']._serialized_start=1465
+  _globals['_BLOCKKIND']._serialized_end=1567
+  _globals['_COMPRESSION']._serialized_start=1569
+  _globals['_COMPRESSION']._serialized_end=1655
+  _globals['_ACKSTATUS']._serialized_start=1657
+  _globals['_ACKSTATUS']._serialized_end=1740
   _globals['_HANDSHAKEREQUEST']._serialized_start=41
-  _globals['_HANDSHAKEREQUEST']._serialized_end=214
-  _globals['_HANDSHAKERESPONSE']._serialized_start=217
-  _globals['_HANDSHAKERESPONSE']._serialized_end=509
-  _globals['_DELTABATCH']._serialized_start=512
-  _globals['_DELTABATCH']._serialized_end=819
-  _globals['_ACK']._serialized_start=821
-  _globals['_ACK']._serialized_end=937
-  _globals['_BLOCKHASHESREQUEST']._serialized_start=939
-  _globals['_BLOCKHASHESREQUEST']._serialized_end=994
-  _globals['_BLOCKHASHESCHUNK']._serialized_start=996
-  _globals['_BLOCKHASHESCHUNK']._serialized_end=1094
-  _globals['_FENCEREQUEST']._serialized_start=1096
-  _globals['_FENCEREQUEST']._serialized_end=1158
-  _globals['_FENCERESPONSE']._serialized_start=1160
-  _globals['_FENCERESPONSE']._serialized_end=1257
-  _globals['_CLONEREQUEST']._serialized_start=1259
-  _globals['_CLONEREQUEST']._serialized_end=1303
-  _globals['_CLONERESPONSE']._serialized_start=1305
-  _globals['_CLONERESPONSE']._serialized_end=1385
-  _globals['_REPLICATION']._serialized_start=1665
-  _globals['_REPLICATION']._serialized_end=2050
+  _globals['_HANDSHAKEREQUEST']._serialized_end=235
+  _globals['_HANDSHAKERESPONSE']._serialized_start=238
+  _globals['_HANDSHAKERESPONSE']._serialized_end=530
+  _globals['_DELTABATCH']._serialized_start=533
+  _globals['_DELTABATCH']._serialized_end=840
+  _globals['_ACK']._serialized_start=842
+  _globals['_ACK']._serialized_end=958
+  _globals['_BLOCKHASHESREQUEST']._serialized_start=960
+  _globals['_BLOCKHASHESREQUEST']._serialized_end=1051
+  _globals['_BLOCKHASHESCHUNK']._serialized_start=1053
+  _globals['_BLOCKHASHESCHUNK']._serialized_end=1151
+  _globals['_FENCEREQUEST']._serialized_start=1153
+  _globals['_FENCEREQUEST']._serialized_end=1236
+  _globals['_FENCERESPONSE']._serialized_start=1238
+  _globals['_FENCERESPONSE']._serialized_end=1335
+  _globals['_CLONEREQUEST']._serialized_start=1337
+  _globals['_CLONEREQUEST']._serialized_end=1381
+  _globals['_CLONERESPONSE']._serialized_start=1383
+  _globals['_CLONERESPONSE']._serialized_end=1463
+  _globals['_REPLICATION']._serialized_start=1743
+  _globals['_REPLICATION']._serialized_end=2128
 # @@protoc_insertion_point(module_scope)

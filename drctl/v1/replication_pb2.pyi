@@ -97,6 +97,7 @@ class HandshakeRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     GROUP_MEMBERS_FIELD_NUMBER: _builtins.int
+    EPOCH_TOKEN_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     volume: _builtins.str
     volume_size: _builtins.int
@@ -107,6 +108,11 @@ class HandshakeRequest(_message.Message):
     """Consistency group: volumes whose writes share one order (one change journal on the
     source). The target writes a consistency point into any member only once every member
     holds it, so the replicas are consistent with each other.
+    """
+    epoch_token: _builtins.bytes
+    """A token the failover controller signed granting this epoch for this volume to this
+    source's site (see docs/security.md); a target raises a replica's epoch only on a valid
+    one. Empty: the source claims no epoch above the replica's.
     """
     @_builtins.property
     def group_members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -121,10 +127,11 @@ class HandshakeRequest(_message.Message):
         epoch: _builtins.int = ...,
         group: _builtins.str = ...,
         group_members: _abc.Iterable[_builtins.str] | None = ...,
+        epoch_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "epoch", b"epoch", "group", b"group", "group_members", b"group_members", "protocol_version", b"protocol_version", "source_id", b"source_id", "volume", b"volume", "volume_size", b"volume_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "epoch", b"epoch", "epoch_token", b"epoch_token", "group", b"group", "group_members", b"group_members", "protocol_version", b"protocol_version", "source_id", b"source_id", "volume", b"volume", "volume_size", b"volume_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -331,18 +338,27 @@ class BlockHashesRequest(_message.Message):
 
     VOLUME_FIELD_NUMBER: _builtins.int
     FROM_DISK_FIELD_NUMBER: _builtins.int
+    FIRST_BLOCK_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     from_disk: _builtins.bool
     """re-read the replica instead of trusting the index"""
+    first_block: _builtins.int
+    """A range (a background verify reads the replica a little at a time): blocks
+    [first_block, first_block + count); count 0: to the end.
+    """
+    count: _builtins.int
     def __init__(
         self,
         *,
         volume: _builtins.str = ...,
         from_disk: _builtins.bool = ...,
+        first_block: _builtins.int = ...,
+        count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_disk", b"from_disk", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_block", b"first_block", "from_disk", b"from_disk", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -384,22 +400,26 @@ class FenceRequest(_message.Message):
     VOLUME_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    EPOCH_TOKEN_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     epoch: _builtins.int
     release: _builtins.bool
     """Promotion at this site: after fencing, the target closes the replica and refuses to
     serve it (it is this site's primary volume now) until it is demoted again.
     """
+    epoch_token: _builtins.bytes
+    """as in HandshakeRequest: required to raise the epoch"""
     def __init__(
         self,
         *,
         volume: _builtins.str = ...,
         epoch: _builtins.int = ...,
         release: _builtins.bool = ...,
+        epoch_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "release", b"release", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "epoch_token", b"epoch_token", "release", b"release", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
