@@ -42,7 +42,7 @@ def config(work: str, cluster: str, etcd: EtcdServer, dns: list[NamedServer]) ->
         fh.write(f'key "{dns[0].key_name}" {{ algorithm hmac-sha256; '
                  f'secret "{dns[0].secret}"; }};\n')
     servers = [f"127.0.0.1:{n.port}" for n in dns]
-    cfg = {"cluster": cluster, "etcd": [f"127.0.0.1:{etcd.client_port}"], "lease_ttl": 2,
+    cfg = {"cluster": cluster, "etcd": etcd.etcd_config(), "lease_ttl": 2,
            "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
            "services": {"app": {
                "primary": "east", "replica": "west",
@@ -100,7 +100,7 @@ def trial(kind: str, n: int, work: str, etcd: EtcdServer, dns: list[NamedServer]
 
 
 async def _request(etcd: EtcdServer, cfg: str, cluster: str) -> None:
-    store = EtcdStore([etcd.endpoint])
+    store = EtcdStore([etcd.endpoint], credentials=etcd.credentials())
     try:
         rec = CommandRecord(Command.SWITCHOVER, None, "bench", time.time())
         await store.create(command_key(f"/drctl/{cluster}/", "app"), rec.encode())

@@ -12,8 +12,14 @@ import sys
 
 from drctl.logsetup import setup_logging
 
+# gRPC's C core writes its own lines to stderr (a failed TLS handshake with etcd, say), which
+# drctl reports as one line of its own. Read when grpc is first imported, so set here, before
+# any subcommand imports it; GRPC_VERBOSITY=INFO (or DEBUG) in the environment brings it back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from drctl import certs_cli
     from failover import cli as failover_cli
     from replicator import cli as replicate_cli
     from runbooks import cli as runbook_cli
@@ -27,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     failover_cli.add_parsers(sub)
     sites_cli.add_parser(sub)
     runbook_cli.add_parser(sub)
+    certs_cli.add_parser(sub)
     return parser
 
 
@@ -42,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ReplicatorError, FailoverError) as exc:
         print(f"drctl: error [{exc.code}]: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        # certificates and keys (drctl/pki.py): only raised once that module is loaded, so
+        # commands that never touch one do not import cryptography for this clause
+        pki = sys.modules.get("drctl.pki")
+        if pki is None or not isinstance(exc, pki.PkiError):
+            raise
+        print(f"drctl: error [{exc.code}]: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
     except KeyboardInterrupt:
         return 130
     return code

@@ -15,6 +15,10 @@ demo runs the lifecycle and prints each phase (the page shows it too):
 
 Afterwards the page's buttons (Failover, Switchover, Failback, Drill, Retry, Cancel) work by
 hand. Runs until Ctrl-C (or DEMO_SECONDS), then stops everything by PID.
+
+Replication runs over mutual TLS: the demo makes a deployment CA (`drctl certs init`) with
+certificates for east, west and the API's drills (operator ``api``), and the controller signs
+the epoch tokens (docs/security.md).
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import secrets
 import shutil
 import signal
 import subprocess
@@ -34,6 +37,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from drctl.localservers import EtcdServer, NamedServer, free_port, wait_port
+from failover.api.users import add_user
 
 DRCTL = [sys.executable, "-m", "drctl"]
 
@@ -44,24 +48,39 @@ class DemoCluster:
     test)."""
 
     work: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="drctl-demo-"))
-    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    token: str = ""  # the API user "admin" (role admin): made by start()
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     etcd: EtcdServer | None = None
     named: NamedServer | None = None
     api_port: int = 0
+    tls_dir: str = ""  # the deployment's CA and certificates (made by start())
     _stop_writer: threading.Event = field(default_factory=threading.Event)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}/"
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         log = open(os.path.join(self.work, f"{name}.log"), "ab")
-        self.procs[name] = subprocess.Popen([*DRCTL, "--log-level", "INFO", *args],
-                                            stdout=log, stderr=log)
+        self.procs[name] = subprocess.Popen(
+            [*DRCTL, "--log-level", "INFO", *args], stdout=log, stderr=log,
+            env={**os.environ, "DRCTL_AUDIT_FILE": os.path.join(self.work, "audit.jsonl"),
+                 **(env or {})})
         log.close()
 
+    def _certificates(self) -> None:
+        """The deployment's CA, the sites' certificates (valid for 127.0.0.1: everything
+        runs on loopback) and the API's, for drills (docs/security.md)."""
+        from drctl.pki import Identity, init, issue
+
+        self.tls_dir = os.path.join(self.work, "tls")
+        init(self.tls_dir, "demo")
+        for site in ("east", "west"):
+            issue(self.tls_dir, Identity("site", site), ("127.0.0.1", "localhost"))
+        issue(self.tls_dir, Identity("operator", "api"))
+
     def start(self) -> DemoCluster:
+        self._certificates()
         self.etcd = EtcdServer().start()
         self.named = NamedServer().start()
         key = os.path.join(self.work, "tsig.key")
@@ -81,7 +100,7 @@ class DemoCluster:
                 fh.write(rng.randbytes(1 << 20) if i % 3 else bytes(1 << 20))
         runbook = {
             "kind": "drctl-runbook", "version": 1, "cluster": "demo", "lease_ttl": 2,
-            "etcd": [f"127.0.0.1:{self.etcd.client_port}"],
+            "etcd": self.etcd.etcd_config(),  # TLS, user drctl (password file 0600)
             "sites": {s: {"address": a, "data_dir": os.path.join(self.work, s, "data"),
                           "endpoints": {"replication":
                                         f"127.0.0.1:{self.ports[s]['replication']}"}}
@@ -109,18 +128,19 @@ class DemoCluster:
         for site in ("east", "west"):
             self.start_agent(site)
         self._spawn("controller", ["controller", "--config", self.config, "--metrics-port",
-                                   str(cmetrics)])
-        token_file = os.path.join(self.work, "api.token")
-        with open(token_file, "w") as fh:
-            fh.write(self.token)
+                                   str(cmetrics), "--tls-dir", self.tls_dir])
+        users = os.path.join(self.work, "api-users.json")
+        self.token = add_user(users, "admin", "admin")
         self._spawn("api", ["api", "--config", self.config, "--listen",
-                            f"127.0.0.1:{self.api_port}", "--token-file", token_file])
+                            f"127.0.0.1:{self.api_port}", "--users", users, "--insecure"],
+                    {"DRCTL_TLS_DIR": self.tls_dir, "DRCTL_TLS_AS": "operator/api"})
         wait_port(self.api_port)
         threading.Thread(target=self._writer, daemon=True).start()
         return self
 
     def start_agent(self, site: str) -> None:
-        self._spawn(f"agent-{site}", ["agent", "--config", self.config, "--site", site])
+        self._spawn(f"agent-{site}", ["agent", "--config", self.config, "--site", site,
+                                      "--tls-dir", self.tls_dir])
 
     def kill_agent(self, site: str) -> None:
         """The site is lost: its agent dies (kill -9) and its data path with it."""

@@ -8,14 +8,19 @@ prometheus 2.42). A missing binary raises MissingBinary (the tests turn it into 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from typing import Any
+
+from failover.coordination.credentials import EtcdCredentials
 
 
 class MissingBinary(RuntimeError):
@@ -76,27 +81,145 @@ def require(binary: str) -> str:
     return path
 
 
-class EtcdServer:
-    """A single-member etcd with fast elections (10 ms heartbeat, 100 ms election)."""
+class EtcdSecurity:
+    """What an EtcdServer or EtcdCluster needs to serve clients over TLS with authentication:
+    its own CA (drctl/pki.py), a server certificate for 127.0.0.1 (also valid as a client
+    certificate: etcd's gateway dials itself with it), a client certificate for the user
+    ``drctl``, and the passwords (a file of mode 0600 in the server's directory)."""
 
-    def __init__(self) -> None:
+    USER = "drctl"
+    PREFIX = "/drctl/"  # all the drctl user's role may read and write
+
+    def __init__(self, directory: str, client_cert_auth: bool = False) -> None:
+        from drctl import pki
+
+        self.dir = directory
+        self.client_cert_auth = client_cert_auth
+        # A deployment CA (drctl certs): etcd's certificate is a "site" one (server and client
+        # auth, SAN 127.0.0.1), the client's an "operator" one with CN=drctl
+        ca_dir = os.path.join(directory, "pki")
+        self.ca = pki.init(ca_dir, "etcd-test").ca_cert
+        self.server_cert, self.server_key = pki.issue(ca_dir, pki.Identity("site", "etcd"),
+                                                      hosts=("127.0.0.1", "localhost"))
+        self.client_cert, self.client_key = pki.issue(ca_dir,
+                                                      pki.Identity("operator", self.USER))
+        self.password_file = os.path.join(directory, "drctl.password")
+        self.root_password = secrets.token_urlsafe(18)
+        self.password = secrets.token_urlsafe(18)
+        _write_secret(self.password_file, self.password + "\n")
+        self.auth_enabled = False
+
+    def flags(self, port: int) -> list[str]:
+        """etcd's client listener flags: TLS on; client certificates required only with
+        ``client_cert_auth`` (etcd requires them whenever --trusted-ca-file is given)."""
+        url = f"https://127.0.0.1:{port}"
+        out = ["--listen-client-urls", url, "--advertise-client-urls", url,
+               "--cert-file", self.server_cert, "--key-file", self.server_key]
+        if self.client_cert_auth:
+            out += ["--client-cert-auth", "--trusted-ca-file", self.ca]
+        return out
+
+    def healthy(self, port: int) -> bool:
+        ctx = ssl.create_default_context(cafile=self.ca)
+        ctx.load_cert_chain(self.server_cert, self.server_key)
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=1,
+                                        context=ctx) as r:
+                return b'"true"' in r.read()
+        except OSError:
+            return False
+
+    def enable_auth(self, port: int) -> None:
+        """Once per data directory: root, the drctl role (readwrite on /drctl/) and user, then
+        authentication on (etcd's own RPCs, as etcdctl user/role/auth would send them)."""
+        if self.auth_enabled:
+            return
+        import grpc
+        from aetcd.rpc import auth_pb2, rpc_pb2, rpc_pb2_grpc
+
+        with open(self.ca, "rb") as a, open(self.server_key, "rb") as k, \
+                open(self.server_cert, "rb") as c:
+            creds = grpc.ssl_channel_credentials(a.read(), k.read(), c.read())
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+            auth = rpc_pb2_grpc.AuthStub(channel)
+            perm = auth_pb2.Permission(permType=auth_pb2.Permission.READWRITE,
+                                       key=self.PREFIX.encode(),
+                                       range_end=self.PREFIX[:-1].encode() + b"0")
+            for call, request in (
+                    (auth.UserAdd, rpc_pb2.AuthUserAddRequest(name="root",
+                                                              password=self.root_password)),
+                    (auth.UserGrantRole, rpc_pb2.AuthUserGrantRoleRequest(user="root",
+                                                                          role="root")),
+                    (auth.RoleAdd, rpc_pb2.AuthRoleAddRequest(name=self.USER)),
+                    (auth.RoleGrantPermission, rpc_pb2.AuthRoleGrantPermissionRequest(
+                        name=self.USER, perm=perm)),
+                    (auth.UserAdd, rpc_pb2.AuthUserAddRequest(name=self.USER,
+                                                              password=self.password)),
+                    (auth.UserGrantRole, rpc_pb2.AuthUserGrantRoleRequest(user=self.USER,
+                                                                          role=self.USER)),
+                    (auth.AuthEnable, rpc_pb2.AuthEnableRequest())):
+                call(request, timeout=10)
+        self.auth_enabled = True
+
+    def etcd_config(self, endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"endpoints": [f"{h}:{p}" for h, p in endpoints],
+                               "user": self.USER, "password_file": self.password_file,
+                               "ca": self.ca}
+        if self.client_cert_auth:
+            out.update(cert=self.client_cert, key=self.client_key)
+        return out
+
+    def credentials(self) -> EtcdCredentials:
+        return EtcdCredentials(self.USER, self.password_file, None, self.ca,
+                               self.client_cert if self.client_cert_auth else None,
+                               self.client_key if self.client_cert_auth else None).resolved()
+
+
+def _write_secret(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+class EtcdServer:
+    """A single-member etcd with fast elections (10 ms heartbeat, 100 ms election).
+
+    By default it serves clients over TLS with authentication on (EtcdSecurity: its own CA,
+    a ``drctl`` user allowed /drctl/ only); ``etcd_config()`` is the ``etcd:`` value for a
+    runbook or cluster.yaml and ``credentials()`` the same for an EtcdStore.
+    ``secure=False``: plain gRPC without authentication (as before)."""
+
+    def __init__(self, secure: bool = True, client_cert_auth: bool = False) -> None:
         self.binary = require("etcd")
         self.dir = tempfile.mkdtemp(prefix="drctl-etcd-")
         self.client_port = _free_port()
         self.peer_port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.security = EtcdSecurity(self.dir, client_cert_auth) if secure else None
 
     @property
     def endpoint(self) -> tuple[str, int]:
         return ("127.0.0.1", self.client_port)
 
+    def etcd_config(self) -> dict[str, Any] | list[str]:
+        """The ``etcd:`` value of a runbook or cluster.yaml that reaches this server."""
+        if self.security is None:
+            return [f"127.0.0.1:{self.client_port}"]
+        return self.security.etcd_config([self.endpoint])
+
+    def credentials(self) -> EtcdCredentials | None:
+        """What an EtcdStore needs for this server (None: none needed)."""
+        return self.security.credentials() if self.security is not None else None
+
     def start(self, timeout: float = 20.0) -> EtcdServer:
         c, p = self.client_port, self.peer_port
+        client = (self.security.flags(c) if self.security is not None else
+                  ["--listen-client-urls", f"http://127.0.0.1:{c}",
+                   "--advertise-client-urls", f"http://127.0.0.1:{c}"])
         log = open(os.path.join(self.dir, "etcd.log"), "ab")
         self.proc = subprocess.Popen(
             [self.binary, "--name", "t0", "--data-dir", os.path.join(self.dir, "data"),
-             "--listen-client-urls", f"http://127.0.0.1:{c}",
-             "--advertise-client-urls", f"http://127.0.0.1:{c}",
+             *client,
              "--listen-peer-urls", f"http://127.0.0.1:{p}",
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{p}",
              "--initial-cluster", f"t0=http://127.0.0.1:{p}", "--initial-cluster-state", "new",
@@ -108,12 +231,10 @@ class EtcdServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited early: {self.log()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{c}/health", timeout=1) as r:
-                    if b'"true"' in r.read():
-                        return self
-            except OSError:
-                pass
+            if _healthy(self.security, c):
+                if self.security is not None:
+                    self.security.enable_auth(c)
+                return self
             time.sleep(0.02)
         raise TimeoutError(f"etcd not healthy after {timeout}s: {self.log()[-2000:]}")
 
@@ -130,6 +251,16 @@ class EtcdServer:
         if self.proc is not None:
             _stop_pid(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _healthy(security: EtcdSecurity | None, port: int) -> bool:
+    if security is not None:
+        return security.healthy(port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            return b'"true"' in r.read()
+    except OSError:
+        return False
 
 
 NAMED_CONF = """options {{
@@ -222,29 +353,42 @@ class NamedServer:
 
 
 class EtcdCluster:
-    """Three etcd members on loopback (fast elections), each its own process."""
+    """Three etcd members on loopback (fast elections), each its own process; TLS and
+    authentication as EtcdServer (``secure=False``: neither)."""
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, secure: bool = True) -> None:
         self.binary = require("etcd")
         self.dir = tempfile.mkdtemp(prefix="drctl-etcd3-")
         self.names = [f"m{i}" for i in range(size)]
         self.client_ports = [_free_port() for _ in self.names]
         self.peer_ports = [_free_port() for _ in self.names]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.security = EtcdSecurity(self.dir) if secure else None
 
     @property
     def endpoints(self) -> list[tuple[str, int]]:
         return [("127.0.0.1", p) for p in self.client_ports]
 
+    def etcd_config(self) -> dict[str, Any] | list[str]:
+        """The ``etcd:`` value of a runbook or cluster.yaml that reaches every member."""
+        if self.security is None:
+            return [f"{h}:{p}" for h, p in self.endpoints]
+        return self.security.etcd_config(self.endpoints)
+
+    def credentials(self) -> EtcdCredentials | None:
+        return self.security.credentials() if self.security is not None else None
+
     def _start_member(self, i: int, state: str) -> None:
         name, c, p = self.names[i], self.client_ports[i], self.peer_ports[i]
         cluster = ",".join(f"{n}=http://127.0.0.1:{pp}"
                            for n, pp in zip(self.names, self.peer_ports, strict=True))
+        client = (self.security.flags(c) if self.security is not None else
+                  ["--listen-client-urls", f"http://127.0.0.1:{c}",
+                   "--advertise-client-urls", f"http://127.0.0.1:{c}"])
         log = open(os.path.join(self.dir, f"{name}.log"), "ab")
         self.procs[name] = subprocess.Popen(
             [self.binary, "--name", name, "--data-dir", os.path.join(self.dir, name),
-             "--listen-client-urls", f"http://127.0.0.1:{c}",
-             "--advertise-client-urls", f"http://127.0.0.1:{c}",
+             *client,
              "--listen-peer-urls", f"http://127.0.0.1:{p}",
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{p}",
              "--initial-cluster", cluster, "--initial-cluster-state", state,
@@ -259,16 +403,12 @@ class EtcdCluster:
             self._start_member(i, "new")
         deadline = time.monotonic() + timeout
         for c in self.client_ports:
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{c}/health", timeout=1) as r:
-                        if b'"true"' in r.read():
-                            break
-                except OSError:
-                    pass
+            while not _healthy(self.security, c):
                 if time.monotonic() > deadline:
                     raise TimeoutError("etcd cluster not healthy")
                 time.sleep(0.05)
+        if self.security is not None:
+            self.security.enable_auth(self.client_ports[0])
         return self
 
     def kill9(self, i: int) -> None:

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+from failover.audit import AuditLog
 from failover.config import ClusterConfig, ServiceConfig
 from failover.coordination.base import CoordinationStore, Snapshot
 from failover.coordination.feed import ChangeFeed
@@ -28,6 +29,7 @@ from failover.records import (
     Heartbeat,
     ServiceHealth,
     ServiceRecord,
+    audit_prefix,
     heartbeat_key,
     service_record,
     state_key,
@@ -66,6 +68,8 @@ class SiteAgent:
         self.lag_url = lag_url
         self.roles: dict[str, Role] = {s: Role() for s in config.services}
         self.keeper: LeaseKeeper | None = None
+        self.audit: AuditLog | None = None  # set by `drctl agent`: role changes are recorded
+        self._failures: set[tuple[str, str, int]] = set()  # (service, role, epoch) recorded
 
     def _services(self) -> list[ServiceConfig]:
         return [s for s in self.config.services.values() if self.site in (s.primary, s.replica)]
@@ -107,7 +111,8 @@ class SiteAgent:
         await self.keeper.revoke()  # a clean stop: the heartbeat goes away at once
 
     async def tick(self) -> None:
-        snap = await self.store.snapshot(self.config.prefix)
+        snap = await self.store.snapshot_without(self.config.prefix,
+                                                 audit_prefix(self.config.prefix))
         hb = Heartbeat(self.site, time.time())
         for svc in self._services():
             rec = self.record(snap, svc)
@@ -139,10 +144,21 @@ class SiteAgent:
         want = self.wanted(rec)
         if want == mine.role and rec.epoch == mine.epoch:
             return
+        change = {"from": mine.role, "to": want, "from_epoch": mine.epoch, "epoch": rec.epoch}
         if await self.change_role(svc, rec, mine.role, want):
             log.info("site %s: service %s is %s at epoch %d", self.site, svc.name, want,
                      rec.epoch)
             self.roles[svc.name] = Role(want, rec.epoch)
+            await self._audit("agent.role_change", svc.name, change, "done")
+        elif (svc.name, want, rec.epoch) not in self._failures:  # retried each tick: once
+            self._failures.add((svc.name, want, rec.epoch))
+            await self._audit("agent.role_change", svc.name, change,
+                              "failed (a hook or the data path): retrying")
+
+    async def _audit(self, action: str, service: str, params: dict[str, object],
+                     outcome: str) -> None:
+        if self.audit is not None:
+            await self.audit.try_append(f"site:{self.site}", action, service, params, outcome)
 
     async def change_role(self, svc: ServiceConfig, rec: ServiceRecord, old: str,
                           want: str) -> bool:
@@ -166,12 +182,16 @@ class SiteAgent:
         return ok
 
     async def fence_all(self, why: str) -> None:
+        fenced = []
         for svc in self._services():
             mine = self.roles[svc.name]
             if mine.role == "primary":
                 log.warning("site %s: fencing %s: %s", self.site, svc.name, why)
                 await self.self_fence(svc, mine.epoch)
                 self.roles[svc.name] = Role("fenced", mine.epoch)
+                fenced.append((svc.name, mine.epoch))
+        for name, epoch in fenced:  # after every fence: etcd may well be out of reach
+            await self._audit("agent.self_fence", name, {"epoch": epoch}, why)
 
     async def self_fence(self, svc: ServiceConfig, epoch: int) -> None:
         """Stop writing for ``svc`` at once (the lease is about to be lost)."""

@@ -4,7 +4,8 @@ Unknown keys are errors; every error names the file, the line and the field. Tim
 invariants are checked here, not silently adjusted.
 
     cluster: demo
-    etcd: [127.0.0.1:2379]
+    etcd: [127.0.0.1:2379]       # or {endpoints: [...], user:, password_file:|password_env:,
+                                 #     ca:, cert:, key:} (failover/coordination/credentials.py)
     lease_ttl: 2                 # heartbeat and leader leases (s)
     sites:
       east: {address: 10.0.0.1, health_url: http://10.0.0.1:8080/health}
@@ -32,6 +33,8 @@ from typing import Any
 import yaml
 
 from drctl.yamlstrict import DuplicateKeyError, LineDict, load_yaml, yaml_error_line
+from failover.coordination import credentials
+from failover.coordination.credentials import CredentialsError, EtcdCredentials
 from failover.dns.rfc2136 import RecordSet, Server, TsigKey
 from failover.errors import FailoverError
 from failover.fsm import Policy
@@ -137,6 +140,9 @@ class ServiceConfig:
     policy: Policy
     dns: DnsConfig | None
     hooks: Hooks
+    # the volumes replicated for it (from a runbook): named in the epoch tokens the
+    # controller signs (drctl/epochtoken.py)
+    volumes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,7 @@ class ClusterConfig:
     lease_ttl: int
     sites: dict[str, Site]
     services: dict[str, ServiceConfig] = field(default_factory=dict)
+    etcd_credentials: EtcdCredentials = field(default_factory=EtcdCredentials)  # resolved
 
     @property
     def prefix(self) -> str:
@@ -171,7 +178,7 @@ def load(path: str) -> ClusterConfig:
     ttl = r.number(top, "lease_ttl", "", 2, minimum=1)
     if ttl != int(ttl):
         raise r.fail(top, "lease_ttl", "", "must be a whole number of seconds")
-    etcd = tuple((s.host, s.port) for s in r.hostports(top, "etcd", "", 2379))
+    etcd, etcd_credentials = _etcd(r, top)
     sites_node = r.mapping(top["sites"], "sites", set(top["sites"] or {}))
     sites = {}
     for name, node in sites_node.items():
@@ -184,7 +191,26 @@ def load(path: str) -> ClusterConfig:
     for name, node in (r.mapping(top.get("services") or {}, "services",
                                  set(top.get("services") or {}))).items():
         services[name] = _service(r, name, node, sites, int(ttl))
-    return ClusterConfig(path, r.string(top, "cluster", ""), etcd, int(ttl), sites, services)
+    return ClusterConfig(path, r.string(top, "cluster", ""), etcd, int(ttl), sites, services,
+                         etcd_credentials)
+
+
+def _etcd(r: _Reader, top: dict[str, Any]) -> tuple[tuple[tuple[str, int], ...],
+                                                     EtcdCredentials]:
+    """``etcd:``, a list of HOST:PORT or a mapping with endpoints: and credentials; the
+    password and TLS files are read now (a password file others can read is refused)."""
+    value = top["etcd"]
+    if not isinstance(value, dict):
+        return tuple((s.host, s.port) for s in r.hostports(top, "etcd", "", 2379)), \
+            EtcdCredentials()
+    _, creds, problems = credentials.parse(value)
+    for key, message in problems:
+        raise r.fail(value, key, "etcd", message) if key else r.fail(top, "etcd", "", message)
+    endpoints = tuple((s.host, s.port) for s in r.hostports(value, "endpoints", "etcd", 2379))
+    try:
+        return endpoints, creds.resolved()
+    except CredentialsError as exc:
+        raise r.fail(value, exc.field, "etcd", str(exc)) from None
 
 
 def _service(r: _Reader, name: str, node: Any, sites: dict[str, Site],

@@ -17,8 +17,10 @@ import time
 import urllib.request
 from dataclasses import dataclass, replace
 
+from drctl.epochtoken import Signer
+from failover.audit import AuditLog
 from failover.config import ClusterConfig, ServiceConfig
-from failover.coordination.base import CoordinationStore, Snapshot
+from failover.coordination.base import CoordinationStore, Entry, Snapshot
 from failover.coordination.feed import ChangeFeed
 from failover.dns.rfc2136 import DnsUpdater
 from failover.errors import (
@@ -36,6 +38,7 @@ from failover.records import (
     Operation,
     ServiceHealth,
     ServiceRecord,
+    audit_prefix,
     command_key,
     heartbeat_key,
     leader_key,
@@ -67,6 +70,10 @@ class Controller:
         self.metrics = metrics
         self.node = node or f"{os.uname().nodename}-{os.getpid()}"
         self.interval = max(0.1, config.lease_ttl / 4)
+        self.audit: AuditLog | None = None  # set by `drctl controller`: one record a decision
+        # set by `drctl controller --tls-dir`: the epoch tokens in the records are signed
+        self.signer: Signer | None = None
+        self.leader_since: float | None = None  # monotonic: when _lead() began (_judging)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -99,6 +106,7 @@ class Controller:
                 await leadership.keeper.revoke()
 
     async def _lead(self, stop: asyncio.Event) -> None:
+        self.leader_since = time.monotonic()
         feed = ChangeFeed(self.store, self.config.prefix)
         follow = asyncio.create_task(feed.run())
         try:
@@ -115,7 +123,8 @@ class Controller:
     # -- one tick --------------------------------------------------------------------------
 
     async def tick(self) -> list[CycleResult]:
-        snap = await self.store.snapshot(self.config.prefix)
+        snap = await self.store.snapshot_without(self.config.prefix,
+                                                 audit_prefix(self.config.prefix))
         now = time.time()
         results = [await self._service(snap, svc, now) for svc in self.config.services.values()]
         if self.metrics is not None:
@@ -123,6 +132,22 @@ class Controller:
                 hb = self._heartbeat(snap, site)
                 self.metrics.heartbeat(site, hb.at if hb else None)
         return results
+
+    def _judging(self) -> bool:
+        """May a missing primary heartbeat be judged lost? Not in a new leader's first lease
+        TTL: a key absent then may be an agent still registering (a cluster starting up);
+        any agent alive holds its key by the TTL's end."""
+        return (self.leader_since is None
+                or time.monotonic() - self.leader_since >= self.config.lease_ttl)
+
+    def _unjudged(self, d: Decision, rec: ServiceRecord, primary_hb: Heartbeat | None,
+                  ) -> Decision:
+        """``d``, unless it is a move to primary_suspect on an absence not judged yet."""
+        if (primary_hb is not None or d.next_state is not State.PRIMARY_SUSPECT
+                or d.state is State.PRIMARY_SUSPECT or self._judging()):
+            return d
+        return Decision(d.state, d.state, Action.NONE, f"{d.state}: no heartbeat from "
+                        f"{rec.primary} yet (a new leader judges after one lease TTL)")
 
     def _record(self, snap: Snapshot, svc: ServiceConfig) -> tuple[ServiceRecord, int]:
         key = state_key(self.config.prefix, svc.name)
@@ -147,7 +172,7 @@ class Controller:
         replica_hb = self._heartbeat(snap, rec.replica)
         if primary_hb is not None:
             rec.primary_lost_since = None
-        elif rec.primary_lost_since is None:
+        elif rec.primary_lost_since is None and self._judging():
             rec.primary_lost_since = now
         protected, barrier = _observe(rec, svc.name, primary_hb, replica_hb)
         view = ServiceView(
@@ -172,6 +197,7 @@ class Controller:
             decision = decide(replace(view, command=Command.NONE))
             decision = replace(decision, refused=True, message=f"{decision.message}; {refusal}")
             cmd = None
+        decision = self._unjudged(decision, rec, primary_hb)
         await self._act(decision, rec, svc, cmd, now)
         if decision.changes and self.metrics is not None:
             self.metrics.transitions.labels(svc.name, decision.next_state.value).inc()
@@ -195,9 +221,26 @@ class Controller:
         if not written:
             return CycleResult(svc.name, rec.state, Action.NONE,
                                "record changed under us: deciding again next tick", False)
+        await self._audit(decision, rec, svc.name, cmd_entry)
         if self.metrics is not None:
             self.metrics.service(svc.name, rec.state, rec.epoch, rec.last_lag_seconds)
         return CycleResult(svc.name, rec.state, decision.action, decision.message, notable)
+
+    async def _audit(self, d: Decision, rec: ServiceRecord, service: str,
+                     cmd_entry: Entry | None) -> None:
+        """One audit record per decision that moves the service or refuses a command."""
+        if self.audit is None or not d.consumes_command:
+            return
+        asked = CommandRecord.decode(cmd_entry.value) if cmd_entry is not None else None
+        await self.audit.try_append(
+            f"controller:{self.node}", "controller.refuse" if not d.changes
+            else "controller.transition" if d.action is Action.NONE
+            else f"controller.{d.action}", service,
+            {"from": d.state.value, "to": d.next_state.value, "epoch": rec.epoch,
+             "primary": rec.primary, "replica": rec.replica,
+             "command": asked.command.value if asked else None,
+             "command_target": asked.target if asked else None,
+             "operation": asked.id if asked else None}, d.message)
 
     async def _step_done(self, rec: ServiceRecord, snap: Snapshot, svc: ServiceConfig) -> bool:
         op = rec.operation
@@ -274,6 +317,19 @@ class Controller:
             rec.replica_consistent = False  # the former primary is overwritten block by block
         elif d.state is State.RESYNCING and d.next_state is State.HEALTHY:
             rec.operation = None  # a retried resync's record
+        self._grant(rec, svc)
+
+    def _grant(self, rec: ServiceRecord, svc: ServiceConfig) -> None:
+        """Sign the epoch's grant to the site that is primary at it (the failover's target
+        from the moment the epoch is bumped), again whenever the stored token is missing,
+        for other fields or from another key (a rotation)."""
+        if self.signer is None or not svc.volumes:
+            return
+        op = rec.operation
+        site = (op.target if op is not None and op.kind in ("failover", "switchover")
+                and rec.primary == op.source else rec.primary)
+        if not self.signer.current(rec.epoch_token, svc.name, svc.volumes, site, rec.epoch):
+            rec.epoch_token = self.signer.sign(svc.name, svc.volumes, site, rec.epoch)
 
     async def _rewrite_dns(self, rec: ServiceRecord, svc: ServiceConfig) -> None:
         op = rec.operation

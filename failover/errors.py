@@ -26,6 +26,16 @@ class StoreUnavailableError(FailoverError, ConnectionError):
     exit_code = 69
 
 
+class StoreRefusedError(FailoverError, PermissionError):
+    """etcd answered and refused us: no or wrong credentials, a role without permission on
+    the cluster's prefix, or a TLS handshake that failed (untrusted certificate, TLS expected).
+    Retrying does not help; the configuration's ``etcd:`` must change."""
+
+    code = "store_refused"
+    http_status = 503
+    exit_code = 77  # EX_NOPERM
+
+
 class CompactedError(FailoverError):
     """A watch asked for history etcd has compacted away; re-read a snapshot and watch on."""
 
@@ -70,6 +80,6 @@ class DnsVerifyTimeout(FailoverError, TimeoutError):
 
 
 ALL_ERRORS: tuple[type[FailoverError], ...] = (
-    FailoverError, StoreUnavailableError, CompactedError, LeaseLostError, InvalidTransition,
-    DnsUpdateRefused, DnsVerifyTimeout,
+    FailoverError, StoreUnavailableError, StoreRefusedError, CompactedError, LeaseLostError,
+    InvalidTransition, DnsUpdateRefused, DnsVerifyTimeout,
 )

@@ -1,12 +1,20 @@
 """Lease keepalive, written once, and leader election on top of it.
 
-A ``LeaseKeeper`` refreshes its lease every ttl/3. It keeps a *local* deadline on the monotonic
-clock, shorter than the TTL (3/4 of it): if no refresh has succeeded by then, the lease is
-treated as lost before etcd could have expired it, so leader-only work (and a site's writes)
-stop first. A refresh that fails for any reason after the deadline, or that finds the lease
-gone, sets ``lost``; nothing renews a lost lease. After a suspend the monotonic clock has moved
-past the deadline, so the keeper gives up without trusting the old lease (etcd's TTL is the
-authority).
+A ``LeaseKeeper`` refreshes its lease every ttl/3 (counted from when the last successful
+refresh was sent), and at once again after a refresh that failed or outlived its ttl/6 budget.
+It keeps a *local* deadline on the monotonic clock, shorter than the TTL (3/4 of it): if no
+refresh has succeeded by then, the lease is treated as lost before etcd could have expired it,
+so leader-only work (and a site's writes) stop first. A refresh still in flight at the deadline
+is abandoned; one that finds the lease gone sets ``lost`` at once; nothing renews a lost lease.
+After a suspend the monotonic clock has moved past the deadline, so the keeper gives up without
+trusting the old lease (etcd's TTL is the authority).
+
+With etcd the keepalive runs on a thread of its own with its own loop and etcd channel
+(keeper_thread.py), so a holder whose event loop is busy (hashing, scrapes, DNS, children) does
+not lose its lease; ``lost`` is set on the holder's loop (call_soon_threadsafe).
+
+Logging: INFO once a minute, the keeper's timings (scheduling delay: how late a refresh woke;
+round trip); WARNING a failed refresh (retried) and a lost lease.
 
 ``Election.campaign()`` is create-if-absent of the leader key with our lease; losers wait for
 the key to go away and try again. ``Leadership.scope()`` runs leader-only work in a task group
@@ -18,10 +26,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 
 from failover.coordination.base import CoordinationStore, Lease
 from failover.errors import FailoverError, LeaseLostError, StoreUnavailableError
+from failover.keeper_thread import KeeperThread, lease_on, store_factory
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +45,47 @@ def check_timings(ttl: float, heartbeat_interval: float, retry_timeout: float) -
             " outlive the lease and the holder loses it while healthy")
 
 
+class KeeperTimings:
+    """How late the keeper's refreshes woke after they were due (scheduling delay) and how
+    long they took (round trip), per window; ``summary()`` states a window and starts the
+    next."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.delays: list[float] = []
+        self.trips: list[float] = []
+        self.failed = 0
+        self.started = time.monotonic()
+
+    @staticmethod
+    def _ms(xs: list[float]) -> str:
+        if not xs:
+            return "-"
+        s = sorted(xs)
+        p50, p99 = s[len(s) // 2], s[min(len(s) - 1, int(len(s) * 0.99))]
+        return f"p50 {1000 * p50:.0f} p99 {1000 * p99:.0f} max {1000 * s[-1]:.0f} ms"
+
+    def summary(self) -> str:
+        out = (f"{len(self.trips)} refreshes in {time.monotonic() - self.started:.0f}s,"
+               f" {self.failed} failed; scheduling delay {self._ms(self.delays)};"
+               f" round trip {self._ms(self.trips)}")
+        self._reset()
+        return out
+
+
 class LeaseKeeper:
+    """Grant a lease, keep it alive, say when it is lost (``lost``, an event of the loop that
+    called ``run()``).
+
+    With an etcd store the keepalive runs on a thread of its own, with its own loop and its
+    own etcd channel (keeper_thread.py): a busy event loop in the holder does not delay it.
+    Every time is on the monotonic clock; the local deadline counts from when the last
+    successful refresh was *sent* (etcd restarted the TTL no earlier than that)."""
+
+    SUMMARY_EVERY = 60.0  # seconds between two INFO lines of keeper timings
+
     def __init__(self, store: CoordinationStore, ttl: int) -> None:
         if ttl < 1:
             raise FailoverError("lease TTL must be at least 1 s")
@@ -47,38 +97,72 @@ class LeaseKeeper:
         self.local_deadline = ttl * 0.75
         self.lease: Lease | None = None
         self.lost = asyncio.Event()
+        self.timings = KeeperTimings()
+        self._thread_store = store_factory(store)  # None: the keepalive stays on our loop
         self._last_ok = 0.0
 
+    @property
+    def threaded(self) -> bool:
+        return self._thread_store is not None
+
     async def grant(self) -> Lease:
-        sent = asyncio.get_running_loop().time()
+        sent = time.monotonic()
         self.lease = await self.store.grant_lease(self.ttl)
         self._last_ok = sent
         return self.lease
 
     async def run(self) -> None:
-        """Keep the lease alive until it is lost (then return) or the task is cancelled."""
-        assert self.lease is not None, "grant() first"
-        loop = asyncio.get_running_loop()
-        while not self.lost.is_set():
-            # Wake at the next refresh, or exactly at the local deadline if that comes first.
-            remaining = self.local_deadline - (loop.time() - self._last_ok)
-            await asyncio.sleep(max(0.0, min(self.interval, remaining)))
-            if loop.time() - self._last_ok >= self.local_deadline:
-                self._lose("no successful refresh within the local deadline")
+        """Keep the lease alive until it is lost (``lost`` is set, then this returns) or the
+        task is cancelled."""
+        lease = self.lease
+        assert lease is not None, "grant() first"
+        if self._thread_store is None:
+            await self._keep(lease, self.lost.set)
+            return
+        main = asyncio.get_running_loop()
+
+        def lost() -> None:
+            main.call_soon_threadsafe(self.lost.set)
+
+        keeper = KeeperThread(self._thread_store, f"lease-keeper-{lease.id:x}")
+        await keeper.run(lambda store: self._keep(lease_on(store, lease), lost))
+
+    async def _keep(self, lease: Lease, lost: Callable[[], None]) -> None:
+        """The keepalive (on whichever loop runs it): refresh every ``interval`` after the
+        last successful refresh was sent, again at once after a failed one, each try bounded
+        by ``retry_timeout`` and by the local deadline; past the deadline, lost."""
+        retry = False
+        while True:
+            now = time.monotonic()
+            deadline = self._last_ok + self.local_deadline
+            due = now if retry else min(self._last_ok + self.interval, deadline)
+            if due > now:
+                await asyncio.sleep(due - now)
+                now = time.monotonic()
+                self.timings.delays.append(now - due)
+            if now - self.timings.started >= self.SUMMARY_EVERY:
+                log.info("lease %x keeper: %s", lease.id, self.timings.summary())
+            if now >= deadline:
+                self._lose(lease, "no successful refresh within the local deadline", lost)
                 return
-            sent = loop.time()  # etcd restarts the TTL at most now: count from here
             try:
-                await asyncio.wait_for(self.lease.refresh(), self.retry_timeout)
-                self._last_ok = sent
+                await asyncio.wait_for(lease.refresh(), min(self.retry_timeout, deadline - now))
             except LeaseLostError as exc:
-                self._lose(str(exc))
+                self._lose(lease, str(exc), lost)
                 return
             except (StoreUnavailableError, TimeoutError) as exc:
-                log.warning("lease %x: refresh failed (%s)", self.lease.id, exc)
+                self.timings.failed += 1
+                log.warning("lease %x: refresh failed after %.0f ms (%s): retrying",
+                            lease.id, 1000 * (time.monotonic() - now),
+                            exc or type(exc).__name__)
+                retry = True
+                continue
+            self._last_ok, retry = now, False  # sent at ``now``: etcd restarted the TTL later
+            self.timings.trips.append(time.monotonic() - now)
 
-    def _lose(self, why: str) -> None:
-        log.warning("lease %x lost: %s", self.lease.id if self.lease else 0, why)
-        self.lost.set()
+    def _lose(self, lease: Lease, why: str, lost: Callable[[], None]) -> None:
+        log.warning("lease %x lost: %s (keeper: %s)", lease.id, why, self.timings.summary())
+        lost()
 
     async def revoke(self) -> None:
         if self.lease is not None:

@@ -5,6 +5,9 @@
   services/<svc>/state          the service's state machine record (ServiceRecord), written
                                 by the leader with compare-and-set on its mod_revision
   services/<svc>/command        an operator's request (CommandRecord), consumed by the leader
+  audit/<seq, 12 digits>        the hash-chained audit log (failover/audit.py), append-only
+  audit/head                    {"seq", "hash"} of its last record, written in the same
+                                transaction as the record
 """
 
 from __future__ import annotations
@@ -30,6 +33,18 @@ def command_key(prefix: str, service: str) -> str:
 
 def leader_key(prefix: str) -> str:
     return f"{prefix}controllers/leader"
+
+
+def audit_prefix(prefix: str) -> str:
+    return f"{prefix}audit/"
+
+
+def audit_key(prefix: str, seq: int) -> str:
+    return f"{prefix}audit/{seq:012d}"
+
+
+def audit_head_key(prefix: str) -> str:
+    return f"{prefix}audit/head"
 
 
 @dataclass
@@ -106,6 +121,9 @@ class ServiceRecord:
     # False from the moment the replica is known to be mid-resync until the primary reports
     # it protected: only a forced failover may promote it meanwhile
     replica_consistent: bool = True
+    # the leading controller's signed grant of ``epoch`` to the site that is primary at it
+    # (drctl/epochtoken.py): replication targets raise an epoch only on it
+    epoch_token: str = ""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -18,7 +18,7 @@ from contextlib import AsyncExitStack
 from drctl.lifecycle import stop_on_signals
 from replicator.driver import PushDriver, PushOptions
 from replicator.errors import ReplanNeededError, ReplicatorError, unwrap_group
-from replicator.metrics import SourceMetrics, serve_sources
+from replicator.metrics import MetricsEndpoint, SourceMetrics, serve_sources
 from replicator.progress import ProgressBar
 from replicator.report import PushReport, PushState
 from replicator.throttle import TokenBucket
@@ -37,7 +37,7 @@ def _signature(path: str) -> tuple[int, int, bool]:
     return st.st_mtime_ns, st.st_size, stat.S_ISBLK(st.st_mode)
 
 
-async def run_push(opts: PushOptions, metrics_port: int | None = None,
+async def run_push(opts: PushOptions, metrics_port: MetricsEndpoint | int | None = None,
                    show_progress: bool = True) -> PushReport:
     metrics = SourceMetrics(opts.volume)
     if metrics_port is not None:
@@ -81,7 +81,7 @@ async def run_push(opts: PushOptions, metrics_port: int | None = None,
 
 
 async def run_group(members: list[PushOptions], journal_path: str,
-                    metrics_port: int | None = None) -> list[PushReport]:
+                    metrics_port: MetricsEndpoint | int | None = None) -> list[PushReport]:
     """A consistency group: the members' volumes are served over NBD by one agent and their
     writes journaled in one order (``journal_path``); a shared token bucket caps the group."""
     metrics = [SourceMetrics(o.volume) for o in members]

@@ -134,25 +134,27 @@ _PACK_HEAD = struct.Struct("<HQQIQIIBIIQQB")
 Record = tuple[int, int, int, int]
 _KINDS = frozenset(int(k) for k in Kind)
 
+# What one batch may carry, whoever sent it: the planners cut at 512 records (MAX_BATCH_BLOCKS),
+# so 512 blocks of up to 64 KiB; the target decompresses at most this much per batch.
+MAX_BATCH_RECORDS = 4096
+MAX_BATCH_RAW = 32 << 20
+
 
 class Decoder:
-    """Checks a batch and lists its records with the decompressed payload (target side)."""
+    """Checks a batch and lists its records with the decompressed payload (target side).
+
+    Nothing is decompressed before the records are checked: the payload must decompress to
+    exactly the bytes its DATA records need (``raw_length``, at most MAX_BATCH_RAW), the zstd
+    frame may not declare another size, and the decompressor never writes past it, so a small
+    payload claiming a huge size costs nothing."""
 
     def __init__(self) -> None:
-        self._zstd = zstandard.ZstdDecompressor()
+        self._zstd = zstandard.ZstdDecompressor(max_window_size=MAX_BATCH_RAW)
 
     def open(self, batch: Batch) -> tuple[list[Record], bytes]:
-        seq = batch.seq
-        if batch.compute_checksum() != batch.checksum:
-            raise CorruptBatchError("checksum", f"batch {seq}: checksum mismatch")
-        n = len(batch.indices)
-        if len(batch.kinds) != n or len(batch.hashes) != n:
-            raise CorruptBatchError("malformed", f"batch {seq}: field lengths differ")
-        if not set(batch.kinds) <= _KINDS:
-            raise CorruptBatchError("malformed", f"batch {seq}: unknown block kind")
+        self.check(batch)
+        seq, n = batch.seq, len(batch.indices)
         bs, size = batch.block_size, batch.volume_size
-        if bs <= 0 or (n and max(batch.indices) * bs >= size):
-            raise CorruptBatchError("malformed", f"batch {seq}: block past the end of the volume")
         payload = self._payload(batch)
         if self.is_contiguous_data(batch) and len(payload) == n * bs:
             return [], payload  # a run of full DATA blocks: the caller takes the fast path
@@ -179,6 +181,44 @@ class Decoder:
             )
         return records, payload
 
+    def check(self, batch: Batch) -> None:
+        """Everything about a batch that can be checked before its payload is decompressed."""
+        seq = batch.seq
+        if not isinstance(batch.compression, Compression):
+            raise CorruptBatchError("malformed", f"batch {seq}: unknown compression")
+        if batch.compute_checksum() != batch.checksum:
+            raise CorruptBatchError("checksum", f"batch {seq}: checksum mismatch")
+        n = len(batch.indices)
+        if len(batch.kinds) != n or len(batch.hashes) != n:
+            raise CorruptBatchError("malformed", f"batch {seq}: field lengths differ")
+        if n > MAX_BATCH_RECORDS or len(batch.copy_from) > n:
+            raise CorruptBatchError("malformed", f"batch {seq}: {n} records, at most "
+                                    f"{MAX_BATCH_RECORDS} are taken")
+        if not set(batch.kinds) <= _KINDS:
+            raise CorruptBatchError("malformed", f"batch {seq}: unknown block kind")
+        bs, size = batch.block_size, batch.volume_size
+        if bs <= 0 or (n and max(batch.indices) * bs >= size):
+            raise CorruptBatchError("malformed", f"batch {seq}: block past the end of the volume")
+        need = self.data_bytes(batch)
+        if batch.raw_length != need or need > MAX_BATCH_RAW:
+            raise CorruptBatchError(
+                "malformed", f"batch {seq}: raw_length is {batch.raw_length} bytes, its DATA "
+                f"records hold {need} (at most {MAX_BATCH_RAW} per batch)")
+
+    @staticmethod
+    def data_bytes(batch: Batch) -> int:
+        """The bytes the DATA records of a (checked) batch carry once decompressed."""
+        bs, size = batch.block_size, batch.volume_size
+        data = batch.kinds.count(Kind.DATA)
+        if not data or size % bs == 0:
+            return data * bs
+        last = (size - 1) // bs
+        if last not in batch.indices:
+            return data * bs
+        tails = sum(1 for i, k in zip(batch.indices, batch.kinds, strict=True)
+                    if i == last and k == Kind.DATA)
+        return data * bs - tails * (bs - size % bs)
+
     @staticmethod
     def is_contiguous_data(batch: Batch) -> bool:
         """Only DATA records, for consecutive blocks in increasing order (a bulk run)."""
@@ -188,14 +228,27 @@ class Decoder:
                 and list(idx) == list(range(idx[0], idx[0] + len(idx))))
 
     def _payload(self, batch: Batch) -> bytes:
+        """The payload as the records read it: ``raw_length`` bytes (checked against the
+        records before this is called), never more."""
+        raw = batch.raw_length
         if batch.compression is Compression.NONE:
+            if len(batch.payload) != raw:
+                raise CorruptBatchError("malformed", f"batch {batch.seq}: payload is "
+                                        f"{len(batch.payload)} bytes, raw_length {raw}")
             return batch.payload
-        if batch.compression is Compression.ZSTD:
-            try:
-                out = self._zstd.decompress(batch.payload, max_output_size=batch.raw_length)
-            except zstandard.ZstdError as exc:
-                raise CorruptBatchError("decompress", f"batch {batch.seq}: {exc}") from exc
-            if len(out) != batch.raw_length:
-                raise CorruptBatchError("decompress", f"batch {batch.seq}: wrong raw length")
-            return bytes(out)
-        raise CorruptBatchError("malformed", f"batch {batch.seq}: unknown compression")
+        if not raw:
+            raise CorruptBatchError("malformed", f"batch {batch.seq}: a compressed payload "
+                                    "with no DATA record")
+        try:
+            # The frame's own claim first: decompress() would allocate whatever it declares.
+            declared = zstandard.frame_content_size(batch.payload)
+            if declared not in (-1, raw):
+                raise CorruptBatchError("decompress", f"batch {batch.seq}: the zstd frame "
+                                        f"declares {declared} bytes, raw_length is {raw}")
+            # Without a declared size the output buffer is raw_length and filling it fails.
+            out = self._zstd.decompress(batch.payload, max_output_size=raw)
+        except zstandard.ZstdError as exc:
+            raise CorruptBatchError("decompress", f"batch {batch.seq}: {exc}") from exc
+        if len(out) != raw:
+            raise CorruptBatchError("decompress", f"batch {batch.seq}: wrong raw length")
+        return bytes(out)

@@ -1,4 +1,8 @@
-"""`drctl replicate ...`: serve (target daemon), push (source agent), verify."""
+"""`drctl replicate ...`: serve (target daemon), push (source agent), verify.
+
+The replication channel is mutual TLS (docs/security.md): ``--tls-dir DIR --site NAME`` (the
+deployment directory of `drctl certs`, this process's site) or ``--ca/--cert/--key``;
+``--insecure`` (plaintext, unauthenticated) is refused for a non-loopback address."""
 
 from __future__ import annotations
 
@@ -8,11 +12,17 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from replicator.driver import PushOptions
 from replicator.errors import UsageError
 from replicator.source_state import default_state_root, group_journal_path, state_dir_for
 from replicator.units import parse_hostport, parse_rate, parse_size
+
+if TYPE_CHECKING:
+    from replicator.metrics import MetricsEndpoint
+    from replicator.transport.security import ChannelSecurity, TlsConfig
+    from replicator.transport.slots import Limits
 
 
 def _port(text: str) -> int:
@@ -43,6 +53,14 @@ def _address(text: str) -> str:
     return text
 
 
+def _nbd_address(text: str) -> str:
+    if text.startswith("unix:"):
+        if len(text) == len("unix:"):
+            raise argparse.ArgumentTypeError("expected unix:PATH")
+        return text
+    return _address(text)
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rep = sub.add_parser("replicate", help="block replication: serve, push, verify")
     rsub = rep.add_subparsers(dest="replicate_cmd", required=True, metavar="COMMAND")
@@ -55,13 +73,24 @@ def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     s = rsub.add_parser("serve", help="run a target daemon that keeps replicas under --dir")
     s.add_argument("--listen", required=True, type=_address, metavar="HOST:PORT")
     s.add_argument("--dir", required=True, help="directory holding the replicas")
-    s.add_argument("--metrics-port", type=_port)
+    _add_metrics_args(s)
     s.add_argument("--grace", type=float, default=10.0, help="drain time on SIGTERM (s)")
     s.add_argument("--mode", choices=("hot", "warm"), default="hot",
                    help="hot: write each consistency point into the replica as it completes; "
                    "warm: keep them in the redo journal until promotion or --apply-interval")
     s.add_argument("--apply-interval", type=float, metavar="SECONDS",
                    help="warm mode: apply complete consistency points on this schedule")
+    s.add_argument("--max-volumes", type=int, default=64, metavar="N",
+                   help="create at most this many replicas under --dir (default 64)")
+    s.add_argument("--max-volume-size", type=_size, default=1 << 40, metavar="SIZE",
+                   help="refuse replicas larger than this (default 1TiB; the hash index "
+                   "takes 8 bytes of memory per block)")
+    s.add_argument("--max-clones", type=int, default=4, metavar="N",
+                   help="drill clones held at once per volume (default 4)")
+    s.add_argument("--allow-shrink", action="store_true",
+                   help="let a handshake shrink a replica that holds data past the new end "
+                   "(refused by default)")
+    _add_tls_args(s, serve=True)
     s.set_defaults(func=cmd_serve)
 
 
@@ -80,9 +109,10 @@ def _add_push(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="give up (with --once) when the target stays unreachable this long")
     p.add_argument("--verify-from-disk", action="store_true",
                    help="with --once: also re-read the replica and compare every block")
-    p.add_argument("--nbd-listen", type=_address, metavar="HOST:PORT",
+    p.add_argument("--nbd-listen", type=_nbd_address, metavar="HOST:PORT|unix:PATH",
                    help="serve the volume over NBD and ship every captured write "
-                   "(no rescans); not with --once")
+                   "(no rescans); not with --once; loopback or a unix socket unless "
+                   "--insecure-nbd")
     _add_shared_push_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON report on exit")
@@ -96,8 +126,10 @@ def _add_push_group(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="member volumes: name on the target = image file or block device")
     g.add_argument("--group", required=True, help="consistency group name")
     g.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
-    g.add_argument("--nbd-listen", required=True, type=_address, metavar="HOST:PORT",
-                   help="one NBD server; each member is an export named after its volume")
+    g.add_argument("--nbd-listen", required=True, type=_nbd_address,
+                   metavar="HOST:PORT|unix:PATH",
+                   help="one NBD server; each member is an export named after its volume "
+                   "(loopback or a unix socket unless --insecure-nbd)")
     g.add_argument("--state-dir", help="where the agent keeps its journal and resume state")
     g.add_argument("--rate-limit", type=_rate, metavar="RATE", help="cap for the whole group")
     _add_shared_push_args(g)
@@ -117,9 +149,16 @@ def _add_shared_push_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cp-interval", type=float, default=0.05, metavar="SECONDS",
                    help="with write capture: close a consistency point when writes have "
                    "waited this long without a client FLUSH (default 0.05)")
-    p.add_argument("--metrics-port", type=_port)
+    p.add_argument("--epoch-token", metavar="FILE",
+                   help="the controller's signed token for --epoch (read at every "
+                   "handshake): a target raises a replica's epoch only on a valid one")
+    p.add_argument("--insecure-nbd", action="store_true",
+                   help="let --nbd-listen be a non-loopback address (NBD has no "
+                   "authentication or encryption)")
+    _add_metrics_args(p)
     p.add_argument("--rpo-budget", type=float, default=0.0, metavar="SECONDS",
                    help="exported as drctl_replication_rpo_budget_seconds for alerting")
+    _add_tls_args(p, serve=False)
 
 
 def _add_fence(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -127,6 +166,11 @@ def _add_fence(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     f.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
     f.add_argument("--volume", required=True)
     f.add_argument("--epoch", required=True, type=int)
+    f.add_argument("--epoch-token", metavar="FILE",
+                   help="the controller's signed token (needed to raise the epoch)")
+    f.add_argument("--release", action="store_true",
+                   help="promote: the target stops serving the replica (its site's volume)")
+    _add_tls_args(f, serve=False)
     f.set_defaults(func=cmd_fence)
 
 
@@ -137,16 +181,43 @@ def _add_verify(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     v.add_argument("--volume", required=True)
     v.add_argument("--block-size", type=_size, default=4096)
     v.add_argument("--json", action="store_true")
+    _add_tls_args(v, serve=False)
     v.set_defaults(func=cmd_verify)
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from replicator.daemon import serve
+    from replicator.transport.security import AccessPolicy
 
     if args.apply_interval is not None and (args.mode != "warm" or args.apply_interval <= 0):
         raise UsageError("--apply-interval needs --mode warm and a positive number of seconds")
-    asyncio.run(serve(args.listen, args.dir, args.metrics_port, args.grace, args.mode,
-                      args.apply_interval))
+    limits = _limits(args)
+    tls = _tls(args, serve=True)
+    policy = None
+    if tls is None:
+        _insecure(args.listen, "listen address")
+    else:
+        if tls.identity.kind != "site":
+            raise UsageError(f"a target runs as a site: the certificate is for {tls.identity}")
+        if tls.epoch_keys is None:
+            raise UsageError("a TLS target needs the controllers' epoch key (DIR/epoch.pub or "
+                             "--epoch-pub FILE)")
+        policy = AccessPolicy.parse(tls.identity.name, args.allow)
+        if not policy.writers:
+            print("drctl: warning: no --allow SITE: no source may push to this target",
+                  file=sys.stderr)
+    asyncio.run(serve(args.listen, args.dir, _metrics(args, tls), args.grace, args.mode,
+                      args.apply_interval, tls, policy, limits))
     return 0
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    from replicator.transport.slots import Limits
+
+    for flag, value in (("--max-volumes", args.max_volumes), ("--max-clones", args.max_clones),
+                        ("--max-volume-size", args.max_volume_size)):
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive")
+    return Limits(args.max_volumes, args.max_volume_size, args.max_clones, args.allow_shrink)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -156,6 +227,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     if not os.path.exists(args.path):
         raise UsageError(f"volume {args.path} does not exist")
     _check_name(args.volume)
+    security = _channel(args)
     root = args.state_dir or default_state_root()
     opts = PushOptions(
         path=args.path, address=args.to, volume=args.volume,
@@ -166,11 +238,12 @@ def cmd_push(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout if args.once else None,
         verify_from_disk=args.verify_from_disk, rpo_budget=args.rpo_budget,
         nbd_listen=args.nbd_listen, journal_limit=args.journal_limit,
-        cp_interval=args.cp_interval,
+        cp_interval=args.cp_interval, security=security, epoch_token=args.epoch_token,
     )
     if args.once and args.nbd_listen:
         raise UsageError("--nbd-listen serves the volume: it needs a running agent, not --once")
-    report = asyncio.run(run_push(opts, args.metrics_port, show_progress=not args.no_progress))
+    report = asyncio.run(run_push(opts, _metrics(args, security.tls),
+                                  show_progress=not args.no_progress))
     if args.json:
         print(report.to_json(), flush=True)
     elif args.once:
@@ -191,6 +264,10 @@ def _check_push_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--journal-limit must be at least {64 * args.block_size} bytes")
     if args.cp_interval <= 0:
         raise UsageError("--cp-interval must be positive")
+    if args.nbd_listen:
+        _check_nbd(args.nbd_listen, args.insecure_nbd)
+    if args.epoch_token and not os.path.isfile(args.epoch_token):
+        raise UsageError(f"--epoch-token {args.epoch_token}: no such file")
 
 
 def _parse_members(items: list[str]) -> list[tuple[str, str]]:
@@ -216,6 +293,7 @@ def cmd_push_group(args: argparse.Namespace) -> int:
     _check_name(args.group)
     members = _parse_members(args.members)
     _check_push_flags(args)
+    security = _channel(args)
     root = args.state_dir or default_state_root()
     names = tuple(n for n, _ in members)
     opts = [PushOptions(
@@ -225,9 +303,10 @@ def cmd_push_group(args: argparse.Namespace) -> int:
         dedup=False, interval=args.interval, window_bytes=args.window, connect_timeout=None,
         rpo_budget=args.rpo_budget, nbd_listen=args.nbd_listen,
         journal_limit=args.journal_limit, cp_interval=args.cp_interval, group=args.group,
-        group_members=names) for name, path in members]
+        group_members=names, security=security, epoch_token=args.epoch_token)
+        for name, path in members]
     journal = group_journal_path(root, args.group, args.to, members)
-    asyncio.run(run_group(opts, journal, args.metrics_port))
+    asyncio.run(run_group(opts, journal, _metrics(args, security.tls)))
     return 0
 
 
@@ -245,7 +324,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from replicator.verify import verify_replica
 
     _check_name(args.volume)
-    result = asyncio.run(verify_replica(args.path, args.to, args.volume, args.block_size))
+    result = asyncio.run(verify_replica(args.path, args.to, args.volume, args.block_size,
+                                        _channel(args)))
     if args.json:
         print(json.dumps(asdict(result)))
     else:
@@ -254,16 +334,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_fence(args: argparse.Namespace) -> int:
-    from replicator.transport.client import FenceInfo, TargetClient
+    from replicator.transport.client import FenceInfo, TargetClient, token_file
 
     _check_name(args.volume)
     if args.epoch < 0:
         raise UsageError("--epoch must be >= 0")
+    security = _channel(args)
+    token = token_file(args.epoch_token) if args.epoch_token else None
 
     async def fence() -> FenceInfo:
-        client = TargetClient(args.to)
+        client = TargetClient(args.to, security, token)
         try:
-            return await client.fence(args.volume, args.epoch)
+            return await client.fence(args.volume, args.epoch, release=args.release)
         finally:
             await client.close()
 
@@ -274,3 +356,141 @@ def cmd_fence(args: argparse.Namespace) -> int:
     print(f"volume {args.volume}: replica at epoch {info.epoch}{point}; sources below it are "
           f"refused{dropped}")
     return 0
+
+
+# -- security and endpoints (docs/security.md) ---------------------------------------------
+
+
+def _add_tls_args(p: argparse.ArgumentParser, serve: bool) -> None:
+    g = p.add_argument_group("channel security (docs/security.md)")
+    g.add_argument("--tls-dir", metavar="DIR",
+                   help="the deployment directory (`drctl certs`): ca.crt, epoch.pub and this "
+                   "process's certificate (default: $DRCTL_TLS_DIR)")
+    who = g.add_mutually_exclusive_group()
+    who.add_argument("--site", metavar="NAME",
+                     help="this process's site: DIR/sites/NAME.crt and .key")
+    if not serve:
+        who.add_argument("--operator", metavar="NAME",
+                         help="act as an operator: DIR/operators/NAME.crt and .key")
+    g.add_argument("--ca", metavar="FILE", help="instead of --tls-dir: the CA certificate")
+    g.add_argument("--cert", metavar="FILE", help="... this process's certificate")
+    g.add_argument("--key", metavar="FILE", help="... and its key (mode 0600)")
+    if serve:
+        g.add_argument("--epoch-pub", metavar="FILE",
+                       help="the controllers' epoch-token verification key(s) "
+                       "(default: DIR/epoch.pub)")
+        g.add_argument("--allow", action="append", default=[],
+                       metavar="SITE[=VOLUME,...]|operator:NAME",
+                       help="who may use this target (repeatable): a site may push, fence, "
+                       "clone and read the volumes named (all without =); operator:NAME "
+                       "(or operator:*) may clone and read; the own --site may fence")
+    else:
+        g.add_argument("--target-site", metavar="NAME",
+                       help="the site the target's certificate must name (default: the "
+                       "host name in --to)")
+    g.add_argument("--insecure", action="store_true",
+                   help="plaintext and unauthenticated: loopback tests only")
+
+
+def _add_metrics_args(p: argparse.ArgumentParser) -> None:
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--metrics-port", type=_port, metavar="PORT",
+                   help="serve metrics on 127.0.0.1:PORT")
+    m.add_argument("--metrics-listen", type=_address, metavar="HOST:PORT",
+                   help="serve metrics on this address")
+    p.add_argument("--metrics-tls", action="store_true",
+                   help="metrics over HTTPS with this process's certificate; scrapers need a "
+                   "client certificate from the deployment's CA")
+
+
+def _identity(args: argparse.Namespace) -> tuple[str, str] | None:
+    if args.site:
+        return "site", args.site
+    if getattr(args, "operator", None):
+        return "operator", args.operator
+    who = os.environ.get("DRCTL_TLS_AS", "")
+    kind, _, name = who.partition("/")
+    return (kind, name) if kind and name else None
+
+
+def _tls(args: argparse.Namespace, serve: bool) -> TlsConfig | None:
+    """The TLS material the flags name, None with --insecure (after a warning)."""
+    from drctl.pki import Identity
+    from replicator.transport.security import TlsConfig
+
+    explicit = [f for f in (args.ca, args.cert, args.key) if f]
+    if args.insecure:
+        if args.tls_dir or explicit:
+            raise UsageError("--insecure cannot be combined with --tls-dir/--ca/--cert/--key")
+        print("drctl: warning: --insecure: the replication channel is plaintext and "
+              "unauthenticated (loopback tests only)", file=sys.stderr)
+        return None
+    epoch_pub = getattr(args, "epoch_pub", None)
+    if explicit:
+        if len(explicit) != 3 or args.tls_dir:
+            raise UsageError("--ca, --cert and --key go together (instead of --tls-dir)")
+        if serve and not epoch_pub:
+            raise UsageError("--ca/--cert/--key: a target also needs --epoch-pub FILE")
+        return TlsConfig.from_files(args.ca, args.cert, args.key, epoch_pub)
+    directory = args.tls_dir or os.environ.get("DRCTL_TLS_DIR")
+    if not directory:
+        raise UsageError("the replication channel is mutual TLS: give --tls-dir DIR --site "
+                         "NAME (or --ca/--cert/--key); --insecure is for loopback tests only")
+    who = _identity(args)
+    if who is None:
+        raise UsageError("--tls-dir needs --site NAME" + ("" if serve else " or --operator "
+                                                                           "NAME"))
+    tls = TlsConfig.from_dir(directory, Identity(*who), need_epoch_keys=serve and not epoch_pub)
+    if epoch_pub:
+        from dataclasses import replace
+
+        from drctl.epochtoken import Verifier
+
+        tls = replace(tls, epoch_keys=Verifier.load(epoch_pub))
+    return tls
+
+
+def _channel(args: argparse.Namespace) -> ChannelSecurity:
+    from replicator.transport.security import ChannelSecurity
+
+    tls = _tls(args, serve=False)
+    if tls is None:
+        _insecure(args.to, "target")
+    return ChannelSecurity(tls, args.target_site)
+
+
+def _insecure(address: str, what: str) -> None:
+    from replicator.transport.security import require_loopback
+
+    require_loopback(address, what)
+
+
+def _check_nbd(spec: str, insecure: bool) -> None:
+    from replicator.transport.security import is_loopback
+
+    if spec.startswith("unix:") or insecure:
+        return
+    host = parse_hostport(spec)[0]
+    if not is_loopback(host):
+        raise UsageError(f"--nbd-listen {spec}: not a loopback address; NBD has no "
+                         "authentication or encryption: use 127.0.0.1:PORT or unix:PATH "
+                         "(--insecure-nbd accepts it anyway)")
+
+
+def _metrics(args: argparse.Namespace, tls: TlsConfig | None) -> MetricsEndpoint | None:
+    from replicator.metrics import MetricsEndpoint
+
+    if args.metrics_listen:
+        host, port = parse_hostport(args.metrics_listen)
+    elif args.metrics_port:
+        host, port = "127.0.0.1", args.metrics_port
+    elif args.metrics_tls:
+        raise UsageError("--metrics-tls needs --metrics-listen or --metrics-port")
+    else:
+        return None
+    if not args.metrics_tls:
+        return MetricsEndpoint(host, port)
+    if tls is None or tls.files is None:
+        raise UsageError("--metrics-tls needs this process's certificate (not --insecure)")
+    ca, cert, key = tls.files
+    return MetricsEndpoint(host, port, cert, key, ca)

@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 from drctl.lifecycle import stop_on_signals
-from replicator.errors import UsageError
-from replicator.metrics import TargetMetrics, serve_metrics
+from replicator.errors import ReplicatorError, UsageError
+from replicator.metrics import MetricsEndpoint, TargetMetrics, serve_metrics
 from replicator.transport import wire
+from replicator.transport.security import AccessPolicy, Authorizer, EpochGate, TlsConfig
 from replicator.transport.server import ReplicationService
+from replicator.transport.slots import Limits
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +37,15 @@ GRPC_OPTIONS = [
 ]
 
 
-async def serve(listen: str, directory: str, metrics_port: int | None = None,
+async def serve(listen: str, directory: str, metrics_port: MetricsEndpoint | int | None = None,
                 grace: float = 10.0, mode: str = "hot",
-                apply_interval: float | None = None) -> None:
+                apply_interval: float | None = None, tls: TlsConfig | None = None,
+                policy: AccessPolicy | None = None, limits: Limits | None = None) -> None:
     """``mode``: "hot" writes each complete consistency point into the replica at once; "warm"
     keeps them in the redo journal until promotion (Fence), a drill (Clone) or, every
-    ``apply_interval`` seconds, the schedule."""
+    ``apply_interval`` seconds, the schedule. ``tls`` and ``policy``: mutual TLS and who may
+    call what (replicator/transport/security.py); without them the target is plaintext and
+    open (loopback tests only, checked by the CLI)."""
     os.makedirs(directory, exist_ok=True)
     if not os.access(directory, os.W_OK):
         raise UsageError(f"--dir {directory} is not writable")
@@ -51,18 +57,28 @@ async def serve(listen: str, directory: str, metrics_port: int | None = None,
 
     async with AsyncExitStack() as stack:
         stop_on_signals(stack, stop)
-        service = ReplicationService(directory, metrics, mode)
+        service = ReplicationService(directory, metrics, mode, limits)  # limits: slots.py
         stack.callback(service.close)
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        interceptors = []
+        if tls is not None:
+            assert policy is not None
+            gate = EpochGate(tls.epoch_keys, directory, _epoch_reader(service))
+            interceptors.append(Authorizer(policy, gate))
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         wire.add_servicer(service, server)
-        port = server.add_insecure_port(listen)
+        if tls is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, tls.server_credentials())
         if port == 0:
             raise UsageError(f"cannot listen on {listen}")
         await server.start()
         stack.push_async_callback(server.stop, grace)
-        log.info("replication target listening on %s, replicas in %s (%s mode)", listen,
-                 directory, mode)
-        print(f"drctl replicate serve: listening on {listen} (dir {directory}, {mode})",
+        how = (f"mutual TLS as {tls.identity}; writers: {policy.describe()}" if tls and policy
+               else "PLAINTEXT (--insecure)")
+        log.info("replication target listening on %s, replicas in %s (%s mode), %s", listen,
+                 directory, mode, how)
+        print(f"drctl replicate serve: listening on {listen} (dir {directory}, {mode}, {how})",
               flush=True)
         if mode == "warm" and apply_interval:
             scheduler = asyncio.ensure_future(_apply_every(service, apply_interval))
@@ -75,3 +91,17 @@ async def _apply_every(service: ReplicationService, seconds: float) -> None:
     while True:
         await asyncio.sleep(seconds)
         await service.apply_all()
+
+
+def _epoch_reader(service: ReplicationService) -> Callable[[str], Awaitable[int | None]]:
+    """The epoch a replica is at, for the epoch gate (None: it cannot be opened; the RPC's
+    handler then says why)."""
+
+    async def epoch_of(volume: str) -> int | None:
+        try:
+            slot = await service._slot(volume)
+        except (ReplicatorError, OSError):
+            return None
+        return int(slot.replica.record.epoch)
+
+    return epoch_of

@@ -61,7 +61,8 @@ from replicator.report import PushReport, PushState
 from replicator.source_state import SourceState, StateStore
 from replicator.throttle import TokenBucket
 from replicator.transport import wire
-from replicator.transport.client import HandshakeInfo, PushCall, TargetClient
+from replicator.transport.client import HandshakeInfo, PushCall, TargetClient, token_file
+from replicator.transport.security import ChannelSecurity
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class PushOptions:
     cp_interval: float = 0.05  # cut a consistency point when writes wait this long unflushed
     group: str = ""  # consistency group this volume belongs to ("": none)
     group_members: tuple[str, ...] = ()
+    security: ChannelSecurity | None = None  # mutual TLS to the target (None: from the env)
+    epoch_token: str | None = None  # file holding the controller's token for ``epoch``
 
 
 @dataclass
@@ -117,7 +120,8 @@ class PushDriver:
         self.m = metrics
         self.store = StateStore(opts.state_dir)
         self.state: SourceState = self.store.load()
-        self.client = TargetClient(opts.address)
+        self.client = TargetClient(opts.address, opts.security,
+                                   token_file(opts.epoch_token) if opts.epoch_token else None)
         self.vol: MappedVolume | None = None
         self.geo = Geometry(0, opts.block_size)
         self.bucket = TokenBucket(opts.rate_limit) if opts.rate_limit else None
@@ -138,6 +142,10 @@ class PushDriver:
         self.clean_as_of: float | None = None  # the replica held everything written before this
         # With write capture: when the oldest unshipped write was acknowledged (exact lag).
         self.capture_clock: Callable[[], float | None] | None = None
+        # Write capture's hooks (on the event loop): a batch handed to the stream, an ack.
+        self.on_sent: Callable[[PlannedBatch], None] | None = None
+        self.on_acked: Callable[[int], None] | None = None
+        self.pass_abort: threading.Event | None = None  # set when the running pass ends
         self._last_save = 0.0
         self.handshake_info: HandshakeInfo | None = None  # the target's last answer
         self.planner: Planner | None = None
@@ -263,7 +271,7 @@ class PushDriver:
         assert self.vol is not None and self.planner is not None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[PlannedBatch | None] = asyncio.Queue(maxsize=8)
-        abort = threading.Event()
+        abort = self.pass_abort = threading.Event()
         # For a one-shot sync the oldest unshipped write is at most as old as the file's mtime;
         # a running agent has already noted the poll that saw the change (note_dirty).
         pass_started = time.time()
@@ -285,6 +293,9 @@ class PushDriver:
         await producer  # re-raise a producer failure
         changed = self.planner.stats.changed_blocks != changed_before
         if not self.pending:
+            if changed and self.dirty_since is not None and self.capture_clock is None:
+                # a scanning agent's lag at acknowledgement: the pass's oldest change
+                self.m.observe(self.m.ack_lag, max(0.0, time.time() - self.dirty_since))
             self.dirty_since = None
             self.clean_as_of = pass_started
             self.update_gauges()
@@ -398,6 +409,8 @@ class PushDriver:
         if self.bucket is not None:
             await self.bucket.acquire(size)
         await call.write(encoded)
+        if self.on_sent is not None:
+            self.on_sent(planned)
         self.totals.wire_bytes += size
         self.m.add(self.m.shipped_compressed, len(planned.batch.payload))
         self.m.add(self.m.shipped_raw, planned.batch.raw_length)
@@ -444,6 +457,8 @@ class PushDriver:
             self._unacked_raw -= released
         self.progress.acked_raw += released
         self.m.set(self.m.acked_seq, self.acked_seq)
+        if self.on_acked is not None:
+            self.on_acked(self.acked_seq)
         self.update_gauges()
         self._update_window()
         self._check_all_acked()

@@ -66,6 +66,36 @@ class StaleEpochError(ReplicatorError):
     exit_code = 77  # EX_NOPERM
 
 
+class PermissionDeniedError(ReplicatorError):
+    """The target refused this caller: its certificate's site (or operator) may not do that
+    to this volume (docs/security.md)."""
+
+    code = "permission_denied"
+    exit_code = 77  # EX_NOPERM
+
+
+class EpochNotGrantedError(ReplicatorError):
+    """The target refused an epoch that no valid controller token grants to this site."""
+
+    code = "epoch_not_granted"
+    exit_code = 77  # EX_NOPERM
+
+
+class VolumeNotFoundError(ReplicatorError):
+    """The target holds no replica of that volume (only a handshake creates one)."""
+
+    code = "volume_not_found"
+    exit_code = 74  # EX_IOERR, as a replica that cannot be opened
+
+
+class QuotaExceededError(ReplicatorError):
+    """The target refuses to create more than it was started to allow (``serve --max-volumes``,
+    ``--max-clones``)."""
+
+    code = "quota_exceeded"
+    exit_code = 75  # EX_TEMPFAIL: room may be made (a clone dropped, a replica removed)
+
+
 class VolumeBusyError(ReplicatorError):
     """Another source stream holds the volume on the target."""
 
@@ -122,6 +152,10 @@ ALL_ERRORS: tuple[type[ReplicatorError], ...] = (
     TargetUnavailableError,
     ProtocolError,
     StaleEpochError,
+    PermissionDeniedError,
+    EpochNotGrantedError,
+    VolumeNotFoundError,
+    QuotaExceededError,
     VolumeBusyError,
     CorruptBatchError,
     ReplanNeededError,

@@ -1,11 +1,13 @@
 """Prometheus metrics of the replicator, named drctl_replication_<name>_<unit>.
 
 Each component owns its metrics and registers them on an explicit registry; the daemon serves
-that registry on --metrics-port.
+that registry on --metrics-listen HOST:PORT (--metrics-port PORT: 127.0.0.1:PORT), over HTTPS
+with the process's certificate and client certificates required when --metrics-tls is given.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
 
 NS = "drctl"
 SUB = "replication"
+ACK_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0, 300.0)
 
 
 @dataclass
@@ -23,9 +27,12 @@ class Family:
 
     name: str
     doc: str
-    kind: str  # "counter" | "gauge"
+    kind: str  # "counter" | "gauge" | "histogram"
     extra_labels: tuple[str, ...] = ()
     values: dict[tuple[str, ...], float] = field(default_factory=dict)
+    buckets: tuple[float, ...] = ()  # a histogram's upper bounds (+Inf is implied)
+    # a histogram's observations by labels: a count per bucket (not cumulative), then the sum
+    hist: dict[tuple[str, ...], list[float]] = field(default_factory=dict)
 
 
 class SourceMetrics:
@@ -37,8 +44,9 @@ class SourceMetrics:
         self.families: list[Family] = []
         self.refresh: Callable[[], None] | None = None  # recomputes gauges at scrape time
 
-        def fam(name: str, doc: str, kind: str, *extra: str) -> Family:
-            f = Family(name, doc, kind, extra)
+        def fam(name: str, doc: str, kind: str, *extra: str,
+                buckets: tuple[float, ...] = ()) -> Family:
+            f = Family(name, doc, kind, extra, buckets=buckets)
             self.families.append(f)
             return f
 
@@ -57,6 +65,10 @@ class SourceMetrics:
                            "gauge")
         self.lag = fam("lag_seconds", "Seconds since the oldest unacknowledged write; 0 when "
                        "idle and caught up.", "gauge")
+        self.ack_lag = fam("ack_lag_seconds", "Lag at acknowledgement: the age of the oldest "
+                           "write of each consistency point when the target's ack for it "
+                           "arrives (write capture; without it, of each pass).", "histogram",
+                           buckets=ACK_LAG_BUCKETS)
         self.acked_seq = fam("acked_sequence", "Highest batch sequence acknowledged durable.",
                              "gauge")
         self.rate_limit = fam("rate_limit_bytes_per_second", "Configured bandwidth cap (0: none).",
@@ -90,6 +102,7 @@ class SourceMetrics:
             f.values[(volume,)] = 0.0
         for reason in ("zero", "dedup"):
             self.skipped.values[(volume, reason)] = 0.0
+        self.ack_lag.hist[(volume,)] = [0.0] * (len(ACK_LAG_BUCKETS) + 2)
 
     def add(self, family: Family, amount: float, *extra: str) -> None:
         key = (self.volume, *extra)
@@ -101,15 +114,40 @@ class SourceMetrics:
     def value(self, family: Family, *extra: str) -> float:
         return family.values.get((self.volume, *extra), 0.0)
 
+    def observe(self, family: Family, value: float) -> None:
+        """One observation of a histogram family."""
+        h = family.hist.get((self.volume,))
+        if h is None:
+            h = family.hist[(self.volume,)] = [0.0] * (len(family.buckets) + 2)
+        h[bisect.bisect_left(family.buckets, value)] += 1
+        h[-1] += value
 
 
-def serve_sources(sources: list[SourceMetrics], port: int) -> None:
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where the metrics are served: ``host``:``port``, plain HTTP or, with ``certfile`` and
+    ``keyfile``, HTTPS that asks for a client certificate from ``client_ca``."""
+
+    host: str
+    port: int
+    certfile: str | None = None
+    keyfile: str | None = None
+    client_ca: str | None = None
+
+    def __str__(self) -> str:
+        scheme = "https" if self.certfile else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}/metrics"
+
+
+def serve_sources(sources: list[SourceMetrics], endpoint: MetricsEndpoint | int) -> None:
     """Expose one or more volumes' metrics (a consistency group: one set of families)."""
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry()
     registry.register(_Collector(sources))
-    serve_metrics(registry, port)
+    serve_metrics(registry, endpoint)
 
 
 class _Collector:
@@ -125,12 +163,29 @@ class _Collector:
         for pos, f in enumerate(self.sources[0].families):
             full = f"{NS}_{SUB}_{f.name}"
             labels = ["volume", *f.extra_labels]
+            if f.kind == "histogram":
+                yield self._histogram(full, f, pos, labels)
+                continue
             cls = CounterMetricFamily if f.kind == "counter" else GaugeMetricFamily
             mf = cls(full, f.doc, labels=labels)
             for m in self.sources:
                 for key, value in list(m.families[pos].values.items()):
                     mf.add_metric(list(key), value)
             yield mf
+
+    def _histogram(self, full: str, f: Family, pos: int, labels: list[str]) -> Any:
+        from prometheus_client.core import HistogramMetricFamily
+
+        mf = HistogramMetricFamily(full, f.doc, labels=labels)
+        bounds = [*(f"{b:g}" for b in f.buckets), "+Inf"]
+        for m in self.sources:
+            for key, counts in list(m.families[pos].hist.items()):
+                cumulative, total = [], 0.0
+                for bound, n in zip(bounds, counts[:-1], strict=True):
+                    total += n
+                    cumulative.append((bound, total))
+                mf.add_metric(list(key), cumulative, counts[-1])
+        return mf
 
     def describe(self) -> Iterator[Any]:
         return iter(())
@@ -168,8 +223,14 @@ class TargetMetrics:
                                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
 
 
-def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> None:
-    """Expose ``registry`` over HTTP on a daemon thread (prometheus_client's own server)."""
+def serve_metrics(registry: CollectorRegistry, endpoint: MetricsEndpoint | int) -> None:
+    """Expose ``registry`` on a daemon thread (prometheus_client's own server); a bare port
+    is 127.0.0.1:port."""
     from prometheus_client import start_http_server
 
-    start_http_server(port, addr=addr, registry=registry)
+    if isinstance(endpoint, int):
+        endpoint = MetricsEndpoint("127.0.0.1", endpoint)
+    start_http_server(endpoint.port, addr=endpoint.host, registry=registry,
+                      certfile=endpoint.certfile, keyfile=endpoint.keyfile,
+                      client_cafile=endpoint.client_ca,
+                      client_auth_required=endpoint.client_ca is not None)

@@ -6,6 +6,9 @@ Files under the target directory, per volume NAME:
              applied_seq, applied_cp, epoch, geometry and generation with a checksum, so a torn
              write of one slot leaves the other valid.
   NAME.wal   the redo journal of staged batches (write capture: see staging.py).
+  NAME.ledger  keyed digests of the last batches taken, by sequence (ledger.py): a resend is
+             answered only if it is the batch taken under that number.
+  NAME.clones/  drill clones (at most ``serve --max-clones`` at once).
 
 Batches from a scan-based source are written into the image as they arrive. Staged batches
 (write capture), and every batch in warm mode or while staged batches wait, go to the redo
@@ -13,11 +16,14 @@ journal first and reach the image one whole consistency point at a time.
 
 The per-block hash index is kept in memory: built from the image when the daemon first opens the
 volume (or all-zero for a new replica) and updated as blocks are written. Batches are verified
-completely before the first byte is written: a rejected batch changes nothing.
+completely before the first byte is written: a rejected batch changes nothing. Only a handshake
+changes the replica's size (``prepare``): a batch cut for another size is refused, and a shrink
+that would cut off data is refused unless the target allows it (``serve --allow-shrink``).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
@@ -32,13 +38,21 @@ from typing import TypeAlias
 import xxhash
 
 from replicator.batch import Batch, Decoder, Kind, Record
-from replicator.blockmap import Geometry, MappedVolume, block_hash, hash_all, zero_block
+from replicator.blockmap import (
+    Geometry,
+    MappedVolume,
+    block_hash,
+    hash_all,
+    zero_block,
+    zero_hash,
+)
 from replicator.demotion import clear_divergence, load_divergence
-from replicator.errors import CorruptBatchError, ProtocolError, VolumeError
+from replicator.errors import CorruptBatchError, ProtocolError, QuotaExceededError, VolumeError
+from replicator.ledger import BatchLedger
 from replicator.staging import StagingLog
 
 Buffer: TypeAlias = bytes | memoryview
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SLOT = 512
 _MAGIC = b"DRCTLRV1"
 _FICLONE = 0x40049409  # ioctl(dest_fd, FICLONE, src_fd): share extents (btrfs, xfs, ...)
@@ -46,7 +60,7 @@ _FMT = "<8sIQQQI36sQQ"
 
 
 def check_volume_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ProtocolError(
             f"invalid volume name {name!r}: use letters, digits, '.', '_' and '-' (max 128)"
         )
@@ -122,6 +136,12 @@ class Replica:
         self._index: array[int] | None = None
         self.wal = StagingLog(os.path.join(directory, f"{name}.wal"), record.applied_seq)
         self.synced_seq = self.wal.last_seq  # staged frames up to here are durable
+        self.ledger = BatchLedger(os.path.join(directory, f"{name}.ledger"), record.generation,
+                                  self.received_seq)
+        for frame in self.wal.frames:  # staged after the ledger's last record (a crash)
+            if frame.seq > self.ledger.last:
+                staged = self.wal.read(frame)
+                self.ledger.record(staged.seq, self.ledger.digest(staged))
         self.group_path = os.path.join(directory, f"{name}.group")
         self.group, self.members = self._load_group()
         # A demoted primary: blocks that may differ from the promoted replica (demotion.py)
@@ -150,17 +170,55 @@ class Replica:
     def geometry(self) -> Geometry:
         return Geometry(self.record.size, self.record.block_size or 4096)
 
-    def prepare(self, size: int, block_size: int) -> None:
-        """Make the replica match the source's geometry (called at handshake)."""
+    def prepare(self, size: int, block_size: int, allow_shrink: bool = False) -> int:
+        """Make the replica match the source's geometry (called at handshake; the caller checks
+        the numbers). A replica grows freely; a shrink that would cut off anything but zeros
+        is refused unless ``allow_shrink``, and never happens while staged batches wait.
+        Returns the size the replica had."""
         if self.record.block_size and self.record.block_size != block_size:
             raise ProtocolError(
                 f"volume {self.name}: replica block size is {self.record.block_size}, "
                 f"source sends {block_size}"
             )
+        old = self.record.size
+        if size < old:
+            self._check_shrink(size, allow_shrink)
         self.record.block_size = block_size
-        if self.created or self.record.size != size:
+        if self.created or old != size:
             self._resize(size)
             self.commit()
+        return old
+
+    def _check_shrink(self, size: int, allow_shrink: bool) -> None:
+        if self.wal.frames:
+            raise ProtocolError(
+                f"shrink_refused: volume {self.name} has {len(self.wal.frames)} staged batches "
+                f"waiting; it is not shrunk from {self.record.size} to {size} bytes before "
+                "they are applied")
+        block = None if allow_shrink else self._data_from(size)
+        if block is not None:
+            raise ProtocolError(
+                f"shrink_refused: volume {self.name} holds data in block {block}, which a "
+                f"shrink from {self.record.size} to {size} bytes would cut off (a target "
+                "started with --allow-shrink lets a handshake do that)")
+
+    def _data_from(self, size: int) -> int | None:
+        """The first block at or past byte ``size`` that is not all zeros (None: none is)."""
+        geo = self.geometry
+        bs = geo.block_size
+        index = self.index()
+        first = size // bs
+        cut = index[first:]
+        if not cut:
+            return None
+        tail = geo.block_len(len(index) - 1)
+        full = cut[:-1] if tail != bs else cut
+        zero = zero_hash(bs)
+        if full.count(zero) != len(full):
+            return first + next(i for i, h in enumerate(full) if h != zero)
+        if tail != bs and cut[-1] != zero_hash(tail):
+            return len(index) - 1
+        return None
 
     def _resize(self, size: int) -> None:
         current = os.fstat(self.img_fd).st_size
@@ -249,24 +307,42 @@ class Replica:
     # -- applying batches --------------------------------------------------------------------
 
     def apply(self, batch: Batch) -> int:
-        """Verify then write one batch (not yet durable). Returns the bytes written."""
-        return self._apply(batch, self.index())
+        """Verify then write one batch (not yet durable) and note it in the ledger. Returns
+        the bytes written."""
+        written = self._apply(batch, self.index())
+        self.ledger.record(batch.seq, self.ledger.digest(batch))
+        return written
 
-    def _open(self, batch: Batch) -> tuple[list[Record], bytes]:
-        """Check a batch (checksum, fields, geometry) and decompress it; follow a resize."""
+    def same_as_taken(self, batch: Batch) -> bool | None:
+        """Is ``batch`` (under a sequence this replica already took) byte for byte the batch
+        taken under that sequence? None: that is no longer known (see ledger.py)."""
+        want = self.ledger.get(batch.seq)
+        if want is None:
+            return None
+        return hmac.compare_digest(want, self.ledger.digest(batch))
+
+    def _open(self, batch: Batch, incoming: bool = True) -> tuple[list[Record], bytes]:
+        """Check a batch (checksum, fields, geometry) and decompress it. An incoming batch
+        must be cut for the replica's size as it is (only a handshake resizes a replica); a
+        staged one being applied was checked against the size of its day, which a handshake
+        may have grown since."""
         records, payload = self._decoder.open(batch)
         if batch.block_size != self.record.block_size:
             raise CorruptBatchError("malformed", f"batch {batch.seq}: block size mismatch")
-        if batch.volume_size != self.record.size:
-            self._resize(batch.volume_size)
+        if batch.volume_size != self.record.size and (incoming
+                                                      or batch.volume_size > self.record.size):
+            raise CorruptBatchError(
+                "geometry", f"batch {batch.seq} is for a volume of {batch.volume_size} bytes, "
+                f"the replica has {self.record.size} (only a handshake resizes it)")
         return records, payload
 
-    def _apply(self, batch: Batch, index: array[int] | None) -> int:
+    def _apply(self, batch: Batch, index: array[int] | None, incoming: bool = True) -> int:
         """Verify then write; ``index`` (None: leave the index alone) takes the new hashes."""
-        records, payload = self._open(batch)
+        records, payload = self._open(batch, incoming)
         if not records and batch.indices:
             return self._apply_run(batch, payload, index)
-        contents = self._verify(batch.seq, records, payload)
+        geo = Geometry(batch.volume_size, self.record.block_size)
+        contents = self._verify(batch.seq, records, payload, geo)
         return self._write(records, contents, index)
 
     # -- staging (redo journal) ----------------------------------------------------------------
@@ -284,7 +360,7 @@ class Replica:
         if not records and batch.indices:
             self._run_hashes(batch, payload)
         else:
-            self._verify(batch.seq, records, payload)
+            self._verify(batch.seq, records, payload, self.geometry)
         # A batch that was not sent as staged closes its own point (scan passes into a warm
         # replica): its cp stays the last one seen.
         closes = batch.cp != 0 or not batch.staged
@@ -292,6 +368,7 @@ class Replica:
         index = self.index()
         for i, h in zip(batch.indices, batch.hashes, strict=True):
             index[i] = h
+        self.ledger.record(batch.seq, self.ledger.digest(batch))
         return len(payload)
 
     def apply_staged(self, max_seq: int | None = None,
@@ -303,7 +380,7 @@ class Replica:
         if not frames:
             return 0, self.record.applied_cp
         for frame in frames:
-            self._apply(self.wal.read(frame), None)
+            self._apply(self.wal.read(frame), None, incoming=False)
         os.fdatasync(self.img_fd)
         with self.lock:
             self.record.applied_seq = max(self.record.applied_seq, frames[-1].seq)
@@ -318,6 +395,7 @@ class Replica:
         dropped = self.wal.discard_incomplete(max_cp)
         if dropped:
             self._index = None  # the projection included them
+            self.ledger.forget_after(self.received_seq)  # those numbers may come again
         return dropped
 
     def _apply_run(self, batch: Batch, payload: bytes, index: array[int] | None) -> int:
@@ -346,9 +424,9 @@ class Replica:
                                     f"batch {batch.seq}: block {batch.indices[bad]} hash mismatch")
         return got
 
-    def _verify(self, seq: int, records: list[Record], payload: bytes) -> list[Buffer]:
+    def _verify(self, seq: int, records: list[Record], payload: bytes,
+                geo: Geometry) -> list[Buffer]:
         """Content of every record, checked against its hash; nothing is written yet."""
-        geo = self.geometry
         bs = geo.block_size
         last = geo.blocks - 1
         tail = geo.block_len(last) if last >= 0 else 0
@@ -437,16 +515,22 @@ class Replica:
             clear_divergence(self.directory, self.name)
             self.divergence = None
 
-    def clone(self, name: str) -> tuple[str, str]:
+    def clone(self, name: str, limit: int | None = None) -> tuple[str, str]:
         """A writable copy of the image as applied so far: (path, method). Copy-on-write
-        (FICLONE) where the filesystem supports it, else a full copy. Call on the volume's
-        thread so no batch is half-applied in the copy."""
+        (FICLONE) where the filesystem supports it, else a full copy. At most ``limit`` clones
+        of this replica exist at once. Call on the volume's thread so no batch is half-applied
+        in the copy."""
         check_volume_name(name)
         directory = self.img_path[: -len(".img")] + ".clones"
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"{name}.img")
         if os.path.exists(path):
             raise ProtocolError(f"clone {name!r} of {self.name} already exists")
+        held = sum(1 for e in os.scandir(directory) if e.name.endswith(".img"))
+        if limit is not None and held >= limit:
+            raise QuotaExceededError(
+                f"quota_exceeded: volume {self.name} has {held} clones, the most this target "
+                f"keeps at once (serve --max-clones {limit}); drop one first")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
@@ -480,6 +564,16 @@ class Replica:
             raise ProtocolError(f"no clone {name!r} of {self.name}") from None
         return path
 
+    def renew_generation(self) -> str:
+        """The replica's content is not what a source planned against (a batch was refused as
+        a resend): a new generation makes every source plan again from the content it holds
+        (the driver re-reads the replica when the generation changes)."""
+        with self.lock:
+            self.record.generation = str(uuid.uuid4())
+            self._write_meta()
+        self.ledger.rebind(self.record.generation)
+        return self.record.generation
+
     def raise_epoch(self, epoch: int) -> None:
         with self.lock:
             if epoch > self.record.epoch:
@@ -488,6 +582,7 @@ class Replica:
 
     def close(self) -> None:
         self.wal.close()
+        self.ledger.close()
         for fd in (self.img_fd, self.meta_fd):
             try:
                 os.close(fd)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from replicator.blockmap import Geometry, MappedVolume, hash_all
 from replicator.errors import VerificationError
 from replicator.transport.client import TargetClient
+from replicator.transport.security import ChannelSecurity
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,9 @@ class VerifyResult:
 
 
 async def verify_replica(path: str, address: str, volume: str,
-                         block_size: int = 4096) -> VerifyResult:
-    client = TargetClient(address)
+                         block_size: int = 4096,
+                         security: ChannelSecurity | None = None) -> VerifyResult:
+    client = TargetClient(address, security)
     try:
         with MappedVolume(path) as vol:
             geo = Geometry(vol.size, block_size)

@@ -12,6 +12,7 @@ import shlex
 import sys
 
 from failover.config import ClusterConfig, ConfigError, DnsConfig, Hooks, ServiceConfig, Site
+from failover.coordination.credentials import CredentialsError
 from failover.dns.rfc2136 import RecordSet, Server, TsigKey
 from failover.errors import FailoverError
 from failover.fsm import Policy
@@ -59,8 +60,13 @@ def to_cluster(rb: Runbook) -> ClusterConfig:
         policy = Policy(automatic=svc.automatic, grace_seconds=svc.grace, rpo_seconds=svc.rpo,
                         allow_data_loss=svc.allow_data_loss, damping_seconds=svc.damping)
         services[name] = ServiceConfig(name, svc.primary, svc.replica, policy, _dns(rb, svc),
-                                       _hooks(rb, svc))
+                                       _hooks(rb, svc), tuple(v.name for v in svc.volumes))
     sites = {n: Site(n, s.address, s.endpoints.get("health"), s.endpoints.get("replication"))
              for n, s in rb.sites.items()}
     etcd = tuple((h.host, h.port) for h in (Server.parse(e, 2379) for e in rb.etcd))
-    return ClusterConfig(rb.path, rb.cluster, etcd, rb.lease_ttl, sites, services)
+    try:  # the password and TLS files, read now (a password file others can read: refused)
+        creds = rb.etcd_credentials.resolved()
+    except CredentialsError as exc:
+        raise ConfigError(f"{rb.path}: etcd.{exc.field}: {exc}") from None
+    return ClusterConfig(rb.path, rb.cluster, etcd, rb.lease_ttl, sites, services,
+                         etcd_credentials=creds)

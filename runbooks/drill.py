@@ -105,7 +105,7 @@ async def current_roles(rb: Runbook, service: str) -> Roles:
 
     svc = rb.services[service]
     store = EtcdStore([(h.host, h.port) for h in (HostPort.parse(e, 2379) for e in rb.etcd)],
-                      timeout=max(1.0, rb.lease_ttl / 2))
+                      timeout=max(1.0, rb.lease_ttl / 2), credentials=rb.etcd_credentials)
     prefix = f"/drctl/{rb.cluster}/"
     try:
         raw = (await store.snapshot(prefix + "services/")).value(state_key(prefix, service))

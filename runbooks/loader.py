@@ -8,6 +8,8 @@ from typing import Any
 import yaml
 
 from drctl.yamlstrict import DuplicateKeyError, LineDict, load_yaml, yaml_error_line
+from failover.coordination import credentials
+from failover.coordination.credentials import EtcdCredentials
 from runbooks.model import (
     DnsRecord,
     Runbook,
@@ -122,15 +124,35 @@ def _runbook(c: _Checker, raw: Any) -> Runbook | None:
     if top.get("version") not in (None, 1):
         c.err(top, "version", "", "only version 1 is understood")
     cluster = c.get(top, "cluster", "", str, "", hint="a name")
-    etcd = c.get(top, "etcd", "", list, [], check=lambda v: v and all(
-        isinstance(x, str) and ":" in x for x in v), hint="a list of HOST:PORT")
+    etcd, etcd_credentials = _etcd(c, top)
     ttl = c.get(top, "lease_ttl", "", int, 2, check=lambda v: v >= 1, hint="whole seconds >= 1")
     sites = _sites(c, top.get("sites"))
     zones = _zones(c, top.get("dns") or LineDict())
     services = _services(c, top.get("services"), sites, zones)
     _dependencies(c, top.get("services"), services)
     _site_modes(c, top.get("services"), services)
-    return Runbook(c.path, cluster or "", tuple(etcd or ()), ttl or 2, sites, zones, services)
+    return Runbook(c.path, cluster or "", etcd, ttl or 2, sites, zones, services,
+                   etcd_credentials)
+
+
+def _etcd(c: _Checker, top: LineDict) -> tuple[tuple[str, ...], EtcdCredentials]:
+    """``etcd:``: a list of HOST:PORT, or a mapping with endpoints: and the credentials
+    (user:, password_file: or password_env:, ca:, cert:, key:). Their files are read when the
+    runbook is used (runbooks/cluster.py), not when it is validated."""
+    def hostports(v: Any) -> bool:
+        return bool(v) and all(isinstance(x, str) and ":" in x for x in v)
+
+    if not isinstance(top.get("etcd"), LineDict):
+        etcd = c.get(top, "etcd", "", list, [], check=hostports,
+                     hint="a list of HOST:PORT or a mapping with endpoints:")
+        return tuple(etcd or ()), EtcdCredentials()
+    node = top["etcd"]
+    endpoints, creds, problems = credentials.parse(node)
+    for key, message in problems:
+        c.err(node, key, "etcd", message)
+    if endpoints and not hostports(endpoints):
+        c.err(node, "endpoints", "etcd", f"expected a list of HOST:PORT, got {endpoints!r}")
+    return tuple(endpoints), creds
 
 
 def _sites(c: _Checker, node: Any) -> dict[str, Site]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from failover.coordination.credentials import EtcdCredentials
+
 
 class StepType(StrEnum):
     PRECHECK = "precheck"
@@ -108,3 +110,5 @@ class Runbook:
     sites: dict[str, Site]
     zones: dict[str, Zone]
     services: dict[str, Service]
+    # etcd: as a mapping: a user, where the password is, TLS files (not read yet)
+    etcd_credentials: EtcdCredentials = field(default_factory=EtcdCredentials)

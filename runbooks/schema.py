@@ -71,6 +71,16 @@ def schema() -> dict[str, Any]:
         "steps": {"type": "array", "minItems": 1, "items": {"oneOf": steps}},
         "depends_on": {"type": "array", "items": {"type": "string"}},
     }, ["primary", "replica", "steps"])
+    etcd = {"oneOf": [_HOSTPORTS, {
+        **_obj({"endpoints": _HOSTPORTS, "user": {"type": "string"},
+                "password_file": {"type": "string"}, "password_env": {"type": "string"},
+                "ca": {"type": "string"}, "cert": {"type": "string"}, "key": {"type": "string"}},
+               ["endpoints"]),
+        # a user with exactly one of password_file/password_env; cert and key together
+        "dependentRequired": {"password_file": ["user"], "password_env": ["user"],
+                              "cert": ["key"], "key": ["cert"]},
+        "dependentSchemas": {"user": {"oneOf": [{"required": ["password_file"]},
+                                                {"required": ["password_env"]}]}}}]}
     zone = _obj({"servers": _HOSTPORTS, "update": _HOSTPORTS, "tsig": {
         "oneOf": [_obj({"name": {"type": "string"}, "file": {"type": "string"},
                         "algorithm": {"type": "string"}}, ["name", "file"]),
@@ -81,7 +91,7 @@ def schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "drctl runbook", **_obj({
             "kind": {"const": "drctl-runbook"}, "version": {"const": 1},
-            "cluster": {"type": "string"}, "etcd": _HOSTPORTS,
+            "cluster": {"type": "string"}, "etcd": etcd,
             "lease_ttl": {"type": "integer", "minimum": 1},
             "sites": {"type": "object", "additionalProperties": _obj({
                 "address": {"type": "string"},

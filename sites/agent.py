@@ -25,15 +25,21 @@ log = logging.getLogger(__name__)
 
 class ManagedSiteAgent(SiteAgent):
     def __init__(self, config: ClusterConfig, site: str, store: CoordinationStore,
-                 runbook: Runbook) -> None:
+                 runbook: Runbook, tls_dir: str | None = None) -> None:
         super().__init__(config, site, store)
-        self.plane = SiteDataPlane(runbook, site)
+        self.plane = SiteDataPlane(runbook, site, tls_dir)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
             await super().run(stop)
         finally:
             await self.plane.close()
+
+    async def follow(self, svc: ServiceConfig, rec: ServiceRecord) -> None:
+        path = self.plane.services.get(svc.name)
+        if path is not None:
+            path.keep_token(rec.epoch_token)  # the capture agent reads it at each handshake
+        await super().follow(svc, rec)
 
     async def change_role(self, svc: ServiceConfig, rec: ServiceRecord, old: str,
                           want: str) -> bool:

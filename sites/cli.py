@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -15,6 +16,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     a.add_argument("--site", required=True)
     a.add_argument("--lag-url", help="metrics URL of a source agent this agent does not run "
                                      "itself (hook-driven sites)")
+    tls = a.add_mutually_exclusive_group()
+    tls.add_argument("--tls-dir", metavar="DIR",
+                     help="the site's TLS directory (`drctl certs`: ca.crt, epoch.pub, "
+                     "sites/SITE.crt and .key), given to the data path it runs (default: "
+                     "$DRCTL_TLS_DIR; docs/security.md)")
+    tls.add_argument("--insecure", action="store_true",
+                     help="run the data path over plaintext replication (loopback tests only)")
     a.set_defaults(func=cmd_agent)
 
 
@@ -33,8 +41,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
         if args.lag_url:
             raise ConfigError("--lag-url: this site's agent runs its own capture agents and "
                               "reads their lag itself")
+        tls_dir = None if args.insecure else args.tls_dir or os.environ.get("DRCTL_TLS_DIR")
+        if tls_dir is None and not args.insecure:
+            raise ConfigError("the data path replicates over mutual TLS: give --tls-dir DIR "
+                              f"(with sites/{args.site}.crt and .key; `drctl certs`) or "
+                              "--insecure (loopback tests only)")
         asyncio.run(_daemon(cfg, lambda store: ManagedSiteAgent(cfg, args.site, store,
-                                                                runbook)))
+                                                                runbook, tls_dir)))
     else:
         asyncio.run(_daemon(cfg, lambda store: SiteAgent(cfg, args.site, store, args.lag_url)))
     return 0

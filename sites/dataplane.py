@@ -9,7 +9,14 @@ On disk, under the site's ``data_dir``:
   push/<service>/         the capture agent's state: change journal, lineage, resume state
   unreplicated/<service>/ writes of this site that were never replicated, set aside at
                           demotion before the resync overwrote them
+  tokens/<service>.token  the controller's epoch token from the service record (0600): the
+                          capture agent presents it at each handshake, the promotion's Fence too
   logs/                   the children's output
+
+Security (docs/security.md): with the agent's ``--tls-dir`` every child runs with the site's
+certificate (mutual TLS); the target lets the other site of each service write that service's
+volumes, this site fence its own replicas, and operators clone and read. A primary starts its
+capture agent only once the record carries the controller's token for its epoch.
 
 Role changes:
   primary   promote the local replica (Fence with release: complete points applied, epoch
@@ -34,12 +41,15 @@ import time
 import urllib.request
 from typing import Any
 
+from drctl.epochtoken import TokenError, parse
 from drctl.localservers import free_port
+from drctl.pki import Identity, write_private
 from replicator.capture.lineage import Lineage
 from replicator.demotion import demote, is_primary, mark_primary
 from replicator.errors import ReplicatorError
 from replicator.source_state import group_journal_path
 from replicator.transport.client import TargetClient
+from replicator.transport.security import ChannelSecurity, TlsConfig, is_loopback, require_loopback
 from runbooks.model import Runbook, Service
 from sites.children import DRCTL, Child
 from sites.divergence import collect
@@ -81,6 +91,8 @@ class ServiceDataPath:
         self.barrier = False
         self.unreplicated = self._load_unreplicated()
         self.error = ""
+        self.token_path = os.path.join(plane.data_dir, "tokens", f"{svc.name}.token")
+        self.token = ""
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -109,9 +121,48 @@ class ServiceDataPath:
 
     # -- roles -------------------------------------------------------------------------------
 
+    def keep_token(self, token: str) -> None:
+        """The record's epoch token, kept where the capture agent reads it."""
+        if token and token != self.token:
+            write_private(self.token_path, token.encode() + b"\n", overwrite=True)
+            self.token = token
+
+    def _granted(self, epoch: int) -> bool:
+        """Does the kept token grant ``epoch`` of every volume to this site?"""
+        try:
+            t = (self.plane.tls.epoch_keys.verify(self.token)
+                 if self.plane.tls is not None and self.plane.tls.epoch_keys is not None
+                 else parse(self.token))
+        except TokenError:
+            return False
+        return all(t.grants(self.site, name, epoch) for name, _ in self.volumes)
+
     async def become_primary(self, epoch: int) -> bool:
         if self.push is not None and self.push_epoch == epoch and self.push.running:
             return True
+        if not await self._promote(epoch):
+            return False
+        self.start_push(epoch)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if _port_open(self.export):
+                return True
+            if self.push is not None and not self.push.running and self.push.restarts:
+                break
+            await asyncio.sleep(0.05)
+        self.error = f"the export did not come up on {self.export} (see {self._log('push')})"
+        log.error("%s: %s", self.svc.name, self.error)
+        return False
+
+    async def _promote(self, epoch: int) -> bool:
+        """The volumes become this site's: replicas are fenced at ``epoch`` with the
+        controller's token and released, the journal's lineage starts."""
+        if self.plane.tls is not None and not self._granted(epoch):
+            error = f"waiting for the controller's epoch token for epoch {epoch}"
+            if self.error != error:
+                log.warning("%s: %s", self.svc.name, error)
+            self.error = error
+            return False
         self.error = ""
         await self.stop_push()
         self._link_volumes()
@@ -120,7 +171,7 @@ class ServiceDataPath:
             if is_primary(self.plane.replicas, name):
                 continue
             if os.path.exists(os.path.join(self.plane.replicas, f"{name}.meta")):
-                gen = await self.plane.promote_replica(name, epoch)
+                gen = await self.plane.promote_replica(name, epoch, self.token.encode())
                 if gen is None:
                     return False
                 promoted[name] = gen
@@ -141,17 +192,7 @@ class ServiceDataPath:
                      ", ".join(f"{n} (replica {g[:8]})" for n, g in promoted.items()), epoch)
         self.unreplicated = {}
         self._save_unreplicated()
-        self.start_push(epoch)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if _port_open(self.export):
-                return True
-            if self.push is not None and not self.push.running and self.push.restarts:
-                break
-            await asyncio.sleep(0.05)
-        self.error = f"the export did not come up on {self.export} (see {self._log('push')})"
-        log.error("%s: %s", self.svc.name, self.error)
-        return False
+        return True
 
     def _set_aside_leftovers(self) -> None:
         got = collect(self.journal_path, self.volumes, BLOCK_SIZE, self._aside_dir())
@@ -213,6 +254,14 @@ class ServiceDataPath:
                 "--metrics-port", str(self.metrics_port)]
         if s.rate_limit:
             args += ["--rate-limit", str(s.rate_limit)]
+        args += self.plane.security_args(self.peer)
+        if self.plane.tls is not None or self.token:
+            args += ["--epoch-token", self.token_path]
+        host = self.export.rpartition(":")[0]
+        if not self.export.startswith("unix:") and not is_loopback(host):
+            log.warning("%s: the NBD export %s is not on loopback: NBD has no authentication "
+                        "or encryption (docs/security.md)", s.name, self.export)
+            args.append("--insecure-nbd")
         args += [f"{n}={p}" for n, p in self.volumes]
         self.push = Child(f"{s.name} capture agent", args, self._log("push"))
         self.push_epoch = epoch
@@ -286,7 +335,7 @@ class ServiceDataPath:
 class SiteDataPlane:
     """Every service's data path at one site, and the site's target daemon."""
 
-    def __init__(self, runbook: Runbook, site: str) -> None:
+    def __init__(self, runbook: Runbook, site: str, tls_dir: str | None = None) -> None:
         s = runbook.sites[site]
         assert s.data_dir is not None
         self.runbook = runbook
@@ -294,8 +343,17 @@ class SiteDataPlane:
         self.data_dir = s.data_dir
         self.replicas = os.path.join(s.data_dir, "replicas")
         self.endpoint = s.endpoints.get("replication", "")
+        # None: plaintext (--insecure, loopback only)
+        self.tls_dir = tls_dir
+        self.tls = TlsConfig.from_dir(tls_dir, Identity("site", site), need_epoch_keys=True) \
+            if tls_dir else None
         self.services = {n: ServiceDataPath(self, svc) for n, svc in runbook.services.items()
                          if svc.volumes and site in (svc.primary, svc.replica)}
+        if self.tls is None:
+            for path in self.services.values():
+                require_loopback(path.peer_endpoint, f"site {path.peer}'s target")
+            if self.services and self.endpoint:
+                require_loopback(self.endpoint, "this site's target")
         modes = {svc.mode for svc in runbook.services.values()
                  if svc.volumes and site in (svc.primary, svc.replica)}
         self.mode = modes.pop() if len(modes) == 1 else "hot"
@@ -305,6 +363,7 @@ class SiteDataPlane:
                 "--dir", self.replicas, "--mode", self.mode]
         if intervals:
             args += ["--apply-interval", str(min(intervals))]
+        args += self.security_args(None)
         metrics = s.endpoints.get("target_metrics")
         if metrics:
             args += ["--metrics-port", metrics.rpartition(":")[2]]
@@ -316,17 +375,36 @@ class SiteDataPlane:
             os.makedirs(self.replicas, exist_ok=True)
             self.target.start()
 
-    async def promote_replica(self, volume: str, epoch: int) -> str | None:
-        """Fence the local replica at ``epoch`` and release it as the primary volume; its
-        generation, or None if the target could not do it (retried at the next tick)."""
+    def security_args(self, peer: str | None) -> list[str]:
+        """A child's flags: its certificate and, for a capture agent, the site its target is
+        at (``peer``); for the target (``peer`` None), who may use it: the other site of each
+        service writes that service's volumes, operators clone and read."""
+        if self.tls_dir is None:
+            return ["--insecure"]
+        args = ["--tls-dir", self.tls_dir, "--site", self.site]
+        if peer is not None:
+            return [*args, "--target-site", peer]
+        writers: dict[str, set[str]] = {}
+        for path in self.services.values():
+            writers.setdefault(path.peer, set()).update(n for n, _ in path.volumes)
+        for peer_site, volumes in sorted(writers.items()):
+            args += ["--allow", f"{peer_site}={','.join(sorted(volumes))}"]
+        return [*args, "--allow", "operator:*"]
+
+    async def promote_replica(self, volume: str, epoch: int, token: bytes = b"") -> str | None:
+        """Fence the local replica at ``epoch`` with the controller's ``token`` and release it
+        as the primary volume; its generation, or None if the target could not do it
+        (retried at the next tick)."""
         self.start_target()
         deadline = time.monotonic() + 30
         while not _port_open(self.endpoint) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         client = TargetClient(self.endpoint if not self.endpoint.startswith("0.0.0.0:")
-                              else "127.0.0.1:" + self.endpoint.rpartition(":")[2])
+                              else "127.0.0.1:" + self.endpoint.rpartition(":")[2],
+                              ChannelSecurity(self.tls, self.site))
         try:
-            info = await client.fence(volume, epoch, timeout=60.0, release=True)
+            info = await client.fence(volume, epoch, timeout=60.0, release=True,
+                                      epoch_token=token)
         except ReplicatorError as exc:
             log.error("promoting the replica of %s failed: %s", volume, exc)
             return None

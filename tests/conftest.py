@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.procs import Target, stop_all
+from tests.procs import Pki, Target, pki, stop_all
 
 
 @pytest.fixture
@@ -15,9 +15,15 @@ def workdir() -> Iterator[str]:
         yield d
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "insecure: the `target` fixture runs with --insecure "
+                            "(plaintext: for tests that need to see or break the wire)")
+
+
 @pytest.fixture
-def target(workdir: str) -> Iterator[Target]:
-    t = Target(workdir).start()
+def target(workdir: str, request: pytest.FixtureRequest) -> Iterator[Target]:
+    """Site west's target daemon over mutual TLS, written by east (tests/procs.py)."""
+    t = Target(workdir, tls=request.node.get_closest_marker("insecure") is None).start()
     try:
         yield t
     finally:
@@ -25,6 +31,12 @@ def target(workdir: str) -> Iterator[Target]:
         log = t.proc.log() if t.proc else ""
         assert "Traceback" not in log, f"target daemon logged a traceback:\n{log[-4000:]}"
         assert code in (0, None, -9), f"target exited {code}:\n{log[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def deployment() -> Pki:
+    """The session's CA, site and operator certificates and epoch-token key."""
+    return pki()
 
 
 @pytest.fixture
@@ -39,3 +51,12 @@ def _stop_started_processes() -> Iterator[None]:
         yield
     finally:
         stop_all()
+
+
+@pytest.fixture(autouse=True)
+def _audit_mirrors_stay_in_the_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The audit log's default local mirror ($XDG_STATE_HOME/drctl/audit/) of every drctl
+    process a test starts goes to a directory of its own, not the user's home."""
+    with tempfile.TemporaryDirectory(prefix="drctl-state-") as d:
+        monkeypatch.setenv("XDG_STATE_HOME", d)
+        yield

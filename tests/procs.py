@@ -1,18 +1,31 @@
-"""Real processes for tests: free loopback ports, daemons started and stopped by PID."""
+"""Real processes for tests: free loopback ports, daemons started and stopped by PID.
+
+The replication channel is mutual TLS here as in production: one deployment directory per
+test session (``pki()``: a CA, sites east and west, operator tester, the epoch-token key),
+and a ``Target`` is site west letting site east write. ``Target(tls=False)`` runs it with
+``--insecure`` for tests that are not about security and need what TLS hides (a proxy that
+corrupts bytes on the wire)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from drctl.localservers import free_port
+
+if TYPE_CHECKING:
+    from replicator.transport.security import ChannelSecurity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRCTL = [sys.executable, "-m", "drctl"]
@@ -111,16 +124,84 @@ class Proc:
             return fh.read()
 
 
-class Target:
-    """A `drctl replicate serve` daemon on free loopback ports."""
+@dataclass(frozen=True)
+class Pki:
+    """The session's deployment directory (drctl certs layout)."""
 
-    def __init__(self, workdir: str, port: int | None = None, *extra: str) -> None:
+    dir: str
+
+    def sign(self, volumes: tuple[str, ...], site: str, epoch: int,
+             service: str = "svc") -> str:
+        from drctl.epochtoken import Signer
+
+        return Signer.load(os.path.join(self.dir, "epoch.key")).sign(service, volumes, site,
+                                                                      epoch)
+
+    def token_file(self, path: str, volumes: tuple[str, ...], site: str, epoch: int) -> str:
+        from drctl.pki import write_private
+
+        write_private(path, self.sign(volumes, site, epoch).encode(), overwrite=True)
+        return path
+
+    def flags(self, site: str, target_site: str | None = None) -> list[str]:
+        out = ["--tls-dir", self.dir, "--site", site]
+        return [*out, "--target-site", target_site] if target_site else out
+
+    def security(self, who: str = "site/east", server: str = "west") -> ChannelSecurity:
+        from drctl.pki import Identity
+        from replicator.transport.security import ChannelSecurity, TlsConfig
+
+        kind, _, name = who.partition("/")
+        return ChannelSecurity(TlsConfig.from_dir(self.dir, Identity(kind, name)), server)
+
+
+_PKI: list[Pki] = []
+
+
+def pki() -> Pki:
+    """One deployment per test session: CA, sites east, west and north (also valid for
+    127.0.0.1), operator tester, epoch-token key; removed when the session ends."""
+    if not _PKI:
+        from drctl.pki import Identity, init, issue
+
+        d = tempfile.mkdtemp(prefix="drctl-pki-")
+        atexit.register(shutil.rmtree, d, True)
+        init(d, "tests")
+        for site in ("east", "west", "north"):
+            issue(d, Identity("site", site), ("127.0.0.1", "localhost"))
+        issue(d, Identity("operator", "tester"))
+        _PKI.append(Pki(d))
+    return _PKI[0]
+
+
+class Target:
+    """A `drctl replicate serve` daemon on free loopback ports: site west, written by site
+    east over mutual TLS (``tls=False``: plaintext, --insecure)."""
+
+    def __init__(self, workdir: str, port: int | None = None, *extra: str,
+                 tls: bool = True) -> None:
         self.extra = extra  # more `serve` flags, e.g. "--mode", "warm"
         self.dir = os.path.join(workdir, "target")
         self.port = port or free_port()
         self.metrics_port = free_port()
         self.proc: Proc | None = None
         self.workdir = workdir
+        self.tls = tls
+
+    def security_flags(self) -> list[str]:
+        """`serve`'s flags: west, letting east write and the tester operator read."""
+        if not self.tls:
+            return ["--insecure"]
+        return [*pki().flags("west"), "--allow", "east", "--allow", "operator:tester"]
+
+    def client_flags(self, site: str = "east") -> list[str]:
+        """A client's flags to reach this target (push, verify, fence)."""
+        return pki().flags(site, "west") if self.tls else ["--insecure"]
+
+    def security(self, who: str = "site/east") -> ChannelSecurity:
+        from replicator.transport.security import ChannelSecurity
+
+        return pki().security(who) if self.tls else ChannelSecurity.insecure()
 
     @property
     def address(self) -> str:
@@ -129,7 +210,7 @@ class Target:
     def start(self) -> Target:
         self.proc = Proc([*DRCTL, "--log-level", "INFO", "replicate", "serve", "--listen",
                           self.address, "--dir", self.dir, "--metrics-port",
-                          str(self.metrics_port), *self.extra],
+                          str(self.metrics_port), *self.security_flags(), *self.extra],
                          os.path.join(self.workdir, "target.log"))
         self.proc.start()
         wait_for(lambda: port_open(self.port) and port_open(self.metrics_port), 20,
@@ -148,7 +229,24 @@ class Target:
 
 def push_cmd(path: str, target: Target, volume: str, state_dir: str, *extra: str) -> list[str]:
     return [*DRCTL, "replicate", "push", path, "--to", target.address, "--volume", volume,
-            "--state-dir", state_dir, "--no-progress", *extra]
+            "--state-dir", state_dir, "--no-progress", *target.client_flags(), *extra]
+
+
+def epoch_args(target: Target, volume: str, epoch: int, site: str = "east") -> list[str]:
+    """``--epoch N`` and, for a TLS target, the controller's token granting it to ``site``."""
+    out = ["--epoch", str(epoch)]
+    if target.tls:
+        path = os.path.join(target.workdir, f"{volume}-{site}-{epoch}.token")
+        out += ["--epoch-token", pki().token_file(path, (volume,), site, epoch)]
+    return out
+
+
+def fence_cmd(target: Target, volume: str, epoch: int, site: str = "west",
+              token: bool = True) -> list[str]:
+    """`drctl replicate fence` as ``site`` (default: the target's own, a promotion)."""
+    epoch_flags = epoch_args(target, volume, epoch, site) if token else ["--epoch", str(epoch)]
+    return [*DRCTL, "replicate", "fence", "--to", target.address, "--volume", volume,
+            *epoch_flags, *target.client_flags(site)]
 
 
 def run(cmd: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

@@ -1,33 +1,50 @@
-"""`drctl api`: an aiohttp API with bearer-token auth and a one-page operator UI.
+"""`drctl api`: an aiohttp API with named users and roles, and a one-page operator UI.
 
 Handlers never run a failover inline: a request writes a command record to etcd (exactly
 what `drctl failover` does) and returns 202 with the operation id; the leading controller
 carries it out and the page follows the service record.
 
-  GET  /                                   the web page (it asks for the token)
-  GET  /api/v1/status                      services, sites, leader, DNS answers, operations
-  POST /api/v1/services/{name}/{op}        op: failover | switchover | failback | retry |
-                                           cancel -> 202; 409 when the stored record rules
-                                           it out (a target holding no replica, a
-                                           switchover while not healthy, a retry or cancel
+  GET  /                                   the web page (it asks for a token)
+  GET  /api/v1/status                      services, sites, leader, DNS answers, operations,
+                                           and who is asking (viewer and up)
+  POST /api/v1/services/{name}/{op}        op: switchover | failback (operator), failover |
+                                           retry | cancel (admin) -> 202; 409 when the stored
+                                           record rules it out (a target holding no replica,
+                                           a switchover while not healthy, a retry or cancel
                                            while nothing failed)
-  POST /api/v1/services/{name}/drill       a DR drill (runbook configured) -> 202; its
-                                           progress and report appear in the status
+  POST /api/v1/services/{name}/drill       a DR drill (operator; runbook configured) -> 202;
+                                           its progress and report appear in the status
+
+Every API request carries ``Authorization: Bearer <token>`` (users.py: users, roles, tokens);
+no cookie is ever set or read, so a page of another site cannot make the browser send a
+credential. A POST must also be same-origin (Sec-Fetch-Site, else Origin, when the client
+sends them: browsers do) and its body, if any, JSON. Refusals are JSON ``{error, message}``,
+checked in this order: 401 (no or unknown token), 403 (another origin), 415 (not JSON), 403
+(role too low). Every POST and every refusal is appended to the audit log (failover/audit.py)
+with the user as the actor; refusals of unauthenticated requests at most ~1 per 5 s after a
+burst of 20 (the rest are counted in the next record), so nobody without a token can flood
+etcd through the log. Successful reads (GET) are not recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import base64
+import hashlib
 import json
+import logging
 import os
+import re
 import time
 import uuid
+from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
 from aiohttp import web
 
+from failover.api.users import NEEDS, User, Users, UsersFileError
+from failover.audit import AuditLog
 from failover.config import ClusterConfig
 from failover.coordination.base import CoordinationStore
 from failover.dns.rfc2136 import DnsUpdater
@@ -35,6 +52,7 @@ from failover.errors import FailoverError, InvalidTransition, StoreUnavailableEr
 from failover.fsm import Command
 from failover.records import (
     CommandRecord,
+    audit_prefix,
     command_key,
     refuse_request,
     service_record,
@@ -42,37 +60,196 @@ from failover.records import (
 )
 from failover.status import cluster_status
 
+log = logging.getLogger(__name__)
+
 STORE = web.AppKey("store", CoordinationStore)
 RUNBOOK = web.AppKey("runbook", object)  # runbooks.model.Runbook | None
 DRILLS = web.AppKey("drills", dict)  # service -> recent drill records
 TASKS = web.AppKey("tasks", set)
 CONFIG = web.AppKey("config", ClusterConfig)
-TOKEN = web.AppKey("token", str)
+USERS = web.AppKey("users", Users)
+AUDIT = web.AppKey("audit", object)  # AuditLog | None
+ORIGINS = web.AppKey("origins", frozenset)  # more origins allowed to POST (a proxy's)
+ANONYMOUS = web.AppKey("anonymous", object)  # _Bucket: audit records of unknown callers
+PAGE = web.AppKey("page", tuple)  # (html, its Content-Security-Policy)
+USER = web.RequestKey("user", User)  # who is asking (authenticated)
+CLAIMED = web.RequestKey("claimed_user", str)  # the name in a token that was not accepted
+AUDIT_PARAMS = web.RequestKey("audit_params", dict)  # what the handler adds to the record
 _OPS = {"failover": Command.FAILOVER, "switchover": Command.SWITCHOVER,
         "failback": Command.SWITCHOVER, "retry": Command.RETRY, "cancel": Command.CANCEL}
+_CLAIMED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_@-]{0,63}$")
+
+
+def _error(status: int, error: str, message: str) -> web.Response:
+    return web.json_response({"error": error, "message": message}, status=status)
+
+
+class _Bucket:
+    """A token bucket: ``burst`` at once, then one per ``every`` seconds."""
+
+    def __init__(self, burst: int = 20, every: float = 5.0) -> None:
+        self.burst, self.every = burst, every
+        self.tokens, self.at, self.dropped = float(burst), time.monotonic(), 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) / self.every)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.dropped += 1
+        return False
+
+
+def _cross_origin(request: web.Request) -> str | None:
+    """Why a state-changing request is not same-origin (None: it is, or the client is not a
+    browser: no Sec-Fetch-Site, no Origin)."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        return f"cross-origin request refused (Sec-Fetch-Site: {site})"
+    origin = request.headers.get("Origin")
+    own = f"{request.scheme}://{request.host}"
+    if origin is not None and origin != own and origin not in request.app[ORIGINS]:
+        return f"cross-origin request refused (Origin {origin}, this API is {own})"
+    return None
+
+
+def _request_name(request: web.Request) -> tuple[str, str]:
+    """(what is asked: a key of NEEDS or a path, the service) for checks and the audit."""
+    if request.path == "/api/v1/status":
+        return "status", ""
+    op = request.match_info.get("op")
+    if op is not None:
+        return op, request.match_info.get("name", "")
+    return f"{request.method} {request.path}", ""
+
+
+async def _audit(request: web.Request, user: User | None, status: int,
+                 outcome: str) -> None:
+    audit = request.app[AUDIT]
+    if not isinstance(audit, AuditLog):
+        return
+    what, service = _request_name(request)
+    params: dict[str, Any] = {"method": request.method, "remote": request.remote or ""}
+    params.update(request.get(AUDIT_PARAMS, {}))
+    if user is None:
+        bucket = request.app[ANONYMOUS]
+        assert isinstance(bucket, _Bucket)
+        if not bucket.take():
+            return
+        if bucket.dropped:
+            params["unrecorded_before"], bucket.dropped = bucket.dropped, 0
+        claimed = request.get(CLAIMED)
+        if claimed:
+            params["claimed_user"] = claimed
+    await audit.try_append(user.name if user else "anonymous", f"api.{what}", service,
+                           params, f"{status} {outcome}")
+
+
+async def _authenticate(request: web.Request) -> User | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    token = token.strip()
+    claimed = token.partition(".")[0]
+    if _CLAIMED.match(claimed) and "." in token:
+        request[CLAIMED] = claimed
+    return await request.app[USERS].authenticate(token)
+
+
+def _outcome(response: web.StreamResponse) -> str:
+    """What the response said, for the audit record."""
+    if isinstance(response, web.Response) and response.content_type == "application/json":
+        try:
+            body = json.loads(response.text or "{}")
+        except ValueError:
+            body = {}
+        if isinstance(body, dict):
+            if "operation" in body:
+                return f"{body.get('status', 'queued')} (operation {body['operation']})"
+            if "error" in body:
+                return f"{body['error']}: {body.get('message', '')}"
+    return response.reason or ""
 
 
 @web.middleware
-async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
-    if request.path.startswith("/api/"):
-        expected = request.app[TOKEN]
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-            return web.json_response({"error": "unauthorized", "message": "send "
-                                      "'Authorization: Bearer <token>'"}, status=401)
+async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Authentication, same-origin and role checks, error bodies, the audit (API paths)."""
+    if not request.path.startswith("/api/"):
+        return await _handle(request, handler)
+    response = await _checked(request, handler)
+    if request.method not in ("GET", "HEAD") or response.status in (401, 403, 415):
+        await _audit(request, request.get(USER), response.status, _outcome(response))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def _checked(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Who asks (401 if nobody we know), whether the request may come from where it does
+    (403), is JSON (415) and is allowed to the user's role (403); then the handler."""
+    try:
+        user = await _authenticate(request)
+    except UsersFileError as exc:
+        log.error("api: %s: nobody gets in until it is fixed", exc)
+        return _error(503, exc.code, "the users file is not readable: see the API's log")
+    if user is None:
+        return _error(401, "unauthorized", "send 'Authorization: Bearer <token>' with a "
+                                           "valid token")
+    request[USER] = user
+    if request.method not in ("GET", "HEAD"):
+        refusal = _cross_origin(request)
+        if refusal is not None:
+            return _error(403, "cross_origin", refusal)
+        if request.can_read_body and request.content_type != "application/json":
+            return _error(415, "unsupported_media_type", "send the body as JSON "
+                                                         "(Content-Type: application/json)")
+    what, _ = _request_name(request)
+    if what in NEEDS and not user.may(what):
+        return _error(403, "forbidden", f"{user.name} ({user.role}) may not {what}: it "
+                                        f"needs {NEEDS[what]}")
+    return await _handle(request, handler)
+
+
+async def _handle(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         response: web.StreamResponse = await handler(request)
         return response
     except StoreUnavailableError as exc:
-        return web.json_response({"error": exc.code, "message": str(exc)}, status=503)
+        return _error(503, exc.code, str(exc))
     except FailoverError as exc:
-        return web.json_response({"error": exc.code, "message": str(exc)},
-                                 status=exc.http_status)
+        return _error(exc.http_status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if not request.path.startswith("/api/"):
+            raise
+        return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+
+
+async def _headers(request: web.Request, response: web.StreamResponse) -> None:
+    h = response.headers
+    h.setdefault("X-Content-Type-Options", "nosniff")
+    h.setdefault("Referrer-Policy", "no-referrer")
+    h.setdefault("X-Frame-Options", "DENY")
+    if request.secure:
+        h.setdefault("Strict-Transport-Security", "max-age=31536000")
+
+
+def _page() -> tuple[str, str]:
+    """The page and a Content-Security-Policy that allows its one inline script only."""
+    html = resources.files("failover.api").joinpath("index.html").read_text(encoding="utf-8")
+    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    return html, ("default-src 'none'; connect-src 'self'; style-src 'unsafe-inline'; "
+                  f"script-src 'sha256-{digest}'; img-src 'self'; base-uri 'none'; "
+                  "form-action 'none'; frame-ancestors 'none'")
 
 
 async def page(request: web.Request) -> web.Response:
-    html = resources.files("failover.api").joinpath("index.html").read_text(encoding="utf-8")
-    return web.Response(text=html, content_type="text/html")
+    html, policy = request.app[PAGE]
+    return web.Response(text=html, content_type="text/html",
+                        headers={"Content-Security-Policy": policy,
+                                 "Cache-Control": "no-store"})
 
 
 async def dns_answers(cfg: ClusterConfig) -> dict[str, dict[str, list[str] | None]]:
@@ -90,13 +267,16 @@ async def dns_answers(cfg: ClusterConfig) -> dict[str, dict[str, list[str] | Non
 
 async def status(request: web.Request) -> web.Response:
     cfg, store = request.app[CONFIG], request.app[STORE]
-    snap = await store.snapshot(cfg.prefix)
+    snap = await store.snapshot_without(cfg.prefix, audit_prefix(cfg.prefix))
     out = cluster_status(cfg, snap, time.time())
     answers = await dns_answers(cfg)
     for name, svc in out["services"].items():
         svc["dns"] = answers.get(name)
         svc["drills"] = request.app[DRILLS].get(name, [])[-5:][::-1]
         svc["drill_available"] = request.app[RUNBOOK] is not None
+    user = request[USER]
+    out["user"] = {"name": user.name, "role": user.role,
+                   "may": [op for op in NEEDS if op != "status" and user.may(op)]}
     return web.json_response(out)
 
 
@@ -122,6 +302,7 @@ async def operate(request: web.Request) -> web.Response:
             return web.json_response({"error": "bad_request", "message": "body is not a "
                                       "JSON object"}, status=400)
         body = raw
+    request[AUDIT_PARAMS] = {"body": body}
     command = _OPS[op]
     if op == "failover" and body.get("force"):
         command = Command.FORCE_FAILOVER
@@ -184,25 +365,28 @@ async def _tasks_ctx(app: web.Application) -> Any:
         await asyncio.wait(tasks)
 
 
-def make_app(cfg: ClusterConfig, store: CoordinationStore, token: str,
-             runbook: object | None = None) -> web.Application:
-    if len(token) < 16:
-        raise FailoverError("the API token must be at least 16 characters")
-    app = web.Application(middlewares=[auth])
-    app[CONFIG], app[STORE], app[TOKEN] = cfg, store, token
+def make_app(cfg: ClusterConfig, store: CoordinationStore, users: Users | str,
+             runbook: object | None = None, audit: AuditLog | None = None,
+             origins: Iterable[str] = ()) -> web.Application:
+    """``users``: a Users, or one token (a single admin, as with --token-file)."""
+    if isinstance(users, str):
+        users = Users(token=users)
+    app = web.Application(middlewares=[guard])
+    app[CONFIG], app[STORE], app[USERS], app[AUDIT] = cfg, store, users, audit
+    app[ORIGINS], app[ANONYMOUS], app[PAGE] = frozenset(origins), _Bucket(), _page()
     app[RUNBOOK], app[DRILLS] = runbook, {}
     app.cleanup_ctx.append(_tasks_ctx)
+    app.on_response_prepare.append(_headers)
     app.router.add_get("/", page)
     app.router.add_get("/api/v1/status", status)
     app.router.add_post("/api/v1/services/{name}/{op}", operate)
     return app
 
 
-def read_token(path: str | None) -> str:
+def read_token(path: str | None) -> str | None:
+    """The --token-file token (or $DRCTL_API_TOKEN); None if neither is given."""
     if path:
         with open(path, encoding="utf-8") as fh:
             return fh.read().strip()
-    token = os.environ.get("DRCTL_API_TOKEN", "")
-    if not token:
-        raise FailoverError("no API token: pass --token-file or set DRCTL_API_TOKEN")
-    return token
+    return os.environ.get("DRCTL_API_TOKEN") or None
+

@@ -101,3 +101,20 @@ class CoordinationStore(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release connections. Leases are not revoked (they expire on their own)."""
+
+    @abstractmethod
+    async def create_and_swap(self, key: str, value: bytes, head: str, head_value: bytes,
+                              expected_head_revision: int) -> int:
+        """Atomic, both or neither: create ``key`` (only if absent) and write ``head_value``
+        to ``head`` (only if its mod_revision still equals ``expected_head_revision``; 0: only
+        if absent). Returns the new revision (``head``'s mod_revision from now on), 0 if
+        nothing was written. (The audit log's append: the next record and the head.)"""
+
+    async def snapshot_without(self, prefix: str, skip: str) -> Snapshot:
+        """``snapshot(prefix)`` without the keys under ``skip`` (a prefix inside ``prefix``):
+        still one read at one revision. Readers of the cluster use it to leave the audit log
+        out. This version reads everything and drops those keys; etcd skips them in the
+        server."""
+        snap = await self.snapshot(prefix)
+        return Snapshot(snap.revision, {k: e for k, e in snap.entries.items()
+                                        if not k.startswith(skip)})

@@ -150,3 +150,19 @@ class MemoryStore(CoordinationStore):
 
     async def close(self) -> None:
         return None
+
+    async def create_and_swap(self, key: str, value: bytes, head: str, head_value: bytes,
+                              expected_head_revision: int) -> int:
+        self.expire()
+        current = self.entries.get(head)
+        if key in self.entries or (current.mod_revision if current else 0) != \
+                expected_head_revision:
+            return 0
+        self.revision += 1  # one transaction: both keys at one revision
+        for k, v in ((key, value), (head, head_value)):
+            old = self.entries.get(k)
+            self.entries[k] = Entry(k, v, self.revision,
+                                    old.create_revision if old else self.revision, 0)
+            self.history.append(WatchEvent(EventKind.PUT, k, v, self.revision))
+        self._notify()
+        return self.revision

@@ -33,7 +33,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import xxhash
@@ -271,6 +271,18 @@ class ChangeJournal:
     def ready(self) -> bool:
         return any(not cp.extracted for cp in self.closed)
 
+    def unextracted_bytes(self) -> int:
+        """Journal bytes of the closed points not yet extracted."""
+        with self.lock:
+            return sum(cp.end - cp.start for cp in self.closed if not cp.extracted)
+
+    def requeue(self) -> None:
+        """The points extracted but not released will not be acknowledged where they were
+        sent (the stream failed): the next :meth:`extract` returns them again."""
+        with self.lock:
+            for cp in self.closed:
+                cp.extracted = False
+
     def extract(self, upto: int | None = None) -> list[ExtractedPoint]:
         """The closed CPs not yet extracted (up to number ``upto``), each as its blocks' last
         content. Reads a duplicate descriptor: a rewrite meanwhile replaces the file, never
@@ -437,6 +449,7 @@ class GroupCommit:
         self.journal = journal
         self.durable = 0
         self._task: asyncio.Future[None] | None = None
+        self.on_sync: Callable[[float, float], None] | None = None  # (started, finished)
 
     async def wait_durable(self, upto: int) -> None:
         while self.durable < upto:
@@ -445,5 +458,8 @@ class GroupCommit:
             await asyncio.shield(self._task)
 
     async def _sync(self, target: int) -> None:
+        started = time.monotonic()
         await asyncio.to_thread(self.journal.sync)
         self.durable = max(self.durable, target)
+        if self.on_sync is not None:
+            self.on_sync(started, time.monotonic())

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import struct
 from collections.abc import Callable
 
@@ -158,6 +159,25 @@ class NbdServer:
     async def start(self, host: str, port: int) -> int:
         self.server = await asyncio.start_server(self._client, host, port)
         return int(self.server.sockets[0].getsockname()[1])
+
+    async def listen(self, spec: str) -> str:
+        """Listen on ``HOST:PORT`` or ``unix:PATH`` (a socket only its owner may connect to);
+        returns where. NBD has no authentication: the CLI refuses a non-loopback address
+        unless asked (--insecure-nbd)."""
+        if spec.startswith("unix:"):
+            path = spec[len("unix:"):]
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)  # a stale socket of a previous run
+            old = os.umask(0o177)
+            try:
+                self.server = await asyncio.start_unix_server(self._client, path)
+            finally:
+                os.umask(old)
+            return f"unix:{path}"
+        host, _, port = spec.rpartition(":")
+        bound = await self.start(host.strip("[]"), int(port))
+        return f"{host}:{bound}"
 
     async def close(self) -> None:
         """Stop accepting, then end every client's session (before the volumes close)."""

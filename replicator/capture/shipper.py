@@ -23,17 +23,22 @@ fit in the journal.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import queue
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from replicator.capture.journal import ChangeJournal, volume_blocks
+from replicator.capture.journal import ChangeJournal, ExtractedPoint, volume_blocks
 from replicator.capture.lineage import Lineage
 from replicator.capture.nbd import NbdExport, NbdServer
 from replicator.capture.points import plan_points
+from replicator.capture.trace import PointTrace
 from replicator.driver import PushDriver, PushOptions
 from replicator.errors import (
     ProtocolError,
@@ -43,8 +48,7 @@ from replicator.errors import (
     VolumeBusyError,
     unwrap_group,
 )
-from replicator.planning import Planner
-from replicator.units import parse_hostport
+from replicator.planning import PlannedBatch, Planner
 from replicator.waiting import until_stopped, wait_at_most
 
 log = logging.getLogger(__name__)
@@ -78,13 +82,15 @@ async def run_captured(drivers: list[PushDriver], stop: asyncio.Event,
             log.warning("%s: replayed %d journaled writes into the volumes", names,
                         journal.replayed)
         server = NbdServer(exports)
-        host, port = parse_hostport(opts.nbd_listen)
-        bound = await server.start(host, port)
-        print(f"drctl replicate push: NBD exports {names} on {host}:{bound}", flush=True)
+        where = await server.listen(opts.nbd_listen)
+        print(f"drctl replicate push: NBD exports {names} on {where}", flush=True)
         loop = asyncio.get_running_loop()
         # A planned switchover: SIGUSR1 raises the write barrier, SIGUSR2 lifts it.
         loop.add_signal_handler(signal.SIGUSR1, server.hold_writes)
         loop.add_signal_handler(signal.SIGUSR2, server.release_writes)
+        trace = PointTrace()
+        if trace.enabled:
+            exports[0].commit.on_sync = trace.synced
         for d in drivers:
             d.capture_clock = lambda: journal.first_dirty_at
             _export_gauges(d, journal, server)
@@ -93,7 +99,8 @@ async def run_captured(drivers: list[PushDriver], stop: asyncio.Event,
                 d.open_volume()
                 if not await until_stopped(d.reconcile(), stop):
                     return False
-            return await _Loop(drivers, opts, journal, wake, stop, lineage, journal_dir).run()
+            return await _Loop(drivers, opts, journal, wake, stop, lineage, journal_dir,
+                               trace).run()
         finally:
             loop.remove_signal_handler(signal.SIGUSR1)
             loop.remove_signal_handler(signal.SIGUSR2)
@@ -119,10 +126,23 @@ def _export_gauges(driver: PushDriver, journal: ChangeJournal, server: NbdServer
     m.refresh = refresh
 
 
+INLINE_EXTRACT = 1 << 20  # journal bytes of points small enough to read on the event loop
+
+
+@dataclass
+class _Point:
+    """A point shipped on the members' streams: the sequence number of its closing batch on
+    each (0: not sent yet)."""
+
+    cp: int
+    first_at: float
+    closing: list[int]
+
+
 class _Loop:
     def __init__(self, drivers: list[PushDriver], opts: PushOptions, journal: ChangeJournal,
                  wake: asyncio.Event, stop: asyncio.Event, lineage: Lineage,
-                 lineage_dir: str) -> None:
+                 lineage_dir: str, trace: PointTrace | None = None) -> None:
         self.drivers = drivers
         self.opts = opts
         self.journal = journal
@@ -133,6 +153,9 @@ class _Loop:
         self.full = True  # the next resync covers the whole volumes
         self.name = ", ".join(d.o.volume for d in drivers)
         self.progress = ResyncProgress(drivers)
+        self.trace = trace or PointTrace(None)
+        self.inflight: deque[_Point] = deque()  # shipped, not acknowledged by every member
+        self.unsent = 0  # closing batches of those points not yet sent (all members)
         self._set_protected(False)
 
     async def run(self) -> bool:
@@ -164,13 +187,10 @@ class _Loop:
         return True
 
     async def _step(self) -> bool:
-        """One resync, one batch of points, or a wait. False if stopped meanwhile."""
+        """A resync, or the points until the journal overflows. False if stopped meanwhile."""
         if self.full or self.journal.overflowed:
             return await until_stopped(self.resync(), self.stop)
-        if self.journal.ready():
-            return await until_stopped(self.ship_points(), self.stop)
-        await self.idle()
-        return True
+        return await until_stopped(self.stream(), self.stop)
 
     async def _restart(self, backoff: float) -> bool:
         """After a failure: wait, agree with the target again, resync everything."""
@@ -280,25 +300,134 @@ class _Loop:
         self._set_protected(True)
         log.info("%s: replica consistent at point %d and verified (%s)", self.name, end, how)
 
-    async def ship_points(self) -> None:
-        points = await asyncio.to_thread(self.journal.extract)
-        if points:
-            await self._each(lambda i, d: d.run_planned(
-                lambda: plan_points(_planner(d), points, d.next_seq, volume=i)))
-            self.journal.release(points[-1].cp)
+    # -- the steady state: points shipped as they are cut ---------------------------------------
 
-    async def idle(self) -> None:
-        """Wait for a change; cut the open point once its oldest write waited cp_interval."""
-        first = self.journal.open_first_at
-        timeout = self.opts.interval
-        if first is not None:
-            age = time.time() - first
-            if age >= self.opts.cp_interval:
-                self.journal.cut()
+    async def stream(self) -> None:
+        """Ship every point as soon as it closes, without waiting for the acks of the ones
+        before it: one stream per member, each point's closing batch asking the target to
+        sync and ack at once, each point released when every member acknowledged it. The
+        agent cuts the open point whenever the streams have sent everything cut before
+        (writes that arrive meanwhile form the next point), and at the latest when its
+        oldest write waited ``cp_interval``. Returns once the journal overflowed and every
+        point shipped is acknowledged."""
+        feeds: list[queue.SimpleQueue[list[ExtractedPoint] | None]] = [
+            queue.SimpleQueue() for _ in self.drivers]
+        self.inflight.clear()
+        self.unsent = 0
+        for i, d in enumerate(self.drivers):
+            d.on_sent = functools.partial(self._sent, i)
+            d.on_acked = self._acked
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i, d in enumerate(self.drivers):
+                    tg.create_task(d.run_planned(functools.partial(self._follow, feeds[i], i,
+                                                                   d)))
+                tg.create_task(self._cutter(feeds))
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+        finally:
+            for d in self.drivers:
+                d.on_sent = d.on_acked = None
+            if self.inflight:  # never acknowledged here: shipped again after the resync
+                self.journal.requeue()
+                self.inflight.clear()
+                self.trace.forget()
+
+    async def _cutter(self, feeds: list[queue.SimpleQueue[list[ExtractedPoint] | None]]
+                      ) -> None:
+        journal, tr = self.journal, self.trace
+        while not journal.overflowed:
+            first = journal.open_first_at
+            timeout = self.opts.interval
+            if first is not None:
+                age = time.time() - first
+                if not self.unsent or age >= self.opts.cp_interval:
+                    tr.stamp(journal.cut(), "cut")
+                else:
+                    timeout = self.opts.cp_interval - age
+            if journal.ready():
+                # small points are read on the loop (page cache), a backlog on a thread
+                if journal.unextracted_bytes() <= INLINE_EXTRACT:
+                    points = journal.extract()
+                else:
+                    points = await asyncio.to_thread(journal.extract)
+                self._feed(points, feeds)
+                continue
+            if not self.inflight:  # the view equals the replica: a consistent state to save
+                for d in self.drivers:
+                    await d.save_if_due()
+            await wait_at_most(timeout, self.stop, self.wake)
+            self.wake.clear()
+        for f in feeds:
+            f.put(None)
+
+    def _feed(self, points: list[ExtractedPoint],
+              feeds: list[queue.SimpleQueue[list[ExtractedPoint] | None]]) -> None:
+        tr = self.trace
+        for p in points:
+            if tr.enabled:
+                tr.opened(p.cp, p.first_at, flush=False)
+                tr.stamp(p.cp, "extracted")
+                tr.note(p.cp, "blocks", len(p.blocks))
+                tr.note(p.cp, "inflight", len(self.inflight))
+            self.inflight.append(_Point(p.cp, p.first_at, [0] * len(self.drivers)))
+        self.unsent += len(points) * len(self.drivers)
+        for f in feeds:
+            f.put(points)
+
+    def _follow(self, feed: queue.SimpleQueue[list[ExtractedPoint] | None], volume: int,
+                driver: PushDriver) -> Iterator[PlannedBatch]:
+        """On the planner thread: the batches of the points fed, until the feed ends or the
+        pass is aborted."""
+        abort = driver.pass_abort
+        while True:
+            try:
+                points = feed.get(timeout=0.1)
+            except queue.Empty:
+                if abort is not None and abort.is_set():
+                    return
+                continue
+            if points is None:
                 return
-            timeout = self.opts.cp_interval - age
-        await wait_at_most(timeout, self.stop, self.wake)
-        self.wake.clear()
+            for b in plan_points(_planner(driver), points, driver.next_seq, volume=volume):
+                if b.batch.cp:
+                    b.batch.commit = True  # the target syncs and acknowledges it at once
+                    self.trace.stamp(b.batch.cp, "planned")
+                yield b
+
+    def _sent(self, member: int, planned: PlannedBatch) -> None:
+        cp = planned.batch.cp
+        if not cp:
+            return
+        for p in self.inflight:
+            if p.cp == cp:
+                if not p.closing[member]:
+                    p.closing[member] = planned.batch.seq
+                    self.unsent -= 1
+                    self.trace.stamp(cp, "sent")
+                    if not self.unsent:
+                        self.wake.set()  # the streams can take the next point
+                return
+
+    def _acked(self, _seq: int) -> None:
+        """Release the points every member has acknowledged, in order."""
+        done: list[int] = []
+        now = time.time()
+        while self.inflight:
+            p = self.inflight[0]
+            if not all(s and d.acked_seq >= s for s, d in zip(p.closing, self.drivers,
+                                                               strict=True)):
+                break
+            self.inflight.popleft()
+            done.append(p.cp)
+            if p.first_at:
+                for d in self.drivers:
+                    d.m.observe(d.m.ack_lag, max(0.0, now - p.first_at))
+            self.trace.stamp(p.cp, "acked")
+        if done:
+            self.journal.release(done[-1])
+            for cp in done:
+                self.trace.released(cp)
 
 
 class ResyncProgress:

@@ -111,16 +111,18 @@ class Applier:
 
     async def clone(self, slot: VolumeSlot, name: str) -> tuple[str, str]:
         """A writable copy of the replica at its last complete point (group: the same point
-        for every member cloned until the clones are dropped)."""
+        for every member cloned until the clones are dropped); within the target's clone
+        quota per volume."""
         replica = slot.replica
+        limit = self.registry.limits.max_clones
         if not replica.group:
             await self._apply_member(slot, None, None)
-            return await slot.run(replica.clone, name)
+            return await slot.run(replica.clone, name, limit)
         group = replica.group
         async with self._lock(group):
             if not self._is_frozen(group):
                 await self._apply_group(replica.members)
-            path, method = await slot.run(replica.clone, name)
+            path, method = await slot.run(replica.clone, name, limit)
             self._frozen.setdefault(group, {})[f"{replica.name}/{name}"] = time.monotonic()
             return path, method
 

@@ -1,17 +1,24 @@
-"""Client side of the replication protocol; translates gRPC failures into replicator errors."""
+"""Client side of the replication protocol; translates gRPC failures into replicator errors.
+
+The channel is mutual TLS with this process's certificate (``ChannelSecurity``, see
+security.py); a plaintext channel is only opened to a loopback address. Handshake and Fence
+carry the controller's epoch token when one is configured (``epoch_token``: read again at
+every call, so a supervisor can replace the file while the agent runs)."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
 from array import array
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from replicator.errors import (
+    EpochNotGrantedError,
+    PermissionDeniedError,
     ProtocolError,
     ReplicatorError,
     StaleEpochError,
@@ -20,6 +27,7 @@ from replicator.errors import (
     VolumeError,
 )
 from replicator.transport import wire
+from replicator.transport.security import ChannelSecurity
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 << 20),
@@ -45,9 +53,12 @@ _BY_STATUS: dict[grpc.StatusCode, type[ReplicatorError]] = {
     grpc.StatusCode.UNIMPLEMENTED: ProtocolError,
     grpc.StatusCode.DATA_LOSS: VolumeError,
     grpc.StatusCode.NOT_FOUND: VolumeError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDeniedError,
 }
 _BY_DETAIL_PREFIX: dict[str, type[ReplicatorError]] = {
     "stale_epoch": StaleEpochError,
+    "epoch_not_granted": EpochNotGrantedError,
     "volume_busy": VolumeBusyError,
     "replica I/O error": VolumeError,
 }
@@ -98,24 +109,50 @@ class FenceInfo:
     generation: str = ""  # the replica's generation (a promotion's lineage)
 
 
-class TargetClient:
-    """One channel to a target daemon."""
+def token_file(path: str) -> Callable[[], bytes]:
+    """An epoch token kept in a file (``--epoch-token``), read at every use."""
 
-    def __init__(self, address: str) -> None:
+    def read() -> bytes:
+        try:
+            with open(path, "rb") as fh:
+                return fh.read().strip()
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:
+            raise VolumeError(f"epoch token {path}: {exc.strerror}") from None
+
+    return read
+
+
+class TargetClient:
+    """One channel to a target daemon. ``security``: how to reach it (default:
+    ``ChannelSecurity.from_env()``, plaintext to loopback when nothing is configured)."""
+
+    def __init__(self, address: str, security: ChannelSecurity | None = None,
+                 epoch_token: Callable[[], bytes] | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.security = security if security is not None else ChannelSecurity.from_env()
+        self.epoch_token = epoch_token
+        self.channel = self.security.channel(address, CHANNEL_OPTIONS)
         self.stub = wire.ReplicationStub(self.channel)
+
+    def _token(self, given: bytes | None) -> bytes:
+        if given is not None:
+            return given
+        return self.epoch_token() if self.epoch_token is not None else b""
 
     async def close(self) -> None:
         await self.channel.close()
 
     async def handshake(self, volume: str, size: int, block_size: int, source_id: str,
                         epoch: int, timeout: float = 10.0, group: str = "",
-                        members: tuple[str, ...] = ()) -> HandshakeInfo:
+                        members: tuple[str, ...] = (), epoch_token: bytes | None = None
+                        ) -> HandshakeInfo:
         req = wire.ProtoHandshakeRequest(protocol_version=wire.PROTOCOL_VERSION, volume=volume,
                                          volume_size=size, block_size=block_size,
                                          source_id=source_id, epoch=epoch, group=group,
-                                         group_members=list(members))
+                                         group_members=list(members),
+                                         epoch_token=self._token(epoch_token))
         try:
             r = await self.stub.Handshake(req, timeout=timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
@@ -151,14 +188,15 @@ class TargetClient:
         return out, size, seq
 
     async def fence(self, volume: str, epoch: int, timeout: float = 120.0,
-                    release: bool = False) -> FenceInfo:
+                    release: bool = False, epoch_token: bytes | None = None) -> FenceInfo:
         """Apply the replica's complete consistency points, drop an incomplete one and raise
         its epoch (a promotion); returns where the replica stands afterwards. ``release``: the
         target also closes the replica and stops serving it (it becomes the primary volume of
-        the target's site)."""
+        the target's site). Raising the epoch needs the controller's token for it."""
         try:
-            r = await self.stub.Fence(wire.ProtoFenceRequest(volume=volume, epoch=epoch,
-                                                             release=release),
+            r = await self.stub.Fence(wire.ProtoFenceRequest(
+                volume=volume, epoch=epoch, release=release,
+                epoch_token=self._token(epoch_token)),
                                       timeout=timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, self.address) from None

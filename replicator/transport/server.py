@@ -14,19 +14,22 @@ from typing import Any, TypeVar, cast
 
 import grpc
 
-from replicator.batch import Batch
+from replicator.batch import MAX_BATCH_RAW, MAX_BATCH_RECORDS, Batch, Compression
 from replicator.demotion import Divergence, mark_primary
 from replicator.errors import (
     CorruptBatchError,
     ProtocolError,
+    QuotaExceededError,
     ReplicatorError,
     VolumeBusyError,
     VolumeError,
+    VolumeNotFoundError,
 )
 from replicator.metrics import TargetMetrics
+from replicator.replica import Replica, check_volume_name
 from replicator.transport import wire
 from replicator.transport.applying import Applier
-from replicator.transport.slots import SlotRegistry, VolumeSlot
+from replicator.transport.slots import Limits, SlotRegistry, VolumeSlot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,20 +38,31 @@ GROUP_COMMIT_BYTES = 32 << 20
 GROUP_COMMIT_SECONDS = 0.05
 QUEUE_DEPTH = 16
 STREAM_TAKEOVER_SECONDS = 5.0
+MAX_BLOCK_SIZE = 1 << 20
+MAX_GROUP_MEMBERS = 64
 
 
 class ReplicationService(wire.ReplicationServicer):
-    def __init__(self, directory: str, metrics: TargetMetrics, mode: str = "hot") -> None:
+    """Nothing a caller sends is taken before it is checked: sizes and enums (INVALID_ARGUMENT),
+    the target's quotas (RESOURCE_EXHAUSTED), every batch (checksum, hashes, sequence; a resend
+    only if it is the batch taken under its number). Every change of state (a replica created,
+    resized, its epoch raised, fenced or promoted, a clone made or dropped, a forged resend
+    refused) is logged in one line naming the peer."""
+
+    def __init__(self, directory: str, metrics: TargetMetrics, mode: str = "hot",
+                 limits: Limits | None = None) -> None:
         self.directory = directory
         self.metrics = metrics
         self.mode = mode
+        self.limits = limits or Limits()
         self.target_id = f"{os.uname().nodename}:{uuid.uuid4().hex[:8]}"
-        self.registry = SlotRegistry(directory, mode)
+        self.registry = SlotRegistry(directory, mode, self.limits)
         self.applier = Applier(self.registry, metrics)
 
-    async def _slot(self, name: str) -> VolumeSlot:
-        """Open a replica (once) and, in hot mode, finish what a crash interrupted."""
-        slot, opened = await self.registry.get(name)
+    async def _slot(self, name: str, create: bool = False) -> VolumeSlot:
+        """Open a replica (once; ``create``: make it if there is none) and, in hot mode,
+        finish what a crash interrupted."""
+        slot, opened = await self.registry.get(name, create)
         if opened and self.mode == "hot":
             await self.applier.apply(slot)
         return slot
@@ -67,26 +81,31 @@ class ReplicationService(wire.ReplicationServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"protocol_version {request.protocol_version} not supported "
                                 f"(target speaks {wire.PROTOCOL_VERSION})")
-        if request.block_size <= 0 or request.block_size % 512:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "block_size must be a positive multiple of 512")
-        slot = await self._open(request.volume, context)
+        bad = _handshake_error(request, self.limits)
+        if bad:
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "handshake",
+                          request.volume, bad)
+        slot = await self._open(request.volume, context, create=True)
         replica = slot.replica
         if request.epoch < replica.record.epoch:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"stale_epoch: volume {request.volume} is at epoch "
                                 f"{replica.record.epoch}, source sent {request.epoch}")
         created = replica.created
+        before = (replica.record.epoch, replica.group, replica.members)
         try:
+            old_size = await slot.run(replica.prepare, request.volume_size, request.block_size,
+                                      self.limits.allow_shrink)
             await slot.run(replica.set_group, request.group, tuple(request.group_members))
-            await slot.run(replica.prepare, request.volume_size, request.block_size)
             await slot.run(replica.raise_epoch, request.epoch)
             digest = await slot.run(replica.digest)
         except ProtocolError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "handshake",
+                          request.volume, str(exc))
         except OSError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"replica I/O error: {exc}")
         replica.created = False
+        _log_handshake(replica, context.peer(), created, old_size, before)
         self.metrics.epoch.labels(replica.name).set(replica.record.epoch)
         self.metrics.applied_seq.labels(replica.name).set(replica.received_seq)
         return wire.ProtoHandshakeResponse(
@@ -104,11 +123,18 @@ class ReplicationService(wire.ReplicationServicer):
             **_divergence_fields(replica.divergence),
         )
 
-    async def _open(self, name: str, context: grpc.aio.ServicerContext) -> VolumeSlot:
+    async def _open(self, name: str, context: grpc.aio.ServicerContext,
+                    create: bool = False) -> VolumeSlot:
+        """The slot of an existing replica (``create``: a handshake may make one)."""
         try:
-            return await self._slot(name)
+            return await self._slot(name, create)
         except VolumeBusyError as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except VolumeNotFoundError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except QuotaExceededError as exc:
+            await _refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "handshake", name,
+                          str(exc))
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ReplicatorError as exc:
@@ -127,26 +153,29 @@ class ReplicationService(wire.ReplicationServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"stale_epoch: volume {request.volume} is already at epoch "
                                 f"{replica.record.epoch}")
+        was = replica.record.epoch
         async with slot.stream_lock:  # no stream may stage while the journal is settled
             discarded = await self.applier.settle_for_promotion(slot)
             await slot.run(replica.raise_epoch, request.epoch)
         if discarded:
             log.warning("volume %s: discarded %d staged batches of a consistency point that "
                         "never completed", replica.name, discarded)
-            if request.release:
-                # Promotion at this site: the image becomes the primary volume. Marked first,
-                # so no handshake can open it again once the slot is closed.
-                await asyncio.to_thread(mark_primary, self.directory, replica.name,
-                                        replica.record.epoch)
+        if request.release:
+            # Promotion at this site: the image becomes the primary volume. Marked first, so
+            # no handshake can open it again once the slot is closed.
+            await asyncio.to_thread(mark_primary, self.directory, replica.name,
+                                    replica.record.epoch)
         self.metrics.epoch.labels(replica.name).set(replica.record.epoch)
         record = replica.record
+        peer = context.peer()
         if request.release:
             await self.registry.release(replica.name)
-            log.info("volume %s promoted at epoch %d, consistency point %d: released as the "
-                     "site's primary volume", replica.name, record.epoch, record.applied_cp)
+            log.info("volume %s promoted by %s at epoch %d (was %d), consistency point %d: "
+                     "released as the site's primary volume", replica.name, peer,
+                     record.epoch, was, record.applied_cp)
         else:
-            log.info("volume %s fenced at epoch %d, consistency point %d", replica.name,
-                     record.epoch, record.applied_cp)
+            log.info("volume %s fenced by %s at epoch %d (was %d), consistency point %d",
+                     replica.name, peer, record.epoch, was, record.applied_cp)
         return wire.ProtoFenceResponse(epoch=record.epoch, applied_cp=record.applied_cp,
                                        discarded_batches=discarded,
                                        generation=record.generation)
@@ -154,6 +183,7 @@ class ReplicationService(wire.ReplicationServicer):
     # -- Clone / DropClone -------------------------------------------------------------
 
     async def Clone(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._check_clone_name(request, context)
         slot = await self._open(request.volume, context)
         replica = slot.replica
         if replica.created or not replica.record.size:
@@ -162,22 +192,35 @@ class ReplicationService(wire.ReplicationServicer):
         try:
             # the last complete consistency point (a group's members: the same one)
             path, method = await self.applier.clone(slot, request.name)
+        except QuotaExceededError as exc:
+            await _refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "clone", request.volume,
+                          str(exc))
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except OSError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"replica I/O error: {exc}")
-        log.info("volume %s: clone %s at seq %d (%s)", replica.name, request.name,
-                 replica.record.applied_seq, method)
+        log.info("volume %s: clone %s made by %s at seq %d (%s)", replica.name, request.name,
+                 context.peer(), replica.record.applied_seq, method)
         return wire.ProtoCloneResponse(path=path, applied_seq=replica.record.applied_seq,
                                        method=method, size=replica.record.size)
 
     async def DropClone(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._check_clone_name(request, context)
         slot = await self._open(request.volume, context)
         try:
             path = await self.applier.drop_clone(slot, request.name)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        log.info("volume %s: clone %s dropped by %s", slot.replica.name, request.name,
+                 context.peer())
         return wire.ProtoCloneResponse(path=path)
+
+    @staticmethod
+    async def _check_clone_name(request: Any, context: grpc.aio.ServicerContext) -> None:
+        try:
+            check_volume_name(request.name)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"clone name: {exc}")
 
     # -- BlockHashes -------------------------------------------------------------------------
 
@@ -237,6 +280,53 @@ class ReplicationService(wire.ReplicationServicer):
             raise _first(group) from None
 
 
+def _handshake_error(request: Any, limits: Limits) -> str:
+    """Why a handshake's numbers and names cannot be taken ("" if they can)."""
+    bs, size = request.block_size, request.volume_size
+    if bs <= 0 or bs % 512 or bs > MAX_BLOCK_SIZE:
+        return f"block_size {bs} must be a positive multiple of 512, at most {MAX_BLOCK_SIZE}"
+    if size > limits.max_volume_size:
+        return (f"volume_size {size} exceeds this target's maximum of "
+                f"{limits.max_volume_size} bytes (serve --max-volume-size)")
+    members = list(request.group_members)
+    if not request.group:
+        return "group_members given without a group" if members else ""
+    if len(members) > MAX_GROUP_MEMBERS or len(set(members)) != len(members):
+        return f"a group has at most {MAX_GROUP_MEMBERS} members, each named once"
+    try:
+        for name in (request.group, *members):
+            check_volume_name(name)
+    except ProtocolError as exc:
+        return str(exc)
+    if request.volume not in members:
+        return f"volume {request.volume} is not among the members of group {request.group}"
+    return ""
+
+
+async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, what: str,
+                  volume: str, message: str) -> None:
+    """Refuse a call that would change state, in one WARNING line naming the peer."""
+    log.warning("refused %s of volume %r from %s: %s", what, volume, context.peer(), message)
+    await context.abort(code, message)
+
+
+def _log_handshake(replica: Replica, peer: str, created: bool, old_size: int,
+                   before: tuple[int, str, tuple[str, ...]]) -> None:
+    """One line per change a handshake made, naming the peer."""
+    record, name = replica.record, replica.name
+    if created:
+        log.info("volume %s created by %s: %d bytes in %d-byte blocks", name, peer,
+                 record.size, record.block_size)
+    elif old_size != record.size:
+        log.info("volume %s resized by %s: %d -> %d bytes", name, peer, old_size, record.size)
+    if record.epoch != before[0]:
+        log.info("volume %s: epoch raised from %d to %d by %s (handshake)", name, before[0],
+                 record.epoch, peer)
+    if (replica.group, replica.members) != before[1:]:
+        log.info("volume %s: consistency group set to %r (members %s) by %s", name,
+                 replica.group, ", ".join(replica.members) or "none", peer)
+
+
 def _divergence_fields(d: Divergence | None) -> dict[str, Any]:
     if d is None:
         return {}
@@ -280,6 +370,7 @@ class _PushSession:
         self.end = end
         self.m = service.metrics
         self.name = slot.replica.name
+        self.peer = context.peer()
         self.applied = slot.replica.received_seq  # applied or staged, maybe not durable
         self.durable = self.applied  # acknowledged
         self.waiting_for: int | None = None  # after a rejection: only this seq is accepted
@@ -372,7 +463,8 @@ class _PushSession:
             await self.send(wire.ack_ok(self.durable))
 
     async def reject(self, seq: int, reason: str, message: str) -> None:
-        log.warning("volume %s: rejected batch %d (%s): %s", self.name, seq, reason, message)
+        log.warning("volume %s: rejected batch %d from %s (%s): %s", self.name, seq, self.peer,
+                    reason, message)
         self.m.rejected.labels(self.name, reason).inc()
         self.waiting_for = seq
         await self.send(wire.ack_rejected(self.durable, seq, reason, message))
@@ -387,22 +479,24 @@ class _PushSession:
                                      f"stale_epoch: volume {self.name} is at epoch "
                                      f"{self.replica.record.epoch}, batch {msg.seq} has "
                                      f"{msg.epoch}")
+        if msg.seq == 0:
+            await self.refuse("batch 0: sequence 0 is only for flush requests (commit set)")
         if msg.seq <= self.applied:
-            return  # a resend of something already applied: idempotent
+            await self.resend(msg)  # ignored (the acks cover it) if it is that very batch
+            return
         if self.waiting_for is not None and msg.seq != self.waiting_for:
             return  # go-back-N: drop everything until the rejected batch comes again
         if msg.seq != self.applied + 1:
             await self.reject(self.applied + 1, "out_of_order",
                               f"expected batch {self.applied + 1}, got {msg.seq}")
             return
-        if msg.epoch > self.replica.record.epoch:
-            await self.slot.run(self.replica.raise_epoch, msg.epoch)
-            self.m.epoch.labels(self.name).set(msg.epoch)
         try:
             written, payload_len = await self.slot.run(self._apply, msg)
         except CorruptBatchError as exc:
             await self.reject(msg.seq, exc.reason, str(exc))
             return
+        except ProtocolError as exc:
+            await self.refuse(str(exc))
         except (OSError, VolumeError) as exc:
             await self.context.abort(grpc.StatusCode.INTERNAL, f"replica I/O error: {exc}")
         self.waiting_for = None
@@ -410,10 +504,64 @@ class _PushSession:
         self.group_bytes += written
         self.m.applied_bytes.labels(self.name).inc(written)
         self.m.received_bytes.labels(self.name).inc(payload_len)
+        if msg.epoch > self.replica.record.epoch:  # only once the batch proved sound
+            was = self.replica.record.epoch
+            await self.slot.run(self.replica.raise_epoch, msg.epoch)
+            self.m.epoch.labels(self.name).set(msg.epoch)
+            log.info("volume %s: epoch raised from %d to %d by %s (batch %d)", self.name, was,
+                     msg.epoch, self.peer, msg.seq)
+
+    async def refuse(self, message: str) -> None:
+        """End the stream: the message breaks the protocol (a resend would not help)."""
+        self.m.rejected.labels(self.name, "invalid").inc()
+        await _refuse(self.context, grpc.StatusCode.INVALID_ARGUMENT, "batch", self.name,
+                      message)
+
+    async def resend(self, msg: Any) -> None:
+        """A batch under a sequence this replica already took. Taken for a resend only if it
+        is byte for byte the batch taken under that number. Anything else (another client got
+        a batch in under the source's next number, or sends one under a number the source
+        used) is refused: the stream ends (ABORTED, a failed sequence check) and the replica
+        keeps what it holds under a new generation, so the source, however it learns of the
+        refusal (a gRPC client may see its stream fail without the status), reconnects, finds
+        the generation changed and plans again from the replica's content; no ack, cumulative
+        or in a handshake, ever covers its batch."""
+        try:
+            same = await self.slot.run(self._same_as_taken, msg)
+        except ProtocolError as exc:
+            await self.refuse(str(exc))
+        if same:
+            return
+        why = ("differs from the batch this replica took under that number" if same is False
+               else "cannot be checked: the batch taken under that number is no longer known")
+        self.m.rejected.labels(self.name, "resend_mismatch").inc()
+        generation = await self.slot.run(self.replica.renew_generation)
+        await _refuse(self.context, grpc.StatusCode.ABORTED, "resent batch", self.name,
+                      f"resend_mismatch: volume {self.name}: batch {msg.seq} {why}; the replica "
+                      f"keeps the batches it holds (up to {self.applied}) as generation "
+                      f"{generation}: its sources plan again from its content")
+
+    def _batch(self, msg: Any) -> Batch:
+        """The wire message as a batch; ProtocolError if its sizes or enums are out of range
+        (checked before the fields are copied)."""
+        counts = (len(msg.indices), len(msg.kinds), len(msg.hashes), len(msg.copy_from))
+        if max(counts) > MAX_BATCH_RECORDS:
+            raise ProtocolError(f"batch {msg.seq}: {max(counts)} records, at most "
+                                f"{MAX_BATCH_RECORDS} per batch")
+        if msg.raw_length > MAX_BATCH_RAW:
+            raise ProtocolError(f"batch {msg.seq}: raw_length {msg.raw_length}, at most "
+                                f"{MAX_BATCH_RAW} per batch")
+        batch: Batch = wire.batch_from_proto(msg)
+        if not isinstance(batch.compression, Compression):
+            raise ProtocolError(f"batch {msg.seq}: unknown compression {msg.compression}")
+        return batch
+
+    def _same_as_taken(self, msg: Any) -> bool | None:
+        return self.replica.same_as_taken(self._batch(msg))
 
     def _apply(self, msg: Any) -> tuple[int, int]:
         """On the volume thread: convert (copies the payload once), then apply or stage."""
-        batch: Batch = wire.batch_from_proto(msg)
+        batch = self._batch(msg)
         if self.replica.must_stage(batch):
             return self.replica.stage(batch), len(batch.payload)
         return self.replica.apply(batch), len(batch.payload)

@@ -26,8 +26,9 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[CoordinationSto
     if request.param == "memory":
         s: CoordinationStore = MemoryStore()
     else:
-        s = EtcdStore([request.getfixturevalue("etcd_server").endpoint], timeout=2.0)
-    prefix = f"/t/{request.node.name}/"
+        server = request.getfixturevalue("etcd_server")  # TLS and authentication on
+        s = EtcdStore([server.endpoint], timeout=2.0, credentials=server.credentials())
+    prefix = f"/drctl/t/{request.node.name}/"  # the drctl user may use /drctl/ only
     try:
         yield s
     finally:

@@ -21,7 +21,7 @@ def test_timing_invariant_is_enforced() -> None:
 
 async def test_one_leader_then_the_other(store: CoordinationStore,
                                          request: pytest.FixtureRequest) -> None:
-    key = f"/e/{request.node.name}/leader"
+    key = f"/drctl/e/{request.node.name}/leader"
     a, b = Election(store, key, "a", ttl=2), Election(store, key, "b", ttl=2)
     la = await a.campaign()
     assert await a.leader() == "a"
@@ -40,7 +40,7 @@ async def test_one_leader_then_the_other(store: CoordinationStore,
 
 async def test_lost_lease_cancels_leader_work(store: CoordinationStore,
                                               request: pytest.FixtureRequest) -> None:
-    key = f"/e/{request.node.name}/leader"
+    key = f"/drctl/e/{request.node.name}/leader"
     lead = await Election(store, key, "a", ttl=1).campaign()
     assert lead.keeper.lease is not None
     await lead.keeper.lease.revoke()  # the lease disappears under the leader
@@ -61,7 +61,7 @@ async def test_lost_lease_cancels_leader_work(store: CoordinationStore,
 
 async def test_keeper_gives_up_before_etcd_expiry_when_etcd_dies() -> None:
     server = EtcdServer().start()
-    store = EtcdStore([server.endpoint], timeout=0.5)
+    store = EtcdStore([server.endpoint], timeout=0.5, credentials=server.credentials())
     try:
         keeper = LeaseKeeper(store, ttl=2)
         await keeper.grant()

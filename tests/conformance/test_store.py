@@ -13,7 +13,7 @@ from tests.services import EtcdServer
 
 
 def _p(request: pytest.FixtureRequest, key: str) -> str:
-    return f"/t/{request.node.name}/{key}"
+    return f"/drctl/t/{request.node.name}/{key}"
 
 
 async def test_create_is_create_if_absent(store: CoordinationStore,
@@ -99,13 +99,13 @@ async def test_unreachable_etcd_is_a_clear_error() -> None:
 
 async def test_watch_resumes_after_etcd_restart() -> None:
     server = EtcdServer().start()
-    store = EtcdStore([server.endpoint], timeout=2.0)
-    try:
-        start = await store.put("/r/a", b"1")
+    store = EtcdStore([server.endpoint], timeout=2.0, credentials=server.credentials())
+    try:  # the restarted etcd has forgotten the client's token: it is renewed
+        start = await store.put("/drctl/r/a", b"1")
         got: list[bytes] = []
 
         async def consume() -> None:
-            async for ev in store.watch("/r/", start):
+            async for ev in store.watch("/drctl/r/", start):
                 got.append(ev.value)
                 if len(got) == 2:
                     return
@@ -116,9 +116,37 @@ async def test_watch_resumes_after_etcd_restart() -> None:
         server.kill9()
         await asyncio.sleep(0.5)
         server.start()
-        await store.put("/r/b", b"2")
+        await store.put("/drctl/r/b", b"2")
         await asyncio.wait_for(task, 20)
         assert got == [b"1", b"2"]
     finally:
         await store.close()
         server.stop()
+
+
+async def test_create_and_swap_writes_both_or_neither(store: CoordinationStore,
+                                                      request: pytest.FixtureRequest) -> None:
+    """The audit log's append: the next record only if absent, the head only if unmoved."""
+    head, k1, k2 = _p(request, "log/head"), _p(request, "log/1"), _p(request, "log/2")
+    rev = await store.create_and_swap(k1, b"r1", head, b"1", 0)
+    assert rev > 0
+    snap = await store.snapshot(_p(request, "log/"))
+    assert (snap.value(k1), snap.value(head)) == (b"r1", b"1")
+    assert snap.entries[head].mod_revision == rev == snap.entries[k1].mod_revision
+    assert await store.create_and_swap(k2, b"r2", head, b"2", 0) == 0  # the head moved
+    assert await store.create_and_swap(k1, b"again", head, b"2", rev) == 0  # k1 exists
+    snap = await store.snapshot(_p(request, "log/"))
+    assert (snap.value(k1), snap.value(k2), snap.value(head)) == (b"r1", None, b"1")
+    assert await store.create_and_swap(k2, b"r2", head, b"2", rev) > rev
+
+
+async def test_snapshot_without_leaves_a_sub_prefix_out(store: CoordinationStore,
+                                                        request: pytest.FixtureRequest) -> None:
+    base = _p(request, "")
+    assert (await store.snapshot_without(base, base + "audit/")).entries == {}
+    for key in ("a", "audit/1", "audit/head", "auditx", "z/1"):
+        last = await store.put(base + key, key.encode())
+    snap = await store.snapshot_without(base, base + "audit/")
+    assert sorted(snap.entries) == [base + "a", base + "auditx", base + "z/1"]
+    assert snap.revision >= last
+    assert snap.entries[base + "z/1"].value == b"z/1"

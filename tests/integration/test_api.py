@@ -1,4 +1,5 @@
-"""The HTTP API against a real etcd: token auth, queued operations, clear errors."""
+"""The HTTP API against a real etcd: users and roles, same-origin POSTs, queued operations,
+clear errors, every refusal in the audit log."""
 
 from __future__ import annotations
 
@@ -10,26 +11,33 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from failover.api.app import make_app
+from failover.api.users import Users, add_user
+from failover.audit import AuditLog, read_etcd, verify
 from failover.config import load
 from failover.coordination.etcd import EtcdStore
 from failover.errors import FailoverError
 from tests.services import EtcdServer
 
-TOKEN = "t" * 24
+TOKENS: dict[str, str] = {}
 
 
 @pytest.fixture
 async def client(workdir: str) -> AsyncIterator[TestClient]:  # type: ignore[type-arg]
+    users = os.path.join(workdir, "users.json")
+    for role in ("viewer", "operator", "admin"):
+        TOKENS[role] = add_user(users, role[:3] + "-user", role)
+    AUTH["Authorization"] = f"Bearer {TOKENS['admin']}"
     etcd = EtcdServer().start()
     path = os.path.join(workdir, "c.yaml")
     with open(path, "w") as fh:
-        json.dump({"cluster": "api", "etcd": [f"127.0.0.1:{etcd.client_port}"],
+        json.dump({"cluster": "api", "etcd": etcd.etcd_config(),
                    "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"},
                              "north": {"address": "10.0.0.3"}},
                    "services": {"app": {"primary": "east", "replica": "west"}}}, fh)
     cfg = load(path)
-    store = EtcdStore(list(cfg.etcd))
-    c = TestClient(TestServer(make_app(cfg, store, TOKEN)))
+    store = EtcdStore(list(cfg.etcd), credentials=cfg.etcd_credentials)
+    audit = AuditLog(store, cfg.prefix, os.path.join(workdir, "audit.jsonl"))
+    c = TestClient(TestServer(make_app(cfg, store, Users(users), audit=audit)))
     await c.start_server()
     try:
         yield c
@@ -39,16 +47,102 @@ async def client(workdir: str) -> AsyncIterator[TestClient]:  # type: ignore[typ
         etcd.stop()
 
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+def auth(role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[role]}"}
+
+
+AUTH: dict[str, str] = {}  # the admin's header (its token is made per test)
+
+
+async def _chain(client: TestClient) -> list[dict[str, object]]:  # type: ignore[type-arg]
+    from failover.api.app import CONFIG, STORE
+
+    app = client.app
+    assert app is not None
+    chain = await read_etcd(app[STORE], app[CONFIG].prefix)
+    verify(chain, "etcd", with_head=True)
+    return [s.record for s in chain.slots if s.record is not None]
 
 
 async def test_token_is_required(client: TestClient) -> None:  # type: ignore[type-arg]
     r = await client.get("/api/v1/status")
     assert r.status == 401
+    assert set(await r.json()) == {"error", "message"}
     r = await client.get("/api/v1/status", headers={"Authorization": "Bearer wrong"})
+    assert r.status == 401 and (await r.json())["error"] == "unauthorized"
+    forged = TOKENS["admin"][:-4] + "AAAA"  # the admin's name, not its token
+    r = await client.post("/api/v1/services/app/failover", json={},
+                          headers={"Authorization": f"Bearer {forged}"})
     assert r.status == 401
     page = await client.get("/")  # the page itself asks for the token
     assert page.status == 200 and "drctl" in await page.text()
+    assert "script-src 'sha256-" in page.headers["Content-Security-Policy"]
+    assert "Set-Cookie" not in page.headers
+    records = await _chain(client)
+    assert [(r["actor"], r["action"], str(r["outcome"]).split(" ")[0]) for r in records] == [
+        ("anonymous", "api.status", "401"), ("anonymous", "api.status", "401"),
+        ("anonymous", "api.failover", "401")]
+    assert records[2]["params"]["claimed_user"] == "adm-user"  # type: ignore[index]
+    assert TOKENS["admin"] not in json.dumps(records) and forged not in json.dumps(records)
+
+
+async def test_roles(client: TestClient) -> None:  # type: ignore[type-arg]
+    from failover.api.app import CONFIG, STORE
+    from failover.records import command_key
+
+    s = await (await client.get("/api/v1/status", headers=auth("viewer"))).json()
+    assert s["user"] == {"name": "vie-user", "role": "viewer", "may": []}
+    r = await client.post("/api/v1/services/app/failover", headers=auth("viewer"), json={})
+    assert r.status == 403
+    assert await r.json() == {"error": "forbidden", "message": "vie-user (viewer) may not "
+                              "failover: it needs admin"}
+    assert (await client.post("/api/v1/services/app/switchover", headers=auth("viewer"),
+                              json={})).status == 403
+    r = await client.post("/api/v1/services/app/failover", headers=auth("operator"),
+                          json={"force": True})
+    assert r.status == 403 and "needs admin" in (await r.json())["message"]
+    for op in ("retry", "cancel"):
+        assert (await client.post(f"/api/v1/services/app/{op}",
+                                  headers=auth("operator"))).status == 403
+    r = await client.post("/api/v1/services/app/switchover", headers=auth("operator"),
+                          json={})
+    assert r.status == 202, await r.text()
+    app = client.app
+    assert app is not None
+    key = command_key(app[CONFIG].prefix, "app")
+    entry = (await app[STORE].snapshot(key)).entries[key]
+    assert await app[STORE].delete_if(key, entry.mod_revision)
+    r = await client.post("/api/v1/services/app/failover", headers=auth("admin"),
+                          json={"force": True})
+    assert r.status == 202
+    records = await _chain(client)
+    assert [(r["actor"], r["action"], str(r["outcome"])[:3]) for r in records] == [
+        ("vie-user", "api.failover", "403"), ("vie-user", "api.switchover", "403"),
+        ("ope-user", "api.failover", "403"), ("ope-user", "api.retry", "403"),
+        ("ope-user", "api.cancel", "403"), ("ope-user", "api.switchover", "202"),
+        ("adm-user", "api.failover", "202")]
+    assert records[-1]["params"]["body"] == {"force": True}  # type: ignore[index]
+    assert records[-1]["target"] == "app"
+
+
+async def test_cross_origin_and_non_json_posts_are_refused(
+        client: TestClient) -> None:  # type: ignore[type-arg]
+    url = "/api/v1/services/app/failover"
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Sec-Fetch-Site": "same-site", "Origin": "https://a.example"}):
+        r = await client.post(url, headers={**auth("admin"), **headers}, json={})
+        assert r.status == 403, headers
+        assert (await r.json())["error"] == "cross_origin"
+    r = await client.post(url, headers=auth("admin"), data="to=west")
+    assert r.status == 415 and (await r.json())["error"] == "unsupported_media_type"
+    s = await (await client.get("/api/v1/status", headers=auth("admin"))).json()
+    assert s["services"]["app"]["pending"] is None  # nothing was written
+    own = str(client.make_url("/")).rstrip("/")
+    r = await client.post(url, json={}, headers={**auth("admin"), "Origin": own,
+                                                 "Sec-Fetch-Site": "same-origin"})
+    assert r.status == 202, await r.text()
+    outcomes = [str(r["outcome"])[:3] for r in await _chain(client)]
+    assert outcomes == ["403", "403", "403", "415", "202"]
 
 
 async def test_status_and_queued_operations(client: TestClient) -> None:  # type: ignore[type-arg]
@@ -124,3 +218,11 @@ async def test_retry_and_cancel_queue_commands_when_failed(
 def test_short_tokens_are_refused() -> None:
     with pytest.raises(FailoverError, match="at least 16"):
         make_app(None, None, "short")  # type: ignore[arg-type]
+
+
+def test_a_users_file_others_may_read_is_refused(workdir: str) -> None:
+    path = os.path.join(workdir, "users.json")
+    add_user(path, "alice", "admin")
+    os.chmod(path, 0o644)
+    with pytest.raises(FailoverError, match="group or others may access"):
+        Users(path)

@@ -16,6 +16,8 @@ from tests.integration.corrupting_proxy import CorruptingProxy
 from tests.procs import DRCTL, REPO, Target, metric, same_file, write_random
 
 BS = 4096
+# the raw wire: plaintext batches by hand, a proxy that corrupts bytes in flight
+pytestmark = pytest.mark.insecure
 
 
 def data_batch(seq: int, blocks: dict[int, bytes], size: int, epoch: int = 0) -> Batch:
@@ -102,7 +104,7 @@ async def test_payload_corrupted_in_flight_is_rejected_and_resent(workdir: str,
     try:
         proc = await asyncio.create_subprocess_exec(
             *DRCTL, "replicate", "push", src, "--to", f"127.0.0.1:{proxy.port}", "--volume",
-            "vol", "--once", "--json", "--no-progress", "--state-dir",
+            "vol", "--once", "--json", "--no-progress", "--insecure", "--state-dir",
             os.path.join(workdir, "st"), cwd=REPO, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 120)

@@ -46,8 +46,7 @@ def write_config(workdir: str, etcd: EtcdServer | EtcdCluster, named: NamedServe
     pol = {"automatic": True, "grace": 1, "rpo": 30, "damping": 600, **policy}
     cfg = {
         "cluster": "t", "lease_ttl": 2,
-        "etcd": [f"{h}:{p}" for h, p in (etcd.endpoints if isinstance(etcd, EtcdCluster)
-                                         else [etcd.endpoint])],
+        "etcd": etcd.etcd_config(),
         "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
         "services": {"app": {
             "primary": "east", "replica": "west", "policy": pol, "hooks": hooks,
@@ -202,6 +201,25 @@ def test_leader_killed_mid_failover_is_replaced_and_the_failover_completes(
         cluster.stop()
 
 
+def _etcd_credentials_for_nobody(cfg: str, workdir: str, etcd: EtcdServer) -> None:
+    """The east agent runs as nobody: its copy of etcd's password (0600, owned by nobody) and
+    CA (root, who runs the others, reads them too)."""
+    import pwd
+    import shutil
+
+    sec = etcd.security
+    assert sec is not None
+    with open(cfg) as fh:
+        doc = json.load(fh)
+    nobody = pwd.getpwnam("nobody")
+    doc["etcd"]["password_file"] = shutil.copy(sec.password_file, f"{workdir}/etcd.password")
+    os.chown(doc["etcd"]["password_file"], nobody.pw_uid, nobody.pw_gid)
+    doc["etcd"]["ca"] = shutil.copy(sec.ca, f"{workdir}/etcd-ca.crt")
+    os.chmod(doc["etcd"]["ca"], 0o644)
+    with open(cfg, "w") as fh:
+        json.dump(doc, fh)
+
+
 def test_partitioned_primary_fences_itself_before_the_replica_is_promoted(
         workdir: str, etcd: EtcdServer, named: NamedServer) -> None:
     """The east agent stays alive but cannot reach etcd (iptables drops its packets by uid)."""
@@ -218,6 +236,7 @@ def test_partitioned_primary_fences_itself_before_the_replica_is_promoted(
     fence = (f"{' '.join(DRCTL)} replicate fence --to {target.address} --volume app "
              f"--epoch $DRCTL_EPOCH && touch {workdir}/west.promote")
     cfg = write_config(workdir, etcd, named, promote_hook=fence, allow_data_loss=True)
+    _etcd_credentials_for_nobody(cfg, workdir, etcd)
     os.chmod(cfg, 0o644)
     os.chmod(os.path.join(workdir, "tsig.key"), 0o644)
     source = Proc(push_cmd(src, target, "app", os.path.join(workdir, "st"), "--epoch", "1",
@@ -271,7 +290,7 @@ def test_a_runbook_drives_the_failover(workdir: str, etcd: EtcdServer,
         fh.write(f'key "{named.key_name}" {{ algorithm hmac-sha256; secret "{named.secret}"; }};\n')
     rb = {
         "kind": "drctl-runbook", "version": 1, "cluster": "rb", "lease_ttl": 2,
-        "etcd": [f"127.0.0.1:{etcd.client_port}"],
+        "etcd": etcd.etcd_config(),
         "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
         "dns": {"zones": {"dr.test": {"servers": [f"127.0.0.1:{named.port}"],
                                       "tsig": {"name": named.key_name, "file": key}}}},

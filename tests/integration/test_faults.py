@@ -10,6 +10,8 @@ from tests.procs import (
     DRCTL,
     Proc,
     Target,
+    epoch_args,
+    fence_cmd,
     free_port,
     metric,
     push_cmd,
@@ -91,7 +93,8 @@ def test_target_killed_mid_sync_source_waits_and_resumes(workdir: str, state_dir
 def test_stale_epoch_source_is_refused(workdir: str, target: Target, state_dir: str) -> None:
     src = os.path.join(workdir, "src.img")
     write_random(src, 1 << 20, seed=23)
-    assert run(push_cmd(src, target, "vol", state_dir, "--once", "--epoch", "3")).returncode == 0
+    epoch3 = epoch_args(target, "vol", 3)
+    assert run(push_cmd(src, target, "vol", state_dir, "--once", *epoch3)).returncode == 0
     before = _read(target.image("vol"))
     with open(src, "r+b") as fh:
         fh.write(b"stale writer")
@@ -100,14 +103,15 @@ def test_stale_epoch_source_is_refused(workdir: str, target: Target, state_dir: 
     assert "stale_epoch" in p.stderr and "epoch 3" in p.stderr
     assert _read(target.image("vol")) == before
     # the current epoch still replicates
-    assert run(push_cmd(src, target, "vol", state_dir, "--once", "--epoch", "3")).returncode == 0
+    assert run(push_cmd(src, target, "vol", state_dir, "--once", *epoch3)).returncode == 0
     assert same_file(src, target.image("vol"))
 
 
 def test_bad_flags_and_unreachable_target(workdir: str, state_dir: str) -> None:
     src = os.path.join(workdir, "src.img")
     write_random(src, 64 << 10)
-    base = [*DRCTL, "replicate", "push", src, "--volume", "v", "--state-dir", state_dir]
+    base = [*DRCTL, "replicate", "push", src, "--volume", "v", "--state-dir", state_dir,
+            "--insecure"]
     p = run([*base, "--to", "127.0.0.1:1", "--rate-limit", "fast"])
     assert p.returncode == 2 and "invalid rate 'fast'" in p.stderr
     p = run([*base, "--to", "nowhere"])
@@ -128,13 +132,12 @@ def test_fenced_replica_refuses_the_old_primary(workdir: str, target: Target,
     running agent is refused on its next batch and stops (exit 77); nothing it sends lands."""
     src = os.path.join(workdir, "src.img")
     write_random(src, 1 << 20, seed=24)
-    agent = Proc(push_cmd(src, target, "vol", state_dir, "--epoch", "1", "--interval", "0.1"),
-                 os.path.join(workdir, "agent.log")).start()
+    agent = Proc(push_cmd(src, target, "vol", state_dir, *epoch_args(target, "vol", 1),
+                          "--interval", "0.1"), os.path.join(workdir, "agent.log")).start()
     try:
         wait_for(lambda: os.path.exists(target.image("vol"))
                  and same_file(src, target.image("vol")), 20, "initial sync")
-        p = run([*DRCTL, "replicate", "fence", "--to", target.address, "--volume", "vol",
-                 "--epoch", "2"])
+        p = run(fence_cmd(target, "vol", 2))  # the promotion at the target's site
         assert p.returncode == 0, p.stderr
         assert "epoch 2" in p.stdout
         before = _read(target.image("vol"))
@@ -143,8 +146,7 @@ def test_fenced_replica_refuses_the_old_primary(workdir: str, target: Target,
         assert agent.wait(20) == 77, agent.log()[-2000:]
         assert "stale_epoch" in agent.log()
         assert _read(target.image("vol")) == before
-        p = run([*DRCTL, "replicate", "fence", "--to", target.address, "--volume", "vol",
-                 "--epoch", "1"])
+        p = run(fence_cmd(target, "vol", 1, token=False))
         assert p.returncode == 77 and "stale_epoch" in p.stderr
     finally:
         agent.stop()

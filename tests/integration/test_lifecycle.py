@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import pytest
 
 from drctl.localservers import free_port
 from tests.nbdclient import NbdClient
-from tests.procs import DRCTL, Proc, run, wait_for, write_random
+from tests.procs import DRCTL, Proc, pki, run, wait_for, write_random
 from tests.services import EtcdServer, NamedServer
 
 BS = 4096
@@ -52,7 +53,9 @@ def named() -> Iterator[NamedServer]:
 
 
 class Cluster:
-    def __init__(self, workdir: str, etcd: EtcdServer, named: NamedServer) -> None:
+    def __init__(self, workdir: str, etcd: EtcdServer, named: NamedServer,
+                 steps: list[dict[str, object]] | None = None,
+                 extra_volumes: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.ports = {s: {"repl": free_port(), "nbd": free_port()} for s in ("east", "west")}
         key = os.path.join(workdir, "tsig.key")
@@ -62,9 +65,11 @@ class Cluster:
         self.volume = os.path.join(workdir, "{site}", "volumes", "data.img")
         os.makedirs(os.path.join(workdir, "east", "volumes"))
         write_random(self.path("east"), SIZE, seed=7)
+        for i, name in enumerate(extra_volumes):
+            write_random(self.path("east", name), SIZE // 2, seed=8 + i)
         rb = {
             "kind": "drctl-runbook", "version": 1, "cluster": "life", "lease_ttl": 2,
-            "etcd": [f"127.0.0.1:{etcd.client_port}"],
+            "etcd": etcd.etcd_config(),
             "sites": {s: {"address": a, "data_dir": os.path.join(workdir, s, "data"),
                           "endpoints": {"replication": f"127.0.0.1:{self.ports[s]['repl']}"}}
                       for s, a in (("east", "10.0.0.1"), ("west", "10.0.0.2"))},
@@ -72,29 +77,34 @@ class Cluster:
                                            "tsig": {"name": named.key_name, "file": key}}}},
             "services": {"app": {
                 "primary": "east", "replica": "west",
-                "volumes": [{"name": "data", "path": self.volume}],
+                "volumes": [{"name": n, "path": self.volume.replace("data.img", f"{n}.img")}
+                            for n in ("data", *extra_volumes)],
                 "replication": {"mode": "hot", "rpo": 30, "export": {
                     s: f"127.0.0.1:{self.ports[s]['nbd']}" for s in ("east", "west")}},
                 "failover": {"automatic": True, "grace": 1, "damping": 0},
                 "dns": [{"zone": named.zone, "name": "app", "ttl": 5}],
-                "steps": [{"type": "promote"}, {"type": "dns"}]}},
+                "steps": steps or [{"type": "promote"}, {"type": "dns"}]}},
         }
         self.config = os.path.join(workdir, "runbook.yaml")
         with open(self.config, "w") as fh:
             json.dump(rb, fh)
         self.agents: dict[str, Proc] = {}
+        self.named = named
+        # mutual TLS on the data path; the controller signs the epoch tokens
+        self.tls_dir = pki().dir
         self.controller = Proc([*DRCTL, "--log-level", "INFO", "controller", "--config",
-                                self.config], os.path.join(workdir, "controller.log"))
+                                self.config, "--tls-dir", self.tls_dir],
+                               os.path.join(workdir, "controller.log"))
 
-    def path(self, site: str) -> str:
-        return self.volume.replace("{site}", site)
+    def path(self, site: str, volume: str = "data") -> str:
+        return self.volume.replace("{site}", site).replace("data.img", f"{volume}.img")
 
     def data(self, site: str) -> str:
         return os.path.join(self.workdir, site, "data")
 
     def start_agent(self, site: str) -> None:
         self.agents[site] = Proc([*DRCTL, "--log-level", "INFO", "agent", "--config",
-                                  self.config, "--site", site],
+                                  self.config, "--site", site, "--tls-dir", self.tls_dir],
                                  os.path.join(self.workdir, f"agent-{site}.log")).start()
 
     def status(self) -> dict[str, object]:
@@ -226,9 +236,10 @@ def aside_blocks(cluster: Cluster, site: str) -> dict[int, bytes]:
     return out
 
 
-def verify_equal(cluster: Cluster, primary: str, replica: str) -> None:
-    p = run([*DRCTL, "replicate", "verify", cluster.path(primary), "--to",
-             f"127.0.0.1:{cluster.ports[replica]['repl']}", "--volume", "data"])
+def verify_equal(cluster: Cluster, primary: str, replica: str, volume: str = "data") -> None:
+    p = run([*DRCTL, "replicate", "verify", cluster.path(primary, volume), "--to",
+             f"127.0.0.1:{cluster.ports[replica]['repl']}", "--volume", volume,
+             *pki().flags(primary, replica)])
     assert p.returncode == 0, f"{p.stdout}{p.stderr}\n{cluster.logs()}"
 
 
@@ -320,3 +331,89 @@ def test_failover_reprotect_failback_three_cycles(workdir: str, etcd: EtcdServer
     for name in ("controller.log", "agent-east.log", "agent-west.log"):
         with open(os.path.join(workdir, name), errors="replace") as fh:
             assert "Traceback" not in fh.read(), name
+
+
+def push_log(c: Cluster, site: str) -> str:
+    with open(os.path.join(c.data(site), "logs", "push-app.log"), errors="replace") as fh:
+        return fh.read()
+
+
+def test_a_lost_journal_falls_back_to_comparing_both_images(workdir: str, etcd: EtcdServer,
+                                                             named: NamedServer) -> None:
+    """The old primary's journal is gone (a wiped state disk): its divergence is unknown, so
+    the re-protect compares both images, says so, and still ends with equal volumes."""
+    c = Cluster(workdir, etcd, named)
+    c.start_agent("east")
+    c.start_agent("west")
+    c.controller.start()
+    writer = ModelWriter(c, seed=5)
+    try:
+        wait_protected(c, "east")
+        writer.start("east")
+        wait_for(lambda: writer.acked > 100, 30, "writes at east")
+        c.agents["east"].kill9()
+        c.wait_primary("west", 60)
+        writer.halt()
+        writer.start("west")
+        wait_for(lambda: len(writer.written["west"]) > 50, 30, "writes at west")
+        writer.halt()
+        shutil.rmtree(os.path.join(c.data("east"), "push"))  # the journal is lost
+        c.start_agent("east")
+        wait_protected(c, "west")
+        wait_for(lambda: c.status()["lag_seconds"] == 0, 30, "lag 0")
+        verify_equal(c, "west", "east")
+        assert "re-protect falls back to a hash comparison of both images" in push_log(c, "west")
+        assert "resync (exact delta)" not in push_log(c, "west")
+        with open(os.path.join(workdir, "agent-east.log"), errors="replace") as fh:
+            assert "the divergence is unknown" in fh.read()
+    finally:
+        writer.halt()
+        c.controller.stop()
+        for a in c.agents.values():
+            a.stop()
+
+
+def test_a_two_volume_service_fails_over_and_back_as_one_group(workdir: str, etcd: EtcdServer,
+                                                              named: NamedServer) -> None:
+    """Multi-volume services go through the same path: one capture agent, one journal, both
+    volumes promoted, demoted and re-protected together."""
+    c = Cluster(workdir, etcd, named, extra_volumes=("log",))
+    c.start_agent("east")
+    c.start_agent("west")
+    c.controller.start()
+    try:
+        wait_protected(c, "east")
+
+        def scribble(site: str, seed: int) -> None:
+            rng = random.Random(seed)
+            for name in ("data", "log"):
+                client = NbdClient("127.0.0.1", c.ports[site]["nbd"], name)
+                try:
+                    for _ in range(64):
+                        client.write(rng.randrange(2048) * BS, rng.randbytes(BS))
+                    client.flush()
+                finally:
+                    client.close()
+
+        scribble("east", 1)
+        wait_for(lambda: c.status()["lag_seconds"] == 0, 30, "lag 0")
+        c.agents["east"].kill9()
+        c.wait_primary("west", 60)
+        scribble("west", 2)
+        c.start_agent("east")
+        wait_protected(c, "west")
+        wait_for(lambda: c.status()["lag_seconds"] == 0, 30, "lag 0 at west")
+        for name in ("data", "log"):
+            verify_equal(c, "west", "east", name)
+        assert "resync (exact delta)" in push_log(c, "west")
+        p = run([*DRCTL, "failback", "app", "--config", c.config])
+        assert p.returncode == 0, p.stderr
+        c.wait_state("healthy", "east", 90)
+        scribble("east", 3)
+        wait_for(lambda: c.status()["lag_seconds"] == 0, 30, "lag 0 at east")
+        for name in ("data", "log"):
+            verify_equal(c, "east", "west", name)
+    finally:
+        c.controller.stop()
+        for a in c.agents.values():
+            a.stop()

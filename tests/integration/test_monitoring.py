@@ -60,7 +60,7 @@ def daemons(workdir: str) -> Iterator[list[str]]:
                  os.path.join(workdir, "push.log")).start()
     cfg = os.path.join(workdir, "cluster.yaml")
     with open(cfg, "w") as fh:
-        json.dump({"cluster": "m", "etcd": [f"127.0.0.1:{etcd.client_port}"], "lease_ttl": 2,
+        json.dump({"cluster": "m", "etcd": etcd.etcd_config(), "lease_ttl": 2,
                    "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
                    "services": {"app": {"primary": "east", "replica": "west"}}}, fh)
     procs = [agent] + [

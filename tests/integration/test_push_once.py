@@ -21,7 +21,7 @@ def push_once(path: str, target: Target, state_dir: str, volume: str = "vol",
 
 def verify(path: str, target: Target, volume: str = "vol") -> int:
     return run([*DRCTL, "replicate", "verify", path, "--to", target.address,
-                "--volume", volume]).returncode
+                "--volume", volume, *target.client_flags()]).returncode
 
 
 def test_initial_then_delta_ships_only_changed_blocks(workdir: str, target: Target,
@@ -92,7 +92,7 @@ def test_verify_detects_a_damaged_replica(workdir: str, target: Target, state_di
         fh.seek(12345)
         fh.write(b"\xff")
     p = run([*DRCTL, "replicate", "verify", src, "--to", target.address,
-             "--volume", "vol"])
+             "--volume", "vol", *target.client_flags()])
     assert p.returncode == 1
     assert "1 of 512 blocks mismatch" in p.stderr
 

@@ -24,7 +24,7 @@ def cluster(workdir: str) -> Iterator[tuple[str, EtcdServer]]:
     etcd = EtcdServer().start()
     path = os.path.join(workdir, "c.yaml")
     with open(path, "w") as fh:
-        json.dump({"cluster": "req", "etcd": [f"127.0.0.1:{etcd.client_port}"],
+        json.dump({"cluster": "req", "etcd": etcd.etcd_config(),
                    "sites": {s: {"address": f"10.0.0.{i}"}
                              for i, s in enumerate(("east", "west", "north"), 1)},
                    "services": {"app": {"primary": "east", "replica": "west"}}}, fh)
@@ -35,7 +35,7 @@ def cluster(workdir: str) -> Iterator[tuple[str, EtcdServer]]:
 
 
 def _store(etcd: EtcdServer) -> EtcdStore:
-    return EtcdStore([("127.0.0.1", etcd.client_port)])
+    return EtcdStore([etcd.endpoint], credentials=etcd.credentials())
 
 
 def put_record(etcd: EtcdServer, rec: ServiceRecord) -> None:

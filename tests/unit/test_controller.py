@@ -342,3 +342,22 @@ async def test_protected_gauge_follows_the_state_every_tick() -> None:
     await c.beat("east", "primary", 1, protected=True)
     await c.tick()
     assert gauge() == 1
+
+
+async def test_a_new_leader_judges_a_missing_primary_only_after_one_lease_ttl() -> None:
+    c = Cluster()
+    c.controller.leader_since = time.monotonic()  # as _lead() does: the cluster starts
+    await c.beat("west", "replica", 1, data_path="running")
+    await c.tick()  # east's agent is still registering: not "lost"
+    assert c.record().state is State.HEALTHY and c.record().primary_lost_since is None
+    await c.beat("east", "primary", 1, lag_seconds=0.1, protected=True, data_path="running")
+    await c.tick()
+    assert c.record().state is State.HEALTHY and c.record().history == []  # no start-up flap
+    await c.silence("east")  # still inside the first TTL: a lost lease would not be judged
+    await c.tick()
+    assert c.record().state is State.HEALTHY
+    c.controller.leader_since = time.monotonic() - c.cfg.lease_ttl  # one TTL later
+    await c.tick()
+    assert c.record().state is State.PRIMARY_SUSPECT
+    assert [(h["from"], h["to"]) for h in c.record().history] == [("healthy",
+                                                                   "primary_suspect")]

@@ -1,0 +1,126 @@
+"""A WAN link between two private network namespaces, for benchmarks.
+
+Two namespaces joined by a veth pair (10.99.0.1 on the source side, 10.99.0.2 on the target
+side: these addresses exist only inside the namespaces). Each direction is shaped by a `tbf`
+qdisc on its sending end and delayed by ``nfq_delay.py`` on its receiving end (NFQUEUE in
+INPUT; this kernel has no `netem`), so the round trip is twice the one-way delay.
+
+Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN), `ip`, `tc`, `iptables` and the NetfilterQueue
+package in the Python that runs the delays. :meth:`WanLink.up` raises :class:`WanUnavailable`
+with the exact reason when any of that is missing; :meth:`WanLink.down` removes everything
+(it is safe to call twice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC_IP, DST_IP = "10.99.0.1", "10.99.0.2"
+QUEUE = 7
+
+
+class WanUnavailable(Exception):
+    """The namespaces or the shaping cannot be set up here (the message says why)."""
+
+
+class WanLink:
+    def __init__(self, rate: str = "50mbit", delay_ms: float = 40.0,
+                 python: str = sys.executable, prefix: str = "") -> None:
+        self.rate = rate
+        self.delay_ms = delay_ms
+        self.python = python
+        p = prefix or f"drlag{os.getpid() % 100000}"
+        self.src, self.dst = f"{p}-s", f"{p}-d"
+        self.vsrc, self.vdst = f"{p[:10]}vs", f"{p[:10]}vd"  # interface names: 15 chars max
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.made: list[str] = []
+
+    def exec(self, side: str, cmd: list[str]) -> list[str]:
+        """``cmd`` run inside the source ("src") or target ("dst") namespace."""
+        return ["ip", "netns", "exec", self.src if side == "src" else self.dst, *cmd]
+
+    def _run(self, cmd: list[str]) -> None:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise WanUnavailable(f"`{' '.join(cmd)}` failed (exit {p.returncode}): "
+                                 f"{(p.stderr or p.stdout).strip()}")
+
+    def up(self) -> None:
+        if os.geteuid() != 0:
+            raise WanUnavailable("network namespaces need root (CAP_NET_ADMIN, CAP_SYS_ADMIN); "
+                                 f"this process runs as uid {os.geteuid()}")
+        for tool in ("ip", "tc", "iptables"):
+            if shutil.which(tool) is None:
+                raise WanUnavailable(f"`{tool}` is not installed (Debian: iproute2, iptables)")
+        check = subprocess.run([self.python, "-c", "import netfilterqueue"],
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            raise WanUnavailable(
+                f"{self.python} cannot import netfilterqueue (the delay stand-in for netem, "
+                "which this kernel lacks): apt-get install libnetfilter-queue-dev, then "
+                f"{self.python} -m pip install NetfilterQueue")
+        try:
+            for ns in (self.src, self.dst):
+                self._run(["ip", "netns", "add", ns])
+                self.made.append(ns)
+            self._run(["ip", "link", "add", self.vsrc, "type", "veth", "peer", "name",
+                       self.vdst])
+            self._run(["ip", "link", "set", self.vsrc, "netns", self.src])
+            self._run(["ip", "link", "set", self.vdst, "netns", self.dst])
+            for ns, dev, ip, peer in ((self.src, self.vsrc, SRC_IP, DST_IP),
+                                      (self.dst, self.vdst, DST_IP, SRC_IP)):
+                self._run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
+                self._run(["ip", "-n", ns, "link", "set", "lo", "up"])
+                self._run(["ip", "-n", ns, "link", "set", dev, "up"])
+                self._run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
+                           "tbf", "rate", self.rate, "burst", "32kb", "latency", "400ms"])
+                self._run(["ip", "netns", "exec", ns, "iptables", "-A", "INPUT", "-s", peer,
+                           "-j", "NFQUEUE", "--queue-num", str(QUEUE), "--queue-bypass"])
+                self.procs.append(subprocess.Popen(
+                    ["ip", "netns", "exec", ns, self.python, os.path.join(HERE, "nfq_delay.py"),
+                     str(QUEUE), str(self.delay_ms), "1800"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            time.sleep(0.5)
+            for p in self.procs:
+                if p.poll() is not None:
+                    err = p.stderr.read().decode() if p.stderr else ""
+                    raise WanUnavailable(f"nfq_delay.py exited at once: {err.strip()[-500:]}")
+        except BaseException:
+            self.down()
+            raise
+
+    def rtt_ms(self, count: int = 10) -> dict[str, float]:
+        """An application-level TCP round trip from the source side to the target side."""
+        port = 5999
+        echo = subprocess.Popen(self.exec("dst", [self.python, os.path.join(HERE, "rtt.py"),
+                                                  "echo", DST_IP, str(port), "30"]))
+        try:
+            out = subprocess.run(self.exec("src", [self.python, os.path.join(HERE, "rtt.py"),
+                                                   "ping", DST_IP, str(port), str(count)]),
+                                 capture_output=True, text=True, timeout=60)
+        finally:
+            echo.wait(10)
+        if out.returncode != 0:
+            raise WanUnavailable(f"round-trip probe failed: {out.stderr.strip()[-500:]}")
+        result: dict[str, float] = json.loads(out.stdout)
+        return result
+
+    def down(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self.procs.clear()
+        for ns in reversed(self.made):  # deleting a namespace destroys its veth end (and peer)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.made.clear()

@@ -1,0 +1,160 @@
+"""`drctl certs init|issue|show`: a deployment's private CA, site and operator certificates,
+the controllers' epoch-token key (drctl/pki.py; docs/security.md)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import stat
+
+from drctl.pki import CA_DAYS, CERT_DAYS, Identity, PkiError
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    c = sub.add_parser("certs", help="a deployment's CA, site and operator certificates")
+    csub = c.add_subparsers(dest="certs_cmd", required=True, metavar="COMMAND")
+
+    i = csub.add_parser("init", help="create a deployment's CA and epoch-token signing key")
+    i.add_argument("--dir", required=True, help="the deployment directory")
+    i.add_argument("--deployment", default="drctl", metavar="NAME",
+                   help="the deployment's name (in every certificate's OU)")
+    i.add_argument("--days", type=int, default=CA_DAYS, help="the CA's validity")
+    i.add_argument("--force", action="store_true", help="replace an existing CA")
+    i.set_defaults(func=cmd_init)
+
+    s = csub.add_parser("issue", help="a certificate and key for a site or an operator")
+    s.add_argument("--dir", required=True, help="the deployment directory (holding ca.key)")
+    who = s.add_mutually_exclusive_group(required=True)
+    who.add_argument("--site", metavar="NAME")
+    who.add_argument("--operator", metavar="NAME")
+    s.add_argument("--host", action="append", default=[], metavar="NAME|ADDRESS",
+                   help="sites: another name or address the site's target is reached by "
+                   "(repeatable)")
+    s.add_argument("--days", type=int, default=CERT_DAYS)
+    s.add_argument("--force", action="store_true", help="replace an existing certificate")
+    s.set_defaults(func=cmd_issue)
+
+    w = csub.add_parser("show", help="describe a certificate, a key or an epoch token")
+    w.add_argument("file")
+    w.set_defaults(func=cmd_show)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from drctl.pki import init
+
+    if args.days <= 0:
+        raise PkiError("--days must be positive")
+    lay = init(args.dir, args.deployment, args.days, args.force)
+    print(f"deployment {args.deployment}: CA {lay.ca_cert}, epoch-token key {lay.epoch_key}\n"
+          f"keep {lay.ca_key} offline; give every host {lay.ca_cert} and {lay.epoch_pub}, "
+          "the controllers also epoch.key")
+    return 0
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    from drctl.pki import issue
+
+    if args.days <= 0:
+        raise PkiError("--days must be positive")
+    who = Identity("site", args.site) if args.site else Identity("operator", args.operator)
+    cert, key = issue(args.dir, who, tuple(args.host), args.days, args.force)
+    print(f"{who}: certificate {cert}, key {key} ({who.uri})")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    print("\n".join(describe(args.file)))
+    return 0
+
+
+def describe(path: str) -> list[str]:
+    """A certificate, a private key, public keys or an epoch token, in words."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from drctl.epochtoken import TokenError, key_id, parse
+    from drctl.pki import load_private_key, read_file
+
+    data = read_file(path, "file")
+    if b"BEGIN CERTIFICATE" in data:
+        try:
+            return _describe_cert(path, x509.load_pem_x509_certificate(data))
+        except ValueError as exc:
+            raise PkiError(f"{path}: not a PEM certificate ({exc})") from None
+    if b"PRIVATE KEY" in data:
+        key = load_private_key(path)
+        return [f"{path}: private key ({_key_type(key.public_key())}), mode "
+                f"{stat.S_IMODE(os.stat(path).st_mode):04o}"]
+    if b"BEGIN PUBLIC KEY" in data:
+        marker = b"-----BEGIN PUBLIC KEY-----"
+        out = []
+        for part in data.split(marker)[1:]:
+            k = serialization.load_pem_public_key(marker + part)
+            kid = f", epoch key id {key_id(k)}" if isinstance(k, ed25519.Ed25519PublicKey) \
+                else ""
+            out.append(f"{path}: public key {_key_type(k)}{kid}")
+        return out
+    try:
+        token = parse(data.decode().strip())
+    except (TokenError, UnicodeDecodeError) as exc:
+        raise PkiError(f"{path}: not a certificate, a key or an epoch token ({exc})") from None
+    issued = datetime.datetime.fromtimestamp(token.issued_at, datetime.UTC)
+    return [f"{path}: epoch token (signature not checked here)",
+            f"  service {token.service}, volumes {', '.join(token.volumes) or '-'}",
+            f"  site {token.site} is the primary at epoch {token.epoch}",
+            f"  issued {issued:%Y-%m-%d %H:%M:%S} UTC, key id {token.key_id}"]
+
+
+def _key_type(key: object) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"ECDSA {key.curve.name}"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    return type(key).__name__
+
+
+def _describe_cert(path: str, cert: object) -> list[str]:
+    from cryptography import x509
+
+    from drctl.pki import fingerprint, identity_of, load_cert, verify_issued
+
+    assert isinstance(cert, x509.Certificate)
+    who = identity_of(cert)
+    try:
+        alt = [str(v.value) for v in
+               cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
+    except x509.ExtensionNotFound:
+        alt = []
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    now = datetime.datetime.now(datetime.UTC)
+    if now < cert.not_valid_before_utc:
+        validity = "NOT YET VALID"
+    elif now > cert.not_valid_after_utc:
+        validity = "EXPIRED"
+    else:
+        validity = f"valid, {(cert.not_valid_after_utc - now).days} days left"
+    lines = [f"{path}: {'CA certificate' if is_ca else 'certificate'}"
+             + (f" for {who}" if who else ""),
+             f"  subject  {cert.subject.rfc4514_string()}",
+             f"  issuer   {cert.issuer.rfc4514_string()}"]
+    if alt:
+        lines.append(f"  names    {', '.join(alt)}")
+    lines += [f"  valid    {cert.not_valid_before_utc:%Y-%m-%d %H:%M} .. "
+              f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({validity})",
+              f"  key      {_key_type(cert.public_key())}",
+              f"  sha256   {fingerprint(cert)}"]
+    ca_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "ca.crt")
+    if not is_ca and os.path.exists(ca_path):
+        try:
+            verify_issued(cert, load_cert(ca_path))
+            lines.append(f"  chain    issued by {ca_path}")
+        except PkiError as exc:
+            lines.append(f"  chain    {ca_path}: {exc}")
+    return lines
