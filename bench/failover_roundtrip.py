@@ -61,6 +61,46 @@ LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 
 # -- processes ------------------------------------------------------------------------------
 
+_HELP: dict[str, str] = {}
+
+
+def _has_flag(cmd: tuple[str, ...], flag: str) -> bool:
+    key = " ".join(cmd)
+    if key not in _HELP:
+        _HELP[key] = subprocess.run([*DRCTL, *cmd, "--help"], cwd=REPO, capture_output=True,
+                                    text=True).stdout
+    return flag in _HELP[key]
+
+
+def security(tls_dir: str | None, *cmd: str, site: str = "", peer: str = "",
+             allow: str = "") -> list[str]:
+    """A command's data-path security flags. ``tls_dir`` None: plaintext (``--insecure``,
+    where the command has that flag: the data path is mutual TLS by default since the
+    security work); else mutual TLS with the deployment directory ``tls_dir``."""
+    if tls_dir is None:
+        return ["--insecure"] if _has_flag(cmd, "--insecure") else []
+    if not _has_flag(cmd, "--tls-dir"):
+        return []
+    out = ["--tls-dir", tls_dir]
+    if site:
+        out += ["--site", site]
+    if peer:
+        out += ["--target-site", peer]
+    if allow:
+        out += ["--allow", allow]
+    return out
+
+
+def make_pki(directory: str) -> str:
+    """A throwaway deployment (drctl certs layout): CA, sites east and west for 127.0.0.1."""
+    from drctl.pki import Identity, init, issue
+
+    init(directory, "bench")
+    for site in SITES:
+        issue(directory, Identity("site", site), ("127.0.0.1", "localhost"))
+    return directory
+
+
 class Procs:
     """Every process this benchmark starts, each in its own session, stopped by PID."""
 
@@ -90,6 +130,12 @@ class Procs:
             p.kill()
             p.wait()
 
+    def check(self) -> None:
+        """Raise if a process this benchmark keeps running has exited."""
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} (pid {p.pid}) exited with {p.returncode}")
+
     def stop_all(self) -> None:
         for name in list(self.procs)[::-1]:
             self.stop(name)
@@ -98,7 +144,8 @@ class Procs:
 # -- status, read from etcd in this process (a `drctl status` process takes ~0.5 s) ----------
 
 class Status:
-    def __init__(self, runbook: str) -> None:
+    def __init__(self, runbook: str, check: Callable[[], None]) -> None:
+        self.check = check
         from failover.coordination.etcd import EtcdStore
         from runbooks.cluster import to_cluster
         from runbooks.loader import load
@@ -131,6 +178,7 @@ class Status:
         deadline = time.monotonic() + timeout
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
+            self.check()
             try:
                 last = self.get()
             except Exception as exc:  # etcd busy: poll again
@@ -217,8 +265,9 @@ class RunResult:
 
 class Scenario:
     def __init__(self, work: str, size: int, content: str, etcd: EtcdServer,
-                 named: NamedServer, seed: int) -> None:
+                 named: NamedServer, seed: int, tls: bool = False) -> None:
         self.work = work
+        self.tls = make_pki(os.path.join(work, "pki")) if tls else None
         self.size = size
         self.seed = seed
         self.procs = Procs()
@@ -278,7 +327,7 @@ class Scenario:
 
     def start_agent(self, site: str) -> None:
         self.procs.start(site, [*DRCTL, "--log-level", "INFO", "agent", "--config", self.config,
-                                "--site", site], self.agent_log(site))
+                                "--site", site, *security(self.tls, "agent")], self.agent_log(site))
 
     def tcp(self, site: str) -> int | None:
         return self.counters[site].read()
@@ -364,9 +413,11 @@ class Scenario:
         self.start_agent("east")
         self.start_agent("west")
         self.procs.start("controller", [*DRCTL, "--log-level", "INFO", "controller",
-                                        "--config", self.config],
+                                        "--config", self.config,
+                                        *([] if self.tls is None else
+                                          security(self.tls, "controller"))],
                          os.path.join(self.work, "controller.log"))
-        self.status = Status(self.config)
+        self.status = Status(self.config, self.procs.check)
         t1 = self.status.wait(protected_at("east"), 600, "initial sync: protected at east")
         tcp1 = self.tcp("west")
         logged, lines = self._resync("east", 0, res, "initial")
@@ -484,7 +535,9 @@ class Scenario:
 
     def check_equal(self, res: RunResult) -> None:
         p = subprocess.run([*DRCTL, "replicate", "verify", self.vol("east"), "--to",
-                            f"127.0.0.1:{self.ports['west']['repl']}", "--volume", "data"],
+                            f"127.0.0.1:{self.ports['west']['repl']}", "--volume", "data",
+                            *security(self.tls, "replicate", "verify", site="east",
+                                      peer="west")],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
         res.verify_ok = p.returncode == 0
         if not res.verify_ok:
@@ -504,7 +557,9 @@ class Scenario:
         port = free_port()
         tdir = os.path.join(self.work, "fresh-target")
         self.procs.start("fresh-target", [*DRCTL, "replicate", "serve", "--listen",
-                                          f"127.0.0.1:{port}", "--dir", tdir],
+                                          f"127.0.0.1:{port}", "--dir", tdir,
+                                          *security(self.tls, "replicate", "serve",
+                                                    site="west", allow="east")],
                          os.path.join(self.work, "fresh-target.log"))
         wait_port(port)
         counter = WireCounter(port)
@@ -514,7 +569,9 @@ class Scenario:
             p = subprocess.run([*DRCTL, "replicate", "push", self.vol("west"), "--to",
                                 f"127.0.0.1:{port}", "--volume", "x", "--once", "--json",
                                 "--no-progress", "--state-dir",
-                                os.path.join(self.work, "fresh-state")],
+                                os.path.join(self.work, "fresh-state"),
+                                *security(self.tls, "replicate", "push", site="east",
+                                          peer="west")],
                                cwd=REPO, capture_output=True, text=True, timeout=900)
             t1 = time.time()
             tcp1 = counter.read()
@@ -669,6 +726,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--content", choices=("random", "mixed"), default="random",
                     help="random bytes (default) or bench/common.py:make_image's mix")
+    ap.add_argument("--tls", action="store_true",
+                    help="the data path over mutual TLS (default: plaintext, --insecure)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = ap.parse_args()
     size = int(args.size_gib * (1 << 30)) // (1 << 20) << 20
@@ -685,8 +744,10 @@ def main() -> None:
         named = NamedServer().start()
         for n in range(1, args.runs + 1):
             work = tempfile.mkdtemp(prefix="drctl-roundtrip-")
-            print(f"run {n}/{args.runs} in {work}", flush=True)
-            sc = Scenario(work, size, args.content, etcd, named, seed=7 + n)
+            print(f"run {n}/{args.runs} in {work} (data path: "
+                  f"{'mutual TLS' if args.tls else 'plaintext'}, {args.content} content)",
+                  flush=True)
+            sc = Scenario(work, size, args.content, etcd, named, seed=7 + n, tls=args.tls)
             try:
                 res = sc.run()
             except BaseException:

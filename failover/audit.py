@@ -59,6 +59,7 @@ AUTO = "auto"  # the mirror file's default path
 _SECRET = re.compile(r"token|passw|secret|tsig|private|credential|cookie|authori[sz]ation"
                      r"|(^|_)key$", re.IGNORECASE)
 _MAX_TEXT = 2000
+_MAX_PARAMS = 8192  # bytes of JSON; beyond it the parameters are cut (and say so)
 _ATTEMPTS = 100
 
 
@@ -109,10 +110,17 @@ def make_record(seq: int, prev_hash: str, actor: str, action: str, target: str,
         "time": datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds")
         .replace("+00:00", "Z"),
         "actor": redact(actor), "action": redact(action), "target": redact(target),
-        "params": redact(dict(params or {})), "outcome": redact(outcome),
+        "params": _bounded(redact(dict(params or {}))), "outcome": redact(outcome),
         "prev_hash": prev_hash}
     rec["hash"] = record_hash(rec)
     return rec
+
+
+def _bounded(params: dict[str, Any]) -> dict[str, Any]:
+    text = json.dumps(params, sort_keys=True, ensure_ascii=False)
+    if len(text) <= _MAX_PARAMS:
+        return params
+    return {"truncated": text[:_MAX_PARAMS], "size": len(text)}
 
 
 def encode(rec: Mapping[str, Any]) -> bytes:
@@ -338,13 +346,16 @@ class AuditLog:
     async def try_append(self, actor: str, action: str, target: str,
                          params: Mapping[str, Any] | None = None,
                          outcome: str = "ok") -> dict[str, Any] | None:
-        """``append`` for daemons and request handlers: a failure is logged, never raised."""
+        """``append`` for daemons and request handlers: a failure is logged, never raised
+        (the log must not take a controller or an agent down with it)."""
         try:
             return await self.append(actor, action, target, params, outcome)
         except (FailoverError, OSError, TimeoutError) as exc:
             log.error("audit: not recorded (%s %s %s: %s): %s", actor, action, target,
                       outcome, exc)
-            return None
+        except Exception:
+            log.exception("audit: not recorded (%s %s %s: %s)", actor, action, target, outcome)
+        return None
 
     async def _append(self, actor: str, action: str, target: str,
                       params: Mapping[str, Any] | None, outcome: str,
@@ -405,6 +416,8 @@ class AuditLog:
             log.error("audit: mirror %s: %s", path, exc)
         except (OSError, FailoverError) as exc:
             log.error("audit: mirror %s: %s", path, exc)
+        except Exception:  # the record is in etcd: the mirror's trouble is only logged
+            log.exception("audit: mirror %s", path)
 
     async def _fetch(self, first: int, last: int) -> list[dict[str, Any]]:
         """Records ``first..last`` from etcd (the ones others appended since the file's end)."""

@@ -255,7 +255,9 @@ def cmd_request(args: argparse.Namespace) -> int:
 
         store = _store(cfg)
         audit = AuditLog(store, cfg.prefix, mirror_file(args.audit_file))
-        params = {"to": target, "force": bool(getattr(args, "force", False))}
+        params: dict[str, Any] = {"to": target}
+        if args.request == "failover":
+            params["force"] = bool(args.force)
         try:
             stored = service_record(await _value(store, state_key(cfg.prefix, svc.name)),
                                     svc.primary, svc.replica)
@@ -372,6 +374,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     if args.users is None and token is None:
         raise ConfigError("drctl api: no users: pass --users FILE (drctl api users add NAME "
                           "--role R --file FILE), or --token-file")
+    if args.users is not None and not os.path.exists(args.users):
+        raise ConfigError(f"--users {args.users}: no such file (drctl api users add NAME "
+                          f"--role R --file {args.users})")
     users = Users(args.users, token)
     host, _, port = args.listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"

@@ -11,8 +11,10 @@ thread makes its own (same endpoints, same credentials) rather than share the ma
 ``store_factory(store)`` says how to make that second store (None for a store that cannot be
 used from another thread, e.g. the in-memory fake: its keeper stays on the caller's loop);
 ``lease_on(store, lease)`` is the same lease seen through the thread's store;
-``KeeperThread.run(work)`` runs ``work(store)`` on a new thread until it returns, raises or
-the caller is cancelled, then closes the store and joins the thread.
+``KeeperThread`` is the thread: ``start()`` opens its store (the TLS handshake and etcd's
+password check take a while on a busy machine: the keeper does this before it is granted its
+lease, not out of the lease's time), ``run(work)`` runs ``work(store)`` there, ``close()``
+cancels what still runs, closes the store and joins the thread.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from failover.coordination.base import CoordinationStore, Lease
@@ -63,65 +65,86 @@ async def _connect(store: CoordinationStore) -> None:
     refresh's time budget. Failing is fine: the refreshes retry."""
     if isinstance(store, EtcdStore):
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(store.client.connect(), store.timeout)
+            await asyncio.wait_for(store.client.connect(), max(2.0, 2 * store.timeout))
 
 
 class KeeperThread:
+    """A thread running an event loop of its own with a store of its own, from ``start()``
+    (which returns once the store is connected) to ``close()``."""
+
     def __init__(self, factory: StoreFactory, name: str) -> None:
         self.factory = factory
         self.name = name
-        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._error: BaseException | None = None
+        self._store: CoordinationStore | None = None
 
-    async def run(self, work: Callable[[CoordinationStore], Awaitable[None]]) -> None:
-        """Run ``work(store)`` on the thread; return when it does (re-raising what it raised).
-        Cancelled: the thread's work is cancelled, its store closed and the thread joined
-        before the cancellation goes on."""
+    async def start(self) -> None:
         main = asyncio.get_running_loop()
-        finished = asyncio.Event()
+        started: asyncio.Future[None] = main.create_future()
 
-        def done() -> None:
-            with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody waits
-                main.call_soon_threadsafe(finished.set)
+        def report(exc: BaseException | None) -> None:
+            def settle() -> None:
+                if started.done():
+                    return
+                if exc is None:
+                    started.set_result(None)
+                else:
+                    started.set_exception(exc)
+            with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                main.call_soon_threadsafe(settle)
 
-        thread = threading.Thread(target=self._main, args=(work, done), name=self.name,
-                                  daemon=True)
-        thread.start()
+        self._thread = threading.Thread(target=self._main, args=(report,), name=self.name,
+                                        daemon=True)
+        self._thread.start()
         try:
-            await finished.wait()
-        finally:
-            self._stop()
-            await asyncio.to_thread(thread.join)
-        if self._error is not None and not isinstance(self._error, asyncio.CancelledError):
-            raise self._error
+            await started
+        except BaseException:
+            await self.close()
+            raise
 
-    def _stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            if self._loop is not None and self._task is not None:
-                with contextlib.suppress(RuntimeError):  # its loop is closed: it is over
-                    self._loop.call_soon_threadsafe(self._task.cancel)
+    async def run(self, work: Callable[[CoordinationStore], Coroutine[Any, Any, None]],
+                  ) -> None:
+        """Run ``work(store)`` on the thread until it returns (or raises: re-raised here).
+        Cancelled, it is cancelled on the thread too (``close()`` waits for it to end)."""
+        assert self._loop is not None and self._store is not None, "start() first"
+        future = asyncio.run_coroutine_threadsafe(work(self._store), self._loop)
+        await asyncio.wrap_future(future)
 
-    def _main(self, work: Callable[[CoordinationStore], Awaitable[None]],
-              done: Callable[[], None]) -> None:
+    async def close(self) -> None:
+        """Cancel what still runs on the thread, close its store, stop it, join it."""
+        thread, loop, self._thread = self._thread, self._loop, None
+        if thread is None:
+            return
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # already closed: the thread is ending
+                loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join)
+        self._loop = self._store = None
+
+    def _main(self, report: Callable[[BaseException | None], None]) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)  # this thread's (grpc.aio and aetcd look it up)
+        self._loop = loop
         try:
-            asyncio.run(self._serve(work))
-        except BaseException as exc:  # handed to the caller's loop
-            self._error = exc
-        finally:
-            done()
-
-    async def _serve(self, work: Callable[[CoordinationStore], Awaitable[None]]) -> None:
-        with self._lock:
-            if self._stopping:
+            try:
+                self._store = loop.run_until_complete(self._open())
+            except Exception as exc:
+                report(exc)
                 return
-            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
-        store = self.factory()
-        try:
-            await _connect(store)
-            await work(store)
+            report(None)
+            loop.run_forever()  # until close()
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(self._store.close())
+            loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
-            await store.close()
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    async def _open(self) -> CoordinationStore:
+        store = self.factory()
+        await _connect(store)
+        return store

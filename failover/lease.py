@@ -97,8 +97,10 @@ class LeaseKeeper:
         self.local_deadline = ttl * 0.75
         self.lease: Lease | None = None
         self.lost = asyncio.Event()
+        self.lost_at: float | None = None  # monotonic: when the keeper gave the lease up
         self.timings = KeeperTimings()
         self._thread_store = store_factory(store)  # None: the keepalive stays on our loop
+        self._thread: KeeperThread | None = None
         self._last_ok = 0.0
 
     @property
@@ -106,26 +108,47 @@ class LeaseKeeper:
         return self._thread_store is not None
 
     async def grant(self) -> Lease:
-        sent = time.monotonic()
-        self.lease = await self.store.grant_lease(self.ttl)
+        """Grant the lease. With its own thread, the keeper's etcd channel is opened first:
+        its TLS handshake and authentication are not paid out of the lease's time. Then
+        ``run()`` (to keep it) or ``revoke()``."""
+        if self._thread_store is not None and self._thread is None:
+            self._thread = KeeperThread(self._thread_store, "lease-keeper")
+            await self._thread.start()
+        try:
+            sent = time.monotonic()
+            self.lease = await self.store.grant_lease(self.ttl)
+        except BaseException:
+            await self._close_thread()
+            raise
         self._last_ok = sent
         return self.lease
 
     async def run(self) -> None:
         """Keep the lease alive until it is lost (``lost`` is set, then this returns) or the
-        task is cancelled."""
+        task is cancelled. A keepalive that fails (raises) sets ``lost`` too."""
         lease = self.lease
         assert lease is not None, "grant() first"
-        if self._thread_store is None:
-            await self._keep(lease, self.lost.set)
-            return
         main = asyncio.get_running_loop()
 
         def lost() -> None:
-            main.call_soon_threadsafe(self.lost.set)
+            with contextlib.suppress(RuntimeError):  # our loop is closed: nobody to tell
+                main.call_soon_threadsafe(self.lost.set)
 
-        keeper = KeeperThread(self._thread_store, f"lease-keeper-{lease.id:x}")
-        await keeper.run(lambda store: self._keep(lease_on(store, lease), lost))
+        try:
+            if self._thread is None:
+                await self._keep(lease, self.lost.set)
+            else:
+                await self._thread.run(lambda store: self._keep(lease_on(store, lease), lost))
+        except Exception:
+            self.lost.set()  # nobody keeps the lease: the holder stops at once
+            raise
+        finally:
+            await self._close_thread()
+
+    async def _close_thread(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await thread.close()
 
     async def _keep(self, lease: Lease, lost: Callable[[], None]) -> None:
         """The keepalive (on whichever loop runs it): refresh every ``interval`` after the
@@ -161,10 +184,12 @@ class LeaseKeeper:
             self.timings.trips.append(time.monotonic() - now)
 
     def _lose(self, lease: Lease, why: str, lost: Callable[[], None]) -> None:
+        self.lost_at = time.monotonic()
         log.warning("lease %x lost: %s (keeper: %s)", lease.id, why, self.timings.summary())
         lost()
 
     async def revoke(self) -> None:
+        await self._close_thread()
         if self.lease is not None:
             with contextlib.suppress(StoreUnavailableError, LeaseLostError):
                 await self.lease.revoke()

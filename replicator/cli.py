@@ -146,9 +146,10 @@ def _add_shared_push_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--journal-limit", type=_size, default=1 << 30, metavar="SIZE",
                    help="with write capture: past this size the change journal falls back to "
                    "a change bitmap until the link catches up (default 1GiB)")
-    p.add_argument("--cp-interval", type=float, default=0.05, metavar="SECONDS",
+    p.add_argument("--cp-interval", type=float, default=0.0, metavar="SECONDS",
                    help="with write capture: close a consistency point when writes have "
-                   "waited this long without a client FLUSH (default 0.05)")
+                   "waited this long without a client FLUSH (default 0: as soon as the "
+                   "points before it are sent)")
     p.add_argument("--epoch-token", metavar="FILE",
                    help="the controller's signed token for --epoch (read at every "
                    "handshake): a target raises a replica's epoch only on a valid one")
@@ -262,8 +263,8 @@ def _check_push_flags(args: argparse.Namespace) -> None:
         raise UsageError("--epoch must be >= 0")
     if args.journal_limit < 64 * args.block_size:
         raise UsageError(f"--journal-limit must be at least {64 * args.block_size} bytes")
-    if args.cp_interval <= 0:
-        raise UsageError("--cp-interval must be positive")
+    if args.cp_interval < 0:
+        raise UsageError("--cp-interval must not be negative")
     if args.nbd_listen:
         _check_nbd(args.nbd_listen, args.insecure_nbd)
     if args.epoch_token and not os.path.isfile(args.epoch_token):

@@ -90,7 +90,9 @@ class PushOptions:
     rpo_budget: float = 0.0
     nbd_listen: str | None = None  # serve the volume over NBD and ship captured writes
     journal_limit: int = 1 << 30  # past this the capture falls back to a change bitmap
-    cp_interval: float = 0.05  # cut a consistency point when writes wait this long unflushed
+    # cut a consistency point when writes wait this long unflushed (0: as soon as the stream
+    # has sent the points before)
+    cp_interval: float = 0.0
     group: str = ""  # consistency group this volume belongs to ("": none)
     group_members: tuple[str, ...] = ()
     security: ChannelSecurity | None = None  # mutual TLS to the target (None: from the env)

@@ -290,8 +290,8 @@ def _replication(c: _Checker, m: Any, where: str, sites: dict[str, Site]) -> dic
                   check=lambda v: v in ("zstd", "none") or (isinstance(v, int) and 0 <= v <= 22),
                   hint="zstd, none or a zstd level 0..22")
     level = {"zstd": 1, "none": 0}.get(level, level) if isinstance(level, str) else level
-    cp_interval = c.get(r, "cp_interval", rw, (int, float), 0.05, check=lambda v: v > 0,
-                        hint="seconds > 0")
+    cp_interval = c.get(r, "cp_interval", rw, (int, float), 0.0, check=lambda v: v >= 0,
+                        hint="seconds >= 0 (0: cut as soon as the points before are sent)")
     journal_limit = 1 << 30
     if "journal_limit" in r:
         try:

@@ -82,7 +82,7 @@ class Service:
     depends_on: tuple[str, ...] = ()
     # The data path the site agents run (replication: block)
     compress_level: int = 1  # zstd level; 0: no compression
-    cp_interval: float = 0.05  # consistency point cut after writes wait this long unflushed
+    cp_interval: float = 0.0  # cut after writes wait this long unflushed (0: once sendable)
     journal_limit: int = 1 << 30  # change journal size before the change bitmap takes over
     apply_interval: float | None = None  # warm mode: apply complete points on this schedule
     export: dict[str, str] = field(default_factory=dict)  # site -> NBD HOST:PORT of the app

@@ -89,8 +89,10 @@ def data_path(rb: Runbook, svc: Service) -> list[str]:
                  else " (applied on promotion)")
     rate = f"rate limit {_bytes(svc.rate_limit)}/s" if svc.rate_limit else "no rate limit"
     level = f"zstd level {svc.compress_level}" if svc.compress_level else "no compression"
+    cuts = (f"consistency point every {svc.cp_interval:g}s" if svc.cp_interval
+            else "consistency points cut as soon as the previous are sent")
     lines = [f"[{svc.name}] consistency group {svc.group}: {mode}, {rate}, {level}, "
-             f"consistency point every {svc.cp_interval:g}s, journal {_bytes(svc.journal_limit)}"]
+             f"{cuts}, journal {_bytes(svc.journal_limit)}"]
     for role in ("primary", "replica"):
         name = getattr(svc, role)
         site = rb.sites[name]

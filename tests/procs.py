@@ -147,6 +147,11 @@ class Pki:
         out = ["--tls-dir", self.dir, "--site", site]
         return [*out, "--target-site", target_site] if target_site else out
 
+    def env(self, who: str = "operator/tester") -> dict[str, str]:
+        """The environment that gives a command without TLS flags of its own (`drctl drill`)
+        its certificate (ChannelSecurity.from_env)."""
+        return {"DRCTL_TLS_DIR": self.dir, "DRCTL_TLS_AS": who}
+
     def security(self, who: str = "site/east", server: str = "west") -> ChannelSecurity:
         from drctl.pki import Identity
         from replicator.transport.security import ChannelSecurity, TlsConfig
@@ -249,8 +254,10 @@ def fence_cmd(target: Target, volume: str, epoch: int, site: str = "west",
             *epoch_flags, *target.client_flags(site)]
 
 
-def run(cmd: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def run(cmd: list[str], timeout: float = 120.0,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **env} if env else None)
 
 
 def write_random(path: str, size: int, seed: int = 1) -> None:

@@ -31,7 +31,7 @@ from failover.coordination.base import (
     WatchEvent,
 )
 from failover.coordination.credentials import EtcdCredentials
-from failover.coordination.etcd_client import Client
+from failover.coordination.etcd_client import AUTH_TIMEOUT, Client
 from failover.errors import (
     CompactedError,
     LeaseLostError,
@@ -104,7 +104,9 @@ class EtcdStore(CoordinationStore):
         """Run ``fn``, retrying across endpoints with backoff until ``timeout`` has passed;
         then raise StoreUnavailableError. (gRPC reconnects in the background meanwhile.)
         A refusal raises StoreRefusedError at once; a token etcd no longer knows is renewed
-        (once per endpoint) and the call made again."""
+        (once per endpoint) and the call made again. Connecting (TLS, authenticating) and
+        renewing have their own budget (AUTH_TIMEOUT), not counted in ``timeout``: a
+        one-shot command's first call must not time out on etcd's bcrypt."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         delay = 0.05
@@ -115,10 +117,13 @@ class EtcdStore(CoordinationStore):
             client = self.client
             seen = client.token_generation
             try:
-                remaining = max(0.2, deadline - loop.time())
-                if stale is not None:
-                    await asyncio.wait_for(client.reauthenticate(stale), remaining)
+                if stale is not None or not client.connected:
+                    began = loop.time()
+                    await asyncio.wait_for(client.reauthenticate(stale) if stale is not None
+                                           else client.connect(), AUTH_TIMEOUT)
+                    deadline += loop.time() - began
                     stale, seen = None, client.token_generation
+                remaining = max(0.2, deadline - loop.time())
                 return await asyncio.wait_for(fn(*args, **kw), remaining)
             except ae.RevisionCompactedError as exc:
                 raise CompactedError(str(exc)) from exc
@@ -134,7 +139,8 @@ class EtcdStore(CoordinationStore):
             except ae.ClientError as exc:
                 raise self._refused(client, exc) from None
             if loop.time() + delay >= deadline:
-                raise StoreUnavailableError(f"etcd unreachable at {self._describe()}: {last}")
+                why = str(last) or f"no answer within {self.timeout:g}s"
+                raise StoreUnavailableError(f"etcd unreachable at {self._describe()}: {why}")
             self._current = (self._current + 1) % len(self._clients)
             stale = None
             fn = _rebind(fn, self)

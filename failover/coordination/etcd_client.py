@@ -38,6 +38,10 @@ import aetcd.exceptions as ae
 import aetcd.watcher
 from aetcd import rpc
 
+# Authenticating costs etcd a bcrypt comparison and a raft round: more than a read, and under
+# load more than the short per-call timeouts of the CLI (see EtcdStore.call)
+AUTH_TIMEOUT = 5
+
 _REASON = re.compile(r"code = (\w+) desc = (.*)", re.S)
 _BY_GRPC_NAME: dict[str, type[ae.ClientError]] = {
     "Unauthenticated": ae.UnauthenticatedError,
@@ -94,6 +98,10 @@ class Client(aetcd.Client):  # type: ignore[misc]
     def username(self) -> str | None:
         return self._username  # type: ignore[no-any-return]
 
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()  # type: ignore[no-any-return]
+
     async def connect(self) -> None:
         try:
             await self._connect()
@@ -136,7 +144,7 @@ class Client(aetcd.Client):  # type: ignore[misc]
         self.auth_stub = rpc.AuthStub(channel)
         resp = await self.auth_stub.Authenticate(
             rpc.AuthenticateRequest(name=self._username, password=self._password),
-            timeout=self._timeout)
+            timeout=max(self._timeout or 0, AUTH_TIMEOUT))
         return (("token", resp.token),)
 
     async def reauthenticate(self, generation: int) -> None:

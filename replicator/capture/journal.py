@@ -124,6 +124,7 @@ class ChangeJournal:
         self.flushes = 0
         self.replayed = 0
         self.seq = 0  # appends ever made by this process: GroupCommit's clock
+        self.shape = 0  # bumped by every rewrite (a compaction started before one gives up)
         self._replay()
 
     # -- start -----------------------------------------------------------------------------
@@ -321,8 +322,10 @@ class ChangeJournal:
                     blocks[b] = None
         return out
 
-    def release(self, cp: int) -> None:
-        """The target acknowledged every CP up to ``cp``: drop their records."""
+    def release(self, cp: int, inline: bool = True) -> bool:
+        """The target acknowledged every CP up to ``cp``: drop their records. The journal is
+        rewritten without them once enough piled up: here, or (``inline`` false) by the
+        caller's :meth:`compact` off the event loop, which the True return asks for."""
         with self.lock:
             self.released_cp = max(self.released_cp, cp)
             self._raw_append(_record(KIND_RELEASE, cp, 0))
@@ -332,7 +335,55 @@ class ChangeJournal:
             idle = not self.closed and self.open_first_at is None
             big = head >= REWRITE_BYTES or (idle and self.size >= 1 << 20)
             if not self.overflowed and big:
+                if not inline:
+                    return True
                 self._rewrite_tail(head)
+            return False
+
+    def compact(self) -> bool:
+        """Rewrite the journal without its released head, for a thread: the copy of the
+        unreleased records and its fsync happen without the lock (appends go on); under it,
+        only the records appended meanwhile are copied (and synced) before the swap. False if
+        the journal changed shape meanwhile (an overflow, a resync, another rewrite)."""
+        with self.lock:
+            if self.overflowed:
+                return False
+            head = self.closed[0].start if self.closed else self.open_start
+            end, shape = self.size, self.shape
+            header = self._header(sorted(self.resyncing))
+            fd = os.dup(self.fd)
+        tmp = self.path + ".compact"
+        try:
+            tail = os.pread(fd, end - head, head)
+        finally:
+            os.close(fd)
+        with open(tmp, "wb") as fh:
+            fh.write(header)
+            fh.write(tail)
+            fh.flush()
+            os.fsync(fh.fileno())
+        new_fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        with self.lock:
+            if self.shape != shape or self.overflowed or self.fd < 0:
+                os.close(new_fd)
+                os.unlink(tmp)
+                return False
+            delta = os.pread(self.fd, self.size - end, end)
+            if delta:  # acknowledged writes among them must stay durable across the swap
+                done = 0
+                while done < len(delta):
+                    done += os.write(new_fd, delta[done:])
+                os.fdatasync(new_fd)
+            os.replace(tmp, self.path)
+            old, self.fd = self.fd, new_fd
+            shift = head - len(header)
+            for cp in self.closed:
+                cp.start, cp.end = cp.start - shift, cp.end - shift
+            self.open_start -= shift
+            self.size -= shift
+            self.shape += 1
+        os.close(old)
+        return True
 
     # -- bitmap mode and resync --------------------------------------------------------------
 
@@ -388,14 +439,20 @@ class ChangeJournal:
             cp.start, cp.end = cp.start - shift + base, cp.end - shift + base
         self.open_start = self.open_start - shift + base
 
+    def _header(self, dirty: list[int]) -> bytes:
+        """BASE and the DIRTY records of ``dirty``: the start of a rewritten journal."""
+        bs = self.block_size
+        out = [_record(KIND_BASE, self.next_cp, int(self.overflowed))]
+        for key in dirty:
+            vol, b = key >> KEY_SHIFT, key & BLOCK_MASK
+            out.append(_record(KIND_DIRTY, vol << _VOL_SHIFT | b * bs, bs))
+        return b"".join(out)
+
     def _rewrite(self, dirty: list[int], tails: list[bytes]) -> None:
         tmp = self.path + ".tmp"
-        bs = self.block_size
+        self.shape += 1
         with open(tmp, "wb") as fh:
-            fh.write(_record(KIND_BASE, self.next_cp, int(self.overflowed)))
-            for key in dirty:
-                vol, b = key >> KEY_SHIFT, key & BLOCK_MASK
-                fh.write(_record(KIND_DIRTY, vol << _VOL_SHIFT | b * bs, bs))
+            fh.write(self._header(dirty))
             for t in tails:
                 fh.write(t)
             fh.flush()
@@ -410,7 +467,9 @@ class ChangeJournal:
             self.open_start = size
 
     def close(self) -> None:
-        os.close(self.fd)
+        with self.lock:  # not while a compaction swaps files
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Unacknowledged:

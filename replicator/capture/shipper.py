@@ -7,8 +7,15 @@
    and ships the points written meanwhile, and only the last batch closes, so the target
    applies resync and points as one unit and the replica shows the volume as it was at that
    cut (every block read by the resync was read before the cut; later writes are in points).
-3. Then ship each closed point as it closes (a client FLUSH, or a cut when writes have waited
-   ``cp_interval`` unflushed); release it from the journal once the target acknowledged it.
+3. Then stream the points: each is shipped as soon as it closes, on one long-lived stream per
+   volume, without waiting for the acks of the points before it (on a WAN the lag is then
+   about one round trip, not two). A client FLUSH closes a point; with ``cp_interval`` 0 (the
+   default) the agent also cuts the open point whenever the streams have sent everything cut
+   before, so a point holds the writes that arrived while the previous one was being sent;
+   with ``cp_interval`` > 0 it cuts only once writes waited that long for a FLUSH. A point's
+   closing batch asks the target to sync and ack at once; the point leaves the journal when
+   its ack arrives, and the journal is compacted on a thread. ``DRCTL_CP_TRACE`` records each
+   point's stages (trace.py).
 
 A consistency group runs one loop over several drivers (one per volume, each with its own
 stream): one journal, one NBD server with an export per volume, and every point closed on every
@@ -156,6 +163,7 @@ class _Loop:
         self.trace = trace or PointTrace(None)
         self.inflight: deque[_Point] = deque()  # shipped, not acknowledged by every member
         self.unsent = 0  # closing batches of those points not yet sent (all members)
+        self.compacting: asyncio.Future[bool] | None = None
         self._set_protected(False)
 
     async def run(self) -> bool:
@@ -305,11 +313,11 @@ class _Loop:
     async def stream(self) -> None:
         """Ship every point as soon as it closes, without waiting for the acks of the ones
         before it: one stream per member, each point's closing batch asking the target to
-        sync and ack at once, each point released when every member acknowledged it. The
-        agent cuts the open point whenever the streams have sent everything cut before
-        (writes that arrive meanwhile form the next point), and at the latest when its
-        oldest write waited ``cp_interval``. Returns once the journal overflowed and every
-        point shipped is acknowledged."""
+        sync and ack at once, each point released when every member acknowledged it. With
+        ``cp_interval`` 0 the agent cuts the open point whenever the streams have sent
+        everything cut before (writes that arrive meanwhile form the next point); otherwise
+        once its oldest write waited that long for a client FLUSH. Returns once the journal
+        overflowed and every point shipped is acknowledged."""
         feeds: list[queue.SimpleQueue[list[ExtractedPoint] | None]] = [
             queue.SimpleQueue() for _ in self.drivers]
         self.inflight.clear()
@@ -328,6 +336,7 @@ class _Loop:
         finally:
             for d in self.drivers:
                 d.on_sent = d.on_acked = None
+            await self._compacted()
             if self.inflight:  # never acknowledged here: shipped again after the resync
                 self.journal.requeue()
                 self.inflight.clear()
@@ -336,15 +345,18 @@ class _Loop:
     async def _cutter(self, feeds: list[queue.SimpleQueue[list[ExtractedPoint] | None]]
                       ) -> None:
         journal, tr = self.journal, self.trace
-        while not journal.overflowed:
+        while not journal.overflowed and not self.stop.is_set():
             first = journal.open_first_at
             timeout = self.opts.interval
+            wait_for_flush = self.opts.cp_interval > 0
             if first is not None:
                 age = time.time() - first
-                if not self.unsent or age >= self.opts.cp_interval:
+                if (age >= self.opts.cp_interval) if wait_for_flush else not self.unsent:
                     tr.stamp(journal.cut(), "cut")
-                else:
+                elif wait_for_flush:
                     timeout = self.opts.cp_interval - age
+            if self.compacting is not None and self.compacting.done():
+                await self._compacted()
             if journal.ready():
                 # small points are read on the loop (page cache), a backlog on a thread
                 if journal.unextracted_bytes() <= INLINE_EXTRACT:
@@ -395,6 +407,18 @@ class _Loop:
                     self.trace.stamp(b.batch.cp, "planned")
                 yield b
 
+    def _compact_soon(self) -> None:
+        """Rewrite the journal without its released records, on a thread (it fsyncs a new
+        file: done on the loop, that stalled every write and every ack for as long)."""
+        if self.compacting is None or self.compacting.done():
+            self.compacting = asyncio.ensure_future(asyncio.to_thread(self.journal.compact))
+
+    async def _compacted(self) -> None:
+        """Wait for a running compaction; raise its error, if any (an I/O error)."""
+        task, self.compacting = self.compacting, None
+        if task is not None:
+            await task
+
     def _sent(self, member: int, planned: PlannedBatch) -> None:
         cp = planned.batch.cp
         if not cp:
@@ -425,7 +449,11 @@ class _Loop:
                     d.m.observe(d.m.ack_lag, max(0.0, now - p.first_at))
             self.trace.stamp(p.cp, "acked")
         if done:
-            self.journal.release(done[-1])
+            started = time.monotonic()
+            if self.journal.release(done[-1], inline=False):
+                self._compact_soon()
+            if self.trace.enabled:
+                self.trace.note(done[-1], "release_ms", (time.monotonic() - started) * 1000)
             for cp in done:
                 self.trace.released(cp)
 

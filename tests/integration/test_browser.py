@@ -90,7 +90,9 @@ def test_click_failover_wait_for_reprotect_then_failback(demo: DemoCluster,
 
     def serving(site: str, address: str) -> bool:
         text = card_text()
-        return (f"primary {site}" in text and "healthy" in text.lower()
+        state = text.split("·")[1].strip().lower() if "·" in text else ""
+        # (the state itself: the card's history says "→ healthy" long before)
+        return (f"primary {site}" in text and state == "healthy"
                 and b.execute_script(  # type: ignore[attr-defined]
                     'return [...document.querySelectorAll(\'[data-service="app"] .dns-answer\')]'
                     f'.every(e => e.innerText === "{address}")'))

@@ -23,6 +23,7 @@ from tests.procs import (
     DRCTL,
     Proc,
     Target,
+    fence_cmd,
     free_port,
     metric,
     port_open,
@@ -110,7 +111,7 @@ class Writer:
 
 def _clone_hash(target: Target, name: str) -> bytes:
     async def clone() -> str:
-        client = TargetClient(target.address)
+        client = TargetClient(target.address, target.security())
         try:
             return (await client.clone("vol", name)).path
         finally:
@@ -220,8 +221,7 @@ def test_warm_mode_holds_points_until_promotion(workdir: str) -> None:
     assert metric(target.metrics(), "drctl_replication_staged_batches", volume="vol") > 0
     with open(target.image("vol"), "rb") as fh:
         assert fh.read() == bytes(SIZE)  # nothing applied in warm mode
-    p = run([*DRCTL, "replicate", "fence", "--to", target.address, "--volume", "vol",
-             "--epoch", "1"])
+    p = run(fence_cmd(target, "vol", 1))  # the promotion, by the target's site
     assert p.returncode == 0, p.stderr
     assert "consistency point" in p.stdout
     assert same_file(src, target.image("vol"))  # promotion applied every complete point
@@ -237,8 +237,7 @@ def test_warm_mode_holds_points_until_promotion(workdir: str) -> None:
     assert p.returncode == 0, p.stderr
     assert '"dedup_blocks": 0' in p.stdout and '"verified": true' in p.stdout
     assert not same_file(scan, target.image("scan"))
-    p = run([*DRCTL, "replicate", "fence", "--to", target.address, "--volume", "scan",
-             "--epoch", "1"])
+    p = run(fence_cmd(target, "scan", 1))
     assert p.returncode == 0 and same_file(scan, target.image("scan"))
     target.stop()
 
@@ -344,7 +343,7 @@ def _group_clone_digest(target: Target, tag: str, pause: float = 0.0) -> bytes:
     """Clone both members one after the other (the source may still be streaming: the target
     holds the group at one point until the clones are dropped) and hash them together."""
     async def clones() -> bytes:
-        client = TargetClient(target.address)
+        client = TargetClient(target.address, target.security())
         try:
             h = xxhash.xxh3_128()
             for v in ("data", "log"):  # the order of GroupWriter.digest
@@ -389,7 +388,7 @@ def test_group_replicas_are_consistent_with_each_other(workdir: str, target: Tar
     cmd = [*DRCTL, "replicate", "push-group", "--group", "db", "--to", target.address,
            "--nbd-listen", f"127.0.0.1:{nport}", "--state-dir", os.path.join(workdir, "st"),
            "--cp-interval", "3600", "--metrics-port", str(mport), "--rate-limit", "4MB/s",
-           f"data={paths['data']}", f"log={paths['log']}"]
+           *target.client_flags(), f"data={paths['data']}", f"log={paths['log']}"]
     agent = Proc(cmd, os.path.join(workdir, "agent1.log")).start()
     wait_for(lambda: port_open(nport) and all(
         os.path.exists(target.image(v)) and same_file(p, target.image(v))

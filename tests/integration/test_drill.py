@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.test_lifecycle import Cluster, wait_protected
-from tests.procs import DRCTL, run, same_file, wait_for
+from tests.procs import DRCTL, pki, run, same_file, wait_for
 from tests.services import EtcdServer, NamedServer
 
 
@@ -42,7 +42,8 @@ def cluster(workdir: str) -> Iterator[Cluster]:
 
 
 def drill(c: Cluster, name: str) -> dict[str, object]:
-    p = run([*DRCTL, "drill", "app", "--runbook", c.config, "--name", name, "--json"])
+    p = run([*DRCTL, "drill", "app", "--runbook", c.config, "--name", name, "--json"],
+            env=pki().env())  # an operator's certificate (docs/security.md)
     assert p.returncode == 0, p.stdout + p.stderr
     report: dict[str, object] = json.loads(p.stdout)
     return report

@@ -119,8 +119,8 @@ def test_data_path_base_is_valid_and_planned(tmp_path: str) -> None:
     assert rb.sites["a"].data_dir == "/var/lib/drctl"
     assert rb.services["db"].export == {"a": "127.0.0.1:10809", "b": "127.0.0.1:10809"}
     lines = plan(rb, "db")
-    assert "  [db] consistency group db: hot, no rate limit, zstd level 1, consistency point " \
-           "every 0.05s, journal 1GiB" in lines
+    assert "  [db] consistency group db: hot, no rate limit, zstd level 1, consistency points " \
+           "cut as soon as the previous are sent, journal 1GiB" in lines
     assert "  [db] b (replica): data_dir /var/lib/drctl, target 10.0.0.2:7400, export " \
            "127.0.0.1:10809; data /srv/b/db.img" in lines
 

@@ -173,3 +173,77 @@ def test_a_replay_counts_only_what_the_target_did_not_acknowledge(tmp_path: obje
     third = _journal(tmp_path)
     assert third.dirty == {3, 4, 5}
     third.close()
+
+
+def test_compaction_off_the_loop_keeps_points_appended_while_it_copies(
+        tmp_path: object, monkeypatch: object) -> None:
+    """The stream's compaction copies the unreleased records and fsyncs the copy without the
+    lock; records appended meanwhile are carried over at the swap, offsets stay right, and a
+    replay of the compacted journal lists exactly the unacknowledged blocks."""
+    import replicator.capture.journal as mod
+
+    j = _journal(tmp_path, size=4096 * BS)
+    monkeypatch.setattr(mod, "REWRITE_BYTES", 8 * BS)  # type: ignore[attr-defined]
+    for b in range(10):
+        _write(j, b, b + 1)
+        j.cut()
+    j.extract()
+    _write(j, 100, 0xEE)  # open point
+    assert j.release(8, inline=False)  # asks for a compaction, does not rewrite
+    size_before = os.path.getsize(j.path)
+    real_fsync = os.fsync
+
+    def fsync_while_clients_write(fd: int) -> None:  # phase 1: appends go on meanwhile
+        _write(j, 101, 0xEF)
+        j.cut()
+        _write(j, 102, 0xF0)
+        real_fsync(fd)
+
+    monkeypatch.setattr(mod.os, "fsync", fsync_while_clients_write)  # type: ignore[attr-defined]
+    assert j.compact()
+    monkeypatch.setattr(mod.os, "fsync", real_fsync)  # type: ignore[attr-defined]
+    assert os.path.getsize(j.path) < size_before
+    pts = j.extract()
+    assert [p.cp for p in pts] == [11]
+    assert pts[0].blocks == {100: b"\xee" * BS, 101: b"\xef" * BS}
+    j.release(10)  # point 10 (block 9) acknowledged after the compaction
+    j.close()
+    again = _journal(tmp_path, size=4096 * BS)
+    assert again.dirty == {100, 101, 102}
+    assert again.released_cp == 10
+    again.close()
+
+
+def test_a_compaction_gives_up_when_the_journal_is_rewritten_meanwhile(
+        tmp_path: object, monkeypatch: object) -> None:
+    import replicator.capture.journal as mod
+
+    j = _journal(tmp_path)
+    _write(j, 1, 1)
+    j.cut()
+    j.extract()
+    real_fsync = os.fsync
+
+    def resync_meanwhile(fd: int) -> None:
+        monkeypatch.setattr(mod.os, "fsync", real_fsync)  # type: ignore[attr-defined]
+        j.begin_resync()  # rewrites the journal
+        real_fsync(fd)
+
+    monkeypatch.setattr(mod.os, "fsync", resync_meanwhile)  # type: ignore[attr-defined]
+    assert not j.compact()
+    monkeypatch.setattr(mod.os, "fsync", real_fsync)  # type: ignore[attr-defined]
+    assert not os.path.exists(j.path + ".compact")
+    assert [p.cp for p in j.closed] == [1]
+
+
+def test_requeue_extracts_unacknowledged_points_again(tmp_path: object) -> None:
+    j = _journal(tmp_path)
+    _write(j, 1, 0x11)
+    j.cut()
+    _write(j, 2, 0x22)
+    j.cut()
+    assert [p.cp for p in j.extract()] == [1, 2]
+    j.release(1)
+    j.requeue()  # the stream failed before point 2 was acknowledged
+    pts = j.extract()
+    assert [p.cp for p in pts] == [2] and pts[0].blocks == {2: b"\x22" * BS}
