@@ -50,11 +50,23 @@ def fio(args: list[str], seconds: int, wrap: list[str] | None = None) -> float:
     return float(json.loads(out)["jobs"][0]["write"]["iops"])
 
 
-def tls_flags() -> list[str]:
-    """``--insecure`` where this drctl has TLS flags (loopback and private namespaces only)."""
+def tls_flags(work: str, host: str) -> tuple[list[str], list[str]]:
+    """(serve's, push's) security flags: plaintext (``--insecure``) on loopback; off loopback,
+    where drctl refuses plaintext, mutual TLS with a deployment made here (site east pushes to
+    site west at ``host``); none for a drctl without TLS flags."""
     out = subprocess.run([*DRCTL, "replicate", "serve", "--help"], cwd=REPO,
                          capture_output=True, text=True).stdout
-    return ["--insecure"] if "--insecure" in out else []
+    if "--insecure" not in out:
+        return [], []
+    if host.startswith("127."):
+        return ["--insecure"], ["--insecure"]
+    pki = os.path.join(work, "pki")
+    for cmd in (["init", "--dir", pki, "--deployment", "bench"],
+                ["issue", "--dir", pki, "--site", "west", "--host", host],
+                ["issue", "--dir", pki, "--site", "east"]):
+        subprocess.run([*DRCTL, "certs", *cmd], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return (["--tls-dir", pki, "--site", "west", "--allow", "east"],
+            ["--tls-dir", pki, "--site", "east", "--target-site", "west"])
 
 
 class Pair:
@@ -74,13 +86,15 @@ class Pair:
         self.trace = os.path.join(self.work, "points.jsonl")
         self.tport, self.nport, self.mport = free_port(), free_port(), free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.tls = False
 
     def start(self) -> None:
-        tls = tls_flags()
+        serve_tls, push_tls = tls_flags(self.work, self.target_host)
+        self.tls = "--tls-dir" in push_tls
         self.procs.append(subprocess.Popen(
             [*self.wrap_dst, *DRCTL, "replicate", "serve", "--listen",
-             f"{self.target_host}:{self.tport}", "--dir", os.path.join(self.work, "t"), *tls],
-            cwd=REPO, stdout=subprocess.DEVNULL))
+             f"{self.target_host}:{self.tport}", "--dir", os.path.join(self.work, "t"),
+             *serve_tls], cwd=REPO, stdout=subprocess.DEVNULL))
         env = dict(os.environ, DRCTL_CP_TRACE=self.trace) if self.args.trace else None
         self.procs.append(subprocess.Popen(
             [*self.wrap_src, *DRCTL, "replicate", "push", self.vol, "--to",
@@ -88,7 +102,7 @@ class Pair:
              "--nbd-listen", f"127.0.0.1:{self.nport}", "--metrics-port", str(self.mport),
              "--rate-limit", f"{self.cap}B/s", "--interval", "0.05",
              "--cp-interval", str(self.args.cp_interval),
-             "--state-dir", os.path.join(self.work, "st"), "--no-progress", *tls],
+             "--state-dir", os.path.join(self.work, "st"), "--no-progress", *push_tls],
             cwd=REPO, stdout=subprocess.DEVNULL, env=env))
         self.wait_drained("start (initial sync)")
 
@@ -134,7 +148,7 @@ class Pair:
         points = read_trace(self.trace, t0, t1)
         point_lags = [p["lag"] for p in points if "lag" in p]
         return {
-            "link": self.name, "percent_of_cap": frac, "rate_bytes": rate,
+            "link": self.name, "tls": self.tls, "percent_of_cap": frac, "rate_bytes": rate,
             "achieved_mb_s": round(iops * 4096 / 1e6, 2), "iops": round(iops),
             "drained_before_s": round(waited, 2), "samples": len(lags),
             "p50": pct(lags, 50), "p99": pct(lags, 99), "max": max(lags, default=0.0),
@@ -169,8 +183,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--rate-limit-mb", type=float, default=10,
                     help="the loopback agent's --rate-limit (MB/s); runs pace at 50%% and 80%%")
-    ap.add_argument("--cp-interval", type=float, default=0.05,
-                    help="push --cp-interval")
+    ap.add_argument("--cp-interval", type=float, default=0.0,
+                    help="push --cp-interval (0, the default: cut as soon as the previous "
+                    "point is sent)")
     ap.add_argument("--runs", type=int, default=3, help="repeats of each paced phase")
     ap.add_argument("--drain-timeout", type=float, default=120.0,
                     help="seconds a phase may wait for lag 0 before the run fails")

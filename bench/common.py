@@ -27,6 +27,22 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def security_flags(work: str, tls: bool = True) -> tuple[list[str], list[str]]:
+    """(serve's, a client's) flags for a target on loopback (site west) that site east
+    writes: mutual TLS with a deployment made in ``work`` (drctl's default), or plaintext
+    (``--insecure``, to measure what TLS costs)."""
+    if not tls:
+        return ["--insecure"], ["--insecure"]
+    from drctl.pki import Identity, init, issue
+
+    d = os.path.join(work, "pki")
+    init(d, "bench")
+    issue(d, Identity("site", "west"), ("127.0.0.1",))
+    issue(d, Identity("site", "east"))
+    return (["--tls-dir", d, "--site", "west", "--allow", "east"],
+            ["--tls-dir", d, "--site", "east", "--target-site", "west"])
+
+
 def make_image(path: str, size: int, seed: int = 7) -> dict[str, int]:
     """A disk-like image, region by region (1 MiB): 30% never written (zeros), 40% random
     (compressed media, encrypted data), 25% text-like pages (logs, tables), 5% copies of an

@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import DRCTL, REPO, free_port, stop, wait_port
+from bench.common import DRCTL, REPO, free_port, security_flags, stop, wait_port
 from drctl.localservers import EtcdServer, NamedServer
 from failover.coordination.etcd import EtcdStore
 from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server, TsigKey
@@ -145,14 +145,15 @@ def main() -> None:
     vol = os.path.join(work, "vol.img")
     with open(vol, "wb") as fh:
         fh.write(os.urandom(4 << 20))
+    serve_flags, push_flags = security_flags(work)  # mutual TLS, as deployed
     rep = [subprocess.Popen([*DRCTL, "replicate", "serve", "--listen", f"127.0.0.1:{tport}",
-                             "--dir", os.path.join(work, "standby")], cwd=REPO,
+                             "--dir", os.path.join(work, "standby"), *serve_flags], cwd=REPO,
                             stdout=subprocess.DEVNULL)]
     wait_port(tport)
     rep.append(subprocess.Popen([*DRCTL, "replicate", "push", vol, "--to", f"127.0.0.1:{tport}",
                                  "--volume", "app", "--metrics-port", str(mport),
-                                 "--state-dir", os.path.join(work, "st"), "--no-progress"],
-                                cwd=REPO, stderr=subprocess.DEVNULL))
+                                 "--state-dir", os.path.join(work, "st"), "--no-progress",
+                                 *push_flags], cwd=REPO, stderr=subprocess.DEVNULL))
     wait_port(mport)
     lag_url = f"http://127.0.0.1:{mport}/metrics"
     results: dict[str, list[float]] = {"failover": [], "switchover": []}

@@ -498,6 +498,8 @@ class Scenario:
             ("west push: consistent and verified", "replica consistent at point")])
         if listening.at is not None:
             steps.append(("east target accepts connections", listening.at - t0))
+        if listening.peer_at is not None:
+            steps.append(("west push connected to east target", listening.peer_at - t0))
         steps.append(("observed in etcd (status poll)", t1 - t0))
         res.breakdown["re-protect"] = sorted(steps, key=lambda x: x[1])
         res.timelines["re-protect"] = self._timeline(t0)
@@ -631,22 +633,40 @@ class Scenario:
 
 
 class PortWatch:
-    """The time a loopback port first accepts a connection (polled every 10 ms)."""
+    """When a loopback port first accepts a connection (``at``, polled every 10 ms), and when
+    someone else first holds an established connection to it (``peer_at``, /proc/net/tcp)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.at: float | None = None
+        self.peer_at: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        probe = 0
+        while not self._stop.is_set() and self.at is None:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     self.at = time.time()
-                    return
+                    probe = s.getsockname()[1]
             time.sleep(0.01)
+        while not self._stop.is_set():
+            if self._established(exclude=probe):
+                self.peer_at = time.time()
+                return
+            time.sleep(0.01)
+
+    def _established(self, exclude: int) -> bool:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # gRPC listens on v4-mapped v6
+            with open(table) as fh:
+                for line in fh.readlines()[1:]:
+                    f = line.split()
+                    if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == self.port \
+                            and int(f[2].rsplit(":", 1)[1], 16) != exclude:
+                        return True
+        return False
 
     def stop(self) -> None:
         self._stop.set()

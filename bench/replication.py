@@ -12,7 +12,10 @@ other's dirty pages. Bytes on the wire are counted by iptables rules on the
 two loopback ports (TCP payload and headers, both directions) when run as root; the
 application's own counts are printed too.
 
-Run: python bench/replication.py [--size-mib 1024] [--keep]
+drctl runs over mutual TLS (its default; rsync's daemon protocol is plaintext);
+--insecure measures drctl in plaintext too.
+
+Run: python bench/replication.py [--size-mib 1024] [--keep] [--insecure]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from common import (
     change_blocks,
     free_port,
     make_image,
+    security_flags,
     stop,
     wait_port,
 )
@@ -67,6 +71,7 @@ class Bench:
     work: str
     src: str
     size: int
+    tls: bool = True
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     results: list[dict[str, object]] = field(default_factory=list)
 
@@ -81,9 +86,11 @@ class Bench:
         self.procs.append(subprocess.Popen(["rsync", "--daemon", "--no-detach",
                                             f"--config={conf}", f"--port={self.rs_port}",
                                             "--address=127.0.0.1"]))
+        serve_flags, self.client_flags = security_flags(self.work, self.tls)
         self.procs.append(subprocess.Popen(
             [*DRCTL, "replicate", "serve", "--listen", f"127.0.0.1:{self.dr_port}", "--dir",
-             os.path.join(self.work, "drctl-dst")], cwd=REPO, stdout=subprocess.DEVNULL))
+             os.path.join(self.work, "drctl-dst"), *serve_flags], cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(self.rs_port)
         wait_port(self.dr_port)
         self.rs_wire, self.dr_wire = WireCounter(self.rs_port), WireCounter(self.dr_port)
@@ -91,7 +98,8 @@ class Bench:
                           f"rsync://127.0.0.1:{self.rs_port}/dst/img"]
         self.drctl_cmd = [*DRCTL, "replicate", "push", self.src, "--to",
                           f"127.0.0.1:{self.dr_port}", "--volume", "bench", "--once", "--json",
-                          "--no-progress", "--state-dir", os.path.join(self.work, "state")]
+                          "--no-progress", "--state-dir", os.path.join(self.work, "state"),
+                          *self.client_flags]
 
     def close(self) -> None:
         self.rs_wire.close()
@@ -172,12 +180,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--insecure", action="store_true",
+                    help="drctl in plaintext (default: mutual TLS, as deployed)")
     args = ap.parse_args()
     if not shutil.which("rsync"):
         raise SystemExit("rsync not installed (scripts/install-deps.sh installs it)")
     work = tempfile.mkdtemp(prefix="drctl-bench-")
     size = args.size_mib << 20
-    b = Bench(work, os.path.join(work, "src.img"), size)
+    b = Bench(work, os.path.join(work, "src.img"), size, tls=not args.insecure)
+    print(f"drctl channel: {'plaintext (--insecure)' if args.insecure else 'mutual TLS'}")
     t0 = time.perf_counter()
     kinds = make_image(b.src, size)
     print(f"image: {args.size_mib} MiB in {time.perf_counter() - t0:.1f}s, 1 MiB regions: {kinds}")
@@ -193,7 +204,8 @@ def main() -> None:
                 fh.write(os.urandom(8 << 20))
         b.both("bulk-rewrite", region)
         ok = subprocess.run([*DRCTL, "replicate", "verify", b.src, "--to",
-                             f"127.0.0.1:{b.dr_port}", "--volume", "bench"], cwd=REPO).returncode
+                             f"127.0.0.1:{b.dr_port}", "--volume", "bench", *b.client_flags],
+                            cwd=REPO).returncode
         same = subprocess.run(["cmp", b.src, os.path.join(b.rs_dir, "img")]).returncode
         print(f"verify: drctl replica equal={ok == 0}, rsync copy equal={same == 0}")
         rsync_delta = float(b.results[1]["rsync_s"])  # type: ignore[arg-type]

@@ -8,7 +8,9 @@ import datetime
 import os
 import stat
 
-from drctl.pki import CA_DAYS, CERT_DAYS, Identity, PkiError
+# drctl/pki.py (and cryptography) is imported by the commands, not by every drctl start-up
+CA_DAYS = 3650
+CERT_DAYS = 397
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from drctl.pki import init
+    from drctl.pki import PkiError, init
 
     if args.days <= 0:
         raise PkiError("--days must be positive")
@@ -53,7 +55,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
-    from drctl.pki import issue
+    from drctl.pki import Identity, PkiError, issue
 
     if args.days <= 0:
         raise PkiError("--days must be positive")
@@ -75,7 +77,7 @@ def describe(path: str) -> list[str]:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from drctl.epochtoken import TokenError, key_id, parse
-    from drctl.pki import load_private_key, read_file
+    from drctl.pki import PkiError, load_private_key, read_file
 
     data = read_file(path, "file")
     if b"BEGIN CERTIFICATE" in data:
@@ -120,7 +122,7 @@ def _key_type(key: object) -> str:
 def _describe_cert(path: str, cert: object) -> list[str]:
     from cryptography import x509
 
-    from drctl.pki import fingerprint, identity_of, load_cert, verify_issued
+    from drctl.pki import PkiError, fingerprint, identity_of, load_cert, verify_issued
 
     assert isinstance(cert, x509.Certificate)
     who = identity_of(cert)

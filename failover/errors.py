@@ -26,12 +26,16 @@ class StoreUnavailableError(FailoverError, ConnectionError):
     exit_code = 69
 
 
-class StoreRefusedError(FailoverError, PermissionError):
+class StoreRefusedError(StoreUnavailableError, PermissionError):
     """etcd answered and refused us: no or wrong credentials, a role without permission on
     the cluster's prefix, or a TLS handshake that failed (untrusted certificate, TLS expected).
-    Retrying does not help; the configuration's ``etcd:`` must change."""
+    Retrying does not help; the configuration's ``etcd:`` must change. A command stops on it
+    (77); a daemon checks before it starts, and a refusal while it runs (a password changed
+    under it) is etcd out of reach to it, hence the subclass: agents fence, controllers step
+    down, both retry."""
 
     code = "store_refused"
+    retryable = False
     http_status = 503
     exit_code = 77  # EX_NOPERM
 

@@ -102,6 +102,7 @@ class LeaseKeeper:
         self._thread_store = store_factory(store)  # None: the keepalive stays on our loop
         self._thread: KeeperThread | None = None
         self._last_ok = 0.0
+        self._failed_at = 0.0  # the last failed refresh: the next one waits 50 ms at least
 
     @property
     def threaded(self) -> bool:
@@ -151,37 +152,65 @@ class LeaseKeeper:
             await thread.close()
 
     async def _keep(self, lease: Lease, lost: Callable[[], None]) -> None:
-        """The keepalive (on whichever loop runs it): refresh every ``interval`` after the
-        last successful refresh was sent, again at once after a failed one, each try bounded
-        by ``retry_timeout`` and by the local deadline; past the deadline, lost."""
-        retry = False
-        while True:
-            now = time.monotonic()
-            deadline = self._last_ok + self.local_deadline
-            due = now if retry else min(self._last_ok + self.interval, deadline)
-            if due > now:
-                await asyncio.sleep(due - now)
-                now = time.monotonic()
-                self.timings.delays.append(now - due)
-            if now - self.timings.started >= self.SUMMARY_EVERY:
-                log.info("lease %x keeper: %s", lease.id, self.timings.summary())
-            if now >= deadline:
-                self._lose(lease, "no successful refresh within the local deadline", lost)
-                return
+        """The keepalive (on whichever loop runs it). A refresh is sent ``interval`` after the
+        last successful one was sent. A slow refresh is not abandoned: after ``retry_timeout``
+        without an answer another is sent beside it (a hung connection), after a failed one
+        another at once; whichever succeeds first counts from its own send time, and the
+        others are cancelled. At the local deadline, lost (attempts still in flight are
+        cancelled)."""
+        attempts: dict[asyncio.Task[Exception | None], float] = {}  # -> when sent
+        async with asyncio.TaskGroup() as tg:
             try:
-                await asyncio.wait_for(lease.refresh(), min(self.retry_timeout, deadline - now))
-            except LeaseLostError as exc:
-                self._lose(lease, str(exc), lost)
-                return
-            except (StoreUnavailableError, TimeoutError) as exc:
+                while True:
+                    now = time.monotonic()
+                    deadline = self._last_ok + self.local_deadline
+                    if now >= deadline:
+                        self._lose(lease, "no successful refresh within the local deadline",
+                                   lost)
+                        return
+                    due = (max(attempts.values()) + self.retry_timeout if attempts
+                           else max(self._last_ok + self.interval, self._failed_at + 0.05))
+                    if due <= now:
+                        attempts[tg.create_task(_refresh(lease))] = now
+                        continue
+                    if now - self.timings.started >= self.SUMMARY_EVERY:
+                        log.info("lease %x keeper: %s", lease.id, self.timings.summary())
+                    wake = min(due, deadline)
+                    done = await _first(set(attempts), wake - now)
+                    if not done:
+                        self.timings.delays.append(time.monotonic() - wake)
+                    gone = self._settle(lease, done, attempts)
+                    if gone is not None:
+                        self._lose(lease, str(gone), lost)
+                        return
+            finally:
+                for task in attempts:
+                    task.cancel()
+
+    def _settle(self, lease: Lease, done: set[asyncio.Task[Exception | None]],
+                attempts: dict[asyncio.Task[Exception | None], float],
+                ) -> LeaseLostError | None:
+        """Account for finished refreshes; the error of one that found the lease gone."""
+        for task in done:
+            sent = attempts.pop(task)
+            error = task.result()
+            if isinstance(error, LeaseLostError):
+                return error
+            if error is not None:
                 self.timings.failed += 1
-                log.warning("lease %x: refresh failed after %.0f ms (%s): retrying",
-                            lease.id, 1000 * (time.monotonic() - now),
-                            exc or type(exc).__name__)
-                retry = True
+                self._failed_at = time.monotonic()
+                log.warning("lease %x: refresh failed after %.0f ms (%s): sending another",
+                            lease.id, 1000 * (time.monotonic() - sent),
+                            error or type(error).__name__)
                 continue
-            self._last_ok, retry = now, False  # sent at ``now``: etcd restarted the TTL later
-            self.timings.trips.append(time.monotonic() - now)
+            self.timings.trips.append(time.monotonic() - sent)
+            if sent > self._last_ok:  # etcd restarted the TTL after we sent it
+                self._last_ok = sent
+            for other in attempts:  # the lease is refreshed: the others are moot
+                other.cancel()
+            attempts.clear()
+            break
+        return None
 
     def _lose(self, lease: Lease, why: str, lost: Callable[[], None]) -> None:
         self.lost_at = time.monotonic()
@@ -194,6 +223,26 @@ class LeaseKeeper:
             with contextlib.suppress(StoreUnavailableError, LeaseLostError):
                 await self.lease.revoke()
         self.lost.set()
+
+
+async def _refresh(lease: Lease) -> Exception | None:
+    """One refresh; what went wrong is returned: the lease gone (LeaseLostError), or anything
+    else (etcd unreachable or refusing us): another is sent, until the local deadline."""
+    try:
+        await lease.refresh()
+    except Exception as exc:
+        return exc
+    return None
+
+
+async def _first(tasks: set[asyncio.Task[Exception | None]],
+                 timeout: float) -> set[asyncio.Task[Exception | None]]:
+    """The tasks done after the first of them finishes or ``timeout`` (none: an empty set)."""
+    if not tasks:
+        await asyncio.sleep(timeout)
+        return set()
+    done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    return done
 
 
 class Leadership:

@@ -93,15 +93,15 @@ async def _apply_every(service: ReplicationService, seconds: float) -> None:
         await service.apply_all()
 
 
-def _epoch_reader(service: ReplicationService) -> Callable[[str], Awaitable[int | None]]:
-    """The epoch a replica is at, for the epoch gate (None: it cannot be opened; the RPC's
-    handler then says why)."""
+def _epoch_reader(service: ReplicationService) -> Callable[[str], Awaitable[int]]:
+    """The epoch a replica is at, for the epoch gate: 0 for one that does not exist yet (a
+    handshake creates it at 0) or cannot be opened (the RPC's handler then says why)."""
 
-    async def epoch_of(volume: str) -> int | None:
+    async def epoch_of(volume: str) -> int:
         try:
             slot = await service._slot(volume)
         except (ReplicatorError, OSError):
-            return None
+            return 0
         return int(slot.replica.record.epoch)
 
     return epoch_of

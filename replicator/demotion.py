@@ -48,9 +48,23 @@ def is_primary(directory: str, name: str) -> bool:
     return os.path.exists(_path(directory, name, MARK_PRIMARY))
 
 
-def mark_primary(directory: str, name: str, epoch: int) -> None:
-    """From now on ``name`` is this site's primary volume: the target does not serve it."""
-    _atomic_write(_path(directory, name, MARK_PRIMARY), json.dumps({"epoch": epoch}).encode())
+def mark_primary(directory: str, name: str, epoch: int, cp: int = 0) -> None:
+    """From now on ``name`` is this site's primary volume: the target does not serve it.
+    ``cp``: the consistency point it was promoted at (a group's members still to be promoted
+    are settled at that same point)."""
+    _atomic_write(_path(directory, name, MARK_PRIMARY),
+                  json.dumps({"epoch": epoch, "cp": cp}).encode())
+
+
+def promoted_at(directory: str, name: str) -> int | None:
+    """The consistency point ``name`` was promoted at (None: not promoted)."""
+    try:
+        with open(_path(directory, name, MARK_PRIMARY), encoding="utf-8") as fh:
+            return int(json.load(fh).get("cp", 0))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 @dataclass

@@ -10,8 +10,8 @@ is answered only if its digest is the same (the target refuses anything else and
 
 The digest is BLAKE2b-128 keyed with a secret of this replica, over every field of the batch but
 the commit flag (a transport hint), the payload entering as its XXH3-128 seeded from the same
-secret (the payload is the bulk; XXH3 keeps the check out of the data path's budget). Nobody
-without the secret can make a different batch match.
+secret (about 45 us of CPU for a 2 MiB batch, 30 of them the payload). Nobody without the secret
+can make a different batch match.
 
 NAME.ledger: a header (magic, secret, the replica generation it belongs to, checksum), then one
 32-byte record per sequence (seq, digest, check), appended as batches are taken. The file is

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC_IP, DST_IP = "10.99.0.1", "10.99.0.2"
@@ -85,12 +84,15 @@ class WanLink:
                 self.procs.append(subprocess.Popen(
                     ["ip", "netns", "exec", ns, self.python, os.path.join(HERE, "nfq_delay.py"),
                      str(QUEUE), str(self.delay_ms), "1800"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-            time.sleep(0.5)
-            for p in self.procs:
-                if p.poll() is not None:
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            for p in self.procs:  # bound to its queue once it says so (until then, with
+                assert p.stdout is not None  # --queue-bypass, packets pass undelayed)
+                line = p.stdout.readline().decode()
+                if not line.startswith("nfq_delay: queue"):
+                    p.wait(5)
                     err = p.stderr.read().decode() if p.stderr else ""
-                    raise WanUnavailable(f"nfq_delay.py exited at once: {err.strip()[-500:]}")
+                    raise WanUnavailable(f"nfq_delay.py did not start: {line.strip()} "
+                                         f"{err.strip()[-500:]}")
         except BaseException:
             self.down()
             raise

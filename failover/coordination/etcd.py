@@ -177,6 +177,8 @@ class EtcdStore(CoordinationStore):
         line. Return otherwise, also when etcd cannot be reached (daemons wait for it)."""
         try:
             await self.call(self.client.get, prefix.encode())
+        except StoreRefusedError:
+            raise
         except StoreUnavailableError as exc:
             log.warning("etcd not reachable yet (%s): going on, it will be retried", exc)
 
@@ -243,6 +245,8 @@ class EtcdStore(CoordinationStore):
                     await _quiet_cancel(w)
             except ae.RevisionCompactedError as exc:
                 raise CompactedError(f"watch of {prefix} from {next_rev}: {exc}") from exc
+            except StoreRefusedError:
+                raise
             except ae.UnauthenticatedError as exc:
                 # etcd cancelled the watch: the token of its stream is no longer valid
                 if client.username is None:

@@ -51,6 +51,7 @@ KIND_RELEASE = 7  # the target acknowledged every CP up to offset (no fsync: a l
                   # makes a replay count more blocks as unacknowledged, never fewer)
 _MARKERS = (KIND_FLUSH, KIND_CUT)
 REWRITE_BYTES = 8 << 20  # rewrite once this much of the journal is released
+IDLE_REWRITE_BYTES = 1 << 20  # ... or this much once nothing is left to ship
 _VOL_SHIFT = 56  # of a record's offset field
 KEY_SHIFT = 48  # of a block key
 BLOCK_MASK = (1 << KEY_SHIFT) - 1
@@ -325,7 +326,8 @@ class ChangeJournal:
     def release(self, cp: int, inline: bool = True) -> bool:
         """The target acknowledged every CP up to ``cp``: drop their records. The journal is
         rewritten without them once enough piled up: here, or (``inline`` false) by the
-        caller's :meth:`compact` off the event loop, which the True return asks for."""
+        caller's :meth:`compact` off the event loop, which the True return asks for (then
+        only once REWRITE_BYTES are released: the caller compacts when it goes idle)."""
         with self.lock:
             self.released_cp = max(self.released_cp, cp)
             self._raw_append(_record(KIND_RELEASE, cp, 0))
@@ -333,7 +335,7 @@ class ChangeJournal:
                 self.closed.popleft()
             head = self.closed[0].start if self.closed else self.open_start
             idle = not self.closed and self.open_first_at is None
-            big = head >= REWRITE_BYTES or (idle and self.size >= 1 << 20)
+            big = head >= REWRITE_BYTES or (inline and idle and self.size >= IDLE_REWRITE_BYTES)
             if not self.overflowed and big:
                 if not inline:
                     return True

@@ -41,7 +41,12 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from replicator.capture.journal import ChangeJournal, ExtractedPoint, volume_blocks
+from replicator.capture.journal import (
+    IDLE_REWRITE_BYTES,
+    ChangeJournal,
+    ExtractedPoint,
+    volume_blocks,
+)
 from replicator.capture.lineage import Lineage
 from replicator.capture.nbd import NbdExport, NbdServer
 from replicator.capture.points import plan_points
@@ -134,6 +139,7 @@ def _export_gauges(driver: PushDriver, journal: ChangeJournal, server: NbdServer
 
 
 INLINE_EXTRACT = 1 << 20  # journal bytes of points small enough to read on the event loop
+STREAM_IDLE = 0.5  # seconds without writes after which the streams of points end
 
 
 @dataclass
@@ -196,8 +202,14 @@ class _Loop:
 
     async def _step(self) -> bool:
         """A resync, or the points until the journal overflows. False if stopped meanwhile."""
+        if self.compacting is not None and self.compacting.done():
+            await self._compacted()  # raises its I/O error, if any
         if self.full or self.journal.overflowed:
             return await until_stopped(self.resync(), self.stop)
+        if self.journal.open_first_at is None and not self.journal.ready():
+            await wait_at_most(self.opts.interval, self.stop, self.wake)  # nothing to ship
+            self.wake.clear()
+            return True
         return await until_stopped(self.stream(), self.stop)
 
     async def _restart(self, backoff: float) -> bool:
@@ -316,8 +328,9 @@ class _Loop:
         sync and ack at once, each point released when every member acknowledged it. With
         ``cp_interval`` 0 the agent cuts the open point whenever the streams have sent
         everything cut before (writes that arrive meanwhile form the next point); otherwise
-        once its oldest write waited that long for a client FLUSH. Returns once the journal
-        overflowed and every point shipped is acknowledged."""
+        once its oldest write waited that long for a client FLUSH. Returns once every point
+        shipped is acknowledged after the journal overflowed or nothing was written for
+        STREAM_IDLE (an idle stream would hold up a target's graceful stop)."""
         feeds: list[queue.SimpleQueue[list[ExtractedPoint] | None]] = [
             queue.SimpleQueue() for _ in self.drivers]
         self.inflight.clear()
@@ -336,7 +349,6 @@ class _Loop:
         finally:
             for d in self.drivers:
                 d.on_sent = d.on_acked = None
-            await self._compacted()
             if self.inflight:  # never acknowledged here: shipped again after the resync
                 self.journal.requeue()
                 self.inflight.clear()
@@ -344,17 +356,10 @@ class _Loop:
 
     async def _cutter(self, feeds: list[queue.SimpleQueue[list[ExtractedPoint] | None]]
                       ) -> None:
-        journal, tr = self.journal, self.trace
+        journal = self.journal
+        idle_since = time.monotonic()
         while not journal.overflowed and not self.stop.is_set():
-            first = journal.open_first_at
-            timeout = self.opts.interval
-            wait_for_flush = self.opts.cp_interval > 0
-            if first is not None:
-                age = time.time() - first
-                if (age >= self.opts.cp_interval) if wait_for_flush else not self.unsent:
-                    tr.stamp(journal.cut(), "cut")
-                elif wait_for_flush:
-                    timeout = self.opts.cp_interval - age
+            timeout = self._cut_if_due()
             if self.compacting is not None and self.compacting.done():
                 await self._compacted()
             if journal.ready():
@@ -365,13 +370,35 @@ class _Loop:
                     points = await asyncio.to_thread(journal.extract)
                 self._feed(points, feeds)
                 continue
-            if not self.inflight:  # the view equals the replica: a consistent state to save
+            if self.inflight or journal.open_first_at is not None:
+                idle_since = time.monotonic()
+            else:  # the view equals the replica: a consistent state to save
                 for d in self.drivers:
                     await d.save_if_due()
+                if time.monotonic() - idle_since >= STREAM_IDLE:
+                    if journal.size >= IDLE_REWRITE_BYTES:
+                        self._compact_soon()
+                    break
+                timeout = min(timeout, STREAM_IDLE)
             await wait_at_most(timeout, self.stop, self.wake)
             self.wake.clear()
         for f in feeds:
             f.put(None)
+
+    def _cut_if_due(self) -> float:
+        """Cut the open point if it is due; returns how long to wait at most for the next
+        change."""
+        first = self.journal.open_first_at
+        if first is None:
+            return self.opts.interval
+        if self.opts.cp_interval > 0:  # wait that long for a client FLUSH
+            age = time.time() - first
+            if age < self.opts.cp_interval:
+                return self.opts.cp_interval - age
+        elif self.unsent:  # the streams are still sending: writes gather in the open point
+            return self.opts.interval
+        self.trace.stamp(self.journal.cut(), "cut")
+        return self.opts.interval
 
     def _feed(self, points: list[ExtractedPoint],
               feeds: list[queue.SimpleQueue[list[ExtractedPoint] | None]]) -> None:
@@ -411,6 +438,8 @@ class _Loop:
         """Rewrite the journal without its released records, on a thread (it fsyncs a new
         file: done on the loop, that stalled every write and every ack for as long)."""
         if self.compacting is None or self.compacting.done():
+            if self.compacting is not None:
+                self.compacting.result()  # raises the last one's I/O error, if any
             self.compacting = asyncio.ensure_future(asyncio.to_thread(self.journal.compact))
 
     async def _compacted(self) -> None:
@@ -431,6 +460,7 @@ class _Loop:
                     self.trace.stamp(cp, "sent")
                     if not self.unsent:
                         self.wake.set()  # the streams can take the next point
+                    self._acked(0)  # its ack may have been read while the write returned
                 return
 
     def _acked(self, _seq: int) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 
+from replicator.demotion import promoted_at
 from replicator.metrics import TargetMetrics
 from replicator.transport.slots import SlotRegistry, VolumeSlot
 
@@ -73,6 +74,12 @@ class Applier:
         """The last consistency point every member of a group holds durably."""
         points = []
         for m in members:
+            promoted = promoted_at(self.registry.directory, m)
+            if promoted is not None:
+                # promoted already (a group is promoted one member after the other): settled
+                # at that point, which the others must not pass
+                points.append(promoted)
+                continue
             if not self.registry.exists(m):
                 return 0  # a member never connected: nothing is complete yet
             slot, _opened = await self.registry.get(m)
@@ -83,6 +90,8 @@ class Applier:
         point = await self.group_point(members)
         applied = 0
         for m in members:
+            if promoted_at(self.registry.directory, m) is not None:
+                continue
             slot, _opened = await self.registry.get(m)
             applied += await self._apply_member(slot, None, point)
         return applied

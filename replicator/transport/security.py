@@ -75,8 +75,9 @@ class TlsConfig:
     @classmethod
     def from_files(cls, ca: str, cert: str, key: str, epoch_pub: str | None,
                    who: Identity | None = None) -> TlsConfig:
-        """Load and check: the key is private (mode), the certificate is from this CA, valid
-        now and names ``who`` (if given; else whoever it names)."""
+        """Load and check: the key is private (mode), the certificate is from one of the CAs
+        in ``ca`` (several while a CA is rotated), valid now and names ``who`` (if given;
+        else whoever it names)."""
         from cryptography import x509
 
         from drctl.pki import verify_issued
@@ -85,13 +86,19 @@ class TlsConfig:
         key_pem = read_key_pem(key)
         try:
             c = x509.load_pem_x509_certificate(cert_pem)
-            authority = x509.load_pem_x509_certificate(ca_pem)
+            authorities = x509.load_pem_x509_certificates(ca_pem)
         except ValueError as exc:
-            raise PkiError(f"{cert}: not a PEM certificate ({exc})") from None
-        try:
-            verify_issued(c, authority)
-        except PkiError as exc:
-            raise PkiError(f"certificate {cert}: {exc}") from None
+            raise PkiError(f"{cert} or {ca}: not PEM certificates ({exc})") from None
+        problems = []
+        for authority in authorities:
+            try:
+                verify_issued(c, authority)
+                break
+            except PkiError as exc:
+                problems.append(str(exc))
+        else:
+            why = next((p for p in problems if not p.startswith("not issued")), problems[-1])
+            raise PkiError(f"certificate {cert}: {why}")
         named = identity_of(c)
         if named is None:
             raise PkiError(f"certificate {cert} names no drctl site or operator")
@@ -238,7 +245,7 @@ def _not_granted(message: str) -> Denied:
     return Denied(grpc.StatusCode.FAILED_PRECONDITION, f"epoch_not_granted: {message}")
 
 
-EpochOf = Callable[[str], Awaitable[int | None]]
+EpochOf = Callable[[str], Awaitable[int]]  # 0: a replica not created yet
 
 
 class EpochGate:
@@ -287,8 +294,6 @@ class EpochGate:
                                f"{', '.join(token.volumes) or 'no volume'} to site "
                                f"{token.site}, not epoch {epoch} of {volume} to {who}")
         current = await self.epoch_of(volume)
-        if current is None:
-            return token  # the handler reports why the replica cannot be opened
         if epoch > current and token is None:
             raise _not_granted(f"volume {volume} is at epoch {current}: epoch {epoch} needs "
                                "the controller's token")
@@ -385,11 +390,11 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                        context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """The Push stream as the handler sees it: a batch claiming an epoch above the
         replica's (one no token raised it to) ends the stream."""
-        allowed = await self.gate.epoch_of(first.volume) or 0
+        allowed = await self.gate.epoch_of(first.volume)
         msg = first
         while True:
             if msg.epoch > allowed:
-                allowed = await self.gate.epoch_of(first.volume) or 0
+                allowed = await self.gate.epoch_of(first.volume)
                 if msg.epoch > allowed:
                     who = peer_identity(context)
                     text = (f"epoch_not_granted: batch {msg.seq} of {msg.volume} claims epoch "

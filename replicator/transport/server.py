@@ -93,6 +93,7 @@ class ReplicationService(wire.ReplicationServicer):
                                 f"{replica.record.epoch}, source sent {request.epoch}")
         created = replica.created
         before = (replica.record.epoch, replica.group, replica.members)
+        old_size = replica.record.size
         try:
             old_size = await slot.run(replica.prepare, request.volume_size, request.block_size,
                                       self.limits.allow_shrink)
@@ -100,6 +101,7 @@ class ReplicationService(wire.ReplicationServicer):
             await slot.run(replica.raise_epoch, request.epoch)
             digest = await slot.run(replica.digest)
         except ProtocolError as exc:
+            _log_handshake(replica, context.peer(), created, old_size, before)  # done so far
             await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "handshake",
                           request.volume, str(exc))
         except OSError as exc:
@@ -164,7 +166,7 @@ class ReplicationService(wire.ReplicationServicer):
             # Promotion at this site: the image becomes the primary volume. Marked first, so
             # no handshake can open it again once the slot is closed.
             await asyncio.to_thread(mark_primary, self.directory, replica.name,
-                                    replica.record.epoch)
+                                    replica.record.epoch, replica.record.applied_cp)
         self.metrics.epoch.labels(replica.name).set(replica.record.epoch)
         record = replica.record
         peer = context.peer()

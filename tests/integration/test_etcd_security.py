@@ -17,7 +17,7 @@ import pytest
 
 from failover.coordination.credentials import CredentialsError, EtcdCredentials
 from failover.coordination.etcd import EtcdStore
-from failover.errors import StoreRefusedError
+from failover.errors import StoreRefusedError, StoreUnavailableError
 from tests.procs import DRCTL, REPO, run
 from tests.services import EtcdServer
 
@@ -90,6 +90,8 @@ async def test_the_store_is_refused_at_once_in_one_line(etcd: EtcdServer, workdi
         assert "\n" not in message, name
         assert time.monotonic() - t0 < 1.5, f"{name}: refused only after retrying"
         assert info.value.exit_code == 77
+        # to a running daemon a refusal is etcd out of reach: it fences or steps down
+        assert isinstance(info.value, StoreUnavailableError)
 
 
 async def test_with_its_credentials_drctl_gets_in_but_only_under_drctl(

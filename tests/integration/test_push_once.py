@@ -121,6 +121,12 @@ def test_volume_grows_and_shrinks(workdir: str, target: Target, state_dir: str) 
     push_once(src, target, state_dir)
     assert same_file(src, target.image("vol"))
     os.truncate(src, 512 * 1024)
+    # a shrink that would cut off the replica's data is refused, unless the target allows it
+    p = run(push_cmd(src, target, "vol", state_dir, "--once"))
+    assert p.returncode == 76 and "shrink_refused" in p.stderr, p.stderr
+    target.stop()
+    target.extra = (*target.extra, "--allow-shrink")
+    target.start()
     push_once(src, target, state_dir)
     assert same_file(src, target.image("vol"))
     assert verify(src, target) == 0

@@ -258,6 +258,14 @@ async def test_forged_epochs_are_refused_and_change_nothing(workdir: str,
         # a handshake at the granted epoch, then batches claiming a higher one
         ok = await call(ch, "Handshake", epoch=1)
         assert not isinstance(ok, grpc.aio.AioRpcError), ok
+        # a replica that does not exist yet starts at epoch 0: creating it higher needs a token
+        fresh = wire.ProtoHandshakeRequest(protocol_version=wire.PROTOCOL_VERSION,
+                                           volume="fresh", volume_size=SIZE, block_size=4096,
+                                           source_id="t", epoch=3)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await wire.ReplicationStub(ch).Handshake(fresh, timeout=10)
+        assert refused.value.details().startswith("epoch_not_granted"), refused.value
+        assert not [n for n in os.listdir(target.dir) if n.startswith("fresh")]
         for opened_at in (None, 1):  # the stream's first message, or a later one
             got = await call(ch, "Push", epoch=5, seq=ok.applied_seq + 1, opened_at=opened_at)
             assert isinstance(got, grpc.aio.AioRpcError), "a batch raised the epoch"
@@ -359,6 +367,8 @@ def test_nbd_on_a_unix_socket(workdir: str, target: Target) -> None:
     client.close()
 
     def replicated() -> bool:
+        if not os.path.exists(target.image(VOL)):
+            return False
         with open(target.image(VOL), "rb") as fh:
             fh.seek(8192)
             return fh.read(4096) == b"\x5a" * 4096

@@ -94,6 +94,14 @@ def test_a_certificate_from_another_ca_or_expired_is_refused_at_load(ca: str,
           not_after=past + datetime.timedelta(days=1))
     with pytest.raises(PkiError, match="not valid now"):
         TlsConfig.from_dir(ca, Identity("site", "old"))
+    # a CA rotation: ca.crt holds both CAs, certificates of either load
+    bundle = os.path.join(str(tmp_path), "both.crt")
+    with open(bundle, "wb") as fh:
+        for path in (lay.ca_cert, rogue.ca_cert):
+            with open(path, "rb") as part:
+                fh.write(part.read())
+    east = Identity("site", "east")
+    assert TlsConfig.from_files(bundle, rogue.cert(east), rogue.key(east), None).identity == east
     issue(ca, Identity("site", "west"))
     with pytest.raises(PkiError, match="is for site west"):
         TlsConfig.from_files(lay.ca_cert, lay.cert(Identity("site", "west")),
