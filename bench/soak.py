@@ -86,6 +86,15 @@ def history(demo: DemoCluster) -> list[str]:
     return steps
 
 
+_ETCD_SLOW = ("took too long", "slow fdatasync", "failed to send out heartbeat on time",
+              "waiting for ReadIndex response took too long")
+
+
+def etcd_stalls(log: str) -> list[str]:
+    """etcd's own warnings that it was slow (a request, a disk sync, its heartbeat)."""
+    return [ln for ln in log.splitlines() if any(m in ln for m in _ETCD_SLOW)]
+
+
 def count(work: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name in LOGS:
@@ -130,11 +139,15 @@ def main() -> int:
         readings.append(("end", uptime()))
         result = count(demo.work)
         steps = history(demo)
+        etcd_log = demo.etcd.log() if demo.etcd is not None else ""
+        stalls = etcd_stalls(etcd_log)
         if args.logs:
             os.makedirs(args.logs, exist_ok=True)
             for name in (*LOGS, "api"):
                 if os.path.exists(os.path.join(demo.work, f"{name}.log")):
                     shutil.copy(os.path.join(demo.work, f"{name}.log"), args.logs)
+            with open(os.path.join(args.logs, "etcd.log"), "w") as fh:
+                fh.write(etcd_log)
     finally:
         demo.stop()
         for p in busy:
@@ -153,8 +166,11 @@ def main() -> int:
               f"{d.get('max', '-')} | {t.get('p50', '-')}/{t.get('p99_max', '-')}/"
               f"{t.get('max', '-')}, {k['refreshes']}, {k['failed']}")
     print(f"record history: {', '.join(steps) or 'empty'} ({len(suspects)} to primary_suspect)")
+    print(f"etcd reported itself slow {len(stalls)} times"
+          + "".join(f"\n  {ln[:200]}" for ln in stalls[-5:]))
     print(json.dumps({"minutes": args.minutes, "hogs": args.hogs, "counts": result,
-                      "history_suspects": len(suspects), "uptime": readings}))
+                      "history_suspects": len(suspects), "etcd_slow": len(stalls),
+                      "uptime": readings}))
     losses = sum(int(c["lease_lost"]) for c in result.values())
     return 1 if losses or result["controller"]["primary_suspect"] or suspects else 0
 

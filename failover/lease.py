@@ -259,24 +259,42 @@ class Leadership:
     async def scope(self) -> AsyncIterator[LeaderScope]:
         """Leader-only work: tasks spawned in the scope run until they finish, and are all
         cancelled (the scope raises LeaseLostError) the moment the lease is lost."""
+        scope: LeaderScope | None = None
 
         async def guard() -> None:
             await self.keeper.lost.wait()
+            # Cancelled once, a task can swallow it (asyncio.wait_for does in Python 3.11
+            # when its inner future has just finished) and lead on without a lease: the
+            # leader work is cancelled until it has ended.
+            await _cancel_until_done(scope.tasks if scope is not None else [], self.node)
             raise LeaseLostError(f"{self.node} lost the leadership of {self.key}")
 
         try:
             async with asyncio.TaskGroup() as tg:
-                watchdog = tg.create_task(guard())
                 scope = LeaderScope(tg)
+                watchdog = tg.create_task(guard())
                 yield scope
                 if scope.tasks:
                     await asyncio.wait(scope.tasks)
-                watchdog.cancel()
+                if not self.keeper.lost.is_set():
+                    watchdog.cancel()
         except BaseExceptionGroup as group:
             lease_lost = group.subgroup(LeaseLostError)
             if lease_lost is not None:
                 raise lease_lost.exceptions[0] from None
             raise
+
+
+async def _cancel_until_done(tasks: list[asyncio.Task[object]], node: str) -> None:
+    started, said = time.monotonic(), False
+    while pending := [t for t in tasks if not t.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.05)
+        if not said and time.monotonic() - started > 1.0:
+            said = True
+            log.error("%s: leader work still running 1 s after the lease was lost: %s", node,
+                      ", ".join(t.get_name() for t in pending))
 
 
 class LeaderScope:

@@ -39,6 +39,10 @@ class WanLink:
         self.vsrc, self.vdst = f"{p[:10]}vs", f"{p[:10]}vd"  # interface names: 15 chars max
         self.procs: list[subprocess.Popen[bytes]] = []
         self.made: list[str] = []
+        # The delays run as real-time processes where allowed: the emulated link must not
+        # slow down when other jobs load the CPU (the link's own cost is small).
+        self.realtime = (["chrt", "-f", "20"] if shutil.which("chrt") and subprocess.run(
+            ["chrt", "-f", "20", "true"], capture_output=True).returncode == 0 else [])
 
     def exec(self, side: str, cmd: list[str]) -> list[str]:
         """``cmd`` run inside the source ("src") or target ("dst") namespace."""
@@ -82,8 +86,8 @@ class WanLink:
                 self._run(["ip", "netns", "exec", ns, "iptables", "-A", "INPUT", "-s", peer,
                            "-j", "NFQUEUE", "--queue-num", str(QUEUE), "--queue-bypass"])
                 self.procs.append(subprocess.Popen(
-                    ["ip", "netns", "exec", ns, self.python, os.path.join(HERE, "nfq_delay.py"),
-                     str(QUEUE), str(self.delay_ms), "1800"],
+                    [*self.realtime, "ip", "netns", "exec", ns, self.python,
+                     os.path.join(HERE, "nfq_delay.py"), str(QUEUE), str(self.delay_ms), "1800"],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE))
             for p in self.procs:  # bound to its queue once it says so (until then, with
                 assert p.stdout is not None  # --queue-bypass, packets pass undelayed)

@@ -17,13 +17,14 @@ RPC it has no rule for is refused):
 Anything else is PERMISSION_DENIED, logged with the peer, before the handler touches a file.
 
 The epoch gate. A replica's epoch is raised only on the controller's signed word
-(drctl/epochtoken.py): a Handshake or Fence that asks for an epoch above the replica's must
-carry a token that verifies against the controllers' public key(s), names the volume, the
-caller's site and exactly that epoch. A token that does not verify is refused even when no
-epoch is raised. The target keeps the last token it honoured per volume (``NAME.grant``); at
-that epoch only its site may write or fence (an old primary at the current epoch is refused).
-On the Push stream, a batch whose epoch is above the replica's is refused. Refusals are
-FAILED_PRECONDITION ``epoch_not_granted`` and change nothing.
+(drctl/epochtoken.py): a Handshake or Fence that asks for an epoch above the replica's, or a
+promotion (Fence with release), must carry a token that verifies against the controllers'
+public key(s), names the volume, the caller's site and exactly that epoch. A token that does
+not verify is refused even when no epoch is raised. The target keeps the last token it
+honoured per volume (``NAME.grant``); at that epoch only its site may write or fence (an old
+primary at the current epoch is refused). On the Push stream, a batch whose epoch is above
+the replica's is refused. Refusals are FAILED_PRECONDITION ``epoch_not_granted`` and change
+nothing.
 """
 
 from __future__ import annotations
@@ -284,11 +285,14 @@ class EpochGate:
         except TokenError as exc:
             raise _not_granted(str(exc)) from None
 
-    async def check(self, who: Identity, volume: str, epoch: int, raw: bytes
-                    ) -> EpochToken | None:
-        """May ``who`` act on ``volume`` at ``epoch``? Returns the token to record once the
-        call succeeded (None: nothing to record)."""
+    async def check(self, who: Identity, volume: str, epoch: int, raw: bytes,
+                    release: bool = False) -> EpochToken | None:
+        """May ``who`` act on ``volume`` at ``epoch`` (``release``: and promote it)? Returns
+        the token to record once the call succeeded (None: nothing to record)."""
         token = self.token(raw)
+        if release and token is None:
+            raise _not_granted(f"promoting volume {volume} (release) needs the controller's "
+                               f"token for epoch {epoch}")
         if token is not None and not token.grants(who.name, volume, epoch):
             raise _not_granted(f"the token grants epoch {token.epoch} of "
                                f"{', '.join(token.volumes) or 'no volume'} to site "
@@ -420,7 +424,8 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                              f"{who} may not {method} volume {volume or '-'}")
             if method in ("Handshake", "Fence"):
                 return await self.gate.check(who, volume, int(request.epoch),
-                                             bytes(request.epoch_token))
+                                             bytes(request.epoch_token),
+                                             bool(getattr(request, "release", False)))
             if method == "Push":
                 await self.gate.check(who, volume, int(request.epoch), b"")
             return None

@@ -10,10 +10,12 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import pytest
+
 from failover.coordination.base import Lease
 from failover.coordination.memory import MemoryLease, MemoryStore
-from failover.errors import StoreUnavailableError
-from failover.lease import LeaseKeeper
+from failover.errors import LeaseLostError, StoreUnavailableError
+from failover.lease import Election, LeaseKeeper
 
 Delay = Callable[[int], float | None]
 
@@ -96,3 +98,35 @@ async def test_the_lease_is_given_up_at_the_local_deadline() -> None:
     after = time.monotonic() - granted
     assert keeper.local_deadline <= after < keeper.ttl  # before etcd could expire it
     await task
+
+
+async def test_leader_work_that_swallows_a_cancellation_still_stops() -> None:
+    # asyncio.wait_for (Python 3.11) returns its inner result instead of raising when the
+    # cancellation arrives just as the inner future finished: the work goes on after one
+    # cancel. A controller doing that would lead on without a lease.
+    store = MemoryStore()
+    lead = await Election(store, "/drctl/t/leader", "a", ttl=1).campaign()
+    ticks = 0
+
+    async def stubborn_leader_work() -> None:
+        nonlocal ticks
+        swallowed = False
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+                ticks += 1
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed = True
+
+    with pytest.raises(LeaseLostError):
+        async with asyncio.timeout(5):
+            async with lead.scope() as scope:
+                work = scope.spawn(stubborn_leader_work())
+                await asyncio.sleep(0.1)
+                await lead.keeper.revoke()  # the lease is gone (lost is set)
+    assert work.done()
+    stopped = ticks
+    await asyncio.sleep(0.1)
+    assert ticks == stopped
