@@ -197,6 +197,8 @@ def main() -> None:
     ap.add_argument("--no-trace", dest="trace", action="store_false",
                     help="no per-point stage trace (DRCTL_CP_TRACE) in the agent")
     ap.add_argument("--json", help="also write every figure to this file")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="copy the per-point traces (DRCTL_CP_TRACE) into DIR")
     args = ap.parse_args()
     if not shutil.which("fio"):
         raise SystemExit("fio is not installed (scripts/install-deps.sh installs it)")
@@ -220,6 +222,12 @@ def main() -> None:
         if not args.no_wan:
             result["wan"] = wan_phase(work, args)
     finally:
+        if args.keep:
+            os.makedirs(args.keep, exist_ok=True)
+            for link in ("loopback", "wan"):
+                trace = os.path.join(work, link, "points.jsonl")
+                if os.path.exists(trace):
+                    shutil.copy(trace, os.path.join(args.keep, f"{link}-points.jsonl"))
         shutil.rmtree(work, ignore_errors=True)
     result["uptime_after"] = uptime()
     print(f"uptime after: {result['uptime_after']}", flush=True)

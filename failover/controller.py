@@ -73,7 +73,8 @@ class Controller:
         self.audit: AuditLog | None = None  # set by `drctl controller`: one record a decision
         # set by `drctl controller --tls-dir`: the epoch tokens in the records are signed
         self.signer: Signer | None = None
-        self.leader_since: float | None = None  # monotonic: when _lead() began (_judging)
+        self.leader_since: float | None = None  # monotonic: when _lead() began (_silent_since)
+        self._heard: set[str] = set()  # sites heard from (a heartbeat) since then
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -106,7 +107,7 @@ class Controller:
                 await leadership.keeper.revoke()
 
     async def _lead(self, stop: asyncio.Event) -> None:
-        self.leader_since = time.monotonic()
+        self.leader_since, self._heard = time.monotonic(), set()
         feed = ChangeFeed(self.store, self.config.prefix)
         follow = asyncio.create_task(feed.run())
         try:
@@ -133,21 +134,37 @@ class Controller:
                 self.metrics.heartbeat(site, hb.at if hb else None)
         return results
 
-    def _judging(self) -> bool:
-        """May a missing primary heartbeat be judged lost? Not in a new leader's first lease
-        TTL: a key absent then may be an agent still registering (a cluster starting up);
-        any agent alive holds its key by the TTL's end."""
-        return (self.leader_since is None
-                or time.monotonic() - self.leader_since >= self.config.lease_ttl)
+    def _silent_since(self, site: str, svc: ServiceConfig, now: float) -> float | None:
+        """Since when ``site``, a primary without a heartbeat, counts as silent; None while
+        it is too soon to say. A new leader that has not heard from it yet waits one lease
+        TTL (an agent starting up puts its key only after its first role change, which
+        waits for this leader's first record; a primary lost just before has its lease
+        run out) plus the grace period, and then counts it silent since that TTL's end: a
+        primary that is really gone is not given its grace twice."""
+        if self.leader_since is None or site in self._heard:
+            return now
+        waited = time.monotonic() - self.leader_since
+        if waited < self.config.lease_ttl + svc.policy.grace_seconds:
+            return None
+        return now - (waited - self.config.lease_ttl)
 
-    def _unjudged(self, d: Decision, rec: ServiceRecord, primary_hb: Heartbeat | None,
-                  ) -> Decision:
-        """``d``, unless it is a move to primary_suspect on an absence not judged yet."""
-        if (primary_hb is not None or d.next_state is not State.PRIMARY_SUSPECT
-                or d.state is State.PRIMARY_SUSPECT or self._judging()):
+    def _unjudged(self, d: Decision, rec: ServiceRecord) -> Decision:
+        """``d``, unless it judges a silence too soon: a move to primary_suspect, or (a new
+        leader resuming a stored primary_suspect or blocked record) an automatic failover
+        before this leader has waited one lease TTL for the primary's heartbeat."""
+        resumed = (d.state in (State.PRIMARY_SUSPECT, State.BLOCKED)
+                   and d.next_state is State.FENCING and not d.refused
+                   and "operator" not in d.message and rec.primary not in self._heard
+                   and self.leader_since is not None
+                   and time.monotonic() - self.leader_since < self.config.lease_ttl)
+        if resumed:
+            return Decision(d.state, d.state, Action.WAIT, f"{d.state}: a new leader waits "
+                            f"one lease TTL for {rec.primary}'s heartbeat before failing over")
+        if (rec.primary_lost_since is not None or d.next_state is not State.PRIMARY_SUSPECT
+                or d.state is State.PRIMARY_SUSPECT):
             return d
-        return Decision(d.state, d.state, Action.NONE, f"{d.state}: no heartbeat from "
-                        f"{rec.primary} yet (a new leader judges after one lease TTL)")
+        return Decision(d.state, d.state, Action.NONE, f"{d.state}: waiting for {rec.primary}'s "
+                        "first heartbeat (a new leader)")
 
     def _record(self, snap: Snapshot, svc: ServiceConfig) -> tuple[ServiceRecord, int]:
         key = state_key(self.config.prefix, svc.name)
@@ -171,9 +188,10 @@ class Controller:
         primary_hb = self._heartbeat(snap, rec.primary)
         replica_hb = self._heartbeat(snap, rec.replica)
         if primary_hb is not None:
+            self._heard.add(rec.primary)
             rec.primary_lost_since = None
-        elif rec.primary_lost_since is None and self._judging():
-            rec.primary_lost_since = now
+        elif rec.primary_lost_since is None:
+            rec.primary_lost_since = self._silent_since(rec.primary, svc, now)
         protected, barrier = _observe(rec, svc.name, primary_hb, replica_hb)
         view = ServiceView(
             state=rec.state, now=now, primary_alive=primary_hb is not None,
@@ -197,7 +215,7 @@ class Controller:
             decision = decide(replace(view, command=Command.NONE))
             decision = replace(decision, refused=True, message=f"{decision.message}; {refusal}")
             cmd = None
-        decision = self._unjudged(decision, rec, primary_hb)
+        decision = self._unjudged(decision, rec)
         await self._act(decision, rec, svc, cmd, now)
         if decision.changes and self.metrics is not None:
             self.metrics.transitions.labels(svc.name, decision.next_state.value).inc()
@@ -360,7 +378,9 @@ def _observe(rec: ServiceRecord, service: str, primary_hb: Heartbeat | None,
         rec.resync = health.resync
         if health.epoch >= rec.epoch:
             protected, barrier = health.protected, health.barrier
-        if protected is True:
+        if protected is True or (protected is None and not health.data_path):
+            # (an agent that runs no data path, hooks only, cannot say: its replication is
+            # the runbook's hooks' business)
             rec.replica_consistent = True
         elif health.resync is not None:
             rec.replica_consistent = False

@@ -216,7 +216,18 @@ def _auto_allowed(v: ServiceView) -> tuple[bool, str]:
 _FAILOVERS = (Command.FAILOVER, Command.FORCE_FAILOVER)
 
 
+def _not_consistent(v: ServiceView) -> Decision | None:
+    """A plain manual failover while the replica holds no consistency point yet (a new
+    service before its first protection, a resync): refused; --force promotes it anyway."""
+    if v.command is Command.FAILOVER and not v.replica_consistent:
+        return _refuse(v, Action.ALERT, "manual failover refused: the replica holds no "
+                       "consistent copy yet (use --force to promote it anyway)")
+    return None
+
+
 def _healthy(v: ServiceView) -> Decision:
+    if (refused := _not_consistent(v)) is not None:
+        return refused
     if v.command in _FAILOVERS:
         return _move(v, State.FENCING, "requested by an operator")
     # A switchover the move below makes impossible is consumed by it, and the message says so.
@@ -233,6 +244,8 @@ def _healthy(v: ServiceView) -> Decision:
 
 
 def _unprotected(v: ServiceView) -> Decision:
+    if (refused := _not_consistent(v)) is not None:
+        return refused
     if v.command in _FAILOVERS:
         return _move(v, State.FENCING, "requested by an operator")
     if not v.primary_alive:

@@ -165,8 +165,8 @@ class LeaseKeeper:
                     now = time.monotonic()
                     deadline = self._last_ok + self.local_deadline
                     if now >= deadline:
-                        self._lose(lease, "no successful refresh within the local deadline",
-                                   lost)
+                        self._lose(lease, "no successful refresh within the local deadline "
+                                   f"({_in_flight(attempts, now)})", lost)
                         return
                     due = (max(attempts.values()) + self.retry_timeout if attempts
                            else max(self._last_ok + self.interval, self._failed_at + 0.05))
@@ -233,6 +233,11 @@ async def _refresh(lease: Lease) -> Exception | None:
     except Exception as exc:
         return exc
     return None
+
+
+def _in_flight(attempts: dict[asyncio.Task[Exception | None], float], now: float) -> str:
+    ages = ", ".join(f"{1000 * (now - sent):.0f}" for sent in sorted(attempts.values()))
+    return f"refreshes in flight for {ages} ms" if attempts else "no refresh in flight"
 
 
 async def _first(tasks: set[asyncio.Task[Exception | None]],

@@ -158,7 +158,10 @@ def service_record(raw: bytes | None, primary: str, replica: str,
                    since: float = 0.0) -> ServiceRecord:
     """The stored record, or the configured starting point when none is stored yet."""
     if raw is None:
-        return ServiceRecord(State.HEALTHY, since, primary, replica)
+        # A new service: its replica holds nothing consistent until the primary first reports
+        # it protected (an automatic or plain manual failover before that would promote an
+        # empty or half-synced replica).
+        return ServiceRecord(State.HEALTHY, since, primary, replica, replica_consistent=False)
     return ServiceRecord.decode(raw)
 
 

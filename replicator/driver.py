@@ -242,9 +242,12 @@ class PushDriver:
         self.store.save(self.state)
         self._last_save = time.monotonic()
 
+    def save_due(self) -> bool:
+        return time.monotonic() - self._last_save >= self.o.save_interval
+
     async def save_if_due(self) -> None:
         """Save the resume state if ``save_interval`` has passed since the last save."""
-        if time.monotonic() - self._last_save >= self.o.save_interval:
+        if self.save_due():
             await asyncio.to_thread(self.save_state)
 
     # -- one pass --------------------------------------------------------------------------

@@ -140,6 +140,8 @@ def _export_gauges(driver: PushDriver, journal: ChangeJournal, server: NbdServer
 
 INLINE_EXTRACT = 1 << 20  # journal bytes of points small enough to read on the event loop
 STREAM_IDLE = 0.5  # seconds without writes after which the streams of points end
+FEED_AHEAD = 64  # closed points read from the journal ahead of the stream (per member): the
+                 # rest of a backlog waits on disk, not in memory
 
 
 @dataclass
@@ -170,6 +172,7 @@ class _Loop:
         self.inflight: deque[_Point] = deque()  # shipped, not acknowledged by every member
         self.unsent = 0  # closing batches of those points not yet sent (all members)
         self.compacting: asyncio.Future[bool] | None = None
+        self.saving: asyncio.Future[None] | None = None
         self._set_protected(False)
 
     async def run(self) -> bool:
@@ -177,6 +180,13 @@ class _Loop:
         protocol) never stop the agent: the applications' volumes stay served, the journal
         keeps every acknowledged write, and the agent starts over with a resync after a
         backoff. A stale epoch (this source was fenced) or a local I/O error stop it."""
+        try:
+            return await self._run()
+        finally:
+            if self.saving is not None:  # the caller saves the state once more
+                await self.saving
+
+    async def _run(self) -> bool:
         backoff = 0.0
         while not self.stop.is_set():
             try:
@@ -196,9 +206,23 @@ class _Loop:
                 backoff = min(30.0, max(1.0, backoff * 2))
                 log.error("%s: replication failed (%s); the volumes stay served and every "
                           "write journaled; starting over in %.0fs", self.name, exc, backoff)
-            for d in self.drivers:
-                await d.save_if_due()
+            self._save_soon()
         return True
+
+    def _save_soon(self) -> None:
+        """Save the resume state of the drivers that are due, on a thread, without holding up
+        the next point (awaited, a save under disk contention held the first writes of the
+        next burst for 0.6 s). A save that races new planning only makes the saved view
+        untrusted at the next start (its digest differs from the replica's): a re-listing."""
+        task = self.saving
+        if task is not None:
+            if not task.done():
+                return
+            self.saving = None
+            task.result()  # raises its I/O error, if any
+        due = [d for d in self.drivers if d.save_due()]
+        if due:
+            self.saving = asyncio.ensure_future(asyncio.to_thread(_save_states, due))
 
     async def _step(self) -> bool:
         """A resync, or the points until the journal overflows. False if stopped meanwhile."""
@@ -362,7 +386,7 @@ class _Loop:
             timeout = self._cut_if_due()
             if self.compacting is not None and self.compacting.done():
                 await self._compacted()
-            if journal.ready():
+            if journal.ready() and self.unsent < FEED_AHEAD * len(self.drivers):
                 # small points are read on the loop (page cache), a backlog on a thread
                 if journal.unextracted_bytes() <= INLINE_EXTRACT:
                     points = journal.extract()
@@ -373,8 +397,7 @@ class _Loop:
             if self.inflight or journal.open_first_at is not None:
                 idle_since = time.monotonic()
             else:  # the view equals the replica: a consistent state to save
-                for d in self.drivers:
-                    await d.save_if_due()
+                self._save_soon()
                 if time.monotonic() - idle_since >= STREAM_IDLE:
                     if journal.size >= IDLE_REWRITE_BYTES:
                         self._compact_soon()
@@ -458,8 +481,7 @@ class _Loop:
                     p.closing[member] = planned.batch.seq
                     self.unsent -= 1
                     self.trace.stamp(cp, "sent")
-                    if not self.unsent:
-                        self.wake.set()  # the streams can take the next point
+                    self.wake.set()  # the streams can take more (at 0: cut the open point)
                     self._acked(0)  # its ack may have been read while the write returned
                 return
 
@@ -542,6 +564,11 @@ class ResyncProgress:
         d.m.set(d.m.resync_size, size)
         d.m.set(d.m.resync_remaining, left)
         d.m.set(d.m.resync_eta, elapsed * left / done if done and elapsed > 1.0 else -1)
+
+
+def _save_states(drivers: list[PushDriver]) -> None:
+    for d in drivers:
+        d.save_state()
 
 
 def _planner(driver: PushDriver) -> Planner:

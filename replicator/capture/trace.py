@@ -69,8 +69,13 @@ class PointTrace:
             return
         p["released"] = time.monotonic()
         if "write" in p:
-            p["durable"] = next((end for start, end in self.syncs if start >= p["write"]),
-                                p.get("durable", 0.0))
+            # the first group commit started after the write made it durable; points are
+            # released in write order, so older syncs serve no later point
+            syncs = self.syncs
+            while syncs and syncs[0][0] < p["write"]:
+                syncs.popleft()
+            if syncs:
+                p["durable"] = syncs[0][1]
             p["lag"] = p["released"] - p["write"]
         assert self._out is not None
         self._out.write(json.dumps({"cp": cp, **{k: round(v, 6) for k, v in p.items()}}) + "\n")

@@ -40,7 +40,15 @@ from typing import Any
 import grpc
 
 from drctl.epochtoken import EpochToken, TokenError, Verifier
-from drctl.pki import Identity, Layout, PkiError, identity_of, read_file, read_key_pem
+from drctl.pki import (
+    Identity,
+    Layout,
+    PkiError,
+    identity_of,
+    read_file,
+    read_key_pem,
+    write_private,
+)
 from replicator.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -313,8 +321,6 @@ class EpochGate:
         held = self.grant(volume)
         if held is not None and held.epoch > token.epoch:
             return
-        from drctl.pki import write_private
-
         write_private(self._path(volume), raw, overwrite=True)
         self._grants[volume] = token
 

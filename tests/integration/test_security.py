@@ -88,25 +88,25 @@ async def call(ch: grpc.aio.Channel, rpc: str, epoch: int = 0, seq: int = 1,
     stub = wire.ReplicationStub(ch)
     try:
         if rpc == "Handshake":
-            return await stub.Handshake(handshake_request(epoch, token), timeout=10)
+            return await stub.Handshake(handshake_request(epoch, token), timeout=60)
         if rpc == "Fence":
             return await stub.Fence(wire.ProtoFenceRequest(volume=VOL, epoch=epoch,
                                                            release=release,
                                                            epoch_token=token.encode()),
-                                    timeout=10)
+                                    timeout=60)
         if rpc in ("Clone", "DropClone"):
             return await getattr(stub, rpc)(wire.ProtoCloneRequest(volume=VOL, name="c1"),
-                                            timeout=10)
+                                            timeout=60)
         if rpc == "BlockHashes":
             return [c async for c in stub.BlockHashes(
-                wire.ProtoBlockHashesRequest(volume=VOL), timeout=10)]
+                wire.ProtoBlockHashesRequest(volume=VOL), timeout=60)]
 
         async def batches() -> AsyncIterator[Any]:
             if opened_at is not None:
                 yield wire.flush_request(VOL, opened_at)
             yield data_batch(epoch, seq)
 
-        return [a async for a in stub.Push(batches(), timeout=10)]
+        return [a async for a in stub.Push(batches(), timeout=60)]
     except grpc.aio.AioRpcError as exc:
         return exc
 
@@ -263,7 +263,7 @@ async def test_forged_epochs_are_refused_and_change_nothing(workdir: str,
                                            volume="fresh", volume_size=SIZE, block_size=4096,
                                            source_id="t", epoch=3)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await wire.ReplicationStub(ch).Handshake(fresh, timeout=10)
+            await wire.ReplicationStub(ch).Handshake(fresh, timeout=60)
         assert refused.value.details().startswith("epoch_not_granted"), refused.value
         assert not [n for n in os.listdir(target.dir) if n.startswith("fresh")]
         for opened_at in (None, 1):  # the stream's first message, or a later one

@@ -344,20 +344,61 @@ async def test_protected_gauge_follows_the_state_every_tick() -> None:
     assert gauge() == 1
 
 
-async def test_a_new_leader_judges_a_missing_primary_only_after_one_lease_ttl() -> None:
-    c = Cluster()
-    c.controller.leader_since = time.monotonic()  # as _lead() does: the cluster starts
+async def test_a_new_leader_waits_for_a_primary_it_has_not_heard_from() -> None:
+    # start-up: the agents register while the controller takes the lead; the primary's
+    # agent puts its heartbeat only after its first role change (which waits for this
+    # leader's first record): no healthy -> primary_suspect flap meanwhile
+    c = Cluster(grace_seconds=2.0)
+    c.controller.leader_since = time.monotonic()  # as _lead() does
     await c.beat("west", "replica", 1, data_path="running")
-    await c.tick()  # east's agent is still registering: not "lost"
-    assert c.record().state is State.HEALTHY and c.record().primary_lost_since is None
-    await c.beat("east", "primary", 1, lag_seconds=0.1, protected=True, data_path="running")
     await c.tick()
-    assert c.record().state is State.HEALTHY and c.record().history == []  # no start-up flap
-    await c.silence("east")  # still inside the first TTL: a lost lease would not be judged
+    assert c.record().state is State.HEALTHY and c.record().primary_lost_since is None
+    c.controller.leader_since = time.monotonic() - c.cfg.lease_ttl - 1.5  # not TTL + grace
     await c.tick()
     assert c.record().state is State.HEALTHY
-    c.controller.leader_since = time.monotonic() - c.cfg.lease_ttl  # one TTL later
+    await c.beat("east", "primary", 1, lag_seconds=0.1, protected=True, data_path="running")
+    await c.tick()
+    assert c.record().state is State.HEALTHY and c.record().history == []
+    await c.silence("east")  # heard from, then silent: judged at once, as always
     await c.tick()
     assert c.record().state is State.PRIMARY_SUSPECT
-    assert [(h["from"], h["to"]) for h in c.record().history] == [("healthy",
-                                                                   "primary_suspect")]
+
+
+async def test_a_primary_gone_before_a_new_leader_took_over_gets_its_grace_once() -> None:
+    c = Cluster(grace_seconds=2.0, allow_data_loss=True)
+    # a service whose replica was protected before (a new one is not: see below)
+    await c.put_record(ServiceRecord(State.HEALTHY, time.time(), "east", "west",
+                                     replica_consistent=True))
+    await c.beat("west", "replica", 1, data_path="running")
+    # one lease TTL (its lease ran out) and the grace period after the leadership began
+    c.controller.leader_since = time.monotonic() - c.cfg.lease_ttl - 2.0
+    await c.tick()
+    rec = c.record()
+    assert rec.state is State.PRIMARY_SUSPECT
+    assert rec.primary_lost_since is not None and time.time() - rec.primary_lost_since >= 2.0
+    await c.tick()  # the grace has run out already: not a second one
+    assert c.record().state is State.FENCING
+
+
+async def test_a_new_service_is_not_failed_over_before_its_replica_was_ever_protected(
+) -> None:
+    """The initial sync has not completed (the primary never reported its replica protected):
+    losing the primary blocks (an automatic failover would promote an empty replica) and a
+    plain manual failover is refused; --force still promotes it."""
+    c = Cluster(grace_seconds=0.0, allow_data_loss=True)
+    c.controller.leader_since = time.monotonic() - 10 * c.cfg.lease_ttl
+    await c.beat("east", "primary", 1, data_path="running", protected=False,
+                 resync={"mode": "hash", "bytes_total": 1, "bytes_left": 1})
+    await c.beat("west", "replica", 1, data_path="running")
+    await c.tick()
+    await c.command(Command.FAILOVER)
+    await c.tick()
+    assert c.record().state is not State.FENCING
+    assert "no consistent copy" in c.record().message
+    await c.silence("east")
+    for _ in range(3):
+        await c.tick()
+    assert c.record().state is State.BLOCKED, c.record()
+    await c.command(Command.FORCE_FAILOVER)
+    await c.tick()
+    assert c.record().state is State.FENCING
