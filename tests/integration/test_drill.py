@@ -23,7 +23,7 @@ def cluster(workdir: str) -> Iterator[Cluster]:
     c = Cluster(workdir, etcd, named, steps=[
         {"type": "promote"},
         {"type": "hook", "name": "keep a copy", "at": "new_primary",
-         "run": f"cp $DRCTL_CLONES {workdir}/clone-copy.img && test \"$DRCTL_DRILL\" = 1"},
+         "run": f"[ \"$DRCTL_DRILL\" != 1 ] || cp $DRCTL_CLONES {workdir}/clone-copy.img"},
         {"type": "health_check", "name": "clone is readable",
          "command": "for c in $DRCTL_CLONES; do test -s $c || exit 1; done",
          "retries": 2, "interval": 0.2},
