@@ -5,30 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
 from tests.procs import DRCTL, Proc, Target, push_cmd, run, wait_for, write_random
 from tests.services import EtcdCluster, EtcdServer, NamedServer
-
-
-@pytest.fixture
-def etcd() -> Iterator[EtcdServer]:
-    s = EtcdServer().start()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture
-def named() -> Iterator[NamedServer]:
-    s = NamedServer().start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def write_config(workdir: str, etcd: EtcdServer | EtcdCluster, named: NamedServer,

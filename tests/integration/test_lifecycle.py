@@ -20,9 +20,6 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from drctl.localservers import free_port
 from tests.nbdclient import NbdClient
@@ -32,24 +29,6 @@ from tests.services import EtcdServer, NamedServer
 BS = 4096
 SIZE = 32 << 20
 HOT_BLOCKS = 2048  # the writer rewrites blocks among the first 8 MiB
-
-
-@pytest.fixture
-def etcd() -> Iterator[EtcdServer]:
-    s = EtcdServer().start()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture
-def named() -> Iterator[NamedServer]:
-    s = NamedServer().start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 class Cluster:
