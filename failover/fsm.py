@@ -217,11 +217,23 @@ _FAILOVERS = (Command.FAILOVER, Command.FORCE_FAILOVER)
 
 
 def _not_consistent(v: ServiceView) -> Decision | None:
-    """A plain manual failover while the replica holds no consistency point yet (a new
-    service before its first protection, a resync): refused; --force promotes it anyway."""
+    """A manual failover that cannot end well, refused before the primary is fenced: the
+    replica site is not alive (nothing could take over; not even --force), or (without
+    --force) it holds no consistency point yet (a new service before its first protection,
+    a resync) or its lag is beyond the RPO budget."""
+    if v.command not in _FAILOVERS:
+        return None
+    if not v.replica_alive:
+        return _refuse(v, Action.ALERT, "manual failover refused: the replica site is not "
+                       "alive, nothing could take over (the primary keeps serving)")
     if v.command is Command.FAILOVER and not v.replica_consistent:
         return _refuse(v, Action.ALERT, "manual failover refused: the replica holds no "
                        "consistent copy yet (use --force to promote it anyway)")
+    lag = v.replica_lag_seconds
+    if v.command is Command.FAILOVER and lag is not None and lag > v.policy.rpo_seconds:
+        return _refuse(v, Action.ALERT, f"manual failover refused: replica lag {seconds(lag)}"
+                       f", RPO budget {v.policy.rpo_seconds:.0f}s (use --force to accept data "
+                       "loss, or switchover to lose nothing)")
     return None
 
 

@@ -402,3 +402,19 @@ async def test_a_new_service_is_not_failed_over_before_its_replica_was_ever_prot
     await c.command(Command.FORCE_FAILOVER)
     await c.tick()
     assert c.record().state is State.FENCING
+
+
+async def test_a_manual_failover_to_a_dead_replica_is_refused_before_fencing() -> None:
+    """The replica site is down: fencing the live primary would leave nothing serving, so the
+    request is refused (even --force) and the primary keeps its role and epoch."""
+    c = Cluster()
+    await c.put_record(ServiceRecord(State.HEALTHY, time.time(), "east", "west",
+                                     replica_consistent=True))
+    await c.beat("east", "primary", 1, data_path="running", protected=True, lag_seconds=0.0)
+    for command in (Command.FAILOVER, Command.FORCE_FAILOVER):
+        await c.command(command)
+        await c.tick()
+        rec = c.record()
+        assert rec.state in (State.HEALTHY, State.UNPROTECTED) and rec.epoch == 1, rec
+        assert "replica site is not alive" in rec.message, rec.message
+        assert not c.pending()
