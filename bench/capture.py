@@ -178,7 +178,7 @@ def lag_runs(pair: Pair, args: argparse.Namespace) -> list[dict[str, Any]]:
     return runs
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--rate-limit-mb", type=float, default=10,
@@ -194,12 +194,18 @@ def main() -> None:
     ap.add_argument("--no-loopback", action="store_true", help="skip the loopback lag runs")
     ap.add_argument("--wan-rate", default="50mbit", help="tbf rate of each direction")
     ap.add_argument("--wan-delay-ms", type=float, default=40.0, help="delay of each direction")
+    ap.add_argument("--wan-no-slow-start-after-idle", action="store_true",
+                    help="net.ipv4.tcp_slow_start_after_idle=0 in the namespaces (Linux: 1)")
     ap.add_argument("--no-trace", dest="trace", action="store_false",
                     help="no per-point stage trace (DRCTL_CP_TRACE) in the agent")
     ap.add_argument("--json", help="also write every figure to this file")
     ap.add_argument("--keep", metavar="DIR",
                     help="copy the per-point traces (DRCTL_CP_TRACE) into DIR")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if not shutil.which("fio"):
         raise SystemExit("fio is not installed (scripts/install-deps.sh installs it)")
     print(f"uptime before: {uptime()}", flush=True)
@@ -256,13 +262,15 @@ def iops_phase(work: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def wan_phase(work: str, args: argparse.Namespace) -> dict[str, Any]:
-    link = WanLink(args.wan_rate, args.wan_delay_ms, python=sys.executable)
+    link = WanLink(args.wan_rate, args.wan_delay_ms, python=sys.executable,
+                   slow_start_after_idle=not args.wan_no_slow_start_after_idle)
     try:
         link.up()
     except WanUnavailable as exc:
         print(f"WAN phase skipped: {exc}", flush=True)
         return {"skipped": str(exc)}
-    out: dict[str, Any] = {"rate": args.wan_rate, "delay_ms_each_way": args.wan_delay_ms}
+    out: dict[str, Any] = {"rate": args.wan_rate, "delay_ms_each_way": args.wan_delay_ms,
+                           "tcp_slow_start_after_idle": not args.wan_no_slow_start_after_idle}
     try:
         out["rtt_ms"] = link.rtt_ms()
         print(f"WAN link {args.wan_rate}, {args.wan_delay_ms:g} ms each way: round trip "
@@ -273,6 +281,11 @@ def wan_phase(work: str, args: argparse.Namespace) -> dict[str, Any]:
                     wrap_dst=link.exec("dst", []))
         try:
             pair.start()
+            # warm-up, not measured: a fresh connection's TCP window and HTTP/2 flow-control
+            # window first grow over a few round trips (the first 0.4 s of points waited
+            # 2-3 round trips in the first run without it)
+            fio(["--ioengine=nbd", f"--uri={pair.uri}", f"--size={SIZE}",
+                 f"--rate={cap * 8 // 10}", "--refill_buffers"], 3, pair.wrap_src)
             out["runs"] = lag_runs(pair, args)
         finally:
             pair.stop()

@@ -36,10 +36,11 @@ def scrape(port: int) -> str | None:
 
 
 def parse(text: str) -> tuple[float | None, dict[str, float]]:
-    """The lag gauge (None while the replica is not protected: a resync) and the ack-lag
+    """The lag gauge (None until the capture agent reports a protected replica: before and
+    during its initial resync the gauge reads 0 or counts the resync) and the ack-lag
     histogram's cumulative buckets (le -> count)."""
     lag = None
-    protected = True
+    protected = False
     buckets: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(LAG):

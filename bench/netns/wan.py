@@ -30,8 +30,10 @@ class WanUnavailable(Exception):
 
 class WanLink:
     def __init__(self, rate: str = "50mbit", delay_ms: float = 40.0,
-                 python: str = sys.executable, prefix: str = "") -> None:
+                 python: str = sys.executable, prefix: str = "",
+                 slow_start_after_idle: bool = True) -> None:
         self.rate = rate
+        self.slow_start_after_idle = slow_start_after_idle
         self.delay_ms = delay_ms
         self.python = python
         p = prefix or f"drlag{os.getpid() % 100000}"
@@ -81,6 +83,10 @@ class WanLink:
                 self._run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
                 self._run(["ip", "-n", ns, "link", "set", "lo", "up"])
                 self._run(["ip", "-n", ns, "link", "set", dev, "up"])
+                # Linux's default (1) shrinks TCP's window back to its initial size after an
+                # idle RTO: a burst after a pause then needs several round trips
+                self._run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
+                           f"net.ipv4.tcp_slow_start_after_idle={int(self.slow_start_after_idle)}"])
                 self._run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
                            "tbf", "rate", self.rate, "burst", "32kb", "latency", "400ms"])
                 self._run(["ip", "netns", "exec", ns, "iptables", "-A", "INPUT", "-s", peer,

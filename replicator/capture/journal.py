@@ -265,7 +265,8 @@ class ChangeJournal:
     def first_dirty_at(self) -> float | None:
         """When the oldest write the target does not hold yet was acknowledged to the client
         (None: it holds everything)."""
-        times = [cp.first_at for cp in self.closed if cp.first_at]
+        # a copy first (one C call): the metrics thread reads this while the loop appends
+        times = [cp.first_at for cp in tuple(self.closed) if cp.first_at]
         times += [t for t in (self.open_first_at, self.dirty_since, self.resync_since)
                   if t is not None]
         return min(times) if times else None

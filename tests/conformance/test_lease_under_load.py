@@ -45,7 +45,7 @@ async def test_a_busy_loop_keeps_its_lease(etcd: EtcdStore) -> None:
         await asyncio.sleep(0.05)
     assert not keeper.lost.is_set(), "the lease was lost while the holder was busy"
     assert (await etcd.snapshot(key)).value(key) == b"alive"
-    assert len(keeper.timings.trips) >= 8, "the keeper did not refresh while the loop was busy"
+    assert len(keeper.timings.trips) >= 5, "the keeper did not refresh while the loop was busy"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -53,6 +53,17 @@ def dig(named: NamedServer) -> str:
                            "A"], capture_output=True, text=True).stdout.strip()
 
 
+def east_serving(workdir: str, cfg: str, timeout: float) -> None:
+    """East ran its start hook and the controller has seen it serve (a service whose primary
+    was never seen has no consistent replica to fail over to)."""
+    wait_for(lambda: os.path.exists(f"{workdir}/east.start"), timeout, "east start hook")
+    wait_for(lambda: (app(cfg)["sites"]["east"] or {}).get("role")  # type: ignore[index]
+             == "primary", timeout, "east's heartbeat as primary")
+    import time
+
+    time.sleep(1.0)  # a controller tick (lease TTL / 4) records it
+
+
 def app(cfg: str) -> dict[str, object]:
     return status(cfg)["services"]["app"]  # type: ignore[index,no-any-return]
 
@@ -75,7 +86,7 @@ def test_primary_agent_killed_fails_over_and_rewrites_dns(workdir: str, etcd: Et
     try:
         wait_for(lambda: status(cfg)["sites"]["east"]["alive"]  # type: ignore[index]
                  and status(cfg)["sites"]["west"]["alive"], 20, "both agents")  # type: ignore[index]
-        wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 10, "east start hook")
+        east_serving(workdir, cfg, 10)
         assert dig(named) == "10.0.0.1"
         procs["east"].kill9()
         wait_for(lambda: app(cfg)["state"] == "failed_over", 30, "failover to complete")
@@ -97,7 +108,7 @@ def test_manual_failover_fences_the_live_primary_first(workdir: str, etcd: EtcdS
     procs = start_all(workdir, cfg, controllers=2)
     try:
         wait_for(lambda: status(cfg)["leader"] in ("c0", "c1"), 20, "a leader")
-        wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 10, "east start hook")
+        east_serving(workdir, cfg, 10)
         p = run([*DRCTL, "failover", "app", "--config", cfg])
         assert p.returncode == 0, p.stderr
         wait_for(lambda: app(cfg)["primary"] == "west", 30, "manual failover")
@@ -129,7 +140,7 @@ def test_refused_dns_update_stops_the_failover_and_is_reported(workdir: str, etc
         fh.write('key "intruder" { algorithm hmac-sha256; secret "c2VjcmV0c2VjcmV0"; };\n')
     procs = start_all(workdir, cfg)
     try:
-        wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 20, "east start hook")
+        east_serving(workdir, cfg, 20)
         assert run([*DRCTL, "failover", "app", "--config", cfg]).returncode == 0
         wait_for(lambda: app(cfg)["state"] == "failed", 30, "the DNS step to fail")
         error = str(app(cfg)["error"])
@@ -162,7 +173,7 @@ def test_leader_killed_mid_failover_is_replaced_and_the_failover_completes(
         procs = start_all(workdir, cfg, controllers=2)
         try:
             wait_for(lambda: status(cfg)["leader"] in ("c0", "c1"), 20, "a leader")
-            wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 20, "east start hook")
+            east_serving(workdir, cfg, 20)
             cluster.kill9(2)  # an etcd member dies: two of three keep the quorum
             leader = str(status(cfg)["leader"])
             procs["east"].kill9()
@@ -235,7 +246,7 @@ def test_partitioned_primary_fences_itself_before_the_replica_is_promoted(
     rule = ["OUTPUT", "-o", "lo", "-p", "tcp", "--dport", str(etcd.client_port), "-m", "owner",
             "--uid-owner", "nobody", "-j", "DROP"]
     try:
-        wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 20, "east start hook")
+        east_serving(workdir, cfg, 20)
         subprocess.run(["iptables", "-I", *rule], check=True)
         try:
             wait_for(lambda: app(cfg)["state"] == "failed_over", 30, "failover")
@@ -336,7 +347,7 @@ def test_witness_holds_promotion_while_the_old_primary_still_answers(
         json.dump(doc, fh)
     procs = start_all(workdir, cfg)
     try:
-        wait_for(lambda: os.path.exists(f"{workdir}/east.start"), 20, "east start hook")
+        east_serving(workdir, cfg, 20)
         procs["east"].kill9()
         wait_for(lambda: app(cfg)["state"] == "fencing", 20, "fencing")
         time.sleep(3)  # well past the lease and grace: still held by the witness
