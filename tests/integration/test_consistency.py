@@ -274,8 +274,10 @@ def test_journal_overflow_falls_back_to_a_bitmap_and_catches_up(workdir: str,
     target.start()
     # While the resync runs (at 2 MB/s), writes go on faster than the link: the journal
     # overflows again and another round follows; once the writes stop the rounds converge.
+    # (the agent reconnects on its own backoff: the writes go on until a round overflowed)
     stop_at = time.monotonic() + 2.0
-    while time.monotonic() < stop_at:
+    while time.monotonic() < stop_at or (
+            "another round" not in agent.log() and time.monotonic() < stop_at + 20):
         client.write(rng.randrange(SIZE // BS - 16) * BS, rng.randbytes(16 * BS))
         client.flush()
         time.sleep(0.02)
