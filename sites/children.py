@@ -54,6 +54,10 @@ class Child:
                     *self.args, stdout=out, stderr=out, env=env)
             finally:
                 out.close()
+            if not self._wanted:  # stopped while it was being spawned: it must not run
+                self.proc.kill()
+                await self.proc.wait()
+                break
             started = time.monotonic()
             self.state = "running"
             log.info("%s started (pid %d)", self.name, self.proc.pid)
@@ -66,9 +70,15 @@ class Child:
             self.state = f"restarting in {backoff:.0f}s: exited with {code}"
             log.error("%s exited with %s: restarting in %.0fs (log: %s)", self.name, code,
                       backoff, self.log_path)
-            await asyncio.sleep(backoff)
+            await self._pause(backoff)
             backoff = min(30.0, backoff * 2)
         self.state = "stopped"
+
+    async def _pause(self, seconds: float) -> None:
+        """The backoff before a restart, cut short by stop()."""
+        deadline = time.monotonic() + seconds
+        while self._wanted and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.1, deadline - time.monotonic()))
 
     def send(self, sig: int) -> None:
         if self.running:
@@ -88,8 +98,16 @@ class Child:
                 self.send(signal.SIGKILL)
                 await self.proc.wait()
         if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            # Not cancelled mid-spawn (the new process would escape): the supervisor sees
+            # _wanted False after the spawn and kills it; only its backoff sleep is cut short.
+            done, _ = await asyncio.wait({self.task}, timeout=timeout)
+            if not done:
+                self.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.task
+            if self.running:
+                assert self.proc is not None
+                self.send(signal.SIGKILL)
+                await self.proc.wait()
             self.task = None
         self.state = "stopped"

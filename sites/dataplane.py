@@ -195,10 +195,14 @@ class ServiceDataPath:
         return True
 
     def _set_aside_leftovers(self) -> None:
-        got = collect(self.journal_path, self.volumes, BLOCK_SIZE, self._aside_dir())
-        if got.blocks:
-            log.warning("%s: an old change journal held %d unreplicated blocks: set aside in %s",
-                        self.svc.name, got.blocks, got.saved_to)
+        """A change journal left from before (a demotion that did not finish) is moved aside
+        whole, never replayed: replaying it would write old blocks over the replica this site
+        has just promoted."""
+        where = os.path.join(self._aside_dir(), "leftover-" + time.strftime("%Y%m%dT%H%M%S"))
+        os.makedirs(os.path.dirname(where), exist_ok=True)
+        os.replace(self.push_root, where)
+        log.warning("%s: a change journal left from an unfinished demotion was moved to %s "
+                    "(not replayed)", self.svc.name, where)
 
     async def become_replica(self, epoch: int) -> bool:
         self.error = ""
@@ -207,7 +211,8 @@ class ServiceDataPath:
         was_primary = os.path.exists(self.journal_path) or any(
             is_primary(self.plane.replicas, n) for n, _ in self.volumes)
         if was_primary:
-            self.demote(epoch)
+            # replaying a journal and copying blocks aside is disk I/O: off the agent's loop
+            await asyncio.to_thread(self.demote, epoch)
         self.plane.start_target()
         return True
 
