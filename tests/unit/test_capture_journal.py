@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 from replicator.capture.journal import ChangeJournal
 
@@ -192,16 +193,21 @@ def test_compaction_off_the_loop_keeps_points_appended_while_it_copies(
     assert j.release(8, inline=False)  # asks for a compaction, does not rewrite
     size_before = os.path.getsize(j.path)
     real_fsync = os.fsync
+    me = threading.get_ident()
+    hits: list[int] = []
 
     def fsync_while_clients_write(fd: int) -> None:  # phase 1: appends go on meanwhile
-        _write(j, 101, 0xEF)
-        j.cut()
-        _write(j, 102, 0xF0)
+        if threading.get_ident() == me and not hits:  # not another test's leftover thread
+            hits.append(fd)
+            _write(j, 101, 0xEF)
+            j.cut()
+            _write(j, 102, 0xF0)
         real_fsync(fd)
 
     monkeypatch.setattr(mod.os, "fsync", fsync_while_clients_write)  # type: ignore[attr-defined]
     assert j.compact()
     monkeypatch.setattr(mod.os, "fsync", real_fsync)  # type: ignore[attr-defined]
+    assert hits
     assert os.path.getsize(j.path) < size_before
     pts = j.extract()
     assert [p.cp for p in pts] == [11]
@@ -223,10 +229,12 @@ def test_a_compaction_gives_up_when_the_journal_is_rewritten_meanwhile(
     j.cut()
     j.extract()
     real_fsync = os.fsync
+    me = threading.get_ident()
 
     def resync_meanwhile(fd: int) -> None:
-        monkeypatch.setattr(mod.os, "fsync", real_fsync)  # type: ignore[attr-defined]
-        j.begin_resync()  # rewrites the journal
+        if threading.get_ident() == me:  # not another test's leftover thread
+            monkeypatch.setattr(mod.os, "fsync", real_fsync)  # type: ignore[attr-defined]
+            j.begin_resync()  # rewrites the journal
         real_fsync(fd)
 
     monkeypatch.setattr(mod.os, "fsync", resync_meanwhile)  # type: ignore[attr-defined]
