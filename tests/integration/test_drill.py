@@ -29,14 +29,10 @@ def cluster(workdir: str) -> Iterator[Cluster]:
          "retries": 2, "interval": 0.2},
         {"type": "dns"}])
     try:
-        c.start_agent("east")
-        c.start_agent("west")
-        c.controller.start()
+        c.start()
         yield c
     finally:
-        c.controller.stop()
-        for a in c.agents.values():
-            a.stop()
+        c.stop()
         named.stop()
         etcd.stop()
 

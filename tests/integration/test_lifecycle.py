@@ -86,6 +86,18 @@ class Cluster:
                                   self.config, "--site", site, "--tls-dir", self.tls_dir],
                                  os.path.join(self.workdir, f"agent-{site}.log")).start()
 
+    def start(self) -> None:
+        """Both site agents and the controller."""
+        self.start_agent("east")
+        self.start_agent("west")
+        self.controller.start()
+
+    def stop(self) -> None:
+        """Every process this cluster started, by PID."""
+        self.controller.stop()
+        for a in self.agents.values():
+            a.stop()
+
     def status(self) -> dict[str, object]:
         p = run([*DRCTL, "status", "--config", self.config, "--json"])
         assert p.returncode == 0, p.stderr
@@ -222,10 +234,14 @@ def verify_equal(cluster: Cluster, primary: str, replica: str, volume: str = "da
     assert p.returncode == 0, f"{p.stdout}{p.stderr}\n{cluster.logs()}"
 
 
+def push_log(c: Cluster, site: str) -> str:
+    with open(os.path.join(c.data(site), "logs", "push-app.log"), errors="replace") as fh:
+        return fh.read()
+
+
 def resync_bytes(cluster: Cluster, site: str) -> list[int]:
-    with open(os.path.join(cluster.data(site), "logs", "push-app.log"), errors="replace") as fh:
-        text = fh.read()
-    return [int(m) for m in re.findall(r"resync \(exact delta\) shipped (\d+) bytes", text)]
+    return [int(m) for m in re.findall(r"resync \(exact delta\) shipped (\d+) bytes",
+                                       push_log(cluster, site))]
 
 
 def wait_protected(cluster: Cluster, primary: str) -> None:
@@ -290,9 +306,7 @@ def fail_back(c: Cluster, writer: ModelWriter) -> int:
 def test_failover_reprotect_failback_three_cycles(workdir: str, etcd: EtcdServer,
                                                   named: NamedServer) -> None:
     c = Cluster(workdir, etcd, named)
-    c.start_agent("east")
-    c.start_agent("west")
-    c.controller.start()
+    c.start()
     writer = ModelWriter(c, seed=3)
     try:
         wait_protected(c, "east")
@@ -304,17 +318,10 @@ def test_failover_reprotect_failback_three_cycles(workdir: str, etcd: EtcdServer
                   f"({aside} blocks set aside); failback resync shipped {back}")
     finally:
         writer.halt()
-        c.controller.stop()
-        for a in c.agents.values():
-            a.stop()
+        c.stop()
     for name in ("controller.log", "agent-east.log", "agent-west.log"):
         with open(os.path.join(workdir, name), errors="replace") as fh:
             assert "Traceback" not in fh.read(), name
-
-
-def push_log(c: Cluster, site: str) -> str:
-    with open(os.path.join(c.data(site), "logs", "push-app.log"), errors="replace") as fh:
-        return fh.read()
 
 
 def test_a_lost_journal_falls_back_to_comparing_both_images(workdir: str, etcd: EtcdServer,
@@ -322,9 +329,7 @@ def test_a_lost_journal_falls_back_to_comparing_both_images(workdir: str, etcd: 
     """The old primary's journal is gone (a wiped state disk): its divergence is unknown, so
     the re-protect compares both images, says so, and still ends with equal volumes."""
     c = Cluster(workdir, etcd, named)
-    c.start_agent("east")
-    c.start_agent("west")
-    c.controller.start()
+    c.start()
     writer = ModelWriter(c, seed=5)
     try:
         wait_protected(c, "east")
@@ -347,9 +352,7 @@ def test_a_lost_journal_falls_back_to_comparing_both_images(workdir: str, etcd: 
             assert "the divergence is unknown" in fh.read()
     finally:
         writer.halt()
-        c.controller.stop()
-        for a in c.agents.values():
-            a.stop()
+        c.stop()
 
 
 def test_a_two_volume_service_fails_over_and_back_as_one_group(workdir: str, etcd: EtcdServer,
@@ -357,9 +360,7 @@ def test_a_two_volume_service_fails_over_and_back_as_one_group(workdir: str, etc
     """Multi-volume services go through the same path: one capture agent, one journal, both
     volumes promoted, demoted and re-protected together."""
     c = Cluster(workdir, etcd, named, extra_volumes=("log",))
-    c.start_agent("east")
-    c.start_agent("west")
-    c.controller.start()
+    c.start()
     try:
         wait_protected(c, "east")
 
@@ -393,6 +394,4 @@ def test_a_two_volume_service_fails_over_and_back_as_one_group(workdir: str, etc
         for name in ("data", "log"):
             verify_equal(c, "east", "west", name)
     finally:
-        c.controller.stop()
-        for a in c.agents.values():
-            a.stop()
+        c.stop()
