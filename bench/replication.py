@@ -12,10 +12,12 @@ other's dirty pages. Bytes on the wire are counted by iptables rules on the
 two loopback ports (TCP payload and headers, both directions) when run as root; the
 application's own counts are printed too.
 
-drctl runs over mutual TLS (its default; rsync's daemon protocol is plaintext);
---insecure measures drctl in plaintext too.
+drctl runs over mutual TLS (its default; rsync's daemon protocol is plaintext). Each scenario
+also runs drctl in plaintext (`--insecure`) against a second target, right after the TLS run
+and on the same data, so the cost of TLS is measured in the same run: the table's "TLS cost"
+column is (TLS time / plaintext time - 1). --no-plain skips the plaintext runs.
 
-Run: python bench/replication.py [--size-mib 1024] [--keep] [--insecure]
+Run: python bench/replication.py [--size-mib 1024] [--keep] [--no-plain]
 """
 
 from __future__ import annotations
@@ -71,14 +73,14 @@ class Bench:
     work: str
     src: str
     size: int
-    tls: bool = True
+    plain: bool = True  # also run drctl in plaintext, against its own target
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     results: list[dict[str, object]] = field(default_factory=list)
 
     def start(self) -> None:
         self.rs_dir = os.path.join(self.work, "rsync-dst")
         os.makedirs(self.rs_dir)
-        self.rs_port, self.dr_port = free_port(), free_port()
+        self.rs_port = free_port()
         conf = os.path.join(self.work, "rsyncd.conf")
         with open(conf, "w") as fh:
             fh.write(f"pid file = {self.work}/rsyncd.pid\nuse chroot = no\nuid = root\n"
@@ -86,24 +88,34 @@ class Bench:
         self.procs.append(subprocess.Popen(["rsync", "--daemon", "--no-detach",
                                             f"--config={conf}", f"--port={self.rs_port}",
                                             "--address=127.0.0.1"]))
-        serve_flags, self.client_flags = security_flags(self.work, self.tls)
-        self.procs.append(subprocess.Popen(
-            [*DRCTL, "replicate", "serve", "--listen", f"127.0.0.1:{self.dr_port}", "--dir",
-             os.path.join(self.work, "drctl-dst"), *serve_flags], cwd=REPO,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.drctl_cmd, self.client_flags, self.dr_port, self.dr_wire = self._target("tls", True)
+        if self.plain:
+            self.plain_cmd, _f, _p, self.plain_wire = self._target("plain", False)
         wait_port(self.rs_port)
-        wait_port(self.dr_port)
-        self.rs_wire, self.dr_wire = WireCounter(self.rs_port), WireCounter(self.dr_port)
+        self.rs_wire = WireCounter(self.rs_port)
         self.rsync_cmd = ["rsync", "--inplace", "--no-whole-file", "--stats", self.src,
                           f"rsync://127.0.0.1:{self.rs_port}/dst/img"]
-        self.drctl_cmd = [*DRCTL, "replicate", "push", self.src, "--to",
-                          f"127.0.0.1:{self.dr_port}", "--volume", "bench", "--once", "--json",
-                          "--no-progress", "--state-dir", os.path.join(self.work, "state"),
-                          *self.client_flags]
+
+    def _target(self, name: str, tls: bool
+                ) -> tuple[list[str], list[str], int, WireCounter]:
+        """A drctl target of its own (mutual TLS or plaintext) and the push command to it."""
+        port = free_port()
+        serve_flags, client_flags = security_flags(os.path.join(self.work, name), tls)
+        self.procs.append(subprocess.Popen(
+            [*DRCTL, "replicate", "serve", "--listen", f"127.0.0.1:{port}", "--dir",
+             os.path.join(self.work, f"drctl-dst-{name}"), *serve_flags], cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_port(port)
+        cmd = [*DRCTL, "replicate", "push", self.src, "--to", f"127.0.0.1:{port}", "--volume",
+               "bench", "--once", "--json", "--no-progress", "--state-dir",
+               os.path.join(self.work, f"state-{name}"), *client_flags]
+        return cmd, client_flags, port, WireCounter(port)
 
     def close(self) -> None:
         self.rs_wire.close()
         self.dr_wire.close()
+        if self.plain:
+            self.plain_wire.close()
         for p in self.procs:
             stop(p)
 
@@ -117,6 +129,17 @@ class Bench:
         dr_t, dr_out = run_timed(self.drctl_cmd)
         dr_bytes = delta(self.dr_wire, d0)
         rep = json.loads(dr_out.strip().splitlines()[-1])
+        plain: dict[str, object] = {}
+        if self.plain:
+            subprocess.run(["sync"])
+            p0 = self.plain_wire.read()
+            pl_t, pl_out = run_timed(self.plain_cmd)
+            pl_bytes = delta(self.plain_wire, p0)
+            pl_rep = json.loads(pl_out.strip().splitlines()[-1])
+            plain = {"drctl_plain_s": round(pl_t, 3),
+                     "tls_cost_pct": round((dr_t / pl_t - 1) * 100, 1),
+                     "drctl_plain_tcp_bytes": pl_bytes,
+                     "drctl_plain_changed_MB_per_s": round(pl_rep["raw_bytes"] / 1e6 / pl_t, 1)}
         row: dict[str, object] = {
             "scenario": name, "changed_mib": round(changed_bytes / 2**20, 1),
             "rsync_s": round(rs_t, 3), "drctl_s": round(dr_t, 3),
@@ -126,6 +149,7 @@ class Bench:
             "drctl_in_process_s": rep["seconds"],
             "drctl_changed_MB_per_s": round(rep["raw_bytes"] / 1e6 / dr_t, 1),
             "drctl_blocks": {k: rep[k] for k in ("data_blocks", "zero_blocks", "dedup_blocks")},
+            **plain,
         }
         self.results.append(row)
         print(json.dumps(row), flush=True)
@@ -180,15 +204,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--insecure", action="store_true",
-                    help="drctl in plaintext (default: mutual TLS, as deployed)")
+    ap.add_argument("--no-plain", action="store_true",
+                    help="skip the plaintext drctl runs that measure what TLS costs")
     args = ap.parse_args()
     if not shutil.which("rsync"):
         raise SystemExit("rsync not installed (scripts/install-deps.sh installs it)")
     work = tempfile.mkdtemp(prefix="drctl-bench-")
     size = args.size_mib << 20
-    b = Bench(work, os.path.join(work, "src.img"), size, tls=not args.insecure)
-    print(f"drctl channel: {'plaintext (--insecure)' if args.insecure else 'mutual TLS'}")
+    b = Bench(work, os.path.join(work, "src.img"), size, plain=not args.no_plain)
+    print("drctl channel: mutual TLS" + ("" if args.no_plain else
+                                          ", and plaintext (--insecure) for the TLS cost"))
     t0 = time.perf_counter()
     kinds = make_image(b.src, size)
     print(f"image: {args.size_mib} MiB in {time.perf_counter() - t0:.1f}s, 1 MiB regions: {kinds}")
@@ -208,6 +233,8 @@ def main() -> None:
                             cwd=REPO).returncode
         same = subprocess.run(["cmp", b.src, os.path.join(b.rs_dir, "img")]).returncode
         print(f"verify: drctl replica equal={ok == 0}, rsync copy equal={same == 0}")
+        if ok != 0 or same != 0:
+            raise SystemExit("a copy differs from the source: the figures above do not count")
         rsync_delta = float(b.results[1]["rsync_s"])  # type: ignore[arg-type]
         b.agent(rsync_delta)
         b.rsync_fsync_initial()
@@ -219,15 +246,19 @@ def main() -> None:
 
 
 def report(results: list[dict[str, object]]) -> None:
-    print("\n| scenario | rsync s | drctl s | speedup | rsync bytes | drctl bytes | bytes ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| scenario | rsync s | drctl s (TLS) | speedup | drctl s (plain) | TLS cost "
+          "| rsync bytes | drctl bytes | bytes ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        plain = (f"{r['drctl_plain_s']} | {r['tls_cost_pct']:+}%"  # type: ignore[str-format]
+                 if "drctl_plain_s" in r else " | ")
         if "rsync_s" not in r:
-            print(f"| {r['scenario']} | (see delta) | {r['drctl_s']} | {r['speedup']}x | | | |")
+            print(f"| {r['scenario']} | (see delta) | {r['drctl_s']} | {r['speedup']}x | "
+                  f"{plain} | | | |")
             continue
         rb = r["rsync_tcp_bytes"] or r["rsync_app_bytes"]
         db = r["drctl_tcp_bytes"] or r["drctl_app_bytes"]
-        print(f"| {r['scenario']} | {r['rsync_s']} | {r['drctl_s']} | {r['speedup']}x | "
+        print(f"| {r['scenario']} | {r['rsync_s']} | {r['drctl_s']} | {r['speedup']}x | {plain} | "
               f"{rb:,} | {db:,} | {int(rb) / max(1, int(db)):.2f} |")  # type: ignore[call-overload]
 
 
