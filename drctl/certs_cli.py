@@ -11,6 +11,7 @@ import stat
 # drctl/pki.py (and cryptography) is imported by the commands, not by every drctl start-up
 CA_DAYS = 3650
 CERT_DAYS = 397
+AUDIT_FILE = "audit.jsonl"  # the CA's own audit chain, in its directory
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="the deployment's name (in every certificate's OU)")
     i.add_argument("--days", type=int, default=CA_DAYS, help="the CA's validity")
     i.add_argument("--force", action="store_true", help="replace an existing CA")
+    _add_audit_args(i)
     i.set_defaults(func=cmd_init)
 
     s = csub.add_parser("issue", help="a certificate and key for a site or an operator")
@@ -35,11 +37,39 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "(repeatable)")
     s.add_argument("--days", type=int, default=CERT_DAYS)
     s.add_argument("--force", action="store_true", help="replace an existing certificate")
+    _add_audit_args(s)
     s.set_defaults(func=cmd_issue)
 
     w = csub.add_parser("show", help="describe a certificate, a key or an epoch token")
     w.add_argument("file")
     w.set_defaults(func=cmd_show)
+
+
+def _add_audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="RUNBOOK",
+                   help="also append the record to this deployment's audit log in etcd "
+                   "(always: DIR/audit.jsonl, the CA's own log)")
+    p.add_argument("--audit-file", help="the etcd log's local mirror (see drctl audit)")
+
+
+def _audit(args: argparse.Namespace, action: str, target: str, params: dict[str, object],
+           outcome: str = "ok") -> None:
+    """Record a CA operation: always in the CA directory's own chain (DIR/audit.jsonl, which
+    `drctl audit verify --file` checks; the CA is usually offline), and with --config in the
+    deployment's chain in etcd too."""
+    from failover.audit import append_file
+    from failover.cli import cli_actor
+
+    actor = cli_actor()
+    append_file(os.path.join(args.dir, AUDIT_FILE), actor, action, target, params, outcome)
+    if args.config:
+        from failover.cli import _config, record_audit
+
+        if record_audit(_config(args.config), actor, action, target, params, outcome,
+                        args.audit_file) is None:
+            raise SystemExit(f"drctl: error [audit_not_recorded]: {action} {target}: done, but "
+                             f"not recorded in the etcd audit log (see the line above); it is "
+                             f"in {os.path.join(args.dir, AUDIT_FILE)}")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -48,6 +78,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.days <= 0:
         raise PkiError("--days must be positive")
     lay = init(args.dir, args.deployment, args.days, args.force)
+    _audit(args, "certs.init", args.deployment,
+           {"days": args.days, "replaced": bool(args.force), "ca": _cert_facts(lay.ca_cert)})
     print(f"deployment {args.deployment}: CA {lay.ca_cert}, epoch-token key {lay.epoch_key}\n"
           f"keep {lay.ca_key} offline; give every host {lay.ca_cert} and {lay.epoch_pub}, "
           "the controllers also epoch.key")
@@ -61,8 +93,20 @@ def cmd_issue(args: argparse.Namespace) -> int:
         raise PkiError("--days must be positive")
     who = Identity("site", args.site) if args.site else Identity("operator", args.operator)
     cert, key = issue(args.dir, who, tuple(args.host), args.days, args.force)
+    _audit(args, "certs.issue", str(who),
+           {"hosts": list(args.host), "days": args.days, "replaced": bool(args.force),
+            "certificate": _cert_facts(cert)})
     print(f"{who}: certificate {cert}, key {key} ({who.uri})")
     return 0
+
+
+def _cert_facts(path: str) -> dict[str, object]:
+    from drctl.pki import fingerprint, load_cert
+
+    cert = load_cert(path)
+    return {"path": path, "serial": format(cert.serial_number, "x"),
+            "sha256": fingerprint(cert),
+            "not_after": cert.not_valid_after_utc.isoformat(timespec="seconds")}
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -316,6 +316,25 @@ def _write_mirror(path: str, records: list[dict[str, Any]]) -> None:
         os.close(fd)
 
 
+def append_file(path: str, actor: str, action: str, target: str,
+                params: Mapping[str, Any] | None = None, outcome: str = "ok") -> dict[str, Any]:
+    """Append one record to a chain kept only in a file (an offline CA's issuance log, where
+    no etcd is reachable): the same records and hashes as the etcd chain, so `drctl audit
+    verify --file` checks it. One flock per append; the file is 0600."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        seq, last_hash = _last_in_file(fd)
+        rec = make_record(seq + 1, last_hash, actor, action, target, params, outcome,
+                          time.time())
+        os.write(fd, encode(rec) + b"\n")
+        os.fsync(fd)
+        return rec
+    finally:
+        os.close(fd)
+
+
 # -- appending -----------------------------------------------------------------------------
 
 class AuditLog:

@@ -156,10 +156,22 @@ def test_operations_are_audited_and_tampering_is_named(cluster: Cluster) -> None
     for p in procs:
         assert "Traceback" not in p.log() and "audit: " not in p.log(), p.log()[-3000:]
 
+    ca = os.path.join(os.path.dirname(c.config), "ca")
+    code, _out, err = c.drctl("certs", "init", "--dir", ca, "--deployment", "aud")
+    assert code == 0, err
+    code, _out, err = c.drctl("certs", "issue", "--dir", ca, "--operator", "zed",
+                              "--config", c.config)
+    assert code == 0, err
+    code, said = _verify(c, "--file", os.path.join(ca, "audit.jsonl"))  # the CA's own log
+    assert code == 0 and "2 records" in said, said
+
     code, out, err = c.drctl("audit", "show", "--config", c.config, "--json")
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
     seen = {(r["actor"].split("@")[0], r["action"]) for r in records}
+    issued = records.pop()
+    assert (issued["action"], issued["target"]) == ("certs.issue", "operator zed"), issued
+    assert len(issued["params"]["certificate"]["sha256"]) == 64
     cli = records[-1]["actor"]
     assert records[-1]["action"] == "cli.failover" and "@" in cli
     for want in (("anonymous", "api.status"), ("viewer-1", "api.failover"),
@@ -182,7 +194,7 @@ def test_operations_are_audited_and_tampering_is_named(cluster: Cluster) -> None
 
     code, said = _verify(c, "--config", c.config, "--file", c.mirror)
     assert code == 0, said
-    assert said.startswith(f"audit log verified: {len(records)} records in etcd"), said
+    assert said.startswith(f"audit log verified: {len(records) + 1} records in etcd"), said
     _tamper_etcd(c, len(records))
     _tamper_file(c)
 

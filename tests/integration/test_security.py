@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -418,6 +419,18 @@ def test_certs_cli(workdir: str) -> None:
         fh.write(Signer.load(os.path.join(d, "epoch.key")).sign("app", ["data"], "east", 4))
     p = run([*DRCTL, "certs", "show", token])
     assert p.returncode == 0 and "site east is the primary at epoch 4" in p.stdout, p.stdout
+    log = os.path.join(d, "audit.jsonl")  # the CA's own audit chain: init and each issue
+    with open(log) as fh:
+        recs = [json.loads(line) for line in fh]
+    assert [(r["action"], r["target"]) for r in recs] == [
+        ("certs.init", "prod"), ("certs.issue", "site east"), ("certs.issue", "operator ann")]
+    assert recs[1]["params"]["hosts"] == ["10.0.0.5"] and "key" not in json.dumps(recs)
+    assert run([*DRCTL, "audit", "verify", "--file", log]).returncode == 0
+    recs[1]["params"]["days"] = 3650  # an edited record is named
+    with open(log, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in recs)
+    p = run([*DRCTL, "audit", "verify", "--file", log])
+    assert p.returncode == 1 and "record 2" in p.stderr, p.stderr
     os.chmod(os.path.join(d, "sites", "east.key"), 0o644)
     p = run([*DRCTL, "certs", "show", os.path.join(d, "sites", "east.key")])
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
