@@ -32,8 +32,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     who = s.add_mutually_exclusive_group(required=True)
     who.add_argument("--site", metavar="NAME")
     who.add_argument("--operator", metavar="NAME")
+    who.add_argument("--server", metavar="NAME",
+                     help="an HTTPS server certificate (the API's: drctl api --tls-cert)")
     s.add_argument("--host", action="append", default=[], metavar="NAME|ADDRESS",
-                   help="sites: another name or address the site's target is reached by "
+                   help="sites and servers: another name or address it is reached by "
                    "(repeatable)")
     s.add_argument("--days", type=int, default=CERT_DAYS)
     s.add_argument("--force", action="store_true", help="replace an existing certificate")
@@ -91,7 +93,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
     if args.days <= 0:
         raise PkiError("--days must be positive")
-    who = Identity("site", args.site) if args.site else Identity("operator", args.operator)
+    who = (Identity("site", args.site) if args.site else
+           Identity("server", args.server) if args.server else
+           Identity("operator", args.operator))
     cert, key = issue(args.dir, who, tuple(args.host), args.days, args.force)
     _audit(args, "certs.issue", str(who),
            {"hosts": list(args.host), "days": args.days, "replaced": bool(args.force),

@@ -23,11 +23,14 @@ the epoch tokens (docs/security.md).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import random
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -58,7 +61,22 @@ class DemoCluster:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}/"
+        return f"https://127.0.0.1:{self.api_port}/"
+
+    def https(self) -> ssl.SSLContext:
+        """A client context that trusts the demo's CA (the API's certificate is from it)."""
+        return ssl.create_default_context(cafile=os.path.join(self.tls_dir, "ca.crt"))
+
+    def api_spki(self) -> str:
+        """base64 SHA-256 of the API certificate's public key (a browser can pin it)."""
+        from cryptography.hazmat.primitives import serialization
+
+        from drctl.pki import load_cert
+
+        der = load_cert(os.path.join(self.tls_dir, "servers", "api.crt")).public_key() \
+            .public_bytes(serialization.Encoding.DER,
+                          serialization.PublicFormat.SubjectPublicKeyInfo)
+        return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         log = open(os.path.join(self.work, f"{name}.log"), "ab")
@@ -70,7 +88,8 @@ class DemoCluster:
 
     def _certificates(self) -> None:
         """The deployment's CA, the sites' certificates (valid for 127.0.0.1: everything
-        runs on loopback) and the API's, for drills (docs/security.md)."""
+        runs on loopback), the API's client certificate (drills) and its HTTPS certificate
+        (docs/security.md)."""
         from drctl.pki import Identity, init, issue
 
         self.tls_dir = os.path.join(self.work, "tls")
@@ -78,6 +97,7 @@ class DemoCluster:
         for site in ("east", "west"):
             issue(self.tls_dir, Identity("site", site), ("127.0.0.1", "localhost"))
         issue(self.tls_dir, Identity("operator", "api"))
+        issue(self.tls_dir, Identity("server", "api"), ("127.0.0.1", "localhost"))
 
     def start(self) -> DemoCluster:
         self._certificates()
@@ -132,7 +152,9 @@ class DemoCluster:
         users = os.path.join(self.work, "api-users.json")
         self.token = add_user(users, "admin", "admin")
         self._spawn("api", ["api", "--config", self.config, "--listen",
-                            f"127.0.0.1:{self.api_port}", "--users", users, "--insecure"],
+                            f"127.0.0.1:{self.api_port}", "--users", users,
+                            "--tls-cert", os.path.join(self.tls_dir, "servers", "api.crt"),
+                            "--tls-key", os.path.join(self.tls_dir, "servers", "api.key")],
                     {"DRCTL_TLS_DIR": self.tls_dir, "DRCTL_TLS_AS": "operator/api"})
         wait_port(self.api_port)
         threading.Thread(target=self._writer, daemon=True).start()
@@ -180,13 +202,13 @@ class DemoCluster:
                                      method="POST", headers={
                                          "Authorization": f"Bearer {self.token}",
                                          "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=5, context=self.https()) as r:
             r.read()
 
     def status(self) -> dict[str, object]:
         req = urllib.request.Request(f"{self.url}api/v1/status",
                                      headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=5, context=self.https()) as r:
             out: dict[str, object] = json.loads(r.read())
         return out
 
@@ -291,7 +313,9 @@ def main() -> int:
     try:
         demo.start()
         print(f"\ndrctl demo is up (logs in {demo.work})\n\n  open  {demo.url}#token="
-              f"{demo.token}\n\nCtrl-C stops everything.\n", flush=True)
+              f"{demo.token}\n\n  (HTTPS with a certificate from the demo's own CA, "
+              f"{demo.tls_dir}/ca.crt: the browser asks once to accept it)\n\n"
+              "Ctrl-C stops everything.\n", flush=True)
         started = time.monotonic()
         if os.environ.get("DEMO_CYCLE", "1") != "0":
             if cycle(demo, stopping):

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 URI_SCHEME = "drctl"
-KINDS = ("site", "operator")
+KINDS = ("site", "operator", "server")  # server: HTTPS only (the API), no client auth
 CA_DAYS = 3650
 CERT_DAYS = 397
 
@@ -63,7 +63,8 @@ class KeyPermissionError(PkiError):
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a certificate names: ``kind`` site or operator, and the name."""
+    """Who a certificate names: ``kind`` site, operator or server (HTTPS, e.g. the API's), and
+    the name."""
 
     kind: str
     name: str
@@ -267,8 +268,12 @@ def issue(directory: str, who: Identity, hosts: tuple[str, ...] = (), days: int 
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(who.uri)]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if who.kind == "site":
+    if who.kind == "server" and not hosts:
+        raise PkiError("a server certificate needs --host (the names and addresses it serves)")
+    if who.kind in ("site", "server"):
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+        if who.kind == "server":
+            usages.remove(ExtendedKeyUsageOID.CLIENT_AUTH)
         names.append(x509.DNSName(who.name))
         for h in hosts:
             try:

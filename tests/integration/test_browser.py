@@ -32,7 +32,7 @@ def demo() -> Iterator[DemoCluster]:
 
 
 @pytest.fixture
-def browser() -> Iterator[object]:
+def browser(demo: DemoCluster) -> Iterator[object]:
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver:
         pytest.skip("Debian's chromium and chromium-driver are not installed")
@@ -45,7 +45,9 @@ def browser() -> Iterator[object]:
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-                 "--window-size=1200,900"):
+                 "--window-size=1200,900",
+                 # the page is HTTPS with the demo CA's certificate: trust exactly its key
+                 f"--ignore-certificate-errors-spki-list={demo.api_spki()}"):
         opts.add_argument(flag)
     b = webdriver.Chrome(service=Service(driver), options=opts)
     try:
