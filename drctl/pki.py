@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from drctl.files import atomic_write
+
 URI_SCHEME = "drctl"
 KINDS = ("site", "operator", "server")  # server: HTTPS only (the API), no client auth
 CA_DAYS = 3650
@@ -125,15 +127,7 @@ def write_private(path: str, data: bytes, overwrite: bool = False) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if os.path.exists(path) and not overwrite:
         raise PkiError(f"{path} exists (--force replaces it)")
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, data, 0o600)
 
 
 def check_key_file(path: str) -> None:

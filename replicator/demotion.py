@@ -20,6 +20,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
+from drctl.files import atomic_write
 from replicator.errors import VolumeError
 
 MARK_PRIMARY = ".primary"
@@ -30,20 +31,6 @@ def _path(directory: str, name: str, suffix: str) -> str:
     return os.path.join(directory, f"{name}{suffix}")
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def is_primary(directory: str, name: str) -> bool:
     return os.path.exists(_path(directory, name, MARK_PRIMARY))
 
@@ -52,7 +39,7 @@ def mark_primary(directory: str, name: str, epoch: int, cp: int = 0) -> None:
     """From now on ``name`` is this site's primary volume: the target does not serve it.
     ``cp``: the consistency point it was promoted at (a group's members still to be promoted
     are settled at that same point)."""
-    _atomic_write(_path(directory, name, MARK_PRIMARY),
+    atomic_write(_path(directory, name, MARK_PRIMARY),
                   json.dumps({"epoch": epoch, "cp": cp}).encode())
 
 
@@ -116,7 +103,7 @@ def demote(directory: str, name: str, block_size: int, epoch: int,
         size = os.stat(img).st_size
     except OSError as exc:
         raise VolumeError(f"cannot demote {img}: {exc.strerror}") from exc
-    _atomic_write(_path(directory, name, DIVERGED), json.dumps({
+    atomic_write(_path(directory, name, DIVERGED), json.dumps({
         "base_generation": divergence.base_generation, "blocks": sorted(divergence.blocks),
         "saved_to": divergence.saved_to}).encode())
     for stale in (".wal", ".meta"):
@@ -126,7 +113,7 @@ def demote(directory: str, name: str, block_size: int, epoch: int,
             pass
     generation = str(uuid.uuid4())
     record = CommitRecord(0, epoch, size, block_size, generation, 1)
-    _atomic_write(_path(directory, name, ".meta"), record.pack() * 2)
+    atomic_write(_path(directory, name, ".meta"), record.pack() * 2)
     try:
         os.unlink(_path(directory, name, MARK_PRIMARY))
     except FileNotFoundError:

@@ -32,6 +32,7 @@ import struct
 
 import xxhash
 
+from drctl.files import fsync_dir
 from replicator.batch import Batch, _u64_bytes
 from replicator.errors import VolumeError
 
@@ -187,7 +188,9 @@ class BatchLedger:
                 rec = _REC.pack(seq, self.get(seq) or b"", 0)[:-8]
                 out.append(rec + struct.pack("<Q", xxhash.xxh3_64_intdigest(rec)))
             os.write(fd, b"".join(out))
+            os.fsync(fd)
             os.replace(tmp, self.path)
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except BaseException:
             os.close(fd)
             raise

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from drctl.files import atomic_write
 from failover.errors import FailoverError
 
 ROLES = ("viewer", "operator", "admin")
@@ -110,19 +111,8 @@ def _read(path: str) -> dict[str, dict[str, str]]:
 
 
 def _write(path: str, users: dict[str, dict[str, str]]) -> None:
-    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"version": 1, "users": users}, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, (json.dumps({"version": 1, "users": users}, indent=1, sort_keys=True)
+                        + "\n").encode())
 
 
 def add_user(path: str, name: str, role: str, replace: bool = False) -> str:

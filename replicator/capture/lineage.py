@@ -23,6 +23,8 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 
+from drctl.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 FILE = "lineage.json"
@@ -53,9 +55,4 @@ class Lineage:
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(asdict(self), fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(asdict(self), sort_keys=True).encode())

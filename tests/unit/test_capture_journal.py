@@ -255,3 +255,31 @@ def test_requeue_extracts_unacknowledged_points_again(tmp_path: object) -> None:
     j.requeue()  # the stream failed before point 2 was acknowledged
     pts = j.extract()
     assert [p.cp for p in pts] == [2] and pts[0].blocks == {2: b"\x22" * BS}
+
+
+def test_the_sync_after_a_rewrite_makes_its_rename_durable(tmp_path: object,
+                                                          monkeypatch: object) -> None:
+    """A write appended to the rewritten file is acknowledged only after the directory that
+    holds the rename was fsynced (else a crash could bring the older file back without it)."""
+    import replicator.capture.journal as mod
+
+    synced: list[str] = []
+    monkeypatch.setattr(mod, "fsync_dir", synced.append)  # type: ignore[attr-defined]
+    j = _journal(tmp_path)
+    j.sync()  # the journal's start rewrites it once
+    synced.clear()
+    _write(j, 1, 0xA1)
+    j.flush()
+    j.sync()
+    assert synced == []  # no rename since
+    (point,) = j.extract()
+    j.release(point.cp, inline=True)
+    assert j.compact()
+    _write(j, 2, 0xB1)  # lands in the new file only
+    j.sync()
+    assert synced == [str(tmp_path)]
+    j.sync()
+    assert synced == [str(tmp_path)]  # once per rename
+    j.begin_resync()  # another rewrite
+    j.sync()
+    assert len(synced) == 2

@@ -1,0 +1,43 @@
+"""Durable file replacement: the one way drctl swaps a state file in place.
+
+A crash right after ``os.replace`` can bring the old file back unless the directory holding
+the rename is fsynced too; ``atomic_write`` does both (and fsyncs the data first), so a reader
+after a crash finds either the old file or the whole new one, and after it returns, the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+
+def fsync_dir(path: str) -> None:
+    """Make the renames in directory ``path`` durable."""
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: a temporary file beside it (created with ``mode``),
+    fsynced, renamed over ``path``, and the directory fsynced. The temporary file is removed
+    if anything fails."""
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
