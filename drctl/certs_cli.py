@@ -79,6 +79,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     if args.days <= 0:
         raise PkiError("--days must be positive")
+    if os.path.lexists(args.dir) and not os.path.isdir(args.dir):
+        raise PkiError(f"--dir {args.dir}: not a directory")
     lay = init(args.dir, args.deployment, args.days, args.force)
     _audit(args, "certs.init", args.deployment,
            {"days": args.days, "replaced": bool(args.force), "ca": _cert_facts(lay.ca_cert)})

@@ -1,7 +1,8 @@
 """The `drctl` command line: one entry point, subcommands per subsystem.
 
 Errors raised on purpose carry their own exit code; they are printed as one line, never as a
-traceback.
+traceback. A bad flag is one line too (``drctl: error [usage]: ...``, exit 2). The exit codes
+are one table: docs/cli.md, generated from the error classes (``python -m drctl.exitcodes``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from drctl.logsetup import setup_logging
 
@@ -18,14 +20,33 @@ from drctl.logsetup import setup_logging
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag or argument reported in one line (not the usage text)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"drctl: error [usage]: {message} (see: {self.prog} --help)\n")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("drctl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from drctl import certs_cli
+    from drctl import certs_cli, deploy
     from failover import cli as failover_cli
     from replicator import cli as replicate_cli
     from runbooks import cli as runbook_cli
     from sites import cli as sites_cli
 
-    parser = argparse.ArgumentParser(prog="drctl", description="DR replication and failover")
+    parser: argparse.ArgumentParser = Parser(prog="drctl",
+                                             description="DR replication and failover")
+    parser.add_argument("--version", action="version", version=f"drctl {version()}")
     parser.add_argument("--log-level", default=os.environ.get("DRCTL_LOG_LEVEL", "WARNING"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sites_cli.add_parser(sub)
     runbook_cli.add_parser(sub)
     certs_cli.add_parser(sub)
+    deploy.add_parser(sub)
     return parser
 
 
@@ -46,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # here, so a reader gone early (`| head`) is caught below
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # a socket's, not the reader's: a bug to see
+        # the reader of stdout went away: nothing more to say to anyone. Point stdout at
+        # /dev/null so the interpreter's last flush does not complain at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except (ReplicatorError, FailoverError) as exc:
         print(f"drctl: error [{exc.code}]: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -60,6 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (its write end reports an error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

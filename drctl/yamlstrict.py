@@ -12,6 +12,15 @@ class DuplicateKeyError(ValueError):
     pass
 
 
+class NotTextError(yaml.YAMLError):
+    """The file is not UTF-8 text (a binary file given by mistake)."""
+
+    def __init__(self, exc: UnicodeDecodeError) -> None:
+        self.problem = (f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{exc.start}): a binary file?")
+        super().__init__(self.problem)
+
+
 class LineDict(dict[str, Any]):
     """A mapping from YAML that knows its own line and each key's line (1-based)."""
 
@@ -45,9 +54,15 @@ StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _co
 
 
 def load_yaml(path: str) -> Any:
-    """Parse ``path``; raises OSError, yaml.YAMLError or DuplicateKeyError."""
-    with open(path, encoding="utf-8") as fh:
-        return yaml.load(fh, Loader=StrictLoader)
+    """Parse ``path``; raises OSError, yaml.YAMLError (NotTextError for a file that is not
+    UTF-8 text) or DuplicateKeyError."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NotTextError(exc) from None
+    return yaml.load(text, Loader=StrictLoader)
 
 
 def yaml_error_line(exc: yaml.YAMLError) -> int | None:

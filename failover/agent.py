@@ -6,6 +6,11 @@ fence when it must stop writing), and refreshes its heartbeat (role, epoch, repl
 under its lease. When the lease is lost (etcd unreachable past the local deadline, shorter than
 the TTL) every service this site is primary of is fenced *before* the controller can promote
 the replica; the agent then registers again and follows the records.
+
+A role change that is a step of an operation (this site fenced as the old primary, promoted
+as the new one) runs the operation's steps of this site in the order the record lists them
+(``run_operation``), each with its own timeout, and reports each outcome in the heartbeat for
+the controller to record. A step that failed is not run again until an operator retries.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import contextlib
 import logging
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from failover.audit import AuditLog
 from failover.config import ClusterConfig, ServiceConfig
@@ -23,17 +28,21 @@ from failover.coordination.base import CoordinationStore, Snapshot
 from failover.coordination.feed import ChangeFeed
 from failover.errors import LeaseLostError, StoreUnavailableError
 from failover.fsm import State
-from failover.hooks import run_hook
+from failover.hooks import run_hooks
 from failover.lease import LeaseKeeper
 from failover.records import (
     Heartbeat,
     ServiceHealth,
     ServiceRecord,
+    StepReport,
+    StepRun,
     audit_prefix,
     heartbeat_key,
     service_record,
     state_key,
 )
+from failover.steprun import Outcome, run_step
+from failover.steps import FENCE_STEP, Owner, StepKind, StepSpec
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,9 @@ class SiteAgent:
         self.keeper: LeaseKeeper | None = None
         self.audit: AuditLog | None = None  # set by `drctl agent`: role changes are recorded
         self._failures: set[tuple[str, str, int]] = set()  # (service, role, epoch) recorded
+        # per service: the outcomes of the operation steps run here, by step index
+        self.reports: dict[str, dict[int, StepReport]] = {s: {} for s in config.services}
+        self._beat: Heartbeat | None = None  # the last heartbeat put
 
     def _services(self) -> list[ServiceConfig]:
         return [s for s in self.config.services.values() if self.site in (s.primary, s.replica)]
@@ -119,8 +131,24 @@ class SiteAgent:
             await self.follow(svc, rec)
             hb.services[svc.name] = await self.health(svc, rec)
         assert self.keeper is not None and self.keeper.lease is not None
+        self._beat = hb
         await self.store.put(heartbeat_key(self.config.prefix, self.site), hb.encode(),
                              lease=self.keeper.lease)
+
+    async def _publish(self, svc: ServiceConfig) -> None:
+        """The heartbeat again with this service's step outcomes so far (between the steps
+        of one role change, so the record shows each as soon as it is over)."""
+        hb, keeper = self._beat, self.keeper
+        if hb is None or keeper is None or keeper.lease is None or svc.name not in hb.services:
+            return
+        hb.services[svc.name].steps = self._reports(svc.name)
+        hb.at = time.time()
+        with contextlib.suppress(StoreUnavailableError):
+            await self.store.put(heartbeat_key(self.config.prefix, self.site), hb.encode(),
+                                 lease=keeper.lease)
+
+    def _reports(self, service: str) -> list[dict[str, object]]:
+        return [asdict(r) for _, r in sorted(self.reports[service].items())]
 
     async def health(self, svc: ServiceConfig, rec: ServiceRecord) -> ServiceHealth:
         """This site's report on ``svc`` for the heartbeat (a subclass running the data path
@@ -129,7 +157,7 @@ class SiteAgent:
         lag = None
         if mine.role == "primary" and self.lag_url:
             lag = await asyncio.to_thread(scrape_lag, self.lag_url)
-        return ServiceHealth(mine.role, mine.epoch, lag)
+        return ServiceHealth(mine.role, mine.epoch, lag, steps=self._reports(svc.name))
 
     def wanted(self, rec: ServiceRecord) -> str:
         op = rec.operation
@@ -139,13 +167,37 @@ class SiteAgent:
             return "primary"
         return "replica"
 
+    def _owner(self, rec: ServiceRecord, want: str) -> Owner | None:
+        """Whose operation steps this role change runs (None: not an operation's step)."""
+        op = rec.operation
+        if op is None or op.kind not in ("failover", "switchover"):
+            return None
+        if want == "fenced" and rec.state is State.FENCING and op.source == self.site:
+            return Owner.OLD_PRIMARY
+        if want == "primary" and rec.state is State.PROMOTING and op.target == self.site:
+            return Owner.NEW_PRIMARY
+        return None
+
+    def _held(self, rec: ServiceRecord) -> bool:
+        """An operation failed in this site's steps: its role stays as it is (the failed step
+        is not run again, nothing is undone) until an operator retries or cancels."""
+        op = rec.operation
+        return (rec.state is State.FAILED and op is not None
+                and op.kind in ("failover", "switchover")
+                and (op.failed_step, self.site) in ((State.FENCING, op.source),
+                                                    (State.PROMOTING, op.target)))
+
     async def follow(self, svc: ServiceConfig, rec: ServiceRecord) -> None:
         mine = self.roles[svc.name]
         want = self.wanted(rec)
-        if want == mine.role and rec.epoch == mine.epoch:
+        if (want == mine.role and rec.epoch == mine.epoch) or self._held(rec):
             return
+        if any(r.epoch != rec.epoch for r in self.reports[svc.name].values()):
+            self.reports[svc.name] = {}  # another operation's
         change = {"from": mine.role, "to": want, "from_epoch": mine.epoch, "epoch": rec.epoch}
-        if await self.change_role(svc, rec, mine.role, want):
+        owner = self._owner(rec, want)
+        if await (self.run_operation(svc, rec, owner, want) if owner is not None
+                  else self.change_role(svc, rec, mine.role, want)):
             log.info("site %s: service %s is %s at epoch %d", self.site, svc.name, want,
                      rec.epoch)
             self.roles[svc.name] = Role(want, rec.epoch)
@@ -160,23 +212,90 @@ class SiteAgent:
         if self.audit is not None:
             await self.audit.try_append(f"site:{self.site}", action, service, params, outcome)
 
-    async def change_role(self, svc: ServiceConfig, rec: ServiceRecord, old: str,
-                          want: str) -> bool:
-        """Make this site ``want`` (primary, replica, fenced) for ``svc``: the hooks here; a
-        subclass that runs the data path does that first. True when done (else retried at
-        the next tick)."""
-        mine = Role(old, rec.epoch)
+    def env(self, svc: ServiceConfig, rec: ServiceRecord, want: str) -> dict[str, str]:
         env = {"DRCTL_SERVICE": svc.name, "DRCTL_SITE": self.site,
                "DRCTL_EPOCH": str(rec.epoch), "DRCTL_ROLE": want,
                "DRCTL_REPLICATION_TARGET": self.config.sites[self.site].replication or ""}
+        op = rec.operation
+        if op is not None:
+            env.update(DRCTL_OPERATION=op.kind, DRCTL_OLD_PRIMARY=op.source,
+                       DRCTL_NEW_PRIMARY=op.target)
+        return env
+
+    async def run_operation(self, svc: ServiceConfig, rec: ServiceRecord, owner: Owner,
+                            want: str) -> bool:
+        """This site's steps of the operation in the record's order (those of the current
+        phase not done yet), each reported as soon as it is over; True when all are done."""
+        op = rec.operation
+        assert op is not None
+        mine = self.reports[svc.name]
+        for index, run in enumerate(op.steps):
+            if run.owner != owner or run.phase != rec.state or run.status in ("done",
+                                                                               "skipped"):
+                continue
+            got = mine.get(index)
+            if got is not None and (got.epoch, got.attempt) == (rec.epoch, op.attempt):
+                if got.status == "done":
+                    continue
+                if got.status == "failed":
+                    return False
+            if run.status == "failed" and run.attempt == op.attempt:
+                return False
+            spec = self._spec(svc, run)
+            if spec is None:
+                outcome = Outcome("failed", error=f"step {index + 1} is {run.kind} "
+                                  f"{run.name!r} in the record, not in this site's runbook "
+                                  "(give every daemon the same runbook)")
+            else:
+                log.info("site %s: %s: step %d %s %s", self.site, svc.name, index + 1,
+                         spec.kind, spec.name)
+                outcome = await self.run_step(svc, rec, spec,
+                                              {**self.env(svc, rec, want),
+                                               "DRCTL_STEP": spec.name})
+            mine[index] = StepReport(index, run.name, rec.epoch, op.attempt, outcome.status,
+                                     outcome.seconds, outcome.output, outcome.error)
+            await self._publish(svc)
+            if outcome.status != "done":
+                if outcome.status == "failed":
+                    log.error("site %s: %s: step %d %s failed: %s", self.site, svc.name,
+                              index + 1, run.name, outcome.error)
+                return False
+        return True
+
+    def _spec(self, svc: ServiceConfig, run: StepRun) -> StepSpec | None:
+        """The runbook step a record's step is (None: this site's runbook differs)."""
+        if run.spec is None:
+            return FENCE_STEP if run.kind == StepKind.FENCE else None
+        if run.spec >= len(svc.steps):
+            return None
+        spec = svc.steps[run.spec]
+        return spec if (spec.kind, spec.name) == (run.kind, run.name) else None
+
+    async def run_step(self, svc: ServiceConfig, rec: ServiceRecord, spec: StepSpec,
+                       env: dict[str, str]) -> Outcome:
+        """One step: the data path's part (a subclass that runs it), or a hook or check."""
+        if spec.kind is StepKind.FENCE:
+            return Outcome("done", "no data path at this site: its hooks stop the writes")
+        if spec.kind is StepKind.PROMOTE:
+            return Outcome("done", "no data path at this site: its hooks start the service")
+        return await run_step(spec, env, self.config.secrets())
+
+    async def change_role(self, svc: ServiceConfig, rec: ServiceRecord, old: str,
+                          want: str) -> bool:
+        """Make this site ``want`` (primary, replica, fenced) for ``svc`` outside an
+        operation's steps: the role-change hooks here; a subclass that runs the data path
+        does that first. True when done (else retried at the next tick)."""
+        mine = Role(old, rec.epoch)
+        env = self.env(svc, rec, want)
+        secrets = self.config.secrets()
         if want == "fenced" or (want == "replica" and mine.role == "primary"):
-            ok = await run_hook("fence", svc.hooks.fence, env)
-            ok = ok and await run_hook("stop", svc.hooks.stop, env)
+            ok = await run_hooks("fence", svc.hooks.fence, env, secrets)
+            ok = ok and await run_hooks("stop", svc.hooks.stop, env, secrets)
         elif want == "primary" and mine.role in ("replica", "fenced"):
-            ok = await run_hook("promote", svc.hooks.promote, env)
-            ok = ok and await run_hook("start", svc.hooks.start, env)
+            ok = await run_hooks("promote", svc.hooks.promote, env, secrets)
+            ok = ok and await run_hooks("start", svc.hooks.start, env, secrets)
         elif want == "primary":
-            ok = await run_hook("start", svc.hooks.start, env)
+            ok = await run_hooks("start", svc.hooks.start, env, secrets)
         else:
             ok = True
         return ok
@@ -197,5 +316,5 @@ class SiteAgent:
         """Stop writing for ``svc`` at once (the lease is about to be lost)."""
         env = {"DRCTL_SERVICE": svc.name, "DRCTL_SITE": self.site,
                "DRCTL_EPOCH": str(epoch), "DRCTL_ROLE": "fenced"}
-        await run_hook("fence", svc.hooks.fence, env)
-        await run_hook("stop", svc.hooks.stop, env)
+        await run_hooks("fence", svc.hooks.fence, env, self.config.secrets())
+        await run_hooks("stop", svc.hooks.stop, env, self.config.secrets())

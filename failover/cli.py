@@ -17,6 +17,8 @@ import uuid
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
+from drctl.argtypes import natural, port
+
 if TYPE_CHECKING:  # heavy imports stay out of every other drctl command's start-up
     from drctl.epochtoken import Signer
     from failover.config import ClusterConfig
@@ -28,7 +30,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     c = sub.add_parser("controller", help="run a failover controller (one of them leads)")
     c.add_argument("--config", required=True)
     c.add_argument("--id", help="controller id (default: host-pid)")
-    c.add_argument("--metrics-port", type=int)
+    c.add_argument("--metrics-port", type=port, metavar="PORT",
+                   help="serve the controller's metrics on 127.0.0.1:PORT")
+    c.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve them on this address instead (Prometheus on another host)")
     c.add_argument("--audit-file", help=_AUDIT_FILE_HELP)
     key = c.add_mutually_exclusive_group()
     key.add_argument("--tls-dir", metavar="DIR",
@@ -108,7 +113,7 @@ def _add_audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     show = verbs.add_parser("show", help="the records in etcd, oldest first")
     show.add_argument("--config", required=True)
     show.add_argument("--json", action="store_true", help="one JSON record per line")
-    show.add_argument("--last", type=int, metavar="N", help="only the last N records")
+    show.add_argument("--last", type=natural, metavar="N", help="only the last N records")
     show.set_defaults(func=cmd_audit_show)
     v = verbs.add_parser("verify", help="exit 0 if the chain verifies, 1 (one line naming "
                                         "the record) if one was edited, removed or reordered")
@@ -133,8 +138,8 @@ def _load(path: str) -> tuple[ClusterConfig, Runbook | None]:
     from failover.config import ConfigError, load
 
     try:
-        with open(path, encoding="utf-8") as fh:
-            is_runbook = "drctl-runbook" in fh.read(4096)
+        with open(path, "rb") as fh:
+            is_runbook = b"drctl-runbook" in fh.read(4096)
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from exc
     if not is_runbook:
@@ -177,15 +182,25 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
     cfg = _config(args.config)
     metrics = None
-    if args.metrics_port:
+    if args.metrics_port or args.metrics_listen:
         from prometheus_client import CollectorRegistry, start_http_server
 
+        from failover.config import ConfigError
         from failover.metrics import ControllerMetrics
 
         registry = CollectorRegistry()
         metrics = ControllerMetrics(registry, list(cfg.sites))
         metrics.known_services(list(cfg.services))
-        start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
+        flag, listen = (("--metrics-listen", args.metrics_listen) if args.metrics_listen
+                        else ("--metrics-port", f"127.0.0.1:{args.metrics_port}"))
+        host, _, mport = listen.rpartition(":")
+        if not mport.isdigit() or not 0 < int(mport) < 65536:
+            raise ConfigError(f"{flag} {listen}: expected HOST:PORT")
+        try:
+            start_http_server(int(mport), addr=host.strip("[]") or "127.0.0.1",
+                              registry=registry)
+        except OSError as exc:
+            raise _bind_error(flag, listen, exc) from None
     signer = _epoch_signer(args, any(s.volumes for s in cfg.services.values()))
 
     def controller(store: EtcdStore) -> Controller:
@@ -370,7 +385,11 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not args.config:
         raise ConfigError("drctl api: --config is required (or: drctl api users ...)")
     cfg, runbook = _load(args.config)
-    token = read_token(args.token_file) if args.token_file or not args.users else None
+    try:
+        token = read_token(args.token_file) if args.token_file or not args.users else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--token-file {args.token_file}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
     if args.users is None and token is None:
         raise ConfigError("drctl api: no users: pass --users FILE (drctl api users add NAME "
                           "--role R --file FILE), or --token-file")
@@ -378,8 +397,10 @@ def cmd_api(args: argparse.Namespace) -> int:
         raise ConfigError(f"--users {args.users}: no such file (drctl api users add NAME "
                           f"--role R --file {args.users})")
     users = Users(args.users, token)
-    host, _, port = args.listen.rpartition(":")
+    host, _, port_text = args.listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"--listen {args.listen}: expected HOST:PORT")
     tls = _api_tls(args, host)
 
     async def serve() -> None:
@@ -393,14 +414,27 @@ def cmd_api(args: argparse.Namespace) -> int:
                                             args.allow_origin), access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
-            site = web.TCPSite(runner, host, int(port), ssl_context=tls)
-            await site.start()
+            site = web.TCPSite(runner, host, int(port_text), ssl_context=tls)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise _bind_error("--listen", args.listen, exc) from None
             shown = f"[{host}]" if ":" in host else host
-            print(f"drctl api: {'https' if tls else 'http'}://{shown}:{port}/", flush=True)
+            print(f"drctl api: {'https' if tls else 'http'}://{shown}:{port_text}/", flush=True)
             await stop.wait()
 
     asyncio.run(serve())
     return 0
+
+
+def _bind_error(flag: str, address: str, exc: OSError) -> Exception:
+    """A failed bind, in one line naming the flag (not a traceback)."""
+    from drctl.listening import BIND_ERRNOS, describe
+    from failover.config import ConfigError
+
+    if exc.errno not in BIND_ERRNOS:
+        return exc
+    return ConfigError(f"{flag} {address}: cannot listen there: {describe(exc)}")
 
 
 def _api_tls(args: argparse.Namespace, host: str) -> Any:

@@ -1,7 +1,11 @@
-"""The cluster configuration (YAML): strict, typed, validated at load time.
+"""The cluster configuration: what the daemons run on, from a runbook (runbooks/cluster.py)
+or from this older, smaller YAML format (cluster.yaml), strict, typed, validated at load time.
 
 Unknown keys are errors; every error names the file, the line and the field. Timing
-invariants are checked here, not silently adjusted.
+invariants are checked here, not silently adjusted. A cluster.yaml's hooks become the steps
+of every operation in this order (``_steps``): fence and stop at the old primary, promote,
+then promote and start at the new primary, then dns; each hook has 60 s. `drctl runbook
+convert cluster.yaml` writes the equivalent runbook (docs/operations.md).
 
     cluster: demo
     etcd: [127.0.0.1:2379]       # or {endpoints: [...], user:, password_file:|password_env:,
@@ -27,7 +31,7 @@ invariants are checked here, not silently adjusted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -37,8 +41,11 @@ from failover.coordination import credentials
 from failover.coordination.credentials import CredentialsError, EtcdCredentials
 from failover.dns.rfc2136 import RecordSet, Server, TsigKey
 from failover.errors import FailoverError
-from failover.fsm import Policy
+from failover.fsm import Policy, State
 from failover.lease import check_timings
+from failover.steps import Owner, StepKind, StepSpec, operation_plan, phase_budget
+
+HOOK_TIMEOUT = 60.0  # a cluster.yaml hook's timeout
 
 
 class ConfigError(FailoverError, ValueError):
@@ -126,10 +133,16 @@ class DnsConfig:
 
 @dataclass(frozen=True)
 class Hooks:
-    start: str | None = None
-    stop: str | None = None
-    fence: str | None = None
-    promote: str | None = None
+    """What a site agent runs on a role change that is not a step of an operation: ``start``
+    when it takes the primary role (at start-up too), ``promote`` first when it was not the
+    primary, ``fence`` and ``stop`` when it stops writing (its lease about to be lost, or
+    found primary where the record says replica). Each is a list of hook or health check
+    steps, run in order with their own timeouts."""
+
+    start: tuple[StepSpec, ...] = ()
+    stop: tuple[StepSpec, ...] = ()
+    fence: tuple[StepSpec, ...] = ()
+    promote: tuple[StepSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,11 +151,33 @@ class ServiceConfig:
     primary: str
     replica: str
     policy: Policy
-    dns: DnsConfig | None
+    dns: tuple[DnsConfig, ...]  # every record the dns step rewrites and verifies
     hooks: Hooks
     # the volumes replicated for it (from a runbook): named in the epoch tokens the
     # controller signs (drctl/epochtoken.py)
     volumes: tuple[str, ...] = ()
+    steps: tuple[StepSpec, ...] = ()  # an operation's steps, in the runbook's order
+    depends_on: tuple[str, ...] = ()  # services that fail over (and back) before this one
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dns, tuple):  # one record, or none
+            object.__setattr__(self, "dns", () if self.dns is None else (self.dns,))
+
+    def plan(self, switchover: bool) -> list[Any]:
+        """The steps an operation of this service runs (failover/steps.py Planned)."""
+        return operation_plan(self.steps, switchover, self.policy.drain_timeout_seconds)
+
+
+def with_step_timeouts(policy: Policy, steps: tuple[StepSpec, ...]) -> Policy:
+    """Each phase's timeout: its steps' own timeouts plus an allowance for what they do not
+    bound (the data path's promotion, DNS verification), so a step's timeout, not its
+    phase's, is what stops a slow step."""
+    plan = operation_plan(steps, True, policy.drain_timeout_seconds)
+    return replace(policy,
+                   prepare_timeout_seconds=30 + phase_budget(plan, State.PREPARING),
+                   fence_timeout_seconds=60 + phase_budget(plan, State.FENCING),
+                   promote_timeout_seconds=120 + phase_budget(plan, State.PROMOTING),
+                   reroute_timeout_seconds=120 + phase_budget(plan, State.REROUTING))
 
 
 @dataclass(frozen=True)
@@ -158,6 +193,12 @@ class ClusterConfig:
     @property
     def prefix(self) -> str:
         return f"/drctl/{self.cluster}/"
+
+    def secrets(self) -> list[str]:
+        """Secrets this configuration holds (never shown in a step's recorded output)."""
+        out = [self.etcd_credentials.password or ""]
+        out += [d.key.secret for s in self.services.values() for d in s.dns]
+        return [s for s in out if s]
 
 
 def load(path: str) -> ClusterConfig:
@@ -236,9 +277,21 @@ def _service(r: _Reader, name: str, node: Any, sites: dict[str, Site],
     check_timings(ttl, ttl / 3, ttl / 6)
     hw = f"{where}.hooks"
     h = r.mapping(n.get("hooks") or {}, hw, {"start", "stop", "fence", "promote"})
-    hooks = Hooks(**{k: r.string(h, k, hw) for k in h})
-    return ServiceConfig(name, n["primary"], n["replica"], policy,
-                         _dns(r, f"{where}.dns", n["dns"]) if "dns" in n else None, hooks)
+    where_hook = {"fence": Owner.OLD_PRIMARY, "stop": Owner.OLD_PRIMARY,
+                  "promote": Owner.NEW_PRIMARY, "start": Owner.NEW_PRIMARY}
+    hooks = Hooks(**{k: (StepSpec(StepKind.HOOK, k, where_hook[k], run=r.string(h, k, hw),
+                                  timeout=HOOK_TIMEOUT),) for k in h})
+    dns = (_dns(r, f"{where}.dns", n["dns"]),) if "dns" in n else ()
+    steps = _steps(hooks, bool(dns))
+    return ServiceConfig(name, n["primary"], n["replica"], with_step_timeouts(policy, steps),
+                         dns, hooks, steps=steps)
+
+
+def _steps(hooks: Hooks, dns: bool) -> tuple[StepSpec, ...]:
+    """A cluster.yaml's operation: its hooks as steps, where the agents ran them."""
+    return (*hooks.fence, *hooks.stop, StepSpec(StepKind.PROMOTE, "promote", Owner.NEW_PRIMARY),
+            *hooks.promote, *hooks.start,
+            *((StepSpec(StepKind.DNS, "dns"),) if dns else ()))
 
 
 def _dns(r: _Reader, where: str, node: Any) -> DnsConfig:
@@ -254,6 +307,10 @@ def _dns(r: _Reader, where: str, node: Any) -> DnsConfig:
     try:
         if "file" in t:
             key = TsigKey.from_bind_file(r.string(t, "file", tw))
+            for field_, said in (("name", key.name), ("algorithm", key.algorithm)):
+                if t.get(field_, said) != said:  # the key file names both
+                    raise r.fail(t, field_, tw, f"{t[field_]!r}, but {t['file']} holds a "
+                                                f"{key.algorithm} key named {key.name!r}")
         else:
             key = TsigKey.from_env(r.string(t, "name", tw), r.string(t, "env", tw),
                                    t.get("algorithm", "hmac-sha256"))

@@ -5,6 +5,11 @@ Each tick: read one snapshot -> build a ServiceView per service -> ``decide()`` 
 Every step is idempotent and recorded in etcd, so a leader killed mid-failover is replaced by
 one that reads the record and carries on. Leader-only work runs in a lease-scoped task group:
 losing the lease cancels it.
+
+Services are decided dependencies first (``depends_on``), each view carrying what the same
+snapshot says of its dependencies; a request on a service is inherited by the dependencies
+that share its site and would be left behind (``_inherit``), so they move first. The
+operation's own steps (prechecks, controller hooks, dns) run in failover/operation.py.
 """
 
 from __future__ import annotations
@@ -15,23 +20,41 @@ import logging
 import os
 import time
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from drctl.epochtoken import Signer
 from failover.audit import AuditLog
 from failover.config import ClusterConfig, ServiceConfig
 from failover.coordination.base import CoordinationStore, Entry, Snapshot
 from failover.coordination.feed import ChangeFeed
-from failover.dns.rfc2136 import DnsUpdater
-from failover.errors import (
-    DnsUpdateRefused,
-    DnsVerifyTimeout,
-    LeaseLostError,
-    StoreUnavailableError,
+from failover.errors import LeaseLostError, StoreUnavailableError
+from failover.fsm import (
+    IDLE_STATES,
+    START_STATES,
+    Action,
+    Command,
+    Decision,
+    Dependency,
+    ServiceView,
+    State,
+    decide,
 )
-from failover.fsm import Action, Command, Decision, ServiceView, State, decide
 from failover.lease import Election
 from failover.metrics import ControllerMetrics
+from failover.operation import (
+    ControllerSteps,
+    StepContext,
+    begin_phase,
+    drained,
+    fenced,
+    finish,
+    new_operation,
+    phase_done,
+    record_failure,
+    retry,
+    settle,
+    take_reports,
+)
 from failover.records import (
     CommandRecord,
     Heartbeat,
@@ -46,6 +69,7 @@ from failover.records import (
     service_record,
     state_key,
 )
+from failover.steps import Owner
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +83,24 @@ class CycleResult:
     notable: bool = True  # worth a log line: an action, a state change or a refusal
 
 
+@dataclass
+class _Seen:
+    """One service as the tick's snapshot shows it, and the request it acts on: its own
+    (``entry``: the command key, deleted once consumed) or one inherited from a dependent
+    (``inherited_from``)."""
+
+    rec: ServiceRecord
+    rev: int
+    entry: Entry | None
+    cmd: CommandRecord | None
+    view: ServiceView
+    inherited_from: str | None = None
+    refused: str | None = None  # its request was refused in this tick: why
+    extra: dict[str, object] = field(default_factory=dict)
+
+
 _FAILOVERS = (Command.FAILOVER, Command.FORCE_FAILOVER)
+_REQUESTS = (*_FAILOVERS, Command.SWITCHOVER)
 
 
 class Controller:
@@ -75,6 +116,13 @@ class Controller:
         self.signer: Signer | None = None
         self.leader_since: float | None = None  # monotonic: when _lead() began (_silent_since)
         self._heard: set[str] = set()  # sites heard from (a heartbeat) since then
+        self.steps = ControllerSteps()
+        self._alive: dict[str, bool] = {}  # sites with a heartbeat in this tick's snapshot
+        self.order = _dependencies_first(config)
+        self.dependents = {n: [d for d in self.order if n in config.services[d].depends_on]
+                           for n in config.services}
+        self.prepares = {n: any(p.phase is State.PREPARING for p in svc.plan(False))
+                         for n, svc in config.services.items()}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -111,11 +159,17 @@ class Controller:
         feed = ChangeFeed(self.store, self.config.prefix)
         follow = asyncio.create_task(feed.run())
         try:
-            while not stop.is_set():
-                for result in await self.tick():
-                    if result.notable:
-                        log.info("%s: %s", result.service, result.message)
-                await feed.wait(self.interval)
+            async with asyncio.TaskGroup() as steps:  # the operations' controller steps
+                self.steps.group, self.steps.wake = steps, feed.changed.set
+                try:
+                    while not stop.is_set():
+                        for result in await self.tick():
+                            if result.notable:
+                                log.info("%s: %s", result.service, result.message)
+                        await feed.wait(self.interval)
+                finally:
+                    self.steps.cancel()
+                    self.steps.group = self.steps.wake = None
         finally:
             follow.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -127,7 +181,14 @@ class Controller:
         snap = await self.store.snapshot_without(self.config.prefix,
                                                  audit_prefix(self.config.prefix))
         now = time.time()
-        results = [await self._service(snap, svc, now) for svc in self.config.services.values()]
+        self._alive = {s: self._heartbeat(snap, s) is not None for s in self.config.sites}
+        seen = {n: await self._observe(snap, self.config.services[n], now) for n in self.order}
+        self._inherit(seen)
+        results = []
+        for name in self.order:  # dependencies first: their outcome in this tick is known
+            s = seen[name]
+            s.view = replace(s.view, dependencies=self._dependencies(name, seen))
+            results.append(await self._service(snap, self.config.services[name], s, now))
         if self.metrics is not None:
             for site in self.config.sites:
                 hb = self._heartbeat(snap, site)
@@ -181,7 +242,7 @@ class Controller:
         hb = self._heartbeat(snap, site)
         return hb.services.get(service) if hb is not None else None
 
-    async def _service(self, snap: Snapshot, svc: ServiceConfig, now: float) -> CycleResult:
+    async def _observe(self, snap: Snapshot, svc: ServiceConfig, now: float) -> _Seen:
         rec, rev = self._record(snap, svc)
         cmd_entry = snap.entries.get(command_key(self.config.prefix, svc.name))
         cmd = CommandRecord.decode(cmd_entry.value) if cmd_entry else None
@@ -193,21 +254,75 @@ class Controller:
         elif rec.primary_lost_since is None:
             rec.primary_lost_since = self._silent_since(rec.primary, svc, now)
         protected, barrier = _observe(rec, svc.name, primary_hb, replica_hb)
+        op = rec.operation
+        if op is not None and rec.state in (State.FENCING, State.PROMOTING):
+            owner, site = ((Owner.OLD_PRIMARY, op.source) if rec.state is State.FENCING
+                           else (Owner.NEW_PRIMARY, op.target))
+            take_reports(op, rec.epoch, self._heartbeat(snap, site), svc.name, owner)
+        await self.steps.advance(self._context(svc, rec), now)
         view = ServiceView(
             state=rec.state, now=now, primary_alive=primary_hb is not None,
             primary_lost_since=rec.primary_lost_since, replica_alive=replica_hb is not None,
             replica_lag_seconds=rec.last_lag_seconds, last_failover_at=rec.last_failover_at,
             state_since=rec.since, command=cmd.command if cmd else Command.NONE,
             step_done=await self._step_done(rec, snap, svc),
-            step_failed=bool(rec.operation and rec.operation.error and
-                             rec.state is not State.FAILED),
-            failed_step=State(rec.operation.failed_step)
-            if rec.operation and rec.operation.failed_step else None,
+            step_failed=bool(op and op.error and rec.state is not State.FAILED),
+            failed_step=State(op.failed_step) if op and op.failed_step else None,
             policy=svc.policy, protected=protected, barrier=barrier,
-            replica_consistent=rec.replica_consistent)
+            replica_consistent=rec.replica_consistent, prepare=self.prepares[svc.name],
+            switchover=op is not None and op.kind == "switchover")
+        return _Seen(rec, rev, cmd_entry, cmd, view)
+
+    def _context(self, svc: ServiceConfig, rec: ServiceRecord) -> StepContext:
+        op = rec.operation
+        env = {"DRCTL_SERVICE": svc.name, "DRCTL_EPOCH": str(rec.epoch),
+               "DRCTL_CONTROLLER": self.node}
+        if op is not None:
+            env.update(DRCTL_OPERATION=op.kind, DRCTL_OLD_PRIMARY=op.source,
+                       DRCTL_NEW_PRIMARY=op.target, DRCTL_SITE=op.target)
+        return StepContext(rec, svc, self.config.sites[rec.primary].address,
+                           dict(self._alive), env, self.config.secrets())
+
+    def _inherit(self, seen: dict[str, _Seen]) -> None:
+        """A service with no request of its own takes up a dependent's failover or
+        switchover when that dependent would start it now and both leave the same site for
+        the same one: the dependency moves first (the dependent waits for it)."""
+        for name in reversed(self.order):  # dependents first: inheritance runs down chains
+            s = seen[name]
+            if s.cmd is not None or s.rec.state not in IDLE_STATES:
+                continue
+            for dependent in self.dependents[name]:
+                d = seen[dependent]
+                if d.cmd is None or d.cmd.command not in _REQUESTS \
+                        or d.rec.primary != s.rec.primary \
+                        or (d.cmd.target or d.rec.replica) != s.rec.replica:
+                    continue
+                trial = decide(replace(d.view, command=d.cmd.command))
+                if trial.refused or trial.next_state not in START_STATES:
+                    continue
+                s.cmd = CommandRecord(d.cmd.command, s.rec.replica, d.cmd.id, d.cmd.at)
+                s.inherited_from = d.inherited_from or dependent
+                s.view = replace(s.view, command=d.cmd.command)
+                break
+
+    def _dependencies(self, name: str, seen: dict[str, _Seen]) -> tuple[Dependency, ...]:
+        me = seen[name]
+        out = []
+        for dep in self.config.services[name].depends_on:
+            d = seen[dep]
+            op = d.rec.operation
+            failed = (f"{op.failed_step}: {op.error}" if d.rec.state is State.FAILED and op
+                      is not None and op.kind in ("failover", "switchover") else None)
+            out.append(Dependency(dep, d.rec.state, d.rec.primary == me.rec.primary,
+                                  pending=d.cmd is not None, refused=d.refused, failed=failed))
+        return tuple(out)
+
+    def _decision(self, svc: ServiceConfig, s: _Seen) -> tuple[Decision, CommandRecord | None]:
+        """The decision on the service, and the request it acts on (None: refused)."""
+        cmd, view = s.cmd, s.view
         refusal = None
-        if cmd is not None and (cmd.command in _FAILOVERS or cmd.command is Command.SWITCHOVER):
-            refusal = refuse_target(rec, svc.name, "switchover" if cmd.command is
+        if cmd is not None and cmd.command in _REQUESTS:
+            refusal = refuse_target(s.rec, svc.name, "switchover" if cmd.command is
                                     Command.SWITCHOVER else "failover", cmd.target)
         if refusal is None:
             decision = decide(view)
@@ -215,8 +330,22 @@ class Controller:
             decision = decide(replace(view, command=Command.NONE))
             decision = replace(decision, refused=True, message=f"{decision.message}; {refusal}")
             cmd = None
-        decision = self._unjudged(decision, rec)
-        await self._act(decision, rec, svc, cmd, now)
+        decision = self._unjudged(decision, s.rec)
+        if s.inherited_from is not None:
+            decision = replace(decision, message=f"{decision.message} (requested for "
+                               f"{s.inherited_from}, which depends on {svc.name})")
+        return decision, cmd
+
+    async def _service(self, snap: Snapshot, svc: ServiceConfig, s: _Seen,
+                       now: float) -> CycleResult:
+        rec, rev, cmd_entry = s.rec, s.rev, s.entry
+        decision, cmd = self._decision(svc, s)
+        if s.inherited_from is not None:
+            cmd_entry = None  # the dependent's request: it stays pending for the dependent
+        if decision.refused and s.cmd is not None:
+            s.refused = decision.message
+        rec.waiting_for = decision.waiting
+        await self._act(decision, rec, svc, cmd, now, s.inherited_from)
         if decision.changes and self.metrics is not None:
             self.metrics.transitions.labels(svc.name, decision.next_state.value).inc()
         if decision.changes:
@@ -224,6 +353,8 @@ class Controller:
                     "action": decision.action}
             rec.history = [*rec.history, step][-20:]
             rec.state, rec.since = decision.next_state, now
+            if rec.state in (State.PREPARING, State.REROUTING):  # its first step, now
+                await self.steps.advance(self._context(svc, rec), now)
         notable = decision.action is not Action.NONE or decision.consumes_command
         if rev and not decision.consumes_command and _same(
                 rec, snap, state_key(self.config.prefix, svc.name)):
@@ -262,6 +393,8 @@ class Controller:
 
     async def _step_done(self, rec: ServiceRecord, snap: Snapshot, svc: ServiceConfig) -> bool:
         op = rec.operation
+        if rec.state in (State.PREPARING, State.REROUTING):
+            return phase_done(op, rec.state)
         if rec.state is State.FENCING and op is not None:
             old = self._heartbeat(snap, op.source)
             if old is None:
@@ -274,8 +407,6 @@ class Controller:
         if rec.state is State.PROMOTING and op is not None:
             health = self._health(snap, op.target, svc.name)
             return health is not None and health.role == "primary" and health.epoch >= rec.epoch
-        if rec.state is State.REROUTING and op is not None:
-            return op.dns_done
         if rec.state is State.RESYNCING:
             # done when the new primary says its replica is protected at this epoch and the
             # former primary follows as the replica at this epoch
@@ -307,35 +438,60 @@ class Controller:
         return serving
 
     async def _act(self, d: Decision, rec: ServiceRecord, svc: ServiceConfig,
-                   cmd: CommandRecord | None, now: float) -> None:
-        if d.state is State.FAILED and d.changes:
+                   cmd: CommandRecord | None, now: float, inherited: str | None = None) -> None:
+        if d.changes:
+            self._leave(d, rec, svc, cmd, now, inherited)
+            self._enter(d, rec, svc, now)
+            begin_phase(rec.operation, d.next_state, now)
+        self._grant(rec, svc)
+
+    def _leave(self, d: Decision, rec: ServiceRecord, svc: ServiceConfig,
+               cmd: CommandRecord | None, now: float, inherited: str | None) -> None:
+        """What leaving ``d.state`` does to the operation: one starts (from an idle state),
+        is retried or cancelled (from failed), or its drain ends."""
+        if d.state is State.FAILED:
             if d.next_state is State.HEALTHY:
-                rec.operation = None  # cancelled: abandoned, the roles stay as recorded
+                finish(rec, "cancelled")  # abandoned, the roles stay as recorded
             elif rec.operation is not None:
-                rec.operation.error = None  # an operator retry: run the failed step again
-                rec.operation.failed_step = None
-        if d.next_state is State.FENCING and d.state is not State.FENCING \
-                and d.state is not State.FAILED:
-            target = (cmd.target if cmd and cmd.target else None) or rec.replica
-            asked = cmd is not None and cmd.command in _FAILOVERS
-            kind = "switchover" if d.state is State.DRAINING and not asked else "failover"
+                retry(rec.operation)  # an operator retry: run the failed steps again
+        elif d.state in IDLE_STATES and d.next_state in START_STATES:
+            rec.operation = self._start(d, rec, svc, cmd, now, inherited)
+        elif d.state is State.DRAINING and rec.operation is not None:
+            drained(d, rec, cmd is not None and cmd.command in _FAILOVERS, now)
+
+    def _enter(self, d: Decision, rec: ServiceRecord, svc: ServiceConfig, now: float) -> None:
+        op = rec.operation
+        if d.next_state is State.FENCING and d.state is not State.FAILED:
             rec.epoch += 1  # from now on the replica refuses the old primary's deltas
-            rec.operation = Operation(kind, rec.primary, target, now)
-        elif d.next_state is State.PROMOTING and rec.operation is not None:
-            rec.primary, rec.replica = rec.operation.target, rec.operation.source
-        elif d.next_state is State.REROUTING or (d.state is State.REROUTING and
-                                                 d.action is Action.REWRITE_DNS):
-            await self._rewrite_dns(rec, svc)
+            if op is None:  # a drain an older controller started
+                op = rec.operation = new_operation(svc, "switchover", rec.primary,
+                                                   rec.replica, now)
+            op.fenced = True
+        elif d.next_state is State.PROMOTING and op is not None:
+            fenced(op, bool(self._alive.get(op.source)))
+            rec.primary, rec.replica = op.target, op.source
+        elif d.next_state is State.REROUTING and op is not None:
+            settle(op, State.PROMOTING, "done", f"{op.target} reported itself primary")
         elif d.next_state is State.FAILED_OVER:
             rec.last_failover_at = now
-            rec.operation = None
+            finish(rec, "done")
         elif d.next_state is State.FAILED:
-            _record_failure(d, rec)
+            record_failure(d, rec)
         elif d.next_state is State.RESYNCING:
             rec.replica_consistent = False  # the former primary is overwritten block by block
         elif d.state is State.RESYNCING and d.next_state is State.HEALTHY:
             rec.operation = None  # a retried resync's record
-        self._grant(rec, svc)
+
+    def _start(self, d: Decision, rec: ServiceRecord, svc: ServiceConfig,
+               cmd: CommandRecord | None, now: float, inherited: str | None) -> Operation:
+        """The operation a move out of an idle state starts, with its plan."""
+        target = (cmd.target if cmd and cmd.target else None) or rec.replica
+        switch = d.next_state is State.DRAINING or (
+            cmd is not None and cmd.command is Command.SWITCHOVER)
+        op = new_operation(svc, "switchover" if switch else "failover", rec.primary, target,
+                           now, forced=cmd is not None and cmd.command is Command.FORCE_FAILOVER)
+        op.requested_for = inherited
+        return op
 
     def _grant(self, rec: ServiceRecord, svc: ServiceConfig) -> None:
         """Sign the epoch's grant to the site that is primary at it (the failover's target
@@ -344,27 +500,12 @@ class Controller:
         if self.signer is None or not svc.volumes:
             return
         op = rec.operation
+        # (an operation still preparing or draining has not bumped the epoch: the primary
+        # keeps its grant, its capture agent presents it at every handshake)
         site = (op.target if op is not None and op.kind in ("failover", "switchover")
-                and rec.primary == op.source else rec.primary)
+                and op.fenced and rec.primary == op.source else rec.primary)
         if not self.signer.current(rec.epoch_token, svc.name, svc.volumes, site, rec.epoch):
             rec.epoch_token = self.signer.sign(svc.name, svc.volumes, site, rec.epoch)
-
-    async def _rewrite_dns(self, rec: ServiceRecord, svc: ServiceConfig) -> None:
-        op = rec.operation
-        if op is None or op.dns_done or svc.dns is None:
-            if op is not None:
-                op.dns_done = True
-            return
-        site = self.config.sites[rec.primary]
-        rrset = svc.dns.for_address(site.address)
-        updater = DnsUpdater(svc.dns.key)
-        try:
-            await updater.replace(rrset, svc.dns.update)
-            await updater.verify(rrset, svc.dns.servers, svc.dns.verify_timeout)
-            op.dns_done = True
-        except (DnsUpdateRefused, DnsVerifyTimeout) as exc:
-            op.error = str(exc)
-            log.error("%s: %s", svc.name, exc)
 
 
 def _observe(rec: ServiceRecord, service: str, primary_hb: Heartbeat | None,
@@ -399,13 +540,20 @@ def _observe(rec: ServiceRecord, service: str, primary_hb: Heartbeat | None,
     return protected, barrier
 
 
-def _record_failure(d: Decision, rec: ServiceRecord) -> None:
-    """The failed step (for a retry) and why (a timeout's reason is the decision itself)."""
-    if rec.operation is None:  # a resync has no operation of its own until it fails
-        rec.operation = Operation("resync", rec.primary, rec.replica, rec.since)
-    rec.operation.failed_step = d.state.value
-    if rec.operation.error is None:
-        rec.operation.error = d.message
+def _dependencies_first(config: ClusterConfig) -> list[str]:
+    """The services in an order where each comes after what it depends on (the runbook
+    loader rejects cycles; a cluster.yaml has no dependencies)."""
+    out: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in out:
+            for dep in config.services[name].depends_on:
+                visit(dep)
+            out.append(name)
+
+    for name in config.services:
+        visit(name)
+    return out
 
 
 def _same(rec: ServiceRecord, snap: Snapshot, key: str) -> bool:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 
 class FailoverError(Exception):
+    """Root of every error the failover package raises on purpose (a request that cannot be
+    queued, e.g. one still pending)."""
+
     code = "failover_error"
     retryable = False
     http_status = 500

@@ -4,7 +4,10 @@ Every allowed move is one ``Transition(src, dst, reason, action)`` row in ``TRAN
 unknown (src, dst) pair raises InvalidTransition. ``decide()`` is pure: it reads an immutable
 ``ServiceView`` (one etcd snapshot plus the clock) and returns a ``Decision``; the controller
 acts on it and logs ``decision.message``. A pending operator command is consumed by a state
-change or refused (``Decision.refused``, the reason in the message), never left pending.
+change or refused (``Decision.refused``, the reason in the message), never left pending,
+except while the service waits for a dependency (``depends_on``) to finish its own operation:
+``_dependency_guard`` holds the move that would start this service's operation
+(``Decision.waiting``), and stops it (a refusal, or ``blocked``) when the dependency failed.
 The diagram in docs/failover-fsm.dot is generated from the table (``python -m failover.fsm
 --dot``) and CI checks it is current.
 """
@@ -23,6 +26,7 @@ class State(StrEnum):
     UNPROTECTED = "unprotected"  # primary serving, its replica is not receiving
     PRIMARY_SUSPECT = "primary_suspect"  # primary heartbeat missing, inside the grace period
     BLOCKED = "blocked"  # automatic failover not allowed now (RPO, damping): operator decides
+    PREPARING = "preparing"  # the runbook's prechecks and controller hooks (nothing changed)
     DRAINING = "draining"  # planned switchover: write barrier up, waiting for lag to reach zero
     FENCING = "fencing"  # epoch bumped; waiting until the old primary cannot write any more
     PROMOTING = "promoting"  # the replica becomes primary (warm journal applied first)
@@ -41,6 +45,7 @@ class Action(StrEnum):
     NONE = "none"
     WAIT = "wait"
     BLOCK = "block"
+    PREPARE = "prepare"  # run the prechecks and controller hooks, in the runbook's order
     DRAIN = "drain"
     FENCE = "fence"  # bump the service epoch; the replica refuses older epochs from now on
     PROMOTE = "promote"
@@ -75,6 +80,19 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(S.BLOCKED, S.HEALTHY, "primary heartbeat back", A.NONE),
     Transition(S.BLOCKED, S.FENCING, "manual failover, or lag back within the RPO budget",
                A.FENCE),
+    Transition(S.HEALTHY, S.PREPARING, "manual failover or switchover: prechecks first",
+               A.PREPARE),
+    Transition(S.UNPROTECTED, S.PREPARING, "manual failover: prechecks first", A.PREPARE),
+    Transition(S.PRIMARY_SUSPECT, S.PREPARING, "grace expired, lag within the RPO budget: "
+               "prechecks first", A.PREPARE),
+    Transition(S.BLOCKED, S.PREPARING, "manual failover, or lag back within the RPO budget: "
+               "prechecks first", A.PREPARE),
+    Transition(S.PREPARING, S.FENCING, "prechecks and controller hooks done", A.FENCE),
+    Transition(S.PREPARING, S.DRAINING, "prechecks and controller hooks done (switchover)",
+               A.DRAIN),
+    Transition(S.PREPARING, S.FAILED, "a precheck or controller hook failed or timed out",
+               A.ALERT),
+    Transition(S.FAILED, S.PREPARING, "operator retry from the prechecks", A.PREPARE),
     Transition(S.DRAINING, S.FENCING, "write barrier up and lag 0, or manual failover",
                A.FENCE),
     Transition(S.DRAINING, S.HEALTHY, "drain timed out: switchover abandoned", A.ALERT),
@@ -125,10 +143,31 @@ class Policy:
     allow_data_loss: bool = False  # fail over automatically even beyond the RPO budget
     damping_seconds: float = 600.0  # no second automatic failover this soon after one
     drain_timeout_seconds: float = 120.0
-    fence_timeout_seconds: float = 60.0  # each step moves to FAILED past its timeout
+    prepare_timeout_seconds: float = 60.0  # each phase moves to FAILED past its timeout
+    fence_timeout_seconds: float = 60.0
     promote_timeout_seconds: float = 120.0
     reroute_timeout_seconds: float = 120.0
     resync_timeout_seconds: float = 3600.0
+
+
+# The states of an operation in progress, and the moves that start one
+ACTIVE_STATES = frozenset({State.PREPARING, State.DRAINING, State.FENCING, State.PROMOTING,
+                           State.REROUTING})
+IDLE_STATES = frozenset({State.HEALTHY, State.UNPROTECTED, State.PRIMARY_SUSPECT, State.BLOCKED})
+START_STATES = frozenset({State.PREPARING, State.DRAINING, State.FENCING})
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """A service this one depends on (``depends_on``), as the same snapshot shows it."""
+
+    name: str
+    state: State
+    # its primary is the site this service would leave: it has not moved (yet)
+    same_site: bool
+    pending: bool = False  # a request is pending for it (its own, or one of ours it inherits)
+    refused: str | None = None  # that request was refused in this tick: why
+    failed: str | None = None  # FAILED: in which step and why
 
 
 @dataclass(frozen=True)
@@ -155,6 +194,9 @@ class ServiceView:
     # False while the replica is known to be mid-resync (not at a consistency point): then
     # only a forced failover may promote it.
     replica_consistent: bool = True
+    prepare: bool = False  # the runbook has prechecks or controller hooks before fencing
+    switchover: bool = False  # the operation in progress is a switchover (or a failback)
+    dependencies: tuple[Dependency, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,6 +206,7 @@ class Decision:
     action: Action
     message: str
     refused: bool = False  # the pending command was refused (consumed, nothing done)
+    waiting: str | None = None  # held for a dependency: the command (if any) stays pending
 
     @property
     def changes(self) -> bool:
@@ -191,6 +234,13 @@ def _stay(v: ServiceView, action: Action, detail: str) -> Decision:
 
 def _refuse(v: ServiceView, action: Action, detail: str) -> Decision:
     return Decision(v.state, v.state, action, f"{v.state}: {detail}", refused=True)
+
+
+def _begin(v: ServiceView, dst: State, detail: str) -> Decision:
+    """Start an operation: through the prechecks first when the runbook has any."""
+    if v.prepare and dst in (State.FENCING, State.DRAINING):
+        return _move(v, State.PREPARING, detail)
+    return _move(v, dst, detail)
 
 
 def _auto_allowed(v: ServiceView) -> tuple[bool, str]:
@@ -241,7 +291,7 @@ def _healthy(v: ServiceView) -> Decision:
     if (refused := _not_consistent(v)) is not None:
         return refused
     if v.command in _FAILOVERS:
-        return _move(v, State.FENCING, "requested by an operator")
+        return _begin(v, State.FENCING, "requested by an operator")
     # A switchover the move below makes impossible is consumed by it, and the message says so.
     switch = v.command is Command.SWITCHOVER
     if not v.primary_alive:
@@ -251,7 +301,7 @@ def _healthy(v: ServiceView) -> Decision:
         return _move(v, State.UNPROTECTED, f"replica lag {seconds(v.replica_lag_seconds)}" + (
             "; switchover refused: the replica is not receiving" if switch else ""))
     if switch:
-        return _move(v, State.DRAINING, "requested by an operator")
+        return _begin(v, State.DRAINING, "requested by an operator")
     return _stay(v, Action.NONE, "primary alive")
 
 
@@ -259,7 +309,7 @@ def _unprotected(v: ServiceView) -> Decision:
     if (refused := _not_consistent(v)) is not None:
         return refused
     if v.command in _FAILOVERS:
-        return _move(v, State.FENCING, "requested by an operator")
+        return _begin(v, State.FENCING, "requested by an operator")
     if not v.primary_alive:
         return _move(v, State.PRIMARY_SUSPECT, "waiting for the grace period")
     if v.protected is True:
@@ -277,14 +327,14 @@ def _suspect(v: ServiceView) -> Decision:
         return _stay(v, Action.WAIT, f"primary silent {v.now - lost:.1f}s of "
                                      f"{v.policy.grace_seconds:.1f}s grace")
     ok, why = _auto_allowed(v)
-    return _move(v, State.FENCING if ok else State.BLOCKED, why)
+    return _begin(v, State.FENCING, why) if ok else _move(v, State.BLOCKED, why)
 
 
 def _blocked(v: ServiceView) -> Decision:
     if v.primary_alive:
         return _move(v, State.HEALTHY, "primary back")
     if v.command is Command.FORCE_FAILOVER:
-        return _move(v, State.FENCING, "forced by an operator: data loss accepted")
+        return _begin(v, State.FENCING, "forced by an operator: data loss accepted")
     if v.command is Command.FAILOVER:
         lag = v.replica_lag_seconds
         if not v.replica_consistent:
@@ -292,13 +342,13 @@ def _blocked(v: ServiceView) -> Decision:
                            "mid-resync, not at a consistency point (use --force to promote "
                            "it anyway)")
         if lag is not None and lag <= v.policy.rpo_seconds:
-            return _move(v, State.FENCING, "requested by an operator")
+            return _begin(v, State.FENCING, "requested by an operator")
         return _refuse(v, Action.BLOCK, f"manual failover refused: replica lag {seconds(lag)}"
                        f", RPO budget {v.policy.rpo_seconds:.0f}s (use --force to accept data "
                        "loss)")
     ok, why = _auto_allowed(v)
     if ok:
-        return _move(v, State.FENCING, why)
+        return _begin(v, State.FENCING, why)
     return _stay(v, Action.BLOCK, why)
 
 
@@ -319,11 +369,20 @@ def _draining(v: ServiceView) -> Decision:
                                   f"{'up' if v.barrier else 'not up yet'}")
 
 
+def _preparing(v: ServiceView) -> Decision:
+    if v.step_failed:
+        return _move(v, State.FAILED, "see the operation record")
+    if v.step_done:
+        return _move(v, State.DRAINING if v.switchover else State.FENCING, "step done")
+    return _timed_out(v) or _stay(v, Action.PREPARE, "prechecks in progress")
+
+
 _NEXT_STEP = {State.FENCING: State.PROMOTING, State.PROMOTING: State.REROUTING,
               State.REROUTING: State.FAILED_OVER}
 _STEP_ACTION = {State.FENCING: Action.FENCE, State.PROMOTING: Action.PROMOTE,
                 State.REROUTING: Action.REWRITE_DNS}
 _WAITING_FOR = {
+    State.PREPARING: "the runbook's prechecks and controller hooks",
     State.FENCING: "the old primary to report itself fenced at the new epoch (or its "
                    "heartbeat to expire with the witness agreeing)",
     State.PROMOTING: "the new primary to report itself primary at the new epoch",
@@ -335,7 +394,8 @@ _WAITING_FOR = {
 
 def step_timeout(state: State, policy: Policy) -> float | None:
     """How long a step may take before the service moves to FAILED (None: no limit)."""
-    return {State.FENCING: policy.fence_timeout_seconds,
+    return {State.PREPARING: policy.prepare_timeout_seconds,
+            State.FENCING: policy.fence_timeout_seconds,
             State.PROMOTING: policy.promote_timeout_seconds,
             State.REROUTING: policy.reroute_timeout_seconds,
             State.RESYNCING: policy.resync_timeout_seconds}.get(state)
@@ -391,7 +451,8 @@ def _resyncing(v: ServiceView) -> Decision:
 _HANDLERS = {
     State.HEALTHY: _healthy, State.UNPROTECTED: _unprotected,
     State.PRIMARY_SUSPECT: _suspect, State.BLOCKED: _blocked,
-    State.DRAINING: _draining, State.FENCING: _step, State.PROMOTING: _step,
+    State.PREPARING: _preparing, State.DRAINING: _draining, State.FENCING: _step,
+    State.PROMOTING: _step,
     State.REROUTING: _step, State.FAILED: _failed, State.FAILED_OVER: _failed_over,
     State.RESYNCING: _resyncing,
 }
@@ -410,11 +471,42 @@ def _why_refused(v: ServiceView) -> str:
     }.get(v.state, f"an operation is in progress ({v.state})")
 
 
+def _dependency_guard(v: ServiceView, d: Decision) -> Decision | None:
+    """A move that would start this service's operation waits until every dependency has
+    finished its own (promoted, checked, DNS rewritten) or does not move with it; a
+    dependency that failed, or that stays behind, stops it: the request is refused, an
+    automatic failover is blocked. None: nothing to hold."""
+    if d.state not in IDLE_STATES or d.next_state not in START_STATES or d.refused:
+        return None
+    for dep in v.dependencies:
+        stop = None
+        if dep.failed is not None:
+            stop = f"its dependency {dep.name} failed ({dep.failed})"
+        elif dep.state in ACTIVE_STATES or (dep.same_site and (
+                dep.pending or dep.state is State.PRIMARY_SUSPECT) and dep.refused is None):
+            why = f"waiting for its dependency {dep.name} ({dep.state}) to finish first"
+            return Decision(d.state, d.state, Action.WAIT, f"{d.state}: {why}", waiting=why)
+        elif dep.same_site:
+            stop = f"its dependency {dep.name} does not move: " + (
+                dep.refused or f"it is {dep.state} at the site this service would leave")
+        if stop is None:
+            continue
+        if v.command is not Command.NONE:
+            return _refuse(v, Action.ALERT, f"{v.command} refused: {stop}")
+        if d.state is State.PRIMARY_SUSPECT:
+            return _move(v, State.BLOCKED, stop)
+        return _stay(v, Action.BLOCK, stop)
+    return None
+
+
 def decide(view: ServiceView) -> Decision:
     """The pure decision for one controller tick. A pending command the state has no use for
     is refused (and so consumed) with the reason in the message; the state's own action
     stands."""
     d = _HANDLERS[view.state](view)
+    held = _dependency_guard(view, d)
+    if held is not None:
+        return held
     if view.command is Command.NONE or d.consumes_command:
         return d
     return replace(d, refused=True,

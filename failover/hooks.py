@@ -1,26 +1,26 @@
-"""Site hooks: operator-supplied shell commands run on role changes, with a timeout."""
+"""Site hooks: operator-supplied commands run on role changes outside an operation (an
+operation's steps are run one by one and recorded: failover/agent.py ``run_operation``)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
-from drctl.shell import ShellError, run_shell
+from failover.steprun import run_step
+from failover.steps import StepSpec
 
 log = logging.getLogger(__name__)
 
 
-async def run_hook(name: str, command: str | None, env: dict[str, str],
-                   timeout: float = 60.0) -> bool:
-    """Run ``command`` (if any) with DRCTL_* variables; True on exit status 0."""
-    if not command:
-        return True
-    try:
-        await run_shell(command, env, timeout)
-    except TimeoutError:
-        log.error("hook %s timed out after %.0fs: %s", name, timeout, command)
-        return False
-    except ShellError as exc:
-        log.error("hook %s failed (%s)", name, exc)
-        return False
-    log.info("hook %s ok", name)
+async def run_hooks(label: str, steps: Iterable[StepSpec], env: dict[str, str],
+                    secrets: Iterable[str] = ()) -> bool:
+    """Run ``steps`` (hooks, health checks) in order with DRCTL_* variables, each with its
+    own timeout (killed past it); True when every one succeeded (stops at the first that
+    did not)."""
+    for step in steps:
+        got = await run_step(step, {**env, "DRCTL_STEP": step.name}, secrets)
+        if got.status != "done":
+            log.error("%s hook %s failed (%s): %s", label, step.name, got.error, got.output)
+            return False
+        log.info("%s hook %s ok (%.1fs)", label, step.name, got.seconds)
     return True

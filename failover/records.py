@@ -67,10 +67,32 @@ class ServiceHealth:
     unreplicated_blocks: int = 0
     unreplicated_file: str | None = None
     data_path: str = ""  # free text: "running", "starting", "restarting in 4s: <reason>"...
+    # the outcomes of the operation steps this site ran (StepReport), for the controller to
+    # copy into the operation's record
+    steps: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ServiceHealth:
         return cls(**{k: v for k, v in d.items() if k in _HEALTH_FIELDS})
+
+
+@dataclass
+class StepReport:
+    """A site agent's outcome of one operation step (in its heartbeat): ``index`` is the
+    step's place in the operation, ``epoch`` and ``attempt`` say which run it belongs to."""
+
+    index: int
+    name: str
+    epoch: int
+    attempt: int
+    status: str  # "done" | "failed" | "waiting"
+    seconds: float = 0.0
+    output: str = ""
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepReport:
+        return cls(**{k: v for k, v in d.items() if k in _REPORT_FIELDS})
 
 
 @dataclass
@@ -90,6 +112,30 @@ class Heartbeat:
 
 
 @dataclass
+class StepRun:
+    """One step of an operation as it runs: the plan (failover/steps.py ``operation_plan``)
+    is written into the operation when it starts, and each step's owner fills in its
+    outcome. ``spec`` is the step's place in the service's listed steps (None: added by
+    drctl, the fence or a switchover's drain)."""
+
+    name: str
+    kind: str
+    owner: str  # controller | old_primary | new_primary
+    phase: str  # the state it runs in
+    spec: int | None = None
+    status: str = "pending"  # pending | running | done | failed | skipped
+    attempt: int = 0
+    started_at: float | None = None
+    seconds: float | None = None
+    output: str = ""  # the end of its output (bounded, secrets replaced)
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepRun:
+        return cls(**{k: v for k, v in d.items() if k in _RUN_FIELDS})
+
+
+@dataclass
 class Operation:
     kind: str  # "failover" | "switchover" | "resync" (recorded when a resync fails)
     source: str  # the old primary (resync: the primary, the source of the data)
@@ -98,6 +144,20 @@ class Operation:
     dns_done: bool = False
     failed_step: str | None = None
     error: str | None = None
+    steps: list[StepRun] = field(default_factory=list)
+    attempt: int = 0  # raised by each operator retry: owners run the failed steps again
+    forced: bool = False  # failover --force: data loss accepted (the lag precheck passes)
+    # False while the operation prepares or drains (the epoch is not bumped yet: the target
+    # is granted nothing); an operation recorded before these fields existed was fencing
+    fenced: bool = True
+    outcome: str = ""  # once it is over: done, cancelled, abandoned (last_operation)
+    requested_for: str | None = None  # a dependent's request made this one (depends_on)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Operation:
+        known = {k: v for k, v in d.items() if k in _OPERATION_FIELDS}
+        known["steps"] = [StepRun.from_dict(s) for s in d.get("steps") or []]
+        return cls(**known)
 
 
 @dataclass
@@ -124,6 +184,10 @@ class ServiceRecord:
     # the leading controller's signed grant of ``epoch`` to the site that is primary at it
     # (drctl/epochtoken.py): replication targets raise an epoch only on it
     epoch_token: str = ""
+    # the operation before this one (or the one just over), with its steps' outcomes
+    last_operation: Operation | None = None
+    # why the service does not start its operation yet (a dependency still failing over)
+    waiting_for: str | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -132,9 +196,11 @@ class ServiceRecord:
     def decode(cls, raw: bytes) -> ServiceRecord:
         d = json.loads(raw)
         op = d.pop("operation", None)
+        last = d.pop("last_operation", None)
         known = {k: v for k, v in d.items() if k in _RECORD_FIELDS}
         rec = cls(**{**known, "state": State(d["state"])})
-        rec.operation = Operation(**op) if op else None
+        rec.operation = Operation.from_dict(op) if op else None
+        rec.last_operation = Operation.from_dict(last) if last else None
         return rec
 
 
@@ -167,6 +233,9 @@ def service_record(raw: bytes | None, primary: str, replica: str,
 
 _HEALTH_FIELDS = frozenset(f.name for f in fields(ServiceHealth))
 _RECORD_FIELDS = frozenset(f.name for f in fields(ServiceRecord))
+_REPORT_FIELDS = frozenset(f.name for f in fields(StepReport))
+_RUN_FIELDS = frozenset(f.name for f in fields(StepRun))
+_OPERATION_FIELDS = frozenset(f.name for f in fields(Operation))
 
 
 def refuse_request(rec: ServiceRecord, service: str, request: str,

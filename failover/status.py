@@ -3,10 +3,13 @@ what `GET /api/v1/status` returns (the API adds DNS answers and drills).
 
 Per service, besides the record: the primary's protection report, resync progress,
 unreplicated writes set aside on the replica, each site's role and data path from the
-heartbeats, and ``progress``: the lines the CLI prints and the page shows under the service."""
+heartbeats, ``operation``: the operation in progress (else the last one) with each step's
+outcome and the end of its output, and ``progress``: the lines the CLI prints and the page
+shows under the service."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from failover.config import ClusterConfig
@@ -15,6 +18,7 @@ from failover.fsm import State, seconds
 from failover.records import (
     CommandRecord,
     Heartbeat,
+    Operation,
     ServiceHealth,
     ServiceRecord,
     command_key,
@@ -50,7 +54,8 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
             "error": rec.operation.error if rec.operation else None,
             "failed_step": rec.operation.failed_step if rec.operation else None,
             "pending": CommandRecord.decode(pending).command if pending else None,
-            "dns_name": f"{svc.dns.record.name}.{svc.dns.record.zone}" if svc.dns else None,
+            "dns_name": ", ".join(f"{d.record.name}.{d.record.zone}" for d in svc.dns)
+            or None,
             "protected": serving.protected if serving else None,
             "barrier": serving.barrier if serving else False,
             "resync": rec.resync,
@@ -62,10 +67,20 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
             "history": [f"{h['from']}->{h['to']}" for h in rec.history],
             "operations": [{"at": h["at"], "from": h["from"], "to": h["to"]}
                            for h in reversed(rec.history[-10:])],
+            "operation": _operation(rec.operation, True) or _operation(rec.last_operation,
+                                                                       False),
+            "waiting_for": rec.waiting_for,
         }
     leader = snap.value(leader_key(cfg.prefix))
     return {"leader": leader.decode() if leader else None, "sites": sites,
             "services": services, "at": now}
+
+
+def _operation(op: Operation | None, current: bool) -> dict[str, Any] | None:
+    """An operation with its steps (each: status, seconds, the end of its output, error)."""
+    if op is None or not op.steps:
+        return None
+    return {**asdict(op), "current": current}
 
 
 def _health(hb: Heartbeat | None, service: str) -> ServiceHealth | None:
@@ -81,6 +96,14 @@ def progress(rec: ServiceRecord, serving: ServiceHealth | None,
     """What is going on with the service, one line each (empty when there is nothing to say):
     the drain, why it is unprotected, the resync, the failure, unreplicated writes."""
     lines: list[str] = []
+    if rec.waiting_for:
+        lines.append(rec.waiting_for)
+    op = rec.operation
+    running = [(i, r) for i, r in enumerate(op.steps if op else [], 1) if r.status == "running"]
+    if running and rec.state is not State.FAILED:
+        i, r = running[0]
+        lines.append(f"step {i}/{len(op.steps) if op else 0}: {r.kind} {r.name} ({r.owner})"
+                     + (f": {r.output.splitlines()[-1]}" if r.output else ""))
     if rec.state is State.DRAINING:
         barrier = serving is not None and serving.barrier
         lines.append(f"draining: replica lag {seconds(rec.last_lag_seconds)}, write barrier "
@@ -94,6 +117,9 @@ def progress(rec: ServiceRecord, serving: ServiceHealth | None,
     if rec.state is State.FAILED and rec.operation is not None:
         lines.append(f"failed in {rec.operation.failed_step or 'an unknown step'}: "
                      f"{rec.operation.error or 'no reason recorded'} (retry or cancel)")
+        for r in rec.operation.steps:
+            if r.status == "failed" and r.output:
+                lines.append(f"output of {r.name}: " + " | ".join(r.output.splitlines()[-3:]))
     if rec.unreplicated_blocks:
         lines.append(f"unreplicated writes set aside: {rec.unreplicated_blocks} blocks in "
                      f"{rec.unreplicated_file or 'an unnamed file'} (on {rec.replica})")

@@ -9,17 +9,20 @@ forces the exit.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import stat
 import time
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 
 from drctl.lifecycle import stop_on_signals
+from drctl.listening import describe as describe_bind_error
 from replicator.driver import PushDriver, PushOptions
-from replicator.errors import ReplanNeededError, ReplicatorError, unwrap_group
+from replicator.errors import ReplanNeededError, ReplicatorError, UsageError, unwrap_group
 from replicator.metrics import MetricsEndpoint, SourceMetrics, serve_sources
-from replicator.progress import ProgressBar
+from replicator.progress import ProgressBar, Sample
 from replicator.report import PushReport, PushState
 from replicator.throttle import TokenBucket
 from replicator.waiting import until_stopped, wait_at_most
@@ -27,7 +30,13 @@ from replicator.waiting import until_stopped, wait_at_most
 log = logging.getLogger(__name__)
 
 
+MTIME_SLACK_S = 0.05  # a file's mtime comes from a coarse clock: it may read a little early
+
+
 class Interrupted(ReplicatorError):
+    """Stopped by a signal before the replica was verified; the state is saved and the next
+    run resumes."""
+
     code = "interrupted"
     exit_code = 130
 
@@ -55,10 +64,10 @@ async def run_push(opts: PushOptions, metrics_port: MetricsEndpoint | int | None
                 bar = ProgressBar()
                 follow = None
                 if show_progress and bar.enabled:
+                    p = driver.progress
                     follow = tg.create_task(bar.follow(
-                        f"{opts.volume}", lambda: (driver.progress.scanned, driver.progress.total,
-                                                   driver.totals.wire_bytes,
-                                                   driver.progress.started)))
+                        f"{opts.volume}", lambda: Sample(p.scanned, p.total, p.pass_planned,
+                                                         p.pass_acked, time.monotonic())))
                 try:
                     if opts.once:
                         completed = await until_stopped(driver.sync_once(), stop)
@@ -106,7 +115,8 @@ async def run_group(members: list[PushOptions], journal_path: str,
                 try:
                     from replicator.capture.shipper import run_captured
 
-                    await run_captured(drivers, stop, journal_path)
+                    with _nbd_bind_errors(members[0]):
+                        await run_captured(drivers, stop, journal_path)
                 finally:
                     for g in gauges:
                         g.cancel()
@@ -136,6 +146,11 @@ async def _continuous(driver: PushDriver, opts: PushOptions, stop: asyncio.Event
     while not stop.is_set():
         polled = time.time()
         sig = _signature(opts.path)
+        if sig == last and not sig[2]:
+            # unchanged since the signature the last pass began with: nothing written before
+            # this poll is unshipped (less the granularity of mtime), so the lag of a write
+            # after a long idle time counts from here, not from the last pass
+            driver.still_clean(polled - MTIME_SLACK_S)
         if sig != last or sig[2]:
             if last is not None and sig != last:
                 # written after the previous poll: the conservative start of the lag
@@ -160,4 +175,17 @@ async def _continuous(driver: PushDriver, opts: PushOptions, stop: asyncio.Event
 async def _captured(driver: PushDriver, opts: PushOptions, stop: asyncio.Event) -> bool:
     from replicator.capture.shipper import run_captured
 
-    return await run_captured([driver], stop, os.path.join(opts.state_dir, "journal"))
+    with _nbd_bind_errors(opts):
+        return await run_captured([driver], stop, os.path.join(opts.state_dir, "journal"))
+
+
+@contextmanager
+def _nbd_bind_errors(opts: PushOptions) -> Iterator[None]:
+    """The NBD export's address taken since the CLI checked it: one line naming the flag."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            raise
+        raise UsageError(f"--nbd-listen {opts.nbd_listen}: cannot listen there: "
+                         f"{describe_bind_error(exc)}") from None

@@ -129,6 +129,24 @@ def hash_all(view: memoryview, geo: Geometry) -> array[int]:
     return array("Q", [block_hash(view[off : off + bs]) for off in range(0, geo.size, bs)])
 
 
+def hash_range(fd: int, geo: Geometry, first: int, count: int,
+               drop_cache: bool = False) -> list[int]:
+    """Per-block hashes of blocks [first, first + count) read with pread (``drop_cache``: the
+    range's clean pages are dropped from the page cache first, so the disk is read)."""
+    bs = geo.block_size
+    start, end = first * bs, min(geo.size, (first + count) * bs)
+    if end <= start:
+        return []
+    if drop_cache:
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+    raw = os.pread(fd, end - start, start)
+    if len(raw) != end - start:
+        raise VolumeError(f"short read at {start}: {len(raw)} of {end - start} bytes (the "
+                          "volume shrank?)")
+    view = memoryview(raw)
+    return [block_hash(view[off : off + bs]) for off in range(0, len(raw), bs)]
+
+
 def chunk_hashes(view: memoryview, geo: Geometry, first_chunk: int, count: int) -> list[int]:
     cb = geo.chunk_bytes
     start = first_chunk * cb

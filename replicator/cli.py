@@ -14,21 +14,16 @@ import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from replicator.driver import PushOptions
+from drctl.argtypes import count, natural, seconds, seconds_or_zero, zstd_level
+from drctl.argtypes import port as _port
 from replicator.errors import UsageError
 from replicator.source_state import default_state_root, group_journal_path, state_dir_for
-from replicator.units import parse_hostport, parse_rate, parse_size
+from replicator.units import parse_hostport, parse_rate, parse_rate_limit, parse_size
 
 if TYPE_CHECKING:
     from replicator.metrics import MetricsEndpoint
     from replicator.transport.security import ChannelSecurity, TlsConfig
     from replicator.transport.slots import Limits
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
-    return int(text)
 
 
 def _rate(text: str) -> int:
@@ -38,11 +33,23 @@ def _rate(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _rate_limit(text: str) -> int:
+    try:
+        return parse_rate_limit(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _verify_rate(text: str) -> int:
+    """A rate, or 0 (off)."""
+    return 0 if text.strip().lower() in ("0", "0/s", "off") else _rate(text)
 
 
 def _address(text: str) -> str:
@@ -62,7 +69,8 @@ def _nbd_address(text: str) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    rep = sub.add_parser("replicate", help="block replication: serve, push, verify")
+    rep = sub.add_parser("replicate", help="block replication: serve, push, push-group, "
+                         "fence, verify")
     rsub = rep.add_subparsers(dest="replicate_cmd", required=True, metavar="COMMAND")
     for add in (_add_serve, _add_push, _add_push_group, _add_fence, _add_verify):
         add(rsub)
@@ -74,18 +82,19 @@ def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     s.add_argument("--listen", required=True, type=_address, metavar="HOST:PORT")
     s.add_argument("--dir", required=True, help="directory holding the replicas")
     _add_metrics_args(s)
-    s.add_argument("--grace", type=float, default=10.0, help="drain time on SIGTERM (s)")
+    s.add_argument("--grace", type=seconds_or_zero, default=10.0,
+                   help="drain time on SIGTERM (s)")
     s.add_argument("--mode", choices=("hot", "warm"), default="hot",
                    help="hot: write each consistency point into the replica as it completes; "
                    "warm: keep them in the redo journal until promotion or --apply-interval")
-    s.add_argument("--apply-interval", type=float, metavar="SECONDS",
+    s.add_argument("--apply-interval", type=seconds, metavar="SECONDS",
                    help="warm mode: apply complete consistency points on this schedule")
-    s.add_argument("--max-volumes", type=int, default=64, metavar="N",
+    s.add_argument("--max-volumes", type=count, default=64, metavar="N",
                    help="create at most this many replicas under --dir (default 64)")
     s.add_argument("--max-volume-size", type=_size, default=1 << 40, metavar="SIZE",
                    help="refuse replicas larger than this (default 1TiB; the hash index "
                    "takes 8 bytes of memory per block)")
-    s.add_argument("--max-clones", type=int, default=4, metavar="N",
+    s.add_argument("--max-clones", type=count, default=4, metavar="N",
                    help="drill clones held at once per volume (default 4)")
     s.add_argument("--allow-shrink", action="store_true",
                    help="let a handshake shrink a replica that holds data past the new end "
@@ -99,20 +108,22 @@ def _add_push(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("path", help="the protected volume: an image file or a block device")
     p.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
     p.add_argument("--volume", required=True, help="volume name on the target")
-    p.add_argument("--rate-limit", type=_rate, metavar="RATE", help="bandwidth cap, e.g. 20MB/s")
+    p.add_argument("--rate-limit", type=_rate_limit, metavar="RATE",
+                   help="bandwidth cap, e.g. 20MB/s (a bare number is bytes/s; below 64KiB/s "
+                   "is refused as a unit mistake)")
     p.add_argument("--once", action="store_true",
                    help="sync until the replica equals the volume, verify, exit")
     p.add_argument("--state-dir", help="where the agent keeps its resume state "
                    "(default: $DRCTL_STATE_DIR or ~/.local/state/drctl)")
     p.add_argument("--no-dedup", action="store_true", help="do not send COPY records")
-    p.add_argument("--connect-timeout", type=float, default=120.0,
+    p.add_argument("--connect-timeout", type=seconds, default=120.0,
                    help="give up (with --once) when the target stays unreachable this long")
     p.add_argument("--verify-from-disk", action="store_true",
                    help="with --once: also re-read the replica and compare every block")
     p.add_argument("--nbd-listen", type=_nbd_address, metavar="HOST:PORT|unix:PATH",
                    help="serve the volume over NBD and ship every captured write "
                    "(no rescans); not with --once; loopback or a unix socket unless "
-                   "--insecure-nbd")
+                   "--nbd-tls or --insecure-nbd")
     _add_shared_push_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON report on exit")
@@ -129,9 +140,10 @@ def _add_push_group(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     g.add_argument("--nbd-listen", required=True, type=_nbd_address,
                    metavar="HOST:PORT|unix:PATH",
                    help="one NBD server; each member is an export named after its volume "
-                   "(loopback or a unix socket unless --insecure-nbd)")
+                   "(loopback or a unix socket unless --nbd-tls or --insecure-nbd)")
     g.add_argument("--state-dir", help="where the agent keeps its journal and resume state")
-    g.add_argument("--rate-limit", type=_rate, metavar="RATE", help="cap for the whole group")
+    g.add_argument("--rate-limit", type=_rate_limit, metavar="RATE",
+                   help="cap for the whole group (as push --rate-limit)")
     _add_shared_push_args(g)
     g.set_defaults(func=cmd_push_group)
 
@@ -139,25 +151,36 @@ def _add_push_group(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def _add_shared_push_args(p: argparse.ArgumentParser) -> None:
     """The flags of `push` that `push-group` takes too."""
     p.add_argument("--block-size", type=_size, default=4096)
-    p.add_argument("--epoch", type=int, default=0, help="fencing epoch of this source")
-    p.add_argument("--compress-level", type=int, default=1, help="zstd level, 0 disables")
-    p.add_argument("--interval", type=float, default=1.0, help="change poll interval (s)")
+    p.add_argument("--epoch", type=natural, default=0, help="fencing epoch of this source")
+    p.add_argument("--compress-level", type=zstd_level, default=1,
+                   help="zstd level 0..22, 0 disables")
+    p.add_argument("--interval", type=seconds, default=1.0, help="change poll interval (s)")
     p.add_argument("--window", type=_size, default=64 << 20, help="max unacknowledged bytes")
     p.add_argument("--journal-limit", type=_size, default=1 << 30, metavar="SIZE",
                    help="with write capture: past this size the change journal falls back to "
                    "a change bitmap until the link catches up (default 1GiB)")
-    p.add_argument("--cp-interval", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--cp-interval", type=seconds_or_zero, default=0.0, metavar="SECONDS",
                    help="with write capture: close a consistency point when writes have "
                    "waited this long without a client FLUSH (default 0: as soon as the "
                    "points before it are sent)")
+    p.add_argument("--verify-rate", type=_verify_rate, default=2 << 20,  # DEFAULT_VERIFY_RATE
+                   metavar="RATE",
+                   help="with write capture: compare the replica's disk with the volume in "
+                   "the background at this rate and repair what differs (default 2MiB/s; 0: "
+                   "off)")
     p.add_argument("--epoch-token", metavar="FILE",
                    help="the controller's signed token for --epoch (read at every "
                    "handshake): a target raises a replica's epoch only on a valid one")
-    p.add_argument("--insecure-nbd", action="store_true",
-                   help="let --nbd-listen be a non-loopback address (NBD has no "
-                   "authentication or encryption)")
+    nbd = p.add_mutually_exclusive_group()
+    nbd.add_argument("--nbd-tls", action="store_true",
+                     help="NBD clients must use TLS (NBD_OPT_STARTTLS) with a certificate of "
+                     "the deployment (this --site's or an operator's); the export presents "
+                     "the --site certificate; --nbd-listen may then be any address")
+    nbd.add_argument("--insecure-nbd", action="store_true",
+                     help="let --nbd-listen be a non-loopback address without TLS (plain NBD "
+                     "has no authentication or encryption)")
     _add_metrics_args(p)
-    p.add_argument("--rpo-budget", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--rpo-budget", type=seconds_or_zero, default=0.0, metavar="SECONDS",
                    help="exported as drctl_replication_rpo_budget_seconds for alerting")
     _add_tls_args(p, serve=False)
 
@@ -166,11 +189,12 @@ def _add_fence(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     f = rsub.add_parser("fence", help="raise a replica's epoch: older sources are refused")
     f.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
     f.add_argument("--volume", required=True)
-    f.add_argument("--epoch", required=True, type=int)
+    f.add_argument("--epoch", required=True, type=natural)
     f.add_argument("--epoch-token", metavar="FILE",
                    help="the controller's signed token (needed to raise the epoch)")
     f.add_argument("--release", action="store_true",
                    help="promote: the target stops serving the replica (its site's volume)")
+    _add_connect_timeout(f)
     _add_tls_args(f, serve=False)
     f.set_defaults(func=cmd_fence)
 
@@ -182,11 +206,17 @@ def _add_verify(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     v.add_argument("--volume", required=True)
     v.add_argument("--block-size", type=_size, default=4096)
     v.add_argument("--json", action="store_true")
+    _add_connect_timeout(v)
     _add_tls_args(v, serve=False)
     v.set_defaults(func=cmd_verify)
 
+
+def _add_connect_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connect-timeout", type=seconds, default=10.0, metavar="SECONDS",
+                   help="give up when the target cannot be reached this long (default 10)")
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from replicator.daemon import serve
+    from replicator.daemon import check_directory, serve
     from replicator.transport.security import AccessPolicy
 
     if args.apply_interval is not None and (args.mode != "warm" or args.apply_interval <= 0):
@@ -206,7 +236,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not policy.writers:
             print("drctl: warning: no --allow SITE: no source may push to this target",
                   file=sys.stderr)
-    asyncio.run(serve(args.listen, args.dir, _metrics(args, tls), args.grace, args.mode,
+    check_directory(args.dir)  # before anything is made: a bad --dir or address leaves none
+    _check_listen("--listen", args.listen)
+    metrics = _metrics(args, tls)
+    asyncio.run(serve(args.listen, args.dir, metrics, args.grace, args.mode,
                       args.apply_interval, tls, policy, limits))
     return 0
 
@@ -214,22 +247,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _limits(args: argparse.Namespace) -> Limits:
     from replicator.transport.slots import Limits
 
-    for flag, value in (("--max-volumes", args.max_volumes), ("--max-clones", args.max_clones),
-                        ("--max-volume-size", args.max_volume_size)):
-        if value <= 0:
-            raise UsageError(f"{flag} must be positive")
+    # the parser has checked that each is positive
     return Limits(args.max_volumes, args.max_volume_size, args.max_clones, args.allow_shrink)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     from replicator.agent import run_push
+    from replicator.driver import PushOptions
 
     _check_push_flags(args)
-    if not os.path.exists(args.path):
-        raise UsageError(f"volume {args.path} does not exist")
+    _check_volume_path(args.path, "volume")
     _check_name(args.volume)
     security = _channel(args)
-    root = args.state_dir or default_state_root()
+    root = _state_root(args)
     opts = PushOptions(
         path=args.path, address=args.to, volume=args.volume,
         state_dir=state_dir_for(root, args.path, args.to, args.volume),
@@ -240,11 +270,12 @@ def cmd_push(args: argparse.Namespace) -> int:
         verify_from_disk=args.verify_from_disk, rpo_budget=args.rpo_budget,
         nbd_listen=args.nbd_listen, journal_limit=args.journal_limit,
         cp_interval=args.cp_interval, security=security, epoch_token=args.epoch_token,
+        nbd_tls=_nbd_tls(args, security), verify_rate=args.verify_rate,
     )
     if args.once and args.nbd_listen:
         raise UsageError("--nbd-listen serves the volume: it needs a running agent, not --once")
-    report = asyncio.run(run_push(opts, _metrics(args, security.tls),
-                                  show_progress=not args.no_progress))
+    metrics = _metrics(args, security.tls)
+    report = asyncio.run(run_push(opts, metrics, show_progress=not args.no_progress))
     if args.json:
         print(report.to_json(), flush=True)
     elif args.once:
@@ -266,9 +297,13 @@ def _check_push_flags(args: argparse.Namespace) -> None:
     if args.cp_interval < 0:
         raise UsageError("--cp-interval must not be negative")
     if args.nbd_listen:
-        _check_nbd(args.nbd_listen, args.insecure_nbd)
+        _check_nbd(args.nbd_listen, args.insecure_nbd or args.nbd_tls)
+    elif args.nbd_tls:
+        raise UsageError("--nbd-tls is the NBD export's TLS: it needs --nbd-listen")
     if args.epoch_token and not os.path.isfile(args.epoch_token):
         raise UsageError(f"--epoch-token {args.epoch_token}: no such file")
+    if args.nbd_listen and not args.nbd_listen.startswith("unix:"):
+        _check_listen("--nbd-listen", args.nbd_listen)
 
 
 def _parse_members(items: list[str]) -> list[tuple[str, str]]:
@@ -278,8 +313,7 @@ def _parse_members(items: list[str]) -> list[tuple[str, str]]:
         if not sep or not name or not path:
             raise UsageError(f"member {item!r}: expected VOLUME=PATH")
         _check_name(name)
-        if not os.path.exists(path):
-            raise UsageError(f"member {name}: volume {path} does not exist")
+        _check_volume_path(path, f"member {name}: volume")
         members.append((name, path))
     names = [n for n, _ in members]
     paths = [os.path.realpath(p) for _, p in members]
@@ -290,12 +324,14 @@ def _parse_members(items: list[str]) -> list[tuple[str, str]]:
 
 def cmd_push_group(args: argparse.Namespace) -> int:
     from replicator.agent import run_group
+    from replicator.driver import PushOptions
 
     _check_name(args.group)
     members = _parse_members(args.members)
     _check_push_flags(args)
     security = _channel(args)
-    root = args.state_dir or default_state_root()
+    nbd_tls = _nbd_tls(args, security)
+    root = _state_root(args)
     names = tuple(n for n, _ in members)
     opts = [PushOptions(
         path=path, address=args.to, volume=name,
@@ -304,11 +340,52 @@ def cmd_push_group(args: argparse.Namespace) -> int:
         dedup=False, interval=args.interval, window_bytes=args.window, connect_timeout=None,
         rpo_budget=args.rpo_budget, nbd_listen=args.nbd_listen,
         journal_limit=args.journal_limit, cp_interval=args.cp_interval, group=args.group,
-        group_members=names, security=security, epoch_token=args.epoch_token)
-        for name, path in members]
+        group_members=names, security=security, epoch_token=args.epoch_token,
+        nbd_tls=nbd_tls, verify_rate=args.verify_rate) for name, path in members]
     journal = group_journal_path(root, args.group, args.to, members)
-    asyncio.run(run_group(opts, journal, _metrics(args, security.tls)))
+    metrics = _metrics(args, security.tls)
+    asyncio.run(run_group(opts, journal, metrics))
     return 0
+
+
+def _check_volume_path(path: str, what: str) -> None:
+    """The protected volume: an image file or a block device."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"{what} {path} is a directory, not an image file or a block device")
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise UsageError(f"{what} {path} is not an image file or a block device")
+
+
+def _state_root(args: argparse.Namespace) -> str:
+    """Where the agent keeps its state: a directory it can write, or one it can make."""
+    root = args.state_dir or default_state_root()
+    flag = "--state-dir" if args.state_dir else "state directory"
+    existing = os.path.abspath(root)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {root}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {root}: {existing} is not writable")
+    return root
+
+
+def _check_listen(flag: str, spec: str) -> None:
+    """Refuse an address this host cannot listen on now, before anything is made."""
+    from drctl.listening import bind_problem
+
+    host, port = parse_hostport(spec)
+    problem = bind_problem(host, port)
+    if problem:
+        raise UsageError(f"{flag} {spec}: cannot listen there: {problem}")
 
 
 def _check_name(name: str) -> None:
@@ -324,9 +401,10 @@ def _check_name(name: str) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from replicator.verify import verify_replica
 
+    _check_volume_path(args.path, "volume")
     _check_name(args.volume)
     result = asyncio.run(verify_replica(args.path, args.to, args.volume, args.block_size,
-                                        _channel(args)))
+                                        _channel(args), args.connect_timeout))
     if args.json:
         print(json.dumps(asdict(result)))
     else:
@@ -338,14 +416,13 @@ def cmd_fence(args: argparse.Namespace) -> int:
     from replicator.transport.client import FenceInfo, TargetClient, token_file
 
     _check_name(args.volume)
-    if args.epoch < 0:
-        raise UsageError("--epoch must be >= 0")
     security = _channel(args)
     token = token_file(args.epoch_token) if args.epoch_token else None
 
     async def fence() -> FenceInfo:
         client = TargetClient(args.to, security, token)
         try:
+            await client.connect(args.connect_timeout)
             return await client.fence(args.volume, args.epoch, release=args.release)
         finally:
             await client.close()
@@ -437,6 +514,9 @@ def _tls(args: argparse.Namespace, serve: bool) -> TlsConfig | None:
     if not directory:
         raise UsageError("the replication channel is mutual TLS: give --tls-dir DIR --site "
                          "NAME (or --ca/--cert/--key); --insecure is for loopback tests only")
+    if not os.path.isdir(directory):
+        raise UsageError(f"{'--tls-dir' if args.tls_dir else '$DRCTL_TLS_DIR'} {directory}: "
+                         "no such directory (`drctl certs init --dir DIR` makes one)")
     who = _identity(args)
     if who is None:
         raise UsageError("--tls-dir needs --site NAME" + ("" if serve else " or --operator "
@@ -466,16 +546,32 @@ def _insecure(address: str, what: str) -> None:
     require_loopback(address, what)
 
 
-def _check_nbd(spec: str, insecure: bool) -> None:
+def _check_nbd(spec: str, allowed: bool) -> None:
+    """A non-loopback export needs TLS (--nbd-tls) or --insecure-nbd (``allowed``)."""
     from replicator.transport.security import is_loopback
 
-    if spec.startswith("unix:") or insecure:
+    if spec.startswith("unix:") or allowed:
         return
     host = parse_hostport(spec)[0]
     if not is_loopback(host):
-        raise UsageError(f"--nbd-listen {spec}: not a loopback address; NBD has no "
-                         "authentication or encryption: use 127.0.0.1:PORT or unix:PATH "
-                         "(--insecure-nbd accepts it anyway)")
+        raise UsageError(f"--nbd-listen {spec}: not a loopback address, and NBD without TLS "
+                         "has no authentication or encryption: add --nbd-tls (clients then "
+                         "need a certificate of the deployment), or --insecure-nbd to serve "
+                         "it in the clear anyway")
+
+
+def _nbd_tls(args: argparse.Namespace, security: ChannelSecurity) -> TlsConfig | None:
+    """--nbd-tls: the export serves the process's own site certificate."""
+    if not args.nbd_tls:
+        return None
+    tls = security.tls
+    if tls is None:
+        raise UsageError("--nbd-tls needs this process's certificate (--tls-dir DIR --site "
+                         "NAME), not --insecure")
+    if tls.identity.kind != "site":
+        raise UsageError(f"--nbd-tls serves the export with a site's certificate: the "
+                         f"certificate is for {tls.identity} (give --site NAME)")
+    return tls
 
 
 def _metrics(args: argparse.Namespace, tls: TlsConfig | None) -> MetricsEndpoint | None:
@@ -483,8 +579,10 @@ def _metrics(args: argparse.Namespace, tls: TlsConfig | None) -> MetricsEndpoint
 
     if args.metrics_listen:
         host, port = parse_hostport(args.metrics_listen)
+        _check_listen("--metrics-listen", args.metrics_listen)
     elif args.metrics_port:
         host, port = "127.0.0.1", args.metrics_port
+        _check_listen("--metrics-port", f"{host}:{port}")
     elif args.metrics_tls:
         raise UsageError("--metrics-tls needs --metrics-listen or --metrics-port")
     else:

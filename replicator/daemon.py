@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
@@ -17,6 +18,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from drctl.lifecycle import stop_on_signals
+from drctl.listening import bind_problem
 from replicator.errors import ReplicatorError, UsageError
 from replicator.metrics import MetricsEndpoint, TargetMetrics, serve_metrics
 from replicator.transport import wire
@@ -34,7 +36,31 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.so_reuseport", 0),  # a second target on the same port is refused, not load-balanced
 ]
+
+
+def check_directory(directory: str) -> None:
+    """``--dir``: an existing directory this process can write in, or a new one whose parent
+    exists (made once the daemon listens; never a chain of parents)."""
+    if os.path.isdir(directory):
+        _check_writable(directory, directory)
+        return
+    if os.path.lexists(directory):
+        raise UsageError(f"--dir {directory}: not a directory")
+    parent = os.path.dirname(os.path.abspath(directory))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--dir {directory}: no such directory, nor its parent {parent} "
+                         "(create it first)")
+    _check_writable(directory, parent)
+
+
+def _check_writable(directory: str, where: str) -> None:
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--dir {directory}: not writable ({exc.strerror})") from None
 
 
 async def serve(listen: str, directory: str, metrics_port: MetricsEndpoint | int | None = None,
@@ -46,9 +72,7 @@ async def serve(listen: str, directory: str, metrics_port: MetricsEndpoint | int
     ``apply_interval`` seconds, the schedule. ``tls`` and ``policy``: mutual TLS and who may
     call what (replicator/transport/security.py); without them the target is plaintext and
     open (loopback tests only, checked by the CLI)."""
-    os.makedirs(directory, exist_ok=True)
-    if not os.access(directory, os.W_OK):
-        raise UsageError(f"--dir {directory} is not writable")
+    check_directory(directory)
     registry = CollectorRegistry()
     metrics = TargetMetrics(registry)
     if metrics_port is not None:
@@ -66,20 +90,28 @@ async def serve(listen: str, directory: str, metrics_port: MetricsEndpoint | int
             interceptors.append(Authorizer(policy, gate))
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         wire.add_servicer(service, server)
-        if tls is None:
-            port = server.add_insecure_port(listen)
-        else:
-            port = server.add_secure_port(listen, tls.server_credentials())
+        try:
+            if tls is None:
+                port = server.add_insecure_port(listen)
+            else:
+                port = server.add_secure_port(listen, tls.server_credentials())
+        except RuntimeError:  # grpc says only that the bind failed: find out why
+            port = 0
         if port == 0:
-            raise UsageError(f"cannot listen on {listen}")
+            host, _, port_text = listen.rpartition(":")
+            why = bind_problem(host.strip("[]"), int(port_text)) or "the bind failed"
+            raise UsageError(f"--listen {listen}: cannot listen there: {why}")
+        created = not os.path.isdir(directory)
+        if created:
+            os.mkdir(directory)
         await server.start()
         stack.push_async_callback(server.stop, grace)
         how = (f"mutual TLS as {tls.identity}; writers: {policy.describe()}" if tls and policy
                else "PLAINTEXT (--insecure)")
         log.info("replication target listening on %s, replicas in %s (%s mode), %s", listen,
                  directory, mode, how)
-        print(f"drctl replicate serve: listening on {listen} (dir {directory}, {mode}, {how})",
-              flush=True)
+        print(f"drctl replicate serve: listening on {listen} (dir {directory}"
+              f"{', created' if created else ''}, {mode}, {how})", flush=True)
         if mode == "warm" and apply_interval:
             scheduler = asyncio.ensure_future(_apply_every(service, apply_interval))
             stack.callback(scheduler.cancel)

@@ -62,11 +62,12 @@ from replicator.source_state import SourceState, StateStore
 from replicator.throttle import TokenBucket
 from replicator.transport import wire
 from replicator.transport.client import HandshakeInfo, PushCall, TargetClient, token_file
-from replicator.transport.security import ChannelSecurity
+from replicator.transport.security import ChannelSecurity, TlsConfig
 
 log = logging.getLogger(__name__)
 
 MAX_REJECTS_PER_BATCH = 8
+DEFAULT_VERIFY_RATE = 2 << 20  # bytes/s of the background verify: 100 GiB in about 14 hours
 MAX_VERIFY_ROUNDS = 3
 
 
@@ -97,13 +98,19 @@ class PushOptions:
     group_members: tuple[str, ...] = ()
     security: ChannelSecurity | None = None  # mutual TLS to the target (None: from the env)
     epoch_token: str | None = None  # file holding the controller's token for ``epoch``
+    # with write capture: background verify of the replica, bytes/s (0: off; capture/scrub.py)
+    verify_rate: int = DEFAULT_VERIFY_RATE
+    # serve the NBD export over mandatory mutual TLS with this (site) certificate (--nbd-tls)
+    nbd_tls: TlsConfig | None = None
 
 
 @dataclass
 class Progress:
     total: int = 0
-    scanned: int = 0
+    scanned: int = 0  # volume bytes of this pass checked so far
     acked_raw: int = 0
+    pass_planned: int = 0  # raw bytes this pass planned for shipping
+    pass_acked: int = 0  # ... of which the target acknowledged
     started: float = field(default_factory=time.monotonic)
 
 
@@ -262,13 +269,24 @@ class PushDriver:
     def _scan_plan(self, chunks: list[int] | None) -> Iterator[PlannedBatch]:
         assert self.vol is not None and self.planner is not None
         view = self.vol.view
-        self.progress.scanned = 0
+        p = self.progress
+        p.scanned = p.pass_planned = p.pass_acked = 0
+        cb = self.geo.chunk_bytes
+        # the pass checks the volume, or only the chunks given (write capture)
+        p.total = self.geo.size if chunks is None else min(self.geo.size, len(chunks) * cb)
         windows = (scan_chunks(view, self.geo, self.state.seen) if chunks is None else
-                   [ScanWindow(chunks, 0)])
+                   [ScanWindow(chunks, p.total)])
         for window in windows:
-            self.progress.scanned += window.scanned_bytes
-            if window.chunks:
-                yield from self.planner.plan(view, window.chunks, self.next_seq)
+            # the window's unchanged chunks are checked; the others as they are planned, a
+            # batch's worth at a time (a window is 64 MiB: a 256 MiB volume moved in quarters)
+            todo = window.chunks
+            p.scanned += max(0, window.scanned_bytes - len(todo) * cb)
+            step = max(1, self.planner.max_blocks // CHUNK_BLOCKS)
+            for i in range(0, len(todo), step):
+                group = todo[i:i + step]
+                yield from self.planner.plan(view, group, self.next_seq)
+                p.scanned += len(group) * cb
+        p.scanned = min(p.scanned, p.total) if p.total else p.scanned
 
     async def run_planned(self, plan: Callable[[], Iterator[PlannedBatch]]) -> bool:
         """One pass: ``plan()`` runs on the planning thread; its batches are shipped in order
@@ -306,6 +324,12 @@ class PushDriver:
             self.update_gauges()
         return changed
 
+    def still_clean(self, as_of: float) -> None:
+        """A poll found the volume unchanged since the last pass began, and that pass is
+        acknowledged: the replica holds everything written before ``as_of``."""
+        if not self.pending and self.dirty_since is None and self.clean_as_of is not None:
+            self.clean_as_of = max(self.clean_as_of, as_of)
+
     def note_dirty(self, since: float) -> None:
         """The volume changed after ``since`` (wall clock): lag counts from there."""
         if self.dirty_since is None:
@@ -337,6 +361,7 @@ class PushDriver:
             self._encoded(planned)
             with self._unacked_lock:
                 self._unacked_raw += planned.raw_bytes
+            self.progress.pass_planned += planned.raw_bytes
             self.m.add(self.m.written, planned.raw_bytes)
             kinds = planned.batch.kinds
             self.m.add(self.m.skipped, kinds.count(Kind.ZERO), "zero")
@@ -461,6 +486,7 @@ class PushDriver:
         with self._unacked_lock:
             self._unacked_raw -= released
         self.progress.acked_raw += released
+        self.progress.pass_acked += released
         self.m.set(self.m.acked_seq, self.acked_seq)
         if self.on_acked is not None:
             self.on_acked(self.acked_seq)

@@ -85,7 +85,7 @@ class VolumeNotFoundError(ReplicatorError):
     """The target holds no replica of that volume (only a handshake creates one)."""
 
     code = "volume_not_found"
-    exit_code = 74  # EX_IOERR, as a replica that cannot be opened
+    exit_code = 66  # EX_NOINPUT: no such replica
 
 
 class QuotaExceededError(ReplicatorError):

@@ -97,6 +97,24 @@ class SourceMetrics:
                                 "gauge")
         self.write_barrier = fam("write_barrier", "1 while the export holds new writes (a "
                                  "planned switchover drains the replica).", "gauge")
+        # background verify (write capture: capture/scrub.py)
+        self.verify_rate = fam("verify_rate_bytes_per_second", "Configured rate of the "
+                               "background verify (0: disabled).", "gauge")
+        self.verify_checked = fam("verify_checked_bytes", "Bytes of the volume the background "
+                                  "verify compared with the replica's disk.", "counter")
+        self.verify_mismatched = fam("verify_mismatched_blocks", "Blocks whose replica content "
+                                     "differed from the volume (shipped again).", "counter")
+        self.verify_repaired = fam("verify_repaired_blocks", "Mismatched blocks found equal "
+                                   "again after they were shipped again (or rewritten).",
+                                   "counter")
+        self.verify_unrepaired = fam("verify_unrepaired_blocks", "Known mismatched blocks not "
+                                     "yet confirmed repaired (the lag counts from the oldest).",
+                                     "gauge")
+        self.verify_pass_seconds = fam("verify_pass_seconds", "Duration of the last complete "
+                                       "background verify pass over the volume.", "gauge")
+        self.verify_pass_end = fam("verify_last_pass_timestamp_seconds", "When the last "
+                                   "complete background verify pass over the volume ended "
+                                   "(0: none yet).", "gauge")
         for f in (self.written, self.shipped_raw, self.shipped_compressed, self.reconnects,
                   self.pending, self.lag, self.acked_seq, self.rate_limit, self.rpo_budget):
             f.values[(volume,)] = 0.0
@@ -228,9 +246,18 @@ def serve_metrics(registry: CollectorRegistry, endpoint: MetricsEndpoint | int) 
     is 127.0.0.1:port."""
     from prometheus_client import start_http_server
 
+    from drctl.listening import BIND_ERRNOS, describe
+    from replicator.errors import UsageError
+
     if isinstance(endpoint, int):
         endpoint = MetricsEndpoint("127.0.0.1", endpoint)
-    start_http_server(endpoint.port, addr=endpoint.host, registry=registry,
-                      certfile=endpoint.certfile, keyfile=endpoint.keyfile,
-                      client_cafile=endpoint.client_ca,
-                      client_auth_required=endpoint.client_ca is not None)
+    try:
+        start_http_server(endpoint.port, addr=endpoint.host, registry=registry,
+                          certfile=endpoint.certfile, keyfile=endpoint.keyfile,
+                          client_cafile=endpoint.client_ca,
+                          client_auth_required=endpoint.client_ca is not None)
+    except OSError as exc:  # taken since the CLI checked it
+        if exc.errno not in BIND_ERRNOS:
+            raise
+        raise UsageError(f"metrics endpoint {endpoint.host}:{endpoint.port}: cannot listen "
+                         f"there: {describe(exc)}") from None

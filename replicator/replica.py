@@ -37,12 +37,14 @@ from typing import TypeAlias
 
 import xxhash
 
+from drctl.files import atomic_write
 from replicator.batch import Batch, Decoder, Kind, Record
 from replicator.blockmap import (
     Geometry,
     MappedVolume,
     block_hash,
     hash_all,
+    hash_range,
     zero_block,
     zero_hash,
 )
@@ -277,12 +279,8 @@ class Replica:
         if self.group and group != self.group and self.wal.frames:
             raise ProtocolError(f"volume {self.name} has staged batches of group {self.group}; "
                                 f"it cannot join {group or 'no group'} before they are applied")
-        tmp = self.group_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"group": group, "members": list(members)}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.group_path)
+        atomic_write(self.group_path,
+                     json.dumps({"group": group, "members": list(members)}).encode(), 0o644)
         self.group, self.members = group, tuple(members)
 
     def closed_cp(self, durable: bool = True) -> int:
@@ -300,6 +298,19 @@ class Replica:
             return array("Q")
         with MappedVolume(self.img_path) as vol:
             return hash_all(vol.view, Geometry(min(vol.size, geo.size), geo.block_size))
+
+    def hashes_in(self, first: int, count: int) -> array[int]:
+        """Blocks [first, first + count) as the replica holds them durably, read from the disk
+        (not the page cache): the image's, or a staged block's (waiting for its point)."""
+        geo, out = self.geometry, array("Q")
+        end = min(geo.blocks, first + count)
+        for at in range(first, end, 256):
+            out.extend(hash_range(self.img_fd, geo, at, min(256, end - at), drop_cache=True))
+        if self.wal.frames:
+            index = self.index()
+            for b in self.wal.blocks_in(first, end):
+                out[b - first] = index[b]
+        return out
 
     def digest(self) -> bytes:
         return index_digest(self.index())

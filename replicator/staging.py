@@ -23,10 +23,12 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from array import array
 from dataclasses import dataclass
 
 import xxhash
 
+from drctl.files import fsync_dir
 from replicator.batch import Batch
 from replicator.errors import VolumeError
 
@@ -71,6 +73,9 @@ class StagingLog:
             raise VolumeError(f"cannot open redo journal {path}: {exc.strerror}") from exc
         self.frames: list[Frame] = []
         self.applied_bytes = 0  # frames already applied at the head of the file
+        # the blocks each frame writes, by seq (lowest, highest, all): filled as frames are
+        # appended, or read once when asked (frames found at open)
+        self._blocks: dict[int, tuple[int, int, array[int]]] = {}
         self._scan(applied_seq)
 
     def _scan(self, applied_seq: int) -> None:
@@ -110,7 +115,25 @@ class StagingLog:
         frame = Frame(batch.seq, cp, closes, offset + _FRAME.size, len(rec) - _FRAME.size,
                       len(batch.indices))
         self.frames.append(frame)
+        self._note_blocks(batch)
         return frame
+
+    def _note_blocks(self, batch: Batch) -> tuple[int, int, array[int]]:
+        idx = array("Q", batch.indices)
+        entry = self._blocks[batch.seq] = (min(idx, default=0), max(idx, default=-1), idx)
+        return entry
+
+    def blocks_in(self, first: int, end: int) -> set[int]:
+        """The blocks in [first, end) that staged frames write (waiting for their point)."""
+        out: set[int] = set()
+        for f in self.frames:
+            entry = self._blocks.get(f.seq)
+            if entry is None:
+                entry = self._note_blocks(self.read(f))
+            lo, hi, idx = entry
+            if lo < end and hi >= first:
+                out.update(i for i in idx if first <= i < end)
+        return out
 
     def sync(self) -> None:
         with self.lock:
@@ -158,10 +181,12 @@ class StagingLog:
             with self.lock:
                 os.ftruncate(self.fd, 0)
             self.frames, self.applied_bytes = [], 0
+            self._blocks.clear()
             return
         if keep[0] is not self.frames[0]:
             self.applied_bytes = keep[0].offset - _FRAME.size
         self.frames = keep
+        self._forget_blocks()
         if self.applied_bytes >= REWRITE_BYTES:
             self._rewrite(keep)
 
@@ -187,11 +212,19 @@ class StagingLog:
             fh.flush()
             os.fsync(fh.fileno())
         new_fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-        with self.lock:
+        with self.lock:  # the rename is durable before a frame appended to the new file is acked
             os.replace(tmp, self.path)
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
             old, self.fd = self.fd, new_fd
         os.close(old)
         self.frames, self.applied_bytes = moved, 0
+        self._forget_blocks()
+
+    def _forget_blocks(self) -> None:
+        """Drop the noted blocks of frames no longer staged (applied or discarded)."""
+        live = {f.seq for f in self.frames}
+        for seq in [s for s in self._blocks if s not in live]:
+            del self._blocks[seq]
 
     def close(self) -> None:
         os.close(self.fd)

@@ -54,6 +54,22 @@ def parse_rate(text: str) -> int:
     return parse_size(body, what="rate")
 
 
+# A rate cap below this is almost certainly a unit mistake ("20" or "20kB/s" for 20MB/s): the
+# CLI's --rate-limit refuses it as a runbook's rate_limit does (runbooks/loader.py)
+MIN_RATE_LIMIT = 64 * 1024
+
+
+def parse_rate_limit(text: str) -> int:
+    """A bandwidth cap: a rate (``parse_rate``) of at least ``MIN_RATE_LIMIT``."""
+    rate = parse_rate(text)
+    if rate < MIN_RATE_LIMIT:
+        number = re.match(r"\s*(\d+(?:\.\d+)?)", text)
+        raise UsageError(f"{text!r} is {rate} bytes/s, below the 64KiB/s minimum: a cap that "
+                         "low is almost certainly a unit mistake (did you mean "
+                         f"{number.group(1) if number else 20}MB/s?)")
+    return rate
+
+
 def parse_hostport(text: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 as [::1]:PORT) and check the port."""
     host, sep, port_text = text.rpartition(":")

@@ -23,9 +23,14 @@ class VerifyResult:
 
 async def verify_replica(path: str, address: str, volume: str,
                          block_size: int = 4096,
-                         security: ChannelSecurity | None = None) -> VerifyResult:
+                         security: ChannelSecurity | None = None,
+                         connect_timeout: float | None = None) -> VerifyResult:
+    """``connect_timeout``: give up (TargetUnavailableError) when the target is not reached
+    within it (None: wait for it as long as the listing may take)."""
     client = TargetClient(address, security)
     try:
+        if connect_timeout is not None:
+            await client.connect(connect_timeout)
         with MappedVolume(path) as vol:
             geo = Geometry(vol.size, block_size)
             local_task = asyncio.create_task(asyncio.to_thread(hash_all, vol.view, geo))

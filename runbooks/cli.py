@@ -38,6 +38,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s = rsub.add_parser("schema", help="print the runbook JSON Schema (for editors)")
     s.set_defaults(func=cmd_schema)
 
+    cv = rsub.add_parser("convert", help="print the runbook that does what a cluster.yaml "
+                                         "does (the daemons run a cluster.yaml as it)")
+    cv.add_argument("file", help="the cluster.yaml")
+    cv.set_defaults(func=cmd_convert)
+
 
 def _load(path: str) -> Runbook | None:
     """The runbook, or None after printing every error."""
@@ -51,10 +56,17 @@ def _load(path: str) -> Runbook | None:
         return None
 
 
+def _invalid() -> int:
+    """The exit code of an invalid runbook: a configuration error's (docs/cli.md)."""
+    from runbooks.loader import RunbookError
+
+    return RunbookError.exit_code
+
+
 def _service(rb: Runbook, name: str) -> bool:
     if name in rb.services:
         return True
-    print(f"drctl: error: unknown service {name!r} (services: "
+    print(f"drctl: error [config]: unknown service {name!r} (services: "
           f"{', '.join(sorted(rb.services))})", file=sys.stderr)
     return False
 
@@ -73,7 +85,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         steps = sum(len(s.steps) for s in rb.services.values())
         print(f"{path}: ok ({len(rb.sites)} sites, {len(rb.services)} services, {steps} steps)")
-    return 65 if failed else 0
+    return _invalid() if failed else 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -81,13 +93,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     rb = _load(args.file)
     if rb is None:
-        return 65
+        return _invalid()
     if not _service(rb, args.service):
         return 2
     kind = "switchover" if args.switchover else "failover"
     print(f"{kind} of {args.service} ({rb.path}):")
     for line in plan(rb, args.service, switchover=args.switchover):
         print(f"  {line}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from runbooks.convert import convert, to_yaml
+
+    sys.stdout.write(to_yaml(convert(args.file), args.file))  # a ConfigError: exit 2
     return 0
 
 
@@ -105,7 +124,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
     rb = _load(args.runbook)
     if rb is None:
-        return 65
+        return _invalid()
     if not _service(rb, args.service):
         return 2
     report = asyncio.run(run_drill(rb, args.service, args.name))
@@ -129,7 +148,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     rb = _load(args.file)
     if rb is None:
-        return 65
+        return _invalid()
     if not _service(rb, args.service):
         return 2
     results = asyncio.run(run_health_checks(rb.services[args.service], dict(os.environ)))

@@ -9,11 +9,8 @@ DRCTL_CLONES (the clone paths, space-separated).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 import time
-import urllib.request
 import uuid
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
@@ -21,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from drctl.shell import run_shell
 from failover.agent import scrape_lag
 from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server
+from failover.steprun import health_check
 from runbooks.cluster import zone_key
 from runbooks.model import Runbook, Service, Step, StepType, Where
 
@@ -51,39 +49,13 @@ class DrillReport:
         return json.dumps({**asdict(self), "rto_seconds": self.rto_seconds}, indent=1)
 
 
-async def _probe(step: Step, env: dict[str, str]) -> str:
-    if step.http:
-        def get() -> int:
-            with urllib.request.urlopen(step.http, timeout=step.timeout) as r:  # type: ignore[arg-type]
-                return int(r.status)
-        status = await asyncio.to_thread(get)
-        return f"HTTP {status}"
-    if step.tcp:
-        addr = Server.parse(step.tcp)
-        await asyncio.to_thread(socket.create_connection, (addr.host, addr.port), step.timeout)
-        return f"connected to {step.tcp}"
-    await _shell(step.command or "true", env, step.timeout)
-    return "command ok"
-
-
-async def _shell(command: str, env: dict[str, str], timeout: float) -> None:
-    await run_shell(command, env, timeout)
-
-
 async def _health(step: Step, env: dict[str, str]) -> str:
-    last = ""
-    for attempt in range(step.retries + 1):
-        try:
-            return await asyncio.wait_for(_probe(step, env), step.timeout + 1)
-        except (OSError, RuntimeError, TimeoutError) as exc:  # ShellError is a RuntimeError
-            last = f"attempt {attempt + 1}: {exc}"
-            if attempt < step.retries:
-                await asyncio.sleep(step.interval)
-    raise RuntimeError(last)
+    """The health check with its retries, as the new primary's agent runs it."""
+    return await health_check(step.spec(), env)
 
 
 async def _hook(step: Step, env: dict[str, str]) -> str:
-    await _shell(step.run or "true", env, step.timeout)
+    await run_shell(step.run or "true", env, step.timeout)
     return "ok"
 
 

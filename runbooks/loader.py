@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -10,7 +11,9 @@ import yaml
 from drctl.yamlstrict import DuplicateKeyError, LineDict, load_yaml, yaml_error_line
 from failover.coordination import credentials
 from failover.coordination.credentials import EtcdCredentials
+from failover.steps import problems as step_problems
 from runbooks.model import (
+    VERIFY_RATE,
     DnsRecord,
     Runbook,
     Service,
@@ -26,8 +29,11 @@ KIND = "drctl-runbook"
 
 
 class RunbookError(Exception):
+    """The runbook cannot be used: unreadable, not YAML, not a runbook, or invalid (every
+    error as file:line: field: message)."""
+
     code = "runbook_invalid"
-    exit_code = 65  # EX_DATAERR
+    exit_code = 2  # a configuration error, as failover.config.ConfigError (docs/cli.md)
 
     def __init__(self, path: str, errors: list[str]) -> None:
         super().__init__("\n".join(errors))
@@ -44,6 +50,7 @@ _STEP_FIELDS = {
     StepType.DNS: set(),
 }
 _CHECKS = {"replication_lag", "sites_reachable"}
+_TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512")
 # replication: the site's target daemon (HOST:PORT); health: a witness URL; source_metrics:
 # the metrics endpoint of a source agent the site does not run itself (hook-driven sites);
 # target_metrics: the metrics port the site agent gives its target daemon (HOST:PORT)
@@ -108,6 +115,11 @@ def load(path: str) -> Runbook:
     except yaml.YAMLError as exc:
         raise RunbookError(path, [f"{path}:{yaml_error_line(exc) or 0}: not valid YAML: "
                                   f"{getattr(exc, 'problem', exc)}"]) from None
+    if not isinstance(raw, dict) or raw.get("kind") != KIND:  # one line, not every key's error
+        what = (f"kind is {raw['kind']!r}" if isinstance(raw, dict) and "kind" in raw
+                else f"no 'kind: {KIND}'")
+        line = raw.lines.get("kind", 1) if isinstance(raw, LineDict) else 1
+        raise RunbookError(path, [f"{path}:{line}: not a drctl runbook ({what})"])
     c = _Checker(path)
     rb = _runbook(c, raw)
     if c.errors or rb is None:
@@ -140,7 +152,13 @@ def _etcd(c: _Checker, top: LineDict) -> tuple[tuple[str, ...], EtcdCredentials]
     (user:, password_file: or password_env:, ca:, cert:, key:). Their files are read when the
     runbook is used (runbooks/cluster.py), not when it is validated."""
     def hostports(v: Any) -> bool:
-        return bool(v) and all(isinstance(x, str) and ":" in x for x in v)
+        from failover.dns.rfc2136 import Server
+
+        try:
+            return bool(v) and all(isinstance(x, str) and ":" in x and Server.parse(x)
+                                   for x in v)
+        except ValueError:  # a port out of range, a URL
+            return False
 
     if not isinstance(top.get("etcd"), LineDict):
         etcd = c.get(top, "etcd", "", list, [], check=hostports,
@@ -183,7 +201,8 @@ def _zones(c: _Checker, node: Any) -> dict[str, Zone]:
     out = {}
     for zname, z in c.mapping(zones_node, "dns.zones", set(zones_node), set()).items():
         where = f"dns.zones.{zname}"
-        zm = c.mapping(z, where, {"servers", "update", "tsig"}, {"servers", "tsig"})
+        zm = c.mapping(z, where, {"servers", "update", "tsig", "verify_timeout"},
+                       {"servers", "tsig"})
         servers = c.get(zm, "servers", where, list, [], check=bool, hint="a list of HOST:PORT")
         update = c.get(zm, "update", where, list, servers, check=bool, hint="a list")
         t = c.mapping(zm.get("tsig"), f"{where}.tsig", {"name", "file", "env", "algorithm",
@@ -193,8 +212,14 @@ def _zones(c: _Checker, node: Any) -> dict[str, Zone]:
                                                 "tsig-keygen key file) or env: (a variable)")
         elif ("file" in t) == ("env" in t):
             c.err(t, None, f"{where}.tsig", "give exactly one of file: or env:")
+        algorithm = c.get(t, "algorithm", f"{where}.tsig", str, None,
+                          check=lambda v: v in _TSIG_ALGORITHMS,
+                          hint=" or ".join(_TSIG_ALGORITHMS))
+        verify = c.get(zm, "verify_timeout", where, (int, float), 10, check=lambda v: v > 0,
+                       hint="seconds > 0")
         out[zname] = Zone(zname, tuple(servers or ()), tuple(update or ()),
-                          str(t.get("name", "")), t.get("file"), t.get("env"))
+                          str(t.get("name", "")), t.get("file"), t.get("env"), algorithm,
+                          float(verify))
     return out
 
 
@@ -229,7 +254,7 @@ def _service(c: _Checker, name: str, node: Any, sites: dict[str, Site],
     rep = _replication(c, m, where, sites)
     fw = f"{where}.failover"
     f = c.mapping(m.get("failover") or LineDict(), fw,
-                  {"automatic", "grace", "damping", "allow_data_loss"}, set())
+                  {"automatic", "grace", "damping", "allow_data_loss", "drain_timeout"}, set())
     automatic = c.get(f, "automatic", fw, bool, True)
     grace = c.get(f, "grace", fw, (int, float), 4, check=lambda v: v >= 0, hint="seconds >= 0")
     damping = c.get(f, "damping", fw, (int, float), 600, check=lambda v: v >= 0,
@@ -255,10 +280,30 @@ def _service(c: _Checker, name: str, node: Any, sites: dict[str, Site],
     svc = Service(name, str(m.get("primary", "")), str(m.get("replica", "")), tuple(volumes),
                   rep["mode"], rep["rate"], rep["rpo"], automatic, float(grace), float(damping),
                   loss, tuple(records), steps, tuple(depends), rep["level"], rep["cp_interval"],
-                  rep["journal_limit"], rep["apply_interval"], rep["export"])
+                  rep["journal_limit"], rep["apply_interval"], rep["export"],
+                  verify_rate=rep["verify_rate"], export_tls=rep["export_tls"])
+    svc = _drain(c, f, fw, m.get("steps"), svc)
     if volumes:
         _data_path(c, m, where, svc, sites)
     return svc
+
+
+def _drain(c: _Checker, f: LineDict, fw: str, raw_steps: Any, svc: Service) -> Service:
+    """How long a switchover drains: ``wait_replication``'s timeout where the steps list one,
+    else ``failover.drain_timeout`` (default 120 s); given in both places, an error."""
+    drain = c.get(f, "drain_timeout", fw, (int, float), None, check=lambda v: v > 0,
+                  hint="seconds > 0")
+    waits = [s for s in raw_steps or [] if isinstance(s, LineDict)
+             and s.get("type") == StepType.WAIT_REPLICATION.value]
+    if waits and "timeout" in waits[0]:
+        if drain is not None:
+            c.err(f, "drain_timeout", fw, "the drain's timeout is given twice: here and as "
+                                          "the wait_replication step's timeout (keep one)")
+        return dataclasses.replace(svc, drain_timeout=float(waits[0]["timeout"]))
+    drain = float(drain or 120)
+    steps = tuple(dataclasses.replace(s, timeout=drain) if s.type is StepType.WAIT_REPLICATION
+                  else s for s in svc.steps)
+    return dataclasses.replace(svc, drain_timeout=drain, steps=steps)
 
 
 def _replication(c: _Checker, m: Any, where: str, sites: dict[str, Site]) -> dict[str, Any]:
@@ -269,7 +314,7 @@ def _replication(c: _Checker, m: Any, where: str, sites: dict[str, Site]) -> dic
     rw = f"{where}.replication"
     r = c.mapping(m.get("replication") or LineDict(), rw,
                   {"mode", "rate_limit", "rpo", "compression", "cp_interval", "journal_limit",
-                   "apply_interval", "export"}, set())
+                   "apply_interval", "export", "verify_rate", "export_tls"}, set())
     mode = c.get(r, "mode", rw, str, "hot", check=lambda v: v in ("hot", "warm"),
                  hint="hot or warm")
     rate = None
@@ -300,15 +345,40 @@ def _replication(c: _Checker, m: Any, where: str, sites: dict[str, Site]) -> dic
                 raise UsageError("at least 1MiB")
         except UsageError as exc:
             c.err(r, "journal_limit", rw, str(exc))
+    verify_rate = _verify_rate(c, r, rw)
     apply_interval = c.get(r, "apply_interval", rw, (int, float), None, check=lambda v: v > 0,
                            hint="seconds > 0")
     if apply_interval is not None and mode != "warm":
         c.err(r, "apply_interval", rw, "only a warm replica applies on a schedule (mode: warm)")
     export = _export(c, r, rw, sites)
+    export_tls = c.get(r, "export_tls", rw, bool, False, hint="true or false")
+    if export_tls and not export and "export" not in r:
+        c.err(r, "export_tls", rw, "TLS on the NBD export needs an export (replication.export)")
     return {"mode": mode, "rate": rate, "rpo": float(rpo), "level": int(level),
             "cp_interval": float(cp_interval), "journal_limit": journal_limit,
             "apply_interval": float(apply_interval) if apply_interval else None,
-            "export": export}
+            "export": export, "verify_rate": verify_rate, "export_tls": bool(export_tls)}
+
+
+def _verify_rate(c: _Checker, r: Any, rw: str) -> int:
+    """``replication.verify_rate``: the capture agent's background verify, bytes/s (0: off)."""
+    from replicator.errors import UsageError
+    from replicator.units import parse_rate
+
+    if "verify_rate" not in r:
+        return VERIFY_RATE
+    text = str(r["verify_rate"]).strip()
+    if text in ("0", "0.0", "0/s"):
+        return 0
+    try:
+        rate = parse_rate(text)
+    except UsageError as exc:
+        c.err(r, "verify_rate", rw, str(exc))
+        return VERIFY_RATE
+    if rate < MIN_RATE_LIMIT:
+        c.err(r, "verify_rate", rw, f"{text!r} is {rate} bytes/s, below the 64KiB/s minimum "
+                                    "(0 turns the background verify off)")
+    return rate
 
 
 def _export(c: _Checker, r: Any, rw: str, sites: dict[str, Site]) -> dict[str, str]:
@@ -368,6 +438,7 @@ def _steps(c: _Checker, node: Any, where: str, has_dns: bool,
         c.errors.append(f"{c.path}:{line}: {where}: expected a non-empty list of steps")
         return ()
     out = []
+    places: list[int] = []  # each step's index in the list (an invalid one is left out)
     for i, s in enumerate(node):
         sw = f"{where}[{i}]"
         if not isinstance(s, LineDict) or "type" not in s:
@@ -384,13 +455,13 @@ def _steps(c: _Checker, node: Any, where: str, has_dns: bool,
         step = _step(c, s, sw, stype)
         if step is not None:
             out.append(step)
-    kinds = [s.type for s in out]
-    if StepType.PROMOTE not in kinds:
-        c.errors.append(f"{c.path}:{line}: {where}: no promote step")
-    elif has_dns and StepType.DNS in kinds and kinds.index(StepType.DNS) < kinds.index(
-            StepType.PROMOTE):
-        bad = out[kinds.index(StepType.DNS)]
-        c.errors.append(f"{c.path}:{bad.line}: {where}: the dns step must come after promote")
+            places.append(i)
+    # the order the steps run in, and what runs once (failover/steps.py)
+    for index, message in step_problems([s.spec() for s in out], has_dns):
+        if index is None:
+            c.errors.append(f"{c.path}:{line}: {where}: {message}")
+        else:
+            c.errors.append(f"{c.path}:{out[index].line}: {where}[{places[index]}]: {message}")
     return tuple(out)
 
 

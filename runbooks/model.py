@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from failover.coordination.credentials import EtcdCredentials
+from failover.steps import Owner, StepKind, StepSpec, owner_of
+
+VERIFY_RATE = 2 << 20  # bytes/s: the capture agent's default (replicator.driver)
 
 
 class StepType(StrEnum):
@@ -38,6 +41,14 @@ class Step:
     retries: int = 0
     interval: float = 1.0
 
+    def spec(self) -> StepSpec:
+        """The step as the daemons run it (failover/steps.py)."""
+        kind = StepKind(self.type.value)
+        owner = Owner(self.on.value) if kind is StepKind.HOOK else owner_of(kind)
+        return StepSpec(kind, self.name, owner, run=self.run, check=self.check, http=self.http,
+                        tcp=self.tcp, command=self.command, timeout=self.timeout,
+                        retries=self.retries, interval=self.interval)
+
 
 @dataclass(frozen=True)
 class Volume:
@@ -62,6 +73,8 @@ class Zone:
     tsig_name: str
     tsig_file: str | None
     tsig_env: str | None
+    tsig_algorithm: str | None = None  # with env: (a key file names its own)
+    verify_timeout: float = 10.0  # seconds every server has to answer a rewritten record
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,10 @@ class Service:
     journal_limit: int = 1 << 30  # change journal size before the change bitmap takes over
     apply_interval: float | None = None  # warm mode: apply complete points on this schedule
     export: dict[str, str] = field(default_factory=dict)  # site -> NBD HOST:PORT of the app
+    export_tls: bool = False  # the export takes only mutual TLS (push --nbd-tls)
+    verify_rate: int = VERIFY_RATE  # background verify of the replica, bytes/s (0: off)
+    # a switchover's drain: wait_replication's timeout, or failover.drain_timeout
+    drain_timeout: float = 120.0
 
     @property
     def group(self) -> str:

@@ -3,7 +3,9 @@ data path the site agents run for those services (sites/dataplane.py)."""
 
 from __future__ import annotations
 
-from runbooks.model import Runbook, Service, Step, StepType, Where
+from failover.steps import Owner, Planned, StepKind, operation_plan
+from runbooks.cluster import step_specs
+from runbooks.model import Runbook, Service
 
 
 def order(rb: Runbook, service: str) -> list[str]:
@@ -22,43 +24,53 @@ def order(rb: Runbook, service: str) -> list[str]:
     return out
 
 
-def _site(svc: Service, where: Where) -> str:
-    return {Where.OLD_PRIMARY: svc.primary, Where.NEW_PRIMARY: svc.replica,
-            Where.CONTROLLER: "the controller"}[where]
+def _site(svc: Service, owner: Owner) -> str:
+    return {Owner.OLD_PRIMARY: svc.primary, Owner.NEW_PRIMARY: svc.replica,
+            Owner.CONTROLLER: "the controller"}[owner]
 
 
-def describe(rb: Runbook, svc: Service, step: Step) -> str:
+def describe(rb: Runbook, svc: Service, step: Planned, switchover: bool = False) -> str:
+    """One step of the operation, as it runs (who runs it, what it waits for, its timeout)."""
+    spec = step.spec
     vols = ", ".join(v.name for v in svc.volumes) or "(no volumes)"
-    if step.type is StepType.PRECHECK:
-        if step.check == "replication_lag":
-            return (f"precheck {step.name}: replication lag of {vols} within the "
-                    f"{svc.rpo:g}s RPO budget" + (" (data loss allowed)"
-                                                   if svc.allow_data_loss else ""))
-        return f"precheck {step.name}: {svc.replica} reachable"
-    if step.type is StepType.HOOK:
-        return (f"hook {step.name} on {_site(svc, step.on)}: `{step.run}` "
-                f"(timeout {step.timeout:g}s)")
-    if step.type is StepType.WAIT_REPLICATION:
-        return f"wait until {vols} have zero lag (timeout {step.timeout:g}s)"
-    if step.type is StepType.PROMOTE:
+    if spec.kind is StepKind.PRECHECK:
+        if spec.check == "replication_lag":
+            return (f"precheck {spec.name} (controller): replication lag of {vols} within the "
+                    f"{svc.rpo:g}s RPO budget" + (" (data loss allowed)" if svc.allow_data_loss
+                                                   else " (failover --force accepts more)"))
+        sites = svc.replica + (f" and {svc.primary}" if switchover else "")
+        return f"precheck {spec.name} (controller): {sites} alive (a heartbeat in etcd)"
+    if spec.kind is StepKind.HOOK:
+        gone = (f"; skipped if {svc.primary} is gone (an agent that loses its lease runs its "
+                "fence hooks itself)" if spec.owner is Owner.OLD_PRIMARY else "")
+        return (f"hook {spec.name} on {_site(svc, spec.owner)}: `{spec.run}` (timeout "
+                f"{spec.timeout:g}s: killed past it{gone})")
+    if spec.kind is StepKind.WAIT_REPLICATION:
+        return (f"drain{'' if step.index is None else ' ' + spec.name} (controller): write "
+                f"barrier up on {svc.primary}, wait until {vols} have zero lag (timeout "
+                f"{spec.timeout:g}s: past it the switchover is abandoned)")
+    if spec.kind is StepKind.FENCE:
+        return (f"fence: bump the epoch (replicas refuse {svc.primary}'s older epoch); "
+                f"{svc.primary} stops writing (capture agent stopped), or its heartbeat is "
+                "gone and its witness agrees")
+    if spec.kind is StepKind.PROMOTE:
         groups = sorted({v.group for v in svc.volumes if v.group})
         g = f", consistency groups {', '.join(groups)}" if groups else ""
         warm = "; apply the warm journal first" if svc.mode == "warm" else ""
-        return (f"promote: bump the epoch (replicas refuse {svc.primary}'s older epoch), "
-                f"{svc.replica} becomes primary of {vols}{g}{warm}")
-    if step.type is StepType.HEALTH_CHECK:
-        probe = (f"GET {step.http}" if step.http else f"connect {step.tcp}" if step.tcp
-                 else f"`{step.command}`")
-        return (f"health check {step.name}: {probe}, timeout {step.timeout:g}s, "
-                f"{step.retries} retries every {step.interval:g}s")
+        return f"promote on {svc.replica}: {svc.replica} becomes primary of {vols}{g}{warm}"
+    if spec.kind is StepKind.HEALTH_CHECK:
+        probe = (f"GET {spec.http}" if spec.http else f"connect {spec.tcp}" if spec.tcp
+                 else f"`{spec.command}`")
+        return (f"health check {spec.name} on {svc.replica}: {probe}, timeout "
+                f"{spec.timeout:g}s, {spec.retries} retries every {spec.interval:g}s")
     lines = []
     address = rb.sites[svc.replica].address
     for r in svc.dns:
         zone = rb.zones[r.zone]
-        lines.append(f"dns: {r.name}.{r.zone} {r.type} -> {address} (TTL {r.ttl}s), signed "
+        lines.append(f"{r.name}.{r.zone} {r.type} -> {address} (TTL {r.ttl}s), signed "
                      f"with TSIG key {zone.tsig_name}, sent to {', '.join(zone.update)}, "
                      f"verified on {', '.join(zone.servers)}")
-    return "; ".join(lines) or "dns: (no records)"
+    return "dns (controller): " + "; ".join(lines)
 
 
 def _bytes(n: int) -> str:
@@ -91,30 +103,35 @@ def data_path(rb: Runbook, svc: Service) -> list[str]:
     level = f"zstd level {svc.compress_level}" if svc.compress_level else "no compression"
     cuts = (f"consistency point every {svc.cp_interval:g}s" if svc.cp_interval
             else "consistency points cut as soon as the previous are sent")
+    scrub = (f"background verify {_bytes(svc.verify_rate)}/s" if svc.verify_rate
+             else "no background verify")
     lines = [f"[{svc.name}] consistency group {svc.group}: {mode}, {rate}, {level}, "
-             f"{cuts}, journal {_bytes(svc.journal_limit)}"]
+             f"{cuts}, journal {_bytes(svc.journal_limit)}, {scrub}"]
     for role in ("primary", "replica"):
         name = getattr(svc, role)
         site = rb.sites[name]
         vols = ", ".join(f"{v.name} {volume_path(v.path, name)}" for v in svc.volumes)
+        tls = " (TLS)" if svc.export_tls else ""
         lines.append(f"[{svc.name}] {name} ({role}): data_dir {site.data_dir}, target "
-                     f"{site.endpoints.get('replication')}, export {svc.export.get(name)}; "
+                     f"{site.endpoints.get('replication')}, export {svc.export.get(name)}{tls}; "
                      f"{vols}")
     return lines
 
 
 def plan(rb: Runbook, service: str, switchover: bool = False) -> list[str]:
+    """What a failover (or switchover, or failback) of ``service`` runs, in order: its
+    dependencies first (each that is primary at the same site moves with it), then the
+    service once they have finished; per service the steps as the daemons run them
+    (failover/steps.py ``operation_plan``: what the controller records and runs)."""
     lines = []
     for name in order(rb, service):
         svc = rb.services[name]
-        steps = list(svc.steps)
-        if switchover and not any(s.type is StepType.WAIT_REPLICATION for s in steps):
-            lines.append(f"[{name}] wait until every volume has zero lag (switchover: no data "
-                         "loss)")
-        for step in steps:
-            if step.type is StepType.WAIT_REPLICATION and not switchover:
-                continue
-            lines.append(f"[{name}] {describe(rb, svc, step)}")
+        deps = [d for d in svc.depends_on if d in order(rb, service)]
+        if deps:
+            lines.append(f"[{name}] wait until {', '.join(deps)} finished (dns step done); one "
+                         f"that failed stops {name}")
+        for step in operation_plan(step_specs(svc), switchover, svc.drain_timeout):
+            lines.append(f"[{name}] {describe(rb, svc, step, switchover)}")
     paths = [f"  {line}" for name in order(rb, service)
              for line in data_path(rb, rb.services[name])]
     return [f"{i}. {line}" for i, line in enumerate(lines, 1)] + [

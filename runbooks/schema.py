@@ -55,16 +55,19 @@ def schema() -> dict[str, Any]:
                                       {"type": "integer", "minimum": 0, "maximum": 22}]},
             "cp_interval": {"type": "number", "minimum": 0},
             "journal_limit": {**_SIZE, "minimum": 1 << 20},
+            "verify_rate": {"oneOf": [{"const": 0}, {**_SIZE, "minimum": 65536}]},
             "apply_interval": _NUM,
             "export": {"oneOf": [_HOSTPORT, {"type": "object", "minProperties": 1,
-                                             "additionalProperties": _HOSTPORT}]}}),
+                                             "additionalProperties": _HOSTPORT}]},
+            "export_tls": {"type": "boolean"}}),
             # apply_interval: only a warm replica applies on a schedule
             "dependentSchemas": {"apply_interval": {"required": ["mode"],
                                                     "properties": {"mode": {"const": "warm"}}}}},
         "failover": _obj({"automatic": {"type": "boolean"},
                           "grace": {"type": "number", "minimum": 0},
                           "damping": {"type": "number", "minimum": 0},
-                          "allow_data_loss": {"type": "boolean"}}),
+                          "allow_data_loss": {"type": "boolean"},
+                          "drain_timeout": _NUM}),
         "dns": {"type": "array", "items": _obj({
             "zone": {"type": "string"}, "name": {"type": "string"},
             "type": {"enum": ["A", "AAAA", "CNAME"]},
@@ -82,11 +85,12 @@ def schema() -> dict[str, Any]:
                               "cert": ["key"], "key": ["cert"]},
         "dependentSchemas": {"user": {"oneOf": [{"required": ["password_file"]},
                                                 {"required": ["password_env"]}]}}}]}
-    zone = _obj({"servers": _HOSTPORTS, "update": _HOSTPORTS, "tsig": {
+    algorithm = {"enum": ["hmac-sha256", "hmac-sha384", "hmac-sha512"]}
+    zone = _obj({"servers": _HOSTPORTS, "update": _HOSTPORTS, "verify_timeout": _NUM, "tsig": {
         "oneOf": [_obj({"name": {"type": "string"}, "file": {"type": "string"},
-                        "algorithm": {"type": "string"}}, ["name", "file"]),
+                        "algorithm": algorithm}, ["name", "file"]),
                   _obj({"name": {"type": "string"}, "env": {"type": "string"},
-                        "algorithm": {"type": "string"}}, ["name", "env"])]}},
+                        "algorithm": algorithm}, ["name", "env"])]}},
                 ["servers", "tsig"])
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -1,7 +1,9 @@
 """`drctl agent` with a runbook: the failover site agent (heartbeat lease, role changes,
 self-fencing) running the data path of every service with volumes (dataplane.py).
 
-A role change runs the data path first, then the runbook's application hooks. While the
+A role change runs the data path first, then the runbook's application hooks; in an
+operation the data path is the ``fence`` and ``promote`` steps, at their place among the
+hooks and health checks (failover/agent.py ``run_operation``). While the
 record says ``draining`` and this site is primary, the capture agent's write barrier is up.
 When the lease is about to be lost, the capture agents are killed before anything else: a
 partitioned primary stops acknowledging writes before the other site can be promoted.
@@ -17,6 +19,8 @@ from failover.config import ClusterConfig, ServiceConfig
 from failover.coordination.base import CoordinationStore
 from failover.fsm import State
 from failover.records import ServiceHealth, ServiceRecord
+from failover.steprun import Outcome
+from failover.steps import StepKind, StepSpec
 from runbooks.model import Runbook
 from sites.dataplane import SiteDataPlane
 
@@ -53,6 +57,22 @@ class ManagedSiteAgent(SiteAgent):
             elif want == "primary" and not await path.become_primary(rec.epoch):
                 return False
         return await super().change_role(svc, rec, old, want)
+
+    async def run_step(self, svc: ServiceConfig, rec: ServiceRecord, spec: StepSpec,
+                       env: dict[str, str]) -> Outcome:
+        path = self.plane.services.get(svc.name)
+        if path is None or spec.kind not in (StepKind.FENCE, StepKind.PROMOTE):
+            return await super().run_step(svc, rec, spec, env)
+        if spec.kind is StepKind.FENCE:
+            await path.fence()
+            return Outcome("done", "capture agent stopped: the export acknowledges no more "
+                                   "writes")
+        if await path.become_primary(rec.epoch):
+            return Outcome("done", f"replicas released as the primary volumes at epoch "
+                                   f"{rec.epoch}; export {path.export} up")
+        # not yet (the epoch token, the export coming up): again at the next tick, bounded by
+        # the phase's timeout
+        return Outcome("waiting", error=path.error or "the data path is not up yet")
 
     async def self_fence(self, svc: ServiceConfig, epoch: int) -> None:
         path = self.plane.services.get(svc.name)

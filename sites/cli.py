@@ -7,6 +7,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from failover.coordination.base import CoordinationStore
+    from sites.agent import ManagedSiteAgent
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -16,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     a.add_argument("--site", required=True)
     a.add_argument("--lag-url", help="metrics URL of a source agent this agent does not run "
                                      "itself (hook-driven sites)")
+    a.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve the site's metrics here: those of the data path it runs (its "
+                   "capture agents' and target daemon's), labelled site=SITE (sites/metrics.py)")
     tls = a.add_mutually_exclusive_group()
     tls.add_argument("--tls-dir", metavar="DIR",
                      help="the site's TLS directory (`drctl certs`: ca.crt, epoch.pub, "
@@ -46,8 +55,33 @@ def cmd_agent(args: argparse.Namespace) -> int:
             raise ConfigError("the data path replicates over mutual TLS: give --tls-dir DIR "
                               f"(with sites/{args.site}.crt and .key; `drctl certs`) or "
                               "--insecure (loopback tests only)")
-        asyncio.run(_daemon(cfg, lambda store: ManagedSiteAgent(cfg, args.site, store,
-                                                                runbook, tls_dir)))
+        rb = runbook
+        children = _site_metrics(args.metrics_listen, args.site)
+
+        def make(store: CoordinationStore) -> ManagedSiteAgent:
+            agent = ManagedSiteAgent(cfg, args.site, store, rb, tls_dir)
+            children.append(agent.plane.metrics_urls)
+            return agent
+
+        asyncio.run(_daemon(cfg, make))
     else:
+        if args.metrics_listen:
+            raise ConfigError("--metrics-listen: this site runs no data path (no data_dir in "
+                              "a runbook): its source agent serves the metrics")
         asyncio.run(_daemon(cfg, lambda store: SiteAgent(cfg, args.site, store, args.lag_url)))
     return 0
+
+
+def _site_metrics(listen: str | None, site: str) -> list[Callable[[], list[str]]]:
+    """With --metrics-listen, serve the site's metrics (sites/metrics.py) from the children
+    of the data plane appended to the returned list once the agent has made it."""
+    planes: list[Callable[[], list[str]]] = []
+    if listen:
+        from prometheus_client import CollectorRegistry
+
+        from sites.metrics import ChildrenCollector, serve
+
+        registry = CollectorRegistry()
+        registry.register(ChildrenCollector(site, lambda: planes[0]() if planes else []))
+        serve(registry, listen)
+    return planes

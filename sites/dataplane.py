@@ -46,7 +46,7 @@ from drctl.localservers import free_port
 from drctl.pki import Identity, write_private
 from replicator.capture.lineage import Lineage
 from replicator.demotion import demote, is_primary, mark_primary
-from replicator.errors import ReplicatorError
+from replicator.errors import ReplicatorError, UsageError
 from replicator.source_state import group_journal_path
 from replicator.transport.client import TargetClient
 from replicator.transport.security import ChannelSecurity, TlsConfig, is_loopback, require_loopback
@@ -256,14 +256,16 @@ class ServiceDataPath:
                 "--state-dir", self.push_root, "--epoch", str(epoch),
                 "--compress-level", str(s.compress_level), "--cp-interval", str(s.cp_interval),
                 "--journal-limit", str(s.journal_limit), "--rpo-budget", str(s.rpo),
-                "--metrics-port", str(self.metrics_port)]
+                "--verify-rate", str(s.verify_rate), "--metrics-port", str(self.metrics_port)]
         if s.rate_limit:
             args += ["--rate-limit", str(s.rate_limit)]
         args += self.plane.security_args(self.peer)
         if self.plane.tls is not None or self.token:
             args += ["--epoch-token", self.token_path]
         host = self.export.rpartition(":")[0]
-        if not self.export.startswith("unix:") and not is_loopback(host):
+        if s.export_tls:
+            args.append("--nbd-tls")  # mutual TLS with the site's certificate (security.md)
+        elif not self.export.startswith("unix:") and not is_loopback(host):
             log.warning("%s: the NBD export %s is not on loopback: NBD has no authentication "
                         "or encryption (docs/security.md)", s.name, self.export)
             args.append("--insecure-nbd")
@@ -359,6 +361,11 @@ class SiteDataPlane:
                 require_loopback(path.peer_endpoint, f"site {path.peer}'s target")
             if self.services and self.endpoint:
                 require_loopback(self.endpoint, "this site's target")
+            tls_exports = sorted(n for n, p in self.services.items() if p.svc.export_tls)
+            if tls_exports:
+                raise UsageError(f"service {tls_exports[0]}: replication.export_tls serves the "
+                                 "NBD export with the site's certificate: the agent needs "
+                                 "--tls-dir")
         modes = {svc.mode for svc in runbook.services.values()
                  if svc.volumes and site in (svc.primary, svc.replica)}
         self.mode = modes.pop() if len(modes) == 1 else "hot"
@@ -369,11 +376,21 @@ class SiteDataPlane:
         if intervals:
             args += ["--apply-interval", str(min(intervals))]
         args += self.security_args(None)
-        metrics = s.endpoints.get("target_metrics")
-        if metrics:
-            args += ["--metrics-port", metrics.rpartition(":")[2]]
+        # the target's metrics: where the runbook says (sites.X.endpoints.target_metrics,
+        # HOST:PORT), else a loopback port of the agent's choosing (`drctl agent
+        # --metrics-listen` serves them with the capture agents' as the site's metrics)
+        listen = s.endpoints.get("target_metrics") or f"127.0.0.1:{free_port()}"
+        args += ["--metrics-listen", listen]
+        host, _, port = listen.rpartition(":")
+        self.target_metrics = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         self.target = Child(f"site {site} replication target", args,
                             os.path.join(self.data_dir, "logs", "target.log"))
+
+    def metrics_urls(self) -> list[str]:
+        """The metrics endpoints of the children running now (sites/metrics.py)."""
+        urls = [f"http://{self.target_metrics}/metrics"] if self.target.running else []
+        return urls + [f"http://127.0.0.1:{p.metrics_port}/metrics"
+                       for p in self.services.values() if p.push is not None and p.push.running]
 
     def start_target(self) -> None:
         if self.services and self.endpoint:

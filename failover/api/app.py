@@ -255,13 +255,16 @@ async def page(request: web.Request) -> web.Response:
 async def dns_answers(cfg: ClusterConfig) -> dict[str, dict[str, list[str] | None]]:
     out: dict[str, dict[str, list[str] | None]] = {}
     for name, svc in cfg.services.items():
-        if svc.dns is None:
+        if not svc.dns:
             continue
-        up = DnsUpdater(svc.dns.key, timeout=0.5)
-        rr = svc.dns.record
-        got = await asyncio.gather(*(up.answers(rr, s) for s in svc.dns.servers))
-        out[name] = {str(s): (sorted(g) if g is not None else None)
-                     for s, g in zip(svc.dns.servers, got, strict=True)}
+        out[name] = {}
+        for d in svc.dns:  # every record of the service, on every server
+            up = DnsUpdater(d.key, timeout=0.5)
+            rr = d.record
+            got = await asyncio.gather(*(up.answers(rr, s) for s in d.servers))
+            out[name].update({(f"{rr.name}.{rr.zone} @ {s}" if len(svc.dns) > 1 else str(s)):
+                              (sorted(g) if g is not None else None)
+                              for s, g in zip(d.servers, got, strict=True)})
     return out
 
 

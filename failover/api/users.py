@@ -44,6 +44,9 @@ _N, _R, _P = 1 << 14, 8, 1  # scrypt: 16 MiB, ~30 ms
 
 
 class UsersFileError(FailoverError):
+    """The API's users file (or --token-file) cannot be used: unreadable, malformed, an
+    unknown user, a token too short."""
+
     code = "users_file"
     exit_code = 2
 
@@ -92,6 +95,9 @@ def _read(path: str) -> dict[str, dict[str, str]]:
         return {}
     except OSError as exc:
         raise UsersFileError(f"{path}: {exc.strerror}") from exc
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsersFileError(f"{path}: a directory, not a users file")
     with os.fdopen(fd, encoding="utf-8") as fh:
         mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
         if mode & 0o077:
@@ -148,9 +154,9 @@ class Users:
     def __init__(self, path: str | None = None, token: str | None = None,
                  token_user: User = User("admin", "admin")) -> None:
         if token is not None and len(token) < 16:
-            raise FailoverError("the API token must be at least 16 characters")
+            raise UsersFileError("the API token must be at least 16 characters")
         if path is None and token is None:
-            raise FailoverError("no API users: pass --users FILE (or --token-file)")
+            raise UsersFileError("no API users: pass --users FILE (or --token-file)")
         self.path = path
         self._token = token
         self._token_user = token_user

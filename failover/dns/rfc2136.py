@@ -85,11 +85,16 @@ class Server:
     @classmethod
     def parse(cls, text: str, default_port: int = 53) -> Server:
         """HOST:PORT, or HOST alone with ``default_port``; ValueError if malformed."""
+        if "://" in str(text):
+            raise ValueError(f"invalid address {text!r}: expected HOST:PORT, without a "
+                             "scheme")
         host, sep, port = str(text).rpartition(":")
         if not sep:
             host, port = str(text), str(default_port)
         if not host or not port.isdigit():
             raise ValueError(f"invalid address {text!r}")
+        if not 0 < int(port) < 65536:
+            raise ValueError(f"invalid address {text!r}: port {port} out of range")
         return cls(host, int(port))
 
     def __str__(self) -> str:

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from drctl.files import fsync_dir
+
 log = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("<BQIQ")  # kind, offset, length, checksum
@@ -94,6 +96,16 @@ class ConsistencyPoint:
 
 
 @dataclass
+class RangeWatch:
+    """Block keys [lo, hi) being compared with the replica (scrub.py): those the target had
+    not acknowledged when the watch began, and those written while it runs."""
+    lo: int
+    hi: int
+    unacked: set[int]
+    written: set[int] = field(default_factory=set)
+
+
+@dataclass
 class ExtractedPoint:
     cp: int
     blocks: dict[int, bytes | None] = field(default_factory=dict)  # by block key; None: zeroes
@@ -126,6 +138,10 @@ class ChangeJournal:
         self.replayed = 0
         self.seq = 0  # appends ever made by this process: GroupCommit's clock
         self.shape = 0  # bumped by every rewrite (a compaction started before one gives up)
+        self.watches: list[RangeWatch] = []
+        # a rewrite renamed a new file over the journal: the next sync() fsyncs the directory
+        # too, so no write acknowledged into the new file can come back without it after a crash
+        self.renamed = False
         self._replay()
 
     # -- start -----------------------------------------------------------------------------
@@ -221,20 +237,34 @@ class ChangeJournal:
     def _append(self, kind: int, vol: int, offset: int, length: int,
                 data: bytes | bytearray | memoryview = b"") -> int:
         tagged = vol << _VOL_SHIFT | offset
+        blocks = self._blocks(vol, offset, length)
         with self.lock:
-            if not self.overflowed and self.size + _HEAD.size + len(data) > self.limit:
+            for w in self.watches:
+                w.written.update(range(max(w.lo, blocks.start), min(w.hi, blocks.stop)))
+            if not self.overflowed and self._unreleased() + _HEAD.size + len(data) > self.limit:
                 self._overflow()
             if self.overflowed:
-                self.dirty.update(self._blocks(vol, offset, length))
+                self.dirty.update(blocks)
                 if self.dirty_since is None:
                     self.dirty_since = time.time()
                 self._raw_append(_record(KIND_DIRTY, tagged, length))
             else:
                 self._raw_append(_record(kind, tagged, length, data))
-                self.open_blocks.update(self._blocks(vol, offset, length))
+                self.open_blocks.update(blocks)
                 if self.open_first_at is None:
                     self.open_first_at = time.time()
             return self._bump()
+
+    def _unreleased(self) -> int:
+        """Under the lock: the bytes of records the target has not acknowledged (those the
+        limit counts: the released head leaves the file at the next compaction)."""
+        return self.size - (self.closed[0].start if self.closed else self.open_start)
+
+    @property
+    def rewrite_bytes(self) -> int:
+        """Compact once this much is released: 8 MiB, or an eighth of a smaller limit (so the
+        file stays within the limit plus an eighth on a healthy link)."""
+        return min(REWRITE_BYTES, max(64 << 10, self.limit // 8))
 
     def _raw_append(self, rec: bytes) -> None:
         os.write(self.fd, rec)
@@ -248,14 +278,24 @@ class ChangeJournal:
 
     def sync(self) -> None:
         """Make every record appended so far durable (in bitmap mode the volume holds the data,
-        so it is synced too). A rewrite fsyncs the new file before swapping it in."""
+        so it is synced too). A rewrite fsyncs the new file before swapping it in; the swap's
+        rename is made durable here (the directory's fsync), before any write appended to the
+        new file is acknowledged, and outside the lock (appends go on meanwhile)."""
         with self.lock:
             fd = os.dup(self.fd)
             volume_too = self.overflowed
+            renamed = self.renamed
+            self.renamed = False
         try:
             if volume_too:
                 self._sync_volumes()
             os.fdatasync(fd)
+            if renamed:
+                fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        except BaseException:
+            if renamed:
+                self.renamed = True
+            raise
         finally:
             os.close(fd)
 
@@ -270,6 +310,39 @@ class ChangeJournal:
         times += [t for t in (self.open_first_at, self.dirty_since, self.resync_since)
                   if t is not None]
         return min(times) if times else None
+
+    def watch(self, lo: int, hi: int) -> RangeWatch:
+        """Start noting writes to block keys [lo, hi); call :meth:`unwatch` when done."""
+        with self.lock:
+            w = RangeWatch(lo, hi, self._unacked_in(lo, hi))
+            self.watches.append(w)
+        return w
+
+    def unwatch(self, w: RangeWatch) -> None:
+        with self.lock:
+            self.watches.remove(w)
+
+    def unacknowledged(self, keys: Iterable[int]) -> set[int]:
+        """Those of ``keys`` the target has not acknowledged (in an unreleased or the open
+        point, the change bitmap or a running resync)."""
+        wanted = set(keys)
+        out: set[int] = set()
+        with self.lock:
+            for s in self._unacked_sets():
+                out |= wanted & s
+        return out
+
+    def _unacked_sets(self) -> list[set[int]]:
+        return [*(cp.blocks for cp in self.closed), self.open_blocks, self.dirty, self.resyncing]
+
+    def _unacked_in(self, lo: int, hi: int) -> set[int]:
+        out: set[int] = set()
+        for s in self._unacked_sets():
+            if len(s) <= hi - lo:
+                out.update(k for k in s if lo <= k < hi)
+            else:
+                out.update(k for k in range(lo, hi) if k in s)
+        return out
 
     def ready(self) -> bool:
         return any(not cp.extracted for cp in self.closed)
@@ -336,7 +409,8 @@ class ChangeJournal:
                 self.closed.popleft()
             head = self.closed[0].start if self.closed else self.open_start
             idle = not self.closed and self.open_first_at is None
-            big = head >= REWRITE_BYTES or (inline and idle and self.size >= IDLE_REWRITE_BYTES)
+            big = head >= self.rewrite_bytes or (inline and idle
+                                                 and self.size >= IDLE_REWRITE_BYTES)
             if not self.overflowed and big:
                 if not inline:
                     return True
@@ -378,6 +452,7 @@ class ChangeJournal:
                     done += os.write(new_fd, delta[done:])
                 os.fdatasync(new_fd)
             os.replace(tmp, self.path)
+            self.renamed = True
             old, self.fd = self.fd, new_fd
             shift = head - len(header)
             for cp in self.closed:
@@ -463,6 +538,7 @@ class ChangeJournal:
             size = fh.tell()
         new_fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         os.replace(tmp, self.path)
+        self.renamed = True
         old, self.fd = self.fd, new_fd
         os.close(old)
         self.size = size

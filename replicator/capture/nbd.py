@@ -1,13 +1,13 @@
 """An NBD server (newstyle fixed handshake) exporting one volume, recording every write.
 
-Options: EXPORT_NAME, INFO, GO, LIST, ABORT (STRUCTURED_REPLY and others are answered
-unsupported, so clients use simple replies). Commands: READ, WRITE, FLUSH, TRIM,
-WRITE_ZEROES, DISC. A WRITE is journaled as the new content of whole blocks (an unaligned
-write is merged with the blocks' current content first) and written to the volume; TRIM /
-WRITE_ZEROES journal an aligned zero range (their unaligned edges are merged writes); FLUSH
-closes a consistency point. The journal is durable (group commit) before the reply. Writes reach
-the volume on the event loop, in the order they are journaled, so the journal replays to exactly
-the volume's content.
+Options: EXPORT_NAME, INFO, GO, LIST, ABORT, and STARTTLS when the export has TLS (then
+mandatory: nbdtls.py); STRUCTURED_REPLY and others are answered unsupported, so clients use
+simple replies. Commands: READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC. A WRITE is journaled
+as the new content of whole blocks (an unaligned write is merged with the blocks' current
+content first) and written to the volume; TRIM / WRITE_ZEROES journal an aligned zero range
+(their unaligned edges are merged writes); FLUSH closes a consistency point. The journal is
+durable (group commit) before the reply. Writes reach the volume on the event loop, in the
+order they are journaled, so the journal replays to exactly the volume's content.
 Protocol reference: the NBD protocol document (doc/proto.md of the NBD project).
 """
 
@@ -17,11 +17,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import stat
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from replicator.capture.journal import ChangeJournal, GroupCommit, write_zeroes
+from replicator.capture.nbdtls import OPT_STARTTLS, ExportTls, TlsSession
+
+if TYPE_CHECKING:
+    from replicator.transport.security import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +134,12 @@ class NbdExport:
 
 
 class NbdServer:
-    """Serves one or more exports by name (the empty name: the only export, if just one)."""
+    """Serves one or more exports by name (the empty name: the only export, if just one);
+    with ``tls`` (a site's certificate), over mandatory mutual TLS (nbdtls.py)."""
 
-    def __init__(self, exports: list[NbdExport]) -> None:
+    def __init__(self, exports: list[NbdExport], tls: TlsConfig | None = None) -> None:
         self.exports = {e.name: e for e in exports}
+        self.tls = ExportTls(tls) if tls is not None else None
         self.server: asyncio.Server | None = None
         self.clients: set[asyncio.Task[None]] = set()
         self.writers: set[asyncio.StreamWriter] = set()
@@ -162,8 +170,8 @@ class NbdServer:
 
     async def listen(self, spec: str) -> str:
         """Listen on ``HOST:PORT`` or ``unix:PATH`` (a socket only its owner may connect to);
-        returns where. NBD has no authentication: the CLI refuses a non-loopback address
-        unless asked (--insecure-nbd)."""
+        returns where. NBD without TLS has no authentication: the CLI refuses a non-loopback
+        address unless the export has TLS (--nbd-tls) or asked (--insecure-nbd)."""
         if spec.startswith("unix:"):
             path = spec[len("unix:"):]
             with contextlib.suppress(FileNotFoundError):
@@ -215,12 +223,15 @@ class NbdServer:
                 await self._transmission(r, w, export)
         except* (asyncio.IncompleteReadError, ConnectionError) as group:
             log.debug("nbd client %s went away: %s", peer, group.exceptions[0])
+        except* (ssl.SSLError, TimeoutError) as group:  # before ValueError: a certificate
+            # verification error is both
+            log.warning("nbd client %s: TLS failed: %s", peer, group.exceptions[0])
         except* ValueError as group:
             log.warning("nbd client %s: protocol error: %s", peer, group.exceptions[0])
         finally:
             self.writers.discard(w)
             w.close()
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await w.wait_closed()
 
     # -- handshake ------------------------------------------------------------------------
@@ -231,6 +242,7 @@ class NbdServer:
         await w.drain()
         (cflags,) = struct.unpack(">I", await r.readexactly(4))
         no_zeroes = bool(cflags & C_NO_ZEROES)
+        session = TlsSession(self.tls, w.get_extra_info("peername"))
         while True:
             magic, opt, length = struct.unpack(">QII", await r.readexactly(16))
             if magic != IHAVEOPT:
@@ -238,32 +250,68 @@ class NbdServer:
             if length > 4096:
                 raise ValueError("option too long")
             data = await r.readexactly(length)
-            if opt == OPT_EXPORT_NAME:
-                export = self._find(data.decode(errors="replace"))
-                if export is None:
-                    return None  # no way to report an error here: hang up (per protocol)
-                w.write(struct.pack(">QH", export.size, export.flags))
-                if not no_zeroes:
-                    w.write(bytes(124))
-                await w.drain()
-                return export
-            if opt == OPT_ABORT:
-                self._reply(w, opt, REP_ACK)
-                await w.drain()
-                return None
-            if opt == OPT_LIST:
-                for name in self.exports:
-                    raw = name.encode()
-                    self._reply(w, opt, REP_SERVER, struct.pack(">I", len(raw)) + raw)
-                self._reply(w, opt, REP_ACK)
-            elif opt in (OPT_INFO, OPT_GO):
-                export = self._info(w, opt, data)
-                if export is not None and opt == OPT_GO:
-                    await w.drain()
-                    return export
-            else:
-                self._reply(w, opt, REP_ERR_UNSUP)
+            if opt == OPT_EXPORT_NAME and session.blocked:
+                log.warning("nbd client %s: NBD_OPT_EXPORT_NAME %s: session ended", session.peer,
+                            "without TLS" if not session.secure else "refused")
+                return None  # this option cannot be answered with an error: hang up
+            if await self._tls_option(w, session, opt, data):
+                continue
+            done, export = self._option(w, opt, data, no_zeroes)
             await w.drain()
+            if done:
+                return export
+
+    def _option(self, w: asyncio.StreamWriter, opt: int, data: bytes,
+                no_zeroes: bool) -> tuple[bool, NbdExport | None]:
+        """Answer an option; (whether the haggling ends, the export to serve if so)."""
+        if opt == OPT_EXPORT_NAME:
+            export = self._find(data.decode(errors="replace"))
+            if export is None:
+                return True, None  # no way to report an error here: hang up (per protocol)
+            w.write(struct.pack(">QH", export.size, export.flags))
+            if not no_zeroes:
+                w.write(bytes(124))
+            return True, export
+        if opt == OPT_ABORT:
+            self._reply(w, opt, REP_ACK)
+            return True, None
+        if opt == OPT_LIST:
+            for name in self.exports:
+                raw = name.encode()
+                self._reply(w, opt, REP_SERVER, struct.pack(">I", len(raw)) + raw)
+            self._reply(w, opt, REP_ACK)
+        elif opt in (OPT_INFO, OPT_GO):
+            export = self._info(w, opt, data)
+            if export is not None and opt == OPT_GO:
+                return True, export
+        else:
+            self._reply(w, opt, REP_ERR_UNSUP)
+        return False, None
+
+    async def _tls_option(self, w: asyncio.StreamWriter, session: TlsSession, opt: int,
+                          data: bytes) -> bool:
+        """STARTTLS, and the refusals TLS makes (nbdtls.py): True if the option was answered
+        here. STARTTLS is ACKed, then the handshake runs on this connection."""
+        if opt == OPT_STARTTLS:
+            if session.tls is None:
+                self._reply(w, opt, REP_ERR_UNSUP, b"this export has no TLS")
+            elif session.secure or data:
+                self._reply(w, opt, REP_ERR_INVALID)
+            else:
+                self._reply(w, opt, REP_ACK)
+                await w.drain()
+                await session.start(w)
+                return True
+            await w.drain()
+            return True
+        refused = session.refuse() if opt != OPT_ABORT else None
+        if refused is None:
+            return False
+        if not session.secure:
+            log.info("nbd client %s: option %d refused: TLS required", session.peer, opt)
+        self._reply(w, opt, *refused)
+        await w.drain()
+        return True
 
     def _info(self, w: asyncio.StreamWriter, opt: int, data: bytes) -> NbdExport | None:
         """Answer NBD_OPT_INFO / NBD_OPT_GO; the export if it was described."""

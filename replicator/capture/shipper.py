@@ -50,6 +50,7 @@ from replicator.capture.journal import (
 from replicator.capture.lineage import Lineage
 from replicator.capture.nbd import NbdExport, NbdServer
 from replicator.capture.points import plan_points
+from replicator.capture.scrub import Scrubber
 from replicator.capture.trace import PointTrace
 from replicator.driver import PushDriver, PushOptions
 from replicator.errors import (
@@ -93,7 +94,7 @@ async def run_captured(drivers: list[PushDriver], stop: asyncio.Event,
         if journal.replayed:
             log.warning("%s: replayed %d journaled writes into the volumes", names,
                         journal.replayed)
-        server = NbdServer(exports)
+        server = NbdServer(exports, opts.nbd_tls)
         where = await server.listen(opts.nbd_listen)
         print(f"drctl replicate push: NBD exports {names} on {where}", flush=True)
         loop = asyncio.get_running_loop()
@@ -103,16 +104,18 @@ async def run_captured(drivers: list[PushDriver], stop: asyncio.Event,
         trace = PointTrace()
         if trace.enabled:
             exports[0].commit.on_sync = trace.synced
+        scrub = Scrubber(drivers, journal, opts.verify_rate, stop, wake.set)
         for d in drivers:
-            d.capture_clock = lambda: journal.first_dirty_at
+            d.capture_clock = scrub.capture_clock  # the journal's, or an unrepaired mismatch
             _export_gauges(d, journal, server)
         try:
             for d in drivers:
                 d.open_volume()
                 if not await until_stopped(d.reconcile(), stop):
                     return False
-            return await _Loop(drivers, opts, journal, wake, stop, lineage, journal_dir,
-                               trace).run()
+            main = _Loop(drivers, opts, journal, wake, stop, lineage, journal_dir, trace)
+            main.on_protected = scrub.set_active
+            return await scrub.alongside(main.run())
         finally:
             loop.remove_signal_handler(signal.SIGUSR1)
             loop.remove_signal_handler(signal.SIGUSR2)
@@ -173,6 +176,7 @@ class _Loop:
         self.unsent = 0  # closing batches of those points not yet sent (all members)
         self.compacting: asyncio.Future[bool] | None = None
         self.saving: asyncio.Future[None] | None = None
+        self.on_protected: Callable[[bool], None] | None = None  # the background verify's
         self._set_protected(False)
 
     async def run(self) -> bool:
@@ -229,6 +233,8 @@ class _Loop:
         if self.compacting is not None and self.compacting.done():
             await self._compacted()  # raises its I/O error, if any
         if self.full or self.journal.overflowed:
+            # a resync rewrites the journal: a compaction still copying would only give up
+            await self._compacted()
             return await until_stopped(self.resync(), self.stop)
         if self.journal.open_first_at is None and not self.journal.ready():
             await wait_at_most(self.opts.interval, self.stop, self.wake)  # nothing to ship
@@ -238,6 +244,7 @@ class _Loop:
 
     async def _restart(self, backoff: float) -> bool:
         """After a failure: wait, agree with the target again, resync everything."""
+        self._set_protected(False)
         await wait_at_most(backoff, self.stop)
         for d in self.drivers:
             if not await until_stopped(d.reconcile(), self.stop):
@@ -257,6 +264,8 @@ class _Loop:
     def _set_protected(self, on: bool) -> None:
         for d in self.drivers:
             d.m.set(d.m.protected, int(on))
+        if self.on_protected is not None:
+            self.on_protected(on)
 
     def _exact_delta(self) -> dict[int, set[int]] | None:
         """Re-protection after a failover: the blocks of each volume that can differ between

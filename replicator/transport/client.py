@@ -25,6 +25,7 @@ from replicator.errors import (
     TargetUnavailableError,
     VolumeBusyError,
     VolumeError,
+    VolumeNotFoundError,
 )
 from replicator.transport import wire
 from replicator.transport.security import ChannelSecurity
@@ -52,7 +53,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[ReplicatorError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: ProtocolError,
     grpc.StatusCode.UNIMPLEMENTED: ProtocolError,
     grpc.StatusCode.DATA_LOSS: VolumeError,
-    grpc.StatusCode.NOT_FOUND: VolumeError,
+    grpc.StatusCode.NOT_FOUND: VolumeNotFoundError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAUTHENTICATED: PermissionDeniedError,
 }
@@ -61,6 +62,7 @@ _BY_DETAIL_PREFIX: dict[str, type[ReplicatorError]] = {
     "epoch_not_granted": EpochNotGrantedError,
     "volume_busy": VolumeBusyError,
     "replica I/O error": VolumeError,
+    "no such replica": VolumeNotFoundError,
 }
 
 
@@ -144,6 +146,33 @@ class TargetClient:
     async def close(self) -> None:
         await self.channel.close()
 
+    async def connect(self, timeout: float) -> None:
+        """Wait until the channel to the target is up (at most ``timeout`` seconds): a
+        one-shot command says the target is unreachable instead of waiting for it."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+            return
+        except TimeoutError:
+            pass
+        why = await self._last_connect_error()
+        raise TargetUnavailableError(
+            f"target {self.address}: no connection within {timeout:g}s"
+            + (f" ({why})" if why else " (is `drctl replicate serve` running there, and is "
+               "the address right?)"))
+
+    async def _last_connect_error(self) -> str:
+        """Why the channel does not connect (refused, a TLS handshake that failed), from a
+        call that does not wait for it; the method does not exist, so a target that is
+        reached after all does nothing."""
+        probe = self.channel.unary_unary("/drctl.v1.Replication/ConnectProbe",
+                                         request_serializer=None, response_deserializer=None)
+        try:
+            await probe(b"", timeout=5.0, wait_for_ready=False)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                return exc.details() or ""
+        return ""
+
     async def handshake(self, volume: str, size: int, block_size: int, source_id: str,
                         epoch: int, timeout: float = 10.0, group: str = "",
                         members: tuple[str, ...] = (), epoch_token: bytes | None = None
@@ -166,16 +195,19 @@ class TargetClient:
                              tuple(diverged), r.diverged_base)
 
     async def block_hashes(self, volume: str, from_disk: bool = False,
-                           timeout: float = 600.0) -> tuple[array[int], int, int]:
-        """The replica's per-block hashes, its size and its applied sequence."""
+                           timeout: float = 600.0, first_block: int = 0,
+                           count: int = 0) -> tuple[array[int], int, int]:
+        """The replica's per-block hashes (``count`` > 0: of blocks [first_block, first_block +
+        count), to the end if the replica is shorter), its size and its applied sequence."""
         out = array("Q")
         size = seq = 0
         try:
             call = self.stub.BlockHashes(
-                wire.ProtoBlockHashesRequest(volume=volume, from_disk=from_disk),
+                wire.ProtoBlockHashesRequest(volume=volume, from_disk=from_disk,
+                                             first_block=first_block, count=count),
                 timeout=timeout, wait_for_ready=True)
             async for chunk in call:
-                if chunk.first_block != len(out):
+                if chunk.first_block != first_block + len(out):
                     raise ProtocolError("block hash listing arrived out of order")
                 part = array("Q")
                 part.frombytes(chunk.hashes)

@@ -228,9 +228,24 @@ class ReplicationService(wire.ReplicationServicer):
 
     async def BlockHashes(self, request: Any, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[Any]:
+        """The whole listing, or a range (a background verify: from the disk, a staged block
+        as its staged content's hash, see Replica.hashes_in)."""
         slot = await self._open(request.volume, context)
         replica = slot.replica
-        if request.from_disk:
+        start, count = request.first_block, request.count
+        if start > replica.geometry.blocks:
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "block listing",
+                          request.volume, f"first_block {start} is past the replica's "
+                          f"{replica.geometry.blocks} blocks")
+        if (start or count) and request.from_disk:
+            hashes = array("Q")
+            end = min(replica.geometry.blocks, start + (count or replica.geometry.blocks))
+            for at in range(start, end, 64):  # the volume's thread applies between pieces
+                hashes.extend(await slot.run(replica.hashes_in, at, min(64, end - at)))
+        elif start or count:
+            hashes = await slot.run(lambda: replica.index()[start : start + count if count
+                                                             else None])
+        elif request.from_disk:
             hashes = await slot.run(replica.hashes_from_disk)
         else:
             hashes = await slot.run(lambda: array("Q", replica.index()))
@@ -240,7 +255,7 @@ class ReplicationService(wire.ReplicationServicer):
         size, seq = replica.record.size, replica.record.applied_seq
         for first in range(0, max(1, len(hashes)), per_chunk):
             part = hashes[first : first + per_chunk]
-            yield wire.ProtoBlockHashesChunk(first_block=first, hashes=part.tobytes(),
+            yield wire.ProtoBlockHashesChunk(first_block=start + first, hashes=part.tobytes(),
                                              replica_size=size, applied_seq=seq)
 
     # -- Push --------------------------------------------------------------------------------

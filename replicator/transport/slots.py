@@ -74,7 +74,8 @@ class SlotRegistry:
                                       "site is demoted")
             if not self.exists(name):
                 if not create:
-                    raise VolumeNotFoundError(f"volume {name} has no replica here")
+                    raise VolumeNotFoundError(f"no such replica: volume {name} has no replica "
+                                              "on this target (a push creates it)")
                 held = await asyncio.to_thread(self.count)
                 if held >= self.limits.max_volumes:
                     raise QuotaExceededError(

@@ -45,9 +45,14 @@ def test_agent_follows_writes_and_reports_lag(workdir: str, target: Target,
                          volume="live")
         assert shipped >= 4 << 20
 
+        time.sleep(4)  # idle: the lag of the next write counts from the write, not from here
         with open(src, "r+b") as fh:  # a live write
             fh.seek(123 * 4096)
             fh.write(b"live write" * 400)
+        lags = []
+        while not same_file(src, target.image("live")) and len(lags) < 200:
+            lags.append(metric(scrape(mport), "drctl_replication_lag_seconds", volume="live"))
+        assert max(lags, default=0) < 3, lags  # 4 s or more: it counted from the idle time
         wait_for(lambda: same_file(src, target.image("live")), 20, "the write to replicate")
         wait_for(caught_up, 20, "lag back to 0 after the write")
         s = scrape(mport)
@@ -132,7 +137,14 @@ def test_progress_bar_on_a_terminal(workdir: str, target: Target, state_dir: str
     assert proc.wait(60) == 0, out.decode(errors="replace")
     text = out.decode(errors="replace")
     assert "tty [" in text and "%" in text and "eta" in text
-    assert "100.0%" in text
+    last = [d for d in text.split("\r") if d.startswith("tty [")][-1]  # the bar's last draw
+    assert "100.0% checked 16.0 MiB/16.0 MiB, shipped 16.0 MiB/16.0 MiB" in last, last
+    # the shipping rate under the 16 MB/s cap, not the scan's speed
+    draws = [d for d in text.split("\r") if " at " in d and "/s, eta" in d]
+    rates = [d.split(" at ")[1].split("/s")[0] for d in draws]
+    assert rates and all(r.endswith(("MiB", "KiB", " B")) for r in rates), rates
+    mib = [float(r.split()[0]) for r in rates if r.endswith("MiB")]
+    assert mib and max(mib) < 20, rates
 
 
 def test_writes_racing_the_scan_converge_without_rejections(workdir: str, target: Target,

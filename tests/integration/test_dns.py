@@ -78,3 +78,33 @@ def test_key_material_from_file_and_env(tmp_path: object,
         TsigKey.from_env("dr-updater", "DR_MISSING")
     with pytest.raises(FailoverError, match="not base64"):
         TsigKey("k", "not base64!!")
+
+
+async def test_every_record_of_a_service_is_rewritten_and_verified(named: NamedServer) -> None:
+    """The dns step (failover/operation.py): each record on its update servers, each verified
+    on its authoritative servers; one that does not converge stops the step, named."""
+    from failover.config import DnsConfig
+    from failover.operation import rewrite_dns
+
+    srv = Server("127.0.0.1", named.port)
+
+    def record(name: str, *servers: Server) -> DnsConfig:
+        return DnsConfig(RecordSet("dr.test", name, "A", 5, ()), servers or (srv,), (srv,),
+                         _key(named), verify_timeout=2)
+
+    out = await rewrite_dns((record("svc1"), record("svc2")), "10.0.0.8")
+    up = DnsUpdater(_key(named))
+    for name in ("svc1", "svc2"):
+        got = await up.answers(RecordSet("dr.test", name, "A", 5, ()), srv)
+        assert got == frozenset({"10.0.0.8"}), name
+    assert out.splitlines()[1].startswith("svc2.dr.test A -> 10.0.0.8: updated on ")
+    other = NamedServer().start()  # authoritative too, but never sent the update
+    try:
+        with pytest.raises(DnsVerifyTimeout, match=rf"127\.0\.0\.1:{other.port} answers"):
+            await rewrite_dns((record("svc3"), record("svc4", srv, Server("127.0.0.1",
+                                                                          other.port))),
+                              "10.0.0.9")
+        assert await up.answers(RecordSet("dr.test", "svc3", "A", 5, ()), srv) == \
+            frozenset({"10.0.0.9"})
+    finally:
+        other.stop()

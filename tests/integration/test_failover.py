@@ -138,6 +138,11 @@ def test_refused_dns_update_stops_the_failover_and_is_reported(workdir: str, etc
     key = os.path.join(workdir, "tsig.key")
     with open(key, "w") as fh:  # a key named does not know
         fh.write('key "intruder" { algorithm hmac-sha256; secret "c2VjcmV0c2VjcmV0"; };\n')
+    with open(cfg) as fh:
+        doc = json.load(fh)
+    doc["services"]["app"]["dns"]["tsig"]["name"] = "intruder"  # (the name the file holds)
+    with open(cfg, "w") as fh:
+        json.dump(doc, fh)
     procs = start_all(workdir, cfg)
     try:
         east_serving(workdir, cfg, 20)

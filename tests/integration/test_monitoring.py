@@ -36,7 +36,7 @@ def test_alert_rules_check_and_unit_tests() -> None:
     check = subprocess.run([promtool, "check", "rules", "alerts.yml"], cwd=MONITORING,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 7 rules found" in check.stdout
+    assert "SUCCESS: 9 rules found" in check.stdout
     test = subprocess.run([promtool, "test", "rules", "alerts.test.yml"], cwd=MONITORING,
                           capture_output=True, text=True)
     assert test.returncode == 0, test.stdout + test.stderr

@@ -345,7 +345,8 @@ def test_plaintext_and_nbd_stay_on_loopback(workdir: str, deployment: Pki) -> No
     assert p.returncode == 2 and "--tls-dir" in p.stderr, p.stderr
     p = run([*DRCTL, "replicate", "push", src, "--to", "127.0.0.1:1", "--volume", VOL,
              "--nbd-listen", "0.0.0.0:10809", *deployment.flags("east", "west")])
-    assert p.returncode == 2 and "NBD has no authentication" in p.stderr, p.stderr
+    assert p.returncode == 2 and "NBD without TLS has no authentication" in p.stderr \
+        and "--nbd-tls" in p.stderr and "--insecure-nbd" in p.stderr, p.stderr
 
 
 def test_nbd_on_a_unix_socket(workdir: str, target: Target) -> None:

@@ -45,7 +45,7 @@ def test_invalid_case_fails_with_its_error(path: str) -> None:
         load(path)
     assert any(expected in e for e in info.value.errors), info.value.errors
     p = run([*DRCTL, "runbook", "validate", path])
-    assert p.returncode == 65 and expected in p.stderr
+    assert p.returncode == 2 and expected in p.stderr  # a configuration error (docs/cli.md)
 
 
 def test_every_error_is_reported_at_once() -> None:
@@ -61,7 +61,10 @@ def test_dependencies_come_first() -> None:
     assert order(rb, "app") == ["db", "app"]
     lines = plan(rb, "app")
     steps = [line for line in lines if line[0].isdigit()]
-    assert steps[0].startswith("1. [db]") and steps[-1].startswith("10. [app] dns")
+    assert steps[0].startswith("1. [db]") and steps[-2].startswith("13. [app] dns")
+    assert steps[-1].startswith("14. [app] hook tell the on-call on the controller")
+    assert "shop.dr.test A -> 10.0.0.2" in steps[-2] and "; www.dr.test A" in steps[-2]
+    assert steps[7].startswith("8. [app] wait until db finished")
     assert lines[len(steps)] == "data path (what the site agents run):"
     assert any("zero lag" in s for s in plan(rb, "db", switchover=True))
 
@@ -120,9 +123,25 @@ def test_data_path_base_is_valid_and_planned(tmp_path: str) -> None:
     assert rb.services["db"].export == {"a": "127.0.0.1:10809", "b": "127.0.0.1:10809"}
     lines = plan(rb, "db")
     assert "  [db] consistency group db: hot, no rate limit, zstd level 1, consistency points " \
-           "cut as soon as the previous are sent, journal 1GiB" in lines
+           "cut as soon as the previous are sent, journal 1GiB, background verify 2MiB/s" \
+           in lines
     assert "  [db] b (replica): data_dir /var/lib/drctl, target 10.0.0.2:7400, export " \
            "127.0.0.1:10809; data /srv/b/db.img" in lines
+
+
+def test_verify_rate_is_a_rate_or_0_for_off(tmp_path: str) -> None:
+    for text, want in (("4MiB/s", 4 << 20), ("64KiB", 64 << 10), ("0", 0)):
+        rb = load(_runbook(tmp_path, ("{mode: hot,", f"{{mode: hot, verify_rate: {text},")))
+        assert rb.services["db"].verify_rate == want, text
+    assert any(line.endswith("journal 1GiB, no background verify") for line in plan(rb, "db"))
+
+
+def test_export_tls_is_planned(tmp_path: str) -> None:
+    path = _runbook(tmp_path, ("{mode: hot,", "{mode: hot, export_tls: true,"))
+    rb = load(path)
+    assert rb.services["db"].export_tls
+    assert "  [db] a (primary): data_dir /var/lib/drctl, target 10.0.0.1:7400, export " \
+           "127.0.0.1:10809 (TLS); data /srv/a/db.img" in plan(rb, "db")
 
 
 def test_a_service_without_volumes_has_no_data_path_and_no_mode_to_agree_on(
@@ -181,6 +200,9 @@ CASES = {
     "export-not-a-string": (
         [('export: "127.0.0.1:10809"', "export: [127.0.0.1:10809]")],
         13, "services.db.replication.export", "expected HOST:PORT (the same at every site)"),
+    "export-tls-not-a-boolean": (
+        [("{mode: hot,", "{mode: hot, export_tls: yes please,")],
+        13, "services.db.replication.export_tls", "expected true or false"),
     "apply-interval-without-warm": (
         [("{mode: hot,", "{mode: hot, apply_interval: 60,")],
         13, "services.db.replication.apply_interval", "only a warm replica applies on a schedule"),
@@ -195,6 +217,13 @@ CASES = {
     "rate-limit-in-kilobytes": (
         [("{mode: hot,", "{mode: hot, rate_limit: 20kB/s,")],
         13, "services.db.replication.rate_limit", "(did you mean 20MB/s?)"),
+    "verify-rate-without-unit": (
+        [("{mode: hot,", "{mode: hot, verify_rate: 20,")],
+        13, "services.db.replication.verify_rate",
+        "'20' is 20 bytes/s, below the 64KiB/s minimum (0 turns the background verify off)"),
+    "verify-rate-not-a-rate": (
+        [("{mode: hot,", "{mode: hot, verify_rate: fast,")],
+        13, "services.db.replication.verify_rate", "invalid rate 'fast'"),
     "bad-compression": (
         [("{mode: hot,", "{mode: hot, compression: 23,")],
         13, "services.db.replication.compression", "expected zstd, none or a zstd level 0..22"),

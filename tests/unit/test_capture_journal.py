@@ -283,3 +283,20 @@ def test_the_sync_after_a_rewrite_makes_its_rename_durable(tmp_path: object,
     j.begin_resync()  # another rewrite
     j.sync()
     assert len(synced) == 2
+
+
+def test_a_small_limit_holds_on_a_healthy_link(tmp_path: object) -> None:
+    """--journal-limit below 8 MiB: released records leave the file in steps of an eighth of
+    the limit, so a link that keeps up never overflows and the file stays near the limit."""
+    limit = 512 << 10
+    j = _journal(tmp_path, size=256 * BS, limit=limit)
+    biggest = 0
+    for i in range(160):  # 10 MiB written in points of 64 KiB, each acknowledged
+        _write(j, (i * 16) % 240, i & 0xFF, blocks=16)
+        j.flush()
+        for point in j.extract():
+            if j.release(point.cp, inline=False):
+                assert j.compact()
+        biggest = max(biggest, os.path.getsize(j.path))
+    assert j.overflows == 0
+    assert biggest <= limit + limit // 8 + 64 * BS, biggest

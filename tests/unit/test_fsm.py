@@ -311,6 +311,17 @@ def test_every_row_is_reachable_from_decide() -> None:
           for s in (State.FENCING, State.PROMOTING, State.REROUTING, State.RESYNCING)],
         view(state=State.FAILED, command=Command.CANCEL),
         view(state=State.FAILED_OVER), view(state=State.RESYNCING, primary_alive=False),
+        # a runbook with prechecks: every start goes through them
+        view(command=Command.FAILOVER, prepare=True),
+        view(state=State.UNPROTECTED, command=Command.FAILOVER, prepare=True),
+        view(state=State.PRIMARY_SUSPECT, primary_alive=False, primary_lost_since=990.0,
+             prepare=True),
+        view(state=State.BLOCKED, primary_alive=False, command=Command.FORCE_FAILOVER,
+             prepare=True),
+        view(state=State.PREPARING, step_done=True),
+        view(state=State.PREPARING, step_done=True, switchover=True),
+        view(state=State.PREPARING, step_failed=True),
+        view(state=State.FAILED, command=Command.RETRY, failed_step=State.PREPARING),
     ]
     produced = {(d.state, d.next_state) for d in map(decide, views) if d.changes}
     assert produced == {(t.src, t.dst) for t in TRANSITIONS}

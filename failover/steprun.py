@@ -1,0 +1,106 @@
+"""Running one step that executes something (a hook, a health check) with its own timeout, and
+what is kept of its output for the operation's record: the end of it, bounded, with every
+secret the process knows replaced by ``***``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import time
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from drctl.shell import ShellError, ShellTimeout, run_shell
+from failover.dns.rfc2136 import Server
+from failover.steps import StepKind, StepSpec
+
+OUTPUT_LIMIT = 1000  # characters of a step's output kept in the record (the end)
+_SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|PASSPHRASE|CREDENTIAL|_KEY$", re.I)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "done" | "failed" | "waiting" (not yet: run it again at the next tick)
+    output: str = ""
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def env_secrets() -> list[str]:
+    """Values of this process's environment variables whose names say they are secret."""
+    return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6]
+
+
+def tail(text: str, secrets: Iterable[str] = (), limit: int = OUTPUT_LIMIT) -> str:
+    """The end of ``text`` (at most ``limit`` characters), secrets replaced by ``***``."""
+    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = text.strip()
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+async def probe(spec: StepSpec, env: dict[str, str]) -> str:
+    """One attempt of a health check (raises OSError, RuntimeError or TimeoutError)."""
+    if spec.http:
+        url = spec.http
+
+        def get() -> int:
+            with urllib.request.urlopen(url, timeout=spec.timeout) as r:
+                return int(r.status)
+        return f"HTTP {await asyncio.to_thread(get)} from {url}"
+    if spec.tcp:
+        addr = Server.parse(spec.tcp)
+
+        def connect() -> None:
+            socket.create_connection((addr.host, addr.port), spec.timeout).close()
+        await asyncio.to_thread(connect)
+        return f"connected to {spec.tcp}"
+    out = await run_shell(spec.command or "true", env, spec.timeout)
+    return out.strip() or "command ok"
+
+
+async def health_check(spec: StepSpec, env: dict[str, str]) -> str:
+    """The check with its retries; returns what the passing attempt said, or raises
+    RuntimeError with every failed attempt's reason."""
+    failures: list[str] = []
+    for attempt in range(spec.retries + 1):
+        try:
+            said = await asyncio.wait_for(probe(spec, env), spec.timeout + 1)
+            return "\n".join([*failures, f"attempt {attempt + 1}: {said}"])
+        except ShellError as exc:
+            failures.append(f"attempt {attempt + 1}: exit {exc.returncode}: "
+                            f"{exc.output.strip()[-200:]}")
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            failures.append(f"attempt {attempt + 1}: {exc or type(exc).__name__}")
+        if attempt < spec.retries:
+            await asyncio.sleep(spec.interval)
+    raise RuntimeError("\n".join(failures))
+
+
+async def run_step(spec: StepSpec, env: dict[str, str],
+                   secrets: Iterable[str] = ()) -> Outcome:
+    """Run a hook or a health check; never raises (the outcome says what happened)."""
+    t0 = time.monotonic()
+    secrets = [*secrets, *env_secrets()]
+
+    def done(status: str, output: str, error: str | None = None) -> Outcome:
+        return Outcome(status, tail(output, secrets),
+                       tail(error, secrets, 300) if error else None,
+                       round(time.monotonic() - t0, 3))
+
+    try:
+        if spec.kind is StepKind.HEALTH_CHECK:
+            return done("done", await health_check(spec, env))
+        return done("done", await run_shell(spec.run or "true", env, spec.timeout))
+    except ShellTimeout as exc:
+        return done("failed", exc.output, f"timed out after {spec.timeout:g}s: killed")
+    except ShellError as exc:
+        return done("failed", exc.output, f"exit status {exc.returncode}")
+    except RuntimeError as exc:  # a health check's failed attempts
+        return done("failed", str(exc), f"failed after {spec.retries + 1} attempt"
+                                        f"{'s' if spec.retries else ''}")
+    except OSError as exc:
+        return done("failed", "", f"cannot run it: {exc}")

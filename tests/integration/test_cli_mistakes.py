@@ -1,0 +1,278 @@
+"""Everyday mistakes, each run as a real `drctl` process: the answer is one line on stderr
+naming the problem, the exit code of docs/cli.md, no traceback, and nothing created.
+
+(Issue 11: "an operator never meets a traceback".) Ports in use are bound by the test first;
+192.0.2.1 (TEST-NET-1) is an address this host does not have. The replication channel is
+mutual TLS, as in production, so no --insecure warning joins the error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from drctl.localservers import free_port
+from tests.procs import DRCTL, REPO, Pki, Target, run, write_random
+
+SIZE = 256 << 10
+
+
+def one_line(p: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
+    """Exit ``code``, stderr exactly one line holding every one of ``words``, no traceback."""
+    said = p.stderr.strip()
+    assert "Traceback" not in p.stderr, said
+    assert p.returncode == code, f"exit {p.returncode}, not {code}: {said}"
+    assert len(said.splitlines()) == 1, said
+    for word in words:
+        assert word in said, f"{word!r} not in: {said}"
+    return said
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port some other process is listening on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def volume(workdir: str) -> str:
+    path = os.path.join(workdir, "vol.img")
+    write_random(path, SIZE)
+    return path
+
+
+@pytest.fixture
+def cluster_yaml(workdir: str) -> str:
+    """A cluster configuration whose etcd nobody listens on (errors come before it is used)."""
+    path = os.path.join(workdir, "cluster.yaml")
+    with open(path, "w") as fh:
+        json.dump({"cluster": "c", "etcd": [f"127.0.0.1:{free_port()}"],
+                   "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
+                   "services": {"app": {"primary": "east", "replica": "west"}}}, fh)
+    return path
+
+
+def serve(deployment: Pki, listen: str, directory: str, *extra: str) -> list[str]:
+    return [*DRCTL, "replicate", "serve", "--listen", listen, "--dir", directory,
+            *deployment.flags("west"), "--allow", "east", *extra]
+
+
+def push(deployment: Pki, path: str, state: str, *extra: str) -> list[str]:
+    return [*DRCTL, "replicate", "push", path, "--to", f"127.0.0.1:{free_port()}",
+            "--volume", "db", "--state-dir", state, *deployment.flags("east", "west"), *extra]
+
+
+# -- addresses: a port in use, an address the host does not have ---------------------------
+
+
+def test_serve_on_a_port_in_use_creates_nothing(workdir: str, deployment: Pki,
+                                                busy_port: int) -> None:
+    d = os.path.join(workdir, "replicas")
+    one_line(run(serve(deployment, f"127.0.0.1:{busy_port}", d)), 2, f"--listen 127.0.0.1:"
+             f"{busy_port}", "already in use")
+    one_line(run(serve(deployment, f"127.0.0.1:{free_port()}", d, "--metrics-port",
+                       str(busy_port))), 2, "--metrics-port", "already in use")
+    one_line(run(serve(deployment, f"192.0.2.1:{free_port()}", d)), 2, "--listen 192.0.2.1",
+             "no such address")
+    assert not os.path.exists(d)
+
+
+def test_push_nbd_listen_on_a_port_in_use_creates_no_state(workdir: str, deployment: Pki,
+                                                            volume: str,
+                                                            busy_port: int) -> None:
+    state = os.path.join(workdir, "state")
+    one_line(run(push(deployment, volume, state, "--nbd-listen", f"127.0.0.1:{busy_port}")),
+             2, "--nbd-listen", "already in use")
+    one_line(run(push(deployment, volume, state, "--once", "--metrics-port", str(busy_port))),
+             2, "--metrics-port", "already in use")
+    assert not os.path.exists(state)
+
+
+def test_controller_and_api_on_a_port_in_use(workdir: str, cluster_yaml: str,
+                                             busy_port: int) -> None:
+    one_line(run([*DRCTL, "controller", "--config", cluster_yaml, "--metrics-port",
+                  str(busy_port)]), 2, "--metrics-port", "already in use")
+    token = os.path.join(workdir, "token")
+    with open(token, "w") as fh:
+        fh.write("a-token-long-enough-for-the-api")
+    p = run([*DRCTL, "api", "--config", cluster_yaml, "--listen", f"127.0.0.1:{busy_port}",
+             "--token-file", token, "--insecure"])
+    # --insecure's own warning comes first; the error is the one line after it
+    assert p.stderr.splitlines()[0].startswith("drctl api: warning: plain HTTP"), p.stderr
+    p.stderr = "\n".join(p.stderr.splitlines()[1:])
+    one_line(p, 2, "--listen", "already in use")
+
+
+# -- directories ---------------------------------------------------------------------------
+
+
+def test_serve_dir_that_cannot_be_used(workdir: str, deployment: Pki, volume: str) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    one_line(run(serve(deployment, listen, volume)), 2, f"--dir {volume}", "not a directory")
+    missing = os.path.join(workdir, "nonexistent", "x")
+    one_line(run(serve(deployment, listen, missing)), 2, "no such directory")
+    assert not os.path.exists(os.path.dirname(missing))
+    if os.geteuid() == 0:
+        unwritable = "/proc/1"  # not even root makes files there
+    else:
+        unwritable = os.path.join(workdir, "ro")
+        os.mkdir(unwritable, 0o555)
+    one_line(run(serve(deployment, listen, unwritable)), 2, "not writable")
+
+
+def test_push_volume_or_state_dir_that_cannot_be_used(workdir: str, deployment: Pki,
+                                                      volume: str) -> None:
+    one_line(run(push(deployment, workdir, os.path.join(workdir, "s"), "--once")), 2,
+             "is a directory")
+    one_line(run(push(deployment, volume, os.path.join(volume, "state"), "--once")), 2,
+             "--state-dir", "not a directory")
+    one_line(run([*DRCTL, "replicate", "verify", volume, "--to", "127.0.0.1:7400", "--volume",
+                  "db", "--tls-dir", os.path.join(workdir, "no-tls"), "--site", "east"]),
+             2, "--tls-dir", "no such directory")
+    one_line(run([*DRCTL, "certs", "init", "--dir", volume]), 2, "[pki]", "not a directory")
+    one_line(run([*DRCTL, "api", "users", "add", "ann", "--role", "viewer", "--file",
+                  workdir]), 2, "[users_file]", "a directory")
+
+
+# -- flags the parser refuses, with the flag named -----------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--rate-limit", "20"], ["--rate-limit", "unit mistake", "20MB/s"]),
+    (["--interval", "-1"], ["--interval", "'-1'"]),
+    (["--connect-timeout", "0"], ["--connect-timeout"]),
+    (["--compress-level", "99"], ["--compress-level"]),
+])
+def test_the_parser_refuses_values_that_make_no_sense(workdir: str, deployment: Pki,
+                                                      volume: str, flags: list[str],
+                                                      words: list[str]) -> None:
+    state = os.path.join(workdir, "state")
+    said = one_line(run(push(deployment, volume, state, *flags)), 2, "[usage]", *words)
+    assert said.startswith("drctl: error [usage]: argument ")
+    assert not os.path.exists(state)
+
+
+def test_version_and_help() -> None:
+    p = run([*DRCTL, "--version"])
+    assert p.returncode == 0 and p.stdout.startswith("drctl ") and p.stdout.split()[1][0] \
+        .isdigit(), p.stdout + p.stderr
+    p = run([*DRCTL, "--help"])
+    assert p.returncode == 0
+    for command in ("replicate", "push-group", "fence", "agent", "controller", "status",
+                    "failover", "switchover", "failback", "retry", "cancel", "api", "audit",
+                    "runbook", "drill", "certs"):
+        assert command in p.stdout, command
+    p = run([*DRCTL, "replicate", "--help"])
+    assert all(c in p.stdout for c in ("serve", "push-group", "fence", "verify"))
+    one_line(run([*DRCTL]), 2, "COMMAND")
+
+
+# -- verify against a target: no such replica, a stopped target ------------------------------
+
+
+def test_verify_no_such_replica_creates_none(target: Target, volume: str) -> None:
+    p = run([*DRCTL, "replicate", "verify", volume, "--to", target.address, "--volume",
+             "nosuch", *target.client_flags()])
+    one_line(p, 66, "[volume_not_found]", "no such replica", "nosuch")
+    assert not [f for f in os.listdir(target.dir) if f.startswith("nosuch")]
+    p = run([*DRCTL, "replicate", "fence", "--to", target.address, "--volume", "nosuch",
+             "--epoch", "0", *target.client_flags("west")])
+    one_line(p, 66, "[volume_not_found]", "nosuch")
+    assert not [f for f in os.listdir(target.dir) if f.startswith("nosuch")]
+
+
+def test_verify_and_fence_give_up_on_a_stopped_target(deployment: Pki, volume: str) -> None:
+    to = f"127.0.0.1:{free_port()}"  # nobody listens
+    for cmd in (["verify", volume], ["fence", "--epoch", "1"]):
+        p = run([*DRCTL, "replicate", *cmd, "--to", to, "--volume", "db",
+                 "--connect-timeout", "1", *deployment.flags("east", "west")], timeout=30)
+        one_line(p, 69, "[target_unavailable]", f"target {to}: no connection within 1s",
+                 "Connection refused")
+
+
+# -- configuration files and runbooks -------------------------------------------------------
+
+
+def test_not_a_runbook_is_one_error(workdir: str) -> None:
+    path = os.path.join(workdir, "notes.yaml")
+    with open(path, "w") as fh:
+        fh.write("hello: world\nitems: [1, 2]\nowner: me\n")
+    said = one_line(run([*DRCTL, "runbook", "validate", path]), 2, "not a drctl runbook")
+    assert said.startswith(f"{path}:1: ")
+
+
+def test_one_config_error_one_exit_code_in_every_command(workdir: str) -> None:
+    """A file that cannot be a configuration: every command that reads one says so in one
+    line and exits 2 (docs/cli.md)."""
+    binary = os.path.join(workdir, "blob.bin")
+    with open(binary, "wb") as fh:
+        fh.write(bytes(range(128, 256)) * 16)
+    missing = os.path.join(workdir, "missing.yaml")
+    every = (["status", "--config", "F"], ["agent", "--site", "east", "--config", "F"],
+             ["failover", "app", "--config", "F"], ["audit", "show", "--config", "F"],
+             ["runbook", "validate", "F"], ["runbook", "plan", "F", "app"],
+             ["drill", "app", "--runbook", "F"])
+    for cmd in every:
+        one_line(run([*DRCTL, *(binary if a == "F" else a for a in cmd)]), 2, binary,
+                 "not UTF-8 text")
+    for cmd in (["status", "--config", missing], ["runbook", "validate", missing]):
+        one_line(run([*DRCTL, *cmd]), 2, missing, "No such file")
+    for cmd in (["agent", "--site", "east", "--config", workdir], ["drill", "app",
+                                                                    "--runbook", workdir]):
+        one_line(run([*DRCTL, *cmd]), 2, workdir, "directory")
+
+
+def test_bad_etcd_endpoints_and_unknown_names(workdir: str, cluster_yaml: str) -> None:
+    with open(cluster_yaml) as fh:
+        cfg = json.load(fh)
+    for endpoint, words in (("http://127.0.0.1:2379", ["without a scheme"]),
+                            ("127.0.0.1:99999", ["out of range"])):
+        path = os.path.join(workdir, "bad-etcd.yaml")
+        with open(path, "w") as fh:
+            json.dump({**cfg, "etcd": [endpoint]}, fh)
+        one_line(run([*DRCTL, "status", "--config", path]), 2, "[config]", "etcd", *words)
+    # an etcd nobody runs: a prompt answer, not a wait
+    one_line(run([*DRCTL, "status", "--config", cluster_yaml], timeout=30), 69,
+             "[store_unavailable]", "etcd unreachable")
+    one_line(run([*DRCTL, "agent", "--config", cluster_yaml, "--site", "north"]), 2,
+             "--site north", "sites: east, west")
+    one_line(run([*DRCTL, "failover", "app", "--config", cluster_yaml, "--to", "north"]), 2,
+             "--to north")
+    one_line(run([*DRCTL, "failover", "nosvc", "--config", cluster_yaml]), 2, "'nosvc'")
+    example = os.path.join(REPO, "runbooks", "examples", "two-site-web.yaml")
+    one_line(run([*DRCTL, "runbook", "plan", example, "nosvc"]), 2, "'nosvc'")
+
+
+# -- a reader that goes away ----------------------------------------------------------------
+
+
+def test_status_json_into_a_closed_pipe_exits_quietly(workdir: str) -> None:
+    from tests.services import EtcdServer
+
+    etcd = EtcdServer().start()
+    try:
+        path = os.path.join(workdir, "c.yaml")
+        with open(path, "w") as fh:
+            json.dump({"cluster": "pipe", "etcd": etcd.etcd_config(),
+                       "sites": {s: {"address": f"10.0.0.{i}"}
+                                 for i, s in enumerate(("east", "west"), 1)},
+                       "services": {f"s{i}": {"primary": "east", "replica": "west"}
+                                    for i in range(50)}}, fh)
+        for cmd in (["status", "--config", path, "--json"], ["runbook", "schema"]):
+            read, write = os.pipe()
+            os.close(read)  # `| head` that has already gone
+            try:
+                p = subprocess.run([*DRCTL, *cmd], stdout=write, stderr=subprocess.PIPE,
+                                   text=True, cwd=REPO, timeout=60)
+            finally:
+                os.close(write)
+            assert p.returncode == 141 and p.stderr == "", (cmd, p.returncode, p.stderr)
+    finally:
+        etcd.stop()
