@@ -224,7 +224,8 @@ def api_unit(h: Host) -> str:
             "--tls-cert", f"{h.tls_dir}/servers/api.crt",
             "--tls-key", f"{h.tls_dir}/servers/api.key"]
     about = ["# The HTTP API and the operator's page (HTTPS); drills connect to the standby's "
-             "target as", f"# operator api ({h.tls_dir}/operators/api.crt)."]
+             "target as", f"# operator api ({h.tls_dir}/operators/api.crt). Its users: "
+             f"{h.api_users} (`drctl api users add`)."]
     return _unit(h, "api", about, argv, 30, [], {"DRCTL_TLS_AS": "operator/api"}, [])
 
 
@@ -300,8 +301,8 @@ def cmd_systemd(args: argparse.Namespace) -> int:
     names = [n for n in files if n.endswith(".service")]
     print(f"wrote {', '.join(files)} to {args.out}; install them with:\n"
           f"  cp {args.out}/*.service /etc/systemd/system/\n"
-          f"  cp {args.out}/drctl.sysusers.conf /etc/sysusers.d/drctl.conf\n"
-          f"  cp {args.out}/drctl.tmpfiles.conf /etc/tmpfiles.d/drctl.conf\n"
+          f"  install -Dm644 {args.out}/drctl.sysusers.conf /etc/sysusers.d/drctl.conf\n"
+          f"  install -Dm644 {args.out}/drctl.tmpfiles.conf /etc/tmpfiles.d/drctl.conf\n"
           "  systemd-sysusers && systemd-tmpfiles --create\n"
           f"  systemctl daemon-reload && systemctl enable --now {' '.join(names)}")
     return 0

@@ -43,7 +43,7 @@ from failover.dns.rfc2136 import RecordSet, Server, TsigKey
 from failover.errors import FailoverError
 from failover.fsm import Policy, State
 from failover.lease import check_timings
-from failover.steps import Owner, StepKind, StepSpec, operation_plan, phase_budget
+from failover.steps import Owner, Planned, StepKind, StepSpec, operation_plan, phase_budget
 
 HOOK_TIMEOUT = 60.0  # a cluster.yaml hook's timeout
 
@@ -163,8 +163,8 @@ class ServiceConfig:
         if not isinstance(self.dns, tuple):  # one record, or none
             object.__setattr__(self, "dns", () if self.dns is None else (self.dns,))
 
-    def plan(self, switchover: bool) -> list[Any]:
-        """The steps an operation of this service runs (failover/steps.py Planned)."""
+    def plan(self, switchover: bool) -> list[Planned]:
+        """The steps an operation of this service runs, in order."""
         return operation_plan(self.steps, switchover, self.policy.drain_timeout_seconds)
 
 

@@ -8,14 +8,18 @@ Files under the target directory, per volume NAME:
   NAME.wal   the redo journal of staged batches (write capture: see staging.py).
   NAME.ledger  keyed digests of the last batches taken, by sequence (ledger.py): a resend is
              answered only if it is the batch taken under that number.
+  NAME.index the per-block hash index, memory-mapped (blockindex.py): loaded at a restart
+             instead of hashing the image again.
   NAME.clones/  drill clones (at most ``serve --max-clones`` at once).
 
 Batches from a scan-based source are written into the image as they arrive. Staged batches
 (write capture), and every batch in warm mode or while staged batches wait, go to the redo
 journal first and reach the image one whole consistency point at a time.
 
-The per-block hash index is kept in memory: built from the image when the daemon first opens the
-volume (or all-zero for a new replica) and updated as blocks are written. Batches are verified
+The per-block hash index lives in NAME.index, memory-mapped (RAM holds only the pages written
+to): opened with the replica, loaded as saved by a clean stop or kept as a killed daemon left it
+(blockindex.py), else hashed from the image (all-zero for a new replica), and updated as blocks
+are written. Batches are verified
 completely before the first byte is written: a rejected batch changes nothing. Only a handshake
 changes the replica's size (``prepare``): a batch cut for another size is refused, and a shrink
 that would cut off data is refused unless the target allows it (``serve --allow-shrink``).
@@ -39,15 +43,8 @@ import xxhash
 
 from drctl.files import atomic_write
 from replicator.batch import Batch, Decoder, Kind, Record
-from replicator.blockmap import (
-    Geometry,
-    MappedVolume,
-    block_hash,
-    hash_all,
-    hash_range,
-    zero_block,
-    zero_hash,
-)
+from replicator.blockindex import Binding, ReplicaIndex, image_hashes
+from replicator.blockmap import Geometry, block_hash, hash_range, zero_block, zero_hash
 from replicator.demotion import clear_divergence, load_divergence
 from replicator.errors import CorruptBatchError, ProtocolError, QuotaExceededError, VolumeError
 from replicator.ledger import BatchLedger
@@ -100,7 +97,7 @@ class CommitRecord:
         return cls(seq, epoch, size, bs, gen.rstrip(b"\0").decode(), counter, cp)
 
 
-def _index_bytes(index: array[int]) -> bytes:
+def _index_bytes(index: array[int] | memoryview) -> bytes:
     if sys.byteorder == "big":
         copy = array("Q", index)
         copy.byteswap()
@@ -108,7 +105,7 @@ def _index_bytes(index: array[int]) -> bytes:
     return index.tobytes()
 
 
-def index_digest(index: array[int]) -> bytes:
+def index_digest(index: array[int] | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(_index_bytes(index))
 
 
@@ -135,7 +132,6 @@ class Replica:
             record = CommitRecord(0, 0, 0, 0, str(uuid.uuid4()), 0)
             self.created = True
         self.record = record
-        self._index: array[int] | None = None
         self.wal = StagingLog(os.path.join(directory, f"{name}.wal"), record.applied_seq)
         self.synced_seq = self.wal.last_seq  # staged frames up to here are durable
         self.ledger = BatchLedger(os.path.join(directory, f"{name}.ledger"), record.generation,
@@ -148,6 +144,10 @@ class Replica:
         self.group, self.members = self._load_group()
         # A demoted primary: blocks that may differ from the promoted replica (demotion.py)
         self.divergence = load_divergence(directory, name)
+        # opened before anything writes the image (a hot target applies staged points first)
+        self._ix = ReplicaIndex.open(os.path.join(directory, f"{name}.index"), self.img_fd,
+                                     self.geometry, self._binding(), self.wal,
+                                     self.created and record.applied_seq == 0)
 
     # -- durable commit record -------------------------------------------------------------
 
@@ -160,6 +160,10 @@ class Replica:
                 raise VolumeError(f"{self.meta_path}: both commit slots are corrupt")
             return None
         return max(valid, key=lambda r: r.counter)
+
+    def _binding(self) -> Binding:
+        r = self.record
+        return Binding(r.generation, r.counter, r.applied_seq, self.wal.last_seq)
 
     def _write_meta(self) -> None:
         self.record.counter += 1
@@ -208,18 +212,17 @@ class Replica:
         """The first block at or past byte ``size`` that is not all zeros (None: none is)."""
         geo = self.geometry
         bs = geo.block_size
-        index = self.index()
         first = size // bs
-        cut = index[first:]
+        cut = self._ix.file.read(first, geo.blocks - first)
         if not cut:
             return None
-        tail = geo.block_len(len(index) - 1)
+        tail = geo.block_len(geo.blocks - 1)
         full = cut[:-1] if tail != bs else cut
         zero = zero_hash(bs)
         if full.count(zero) != len(full):
             return first + next(i for i, h in enumerate(full) if h != zero)
         if tail != bs and cut[-1] != zero_hash(tail):
-            return len(index) - 1
+            return geo.blocks - 1
         return None
 
     def _resize(self, size: int) -> None:
@@ -228,27 +231,16 @@ class Replica:
             os.ftruncate(self.img_fd, size)
         old = self.record.size
         self.record.size = size
-        if self._index is not None:
-            self._index = self._rebuild_index() if old else self.geometry.zero_hashes()
+        self._ix.resize(self.geometry, old, self.wal)
 
-    def index(self) -> array[int]:
-        if self._index is None:
-            if self.created and self.record.applied_seq == 0:
-                self._index = self.geometry.zero_hashes()
-            else:
-                self._index = self._rebuild_index()
-        return self._index
-
-    def _rebuild_index(self) -> array[int]:
+    def index(self) -> memoryview:
         """The image's hashes with every staged batch laid over them: the replica as it will
         be once everything received is applied (what the source plans against)."""
-        index = self.hashes_from_disk()
-        for frame in self.wal.frames:
-            batch = self.wal.read(frame)
-            for i, h in zip(batch.indices, batch.hashes, strict=True):
-                if i < len(index):
-                    index[i] = h
-        return index
+        return self._ix.hashes
+
+    def listing(self, first: int = 0, count: int = 0) -> array[int]:
+        """A copy of the index from ``first`` (``count`` entries; 0: to the end), by pread."""
+        return self._ix.file.read(first, count or len(self._ix.file))
 
     @property
     def received_seq(self) -> int:
@@ -293,11 +285,7 @@ class Replica:
         return batch.staged or self.mode == "warm" or bool(self.wal.frames)
 
     def hashes_from_disk(self) -> array[int]:
-        geo = self.geometry
-        if geo.size == 0:
-            return array("Q")
-        with MappedVolume(self.img_path) as vol:
-            return hash_all(vol.view, Geometry(min(vol.size, geo.size), geo.block_size))
+        return image_hashes(self.img_fd, self.geometry)
 
     def hashes_in(self, first: int, count: int) -> array[int]:
         """Blocks [first, first + count) as the replica holds them durably, read from the disk
@@ -313,7 +301,7 @@ class Replica:
         return out
 
     def digest(self) -> bytes:
-        return index_digest(self.index())
+        return self._ix.digest()
 
     # -- applying batches --------------------------------------------------------------------
 
@@ -347,14 +335,20 @@ class Replica:
                 f"the replica has {self.record.size} (only a handshake resizes it)")
         return records, payload
 
-    def _apply(self, batch: Batch, index: array[int] | None, incoming: bool = True) -> int:
-        """Verify then write; ``index`` (None: leave the index alone) takes the new hashes."""
+    def _apply(self, batch: Batch, index: memoryview | None, incoming: bool = True) -> int:
+        """Verify then write; ``index`` (None: leave the index alone) takes the new hashes.
+        The blocks are listed as in flight in the index's header while they are written."""
         records, payload = self._open(batch, incoming)
+        if index is not None:
+            self._ix.begin(batch.indices)
         if not records and batch.indices:
-            return self._apply_run(batch, payload, index)
-        geo = Geometry(batch.volume_size, self.record.block_size)
-        contents = self._verify(batch.seq, records, payload, geo)
-        return self._write(records, contents, index)
+            written = self._apply_run(batch, payload, index)
+        else:
+            geo = Geometry(batch.volume_size, self.record.block_size)
+            written = self._write(records, self._verify(batch.seq, records, payload, geo), index)
+        if index is not None:
+            self._ix.done()
+        return written
 
     # -- staging (redo journal) ----------------------------------------------------------------
 
@@ -379,6 +373,7 @@ class Replica:
         index = self.index()
         for i, h in zip(batch.indices, batch.hashes, strict=True):
             index[i] = h
+        self._ix.digest_cache = None
         self.ledger.record(batch.seq, self.ledger.digest(batch))
         return len(payload)
 
@@ -390,6 +385,7 @@ class Replica:
         frames = self.wal.complete(max_seq, max_cp)
         if not frames:
             return 0, self.record.applied_cp
+        self._ix.begin(None)  # the redo journal holds them until they are recorded applied
         for frame in frames:
             self._apply(self.wal.read(frame), None, incoming=False)
         os.fdatasync(self.img_fd)
@@ -398,18 +394,20 @@ class Replica:
             self.record.applied_cp = frames[-1].cp
             self._write_meta()
         self.wal.drop_through(frames[-1].seq)
+        self._ix.done()
         return len(frames), self.record.applied_cp
 
     def discard_incomplete(self, max_cp: int | None = None) -> int:
         """Promotion: the open consistency point will never complete. Drop its batches (and,
         in a group, those of points past ``max_cp``, which not every member holds)."""
+        staged = self.wal.blocks_in(0, self.geometry.blocks)
         dropped = self.wal.discard_incomplete(max_cp)
         if dropped:
-            self._index = None  # the projection included them
+            self._ix.refresh(self.geometry, staged, self.wal)  # the projection included them
             self.ledger.forget_after(self.received_seq)  # those numbers may come again
         return dropped
 
-    def _apply_run(self, batch: Batch, payload: bytes, index: array[int] | None) -> int:
+    def _apply_run(self, batch: Batch, payload: bytes, index: memoryview | None) -> int:
         """A run of full DATA blocks: one hash pass, one pwrite, one slice of the index."""
         view = memoryview(payload)
         got = self._run_hashes(batch, payload)
@@ -478,7 +476,7 @@ class Replica:
         return contents
 
     def _write(self, records: list[Record], contents: list[Buffer],
-               index: array[int] | None) -> int:
+               index: memoryview | None) -> int:
         bs = self.record.block_size
         fd = self.img_fd
         written = 0
@@ -582,6 +580,7 @@ class Replica:
         with self.lock:
             self.record.generation = str(uuid.uuid4())
             self._write_meta()
+        self._ix.generation = self.record.generation
         self.ledger.rebind(self.record.generation)
         return self.record.generation
 
@@ -592,6 +591,7 @@ class Replica:
                 self._write_meta()
 
     def close(self) -> None:
+        self._ix.close_clean(self.geometry, self._binding())
         self.wal.close()
         self.ledger.close()
         for fd in (self.img_fd, self.meta_fd):

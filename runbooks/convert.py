@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
+from drctl.yamlstrict import load_yaml
 from failover.config import HOOK_TIMEOUT, ConfigError
 from failover.config import load as load_cluster
 from runbooks.loader import KIND
@@ -25,8 +28,6 @@ _HOOKS = (("fence", "old_primary"), ("stop", "old_primary"), ("promote", "new_pr
 def convert(path: str) -> dict[str, Any]:
     """The runbook for the cluster.yaml at ``path`` (validated by its own loader first: its
     errors are reported as the daemons would)."""
-    from drctl.yamlstrict import load_yaml
-
     cfg = load_cluster(path)
     raw = load_yaml(path)
     sites = {}
@@ -76,8 +77,6 @@ def convert(path: str) -> dict[str, Any]:
 
 
 def to_yaml(doc: dict[str, Any], source: str) -> str:
-    import yaml
-
     head = (f"# converted from {source} by `drctl runbook convert`: the same operations, as "
             "runbook steps\n# (a cluster.yaml's start hook also ran when an agent started as "
             "the primary;\n# a runbook's new_primary hooks run when a site takes over)\n")

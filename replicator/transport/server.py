@@ -242,13 +242,10 @@ class ReplicationService(wire.ReplicationServicer):
             end = min(replica.geometry.blocks, start + (count or replica.geometry.blocks))
             for at in range(start, end, 64):  # the volume's thread applies between pieces
                 hashes.extend(await slot.run(replica.hashes_in, at, min(64, end - at)))
-        elif start or count:
-            hashes = await slot.run(lambda: replica.index()[start : start + count if count
-                                                             else None])
         elif request.from_disk:
             hashes = await slot.run(replica.hashes_from_disk)
         else:
-            hashes = await slot.run(lambda: array("Q", replica.index()))
+            hashes = await slot.run(replica.listing, start, count)
         if sys.byteorder == "big":
             hashes.byteswap()
         per_chunk = 65536

@@ -119,8 +119,9 @@ def test_click_failover_wait_for_reprotect_then_failback(demo: DemoCluster,
     wait.until(lambda _: serving("east", "10.0.0.1"))
     shot("4-home-at-east")
     assert "epoch 3" in card_text(), card_text()
-    # the page lists the phases it went through (failback: drain, fence, promote, re-protect)
+    # the page lists the phases it went through (failback: the runbook's precheck, drain,
+    # fence, promote, re-protect)
     text = card_text()
-    for step in ("healthy → draining", "draining → fencing", "fencing → promoting",
-                 "failed_over → resyncing", "resyncing → healthy"):
+    for step in ("healthy → preparing", "preparing → draining", "draining → fencing",
+                 "fencing → promoting", "failed_over → resyncing", "resyncing → healthy"):
         assert step in text, text

@@ -309,6 +309,8 @@ async def test_agent_reports_fill_the_record_and_a_failed_hook_fails_the_step() 
         ("fence", "done"), ("promote", "done"), ("start", "failed")]
     assert rec.operation.steps[2].output == "no such unit"
     assert "step 3 (hook 'start') on west failed: exit status 5" in str(rec.operation.error)
+    await d.tick()  # waiting for an operator: the failed step stays recorded as it was
+    assert (d.record("app").operation or rec.operation).failed_step == "promoting"
     await d.command("app", Command.RETRY)
     await d.tick()
     rec = d.record("app")

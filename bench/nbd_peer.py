@@ -1,0 +1,390 @@
+"""Benchmark: drctl's capture export against qemu-nbd, the same fio jobs through NBD.
+
+qemu-nbd (C) serves its file with ``--cache=writethrough``: every write is on disk (written
+and flushed) before its reply, the durability drctl's export gives (a write is in the
+fdatasynced change journal before the reply). drctl runs as it does in production: a capture
+agent (``drctl replicate push --nbd-listen``) replicating every write to a target
+(``drctl replicate serve``) on loopback while fio runs.
+
+* Two files of the same size and content (``--size-mib``, 256 MiB; written in full with
+  random data before the first run, so no job writes into holes), on the same file system,
+  one per server: qemu-nbd writing into drctl's volume behind the agent's back would make the
+  replica differ (the background verify would then repair it during the measurements).
+* The jobs (fio's nbd engine, one connection, ``--refill_buffers`` so that written data is
+  neither compressible nor repeated, ``--lat_percentiles``: latency from submission to
+  completion): 4 KiB random writes at 16 and at 1 in flight, 1 MiB sequential writes at 4 in
+  flight, 4 KiB random reads at 16 in flight, 1 MiB sequential reads at 4 in flight;
+  ``--seconds`` each (10), one run per server per job, the servers alternated (the one that
+  goes first changes from job to job). Every run is printed as a JSON line.
+* Quiet state before every run (either server): the drctl agent reports lag 0 and a
+  protected replica (``bench.lag wait-zero``; a run that does not drain within
+  ``--drain-timeout`` fails the bench), then ``sync`` (no run pays for the writeback of the
+  one before), then the server's file is read in full: **page cache warm** for both servers
+  (reads are served from memory; writes still go to the disk before their reply). After a
+  drctl write run the bench also notes how long the agent took to ship and get acknowledged
+  everything the run wrote (``drain_after_s``).
+* ``--nbdkit``: nbdkit's file plugin as well, every write made FUA by its fua filter
+  (``--filter=fua ... fuamode=force``: written, then fdatasynced, before the reply), when
+  nbdkit is installed (Debian's ``nbdkit``).
+
+Run: python bench/nbd_peer.py [--seconds 10] [--size-mib 256] [--jobs randwrite-4k-qd1,...]
+[--json OUT]; prints a markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import DRCTL, REPO, stop
+from drctl.localservers import free_port, wait_port
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    rw: str
+    bs: str
+    iodepth: int
+
+    @property
+    def writes(self) -> bool:
+        return "write" in self.rw
+
+    @property
+    def label(self) -> str:
+        kind = "random" if self.rw.startswith("rand") else "sequential"
+        what = "write" if self.writes else "read"
+        return f"{self.bs.replace('k', ' KiB').replace('m', ' MiB')} {kind} {what}, " \
+               f"{self.iodepth} in flight"
+
+
+JOBS = [
+    Job("randwrite-4k-qd16", "randwrite", "4k", 16),
+    Job("randwrite-4k-qd1", "randwrite", "4k", 1),
+    Job("write-1m-qd4", "write", "1m", 4),
+    Job("randread-4k-qd16", "randread", "4k", 16),
+    Job("read-1m-qd4", "read", "1m", 4),
+]
+
+
+class Server(Protocol):
+    name: str
+    path: str
+
+    @property
+    def uri(self) -> str: ...
+
+    def quiet(self) -> float: ...
+
+    def after_run(self, job: Job) -> dict[str, Any]: ...
+
+    def stop(self) -> None: ...
+
+
+class QemuNbd:
+    """qemu-nbd on a raw file, write-through cache: every write flushed before its reply."""
+
+    name = "qemu-nbd"
+
+    def __init__(self, work: str, path: str) -> None:
+        self.path = path
+        self.port = free_port()
+        self.log = open(os.path.join(work, "qemu-nbd.log"), "wb")
+        self.proc = subprocess.Popen(
+            ["qemu-nbd", "--format=raw", "--cache=writethrough", "--export-name=v",
+             "--bind=127.0.0.1", f"--port={self.port}", "--persistent", "--shared=8", path],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port, 30)
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/v"
+
+    def quiet(self) -> float:
+        return 0.0
+
+    def after_run(self, job: Job) -> dict[str, Any]:
+        return {}
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.log.close()
+
+
+class NbdkitFile(QemuNbd):
+    """nbdkit's file plugin; fio's nbd engine sends no FUA flag, so the fua filter forces it
+    on every write (the plugin then fdatasyncs before the reply)."""
+
+    name = "nbdkit"
+
+    def __init__(self, work: str, path: str) -> None:
+        self.path = path
+        self.port = free_port()
+        self.log = open(os.path.join(work, "nbdkit.log"), "wb")
+        self.proc = subprocess.Popen(
+            ["nbdkit", "--foreground", "--exportname=v", "-i", "127.0.0.1", "-p",
+             str(self.port), "--filter=fua", "file", path, "fuamode=force"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port, 30)
+
+
+class Drctl:
+    """A capture agent serving the file over NBD and replicating to a target on loopback."""
+
+    name = "drctl"
+
+    def __init__(self, work: str, path: str, drain_timeout: float) -> None:
+        self.path = path
+        self.work = work
+        self.drain_timeout = drain_timeout
+        self.tport, self.nport, self.mport = free_port(), free_port(), free_port()
+        self.logs = [open(os.path.join(work, f"{n}.log"), "wb")
+                     for n in ("target", "agent")]
+        self.procs = [subprocess.Popen(
+            [*DRCTL, "replicate", "serve", "--listen", f"127.0.0.1:{self.tport}", "--dir",
+             os.path.join(work, "replicas"), "--insecure"],
+            cwd=REPO, stdout=self.logs[0], stderr=subprocess.STDOUT)]
+        self.procs.append(subprocess.Popen(
+            [*DRCTL, "replicate", "push", path, "--to", f"127.0.0.1:{self.tport}",
+             "--volume", "v", "--nbd-listen", f"127.0.0.1:{self.nport}",
+             "--metrics-port", str(self.mport), "--state-dir", os.path.join(work, "state"),
+             "--no-progress", "--insecure"],
+            cwd=REPO, stdout=self.logs[1], stderr=subprocess.STDOUT))
+        wait_port(self.nport, 60)
+        self.quiet()  # the initial sync
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.nport}/v"
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {"target": self.procs[0].pid, "agent": self.procs[1].pid}
+
+    def quiet(self) -> float:
+        """Until the agent reports lag 0 and a protected replica (the seconds waited); fails
+        the bench after the drain timeout."""
+        p = subprocess.run([sys.executable, "-m", "bench.lag", "wait-zero", str(self.mport),
+                            str(self.drain_timeout)], cwd=REPO, capture_output=True, text=True)
+        got = json.loads(p.stdout or "{}")
+        if p.returncode != 0:
+            codes = [q.poll() for q in self.procs]
+            raise SystemExit(f"drctl: lag did not return to 0 within {self.drain_timeout:g} s "
+                             f"({got}, exit codes {codes}): failing the run")
+        return float(got["waited"])
+
+    def shipped(self) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.mport}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("drctl_replication_shipped_raw_bytes_total{"))
+
+    def after_run(self, job: Job) -> dict[str, Any]:
+        if not job.writes:
+            return {}
+        return {"drain_after_s": round(self.quiet(), 3)}
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            stop(p)
+        for fh in self.logs:
+            fh.close()
+
+
+def prepare(path: str, size: int, seed: bytes) -> None:
+    """``size`` bytes of pseudo-random data (the same for every file made with ``seed``)."""
+    import hashlib
+
+    chunk = 1 << 20
+    with open(path, "wb") as fh:
+        for i in range(size // chunk):
+            block = hashlib.shake_128(seed + i.to_bytes(8, "little")).digest(chunk)
+            fh.write(block)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def warm(path: str) -> None:
+    """Read the file in full: its pages are in the page cache."""
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(8 << 20)
+        while fh.readinto(buf):
+            pass
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+def fio(job: Job, uri: str, size: int, seconds: int) -> dict[str, Any]:
+    args = ["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={job.rw}",
+            f"--bs={job.bs}", f"--iodepth={job.iodepth}", f"--size={size}",
+            f"--runtime={seconds}", "--time_based", "--randrepeat=0", "--lat_percentiles=1",
+            "--output-format=json"]
+    if job.writes:
+        args.append("--refill_buffers")
+    p = subprocess.run(args, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"fio failed: {p.stderr[-2000:]}")
+    out = json.loads(p.stdout[p.stdout.index("{"):])  # the engine may print a line first
+    side = out["jobs"][0]["write" if job.writes else "read"]
+    pcts = side["lat_ns"].get("percentile", {})
+    return {
+        "iops": round(side["iops"], 1),
+        "mb_s": round(side["bw_bytes"] / 1e6, 1),
+        "p50_ms": round(pcts.get("50.000000", 0) / 1e6, 3),
+        "p99_ms": round(pcts.get("99.000000", 0) / 1e6, 3),
+        "max_ms": round(side["lat_ns"]["max"] / 1e6, 3),
+        "errors": out["jobs"][0].get("error", 0),
+    }
+
+
+def run(server: Server, job: Job, size: int, seconds: int) -> dict[str, Any]:
+    waited = server.quiet()
+    subprocess.run(["sync"], check=True)
+    warm(server.path)
+    load0 = loadavg()
+    t0 = time.time()
+    got = fio(job, server.uri, size, seconds)
+    rec = {"job": job.name, "server": server.name, "started": time.strftime(
+        "%H:%M:%S", time.localtime(t0)), "load_before": load0, "load_after": loadavg(),
+        "waited_quiet_s": round(waited, 3), **got, **server.after_run(job)}
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
+    return round(b[key] / a[key], 2) if a.get(key) else 0.0
+
+
+def table(results: list[dict[str, Any]], base: str, jobs: list[Job]) -> str:
+    by = {(r["job"], r["server"]): r for r in results}
+    others = [s for s in dict.fromkeys(r["server"] for r in results) if s != base]
+    head = ["job", f"{base} IOPS", f"{base} MB/s", f"{base} p50 / p99 ms"]
+    for s in others:
+        head += [f"{s} IOPS", f"{s} MB/s", f"{s} p50 / p99 ms", f"{s} / {base}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for j in jobs:
+        b = by.get((j.name, base))
+        if b is None:
+            continue
+        row = [j.label, f"{b['iops']:,.0f}", f"{b['mb_s']:,.1f}",
+               f"{b['p50_ms']:.2f} / {b['p99_ms']:.2f}"]
+        for s in others:
+            o = by.get((j.name, s))
+            if o is None:
+                row += ["", "", "", ""]
+                continue
+            row += [f"{o['iops']:,.0f}", f"{o['mb_s']:,.1f}",
+                    f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f}", f"{ratio(b, o, 'iops'):.2f}x"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--seconds", type=int, default=10, help="per fio run")
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--jobs", default=",".join(j.name for j in JOBS),
+                    help="comma-separated, from: " + ", ".join(j.name for j in JOBS))
+    ap.add_argument("--servers", default="qemu-nbd,drctl",
+                    help="comma-separated, from qemu-nbd, drctl, nbdkit")
+    ap.add_argument("--nbdkit", action="store_true", help="add nbdkit's file plugin")
+    ap.add_argument("--drain-timeout", type=float, default=180.0)
+    ap.add_argument("--dir", default=None, help="work directory (default: a new one under "
+                    "/var/tmp, removed at the end); keep it for the servers' logs")
+    ap.add_argument("--hold", action="store_true",
+                    help="start the servers, print their URIs and pids, wait for Enter (to "
+                    "profile with py-spy or run fio by hand)")
+    ap.add_argument("--json", default=None, help="write every run here too")
+    return ap.parse_args()
+
+
+def start(names: list[str], work: str, size: int, drain_timeout: float) -> list[Server]:
+    """The servers, each on its own copy of the same file (started in order; on a failure
+    the ones started are stopped)."""
+    servers: list[Server] = []
+    try:
+        for n in names:
+            d = os.path.join(work, n)
+            os.makedirs(d, exist_ok=True)
+            path = os.path.join(d, "vol.img")
+            prepare(path, size, b"nbd-peer")
+            if n == "qemu-nbd":
+                servers.append(QemuNbd(d, path))
+            elif n == "nbdkit":
+                servers.append(NbdkitFile(d, path))
+            else:
+                servers.append(Drctl(d, path, drain_timeout))
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    return servers
+
+
+def measure(servers: list[Server], jobs: list[Job], size: int,
+            seconds: int) -> list[dict[str, Any]]:
+    """Each job once per server, the servers alternated; the drctl agent quiet before every
+    run (its replication idle while another server runs too)."""
+    drctl = next((s for s in servers if isinstance(s, Drctl)), None)
+    results = []
+    for k, job in enumerate(jobs):
+        for s in servers if k % 2 == 0 else list(reversed(servers)):
+            if drctl is not None and s is not drctl:
+                drctl.quiet()
+            results.append(run(s, job, size, seconds))
+    return results
+
+
+def uptime() -> str:
+    got = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return f"# {time.strftime('%Y-%m-%d %H:%M:%S')} uptime: {got}"
+
+
+def main() -> int:
+    args = parse_args()
+    names = args.servers.split(",") + (["nbdkit"] if args.nbdkit else [])
+    if "nbdkit" in names and shutil.which("nbdkit") is None:
+        print("nbdkit is not installed: left out", flush=True)
+        names.remove("nbdkit")
+    jobs = [j for j in JOBS if j.name in args.jobs.split(",")]
+    size = args.size_mib << 20
+    work = args.dir or tempfile.mkdtemp(prefix="nbd-peer-", dir="/var/tmp")
+    os.makedirs(work, exist_ok=True)
+    print(uptime(), flush=True)
+    servers = start(names, work, size, args.drain_timeout)
+    try:
+        if args.hold:
+            for s in servers:
+                print(s.name, s.uri, getattr(s, "pids", ""), flush=True)
+            input("servers up; Enter stops them\n")
+            return 0
+        results = measure(servers, jobs, size, args.seconds)
+        print(uptime())
+        print(table(results, servers[0].name, jobs))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=1)
+        return 0
+    finally:
+        for s in servers:
+            s.stop()
+        if args.dir is None and not args.hold:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
