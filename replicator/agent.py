@@ -78,7 +78,7 @@ async def run_push(opts: PushOptions, metrics_port: MetricsEndpoint | int | None
                     if follow is not None:
                         follow.cancel()
                     if driver.planner is not None:
-                        driver.save_state()
+                        driver.save_state(clean=True)  # a clean stop (capture/resume.py)
         except BaseExceptionGroup as group:
             raise unwrap_group(group) from None
         if opts.once and not completed:
@@ -122,7 +122,7 @@ async def run_group(members: list[PushOptions], journal_path: str,
                         g.cancel()
                     for d in drivers:
                         if d.planner is not None:
-                            d.save_state()
+                            d.save_state(clean=True)  # a clean stop (capture/resume.py)
         except BaseExceptionGroup as group:
             raise unwrap_group(group) from None
         return [d.report(PushState.IDLE, time.monotonic() - started) for d in drivers]

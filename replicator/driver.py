@@ -37,6 +37,7 @@ from tenacity import (
 )
 
 from replicator.batch import Kind
+from replicator.blockindex import identity
 from replicator.blockmap import (
     CHUNK_BLOCKS,
     UNKNOWN,
@@ -128,6 +129,8 @@ class PushDriver:
         self.o = opts
         self.m = metrics
         self.store = StateStore(opts.state_dir)
+        with contextlib.suppress(OSError):  # the volume this state is for (capture/resume.py)
+            self.store.volume = identity(os.stat(opts.path))
         self.state: SourceState = self.store.load()
         self.client = TargetClient(opts.address, opts.security,
                                    token_file(opts.epoch_token) if opts.epoch_token else None)
@@ -172,6 +175,7 @@ class PushDriver:
         await self.client.close()
         if self.vol is not None:
             self.vol.close()
+        self.store.close()
 
     def open_volume(self) -> None:
         if self.vol is None:
@@ -204,27 +208,29 @@ class PushDriver:
                 return self.handshake_info
         raise AssertionError("unreachable")
 
-    async def reconcile(self) -> None:
-        """Agree with the target on what the replica holds before planning anything."""
+    async def reconcile(self, keep_view: bool = False) -> bool:
+        """Agree with the target on what the replica holds before planning anything; True if
+        the saved view was kept on the caller's word (``keep_view``: capture/resume.py)."""
         info = await self.handshake()
         st = self.state
-        same_geometry = st.size == self.geo.size and st.block_size == self.geo.block_size
-        trusted = (same_geometry and st.generation == info.generation
-                   and st.acked_seq == info.applied_seq and len(st.view) == self.geo.blocks
-                   and index_digest(st.view) == info.index_digest)
-        if trusted:
+        same = (st.size == self.geo.size and st.block_size == self.geo.block_size
+                and st.generation == info.generation and len(st.view) == self.geo.blocks)
+        kept = keep_view and same and info.applied_seq >= st.acked_seq
+        trusted = kept or (same and st.acked_seq == info.applied_seq
+                           and index_digest(st.view) == info.index_digest)
+        if trusted and not kept:
             log.info("volume %s: saved state matches the replica at seq %d", self.o.volume,
                      info.applied_seq)
-        elif info.created:
-            st.view = self.geo.zero_hashes()
-        else:
+        elif info.created and not kept:
+            st.view = self.store.set_view(self.geo.zero_hashes())
+        elif not kept:
             log.info("volume %s: saved state does not match the replica: fetching its block "
                      "hashes", self.o.volume)
             view, size, _seq = await self.client.block_hashes(self.o.volume)
             if size != self.geo.size or len(view) != self.geo.blocks:
                 raise ProtocolError(f"replica listing has {len(view)} blocks of size {size}, "
                                     f"expected {self.geo.blocks} of {self.geo.size}")
-            st.view = view
+            st.view = self.store.set_view(view)
             self.totals.listing_fetched = True
         if not trusted or len(st.seen) != self.geo.chunks:
             st.seen = array("Q", [UNKNOWN]) * self.geo.chunks
@@ -243,10 +249,16 @@ class PushDriver:
                                dedup=self.o.dedup and not capture and info.mode != "warm",
                                compress_level=self.o.compress_level)
         self.planner.staged = capture  # consistency points: the target stages everything
+        return kept
 
-    def save_state(self) -> None:
+    def save_state(self, clean: bool = False) -> None:
+        """``clean``: the agent stops (the volume synced, its identity noted: resume.py)."""
         self.state.acked_seq = self.acked_seq
-        self.store.save(self.state)
+        stopped = None
+        if clean and self.vol is not None:
+            os.fsync(self.vol.fd)
+            stopped = identity(os.stat(self.o.path))
+        self.store.save(self.state, stopped)
         self._last_save = time.monotonic()
 
     def save_due(self) -> bool:

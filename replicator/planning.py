@@ -58,7 +58,7 @@ class _Builder:
 
 
 class Planner:
-    def __init__(self, volume: str, epoch: int, geo: Geometry, view: array[int],
+    def __init__(self, volume: str, epoch: int, geo: Geometry, view: array[int] | memoryview,
                  seen: array[int], *, dedup: bool = True, compress_level: int = 1,
                  max_blocks: int = MAX_BATCH_BLOCKS) -> None:
         self.volume = volume
@@ -127,7 +127,7 @@ class Planner:
         if cur.indices:
             yield self._finish(cur, next_seq)
 
-    def _add_chunk(self, cur: _Builder, b0: int, hs: list[int], olds: array[int],
+    def _add_chunk(self, cur: _Builder, b0: int, hs: list[int], olds: array[int] | memoryview,
                    cv: memoryview, dedup: dict[int, int] | None) -> None:
         """Bulk path (initial sync, large rewrites): sixteen new DATA blocks at once."""
         cur.indices.extend(range(b0, b0 + CHUNK_BLOCKS))
@@ -170,7 +170,7 @@ class Planner:
             dedup.setdefault(h, b)
 
     @staticmethod
-    def _all_new_data(hs: list[int], olds: array[int], dedup: dict[int, int] | None,
+    def _all_new_data(hs: list[int], olds: array[int] | memoryview, dedup: dict[int, int] | None,
                       zh: int) -> bool:
         """Every block of the chunk changed, none is zero, none repeats another block of the
         chunk or anything the replica holds: all DATA (checked with C-level set operations)."""

@@ -41,6 +41,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from replicator.capture import resume
 from replicator.capture.journal import (
     IDLE_REWRITE_BYTES,
     ChangeJournal,
@@ -84,6 +85,7 @@ async def run_captured(drivers: list[PushDriver], stop: asyncio.Event,
             lineage.promoted_from.clear()
         lineage.journal_started = True
         lineage.save(journal_dir)
+    before = resume.volumes_before_replay(drivers)
     wake = asyncio.Event()
     exports = NbdExport.open_group([(d.o.volume, d.o.path) for d in drivers], journal_path,
                                    opts.block_size, on_change=wake.set,
@@ -111,9 +113,11 @@ async def run_captured(drivers: list[PushDriver], stop: asyncio.Event,
         try:
             for d in drivers:
                 d.open_volume()
-                if not await until_stopped(d.reconcile(), stop):
-                    return False
+            resumed = await resume.reconcile(drivers, lineage, journal, before, stop)
+            if resumed is None:
+                return False
             main = _Loop(drivers, opts, journal, wake, stop, lineage, journal_dir, trace)
+            main.full = not resumed  # else the first resync covers the journal's blocks
             main.on_protected = scrub.set_active
             return await scrub.alongside(main.run())
         finally:

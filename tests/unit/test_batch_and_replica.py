@@ -119,19 +119,45 @@ def test_rewrites_between_scans_are_planned_once(tmp_path: object) -> None:
     assert planner2.stats.raw_bytes == BS
 
 
-def test_state_store_round_trip_and_corruption(tmp_path: object) -> None:
+def test_state_store_round_trip_and_corruption(tmp_path: object,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     d = os.path.join(str(tmp_path), "st")
     store = StateStore(d)
     st = SourceState(generation="g", acked_seq=7, size=8192, block_size=BS,
                      view=array("Q", [1, 2]), seen=array("Q", [3]))
-    store.save(st)
+    store.save(st, stopped=(1, 2, 8192, 4))  # a clean stop
+    store.close()
     back = store.load()
     assert (back.generation, back.acked_seq, list(back.view)) == ("g", 7, [1, 2])
+    assert back.how == "clean" and back.stopped == (1, 2, 8192, 4)
+    store.save(back, stopped=(1, 2, 8192, 4))
+    store.close()
     with open(os.path.join(d, "view.hashes"), "r+b") as fh:
         fh.write(b"\x09")
-    fresh = store.load()
-    assert fresh.generation == "" and len(fresh.view) == 0
+    fresh = StateStore(d).load()
+    assert fresh.generation == "" and len(fresh.view) == 0 and fresh.how == ""
     assert os.path.exists(os.path.join(d, "state.json.corrupt"))
+    assert "view.hashes: checksum mismatch" in caplog.text  # names the file and the reason
+
+
+def test_a_killed_agents_view_is_kept_on_the_same_boot_only(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    import replicator.source_state as source_state
+
+    d = os.path.join(str(tmp_path), "st")
+    store = StateStore(d)
+    store.volume = (1, 2, 8192, 3)
+    st = store.load()
+    st.generation, st.size, st.block_size = "g", 8192, BS
+    st.view = store.set_view(array("Q", [5, 6]))
+    store.save(st)  # a periodic save: the view file keeps changing after it
+    st.view[1] = 7  # ... and the agent is killed: nothing more is saved
+    back = StateStore(d).load()  # the same boot
+    assert back.how == "live" and list(back.view) == [5, 7] and back.started == (1, 2, 8192, 3)
+    monkeypatch.setattr(source_state, "boot_id", lambda: "another-boot")
+    after_reboot = StateStore(d).load()
+    assert after_reboot.how == "" and len(after_reboot.view) == 0
+    assert "machine restarted" in after_reboot.why
 
 
 def test_hash_all_matches_chunk_scan(tmp_path: object) -> None:
