@@ -139,6 +139,10 @@ def _why_unprotected(rec: ServiceRecord, serving: ServiceHealth | None,
 
 def resync_line(r: dict[str, Any]) -> str:
     eta = r.get("eta_seconds")
+    if r.get("bytes_left") == 0 and r.get("bytes_total"):
+        # everything is read and planned; protection is reported once acked and verified
+        return (f"resync ({r.get('mode', '?')}): all {human_bytes(r.get('bytes_total'))} read "
+                "and sent, waiting for the target's acknowledgement and the verify")
     return (f"resync ({r.get('mode', '?')}): {human_bytes(r.get('bytes_left'))} left of "
             f"{human_bytes(r.get('bytes_total'))}, ETA "
             f"{'unknown' if eta is None else duration(float(eta))}")

@@ -287,8 +287,13 @@ async def test_status_shows_protection_resync_and_unreplicated_writes() -> None:
 
 def test_progress_formatting() -> None:
     assert human_bytes(None) == "unknown" and human_bytes(512) == "512 B"
-    assert resync_line({"mode": "hash", "bytes_total": 10 << 20, "bytes_left": 0,
-                        "eta_seconds": 3725}) == "resync (hash): 0 B left of 10.0 MiB, ETA 1h02m"
+    assert resync_line({"mode": "hash", "bytes_total": 10 << 20, "bytes_left": 4 << 20,
+                        "eta_seconds": 3725}) == (
+        "resync (hash): 4.0 MiB left of 10.0 MiB, ETA 1h02m")
+    assert resync_line({"mode": "exact", "bytes_total": 10 << 20, "bytes_left": 0,
+                        "eta_seconds": 0}) == (
+        "resync (exact): all 10.0 MiB read and sent, waiting for the target's acknowledgement "
+        "and the verify")
 
 
 def test_old_and_new_heartbeats_and_records_decode() -> None:
