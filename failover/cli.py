@@ -34,6 +34,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="serve the controller's metrics on 127.0.0.1:PORT")
     c.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="serve them on this address instead (Prometheus on another host)")
+    c.add_argument("--metrics-tls", action="store_true",
+                   help="serve them over HTTPS with TLS_DIR/servers/controller.crt and .key "
+                   "(`drctl certs issue --server controller --host HOST`); scrapers need a "
+                   "client certificate from the deployment's CA")
     c.add_argument("--audit-file", help=_AUDIT_FILE_HELP)
     key = c.add_mutually_exclusive_group()
     key.add_argument("--tls-dir", metavar="DIR",
@@ -182,9 +186,16 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
     cfg = _config(args.config)
     metrics = None
-    if args.metrics_port or args.metrics_listen:
-        from prometheus_client import CollectorRegistry, start_http_server
+    if args.metrics_tls and not (args.metrics_port or args.metrics_listen):
+        from failover.config import ConfigError
 
+        raise ConfigError("--metrics-tls needs --metrics-listen or --metrics-port")
+    if args.metrics_port or args.metrics_listen:
+        import ssl
+
+        from prometheus_client import CollectorRegistry
+
+        from drctl.metrics_http import MetricsEndpoint, MetricsTlsError, serve_registry
         from failover.config import ConfigError
         from failover.metrics import ControllerMetrics
 
@@ -196,9 +207,19 @@ def cmd_controller(args: argparse.Namespace) -> int:
         host, _, mport = listen.rpartition(":")
         if not mport.isdigit() or not 0 < int(mport) < 65536:
             raise ConfigError(f"{flag} {listen}: expected HOST:PORT")
+        addr, number = host.strip("[]") or "127.0.0.1", int(mport)
+        tls_dir = args.tls_dir or os.environ.get("DRCTL_TLS_DIR")
         try:
-            start_http_server(int(mport), addr=host.strip("[]") or "127.0.0.1",
-                              registry=registry)
+            if args.metrics_tls:
+                if not tls_dir:
+                    raise ConfigError("--metrics-tls needs --tls-dir (servers/controller.crt)")
+                endpoint = MetricsEndpoint.from_tls_dir(addr, number, tls_dir,
+                                                        "servers/controller")
+            else:
+                endpoint = MetricsEndpoint(addr, number)
+            serve_registry(registry, endpoint)
+        except (MetricsTlsError, ssl.SSLError) as exc:
+            raise ConfigError(f"--metrics-tls: {exc}") from None
         except OSError as exc:
             raise _bind_error(flag, listen, exc) from None
     signer = _epoch_signer(args, any(s.volumes for s in cfg.services.values()))

@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from drctl.metrics_http import MetricsEndpoint as MetricsEndpoint
+from drctl.metrics_http import serve_registry
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
@@ -142,23 +145,6 @@ class SourceMetrics:
 
 
 
-@dataclass(frozen=True)
-class MetricsEndpoint:
-    """Where the metrics are served: ``host``:``port``, plain HTTP or, with ``certfile`` and
-    ``keyfile``, HTTPS that asks for a client certificate from ``client_ca``."""
-
-    host: str
-    port: int
-    certfile: str | None = None
-    keyfile: str | None = None
-    client_ca: str | None = None
-
-    def __str__(self) -> str:
-        scheme = "https" if self.certfile else "http"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}/metrics"
-
-
 def serve_sources(sources: list[SourceMetrics], endpoint: MetricsEndpoint | int) -> None:
     """Expose one or more volumes' metrics (a consistency group: one set of families)."""
     from prometheus_client import CollectorRegistry
@@ -244,18 +230,13 @@ class TargetMetrics:
 def serve_metrics(registry: CollectorRegistry, endpoint: MetricsEndpoint | int) -> None:
     """Expose ``registry`` on a daemon thread (prometheus_client's own server); a bare port
     is 127.0.0.1:port."""
-    from prometheus_client import start_http_server
-
     from drctl.listening import BIND_ERRNOS, describe
     from replicator.errors import UsageError
 
     if isinstance(endpoint, int):
         endpoint = MetricsEndpoint("127.0.0.1", endpoint)
     try:
-        start_http_server(endpoint.port, addr=endpoint.host, registry=registry,
-                          certfile=endpoint.certfile, keyfile=endpoint.keyfile,
-                          client_cafile=endpoint.client_ca,
-                          client_auth_required=endpoint.client_ca is not None)
+        serve_registry(registry, endpoint)
     except OSError as exc:  # taken since the CLI checked it
         if exc.errno not in BIND_ERRNOS:
             raise

@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     a.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="serve the site's metrics here: those of the data path it runs (its "
                    "capture agents' and target daemon's), labelled site=SITE (sites/metrics.py)")
+    a.add_argument("--metrics-tls", action="store_true",
+                   help="serve them over HTTPS with the site's certificate; scrapers need a "
+                   "client certificate from the deployment's CA")
     tls = a.add_mutually_exclusive_group()
     tls.add_argument("--tls-dir", metavar="DIR",
                      help="the site's TLS directory (`drctl certs`: ca.crt, epoch.pub, "
@@ -56,7 +59,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
                               f"(with sites/{args.site}.crt and .key; `drctl certs`) or "
                               "--insecure (loopback tests only)")
         rb = runbook
-        children = _site_metrics(args.metrics_listen, args.site)
+        if args.metrics_tls and (not args.metrics_listen or tls_dir is None):
+            raise ConfigError("--metrics-tls needs --metrics-listen and the site's certificate "
+                              "(--tls-dir)")
+        children = _site_metrics(args.metrics_listen, args.site,
+                                 tls_dir if args.metrics_tls else None)
 
         def make(store: CoordinationStore) -> ManagedSiteAgent:
             agent = ManagedSiteAgent(cfg, args.site, store, rb, tls_dir)
@@ -72,7 +79,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
-def _site_metrics(listen: str | None, site: str) -> list[Callable[[], list[str]]]:
+def _site_metrics(listen: str | None, site: str,
+                  tls_dir: str | None = None) -> list[Callable[[], list[str]]]:
     """With --metrics-listen, serve the site's metrics (sites/metrics.py) from the children
     of the data plane appended to the returned list once the agent has made it."""
     planes: list[Callable[[], list[str]]] = []
@@ -83,5 +91,5 @@ def _site_metrics(listen: str | None, site: str) -> list[Callable[[], list[str]]
 
         registry = CollectorRegistry()
         registry.register(ChildrenCollector(site, lambda: planes[0]() if planes else []))
-        serve(registry, listen)
+        serve(registry, listen, tls_dir, site)
     return planes

@@ -63,14 +63,22 @@ class ChildrenCollector:
         return iter(())  # unknown until scraped: not checked at registration
 
 
-def serve(registry: CollectorRegistry, listen: str) -> None:
-    """Serve ``registry`` on ``listen`` (HOST:PORT) from prometheus_client's own thread."""
-    from prometheus_client import start_http_server
+def serve(registry: CollectorRegistry, listen: str, tls_dir: str | None = None,
+          site: str = "") -> str:
+    """Serve ``registry`` on ``listen`` (HOST:PORT) from prometheus_client's own thread; with
+    ``tls_dir``, over HTTPS with the site's certificate, scrapers presenting a client
+    certificate from the deployment's CA. Returns the URL."""
+    import ssl
 
+    from drctl.metrics_http import MetricsEndpoint, MetricsTlsError, serve_registry
     from failover.config import ConfigError
 
     host, _, port = listen.rpartition(":")
     try:
-        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
-    except (OSError, ValueError) as exc:
+        host, number = host.strip("[]") or "127.0.0.1", int(port)
+        endpoint = (MetricsEndpoint.from_tls_dir(host, number, tls_dir, f"sites/{site}")
+                    if tls_dir else MetricsEndpoint(host, number))
+        serve_registry(registry, endpoint)
+    except (OSError, ValueError, ssl.SSLError, MetricsTlsError) as exc:
         raise ConfigError(f"--metrics-listen {listen}: {exc}") from None
+    return str(endpoint)

@@ -466,3 +466,36 @@ def test_the_controller_signs_the_epoch_into_the_record(deployment: Pki) -> None
     rec.epoch_token = _tamper(rec.epoch_token, epoch=9)
     c._grant(rec, svc)
     assert verify(rec.epoch_token).epoch == 2
+
+
+def test_site_and_controller_metrics_over_https(workdir: str, deployment: Pki) -> None:
+    """`drctl agent --metrics-tls` serves the site's metrics with the site's certificate, and
+    `drctl controller --metrics-tls` with servers/controller: both ask scrapers for a client
+    certificate from the deployment's CA."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from drctl.metrics_http import MetricsEndpoint, serve_registry
+    from drctl.pki import issue
+    from sites.metrics import serve
+
+    lay = Layout(deployment.dir)
+    issue(deployment.dir, Identity("server", "controller"), ("127.0.0.1",))
+    ctx = ssl.create_default_context(cafile=lay.ca_cert)
+    ctx.check_hostname = False
+    scraper = ssl.create_default_context(cafile=lay.ca_cert)
+    scraper.check_hostname = False
+    who = Identity("operator", "tester")
+    scraper.load_cert_chain(lay.cert(who), lay.key(who))
+    for name, start in (
+            ("site", lambda reg, port: serve(reg, f"127.0.0.1:{port}", deployment.dir, "west")),
+            ("controller", lambda reg, port: serve_registry(reg, MetricsEndpoint.from_tls_dir(
+                "127.0.0.1", port, deployment.dir, "servers/controller")))):
+        reg = CollectorRegistry()
+        Gauge(f"drctl_test_{name}_up", "a probe", registry=reg).set(1)
+        port = free_port()
+        start(reg, port)
+        url = f"https://127.0.0.1:{port}/metrics"
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(url, context=ctx, timeout=5).read()  # no client certificate
+        with urllib.request.urlopen(url, context=scraper, timeout=5) as r:
+            assert f"drctl_test_{name}_up 1.0".encode() in r.read()
