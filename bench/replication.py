@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -46,10 +47,18 @@ from common import (
 )
 
 
+def cpu_children() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_timed(cmd: list[str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
+    """Wall time and stdout; the command's CPU seconds (user + system, less sensitive to other
+    jobs on the machine than the wall time) are left in ``run_timed.cpu``."""
+    c0, t0 = cpu_children(), time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     dt = time.perf_counter() - t0
+    run_timed.cpu = cpu_children() - c0  # type: ignore[attr-defined]
     if p.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed ({p.returncode}): {p.stderr[-2000:]}")
     return dt, p.stdout
@@ -127,6 +136,7 @@ class Bench:
         subprocess.run(["sync"])  # neither tool pays for flushing the other's writes
         d0 = self.dr_wire.read()
         dr_t, dr_out = run_timed(self.drctl_cmd)
+        dr_cpu = run_timed.cpu  # type: ignore[attr-defined]
         dr_bytes = delta(self.dr_wire, d0)
         rep = json.loads(dr_out.strip().splitlines()[-1])
         plain: dict[str, object] = {}
@@ -134,10 +144,13 @@ class Bench:
             subprocess.run(["sync"])
             p0 = self.plain_wire.read()
             pl_t, pl_out = run_timed(self.plain_cmd)
+            pl_cpu = run_timed.cpu  # type: ignore[attr-defined]
             pl_bytes = delta(self.plain_wire, p0)
             pl_rep = json.loads(pl_out.strip().splitlines()[-1])
             plain = {"drctl_plain_s": round(pl_t, 3),
                      "tls_cost_pct": round((dr_t / pl_t - 1) * 100, 1),
+                     "drctl_cpu_s": round(dr_cpu, 3), "drctl_plain_cpu_s": round(pl_cpu, 3),
+                     "tls_cpu_cost_pct": round((dr_cpu / max(pl_cpu, 1e-6) - 1) * 100, 1),
                      "drctl_plain_tcp_bytes": pl_bytes,
                      "drctl_plain_changed_MB_per_s": round(pl_rep["raw_bytes"] / 1e6 / pl_t, 1)}
         row: dict[str, object] = {
@@ -247,11 +260,12 @@ def main() -> None:
 
 def report(results: list[dict[str, object]]) -> None:
     print("\n| scenario | rsync s | drctl s (TLS) | speedup | drctl s (plain) | TLS cost "
-          "| rsync bytes | drctl bytes | bytes ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| push CPU s TLS / plain (cost) | rsync bytes | drctl bytes | bytes ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        plain = (f"{r['drctl_plain_s']} | {r['tls_cost_pct']:+}%"  # type: ignore[str-format]
-                 if "drctl_plain_s" in r else " | ")
+        plain = (f"{r['drctl_plain_s']} | {r['tls_cost_pct']:+}% | "  # type: ignore[str-format]
+                 f"{r['drctl_cpu_s']} / {r['drctl_plain_cpu_s']} ({r['tls_cpu_cost_pct']:+}%)"
+                 if "drctl_plain_s" in r else " | | ")
         if "rsync_s" not in r:
             print(f"| {r['scenario']} | (see delta) | {r['drctl_s']} | {r['speedup']}x | "
                   f"{plain} | | | |")
