@@ -7,6 +7,10 @@ import argparse
 import datetime
 import os
 import stat
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # drctl/pki.py (and cryptography) is imported by the commands, not by every drctl start-up
 CA_DAYS = 3650
@@ -54,24 +58,47 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit-file", help="the etcd log's local mirror (see drctl audit)")
 
 
-def _audit(args: argparse.Namespace, action: str, target: str, params: dict[str, object],
-           outcome: str = "ok") -> None:
+def _deployment_log(args: argparse.Namespace) -> Any:
+    """With --config: the deployment's configuration, read before the CA is touched (a bad
+    --config must not leave a replaced CA behind an error)."""
+    if not args.config:
+        return None
+    from failover.cli import load_config
+
+    return load_config(args.config)
+
+
+def _audit(args: argparse.Namespace, cfg: Any, action: str, target: str,
+           params: dict[str, object], outcome: str = "ok") -> None:
     """Record a CA operation: always in the CA directory's own chain (DIR/audit.jsonl, which
     `drctl audit verify --file` checks; the CA is usually offline), and with --config in the
     deployment's chain in etcd too."""
-    from failover.audit import append_file
-    from failover.cli import cli_actor
+    from drctl.pki import PkiError
+    from failover.audit import AuditNotRecordedError, append_file
+    from failover.cli import cli_actor, record_audit
 
     actor = cli_actor()
-    append_file(os.path.join(args.dir, AUDIT_FILE), actor, action, target, params, outcome)
-    if args.config:
-        from failover.cli import _config, record_audit
+    local = os.path.join(args.dir, AUDIT_FILE)
+    try:
+        append_file(local, actor, action, target, params, outcome)
+    except OSError as exc:
+        raise PkiError(f"{action} {target}: done, but not recorded in {local}: "
+                       f"{exc.strerror}") from None
+    if cfg is not None and record_audit(cfg, actor, action, target, params, outcome,
+                                        args.audit_file) is None:
+        raise AuditNotRecordedError(f"{action} {target}: done, but not recorded in the etcd "
+                                    f"audit log (see the line above); it is in {local}")
 
-        if record_audit(_config(args.config), actor, action, target, params, outcome,
-                        args.audit_file) is None:
-            raise SystemExit(f"drctl: error [audit_not_recorded]: {action} {target}: done, but "
-                             f"not recorded in the etcd audit log (see the line above); it is "
-                             f"in {os.path.join(args.dir, AUDIT_FILE)}")
+
+def _pki_io(what: str, fn: Callable[[], T]) -> T:
+    """Run a CA operation; an OS error (a path that is not a directory, no permission) is one
+    line naming the path, not a traceback."""
+    from drctl.pki import PkiError
+
+    try:
+        return fn()
+    except OSError as exc:
+        raise PkiError(f"{exc.filename or what}: {exc.strerror}") from None
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -81,8 +108,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise PkiError("--days must be positive")
     if os.path.lexists(args.dir) and not os.path.isdir(args.dir):
         raise PkiError(f"--dir {args.dir}: not a directory")
-    lay = init(args.dir, args.deployment, args.days, args.force)
-    _audit(args, "certs.init", args.deployment,
+    cfg = _deployment_log(args)
+    lay = _pki_io(f"--dir {args.dir}",
+                  lambda: init(args.dir, args.deployment, args.days, args.force))
+    _audit(args, cfg, "certs.init", args.deployment,
            {"days": args.days, "replaced": bool(args.force), "ca": _cert_facts(lay.ca_cert)})
     print(f"deployment {args.deployment}: CA {lay.ca_cert}, epoch-token key {lay.epoch_key}\n"
           f"keep {lay.ca_key} offline; give every host {lay.ca_cert} and {lay.epoch_pub}, "
@@ -98,8 +127,10 @@ def cmd_issue(args: argparse.Namespace) -> int:
     who = (Identity("site", args.site) if args.site else
            Identity("server", args.server) if args.server else
            Identity("operator", args.operator))
-    cert, key = issue(args.dir, who, tuple(args.host), args.days, args.force)
-    _audit(args, "certs.issue", str(who),
+    cfg = _deployment_log(args)
+    cert, key = _pki_io(f"--dir {args.dir}",
+                        lambda: issue(args.dir, who, tuple(args.host), args.days, args.force))
+    _audit(args, cfg, "certs.issue", str(who),
            {"hosts": list(args.host), "days": args.days, "replaced": bool(args.force),
             "certificate": _cert_facts(cert)})
     print(f"{who}: certificate {cert}, key {key} ({who.uri})")

@@ -75,6 +75,14 @@ class AuditChainBroken(FailoverError):
         self.seq = seq
 
 
+class AuditNotRecordedError(FailoverError):
+    """An operation was done, but its record did not reach the audit log in etcd."""
+
+    code = "audit_not_recorded"
+    http_status = 503
+    exit_code = 69
+
+
 # -- records -------------------------------------------------------------------------------
 
 def redact(value: Any) -> Any:

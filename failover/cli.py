@@ -136,6 +136,11 @@ def _config(path: str) -> ClusterConfig:
     return _load(path)[0]
 
 
+def load_config(path: str) -> ClusterConfig:
+    """The cluster configuration from a runbook or a cluster.yaml (ConfigError if unusable)."""
+    return _config(path)
+
+
 def _load(path: str) -> tuple[ClusterConfig, Runbook | None]:
     """A cluster configuration, or a runbook (``kind: drctl-runbook``) and the configuration
     it makes."""

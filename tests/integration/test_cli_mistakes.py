@@ -137,6 +137,12 @@ def test_push_volume_or_state_dir_that_cannot_be_used(workdir: str, deployment: 
                   "db", "--tls-dir", os.path.join(workdir, "no-tls"), "--site", "east"]),
              2, "--tls-dir", "no such directory")
     one_line(run([*DRCTL, "certs", "init", "--dir", volume]), 2, "[pki]", "not a directory")
+    one_line(run([*DRCTL, "certs", "init", "--dir", os.path.join(volume, "ca")]), 2, "[pki]",
+             "Not a directory")  # a parent that is a file
+    ca = os.path.join(workdir, "ca")  # a bad --config is refused before the CA is made
+    one_line(run([*DRCTL, "certs", "init", "--dir", ca, "--config",
+                  os.path.join(workdir, "nosuch.yaml")]), 2, "[config]", "nosuch.yaml")
+    assert not os.path.exists(ca)
     one_line(run([*DRCTL, "api", "users", "add", "ann", "--role", "viewer", "--file",
                   workdir]), 2, "[users_file]", "a directory")
 
