@@ -190,6 +190,38 @@ def fingerprint(cert: x509.Certificate) -> str:
 # -- the CA ----------------------------------------------------------------------------------
 
 
+def _dns_names(path: str) -> set[str]:
+    try:
+        cert = load_cert(path)
+        return set(cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
+    except (PkiError, x509.ExtensionNotFound):
+        return set()
+
+
+def _no_site_impersonation(lay: Layout, who: Identity, hosts: tuple[str, ...]) -> None:
+    """A replication client checks its target by the site's name (a DNS name in the site's
+    certificate): no server certificate (the API's, the controller's metrics') may carry a
+    site's name, or its key could pose as that site's target or export."""
+    def stems(kind: str) -> list[str]:
+        d = os.path.join(lay.root, f"{kind}s")
+        return sorted(f[:-4] for f in os.listdir(d) if f.endswith(".crt")) \
+            if os.path.isdir(d) else []
+
+    if who.kind == "server":
+        taken = {who.name, *hosts} & set(stems("site"))
+        if taken:
+            raise PkiError(f"server {who.name}: {', '.join(sorted(taken))} is a site's name: a "
+                           "server certificate with it could pose as that site (choose "
+                           "another name or --host)")
+    elif who.kind == "site":
+        for server in stems("server"):
+            if who.name in _dns_names(os.path.join(lay.root, "servers", f"{server}.crt")):
+                raise PkiError(f"site {who.name}: the server certificate {server} already "
+                               "carries that name (it could pose as the site): issue the "
+                               "server's again under another name first")
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -259,6 +291,7 @@ def issue(directory: str, who: Identity, hosts: tuple[str, ...] = (), days: int 
     cert_path, key_path = lay.cert(who), lay.key(who)
     if os.path.exists(cert_path) and not force:
         raise PkiError(f"{cert_path} exists (--force issues a new one in its place)")
+    _no_site_impersonation(lay, who, hosts)
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(who.uri)]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]

@@ -64,6 +64,19 @@ def test_init_and_issue_write_private_files_and_name_the_identity(ca: str) -> No
         init(ca, "again")
 
 
+def test_a_server_certificate_cannot_carry_a_sites_name(ca: str) -> None:
+    """Replication clients check their target by the site's name: a server certificate (the
+    API's) with that name could pose as the site."""
+    issue(ca, Identity("site", "east"), ("127.0.0.1",))
+    for name, hosts in (("east", ("api.example",)), ("api", ("api.example", "east"))):
+        with pytest.raises(PkiError, match="east is a site's name"):
+            issue(ca, Identity("server", name), hosts)
+    cert, _ = issue(ca, Identity("server", "api"), ("api.example", "west"))
+    assert identity_of(load_cert(cert)) == Identity("server", "api")
+    with pytest.raises(PkiError, match="server certificate api already carries that name"):
+        issue(ca, Identity("site", "west"))
+
+
 def test_group_readable_keys_are_refused(ca: str) -> None:
     _, key = issue(ca, Identity("site", "east"))
     os.chmod(key, 0o640)
