@@ -11,20 +11,20 @@ What it says, and where each figure comes from (``Progress`` in driver.py):
   volume times the share of checked bytes that had to be shipped) at that rate, or the
   unchecked part at the scan's own rate if that takes longer.
 
-Log lines never land on the bar's line: while the bar is up, a log record first clears it.
+Log lines never land on the bar's line: while the bar is up, the console handler of
+drctl/logsetup.py clears it before it writes a line (both under one lock).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
+from drctl.logsetup import CONSOLE_LOCK, before_each_line
 from replicator.units import format_bytes
 
 WINDOW_S = 5.0  # the rates are measured over this much recent time
@@ -104,51 +104,32 @@ class ProgressBar:
         if not self.enabled:
             return
         line = self.render(label, s)
-        pad = " " * max(0, len(self._line) - len(line))
-        self.stream.write(f"\r{line}{pad}")
-        self.stream.flush()
-        self._line = line
+        with CONSOLE_LOCK:
+            pad = " " * max(0, len(self._line) - len(line))
+            self.stream.write(f"\r{line}{pad}")
+            self.stream.flush()
+            self._line = line
 
     def clear(self) -> None:
         """Erase the bar (before something else is printed); the next draw puts it back."""
-        if self._line:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._line = ""
+        with CONSOLE_LOCK:
+            if self._line:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+                self._line = ""
 
     def finish(self) -> None:
-        if self._line:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._line = ""
-
-    @contextmanager
-    def logs_above(self) -> Iterator[None]:
-        """While it is up, every log record written to the bar's stream clears the bar first
-        (and the next draw puts it back), so no log line is printed onto the bar's line."""
-        bar = self
-
-        class _Clear(logging.Filter):
-            def filter(self, record: logging.LogRecord) -> bool:
-                bar.clear()
-                return True
-
-        handlers = [h for h in logging.getLogger().handlers
-                    if isinstance(h, logging.StreamHandler)
-                    and getattr(h, "stream", None) is self.stream]
-        f = _Clear()
-        for h in handlers:
-            h.addFilter(f)
-        try:
-            yield
-        finally:
-            for h in handlers:
-                h.removeFilter(f)
+        with CONSOLE_LOCK:
+            if self._line:
+                self.stream.write("\n")
+                self.stream.flush()
+                self._line = ""
 
     async def follow(self, label: str, snapshot: Callable[[], Sample],
                      interval: float = 0.25) -> None:
-        """Redraw from ``snapshot()`` until cancelled."""
-        with self.logs_above():
+        """Redraw from ``snapshot()`` until cancelled; log lines (drctl/logsetup.py) clear
+        the bar before they are written, so none lands on its line."""
+        with before_each_line(self.clear):
             try:
                 while True:
                     self.draw(label, snapshot())
