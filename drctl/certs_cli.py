@@ -127,6 +127,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
     who = (Identity("site", args.site) if args.site else
            Identity("server", args.server) if args.server else
            Identity("operator", args.operator))
+    if not os.path.exists(os.path.join(args.dir, "ca.key")):
+        raise PkiError(f"--dir {args.dir}: no CA there (no ca.key): make one with drctl certs "
+                       f"init --dir {args.dir}, or give the directory that holds it")
     cfg = _deployment_log(args)
     cert, key = _pki_io(f"--dir {args.dir}",
                         lambda: issue(args.dir, who, tuple(args.host), args.days, args.force))

@@ -84,7 +84,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(line, file=sys.stderr)
             continue
         steps = sum(len(s.steps) for s in rb.services.values())
-        print(f"{path}: ok ({len(rb.sites)} sites, {len(rb.services)} services, {steps} steps)")
+        print(f"{path}: ok ({_n(len(rb.sites), 'site')}, {_n(len(rb.services), 'service')}, "
+              f"{_n(steps, 'step')})")
     return _invalid() if failed else 0
 
 
@@ -155,3 +156,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for r in results:
         print(f"{'ok ' if r.ok else 'FAIL'} {r.seconds:7.3f}s  {r.name}: {r.detail}")
     return 0 if all(r.ok for r in results) else 1
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
