@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any
 
@@ -147,6 +148,13 @@ def _runbook(c: _Checker, raw: Any) -> Runbook | None:
                    etcd_credentials)
 
 
+def _beside(runbook: str, path: str) -> str:
+    """A key or credential file named in a runbook: relative to the runbook's directory (so a
+    runbook reads the same files whatever the current directory is)."""
+    return path if os.path.isabs(path) else os.path.join(
+        os.path.dirname(os.path.abspath(runbook)), path)
+
+
 def _etcd(c: _Checker, top: LineDict) -> tuple[tuple[str, ...], EtcdCredentials]:
     """``etcd:``: a list of HOST:PORT, or a mapping with endpoints: and the credentials
     (user:, password_file: or password_env:, ca:, cert:, key:). Their files are read when the
@@ -166,6 +174,11 @@ def _etcd(c: _Checker, top: LineDict) -> tuple[tuple[str, ...], EtcdCredentials]
         return tuple(etcd or ()), EtcdCredentials()
     node = top["etcd"]
     endpoints, creds, problems = credentials.parse(node)
+    def near(v: str | None) -> str | None:
+        return _beside(c.path, v) if v else v
+
+    creds = dataclasses.replace(creds, password_file=near(creds.password_file),
+                                ca=near(creds.ca), cert=near(creds.cert), key=near(creds.key))
     for key, message in problems:
         c.err(node, key, "etcd", message)
     if endpoints and not hostports(endpoints):
@@ -218,7 +231,9 @@ def _zones(c: _Checker, node: Any) -> dict[str, Zone]:
         verify = c.get(zm, "verify_timeout", where, (int, float), 10, check=lambda v: v > 0,
                        hint="seconds > 0")
         out[zname] = Zone(zname, tuple(servers or ()), tuple(update or ()),
-                          str(t.get("name", "")), t.get("file"), t.get("env"), algorithm,
+                          str(t.get("name", "")),
+                          _beside(c.path, t["file"]) if isinstance(t.get("file"), str) else None,
+                          t.get("env"), algorithm,
                           float(verify))
     return out
 
@@ -281,7 +296,8 @@ def _service(c: _Checker, name: str, node: Any, sites: dict[str, Site],
                   rep["mode"], rep["rate"], rep["rpo"], automatic, float(grace), float(damping),
                   loss, tuple(records), steps, tuple(depends), rep["level"], rep["cp_interval"],
                   rep["journal_limit"], rep["apply_interval"], rep["export"],
-                  verify_rate=rep["verify_rate"], export_tls=rep["export_tls"])
+                  verify_rate=rep["verify_rate"], export_tls=rep["export_tls"],
+                  export_operators=rep["export_operators"])
     svc = _drain(c, f, fw, m.get("steps"), svc)
     if volumes:
         _data_path(c, m, where, svc, sites)
@@ -314,7 +330,8 @@ def _replication(c: _Checker, m: Any, where: str, sites: dict[str, Site]) -> dic
     rw = f"{where}.replication"
     r = c.mapping(m.get("replication") or LineDict(), rw,
                   {"mode", "rate_limit", "rpo", "compression", "cp_interval", "journal_limit",
-                   "apply_interval", "export", "verify_rate", "export_tls"}, set())
+                   "apply_interval", "export", "verify_rate", "export_tls", "export_allow"},
+                  set())
     mode = c.get(r, "mode", rw, str, "hot", check=lambda v: v in ("hot", "warm"),
                  hint="hot or warm")
     rate = None
@@ -357,28 +374,45 @@ def _replication(c: _Checker, m: Any, where: str, sites: dict[str, Site]) -> dic
     return {"mode": mode, "rate": rate, "rpo": float(rpo), "level": int(level),
             "cp_interval": float(cp_interval), "journal_limit": journal_limit,
             "apply_interval": float(apply_interval) if apply_interval else None,
-            "export": export, "verify_rate": verify_rate, "export_tls": bool(export_tls)}
+            "export": export, "verify_rate": verify_rate, "export_tls": bool(export_tls),
+            "export_operators": _export_allow(c, r, rw, bool(export_tls))}
+
+
+def _export_allow(c: _Checker, r: Any, rw: str, tls: bool) -> tuple[str, ...]:
+    """``replication.export_allow``: ``[operator:NAME, ...]``, the operators who may attach to
+    the TLS export besides its own site (``push --nbd-allow``, the same parser)."""
+    from replicator.capture.nbdtls import parse_allow
+    from replicator.errors import UsageError
+
+    items = c.get(r, "export_allow", rw, list, [], hint="a list of operator:NAME") or []
+    if not items:
+        return ()
+    if not tls:
+        c.err(r, "export_allow", rw, "names who may attach to the export over TLS: it needs "
+                                     "export_tls: true")
+        return ()
+    try:
+        return tuple(sorted(parse_allow(str(i) for i in items)))
+    except UsageError as exc:
+        c.err(r, "export_allow", rw, str(exc).removeprefix("--nbd-allow "))
+        return ()
 
 
 def _verify_rate(c: _Checker, r: Any, rw: str) -> int:
     """``replication.verify_rate``: the capture agent's background verify, bytes/s (0: off)."""
     from replicator.errors import UsageError
-    from replicator.units import parse_rate
+    from replicator.units import parse_verify_rate
 
     if "verify_rate" not in r:
         return VERIFY_RATE
-    text = str(r["verify_rate"]).strip()
-    if text in ("0", "0.0", "0/s"):
+    value = r["verify_rate"]
+    if value is False:  # YAML 1.1 reads a bare `off` (or `false`, `no`) as false
         return 0
     try:
-        rate = parse_rate(text)
+        return parse_verify_rate(str(value))
     except UsageError as exc:
         c.err(r, "verify_rate", rw, str(exc))
         return VERIFY_RATE
-    if rate < MIN_RATE_LIMIT:
-        c.err(r, "verify_rate", rw, f"{text!r} is {rate} bytes/s, below the 64KiB/s minimum "
-                                    "(0 turns the background verify off)")
-    return rate
 
 
 def _export(c: _Checker, r: Any, rw: str, sites: dict[str, Site]) -> dict[str, str]:

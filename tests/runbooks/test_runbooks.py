@@ -130,7 +130,8 @@ def test_data_path_base_is_valid_and_planned(tmp_path: str) -> None:
 
 
 def test_verify_rate_is_a_rate_or_0_for_off(tmp_path: str) -> None:
-    for text, want in (("4MiB/s", 4 << 20), ("64KiB", 64 << 10), ("0", 0)):
+    for text, want in (("4MiB/s", 4 << 20), ("64KiB", 64 << 10), ("0", 0), ("off", 0),
+                       ('"off"', 0)):
         rb = load(_runbook(tmp_path, ("{mode: hot,", f"{{mode: hot, verify_rate: {text},")))
         assert rb.services["db"].verify_rate == want, text
     assert any(line.endswith("journal 1GiB, no background verify") for line in plan(rb, "db"))
@@ -220,7 +221,8 @@ CASES = {
     "verify-rate-without-unit": (
         [("{mode: hot,", "{mode: hot, verify_rate: 20,")],
         13, "services.db.replication.verify_rate",
-        "'20' is 20 bytes/s, below the 64KiB/s minimum (0 turns the background verify off)"),
+        "'20' is 20 bytes/s, below the 64KiB/s minimum: a verify rate that low is almost "
+        "certainly a unit mistake (did you mean 20MB/s? 0 turns the background verify off)"),
     "verify-rate-not-a-rate": (
         [("{mode: hot,", "{mode: hot, verify_rate: fast,")],
         13, "services.db.replication.verify_rate", "invalid rate 'fast'"),
@@ -250,3 +252,19 @@ def test_data_path_validation(tmp_path: str, case: str) -> None:
     assert any(e.startswith(prefix) and message in e for e in info.value.errors), \
         (prefix, message, info.value.errors)
     assert len(info.value.errors) == 1 or case.startswith("missing-"), info.value.errors
+
+
+def test_key_files_are_relative_to_the_runbook(tmp_path: object) -> None:
+    """A runbook reads the same key files whatever the current directory is."""
+    import shutil
+
+    from runbooks.loader import load
+
+    d = os.path.join(str(tmp_path), "conf")
+    os.makedirs(d)
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "runbooks", "examples",
+                       "two-site-web.yaml")
+    shutil.copy(src, os.path.join(d, "rb.yaml"))
+    rb = load(os.path.join(d, "rb.yaml"))
+    files = [z.tsig_file for z in rb.zones.values() if z.tsig_file]
+    assert files and all(f.startswith(d + os.sep) for f in files), files
