@@ -166,8 +166,8 @@ def _unit(h: Host, what: str, about: list[str], argv: list[str], stop_seconds: i
               "# SIGTERM to the daemon, which shuts down in order; then SIGKILL to the cgroup",
               "KillMode=mixed", "KillSignal=SIGTERM", f"TimeoutStopSec={stop_seconds}",
               "Restart=always", "RestartSec=2",
-              "# 2: a configuration error (restarting does not mend it)",
-              "RestartPreventExitStatus=2",
+              "# no RestartPreventExitStatus=: exit status 2 is a configuration error but also",
+              "# an address not assigned yet at boot (cannot listen there), which a restart mends",
               "StateDirectory=drctl", "StateDirectoryMode=0750", "UMask=0077",
               "NoNewPrivileges=yes", "ProtectSystem=strict"]
     if writes:

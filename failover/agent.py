@@ -30,6 +30,7 @@ from failover.errors import LeaseLostError, StoreUnavailableError
 from failover.fsm import State
 from failover.hooks import run_hooks
 from failover.lease import LeaseKeeper
+from failover.operation import with_plan
 from failover.records import (
     Heartbeat,
     ServiceHealth,
@@ -42,9 +43,10 @@ from failover.records import (
     state_key,
 )
 from failover.steprun import Outcome, run_step
-from failover.steps import FENCE_STEP, Owner, StepKind, StepSpec
+from failover.steps import FENCE_STEP, Owner, StepKind, StepSpec, owner_of
 
 log = logging.getLogger(__name__)
+_OVER = ("done", "skipped")  # a step's outcomes after which the next one runs
 
 
 @dataclass
@@ -87,8 +89,8 @@ class SiteAgent:
         return [s for s in self.config.services.values() if self.site in (s.primary, s.replica)]
 
     def record(self, snap: Snapshot, svc: ServiceConfig) -> ServiceRecord:
-        return service_record(snap.value(state_key(self.config.prefix, svc.name)), svc.primary,
-                              svc.replica)
+        return with_plan(service_record(snap.value(state_key(self.config.prefix, svc.name)),
+                                        svc.primary, svc.replica), svc)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -230,12 +232,11 @@ class SiteAgent:
         assert op is not None
         mine = self.reports[svc.name]
         for index, run in enumerate(op.steps):
-            if run.owner != owner or run.phase != rec.state or run.status in ("done",
-                                                                               "skipped"):
+            if run.owner != owner or run.phase != rec.state or run.status in _OVER:
                 continue
             got = mine.get(index)
             if got is not None and (got.epoch, got.attempt) == (rec.epoch, op.attempt):
-                if got.status == "done":
+                if got.status in _OVER:
                     continue
                 if got.status == "failed":
                     return False
@@ -247,18 +248,18 @@ class SiteAgent:
                                   f"{run.name!r} in the record, not in this site's runbook "
                                   "(give every daemon the same runbook)")
             else:
-                log.info("site %s: %s: step %d %s %s", self.site, svc.name, index + 1,
-                         spec.kind, spec.name)
+                log.info("site %s: %s: step %d %s", self.site, svc.name, index + 1,
+                         run.title)
                 outcome = await self.run_step(svc, rec, spec,
                                               {**self.env(svc, rec, want),
                                                "DRCTL_STEP": spec.name})
             mine[index] = StepReport(index, run.name, rec.epoch, op.attempt, outcome.status,
                                      outcome.seconds, outcome.output, outcome.error)
             await self._publish(svc)
-            if outcome.status != "done":
+            if outcome.status not in _OVER:
                 if outcome.status == "failed":
                     log.error("site %s: %s: step %d %s failed: %s", self.site, svc.name,
-                              index + 1, run.name, outcome.error)
+                              index + 1, run.title, outcome.error)
                 return False
         return True
 
@@ -274,11 +275,24 @@ class SiteAgent:
     async def run_step(self, svc: ServiceConfig, rec: ServiceRecord, spec: StepSpec,
                        env: dict[str, str]) -> Outcome:
         """One step: the data path's part (a subclass that runs it), or a hook or check."""
-        if spec.kind is StepKind.FENCE:
-            return Outcome("done", "no data path at this site: its hooks stop the writes")
-        if spec.kind is StepKind.PROMOTE:
-            return Outcome("done", "no data path at this site: its hooks start the service")
+        if spec.kind in (StepKind.FENCE, StepKind.PROMOTE):
+            return self._no_data_path(rec, spec)
         return await run_step(spec, env, self.config.secrets())
+
+    @staticmethod
+    def _no_data_path(rec: ServiceRecord, spec: StepSpec) -> Outcome:
+        """The fence or promote of a site that runs no data path: what the runbook's hooks of
+        that phase here do (their own steps), or nothing at all (skipped, and said so)."""
+        fence = spec.kind is StepKind.FENCE
+        phase, owner = (State.FENCING if fence else State.PROMOTING), owner_of(spec.kind)
+        steps = rec.operation.steps if rec.operation is not None else []
+        hooks = [r.name for r in steps
+                 if (r.phase, r.owner, r.kind) == (phase, owner, StepKind.HOOK)]
+        if not hooks:
+            return Outcome("skipped", "no data path and no hooks at this site: nothing " + (
+                "stopped the writes here" if fence else "started the service here"))
+        return Outcome("done", f"no data path at this site: its hooks ({', '.join(hooks)}) "
+                               + ("stop the writes" if fence else "start the service"))
 
     async def change_role(self, svc: ServiceConfig, rec: ServiceRecord, old: str,
                           want: str) -> bool:

@@ -2,8 +2,9 @@
 
 Each tick: read one snapshot -> build a ServiceView per service -> ``decide()`` (pure) -> act
 -> write the service record with compare-and-set -> log one line (``CycleResult.message``).
-Every step is idempotent and recorded in etcd, so a leader killed mid-failover is replaced by
-one that reads the record and carries on. Leader-only work runs in a lease-scoped task group:
+Every step's progress is recorded in etcd, so a leader killed mid-failover is replaced by one
+that reads the record and carries on (a step it finds running runs again from its start: the
+runbook's hooks must be idempotent). Leader-only work runs in a lease-scoped task group:
 losing the lease cancels it.
 
 Services are decided dependencies first (``depends_on``), each view carrying what the same
@@ -45,6 +46,7 @@ from failover.operation import (
     ControllerSteps,
     StepContext,
     begin_phase,
+    cancel,
     drained,
     fenced,
     finish,
@@ -54,6 +56,7 @@ from failover.operation import (
     retry,
     settle,
     take_reports,
+    with_plan,
 )
 from failover.records import (
     CommandRecord,
@@ -162,10 +165,15 @@ class Controller:
             async with asyncio.TaskGroup() as steps:  # the operations' controller steps
                 self.steps.group, self.steps.wake = steps, feed.changed.set
                 try:
+                    said: dict[str, tuple[str, str]] = {}  # per service: the last line
                     while not stop.is_set():
                         for result in await self.tick():
-                            if result.notable:
+                            line = (str(result.state), result.message)
+                            # one line per change: not one per tick while a resync or a step
+                            # runs ("resync in progress")
+                            if result.notable and said.get(result.service) != line:
                                 log.info("%s: %s", result.service, result.message)
+                            said[result.service] = line
                         await feed.wait(self.interval)
                 finally:
                     self.steps.cancel()
@@ -232,7 +240,7 @@ class Controller:
         entry = snap.entries.get(key)
         rec = service_record(entry.value if entry else None, svc.primary, svc.replica,
                              time.time())
-        return rec, entry.mod_revision if entry else 0
+        return with_plan(rec, svc), entry.mod_revision if entry else 0
 
     def _heartbeat(self, snap: Snapshot, site: str) -> Heartbeat | None:
         raw = snap.value(heartbeat_key(self.config.prefix, site))
@@ -270,7 +278,8 @@ class Controller:
             failed_step=State(op.failed_step) if op and op.failed_step else None,
             policy=svc.policy, protected=protected, barrier=barrier,
             replica_consistent=rec.replica_consistent, prepare=self.prepares[svc.name],
-            switchover=op is not None and op.kind == "switchover")
+            switchover=op is not None and op.kind == "switchover",
+            automatic=op is not None and op.automatic)
         return _Seen(rec, rev, cmd_entry, cmd, view)
 
     def _context(self, svc: ServiceConfig, rec: ServiceRecord) -> StepContext:
@@ -448,8 +457,12 @@ class Controller:
     def _leave(self, d: Decision, rec: ServiceRecord, svc: ServiceConfig,
                cmd: CommandRecord | None, now: float, inherited: str | None) -> None:
         """What leaving ``d.state`` does to the operation: one starts (from an idle state),
-        is retried or cancelled (from failed), or its drain ends."""
-        if d.state is State.FAILED:
+        is retried or cancelled (from failed; an automatic one from preparing, its primary
+        back), or its drain ends."""
+        if d.state is State.PREPARING and d.next_state is State.HEALTHY:
+            self.steps.cancel(svc.name)  # a controller hook still running is killed
+            cancel(rec, "the primary came back before the fence")
+        elif d.state is State.FAILED:
             if d.next_state is State.HEALTHY:
                 finish(rec, "cancelled")  # abandoned, the roles stay as recorded
             elif rec.operation is not None:
@@ -491,6 +504,7 @@ class Controller:
         op = new_operation(svc, "switchover" if switch else "failover", rec.primary, target,
                            now, forced=cmd is not None and cmd.command is Command.FORCE_FAILOVER)
         op.requested_for = inherited
+        op.automatic = cmd is None  # the grace expired: nobody asked for it
         return op
 
     def _grant(self, rec: ServiceRecord, svc: ServiceConfig) -> None:

@@ -68,7 +68,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(S.HEALTHY, S.PRIMARY_SUSPECT, "primary heartbeat lost", A.WAIT),
     Transition(S.HEALTHY, S.FENCING, "manual failover", A.FENCE),
     Transition(S.HEALTHY, S.DRAINING, "manual switchover", A.DRAIN),
-    Transition(S.HEALTHY, S.UNPROTECTED, "primary reports its replica not receiving", A.ALERT),
+    Transition(S.HEALTHY, S.UNPROTECTED, "the replica is not protected", A.ALERT),
     Transition(S.UNPROTECTED, S.HEALTHY, "primary reports its replica protected again", A.NONE),
     Transition(S.UNPROTECTED, S.PRIMARY_SUSPECT, "primary heartbeat lost", A.WAIT),
     Transition(S.UNPROTECTED, S.FENCING, "manual failover", A.FENCE),
@@ -92,6 +92,8 @@ TRANSITIONS: tuple[Transition, ...] = (
                A.DRAIN),
     Transition(S.PREPARING, S.FAILED, "a precheck or controller hook failed or timed out",
                A.ALERT),
+    Transition(S.PREPARING, S.HEALTHY, "automatic failover cancelled: the primary came back "
+               "before the fence", A.NONE),
     Transition(S.FAILED, S.PREPARING, "operator retry from the prechecks", A.PREPARE),
     Transition(S.DRAINING, S.FENCING, "write barrier up and lag 0, or manual failover",
                A.FENCE),
@@ -196,6 +198,7 @@ class ServiceView:
     replica_consistent: bool = True
     prepare: bool = False  # the runbook has prechecks or controller hooks before fencing
     switchover: bool = False  # the operation in progress is a switchover (or a failback)
+    automatic: bool = False  # the operation in progress was started by decide(), not a request
     dependencies: tuple[Dependency, ...] = ()
 
 
@@ -297,8 +300,14 @@ def _healthy(v: ServiceView) -> Decision:
     if not v.primary_alive:
         return _move(v, State.PRIMARY_SUSPECT, "waiting for the grace period" + (
             "; switchover refused: the primary is not alive" if switch else ""))
-    if v.protected is False:  # None (unknown: an agent that does not say) is not False
-        return _move(v, State.UNPROTECTED, f"replica lag {seconds(v.replica_lag_seconds)}" + (
+    # None (unknown: an agent that does not say) is not False; but a replica never protected
+    # since the service was created is not protected, whatever the agent says
+    never = v.protected is None and not v.replica_consistent
+    if v.protected is False or never:
+        why = ("the primary has not reported it protected since the service was created"
+               if never else f"the primary reports it not receiving, replica lag "
+               f"{seconds(v.replica_lag_seconds)}")
+        return _move(v, State.UNPROTECTED, why + (
             "; switchover refused: the replica is not receiving" if switch else ""))
     if switch:
         return _begin(v, State.DRAINING, "requested by an operator")
@@ -370,6 +379,10 @@ def _draining(v: ServiceView) -> Decision:
 
 
 def _preparing(v: ServiceView) -> Decision:
+    # Nothing is fenced yet: a primary back before the fence keeps serving (before `preparing`
+    # existed an automatic failover fenced at once; the prechecks must not widen that window).
+    if v.automatic and v.primary_alive:
+        return _move(v, State.HEALTHY, "its heartbeat is back")
     if v.step_failed:
         return _move(v, State.FAILED, "see the operation record")
     if v.step_done:
@@ -414,8 +427,8 @@ def _step(v: ServiceView) -> Decision:
         return _move(v, State.FAILED, "see the operation record")
     if v.step_done:
         return _move(v, _NEXT_STEP[v.state], "step done")
-    # Not done yet: (re)issue the step's action; every step is idempotent, so a new leader
-    # resuming the operation simply runs it again.
+    # Not done yet: (re)issue the step's action; a new leader resuming the operation runs
+    # the step again (the runbook's hooks may run twice: they must be idempotent).
     return _timed_out(v) or _stay(v, _STEP_ACTION[v.state], "step in progress")
 
 

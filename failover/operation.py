@@ -3,8 +3,9 @@ failover/steps.py), filled in as they run, kept as ``last_operation`` once it is
 
 The controller runs its own steps here (``ControllerSteps``: prechecks, controller hooks,
 dns), in the phase and order the plan gives them, each in a task of the leader's task group
-(a lost lease cancels them; the next leader runs the step again: steps are idempotent).
-The agents' steps come back in their heartbeats (``take_reports``).
+(a lost lease cancels them; the next leader runs a step recorded as running again, from the
+start: a hook may run twice, so hooks must be idempotent). The agents' steps come back in
+their heartbeats (``take_reports``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from failover.records import (
     StepRun,
 )
 from failover.steprun import Outcome, run_step, tail
-from failover.steps import Owner, StepKind, StepSpec
+from failover.steps import PHASES, Owner, StepKind, StepSpec
 
 log = logging.getLogger(__name__)
 _OVER = ("done", "skipped")
@@ -41,6 +42,32 @@ def new_operation(svc: ServiceConfig, kind: str, source: str, target: str, now: 
              for p in svc.plan(kind == "switchover")]
     return Operation(kind, source, target, now, steps=steps, forced=forced,
                      fenced=False)
+
+
+def with_plan(rec: ServiceRecord, svc: ServiceConfig) -> ServiceRecord:
+    """``rec``, its operation given the service's plan when it was recorded by a drctl from
+    before operations had steps (it decodes with none, and no steps would count as all done:
+    the service would move on without promoting the data path or rewriting DNS). The phases
+    before the one it is in were over (the record moves past a phase only then); its DNS step
+    is done if the older controller recorded it (``dns_done``); the rest runs as in a new
+    operation. The controller writes the plan into the record at its next write."""
+    op = rec.operation
+    if op is None or op.steps or op.kind not in ("failover", "switchover"):
+        return rec
+    at = State(op.failed_step) if rec.state is State.FAILED and op.failed_step else rec.state
+    if at not in PHASES:
+        return rec
+    op.steps = new_operation(svc, op.kind, op.source, op.target, op.started_at).steps
+    for run in op.steps:
+        if PHASES.index(State(run.phase)) < PHASES.index(at):
+            run.status, run.output = "done", "its phase was over before the operation's " \
+                                              "steps were recorded (an older drctl)"
+        elif run.kind == StepKind.DNS and op.dns_done:
+            run.status, run.output = "done", "rewritten before the operation's steps were " \
+                                              "recorded (an older drctl)"
+    if rec.state is at:
+        begin_phase(op, at, rec.since)
+    return rec
 
 
 def phase_done(op: Operation | None, phase: State) -> bool:
@@ -89,6 +116,17 @@ def finish(rec: ServiceRecord, outcome: str) -> None:
     rec.operation = None
 
 
+def cancel(rec: ServiceRecord, why: str) -> None:
+    """The operation is called off before anything changed (``why``): its steps not run are
+    skipped, one running was killed (failed); kept as the last operation, ``cancelled``."""
+    for run in rec.operation.steps if rec.operation is not None else ():
+        if run.status == "running":
+            run.status, run.error = "failed", f"killed: {why}"
+        elif run.status == "pending":
+            run.status, run.output = "skipped", why
+    finish(rec, "cancelled")
+
+
 def take_reports(op: Operation, epoch: int, hb: Heartbeat | None, service: str,
                  owner: Owner) -> None:
     """Copy the outcomes an agent reports for its steps of this run into the operation; a
@@ -108,21 +146,20 @@ def take_reports(op: Operation, epoch: int, hb: Heartbeat | None, service: str,
         run.status, run.output, run.error = rep.status, rep.output, rep.error
         if rep.status == "failed" and op.error is None:
             site = op.source if owner is Owner.OLD_PRIMARY else op.target
-            op.error = f"step {rep.index + 1} ({run.kind} {run.name!r}) on {site} failed: " \
+            op.error = f"step {rep.index + 1} ({run.title}) on {site} failed: " \
                        f"{rep.error}"
 
 
 def fenced(op: Operation, alive: bool) -> None:
     """Fencing is over: the old primary reported itself fenced (its steps reported done),
-    or it is gone (its steps could not run: an agent that loses its lease fences itself)."""
+    or it is gone: its steps did not run as steps (nothing reported them), its fence is
+    assumed (its lease expired; an agent stops writing when it loses its lease, and runs its
+    fence hooks if it still can: nobody here knows)."""
     if alive:
         settle(op, State.FENCING, "done", f"{op.source} reported itself fenced")
         return
-    settle(op, State.FENCING, "skipped", f"{op.source} is gone: its lease expired (an agent "
-           "that loses its lease stops writing and runs its fence hooks itself)")
-    for run in op.steps:
-        if run.kind == StepKind.FENCE and run.status == "skipped":
-            run.status = "done"  # the epoch is bumped; the lost lease did the rest
+    settle(op, State.FENCING, "skipped", f"assumed: {op.source}'s lease expired (an agent "
+           "that loses its lease stops writing); its hooks did not run here")
 
 
 def drained(d: Decision, rec: ServiceRecord, asked_failover: bool, now: float) -> None:
@@ -296,4 +333,4 @@ def _record(run: StepRun, got: Outcome, op: Operation, index: int) -> None:
     if run.kind == StepKind.DNS and got.status == "done":
         op.dns_done = True
     if got.status != "done" and op.error is None:
-        op.error = f"step {index + 1} ({run.kind} {run.name!r}) failed: {got.error}"
+        op.error = f"step {index + 1} ({run.title}) failed: {got.error}"

@@ -85,7 +85,7 @@ class StepReport:
     name: str
     epoch: int
     attempt: int
-    status: str  # "done" | "failed" | "waiting"
+    status: str  # "done" | "skipped" (nothing to do at this site) | "failed" | "waiting"
     seconds: float = 0.0
     output: str = ""
     error: str | None = None
@@ -130,6 +130,11 @@ class StepRun:
     output: str = ""  # the end of its output (bounded, secrets replaced)
     error: str | None = None
 
+    @property
+    def title(self) -> str:
+        """``promote``, or ``hook "stop web"``: the kind, and the name where it says more."""
+        return self.kind if self.name in ("", self.kind) else f"{self.kind} {self.name!r}"
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepRun:
         return cls(**{k: v for k, v in d.items() if k in _RUN_FIELDS})
@@ -152,9 +157,14 @@ class Operation:
     fenced: bool = True
     outcome: str = ""  # once it is over: done, cancelled, abandoned (last_operation)
     requested_for: str | None = None  # a dependent's request made this one (depends_on)
+    # started by the controller (grace expired), not by a request: a primary back before the
+    # fence cancels it (an operation recorded before this field existed was requested)
+    automatic: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Operation:
+        """An operation recorded before operations had steps decodes with none: the daemons
+        build its plan from the service's runbook (failover/operation.py ``with_plan``)."""
         known = {k: v for k, v in d.items() if k in _OPERATION_FIELDS}
         known["steps"] = [StepRun.from_dict(s) for s in d.get("steps") or []]
         return cls(**known)

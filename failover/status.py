@@ -102,7 +102,7 @@ def progress(rec: ServiceRecord, serving: ServiceHealth | None,
     running = [(i, r) for i, r in enumerate(op.steps if op else [], 1) if r.status == "running"]
     if running and rec.state is not State.FAILED:
         i, r = running[0]
-        lines.append(f"step {i}/{len(op.steps) if op else 0}: {r.kind} {r.name} ({r.owner})"
+        lines.append(f"step {i}/{len(op.steps) if op else 0}: {r.title} ({r.owner})"
                      + (f": {r.output.splitlines()[-1]}" if r.output else ""))
     if rec.state is State.DRAINING:
         barrier = serving is not None and serving.barrier

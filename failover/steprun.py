@@ -23,7 +23,9 @@ _SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|PASSPHRASE|CREDENTIAL|_KEY$", 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # "done" | "failed" | "waiting" (not yet: run it again at the next tick)
+    # "done" | "skipped" (nothing to do: the output says why) | "failed" | "waiting" (not yet:
+    # run it again at the next tick)
+    status: str
     output: str = ""
     error: str | None = None
     seconds: float = 0.0

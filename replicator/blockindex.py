@@ -20,6 +20,7 @@ import mmap
 import os
 import struct
 import sys
+import time
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -112,9 +113,10 @@ class HashFile:
 
     def assign(self, values: array[int] | memoryview) -> None:
         """Replace every entry with ``values`` (resizing)."""
+        raw = memoryview(bytes(memoryview(values).cast("B")))  # it may map this very file
         self._unmap()
-        os.ftruncate(self.fd, self.header + len(values) * 8)
-        self._pwrite(0, memoryview(values).cast("B"))
+        os.ftruncate(self.fd, self.header + len(raw))
+        self._pwrite(0, raw)
         self._remap()
 
     def _fill(self, first: int, count: int, value: int) -> None:
@@ -256,6 +258,7 @@ class ReplicaIndex:
     def __init__(self, path: str, img_fd: int) -> None:
         self.path = path
         self.img_fd = img_fd
+        self.existed = os.path.exists(path)  # none after a demotion or an upgrade: no warning
         self.file = HashFile(path, INDEX_HEADER)
         self.generation = ""
         self.digest_cache: bytes | None = None
@@ -286,19 +289,20 @@ class ReplicaIndex:
 
     def _open(self, geo: Geometry, binding: Binding, wal: StagingLog, created: bool) -> None:
         self.generation = binding.generation
+        started = time.monotonic()
         if created:
             self._invalidate()
             self._zero(geo)
         else:
             why = self._check(geo, binding, wal)
             if why:
-                log.warning("%s: %s: hashing the image again (%s)", self.path, why,
-                            format_bytes(geo.size))
+                log.log(logging.WARNING if self.existed else logging.INFO,
+                        "%s: %s: hashing the image again (%s)", self.path, why,
+                        format_bytes(geo.size))
                 self._invalidate()
                 self.rebuild(geo, wal)
                 self.how = "hashed from the image"
-            else:
-                log.info("%s: %s", self.path, self.how)
+            log.info("%s: %s in %.3fs", self.path, self.how, time.monotonic() - started)
         self._mark_open(geo)
         self._live()[1] = 0
         self.note_written()
@@ -307,7 +311,9 @@ class ReplicaIndex:
         """Why the array cannot be used as it is ("": it can, and is now right)."""
         h = _Header.unpack(os.pread(self.file.fd, _HFMT.size + _CHECK.size, 0))
         if h is None:
-            return "no saved index (or its header is torn)"
+            return "its header is torn" if self.existed else "no saved index"
+        if h.state not in (CLEAN, OPEN):
+            return "an earlier hashing of the image did not finish"
         if (h.block_size, h.size, h.blocks, len(self.file)) != (
                 geo.block_size, geo.size, geo.blocks, geo.blocks):
             return "it describes a replica of another size"
@@ -315,9 +321,7 @@ class ReplicaIndex:
             return "it describes another generation of the replica"
         if h.state == CLEAN:
             return self._check_clean(h, binding)
-        if h.state == OPEN:
-            return self._recover(h, geo, wal)
-        return f"unknown state {h.state}"
+        return self._recover(h, geo, wal)
 
     def _check_clean(self, h: _Header, binding: Binding) -> str:
         if (h.counter, h.applied_seq, h.wal_seq) != (binding.counter, binding.applied_seq,

@@ -18,7 +18,13 @@ from drctl.argtypes import count, natural, seconds, seconds_or_zero, zstd_level
 from drctl.argtypes import port as _port
 from replicator.errors import UsageError
 from replicator.source_state import default_state_root, group_journal_path, state_dir_for
-from replicator.units import parse_hostport, parse_rate, parse_rate_limit, parse_size
+from replicator.units import (
+    parse_hostport,
+    parse_rate,
+    parse_rate_limit,
+    parse_size,
+    parse_verify_rate,
+)
 
 if TYPE_CHECKING:
     from replicator.metrics import MetricsEndpoint
@@ -48,8 +54,10 @@ def _size(text: str) -> int:
 
 
 def _verify_rate(text: str) -> int:
-    """A rate, or 0 (off)."""
-    return 0 if text.strip().lower() in ("0", "0/s", "off") else _rate(text)
+    try:
+        return parse_verify_rate(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _address(text: str) -> str:
@@ -174,8 +182,12 @@ def _add_shared_push_args(p: argparse.ArgumentParser) -> None:
     nbd = p.add_mutually_exclusive_group()
     nbd.add_argument("--nbd-tls", action="store_true",
                      help="NBD clients must use TLS (NBD_OPT_STARTTLS) with a certificate of "
-                     "the deployment (this --site's or an operator's); the export presents "
-                     "the --site certificate; --nbd-listen may then be any address")
+                     "the deployment: this --site's, or an operator's named by --nbd-allow; "
+                     "the export presents the --site certificate; --nbd-listen may then be "
+                     "any address")
+    p.add_argument("--nbd-allow", action="append", default=[], metavar="operator:NAME",
+                   help="with --nbd-tls: this operator's certificate may attach too "
+                   "(repeatable; operator:* for any operator of the deployment)")
     nbd.add_argument("--insecure-nbd", action="store_true",
                      help="let --nbd-listen be a non-loopback address without TLS (plain NBD "
                      "has no authentication or encryption)")
@@ -270,7 +282,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         verify_from_disk=args.verify_from_disk, rpo_budget=args.rpo_budget,
         nbd_listen=args.nbd_listen, journal_limit=args.journal_limit,
         cp_interval=args.cp_interval, security=security, epoch_token=args.epoch_token,
-        nbd_tls=_nbd_tls(args, security), verify_rate=args.verify_rate,
+        nbd_tls=_nbd_tls(args, security), nbd_allow=_nbd_allow(args),
+        verify_rate=args.verify_rate,
     )
     if args.once and args.nbd_listen:
         raise UsageError("--nbd-listen serves the volume: it needs a running agent, not --once")
@@ -300,6 +313,7 @@ def _check_push_flags(args: argparse.Namespace) -> None:
         _check_nbd(args.nbd_listen, args.insecure_nbd or args.nbd_tls)
     elif args.nbd_tls:
         raise UsageError("--nbd-tls is the NBD export's TLS: it needs --nbd-listen")
+    _nbd_allow(args)
     if args.epoch_token and not os.path.isfile(args.epoch_token):
         raise UsageError(f"--epoch-token {args.epoch_token}: no such file")
     if args.nbd_listen and not args.nbd_listen.startswith("unix:"):
@@ -331,6 +345,7 @@ def cmd_push_group(args: argparse.Namespace) -> int:
     _check_push_flags(args)
     security = _channel(args)
     nbd_tls = _nbd_tls(args, security)
+    nbd_allow = _nbd_allow(args)
     root = _state_root(args)
     names = tuple(n for n, _ in members)
     opts = [PushOptions(
@@ -341,7 +356,8 @@ def cmd_push_group(args: argparse.Namespace) -> int:
         rpo_budget=args.rpo_budget, nbd_listen=args.nbd_listen,
         journal_limit=args.journal_limit, cp_interval=args.cp_interval, group=args.group,
         group_members=names, security=security, epoch_token=args.epoch_token,
-        nbd_tls=nbd_tls, verify_rate=args.verify_rate) for name, path in members]
+        nbd_tls=nbd_tls, nbd_allow=nbd_allow, verify_rate=args.verify_rate)
+        for name, path in members]
     journal = group_journal_path(root, args.group, args.to, members)
     metrics = _metrics(args, security.tls)
     asyncio.run(run_group(opts, journal, metrics))
@@ -572,6 +588,16 @@ def _nbd_tls(args: argparse.Namespace, security: ChannelSecurity) -> TlsConfig |
         raise UsageError(f"--nbd-tls serves the export with a site's certificate: the "
                          f"certificate is for {tls.identity} (give --site NAME)")
     return tls
+
+
+def _nbd_allow(args: argparse.Namespace) -> frozenset[str]:
+    """--nbd-allow operator:NAME: who may attach to the TLS export besides its own site."""
+    from replicator.capture.nbdtls import parse_allow
+
+    if args.nbd_allow and not args.nbd_tls:
+        raise UsageError("--nbd-allow names who may attach to the export over TLS: it needs "
+                         "--nbd-tls")
+    return parse_allow(args.nbd_allow)
 
 
 def _metrics(args: argparse.Namespace, tls: TlsConfig | None) -> MetricsEndpoint | None:

@@ -37,12 +37,13 @@ from tenacity import (
 )
 
 from replicator.batch import Kind
-from replicator.blockindex import identity
 from replicator.blockmap import (
     CHUNK_BLOCKS,
     UNKNOWN,
+    ChunkSource,
     Geometry,
     MappedVolume,
+    PreadVolume,
     ScanWindow,
     hash_all,
     scan_chunks,
@@ -103,6 +104,8 @@ class PushOptions:
     verify_rate: int = DEFAULT_VERIFY_RATE
     # serve the NBD export over mandatory mutual TLS with this (site) certificate (--nbd-tls)
     nbd_tls: TlsConfig | None = None
+    # the operators who may attach to it besides its own site (--nbd-allow; "*": any)
+    nbd_allow: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -128,9 +131,7 @@ class PushDriver:
     def __init__(self, opts: PushOptions, metrics: SourceMetrics) -> None:
         self.o = opts
         self.m = metrics
-        self.store = StateStore(opts.state_dir)
-        with contextlib.suppress(OSError):  # the volume this state is for (capture/resume.py)
-            self.store.volume = identity(os.stat(opts.path))
+        self.store = StateStore(opts.state_dir, opts.path)
         self.state: SourceState = self.store.load()
         self.client = TargetClient(opts.address, opts.security,
                                    token_file(opts.epoch_token) if opts.epoch_token else None)
@@ -254,11 +255,7 @@ class PushDriver:
     def save_state(self, clean: bool = False) -> None:
         """``clean``: the agent stops (the volume synced, its identity noted: resume.py)."""
         self.state.acked_seq = self.acked_seq
-        stopped = None
-        if clean and self.vol is not None:
-            os.fsync(self.vol.fd)
-            stopped = identity(os.stat(self.o.path))
-        self.store.save(self.state, stopped)
+        self.store.save(self.state, clean, self.vol.fd if self.vol is not None else None)
         self._last_save = time.monotonic()
 
     def save_due(self) -> bool:
@@ -280,7 +277,8 @@ class PushDriver:
 
     def _scan_plan(self, chunks: list[int] | None) -> Iterator[PlannedBatch]:
         assert self.vol is not None and self.planner is not None
-        view = self.vol.view
+        view = self.vol.view  # the chunks given (a resync of the journal's): read with pread
+        src: ChunkSource = view if chunks is None else PreadVolume(self.vol.fd)
         p = self.progress
         p.scanned = p.pass_planned = p.pass_acked = 0
         cb = self.geo.chunk_bytes
@@ -296,7 +294,7 @@ class PushDriver:
             step = max(1, self.planner.max_blocks // CHUNK_BLOCKS)
             for i in range(0, len(todo), step):
                 group = todo[i:i + step]
-                yield from self.planner.plan(view, group, self.next_seq)
+                yield from self.planner.plan(src, group, self.next_seq)
                 p.scanned += len(group) * cb
         p.scanned = min(p.scanned, p.total) if p.total else p.scanned
 

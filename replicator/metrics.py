@@ -113,8 +113,9 @@ class SourceMetrics:
         self.verify_unrepaired = fam("verify_unrepaired_blocks", "Known mismatched blocks not "
                                      "yet confirmed repaired (the lag counts from the oldest).",
                                      "gauge")
-        self.verify_pass_seconds = fam("verify_pass_seconds", "Duration of the last complete "
-                                       "background verify pass over the volume.", "gauge")
+        self.verify_last_pass_duration = fam(
+            "verify_last_pass_duration_seconds", "Duration of the last complete background "
+            "verify pass over the volume.", "gauge")
         self.verify_pass_end = fam("verify_last_pass_timestamp_seconds", "When the last "
                                    "complete background verify pass over the volume ended "
                                    "(0: none yet).", "gauge")

@@ -18,6 +18,7 @@ import zstandard
 from replicator.batch import Batch, Compression, Decoder, Kind
 from replicator.blockmap import (
     CHUNK_BLOCKS,
+    ChunkSource,
     Geometry,
     block_hash,
     zero_block,
@@ -80,7 +81,7 @@ class Planner:
             self._dedup.pop(zero_hash(self.geo.block_size), None)
         return self._dedup
 
-    def plan(self, src: memoryview, chunks: list[int],
+    def plan(self, src: ChunkSource, chunks: list[int],
              next_seq: Callable[[], int]) -> Iterator[PlannedBatch]:
         """Batches for every block of ``chunks`` whose content differs from the view.
 

@@ -8,21 +8,19 @@ Files under the target directory, per volume NAME:
   NAME.wal   the redo journal of staged batches (write capture: see staging.py).
   NAME.ledger  keyed digests of the last batches taken, by sequence (ledger.py): a resend is
              answered only if it is the batch taken under that number.
-  NAME.index the per-block hash index, memory-mapped (blockindex.py): loaded at a restart
-             instead of hashing the image again.
+  NAME.index the per-block hash index, memory-mapped (blockindex.py).
   NAME.clones/  drill clones (at most ``serve --max-clones`` at once).
 
 Batches from a scan-based source are written into the image as they arrive. Staged batches
 (write capture), and every batch in warm mode or while staged batches wait, go to the redo
 journal first and reach the image one whole consistency point at a time.
 
-The per-block hash index lives in NAME.index, memory-mapped (RAM holds only the pages written
-to): opened with the replica, loaded as saved by a clean stop or kept as a killed daemon left it
-(blockindex.py), else hashed from the image (all-zero for a new replica), and updated as blocks
-are written. Batches are verified
-completely before the first byte is written: a rejected batch changes nothing. Only a handshake
-changes the replica's size (``prepare``): a batch cut for another size is refused, and a shrink
-that would cut off data is refused unless the target allows it (``serve --allow-shrink``).
+The per-block hash index is NAME.index, memory-mapped: loaded as a clean stop saved it or as a
+killed daemon left it, else hashed from the image (blockindex.py), and updated as blocks are
+written. Batches are verified completely before the first byte is written: a rejected batch
+changes nothing. Only a handshake changes the replica's size (``prepare``): a batch cut for
+another size is refused, and a shrink that would cut off data is refused unless the target
+allows it (``serve --allow-shrink``).
 """
 
 from __future__ import annotations
@@ -97,16 +95,16 @@ class CommitRecord:
         return cls(seq, epoch, size, bs, gen.rstrip(b"\0").decode(), counter, cp)
 
 
-def _index_bytes(index: array[int] | memoryview) -> bytes:
+def _index_bytes(index: array[int] | memoryview) -> bytes | array[int] | memoryview:
     if sys.byteorder == "big":
         copy = array("Q", index)
         copy.byteswap()
         return copy.tobytes()
-    return index.tobytes()
+    return index  # hashed in place, not copied
 
 
 def index_digest(index: array[int] | memoryview) -> bytes:
-    return xxhash.xxh3_128_digest(_index_bytes(index))
+    return bytes(xxhash.xxh3_128_digest(_index_bytes(index)))
 
 
 class Replica:
@@ -234,8 +232,7 @@ class Replica:
         self._ix.resize(self.geometry, old, self.wal)
 
     def index(self) -> memoryview:
-        """The image's hashes with every staged batch laid over them: the replica as it will
-        be once everything received is applied (what the source plans against)."""
+        """The image's hashes, staged batches laid over them (what the source plans against)."""
         return self._ix.hashes
 
     def listing(self, first: int = 0, count: int = 0) -> array[int]:
@@ -288,8 +285,10 @@ class Replica:
         return image_hashes(self.img_fd, self.geometry)
 
     def hashes_in(self, first: int, count: int) -> array[int]:
-        """Blocks [first, first + count) as the replica holds them durably, read from the disk
-        (not the page cache): the image's, or a staged block's (waiting for its point)."""
+        """Blocks [first, first + count) as the replica holds them durably: the image's, or a
+        staged block's (waiting for its point). The image's clean pages are dropped first, so
+        what was written back is read from the disk (a page still dirty is read from the
+        cache: POSIX_FADV_DONTNEED drops clean pages only)."""
         geo, out = self.geometry, array("Q")
         end = min(geo.blocks, first + count)
         for at in range(first, end, 256):
@@ -373,7 +372,8 @@ class Replica:
         index = self.index()
         for i, h in zip(batch.indices, batch.hashes, strict=True):
             index[i] = h
-        self._ix.digest_cache = None
+        if batch.indices:
+            self._ix.digest_cache = None
         self.ledger.record(batch.seq, self.ledger.digest(batch))
         return len(payload)
 

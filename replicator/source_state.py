@@ -23,6 +23,7 @@ hash listing: nothing is lost, only a listing is fetched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from typing import Any
 import xxhash
 
 from drctl.files import atomic_write
-from replicator.blockindex import HashFile, boot_id
+from replicator.blockindex import HashFile, boot_id, identity
 from replicator.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,14 @@ class SourceState:
 
 
 class StateStore:
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, volume_path: str = "") -> None:
         self.directory = directory
+        self.volume_path = volume_path
         self.view_file: HashFile | None = None
         self.volume: Identity | None = None  # noted in state.json while running (``opened``)
+        if volume_path:
+            with contextlib.suppress(OSError):
+                self.volume = identity(os.stat(volume_path))
 
     def _p(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -153,9 +158,15 @@ class StateStore:
         self.view_file.assign(values)
         return self.view_file.hashes
 
-    def save(self, st: SourceState, stopped: Identity | None = None) -> None:
-        """Save the state; ``stopped``: a clean stop, after which nothing writes the view or
-        the volume (whose identity it is): the view is synced and checksummed, durably."""
+    def save(self, st: SourceState, clean: bool = False, volume_fd: int | None = None) -> None:
+        """Save the state; ``clean``: the agent stops, nothing writes the view or the volume
+        any more: the volume (``volume_fd``) and the view are synced, the view checksummed and
+        the volume's identity noted, durably."""
+        stopped = None
+        if clean and self.volume_path:
+            if volume_fd is not None:
+                os.fsync(volume_fd)
+            stopped = identity(os.stat(self.volume_path))
         os.makedirs(self.directory, exist_ok=True)
         view = self.view_file
         if view is None:

@@ -63,11 +63,31 @@ def parse_rate_limit(text: str) -> int:
     """A bandwidth cap: a rate (``parse_rate``) of at least ``MIN_RATE_LIMIT``."""
     rate = parse_rate(text)
     if rate < MIN_RATE_LIMIT:
-        number = re.match(r"\s*(\d+(?:\.\d+)?)", text)
-        raise UsageError(f"{text!r} is {rate} bytes/s, below the 64KiB/s minimum: a cap that "
-                         "low is almost certainly a unit mistake (did you mean "
-                         f"{number.group(1) if number else 20}MB/s?)")
+        raise UsageError(_too_low(text, rate, "a cap", ""))
     return rate
+
+
+_ZERO_RATE = re.compile(r"^(0+(\.0*)?[a-z]*(/s|ps)?|off)$")  # "0", "0.0", "0MB/s", "off"
+
+
+def parse_verify_rate(text: str) -> int:
+    """The background verify's rate (``push --verify-rate``, a runbook's
+    ``replication.verify_rate``): 0 or "off" turns it off, otherwise a rate of at least
+    ``MIN_RATE_LIMIT`` (lower is almost certainly a unit mistake, as for a cap)."""
+    if _ZERO_RATE.match("".join(text.split()).lower()):
+        return 0
+    rate = parse_rate(text)
+    if rate < MIN_RATE_LIMIT:
+        raise UsageError(_too_low(text, rate, "a verify rate",
+                                  " 0 turns the background verify off"))
+    return rate
+
+
+def _too_low(text: str, rate: int, what: str, more: str) -> str:
+    number = re.match(r"\s*(\d+(?:\.\d+)?)", text)
+    return (f"{text!r} is {rate} bytes/s, below the 64KiB/s minimum: {what} that low is "
+            "almost certainly a unit mistake (did you mean "
+            f"{number.group(1) if number else 20}MB/s?{more})")
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

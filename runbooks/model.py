@@ -100,6 +100,9 @@ class Service:
     apply_interval: float | None = None  # warm mode: apply complete points on this schedule
     export: dict[str, str] = field(default_factory=dict)  # site -> NBD HOST:PORT of the app
     export_tls: bool = False  # the export takes only mutual TLS (push --nbd-tls)
+    # operators whose certificates may attach to the TLS export besides the site's own
+    # (push --nbd-allow operator:NAME; "*": any operator)
+    export_operators: tuple[str, ...] = ()
     verify_rate: int = VERIFY_RATE  # background verify of the replica, bytes/s (0: off)
     # a switchover's drain: wait_replication's timeout, or failover.drain_timeout
     drain_timeout: float = 120.0

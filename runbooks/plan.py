@@ -111,7 +111,8 @@ def data_path(rb: Runbook, svc: Service) -> list[str]:
         name = getattr(svc, role)
         site = rb.sites[name]
         vols = ", ".join(f"{v.name} {volume_path(v.path, name)}" for v in svc.volumes)
-        tls = " (TLS)" if svc.export_tls else ""
+        tls = (" (TLS" + "".join(f", operator {o}" for o in svc.export_operators) + ")"
+               if svc.export_tls else "")
         lines.append(f"[{svc.name}] {name} ({role}): data_dir {site.data_dir}, target "
                      f"{site.endpoints.get('replication')}, export {svc.export.get(name)}{tls}; "
                      f"{vols}")

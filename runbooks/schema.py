@@ -55,11 +55,15 @@ def schema() -> dict[str, Any]:
                                       {"type": "integer", "minimum": 0, "maximum": 22}]},
             "cp_interval": {"type": "number", "minimum": 0},
             "journal_limit": {**_SIZE, "minimum": 1 << 20},
-            "verify_rate": {"oneOf": [{"const": 0}, {**_SIZE, "minimum": 65536}]},
+            # 0 or off (YAML reads a bare off as false): the background verify is off
+            "verify_rate": {"anyOf": [{"enum": [0, "off", False]},
+                                      {**_SIZE, "minimum": 65536}]},
             "apply_interval": _NUM,
             "export": {"oneOf": [_HOSTPORT, {"type": "object", "minProperties": 1,
                                              "additionalProperties": _HOSTPORT}]},
-            "export_tls": {"type": "boolean"}}),
+            "export_tls": {"type": "boolean"},
+            "export_allow": {"type": "array",
+                             "items": {"type": "string", "pattern": "^operator:.+$"}}}),
             # apply_interval: only a warm replica applies on a schedule
             "dependentSchemas": {"apply_interval": {"required": ["mode"],
                                                     "properties": {"mode": {"const": "warm"}}}}},

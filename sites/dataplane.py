@@ -265,6 +265,7 @@ class ServiceDataPath:
         host = self.export.rpartition(":")[0]
         if s.export_tls:
             args.append("--nbd-tls")  # mutual TLS with the site's certificate (security.md)
+            args += [a for o in s.export_operators for a in ("--nbd-allow", f"operator:{o}")]
         elif not self.export.startswith("unix:") and not is_loopback(host):
             log.warning("%s: the NBD export %s is not on loopback: NBD has no authentication "
                         "or encryption (docs/security.md)", s.name, self.export)

@@ -26,14 +26,13 @@ the journal is replayed into the volumes (idempotent) and they are fdatasynced.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import xxhash
@@ -76,12 +75,18 @@ def volume_blocks(keys: Iterable[int], volume: int) -> set[int]:
     return {k & BLOCK_MASK for k in keys if k >> KEY_SHIFT == volume}
 
 
-def _record(kind: int, offset: int, length: int,
-            data: bytes | bytearray | memoryview = b"") -> bytes:
+def _head(kind: int, offset: int, length: int,
+          data: bytes | bytearray | memoryview = b"") -> bytes:
+    """A record's header (its checksum covers the data that follows it)."""
     h = xxhash.xxh3_64()
     h.update(struct.pack("<BQI", kind, offset, length))
     h.update(data)
-    return _HEAD.pack(kind, offset, length, h.intdigest()) + data
+    return _HEAD.pack(kind, offset, length, h.intdigest())
+
+
+def _record(kind: int, offset: int, length: int,
+            data: bytes | bytearray | memoryview = b"") -> bytes:
+    return _head(kind, offset, length, data) + data
 
 
 @dataclass
@@ -108,7 +113,8 @@ class RangeWatch:
 @dataclass
 class ExtractedPoint:
     cp: int
-    blocks: dict[int, bytes | None] = field(default_factory=dict)  # by block key; None: zeroes
+    # by block key: views of the point's records (no copy per block); None: zeroes
+    blocks: dict[int, memoryview | None] = field(default_factory=dict)
     first_at: float = 0.0
 
 
@@ -248,8 +254,8 @@ class ChangeJournal:
                 if self.dirty_since is None:
                     self.dirty_since = time.time()
                 self._raw_append(_record(KIND_DIRTY, tagged, length))
-            else:
-                self._raw_append(_record(kind, tagged, length, data))
+            else:  # header and data in one system call, the data not copied here
+                self._raw_append(_head(kind, tagged, length, data), data)
                 self.open_blocks.update(blocks)
                 if self.open_first_at is None:
                     self.open_first_at = time.time()
@@ -266,9 +272,13 @@ class ChangeJournal:
         file stays within the limit plus an eighth on a healthy link)."""
         return min(REWRITE_BYTES, max(64 << 10, self.limit // 8))
 
-    def _raw_append(self, rec: bytes) -> None:
-        os.write(self.fd, rec)
-        self.size += len(rec)
+    def _raw_append(self, rec: bytes, data: bytes | bytearray | memoryview = b"") -> None:
+        total = len(rec) + len(data)
+        done = os.writev(self.fd, [rec, data]) if data else os.write(self.fd, rec)
+        while done < total:  # a short write (a signal, a full disk): append the rest
+            rest = (rec + bytes(data))[done:]
+            done += os.write(self.fd, rest)
+        self.size += total
 
     def _bump(self) -> int:
         self.seq += 1
@@ -344,13 +354,30 @@ class ChangeJournal:
                 out.update(k for k in range(lo, hi) if k in s)
         return out
 
+    # Points are extracted in order (and requeued all at once), so the extracted ones are a
+    # prefix of ``closed``: the ones to ship are found from its end, in time proportional to
+    # their number, not to the points waiting for their acks.
+
+    def _unextracted(self) -> list[ConsistencyPoint]:
+        """Under the lock: the closed points not extracted yet, in order."""
+        out: list[ConsistencyPoint] = []
+        for cp in reversed(self.closed):
+            if cp.extracted:
+                break
+            out.append(cp)
+        out.reverse()
+        return out
+
     def ready(self) -> bool:
-        return any(not cp.extracted for cp in self.closed)
+        try:  # without the lock: another thread may empty it meanwhile
+            return not self.closed[-1].extracted
+        except IndexError:
+            return False
 
     def unextracted_bytes(self) -> int:
         """Journal bytes of the closed points not yet extracted."""
         with self.lock:
-            return sum(cp.end - cp.start for cp in self.closed if not cp.extracted)
+            return sum(cp.end - cp.start for cp in self._unextracted())
 
     def requeue(self) -> None:
         """The points extracted but not released will not be acknowledged where they were
@@ -364,8 +391,7 @@ class ChangeJournal:
         content. Reads a duplicate descriptor: a rewrite meanwhile replaces the file, never
         changes it."""
         with self.lock:
-            todo = [cp for cp in self.closed
-                    if not cp.extracted and (upto is None or cp.cp <= upto)]
+            todo = [cp for cp in self._unextracted() if upto is None or cp.cp <= upto]
             for cp in todo:
                 cp.extracted = True
             spans = [(cp.cp, cp.start, cp.end, cp.first_at) for cp in todo]
@@ -390,7 +416,7 @@ class ChangeJournal:
                 data = raw[pos : pos + length]
                 first = block_key(vol, at // bs)
                 for k in range(0, length, bs):
-                    blocks[first + k // bs] = bytes(data[k : k + bs])
+                    blocks[first + k // bs] = data[k : k + bs]
                 pos += length
             elif kind == KIND_ZERO:
                 for b in self._blocks(vol, at, length):
@@ -578,26 +604,3 @@ class _Unacknowledged:
                 out |= blocks
         return out
 
-
-class GroupCommit:
-    """Many concurrent writers, one fdatasync of the journal: a sync makes durable every
-    record appended before it started."""
-
-    def __init__(self, journal: ChangeJournal) -> None:
-        self.journal = journal
-        self.durable = 0
-        self._task: asyncio.Future[None] | None = None
-        self.on_sync: Callable[[float, float], None] | None = None  # (started, finished)
-
-    async def wait_durable(self, upto: int) -> None:
-        while self.durable < upto:
-            if self._task is None or self._task.done():
-                self._task = asyncio.ensure_future(self._sync(self.journal.seq))
-            await asyncio.shield(self._task)
-
-    async def _sync(self, target: int) -> None:
-        started = time.monotonic()
-        await asyncio.to_thread(self.journal.sync)
-        self.durable = max(self.durable, target)
-        if self.on_sync is not None:
-            self.on_sync(started, time.monotonic())

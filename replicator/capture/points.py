@@ -37,14 +37,14 @@ def _plan_point(planner: Planner, point: ExtractedPoint, next_seq: Callable[[], 
     indices: list[int] = []
     kinds = bytearray()
     hashes: list[int] = []
-    datas: list[bytes] = []
+    datas: list[memoryview] = []
     raw = 0
     items = sorted((key & BLOCK_MASK, data) for key, data in point.blocks.items()
                    if key >> KEY_SHIFT == volume)
     for n, (b, data) in enumerate(items):
         if b < geo.blocks:
             length = geo.block_len(b)
-            content = zero_block(length) if data is None else data[:length]
+            content = memoryview(zero_block(length)) if data is None else data[:length]
             h = block_hash(content)
             if h != view[b]:
                 indices.append(b)

@@ -99,7 +99,11 @@ async def reconcile(drivers: list[PushDriver], lineage: Lineage, journal: Change
             if k and not await until_stopped(d.reconcile(), stop):
                 return None
     if why:
-        log.info("%s: not resumed from saved state: %s", names, why)
+        # expected on a first start and at a re-protect; otherwise a full read worth a warning
+        expected = all(d.state.why == "no saved state" for d in drivers) or "demoted" in why
+        log.log(logging.INFO if expected else logging.WARNING,
+                "%s: not resumed from saved state, the whole volumes are compared: %s", names,
+                why)
         return False
     keys = journal.dirty | journal.resyncing
     for i, d in enumerate(drivers):

@@ -186,28 +186,35 @@ class Scrubber:
         log.info("%s: background verify of the replicas at %s/s while protected",
                  self._names(), format_bytes(self.rate))
         try:
-            for d in self.drivers:
-                self.fds.append(os.open(d.o.path, os.O_RDONLY | os.O_CLOEXEC))
             while not self.stop.is_set():
                 if not self.active:
                     await first_of(self._activated, self.stop)
                     continue
-                span = self._next_span()
                 started = time.monotonic()
-                pause = max(1, span.count) * self.drivers[span.volume].geo.block_size / self.rate
-                try:
-                    verdict = await self.check(span)
-                except ReplicatorError as exc:
-                    self._failed(span, exc)
-                    pause = RETRY_SECONDS
-                else:
-                    if verdict is not None:
-                        self._act(span, verdict)
+                pause = await self._step()
                 await wait_at_most(max(0.0, started + pause - time.monotonic()), self.stop)
         finally:
             for fd in self.fds:
                 os.close(fd)
             self.fds.clear()
+
+    async def _step(self) -> float:
+        """Open the volumes (until that succeeds), compare the next span and act on what it
+        says; the pause before the next step. A failure (the target unreachable, a volume
+        unreadable) pauses the verify, not the capture loop: RETRY_SECONDS, then again."""
+        vol = 0
+        try:
+            for vol in range(len(self.fds), len(self.drivers)):
+                self.fds.append(_open(self.drivers[vol].o.path))
+            span = self._next_span()
+            vol = span.volume
+            verdict = await self.check(span)
+            if verdict is not None:
+                await self._act(span, verdict)
+        except ReplicatorError as exc:
+            self._failed(vol, exc)
+            return RETRY_SECONDS
+        return max(1, span.count) * self.drivers[span.volume].geo.block_size / self.rate
 
     def _next_span(self) -> Span:
         """A re-check of known mismatches whose repair the target acknowledged, else the
@@ -264,7 +271,7 @@ class Scrubber:
 
     # -- what a verdict leads to -----------------------------------------------------------------
 
-    def _act(self, span: Span, v: Verdict) -> None:
+    async def _act(self, span: Span, v: Verdict) -> None:
         d = self.drivers[span.volume]
         m, name = d.m, d.o.volume
         bs = d.geo.block_size
@@ -279,7 +286,6 @@ class Scrubber:
                         runs(v.mismatched))
             for b in v.mismatched:
                 self.repairs[block_key(span.volume, b)] = _Repair(now)
-            self._reship(span.volume, v.mismatched)
         if v.still:
             attempts = 0
             for b in v.still:
@@ -290,7 +296,6 @@ class Scrubber:
                     "volume %s: background verify: the replica still differs in %d blocks "
                     "shipped again (%s; attempt %d): shipping them again", name,
                     len(v.still), runs(v.still), attempts)
-            self._reship(span.volume, v.still)
         done = v.repaired + v.rewritten
         if done:
             for b in done:
@@ -304,22 +309,34 @@ class Scrubber:
             self._count_unrepaired()
         if not span.recheck:
             self._advance(span)
+        if v.mismatched or v.still:
+            await self._reship(span.volume, sorted(v.mismatched + v.still))
 
-    def _reship(self, vol: int, blocks: list[int]) -> None:
+    async def _reship(self, vol: int, blocks: list[int]) -> None:
         """Ship ``blocks`` again, as DATA: the planner forgets what it believed the replica
         holds, and their current content is journaled (the same bytes, as if a client had
-        written them: the volume does not change). On the event loop, with no await since the
-        comparison: no write can come in between."""
+        written them: the volume does not change). The content is read on a thread with the
+        range watched: a block written meanwhile is left out (the application's write ships
+        its whole new content, after which ours, read before or during it, must not come).
+        A read error raises VolumeError; the blocks stay known mismatches, shipped again at
+        their next check."""
         d = self.drivers[vol]
-        bs = d.geo.block_size
         planner = d.planner
         for b in blocks:
             if planner is not None:
                 planner.view[b] = UNKNOWN
-        for start, end in _spans(blocks):
-            length = min(d.geo.size, end * bs) - start * bs
-            data = os.pread(self.fds[vol], length, start * bs)
-            self.journal.write(start * bs, data, vol)
+        spans = _spans(blocks)
+        watch = self.journal.watch(block_key(vol, spans[0][0]), block_key(vol, spans[-1][1]))
+        try:
+            contents = await asyncio.to_thread(_read_spans, self.fds[vol], d.geo, spans)
+        finally:
+            self.journal.unwatch(watch)
+        bs = d.geo.block_size
+        for (start, end), data in zip(spans, contents, strict=True):
+            kept = [b for b in range(start, end) if block_key(vol, b) not in watch.written]
+            for first, stop in _spans(kept):
+                self.journal.write(first * bs, data[(first - start) * bs : (stop - start) * bs],
+                                   vol)
         self.on_change()
 
     def _count_unrepaired(self) -> None:
@@ -338,7 +355,7 @@ class Scrubber:
             return
         started = self.pass_started[vol] or time.monotonic()
         seconds = time.monotonic() - started
-        d.m.set(d.m.verify_pass_seconds, round(seconds, 3))
+        d.m.set(d.m.verify_last_pass_duration, round(seconds, 3))
         d.m.set(d.m.verify_pass_end, time.time())
         found = self.pass_found[vol]
         log.log(logging.INFO if found else logging.DEBUG, "volume %s: background verify pass "
@@ -346,15 +363,38 @@ class Scrubber:
         self.pos[vol], self.pass_started[vol], self.pass_found[vol] = 0, None, 0
         self.volume = (vol + 1) % len(self.drivers)
 
-    def _failed(self, span: Span, exc: ReplicatorError) -> None:
+    def _failed(self, vol: int, exc: ReplicatorError) -> None:
         text = f"{type(exc).__name__}: {exc}"
         if text != self.failing:
             log.warning("volume %s: background verify paused: %s (retrying every %.0fs)",
-                        self.drivers[span.volume].o.volume, exc, RETRY_SECONDS)
+                        self.drivers[vol].o.volume, exc, RETRY_SECONDS)
         self.failing = text
 
     def _names(self) -> str:
         return ", ".join(d.o.volume for d in self.drivers)
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VolumeError(f"cannot open the volume {path}: {exc}") from exc
+
+
+def _read_spans(fd: int, geo: Geometry, spans: list[tuple[int, int]]) -> list[bytes]:
+    """The content of blocks [start, end) for each span (on a thread)."""
+    out: list[bytes] = []
+    for start, end in spans:
+        length = min(geo.size, end * geo.block_size) - start * geo.block_size
+        try:
+            data = os.pread(fd, length, start * geo.block_size)
+        except OSError as exc:
+            raise VolumeError(f"cannot read the volume at block {start}: {exc}") from exc
+        if len(data) != length:
+            raise VolumeError(f"cannot read the volume at block {start}: {len(data)} of "
+                              f"{length} bytes (the volume shrank?)")
+        out.append(data)
+    return out
 
 
 def _read_hashes(fd: int, geo: Geometry, span: Span) -> list[int]:

@@ -96,7 +96,7 @@ async def run_captured(drivers: list[PushDriver], stop: asyncio.Event,
         if journal.replayed:
             log.warning("%s: replayed %d journaled writes into the volumes", names,
                         journal.replayed)
-        server = NbdServer(exports, opts.nbd_tls)
+        server = NbdServer(exports, opts.nbd_tls, opts.nbd_allow)
         where = await server.listen(opts.nbd_listen)
         print(f"drctl replicate push: NBD exports {names} on {where}", flush=True)
         loop = asyncio.get_running_loop()
@@ -173,6 +173,7 @@ class _Loop:
         self.lineage = lineage
         self.lineage_dir = lineage_dir
         self.full = True  # the next resync covers the whole volumes
+        self.resync_due = True  # a resync comes first (of the journal's blocks if not full)
         self.name = ", ".join(d.o.volume for d in drivers)
         self.progress = ResyncProgress(drivers)
         self.trace = trace or PointTrace(None)
@@ -236,7 +237,7 @@ class _Loop:
         """A resync, or the points until the journal overflows. False if stopped meanwhile."""
         if self.compacting is not None and self.compacting.done():
             await self._compacted()  # raises its I/O error, if any
-        if self.full or self.journal.overflowed:
+        if self.full or self.resync_due or self.journal.overflowed:
             # a resync rewrites the journal: a compaction still copying would only give up
             await self._compacted()
             return await until_stopped(self.resync(), self.stop)
@@ -329,7 +330,7 @@ class _Loop:
                  "the whole volume" if exact is None and full else
                  f"{sum(len(b or ()) for b in sets.values())} blocks")
         await self._each(lambda i, d: d.run_pass(sets[i]))
-        self.full = False  # shipped and acknowledged (staged): never again in full
+        self.full = self.resync_due = False  # shipped and acknowledged (staged): not again
         if journal.overflowed:
             log.warning("%s: the journal overflowed during the resync: another round",
                         self.name)

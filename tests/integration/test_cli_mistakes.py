@@ -152,6 +152,7 @@ def test_push_volume_or_state_dir_that_cannot_be_used(workdir: str, deployment: 
 
 @pytest.mark.parametrize(("flags", "words"), [
     (["--rate-limit", "20"], ["--rate-limit", "unit mistake", "20MB/s"]),
+    (["--verify-rate", "20"], ["--verify-rate", "unit mistake", "20MB/s", "0 turns"]),
     (["--interval", "-1"], ["--interval", "'-1'"]),
     (["--connect-timeout", "0"], ["--connect-timeout"]),
     (["--compress-level", "99"], ["--compress-level"]),

@@ -1,8 +1,9 @@
 """The NBD export over TLS (`push --nbd-tls`, NBD_OPT_STARTTLS; docs/security.md), with real
 clients from Debian (libnbd's nbdinfo/nbdcopy and qemu-io, both on gnutls) and our own: a
 client with a certificate of the deployment reads and writes and its writes reach the replica;
-a plaintext client, one with a certificate of another CA and another site are refused and
-nothing is written."""
+a plaintext client, one with a certificate of another CA, another site or an operator the
+export does not name (--nbd-allow) are refused and nothing is written; plaintext sent after
+STARTTLS ends the session."""
 
 from __future__ import annotations
 
@@ -82,12 +83,13 @@ class Export:
 @pytest.fixture
 def export(workdir: str, target: Target) -> Iterator[Export]:
     """Site east's capture agent pushing to the target, its export on every address (allowed
-    with --nbd-tls) and TLS mandatory."""
+    with --nbd-tls) and TLS mandatory; operator tester may attach (--nbd-allow)."""
     src = os.path.join(workdir, "vol.img")
     write_random(src, SIZE, seed=71)
     port = free_port()
     agent = Proc(push_cmd(src, target, VOL, os.path.join(workdir, "st"), "--nbd-listen",
-                          f"0.0.0.0:{port}", "--nbd-tls", "--interval", "5"),
+                          f"0.0.0.0:{port}", "--nbd-tls", "--nbd-allow", "operator:tester",
+                          "--interval", "5"),
                  os.path.join(workdir, "agent.log")).start()
     try:
         wait_for(lambda: port_open(port), 20, "the NBD export")
@@ -207,12 +209,16 @@ def test_a_certificate_of_another_ca_expired_or_of_another_site_is_refused(
     assert export.digest() == before
 
 
-def test_our_client_over_starttls(export: Export, deployment: Pki) -> None:
-    lay = Layout(deployment.dir)
-    who = Identity("operator", "tester")
+def client_context(d: str, who: Identity) -> ssl.SSLContext:
+    lay = Layout(d)
     ctx = ssl.create_default_context(cafile=lay.ca_cert)
     ctx.check_hostname = False
     ctx.load_cert_chain(lay.cert(who), lay.key(who))
+    return ctx
+
+
+def test_our_client_over_starttls(export: Export, deployment: Pki) -> None:
+    ctx = client_context(deployment.dir, Identity("operator", "tester"))
     client = NbdClient("127.0.0.1", export.port, VOL, timeout=10, tls=ctx)
     try:
         client.write(8192, b"\x5a" * 4096)
@@ -222,6 +228,55 @@ def test_our_client_over_starttls(export: Export, deployment: Pki) -> None:
         client.close()
 
 
+def test_an_operator_the_export_does_not_name_is_refused(export: Export,
+                                                         deployment: Pki) -> None:
+    """Every operator certificate of the deployment is a client certificate (Prometheus', the
+    API's): only those named by --nbd-allow may attach, besides the export's own site."""
+    scraper = Identity("operator", "scraper")
+    if not os.path.exists(Layout(deployment.dir).cert(scraper)):
+        issue(deployment.dir, scraper)
+    before = export.digest()
+    with pytest.raises(NbdError, match=f"{REP_ERR_POLICY:#x}.*operator scraper may not attach "
+                       "to site east's export"):
+        NbdClient("127.0.0.1", export.port, VOL, timeout=10,
+                  tls=client_context(deployment.dir, scraper))
+    wait_for(lambda: "operator scraper may not attach" in export.agent.log(), 10,
+             "the refusal in the agent's log")
+    for who in (Identity("operator", "tester"), Identity("site", "east")):  # named; own site
+        client = NbdClient("127.0.0.1", export.port, VOL, timeout=10,
+                           tls=client_context(deployment.dir, who))
+        client.close()
+    assert export.digest() == before
+
+
+def test_plaintext_sent_after_starttls_ends_the_session(export: Export,
+                                                        deployment: Pki) -> None:
+    """A man in the middle appends NBD_OPT_GO to the client's STARTTLS: the server must not
+    read it as sent inside TLS (under the real client's identity); it hangs up instead."""
+    name = VOL.encode()
+    go = struct.pack(">QII", 0x49484156454F5054, 7, len(name) + 6) + struct.pack(
+        ">I", len(name)) + name + struct.pack(">H", 0)
+    starttls = struct.pack(">QII", 0x49484156454F5054, 5, 0)
+    with socket.create_connection(("127.0.0.1", export.port), timeout=10) as s:
+        s.recv(18)
+        s.sendall(struct.pack(">I", 3))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(starttls + go)  # one segment
+        ack = b""
+        while len(ack) < 20 and (chunk := s.recv(20 - len(ack))):
+            ack += chunk
+        assert struct.unpack(">QIII", ack)[1:] == (5, 1, 0)  # STARTTLS acknowledged
+        # the real client now runs the handshake and would find the injected GO answered
+        ctx = client_context(deployment.dir, Identity("operator", "tester"))
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            with ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls:
+                assert tls.recv(4096) == b""  # no NBD_REP_INFO for the injected GO
+                raise ConnectionError("closed")
+    wait_for(lambda: "bytes sent after NBD_OPT_STARTTLS" in export.agent.log(), 10,
+             "the warning in the agent's log")
+    assert export.agent.log().count("bytes sent after NBD_OPT_STARTTLS") == 1
+
+
 def test_a_group_export_over_tls(workdir: str, target: Target, deployment: Pki) -> None:
     """push-group (what the site agent runs): every member's export takes TLS only."""
     paths = {"data": os.path.join(workdir, "data.img"), "log": os.path.join(workdir, "log.img")}
@@ -229,7 +284,8 @@ def test_a_group_export_over_tls(workdir: str, target: Target, deployment: Pki) 
     write_random(paths["log"], 1 << 20, seed=74)
     port = free_port()
     agent = Proc([*DRCTL, "replicate", "push-group", "--group", "db", "--to", target.address,
-                  "--nbd-listen", f"127.0.0.1:{port}", "--nbd-tls", "--state-dir",
+                  "--nbd-listen", f"127.0.0.1:{port}", "--nbd-tls", "--nbd-allow",
+                  "operator:tester", "--state-dir",
                   os.path.join(workdir, "st"), *target.client_flags(),
                   f"data={paths['data']}", f"log={paths['log']}"],
                  os.path.join(workdir, "group.log")).start()
@@ -277,3 +333,9 @@ def test_a_non_loopback_export_needs_tls_or_insecure_nbd(workdir: str,
     p = run([*DRCTL, "replicate", "push", src, "--to", "127.0.0.1:1", "--volume", VOL,
              "--once", "--nbd-tls", *deployment.flags("east", "west")])
     assert p.returncode == 2 and "needs --nbd-listen" in p.stderr, p.stderr
+    p = run([*base, "--insecure-nbd", "--nbd-allow", "operator:tester",
+             *deployment.flags("east", "west")])
+    assert p.returncode == 2 and "--nbd-allow" in p.stderr and "needs --nbd-tls" in p.stderr, \
+        p.stderr
+    p = run([*base, "--nbd-tls", "--nbd-allow", "west", *deployment.flags("east", "west")])
+    assert p.returncode == 2 and "expected operator:NAME" in p.stderr, p.stderr

@@ -122,15 +122,19 @@ def test_rewrites_between_scans_are_planned_once(tmp_path: object) -> None:
 def test_state_store_round_trip_and_corruption(tmp_path: object,
                                                caplog: pytest.LogCaptureFixture) -> None:
     d = os.path.join(str(tmp_path), "st")
-    store = StateStore(d)
+    vol = os.path.join(str(tmp_path), "vol.img")
+    _volume(vol, [bytes(BS)] * 2)
+    store = StateStore(d, vol)
     st = SourceState(generation="g", acked_seq=7, size=8192, block_size=BS,
                      view=array("Q", [1, 2]), seen=array("Q", [3]))
-    store.save(st, stopped=(1, 2, 8192, 4))  # a clean stop
+    store.save(st, clean=True)  # a clean stop
     store.close()
     back = store.load()
     assert (back.generation, back.acked_seq, list(back.view)) == ("g", 7, [1, 2])
-    assert back.how == "clean" and back.stopped == (1, 2, 8192, 4)
-    store.save(back, stopped=(1, 2, 8192, 4))
+    st_vol = os.stat(vol)
+    assert back.how == "clean" and back.stopped == (st_vol.st_dev, st_vol.st_ino, 2 * BS,
+                                                    st_vol.st_mtime_ns)
+    store.save(back, clean=True)
     store.close()
     with open(os.path.join(d, "view.hashes"), "r+b") as fh:
         fh.write(b"\x09")
@@ -146,7 +150,7 @@ def test_a_killed_agents_view_is_kept_on_the_same_boot_only(
 
     d = os.path.join(str(tmp_path), "st")
     store = StateStore(d)
-    store.volume = (1, 2, 8192, 3)
+    store.volume = (1, 2, 8192, 3)  # as noted from the volume's path when it is given
     st = store.load()
     st.generation, st.size, st.block_size = "g", 8192, BS
     st.view = store.set_view(array("Q", [5, 6]))

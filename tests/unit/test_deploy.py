@@ -64,12 +64,6 @@ def test_units_verify_and_parse(tmp_path: str, runbook: str, where: list[str]) -
     if where[0] == "--site":
         expect.add("drctl-agent.service")
     assert set(units) == expect
-    verify = shutil.which("systemd-analyze")
-    if verify is not None:
-        r = subprocess.run([verify, "verify", *(os.path.join(tmp_path, u) for u in units)],
-                           capture_output=True, text=True, cwd=tmp_path)
-        # unknown keys and bad values are reported on stderr with exit status 0
-        assert r.returncode == 0 and not r.stderr.strip(), r.stderr
     funcs = {"drctl-agent.service": "cmd_agent", "drctl-controller.service": "cmd_controller",
              "drctl-api.service": "cmd_api"}
     for unit in units:
@@ -78,10 +72,21 @@ def test_units_verify_and_parse(tmp_path: str, runbook: str, where: list[str]) -
         assert argv[0] == os.path.abspath(DRCTL)
         assert build_parser().parse_args(argv[1:]).func.__name__ == funcs[unit]
         assert s["KillMode"] == ["mixed"] and s["Restart"] == ["always"]
+        # exit status 2 is also "cannot listen there" (an address not assigned yet at boot):
+        # no exit status may keep a daemon down for good
+        assert "RestartPreventExitStatus" not in s
         assert s["NoNewPrivileges"] == ["yes"] and s["ProtectSystem"] == ["strict"]
         assert s["PrivateTmp"] == ["yes"] and s["User"] == ["drctl"]
         assert "EnvironmentFile=-/etc/drctl/drctl.env" in files[unit]
         assert s["WorkingDirectory"] == [os.path.dirname(runbook)]
+    verify = shutil.which("systemd-analyze")
+    if verify is None:
+        pytest.skip("systemd-analyze not installed: the units' keys and values are not "
+                    "verified by systemd")
+    r = subprocess.run([verify, "verify", *(os.path.join(tmp_path, u) for u in units)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    # unknown keys and bad values are reported on stderr with exit status 0
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
 def test_agent_unit_writes_where_the_data_path_writes(tmp_path: str) -> None:

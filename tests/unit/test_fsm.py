@@ -149,6 +149,14 @@ def test_unknown_protection_changes_nothing(state: State) -> None:
     assert (d.next_state, d.action) == (state, Action.NONE)
 
 
+def test_a_new_service_is_unprotected_until_its_replica_was_first_protected() -> None:
+    d = decide(view(protected=None, replica_consistent=False))
+    assert (d.next_state, d.action) == (State.UNPROTECTED, Action.ALERT)
+    assert "not reported it protected since the service was created" in d.message
+    d = decide(view(state=State.UNPROTECTED, protected=True, replica_consistent=False))
+    assert d.next_state is State.HEALTHY
+
+
 def test_a_dead_primary_is_suspect_before_it_is_unprotected() -> None:
     d = decide(view(primary_alive=False, primary_lost_since=999.0, protected=False))
     assert d.next_state is State.PRIMARY_SUSPECT
@@ -272,6 +280,18 @@ def test_primary_lost_mid_resync_blocks_and_only_force_promotes() -> None:
     assert suspect.next_state is State.BLOCKED
 
 
+def test_an_automatic_failover_stops_when_the_primary_comes_back_before_the_fence() -> None:
+    prep = view(state=State.PREPARING, automatic=True)  # the primary has a heartbeat again
+    for v in (prep, dataclasses.replace(prep, step_done=True),
+              dataclasses.replace(prep, step_failed=True)):
+        d = decide(v)
+        assert (d.next_state, d.action) == (State.HEALTHY, Action.NONE), v
+    still_gone = dataclasses.replace(prep, primary_alive=False, step_done=True)
+    assert decide(still_gone).next_state is State.FENCING
+    asked = dataclasses.replace(prep, automatic=False, step_done=True)  # an operator's request
+    assert decide(asked).next_state is State.FENCING
+
+
 def test_unprotected_is_not_a_protected_state() -> None:
     assert PROTECTED_STATES == {State.HEALTHY, State.DRAINING}
 
@@ -321,6 +341,7 @@ def test_every_row_is_reachable_from_decide() -> None:
         view(state=State.PREPARING, step_done=True),
         view(state=State.PREPARING, step_done=True, switchover=True),
         view(state=State.PREPARING, step_failed=True),
+        view(state=State.PREPARING, automatic=True),
         view(state=State.FAILED, command=Command.RETRY, failed_step=State.PREPARING),
     ]
     produced = {(d.state, d.next_state) for d in map(decide, views) if d.changes}

@@ -6,12 +6,14 @@ controller against the in-memory store; decisions tested on states, not on text)
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
 
 import pytest
 
+from failover.agent import SiteAgent
 from failover.config import ClusterConfig, Hooks, ServiceConfig, Site, with_step_timeouts
 from failover.controller import Controller
 from failover.coordination.memory import MemoryStore
@@ -22,11 +24,13 @@ from failover.records import (
     ServiceHealth,
     ServiceRecord,
     StepReport,
+    audit_prefix,
     command_key,
     heartbeat_key,
     service_record,
     state_key,
 )
+from failover.steprun import Outcome
 from failover.steps import Owner, StepKind, StepSpec, operation_plan, problems
 from runbooks.loader import RunbookError, load
 
@@ -226,6 +230,10 @@ class Deployment:
         await self.store.put(heartbeat_key(self.cfg.prefix, site),
                              Heartbeat(site, time.time(), services).encode())
 
+    async def silence(self, site: str) -> None:
+        key = heartbeat_key(self.cfg.prefix, site)
+        await self.store.delete_if(key, self.store.entries[key].mod_revision)
+
     async def command(self, svc: str, command: Command) -> None:
         rec = CommandRecord(command, None, "op1", time.time())
         assert await self.store.create(command_key(self.cfg.prefix, svc), rec.encode())
@@ -264,11 +272,173 @@ async def test_a_failed_precheck_fails_the_operation_before_anything_changes() -
     assert (rec.state, rec.epoch, rec.operation and rec.operation.failed_step) == (
         State.FAILED, 1, "preparing")
     assert "lag 99.0s beyond the 30s RPO budget" in str(rec.operation and rec.operation.error)
+    assert rec.operation is not None
+    lag = rec.operation.steps[0]
+    assert (lag.kind, lag.name, lag.status, lag.phase) == ("precheck", "lag", "failed",
+                                                          "preparing")
     await d.command("app", Command.CANCEL)
     await d.tick()
     rec = d.record("app")
     assert (rec.state, rec.operation, rec.primary) == (State.HEALTHY, None, "east")
     assert rec.last_operation is not None and rec.last_operation.outcome == "cancelled"
+
+
+async def test_an_automatic_failover_stops_if_the_primary_comes_back_before_the_fence(
+        ) -> None:
+    svc = service("app", (LAG, hook("note"), PROMOTE))
+    d = Deployment(dataclasses.replace(svc, policy=dataclasses.replace(svc.policy,
+                                                                       grace_seconds=0)))
+    await d.healthy()
+    await d.silence("east")
+    await d.tick()  # primary_suspect
+    await d.tick()  # its grace is over: the prechecks (a bare tick runs them inline)
+    rec = d.record("app")
+    assert rec.state is State.PREPARING and rec.operation is not None
+    assert rec.operation.automatic
+    await d.beat("east", app=("primary", 1))  # back before anything was fenced
+    await d.tick()
+    rec = d.record("app")
+    assert (rec.state, rec.epoch, rec.primary, rec.operation) == (State.HEALTHY, 1, "east",
+                                                                  None)
+    last = rec.last_operation
+    assert last is not None and last.outcome == "cancelled"
+    assert [(r.name, r.status) for r in last.steps] == [
+        ("lag", "done"), ("note", "done"), ("fence", "skipped"), ("promote", "skipped")]
+
+
+async def test_a_failover_asked_for_goes_on_while_the_primary_is_alive() -> None:
+    d = Deployment(service("app", (LAG, hook("note"), PROMOTE)))
+    await d.healthy()
+    await d.command("app", Command.FAILOVER)
+    await d.tick()
+    rec = d.record("app")
+    assert rec.state is State.PREPARING and rec.operation is not None
+    assert not rec.operation.automatic
+    await d.tick()
+    assert (d.record("app").state, d.record("app").epoch) == (State.FENCING, 2)
+
+
+async def test_the_fence_of_a_site_gone_says_it_is_assumed() -> None:
+    d = Deployment(service("app", (hook("stop", Owner.OLD_PRIMARY), PROMOTE)))
+    await d.healthy()
+    await d.command("app", Command.FAILOVER)
+    await d.tick()
+    assert d.record("app").state is State.FENCING
+    await d.silence("east")
+    await d.tick()
+    rec = d.record("app")
+    assert rec.state is State.PROMOTING and rec.operation is not None
+    fence, stop = rec.operation.steps[:2]
+    assert (fence.status, stop.status) == ("skipped", "skipped")
+    assert fence.output.startswith("assumed: ") and "did not run here" in stop.output
+
+
+def old_record(state: State, **operation: Any) -> bytes:
+    """A service record as drctl wrote it before operations had steps."""
+    operation = {"kind": "failover", "source": "east", "target": "west", "started_at": 1.0,
+                 "dns_done": False, "failed_step": None, "error": None, **operation}
+    rec: dict[str, Any] = {
+        "state": state.value, "since": time.time(), "primary": "west", "replica": "east",
+        "epoch": 2, "last_failover_at": None, "primary_lost_since": None,
+        "last_lag_seconds": 0.1, "message": "", "history": [], "operation": operation}
+    return json.dumps(rec).encode()
+
+
+def test_an_operation_recorded_without_steps_gets_the_services_plan() -> None:
+    from failover.operation import with_plan
+
+    svc = service("app", (hook("stop", Owner.OLD_PRIMARY), PROMOTE, DNS))
+    rec = ServiceRecord.decode(old_record(State.REROUTING))
+    assert rec.operation is not None and rec.operation.steps == []
+    with_plan(rec, svc)
+    assert [(r.name, r.phase, r.status) for r in rec.operation.steps] == [
+        ("fence", "fencing", "done"), ("stop", "fencing", "done"),
+        ("promote", "promoting", "done"), ("dns", "rerouting", "pending")]
+    rec = ServiceRecord.decode(old_record(State.PROMOTING))
+    with_plan(rec, svc)
+    assert rec.operation is not None
+    assert [r.status for r in rec.operation.steps] == ["done", "done", "running", "pending"]
+    rec = ServiceRecord.decode(old_record(State.REROUTING, dns_done=True))
+    with_plan(rec, svc)
+    assert rec.operation is not None and rec.operation.steps[-1].status == "done"
+    rec = ServiceRecord.decode(old_record(State.FAILED, failed_step="promoting"))
+    with_plan(rec, svc)
+    assert rec.operation is not None
+    assert [r.status for r in rec.operation.steps] == ["done", "done", "pending", "pending"]
+
+
+async def test_an_operation_recorded_without_steps_still_rewrites_dns(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rewritten: list[str] = []
+
+    async def rewrite(records: Any, address: str) -> str:
+        rewritten.append(address)
+        return f"app A -> {address}"
+
+    monkeypatch.setattr("failover.operation.rewrite_dns", rewrite)
+    d = Deployment(service("app", (PROMOTE, DNS)))
+    await d.store.put(state_key(d.cfg.prefix, "app"), old_record(State.REROUTING))
+    await d.beat("west", app=("primary", 2))
+    await d.tick()
+    await d.tick()
+    rec = d.record("app")
+    assert (rec.state, rewritten) == (State.FAILED_OVER, ["10.0.0.2"])
+    assert rec.last_operation is not None and rec.last_operation.dns_done
+    assert [(r.name, r.status) for r in rec.last_operation.steps] == [
+        ("fence", "done"), ("promote", "done"), ("dns", "done")]
+
+
+class _DataPath(SiteAgent):
+    """An agent whose data path's fence and promote are recorded (hooks run as usual)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.ran: list[str] = []
+
+    async def run_step(self, svc: ServiceConfig, rec: ServiceRecord, spec: StepSpec,
+                       env: dict[str, str]) -> Outcome:
+        self.ran.append(spec.name)
+        if spec.kind in (StepKind.FENCE, StepKind.PROMOTE):
+            return Outcome("done", "data path")
+        return await super().run_step(svc, rec, spec, env)
+
+
+async def test_an_operation_recorded_without_steps_still_promotes_the_data_path() -> None:
+    svc = service("app", (PROMOTE, hook("start", Owner.NEW_PRIMARY)))
+    d = Deployment(svc)
+    await d.store.put(state_key(d.cfg.prefix, "app"), old_record(State.PROMOTING))
+    agent = _DataPath(d.cfg, "west", d.store)
+    snap = await d.store.snapshot_without(d.cfg.prefix, audit_prefix(d.cfg.prefix))
+    await agent.follow(svc, agent.record(snap, svc))
+    assert agent.ran == ["promote", "start"]
+    assert (agent.roles["app"].role, agent.roles["app"].epoch) == ("primary", 2)
+    assert [(r.index, r.status) for r in agent.reports["app"].values()] == [(1, "done"),
+                                                                           (2, "done")]
+
+
+async def test_a_site_without_a_data_path_says_what_its_fence_and_promote_did() -> None:
+    from failover.operation import new_operation
+
+    bare = service("app", (PROMOTE,))
+    hooked = service("app", (hook("stop", Owner.OLD_PRIMARY), PROMOTE,
+                             hook("start", Owner.NEW_PRIMARY)))
+    for svc, status in ((bare, "skipped"), (hooked, "done")):
+        d = Deployment(svc)
+        for site, state, owner, want in (("east", State.FENCING, Owner.OLD_PRIMARY, "fenced"),
+                                         ("west", State.PROMOTING, Owner.NEW_PRIMARY,
+                                          "primary")):
+            agent = SiteAgent(d.cfg, site, d.store)
+            rec = ServiceRecord(state, 0.0, "west" if want == "primary" else "east",
+                                "east" if want == "primary" else "west", epoch=2)
+            rec.operation = new_operation(svc, "failover", "east", "west", 0.0)
+            assert await agent.run_operation(svc, rec, owner, want)  # over: the role follows
+            reports = agent.reports["app"]
+            first = reports[min(reports)]
+            assert (first.name, first.status) == ("fence" if owner is Owner.OLD_PRIMARY
+                                                  else "promote", status), first
+            assert all(r.status == "done" for i, r in reports.items() if i != min(reports))
+            if status == "skipped":
+                assert "no data path and no hooks at this site" in first.output
 
 
 async def test_a_controller_hook_past_its_timeout_is_killed_and_its_output_kept() -> None:

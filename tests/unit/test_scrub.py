@@ -5,12 +5,16 @@ from its disk (staged blocks as staged)."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import time
 from array import array
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import cast
+
+import pytest
 
 from replicator.blockmap import UNKNOWN, Geometry, block_hash, hash_all
 from replicator.capture.journal import ChangeJournal, block_key
@@ -159,9 +163,11 @@ async def test_a_mismatch_is_shipped_again_as_a_write_until_a_check_confirms_it(
     assert span == Span(0, 0, 16)
     verdict = await scrub.check(span)
     assert verdict is not None and verdict.mismatched == [5]
-    scrub._act(span, verdict)
+    await scrub._act(span, verdict)
     assert _value(scrub, "verify_mismatched") == 1 and _value(scrub, "verify_unrepaired") == 1
     assert _value(scrub, "verify_checked") == 16 * BS and _value(scrub, "verify_pass_end") > 0
+    names = {f.name for f in scrub.drivers[0].m.families}  # drctl_replication_<name>
+    assert "verify_last_pass_duration_seconds" in names and "verify_pass_seconds" not in names
     assert scrub.drivers[0].planner.view[5] == UNKNOWN and woken  # shipped as DATA, at once
     first = scrub.capture_clock()
     assert first is not None and first <= time.time()  # the lag counts from here
@@ -174,14 +180,14 @@ async def test_a_mismatch_is_shipped_again_as_a_write_until_a_check_confirms_it(
     assert span == Span(0, 5, 1, recheck=True)
     verdict = await scrub.check(span)  # the repair did not hold: shipped again
     assert verdict is not None and verdict.still == [5]
-    scrub._act(span, verdict)
+    await scrub._act(span, verdict)
     assert scrub.repairs[block_key(0, 5)].attempts == 2 and journal.open_blocks == {5}
     journal.release(journal.cut())
     replica.content[5 * BS : 6 * BS] = good  # the target applied it
     span = scrub._next_span()
     verdict = await scrub.check(span)
     assert verdict is not None and verdict.repaired == [5]
-    scrub._act(span, verdict)
+    await scrub._act(span, verdict)
     assert _value(scrub, "verify_unrepaired") == 0 and _value(scrub, "verify_repaired") == 1
     assert _value(scrub, "verify_mismatched") == 1  # counted once
     assert scrub.capture_clock() is None and not scrub.repairs
@@ -209,3 +215,84 @@ async def test_blocks_written_or_unacknowledged_during_a_check_are_not_judged(
     replica.during.append(lambda: scrub.set_active(False))
     replica.during.append(lambda: scrub.set_active(True))
     assert await scrub.check(Span(0, 0, 16)) is None and scrub.era == era + 2
+
+
+async def _until(cond: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_volume_read_error_while_reshipping_pauses_the_verify_not_the_capture_loop(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    scrub, replica, woken = _scrubber(tmp_path)
+    replica.content[5 * BS + 9] ^= 0xFF  # a mismatch: block 5 is read again to be reshipped
+    real = os.pread
+
+    def failing(fd: int, n: int, offset: int) -> bytes:
+        if offset == 5 * BS:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", failing)
+
+    async def capture_loop() -> str:
+        await _until(lambda: scrub.failing, "the verify to pause")
+        return "still capturing"
+
+    with caplog.at_level(logging.WARNING, logger="replicator.capture.scrub"):
+        assert await scrub.alongside(capture_loop()) == "still capturing"
+    assert scrub.failing.startswith("VolumeError: cannot read the volume at block 5")
+    paused = [r for r in caplog.records if "background verify paused" in r.getMessage()]
+    assert len(paused) == 1, caplog.text
+    # not journaled, still a known mismatch: its next check ships it again
+    assert block_key(0, 5) in scrub.repairs and not scrub.journal.open_blocks and not woken
+
+
+async def test_a_volume_that_cannot_be_opened_pauses_the_verify_not_the_capture_loop(
+        tmp_path: object, caplog: pytest.LogCaptureFixture) -> None:
+    scrub, _replica, _woken = _scrubber(tmp_path)
+    for fd in scrub.fds:
+        os.close(fd)
+    scrub.fds = []
+    scrub.drivers[0].o.path = os.path.join(str(tmp_path), "gone.img")
+
+    async def capture_loop() -> str:
+        await _until(lambda: scrub.failing, "the verify to pause")
+        return "still capturing"
+
+    with caplog.at_level(logging.WARNING, logger="replicator.capture.scrub"):
+        assert await scrub.alongside(capture_loop()) == "still capturing"
+    assert "cannot open the volume" in scrub.failing and "gone.img" in scrub.failing
+    assert len([r for r in caplog.records if "background verify paused" in r.getMessage()]) == 1
+
+
+async def test_a_block_written_while_it_is_read_for_a_repair_is_not_journaled_after_the_write(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repair's read runs on a thread: a write landing meanwhile ships the block, and the
+    (older) content read must not be journaled after it."""
+    scrub, replica, _woken = _scrubber(tmp_path)
+    journal = scrub.journal
+    replica.content[5 * BS + 9] ^= 0xFF
+    replica.content[9 * BS + 1] ^= 0xFF
+    good9 = os.pread(scrub.fds[0], BS, 9 * BS)
+    real = os.pread
+
+    def racing(fd: int, n: int, offset: int) -> bytes:
+        data = real(fd, n, offset)
+        if offset == 5 * BS:  # the application writes block 5 just after it was read
+            journal.write(5 * BS, b"z" * BS)
+            os.pwrite(journal.fds[0], b"z" * BS, 5 * BS)
+        return data
+
+    span = scrub._next_span()
+    verdict = await scrub.check(span)
+    assert verdict is not None and verdict.mismatched == [5, 9]
+    monkeypatch.setattr(os, "pread", racing)
+    await scrub._act(span, verdict)
+    monkeypatch.undo()
+    journal.cut()
+    journaled = {b: bytes(v or b"") for b, v in journal.extract()[0].blocks.items()}
+    assert journaled == {5: b"z" * BS, 9: good9}  # the application's block 5, not ours

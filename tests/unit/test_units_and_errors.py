@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from replicator.errors import ALL_ERRORS, UsageError
-from replicator.units import parse_hostport, parse_rate, parse_size
+from replicator.units import parse_hostport, parse_rate, parse_size, parse_verify_rate
 
 
 @pytest.mark.parametrize(("text", "value"), [
@@ -18,6 +18,23 @@ def test_rates_and_sizes(text: str, value: int) -> None:
 def test_bad_rates_say_what_is_wrong(text: str) -> None:
     with pytest.raises(UsageError, match="invalid rate"):
         parse_rate(text)
+
+
+@pytest.mark.parametrize(("text", "value"), [("0", 0), ("0/s", 0), ("0.0", 0), ("off", 0),
+                                             ("Off", 0), ("64KiB/s", 64 << 10),
+                                             ("2MiB/s", 2 << 20)])
+def test_verify_rates(text: str, value: int) -> None:
+    assert parse_verify_rate(text) == value
+
+
+def test_a_verify_rate_below_64kib_is_a_unit_mistake_as_for_a_cap() -> None:
+    with pytest.raises(UsageError, match=r"'20' is 20 bytes/s, below the 64KiB/s minimum: .*"
+                       r"\(did you mean 20MB/s\? 0 turns the background verify off\)"):
+        parse_verify_rate("20")
+    with pytest.raises(UsageError, match="did you mean 20MB/s"):
+        parse_verify_rate("20kB/s")
+    with pytest.raises(UsageError, match="invalid rate 'fast'"):
+        parse_verify_rate("fast")
 
 
 def test_size_units() -> None:
