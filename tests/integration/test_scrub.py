@@ -79,14 +79,17 @@ def test_bit_rot_in_the_replica_is_found_repaired_and_holds_the_lag_above_zero(
                 fh.write(b"bit rot!")
         assert not same_file(src, target.image("vol"))
         url = f"http://127.0.0.1:{mport}/metrics"
-        samples: list[tuple[float, float, float, float | None]] = []
+        samples: list[tuple[float, float, float, float | None, float]] = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             s = scrape(mport)
             found = metric(s, M + "verify_mismatched_blocks_total", volume="vol")
             unrepaired = metric(s, M + "verify_unrepaired_blocks", volume="vol")
+            heartbeat = scrape_lag(url, ["vol"])
+            # the heartbeat's reading counts only if the mismatch was still unrepaired after it
+            after = metric(scrape(mport), M + "verify_unrepaired_blocks", volume="vol")
             samples.append((found, unrepaired, metric(s, M + "lag_seconds", volume="vol"),
-                            scrape_lag(url, ["vol"])))
+                            heartbeat, after))
             if found >= len(rotten) and unrepaired == 0 \
                     and metric(s, M + "verify_repaired_blocks_total", volume="vol") >= 4:
                 break
@@ -96,8 +99,10 @@ def test_bit_rot_in_the_replica_is_found_repaired_and_holds_the_lag_above_zero(
         assert found == len(rotten), agent.log()[-3000:]  # each block counted once
         known = [x for x in samples if x[1] > 0]
         assert known, "the unrepaired gauge was never seen above 0"
-        assert all(lag > 0 and heartbeat is not None and heartbeat > 0
-                   for _f, _u, lag, heartbeat in known), known
+        assert all(lag > 0 for _f, _u, lag, _h, _a in known), known
+        held = [x for x in known if x[4] > 0]  # unrepaired before and after the heartbeat read
+        assert held, "no heartbeat reading while a mismatch was known"
+        assert all(h is not None and h > 0 for _f, _u, _l, h, _a in held), held
         assert same_file(src, target.image("vol"))
         _verify(src, target)
         s = scrape(mport)
