@@ -113,8 +113,10 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(S.FAILED, S.REROUTING, "operator retry from DNS", A.REWRITE_DNS),
     Transition(S.FAILED, S.RESYNCING, "operator retry from resync", A.RESYNC),
     Transition(S.FAILED, S.HEALTHY, "operation abandoned by an operator", A.NONE),
-    Transition(S.FAILED_OVER, S.RESYNCING, "old primary back: failback resync", A.RESYNC),
-    Transition(S.RESYNCING, S.HEALTHY, "resync complete: new primary protected", A.NONE),
+    Transition(S.FAILED_OVER, S.RESYNCING, "former primary serving as replica: re-protect",
+               A.RESYNC),
+    Transition(S.RESYNCING, S.HEALTHY, "re-protected: the new primary reports its replica "
+               "protected", A.NONE),
     Transition(S.RESYNCING, S.BLOCKED, "primary heartbeat lost mid-resync", A.BLOCK),
 )
 _BY_PAIR = {(t.src, t.dst): t for t in TRANSITIONS}
@@ -454,7 +456,7 @@ def _failed_over(v: ServiceView) -> Decision:
 
 def _resyncing(v: ServiceView) -> Decision:
     if v.step_done:
-        return _move(v, State.HEALTHY, "diverged blocks resent")
+        return _move(v, State.HEALTHY, "resync verified")
     if not v.primary_alive:
         return _move(v, State.BLOCKED, "the replica is mid-resync, not consistent: only "
                                        "failover --force promotes it")
