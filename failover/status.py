@@ -49,6 +49,7 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
             serving = None
         services[name] = {
             "state": rec.state, "primary": rec.primary, "replica": rec.replica,
+            "home": svc.primary,  # the runbook's primary: where a failback goes
             "epoch": rec.epoch, "lag_seconds": rec.last_lag_seconds,
             "rpo_budget_seconds": svc.policy.rpo_seconds, "message": rec.message,
             "error": rec.operation.error if rec.operation else None,
