@@ -443,10 +443,13 @@ class ReplicaIndex:
         os.pwrite(self.file.fd, h.pack(), 0)
         os.fdatasync(self.file.fd)  # OPEN is durable before the first change
 
-    def close_clean(self, geo: Geometry, binding: Binding) -> None:
+    def close_clean(self, geo: Geometry, binding: Binding, save: bool = True) -> None:
         """A clean stop: image and array synced, then the header that binds them (not if a
-        write into the image did not finish: the next open hashes its blocks again)."""
-        if self._live()[1]:
+        write into the image did not finish: the next open hashes its blocks again). Not
+        ``save``: a promotion, after which the image is the primary volume (a demotion removes
+        the index): left OPEN, it is believed again on this boot only if the image's mtime has
+        not moved."""
+        if not save or self._live()[1]:
             self.close()
             return
         os.fdatasync(self.img_fd)

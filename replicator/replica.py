@@ -590,8 +590,8 @@ class Replica:
                 self.record.epoch = epoch
                 self._write_meta()
 
-    def close(self) -> None:
-        self._ix.close_clean(self.geometry, self._binding())
+    def close(self, keep_index: bool = True) -> None:
+        self._ix.close_clean(self.geometry, self._binding(), keep_index)
         self.wal.close()
         self.ledger.close()
         for fd in (self.img_fd, self.meta_fd):

@@ -144,8 +144,9 @@ class StateStore:
                 st.started = _identity(meta["opened"])
             return st
         except (OSError, ValueError, KeyError, TypeError, StateError) as exc:
+            what = str(exc) if isinstance(exc, StateError) else f"{meta_path}: {exc!r}"
             log.warning("source state in %s is unusable (%s): rebuilding it from the target",
-                        self.directory, exc)
+                        self.directory, what)
             try:
                 os.replace(meta_path, meta_path + ".corrupt")
             except OSError:
@@ -174,15 +175,18 @@ class StateStore:
         if st.view is not view.hashes:  # a view made elsewhere (tests, a new state)
             view.assign(st.view)
             st.view = view.hashes
-        self._atomic("seen.hashes", _to_bytes(st.seen))
-        self._write_meta(st, stopped, durable=stopped is not None)
+        seen_raw = _to_bytes(st.seen)  # once: the planner may change it meanwhile
+        self._atomic("seen.hashes", seen_raw)
+        self._write_meta(st, stopped, durable=stopped is not None, seen_raw=seen_raw)
 
-    def _write_meta(self, st: SourceState, stopped: Identity | None, durable: bool) -> None:
+    def _write_meta(self, st: SourceState, stopped: Identity | None, durable: bool,
+                    seen_raw: bytes | None = None) -> None:
         assert self.view_file is not None
+        seen = _to_bytes(st.seen) if seen_raw is None else seen_raw
         meta: dict[str, Any] = {
             "version": 2, "source_id": st.source_id, "generation": st.generation,
             "acked_seq": st.acked_seq, "size": st.size, "block_size": st.block_size,
-            "seen_xxh3": xxhash.xxh3_64_hexdigest(_to_bytes(st.seen)), "boot": boot_id()}
+            "seen_xxh3": xxhash.xxh3_64_hexdigest(seen), "boot": boot_id()}
         if stopped is not None:
             self.view_file.flush()
             meta["clean"] = {"volume": list(stopped), "view_xxh3": self.view_file.checksum()}
@@ -207,7 +211,8 @@ class StateStore:
 
 
 def _how(meta: dict[str, Any], view: HashFile) -> tuple[str, str]:
-    """Whether the view file's content is known: ("clean" | "live" | "", why not)."""
+    """Whether the view file's content is known ("clean", "live", "saved": an older format,
+    checksummed, not resumable; "") and why not "clean" or "live"."""
     clean = meta.get("clean")
     if clean:
         if view.checksum() != clean["view_xxh3"]:

@@ -1,20 +1,22 @@
 """The NBD export's write path after the event loop: the ordered writer and the group commit.
 
 ``OrderedWriter``: writes, trims and flushes are journaled and written to the volume in the
-order they arrived (so the journal replays to exactly the volume's content). A small one is
-done on the event loop while nothing waits on the writer's thread; a large one (or any while
+order they arrived (so the journal replays to exactly the volume's content), each under the
+journal's ``order`` lock (from its record's append to its volume write). A small one is done
+on the event loop while nothing waits on the writer's thread; a large one (or any while
 something waits there) on that thread, so that copying a large write into the journal and
 the volume does not hold up the other requests; the thread then hands it to the group
 commit itself, without going back through the loop.
 
 ``GroupCommit``: many concurrent writers, one fdatasync of the journal, on a thread of its
 own that sleeps until a request waits. A sync makes durable every record appended before it
-started: it reads the journal's record clock first, under ``appending``, the lock a job holds
-while it appends its record and writes the volume (in bitmap mode the volume holds the data
-and is synced too, so a record counts only once its volume write is made); when it ends,
-the callbacks of the requests it covered run on the event loop in one go (one wake-up of the
-loop for the whole group, no task per request). A sync that starts with nothing new to cover
-is not made.
+started: it reads the journal's record clock first, under the ``order`` lock (in bitmap mode
+the volume holds the data and is synced too, so a record counts only once its volume write
+is made). When it ends, the callbacks of the requests it covered run on the event loop in
+one go (one wake-up of the loop for the whole group, no task per request). A sync that
+starts with nothing new to cover is not made. A request alone (nothing else in flight, one
+at a time: a database's commit) is synced on the loop itself, without the two thread
+wake-ups (``sync_alone``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,6 @@ class GroupCommit:
         self.synced = 0  # every record up to this number is durable (the sync thread's)
         self.requests = 0  # the export's requests journaled or queued, not answered (loop's)
         self.on_sync: Callable[[float, float], None] | None = None  # (started, finished)
-        self.appending = threading.Lock()  # held by a job from its journal append to its
-        # volume write (OrderedWriter)
         self._cond = threading.Condition()
         self._waiting: list[tuple[int, Done]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,7 +95,7 @@ class GroupCommit:
         return True
 
     def _sync(self) -> None:
-        with self.appending:  # appended (and written) before the sync: covered by it
+        with self.journal.order:  # appended (and written) before the sync: covered by it
             target = self.journal.seq
         started = time.monotonic()
         self.journal.sync()
@@ -141,7 +141,7 @@ class GroupCommit:
             err: BaseException | None = None
             started = finished = 0.0
             if any(n > self.synced for n, _done in batch):
-                with self.appending:  # appended (and written) before the sync: covered
+                with self.journal.order:  # appended (and written) before the sync: covered
                     target = self.journal.seq
                 started = time.monotonic()
                 try:
@@ -170,8 +170,8 @@ class GroupCommit:
 
 class OrderedWriter:
     """Runs journal-and-volume jobs in the order they were submitted: inline while nothing
-    is queued (``idle``), otherwise on a thread of its own; each under ``lock`` (the group
-    commit's ``appending``)."""
+    is queued (``idle``), otherwise on a thread of its own; each under ``lock`` (the
+    journal's ``order``)."""
 
     def __init__(self, lock: threading.Lock) -> None:
         self.lock = lock

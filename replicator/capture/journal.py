@@ -126,6 +126,9 @@ class ChangeJournal:
         self.fds = [volume_fds] if isinstance(volume_fds, int) else list(volume_fds)
         self.limit = limit
         self.lock = threading.Lock()
+        # held by a writer from a record's append to its volume write (commit.py), so that
+        # whoever takes it sees either both or neither (a sync's target, the scrub's repair)
+        self.order = threading.Lock()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.size = 0
         self.next_cp = 1
@@ -204,7 +207,7 @@ class ChangeJournal:
         return range(block_key(vol, offset // bs),
                      block_key(vol, (offset + max(1, length) - 1) // bs) + 1)
 
-    # -- appending (called on the event loop; never blocks on I/O but the append) -----------
+    # -- appending (on the event loop or the export's writer thread; no I/O but the append) --
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, vol: int = 0) -> int:
         """Journal whole blocks of new content. Returns the record number to wait for."""
@@ -455,6 +458,9 @@ class ChangeJournal:
             end, shape = self.size, self.shape
             header = self._header(sorted(self.resyncing))
             fd = os.dup(self.fd)
+        # the dropped records were the only durable copy of their writes until the volume is
+        # synced (a write is journaled and written to the volume before its reply, unsynced)
+        self._sync_volumes()
         tmp = self.path + ".compact"
         try:
             tail = os.pread(fd, end - head, head)
@@ -534,7 +540,9 @@ class ChangeJournal:
     # -- rewriting -----------------------------------------------------------------------------
 
     def _rewrite_tail(self, head: int) -> None:
-        """Under the lock: keep only the records from ``head`` on (unreleased)."""
+        """Under the lock: keep only the records from ``head`` on (unreleased); the volume is
+        synced first, since the dropped records were the durable copy of their writes."""
+        self._sync_volumes()
         tail = os.pread(self.fd, self.size - head, head)
         shift = head
         self._rewrite(sorted(self.resyncing), [tail])

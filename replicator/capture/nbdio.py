@@ -65,7 +65,7 @@ class NbdExport:
         self.size = os.lseek(fd, 0, os.SEEK_END)
         self.journal = journal
         self.commit = commit
-        self.writer = writer if writer is not None else OrderedWriter(commit.appending)
+        self.writer = writer if writer is not None else OrderedWriter(journal.order)
         self.index = index
         self.on_change = on_change
         self.flags = (T_HAS_FLAGS | T_SEND_FLUSH | T_SEND_FUA | T_SEND_TRIM
@@ -87,7 +87,7 @@ class NbdExport:
                 os.close(fd)
             raise
         commit = GroupCommit(journal)
-        writer = OrderedWriter(commit.appending)
+        writer = OrderedWriter(journal.order)
         return [cls(name, fd, block_size, journal, commit, i, on_change, writer)
                 for i, ((name, _path), fd) in enumerate(zip(volumes, fds, strict=True))]
 
@@ -221,9 +221,9 @@ class Transmission(asyncio.BufferedProtocol):
         self._direct_req = (0, 0)  # (handle, offset)
         self._skip = 0  # bytes of a refused write's payload still to drop
         self._inflight = 0  # bytes of requests not answered yet
-        # requests waiting for the write barrier to lift: (cmd, handle, offset, payload)
-        self._held: deque[tuple[int, int, int, bytes | bytearray | None]] = deque()
-        self._held_len: deque[int] = deque()
+        # requests waiting for the write barrier to lift: (cmd, handle, offset, length,
+        # payload of a write)
+        self._held: deque[tuple[int, int, int, int, bytes | bytearray | None]] = deque()
         self._paused_reading = False
         self._writes_blocked = False
         self._disc = False
@@ -238,8 +238,11 @@ class Transmission(asyncio.BufferedProtocol):
         proto = cls(export, barrier, w.get_extra_info("peername"), reads)
         transport = w.transport
         assert isinstance(transport, asyncio.Transport)
+        if transport.is_closing():
+            return
         export.commit.start(proto.loop)
-        # Clients send no request before the handshake's last reply, but take any that came.
+        # Clients send no request before the handshake's last reply, but take any that came
+        # (the stream's buffer: StreamReader has no public way to hand it over).
         leftover = bytes(getattr(r, "_buffer", b""))
         proto.previous = transport.get_protocol()
         proto.transport = transport
@@ -247,8 +250,6 @@ class Transmission(asyncio.BufferedProtocol):
         transport.set_protocol(proto)
         if leftover:
             proto._feed(leftover)
-        if transport.is_closing():
-            proto.connection_lost(None)
         await proto.done
 
     def _feed(self, data: bytes) -> None:
@@ -291,7 +292,6 @@ class Transmission(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.barrier.forget(self)
         self._held.clear()
-        self._held_len.clear()
         if self.previous is not None:  # the stream's protocol: its writer's wait_closed()
             self.previous.connection_lost(exc)
             self.previous = None
@@ -472,15 +472,13 @@ class Transmission(asyncio.BufferedProtocol):
 
     def _hold(self, cmd: int, handle: int, offset: int, length: int,
               data: bytes | bytearray | None) -> None:
-        self._held.append((cmd, handle, offset, data))
-        self._held_len.append(length)
+        self._held.append((cmd, handle, offset, length, data))
         self.barrier.hold(self)
 
     def barrier_lifted(self) -> None:
         """Run the held writes and trims, in order (unless the barrier went up again)."""
         while self._held and not self.barrier.up:
-            cmd, handle, offset, data = self._held.popleft()
-            length = self._held_len.popleft()
+            cmd, handle, offset, length, data = self._held.popleft()
             if cmd == CMD_WRITE:
                 assert data is not None
                 self._ordered(cmd, handle, functools.partial(self.ex.write, offset, data),

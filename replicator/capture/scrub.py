@@ -327,16 +327,21 @@ class Scrubber:
                 planner.view[b] = UNKNOWN
         spans = _spans(blocks)
         watch = self.journal.watch(block_key(vol, spans[0][0]), block_key(vol, spans[-1][1]))
+        bs = d.geo.block_size
         try:
             contents = await asyncio.to_thread(_read_spans, self.fds[vol], d.geo, spans)
+            # Under the journal's order lock, which the NBD export's writes hold from their
+            # record to their volume write (also on its writer thread): a write is either in
+            # the watch already or journaled after these records.
+            with self.journal.order:
+                for (start, end), data in zip(spans, contents, strict=True):
+                    kept = [b for b in range(start, end)
+                            if block_key(vol, b) not in watch.written]
+                    for first, stop in _spans(kept):
+                        self.journal.write(
+                            first * bs, data[(first - start) * bs : (stop - start) * bs], vol)
         finally:
             self.journal.unwatch(watch)
-        bs = d.geo.block_size
-        for (start, end), data in zip(spans, contents, strict=True):
-            kept = [b for b in range(start, end) if block_key(vol, b) not in watch.written]
-            for first, stop in _spans(kept):
-                self.journal.write(first * bs, data[(first - start) * bs : (stop - start) * bs],
-                                   vol)
         self.on_change()
 
     def _count_unrepaired(self) -> None:

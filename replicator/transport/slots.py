@@ -44,10 +44,10 @@ class VolumeSlot:
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.syncer, fn, *args)
 
-    def close(self) -> None:
+    def close(self, keep_index: bool = True) -> None:
         self.executor.shutdown(wait=True)
         self.syncer.shutdown(wait=True)
-        self.replica.close()
+        self.replica.close(keep_index)
 
 
 class SlotRegistry:
@@ -94,7 +94,9 @@ class SlotRegistry:
         async with self._lock:
             slot = self.slots.pop(name, None)
         if slot is not None:
-            await asyncio.to_thread(slot.close)
+            # the image becomes the primary volume: its index will not describe it (a
+            # demotion removes it), so the clean stop's sync and checksum are not paid here
+            await asyncio.to_thread(slot.close, False)
 
     def exists(self, name: str) -> bool:
         return name in self.slots or os.path.exists(

@@ -300,3 +300,39 @@ def test_a_small_limit_holds_on_a_healthy_link(tmp_path: object) -> None:
         biggest = max(biggest, os.path.getsize(j.path))
     assert j.overflows == 0
     assert biggest <= limit + limit // 8 + 64 * BS, biggest
+
+
+def test_records_leave_the_journal_only_after_the_volume_is_synced(tmp_path: object,
+                                                                   monkeypatch: object) -> None:
+    """A write's journal record is its durable copy until the volume is synced: a rewrite
+    that drops released records syncs the volume first (else a power loss could lose on the
+    primary what the replica holds)."""
+    import replicator.capture.journal as mod
+
+    events: list[str] = []
+    real_fdatasync, real_replace = os.fdatasync, os.replace
+    j = _journal(tmp_path)
+    vol_fd = j.fds[0]
+
+    def fdatasync(fd: int) -> None:
+        if fd == vol_fd:
+            events.append("volume synced")
+        real_fdatasync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append("journal replaced")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(mod.os, "fdatasync", fdatasync)  # type: ignore[attr-defined]
+    monkeypatch.setattr(mod.os, "replace", replace)  # type: ignore[attr-defined]
+    for inline in (False, True):
+        events.clear()
+        _write(j, 1, 0xA1)
+        j.flush()
+        (point,) = j.extract()
+        if j.release(point.cp, inline=inline) or not inline:
+            assert j.compact()
+        if inline and "journal replaced" not in events:
+            j.begin_resync()  # an inline rewrite of the tail
+        assert "journal replaced" in events, events
+        assert "volume synced" in events[:events.index("journal replaced")], events
