@@ -108,3 +108,25 @@ async def test_every_record_of_a_service_is_rewritten_and_verified(named: NamedS
             frozenset({"10.0.0.9"})
     finally:
         other.stop()
+
+
+def test_named_moves_to_another_port_when_its_port_is_taken() -> None:
+    """Another process binding the picked port before named does (named then runs without
+    listening there): the fixture starts it again elsewhere instead of failing a test later."""
+    import socket
+
+    from drctl.localservers import NamedServer
+
+    ns = NamedServer()
+    taken = ns.port
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", taken))  # bound, not listening: connections are refused
+    try:
+        ns.start()
+        try:
+            assert ns.port != taken
+            socket.create_connection(("127.0.0.1", ns.port), timeout=2).close()
+        finally:
+            ns.stop()
+    finally:
+        blocker.close()
