@@ -323,7 +323,7 @@ class NamedServer:
         listening there), start it again on another port (three tries)."""
         for attempt in range(3):
             self._start(timeout)
-            if self._answers_tcp():
+            if self._answers_tcp(timeout):
                 return self
             log = self.log()
             if self.proc is not None:
@@ -336,12 +336,18 @@ class NamedServer:
             self.port = _free_tcp_udp_port()
         return self
 
-    def _answers_tcp(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
-            return True
-        except OSError:
-            return False
+    def _answers_tcp(self, timeout: float) -> bool:
+        """Wait until named accepts TCP on its port (it may log "running" a little before,
+        on a busy machine); False at once if it could not bind the port (taken)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+                return True
+            except OSError:
+                if "address in use" in self.log() or time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
 
     def _start(self, timeout: float) -> None:
         with open(os.path.join(self.dir, "tsig.key"), "w") as fh:
