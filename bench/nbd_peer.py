@@ -15,7 +15,9 @@ agent (``drctl replicate push --nbd-listen``) replicating every write to a targe
   completion): 4 KiB random writes at 16 and at 1 in flight, 1 MiB sequential writes at 4 in
   flight, 4 KiB random reads at 16 in flight, 1 MiB sequential reads at 4 in flight;
   ``--seconds`` each (10), one run per server per job, the servers alternated (the one that
-  goes first changes from job to job). Every run is printed as a JSON line.
+  goes first changes from job to job). Every run is printed as a JSON line, with the CPU
+  time each server process used per request (drctl: agent and target, until the agent had
+  shipped the run's writes).
 * Quiet state before every run (either server): the drctl agent reports lag 0 and a
   protected replica (``bench.lag wait-zero``; a run that does not drain within
   ``--drain-timeout`` fails the bench), then ``sync`` (no run pays for the writeback of the
@@ -23,12 +25,16 @@ agent (``drctl replicate push --nbd-listen``) replicating every write to a targe
   (reads are served from memory; writes still go to the disk before their reply). After a
   drctl write run the bench also notes how long the agent took to ship and get acknowledged
   everything the run wrote (``drain_after_s``).
-* ``--nbdkit``: nbdkit's file plugin as well, every write made FUA by its fua filter
-  (``--filter=fua ... fuamode=force``: written, then fdatasynced, before the reply), when
-  nbdkit is installed (Debian's ``nbdkit``).
+* nbdkit's file plugin as well (when installed: Debian's ``nbdkit``), every write made FUA
+  by its fua filter (``--filter=fua ... fuamode=force``: written, then fdatasynced, before
+  the reply, one fdatasync per write as strace shows), so the same durability again.
+
+* ``--servers qemu-nbd,drctl-export``: drctl's export alone (its NBD server and change
+  journal in a process of their own, nothing shipped): the per-request path without the
+  replication's work beside it.
 
 Run: python bench/nbd_peer.py [--seconds 10] [--size-mib 256] [--jobs randwrite-4k-qd1,...]
-[--json OUT]; prints a markdown table at the end.
+[--servers qemu-nbd,drctl,nbdkit] [--json OUT]; prints a markdown table at the end.
 """
 
 from __future__ import annotations
@@ -41,7 +47,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -85,6 +90,9 @@ class Server(Protocol):
     @property
     def uri(self) -> str: ...
 
+    @property
+    def pids(self) -> dict[str, int]: ...
+
     def quiet(self) -> float: ...
 
     def after_run(self, job: Job) -> dict[str, Any]: ...
@@ -110,6 +118,10 @@ class QemuNbd:
     @property
     def uri(self) -> str:
         return f"nbd://127.0.0.1:{self.port}/v"
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {self.name: self.proc.pid}
 
     def quiet(self) -> float:
         return 0.0
@@ -137,6 +149,50 @@ class NbdkitFile(QemuNbd):
              str(self.port), "--filter=fua", "file", path, "fuamode=force"],
             stdout=self.log, stderr=subprocess.STDOUT)
         wait_port(self.port, 30)
+
+
+class DrctlExport(QemuNbd):
+    """drctl's export alone (``--servers ...,drctl-export``): its NBD server over its change
+    journal, nothing shipped (a point is cut, read back and released every 50 ms, so the
+    journal stays small): the per-request path without the replication's work beside it."""
+
+    name = "drctl-export"
+
+    def __init__(self, work: str, path: str) -> None:
+        self.path = path
+        self.port = free_port()
+        self.log = open(os.path.join(work, "export.log"), "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve-export", path, str(self.port),
+             os.path.join(work, "journal")], cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port, 60)
+
+
+def serve_export(path: str, port: int, journal_path: str) -> None:
+    """The process of ``DrctlExport``."""
+    import asyncio
+
+    from replicator.capture.nbd import NbdExport, NbdServer
+
+    async def run() -> None:
+        exports = NbdExport.open_group([("v", path)], journal_path, 4096)
+        journal = exports[0].journal
+        server = NbdServer(exports)
+        await server.start("127.0.0.1", port)
+        try:
+            while True:
+                await asyncio.sleep(0.05)
+                if journal.open_first_at is not None:
+                    cp = journal.cut()
+                    journal.extract()
+                    journal.release(cp)
+        finally:
+            await server.close()
+            journal.close()
+            for e in exports:
+                e.close()
+
+    asyncio.run(run())
 
 
 class Drctl:
@@ -183,12 +239,6 @@ class Drctl:
             raise SystemExit(f"drctl: lag did not return to 0 within {self.drain_timeout:g} s "
                              f"({got}, exit codes {codes}): failing the run")
         return float(got["waited"])
-
-    def shipped(self) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.mport}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("drctl_replication_shipped_raw_bytes_total{"))
 
     def after_run(self, job: Job) -> dict[str, Any]:
         if not job.writes:
@@ -248,19 +298,34 @@ def fio(job: Job, uri: str, size: int, seconds: int) -> dict[str, Any]:
         "p99_ms": round(pcts.get("99.000000", 0) / 1e6, 3),
         "max_ms": round(side["lat_ns"]["max"] / 1e6, 3),
         "errors": out["jobs"][0].get("error", 0),
+        "ios": side["total_ios"],
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(server: Server, job: Job, size: int, seconds: int) -> dict[str, Any]:
+    """One fio run from the quiet state. ``cpu_us_per_req``: CPU time of each of the server's
+    processes per request, from the start of the run until the agent had shipped it all
+    (drctl: the capture agent and the target)."""
     waited = server.quiet()
     subprocess.run(["sync"], check=True)
     warm(server.path)
     load0 = loadavg()
     t0 = time.time()
+    cpu0 = {k: cpu_seconds(pid) for k, pid in server.pids.items()}
     got = fio(job, server.uri, size, seconds)
+    after = server.after_run(job)
+    n = max(1, got.pop("ios"))
+    cpu = {k: round((cpu_seconds(pid) - cpu0[k]) / n * 1e6) for k, pid in server.pids.items()}
     rec = {"job": job.name, "server": server.name, "started": time.strftime(
         "%H:%M:%S", time.localtime(t0)), "load_before": load0, "load_after": loadavg(),
-        "waited_quiet_s": round(waited, 3), **got, **server.after_run(job)}
+        "waited_quiet_s": round(waited, 3), **got, **after, "cpu_us_per_req": cpu}
     print(json.dumps(rec), flush=True)
     return rec
 
@@ -270,25 +335,31 @@ def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
 
 
 def table(results: list[dict[str, Any]], base: str, jobs: list[Job]) -> str:
+    """One row per job: each server's IOPS, MB/s, latency and CPU per request (all its
+    processes), and each other server's IOPS relative to ``base``."""
     by = {(r["job"], r["server"]): r for r in results}
     others = [s for s in dict.fromkeys(r["server"] for r in results) if s != base]
-    head = ["job", f"{base} IOPS", f"{base} MB/s", f"{base} p50 / p99 ms"]
-    for s in others:
-        head += [f"{s} IOPS", f"{s} MB/s", f"{s} p50 / p99 ms", f"{s} / {base}"]
+    head = ["job"]
+    for s in [base, *others]:
+        head += [f"{s} IOPS", f"{s} MB/s", f"{s} p50 / p99 ms", f"{s} CPU us/req"]
+        if s != base:
+            head.append(f"{s} / {base}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for j in jobs:
         b = by.get((j.name, base))
         if b is None:
             continue
-        row = [j.label, f"{b['iops']:,.0f}", f"{b['mb_s']:,.1f}",
-               f"{b['p50_ms']:.2f} / {b['p99_ms']:.2f}"]
-        for s in others:
+        row = [j.label]
+        for s in [base, *others]:
             o = by.get((j.name, s))
             if o is None:
-                row += ["", "", "", ""]
+                row += [""] * (4 if s == base else 5)
                 continue
             row += [f"{o['iops']:,.0f}", f"{o['mb_s']:,.1f}",
-                    f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f}", f"{ratio(b, o, 'iops'):.2f}x"]
+                    f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f}",
+                    f"{sum(o['cpu_us_per_req'].values()):,}"]
+            if s != base:
+                row.append(f"{ratio(b, o, 'iops'):.2f}x")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -299,9 +370,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--jobs", default=",".join(j.name for j in JOBS),
                     help="comma-separated, from: " + ", ".join(j.name for j in JOBS))
-    ap.add_argument("--servers", default="qemu-nbd,drctl",
-                    help="comma-separated, from qemu-nbd, drctl, nbdkit")
-    ap.add_argument("--nbdkit", action="store_true", help="add nbdkit's file plugin")
+    ap.add_argument("--servers", default="qemu-nbd,drctl,nbdkit",
+                    help="comma-separated, from qemu-nbd, drctl, nbdkit (left out when not "
+                    "installed), drctl-export (the export alone, nothing shipped); the first "
+                    "is the baseline of the ratios")
+    ap.add_argument("--serve-export", nargs=3, metavar=("PATH", "PORT", "JOURNAL"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--drain-timeout", type=float, default=180.0)
     ap.add_argument("--dir", default=None, help="work directory (default: a new one under "
                     "/var/tmp, removed at the end); keep it for the servers' logs")
@@ -326,6 +400,8 @@ def start(names: list[str], work: str, size: int, drain_timeout: float) -> list[
                 servers.append(QemuNbd(d, path))
             elif n == "nbdkit":
                 servers.append(NbdkitFile(d, path))
+            elif n == "drctl-export":
+                servers.append(DrctlExport(d, path))
             else:
                 servers.append(Drctl(d, path, drain_timeout))
     except BaseException:
@@ -356,7 +432,11 @@ def uptime() -> str:
 
 def main() -> int:
     args = parse_args()
-    names = args.servers.split(",") + (["nbdkit"] if args.nbdkit else [])
+    if args.serve_export:
+        path, port, journal = args.serve_export
+        serve_export(path, int(port), journal)
+        return 0
+    names = args.servers.split(",")
     if "nbdkit" in names and shutil.which("nbdkit") is None:
         print("nbdkit is not installed: left out", flush=True)
         names.remove("nbdkit")

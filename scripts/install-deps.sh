@@ -10,7 +10,7 @@ export DEBIAN_FRONTEND=noninteractive
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need=()
-for bin in etcd named prometheus promtool rsync dig iptables chromium chromedriver named-checkzone tsig-keygen qemu-io nbdcopy nbdinfo fio; do
+for bin in etcd named prometheus promtool rsync dig iptables chromium chromedriver named-checkzone tsig-keygen qemu-io nbdcopy nbdinfo fio nbdkit; do
   command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -18,7 +18,7 @@ if [ "${#need[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends \
     etcd-server etcd-client bind9 bind9-utils bind9-dnsutils prometheus rsync iproute2 procps \
-    iptables chromium chromium-driver qemu-utils libnbd-bin fio >/dev/null
+    iptables chromium chromium-driver qemu-utils libnbd-bin fio nbdkit >/dev/null
 fi
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

@@ -14,9 +14,9 @@ started: it reads the journal's record clock first, under the ``order`` lock (in
 the volume holds the data and is synced too, so a record counts only once its volume write
 is made). When it ends, the callbacks of the requests it covered run on the event loop in
 one go (one wake-up of the loop for the whole group, no task per request). A sync that
-starts with nothing new to cover is not made. A request alone (nothing else in flight, one
-at a time: a database's commit) is synced on the loop itself, without the two thread
-wake-ups (``sync_alone``).
+starts with nothing new to cover is not made. (A lone request, one at a time, is not synced
+on the loop itself, although that saves two thread wake-ups: the loop ships nothing while it
+waits for the disk, and the replication lag's tail grew several-fold in bench/capture.py.)
 """
 
 from __future__ import annotations
@@ -39,14 +39,15 @@ class GroupCommit:
     def __init__(self, journal: ChangeJournal) -> None:
         self.journal = journal
         self.synced = 0  # every record up to this number is durable (the sync thread's)
-        self.requests = 0  # the export's requests journaled or queued, not answered (loop's)
         self.on_sync: Callable[[float, float], None] | None = None  # (started, finished)
+        self.delivering = False  # the callbacks of a sync are running (loop)
+        self._after: list[Callable[[], None]] = []
         self._cond = threading.Condition()
         self._waiting: list[tuple[int, Done]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._loop_thread = 0
-        self._syncing = False  # a sync is running (the thread's or one made here)
+        self._syncing = False  # the thread is syncing (it looks for new waiters after)
         self._closed = False
 
     @property
@@ -74,34 +75,8 @@ class GroupCommit:
             if self._closed:
                 return  # the export is closing: its connections are gone, nobody to answer
             self._waiting.append((upto, done))
-            self._cond.notify()
-
-    def sync_alone(self) -> bool:
-        """A writer alone (nothing else waits, no sync runs): make every record appended so
-        far durable here, on the calling thread (the loop), saving the two thread wake-ups
-        of :meth:`when_durable`; False (nothing done) when not alone. Raises the sync's
-        error."""
-        with self._cond:
-            if self._waiting or self._syncing or self._closed:
-                return False
-            self._syncing = True
-        try:
-            self._sync()
-        finally:
-            with self._cond:
-                self._syncing = False
-                if self._waiting:  # waiters that came meanwhile: the thread's turn
-                    self._cond.notify()
-        return True
-
-    def _sync(self) -> None:
-        with self.journal.order:  # appended (and written) before the sync: covered by it
-            target = self.journal.seq
-        started = time.monotonic()
-        self.journal.sync()
-        self.synced = max(self.synced, target)
-        if self.on_sync is not None:
-            self.on_sync(started, time.monotonic())
+            if len(self._waiting) == 1 and not self._syncing:  # else it is awake already,
+                self._cond.notify()  # or looks again once its sync ends
 
     async def wait_durable(self, upto: int) -> None:
         """The coroutine form of :meth:`when_durable` (raises the sync's error)."""
@@ -164,8 +139,20 @@ class GroupCommit:
                  started: float, finished: float) -> None:
         if started and self.on_sync is not None:
             self.on_sync(started, finished)
-        for _n, done in batch:
-            done(err)
+        self.delivering = True
+        try:
+            for _n, done in batch:
+                done(err)
+        finally:
+            self.delivering = False
+            after, self._after = self._after, []
+            for fn in after:
+                fn()
+
+    def after_delivery(self, fn: Callable[[], None]) -> None:
+        """While the callbacks of a sync run: call ``fn`` once they all have (a connection
+        writes the replies of the whole group at once)."""
+        self._after.append(fn)
 
 
 class OrderedWriter:

@@ -44,7 +44,6 @@ INLINE_IO = 64 << 10  # smaller reads and writes are done on the loop (page cach
 MAX_INFLIGHT = 64 << 20  # bytes of unanswered requests before reading stops
 RECV_BUFFER = 256 << 10  # a connection's receive buffer (larger payloads get their own)
 WRITE_BUFFER_HIGH = 8 << 20  # the transport's write buffer before the client counts as slow
-SYNC_ALONE = True  # a lone request (qd 1) syncs the journal on the loop (commit.py)
 
 _REQ = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
@@ -227,6 +226,8 @@ class Transmission(asyncio.BufferedProtocol):
         self._paused_reading = False
         self._writes_blocked = False
         self._disc = False
+        self._corked = False  # replies are gathered in _out and written together
+        self._out: list[bytes | bytearray] = []
 
     # -- attaching ------------------------------------------------------------------------
 
@@ -311,8 +312,13 @@ class Transmission(asyncio.BufferedProtocol):
     # -- requests -------------------------------------------------------------------------
 
     def _parse(self) -> None:
-        while not self._disc and self._next():
-            pass
+        corked, self._corked = self._corked, True  # the replies of these requests: at once
+        try:
+            while not self._disc and self._next():
+                pass
+        finally:
+            if not corked:
+                self._uncork()
         if self._start == self._end:
             self._start = self._end = 0
         self._flow()
@@ -424,18 +430,11 @@ class Transmission(asyncio.BufferedProtocol):
         """Journal (and write) in arrival order, then reply once durable; ``buf``: the
         payload's buffer, back to the pool once the job is done."""
         commit = self.ex.commit
-        commit.requests += 1
-
-        def done(err: BaseException | None) -> None:  # on the loop
-            commit.requests -= 1
-            self._durable(cmd, handle, length, err)
+        done = functools.partial(self._durable, cmd, handle, length)
 
         if small and self.ex.writer.idle:
             try:
                 n = self.ex.writer.run(job)
-                if self._alone(length) and commit.sync_alone():
-                    done(None)
-                    return
             except OSError as exc:
                 done(exc)
                 return
@@ -451,13 +450,6 @@ class Transmission(asyncio.BufferedProtocol):
                 commit.when_durable(result, done)
 
         self.ex.writer.submit(job, then)
-
-    def _alone(self, length: int) -> bool:
-        """This is the only request waiting for the journal (of any connection), and its
-        connection has nothing else in flight or buffered: its client waits for this reply
-        before it sends more."""
-        return (SYNC_ALONE and self.ex.commit.requests == 1 and self._inflight == length
-                and self._direct is None and self._end - self._start < _REQ.size)
 
     def _durable(self, cmd: int, handle: int, length: int, err: BaseException | None) -> None:
         if err is not None:
@@ -501,11 +493,28 @@ class Transmission(asyncio.BufferedProtocol):
         self._send(_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle), 0)
 
     def _send(self, data: bytes | bytearray, answered: int) -> None:
-        """Write a whole reply; ``answered``: bytes of the request it ends (reads)."""
+        """Write a whole reply; ``answered``: bytes of the request it ends (reads). While a
+        batch of requests is parsed or a group commit's replies go out, small replies are
+        gathered and written in one system call at its end."""
         self._inflight -= answered
+        if len(data) <= INLINE_IO + _REPLY.size:
+            if not self._corked and self.ex.commit.delivering:
+                self._corked = True
+                self.ex.commit.after_delivery(self._uncork)
+            if self._corked:
+                self._out.append(data)
+                return
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(data)
+        self._flow()
+
+    def _uncork(self) -> None:
+        self._corked = False
+        out, self._out = self._out, []
+        t = self.transport
+        if out and t is not None and not t.is_closing():
+            t.write(out[0] if len(out) == 1 else b"".join(out))
         self._flow()
 
     def _flow(self) -> None:

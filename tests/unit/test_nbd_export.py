@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from replicator.capture import nbdio
-from replicator.capture.commit import GroupCommit
 from replicator.capture.journal import ChangeJournal
 from replicator.capture.nbd import NbdExport, NbdServer
 
@@ -183,34 +182,31 @@ async def test_no_write_is_answered_before_its_journal_record_is_durable(
     assert journal.seq >= 30
 
 
-async def test_a_lone_writer_syncs_on_the_loop_and_writers_in_flight_share_syncs(
+async def test_writers_in_flight_share_syncs_and_the_loop_never_waits_for_one(
         export: tuple[NbdServer, NbdExport, Connect], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal's syncs run on the sync thread only (the loop goes on shipping while the
+    disk works), and writes in flight together share them."""
     _server, _ex, connect = export
-    alone, syncs = [0], [0]
-    sync_alone, sync = GroupCommit.sync_alone, ChangeJournal.sync
-
-    def counted_alone(self: GroupCommit) -> bool:
-        done = sync_alone(self)
-        alone[0] += done
-        return done
+    syncs: list[bool] = []  # on the loop's thread?
+    loop_thread = threading.get_ident()
+    sync = ChangeJournal.sync
 
     def counted_sync(self: ChangeJournal) -> None:
-        syncs[0] += 1
+        syncs.append(threading.get_ident() == loop_thread)
         threading.Event().wait(0.005)
         sync(self)
 
-    monkeypatch.setattr(GroupCommit, "sync_alone", counted_alone)
     monkeypatch.setattr(ChangeJournal, "sync", counted_sync)
     c = await connect()
-    for i in range(10):  # one at a time: each synced on the loop, no thread hop
+    for i in range(5):  # one at a time: a sync each
         c.send(WRITE, i * BS, BS, os.urandom(BS))
         assert (await c.reply())[1] == 0
-    assert alone[0] == 10 and syncs[0] == 10
-    alone[0] = syncs[0] = 0
+    assert syncs == [False] * 5
+    syncs.clear()
     for i in range(64):  # all in flight: grouped
         c.send(WRITE, i * BS, BS, os.urandom(BS))
     assert all(err == 0 for err, _ in (await c.replies(64)).values())
-    assert syncs[0] < 32
+    assert 0 < len(syncs) < 32 and not any(syncs)
 
 
 async def test_a_large_write_does_not_hold_up_a_read_behind_it(
