@@ -196,6 +196,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--wan-delay-ms", type=float, default=40.0, help="delay of each direction")
     ap.add_argument("--wan-no-slow-start-after-idle", action="store_true",
                     help="net.ipv4.tcp_slow_start_after_idle=0 in the namespaces (Linux: 1)")
+    ap.add_argument("--wan-congestion", default="",
+                    help="net.ipv4.tcp_congestion_control in the namespaces (default: the "
+                         "host's; cubic is Linux's default, bbr is BBR v1)")
     ap.add_argument("--no-trace", dest="trace", action="store_false",
                     help="no per-point stage trace (DRCTL_CP_TRACE) in the agent")
     ap.add_argument("--json", help="also write every figure to this file")
@@ -263,18 +266,20 @@ def iops_phase(work: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def wan_phase(work: str, args: argparse.Namespace) -> dict[str, Any]:
     link = WanLink(args.wan_rate, args.wan_delay_ms, python=sys.executable,
-                   slow_start_after_idle=not args.wan_no_slow_start_after_idle)
+                   slow_start_after_idle=not args.wan_no_slow_start_after_idle,
+                   congestion=args.wan_congestion)
     try:
         link.up()
     except WanUnavailable as exc:
         print(f"WAN phase skipped: {exc}", flush=True)
         return {"skipped": str(exc)}
     out: dict[str, Any] = {"rate": args.wan_rate, "delay_ms_each_way": args.wan_delay_ms,
-                           "tcp_slow_start_after_idle": not args.wan_no_slow_start_after_idle}
+                           "tcp_slow_start_after_idle": not args.wan_no_slow_start_after_idle,
+                           "tcp_congestion_control": link.congestion}
     try:
         out["rtt_ms"] = link.rtt_ms()
-        print(f"WAN link {args.wan_rate}, {args.wan_delay_ms:g} ms each way: round trip "
-              f"{out['rtt_ms']}", flush=True)
+        print(f"WAN link {args.wan_rate}, {args.wan_delay_ms:g} ms each way, TCP congestion "
+              f"control {link.congestion}: round trip {out['rtt_ms']}", flush=True)
         bits = float(args.wan_rate.removesuffix("mbit")) * 1e6
         cap = int(bits / 8)  # "the link": pace at 50% and 80% of it
         pair = Pair(work, "wan", cap, args, target_host=DST_IP, wrap_src=link.exec("src", []),

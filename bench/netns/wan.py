@@ -13,6 +13,7 @@ with the exact reason when any of that is missing; :meth:`WanLink.down` removes 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -24,6 +25,15 @@ SRC_IP, DST_IP = "10.99.0.1", "10.99.0.2"
 QUEUE = 7
 
 
+def host_congestion() -> str:
+    """The host's TCP congestion control (what a new namespace starts with)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control", encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError:
+        return "cubic"
+
+
 class WanUnavailable(Exception):
     """The namespaces or the shaping cannot be set up here (the message says why)."""
 
@@ -31,9 +41,10 @@ class WanUnavailable(Exception):
 class WanLink:
     def __init__(self, rate: str = "50mbit", delay_ms: float = 40.0,
                  python: str = sys.executable, prefix: str = "",
-                 slow_start_after_idle: bool = True) -> None:
+                 slow_start_after_idle: bool = True, congestion: str = "") -> None:
         self.rate = rate
         self.slow_start_after_idle = slow_start_after_idle
+        self.congestion = congestion or host_congestion()
         self.delay_ms = delay_ms
         self.python = python
         p = prefix or f"drlag{os.getpid() % 100000}"
@@ -87,6 +98,21 @@ class WanLink:
                 # idle RTO: a burst after a pause then needs several round trips
                 self._run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
                            f"net.ipv4.tcp_slow_start_after_idle={int(self.slow_start_after_idle)}"])
+                # TCP's congestion control, stated (a namespace starts with the host's): BBR
+                # (v1) drops its window to 4 packets for 200 ms + a round trip every 10 s
+                # when no lower RTT was seen (PROBE_RTT), a pause in a stream that never idles
+                # (on the route to the peer: a namespace may not make a congestion control
+                # its default unless the host allows it to unprivileged sockets)
+                net = ipaddress.ip_interface(f"{ip}/24").network
+                self._run(["ip", "-n", ns, "route", "replace", str(net), "dev", dev, "proto",
+                           "kernel", "scope", "link", "src", ip, "congctl", self.congestion])
+                # one CPU takes every packet this end receives (RPS): the tbf of the other end
+                # releases packets from whichever CPU runs its timer or its sender, and veth
+                # queues each on that CPU's backlog, so with two CPUs a flow's segments
+                # arrived out of order (the receiver's TcpExtTCPOFOQueue, the sender's
+                # spurious loss probes and cuts of its window); a delay line keeps its order
+                self._run(["ip", "netns", "exec", ns, "sh", "-c",
+                           f"echo 1 > /sys/class/net/{dev}/queues/rx-0/rps_cpus"])
                 self._run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
                            "tbf", "rate", self.rate, "burst", "32kb", "latency", "400ms"])
                 self._run(["ip", "netns", "exec", ns, "iptables", "-A", "INPUT", "-s", peer,
@@ -128,7 +154,10 @@ class WanLink:
             if p.poll() is None:
                 p.terminate()
                 try:
-                    p.wait(5)
+                    out, _err = p.communicate(timeout=5)
+                    for line in out.decode(errors="replace").splitlines():
+                        if line.startswith("nfq_delay: done"):  # how late it released packets
+                            print(line, file=sys.stderr)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
