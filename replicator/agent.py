@@ -24,6 +24,7 @@ from replicator.errors import ReplanNeededError, ReplicatorError, UsageError, un
 from replicator.metrics import MetricsEndpoint, SourceMetrics, serve_sources
 from replicator.progress import ProgressBar, Sample
 from replicator.report import PushReport, PushState
+from replicator.tcpcheck import warn_if_probe_rtt
 from replicator.throttle import TokenBucket
 from replicator.waiting import until_stopped, wait_at_most
 
@@ -54,6 +55,8 @@ async def run_push(opts: PushOptions, metrics_port: MetricsEndpoint | int | None
     stop = asyncio.Event()
 
     started = time.monotonic()
+    if not opts.once:
+        await asyncio.to_thread(warn_if_probe_rtt, opts.address)
     async with AsyncExitStack() as stack:
         stop_on_signals(stack, stop)
         driver = PushDriver(opts, metrics)
@@ -98,6 +101,7 @@ async def run_group(members: list[PushOptions], journal_path: str,
         serve_sources(metrics, metrics_port)
     stop = asyncio.Event()
     started = time.monotonic()
+    await asyncio.to_thread(warn_if_probe_rtt, members[0].address)
     async with AsyncExitStack() as stack:
         stop_on_signals(stack, stop)
         drivers: list[PushDriver] = []
