@@ -13,9 +13,17 @@ then, ``--runs`` times each:
                       not acknowledged (the agent's log: its activity log) are in the table
   agent, kill -9 with a backlog   the same, with ``--backlog`` blocks written while the target
                       was stopped (SIGSTOP): the time grows with them, not with the volume
+  agent, crash        a crash of the source's machine, simulated: the writer runs; kill -9
+                      the agent; the view entries of the extents its activity log lists are
+                      spoilt (pages never written back); start it again with another
+                      DRCTL_BOOT_ID (a new boot) -> protected. The log's extents are in the
+                      table (the first resync compares them with the replica)
   target, clean stop / kill -9    the writer runs; stop or kill -9 the target, start it again
                       -> the first point acknowledged after it (the agent's
                       drctl_replication_acked_sequence moves); the target's VmHWM after it
+  target, crash       the same as kill -9, then the index entries of the extents of the
+                      target's activity log spoilt and another DRCTL_BOOT_ID (only those
+                      extents are hashed again; the index line of its log is in the table)
 
 The first start of each size is the whole-volume comparison every restart used to make ("full"
 in the table). Then the target's memory with many volumes (``--volumes`` of ``--volume-gib``
@@ -23,9 +31,10 @@ GiB, sparse, each created by a handshake): VmRSS / VmHWM (/proc/PID/status) afte
 them, and after a clean restart and a handshake with each again (timed).
 
 Run: python bench/restart.py [--sizes 1,4,16] [--runs 3] [--backlog 20000] [--insecure]
-         [--volumes 100] [--volume-gib 10] [--no-rss-restart] [--json OUT]
+         [--volumes 100] [--volume-gib 10] [--no-rss-restart] [--only PHASES] [--json OUT]
      --tree DIR runs the drctl of another source tree (e.g. `git archive HEAD | tar -x -C DIR`)
-     against the same bench: a before/after comparison.
+     against the same bench: a before/after comparison (a tree without DRCTL_BOOT_ID sees a
+     "crash" as a kill -9). --only agent:crash,target:crash runs only those phases.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import REPO, free_port, security_flags, stop, wait_port
 from drctl.nbdclient import NbdClient, NbdError
+from replicator.activity import EXTENT_BLOCKS, read
+from replicator.blockindex import INDEX_HEADER
 
 BS = 4096
 
@@ -125,10 +136,13 @@ class Pair:
         self.target: subprocess.Popen[bytes] | None = None
         self.agent: subprocess.Popen[bytes] | None = None
         self.runs = 0
+        self.boots = {"agent": 1, "target": 1}  # DRCTL_BOOT_ID of each side's machine
 
     def _spawn(self, argv: list[str], log: str) -> subprocess.Popen[bytes]:
         tree = self.args.tree or REPO
-        env = {**os.environ, "PYTHONPATH": tree}
+        side = "target" if argv[1] == "serve" else "agent"
+        env = {**os.environ, "PYTHONPATH": tree,
+               "DRCTL_BOOT_ID": f"bench-{side}-boot-{self.boots[side]}"}
         with open(os.path.join(self.work, log), "ab") as fh:
             return subprocess.Popen([sys.executable, "-m", "drctl", "--log-level", "INFO",
                                      *argv], cwd=tree, env=env, stdout=fh,
@@ -168,6 +182,29 @@ class Pair:
             if p is not None:
                 stop(p)
 
+    def crash(self, side: str) -> int:
+        """After a kill -9 of ``side``: what a crash of its machine may lose (the hash entries
+        of the extents its activity log lists, never written back: spoilt here), and its next
+        start is on another boot. Returns the extents listed (-1: the log is unusable)."""
+        if side == "agent":
+            st = os.path.join(self.work, "st", "push")
+            state = os.path.join(st, os.listdir(st)[0])
+            hashes, al, at = (os.path.join(state, "view.hashes"),
+                              os.path.join(state, "activity.log"), 0)
+        else:
+            hashes, al, at = (os.path.join(self.work, "t", "vol.index"),
+                              os.path.join(self.work, "t", "vol.al"), INDEX_HEADER)
+        saved, _why = read(al)
+        extents = set() if saved is None or saved.everything else set(saved.extents)
+        fd = os.open(hashes, os.O_RDWR)
+        try:
+            for e in extents:
+                os.pwrite(fd, os.urandom(8 * EXTENT_BLOCKS), at + 8 * e * EXTENT_BLOCKS)
+        finally:
+            os.close(fd)
+        self.boots[side] += 1
+        return len(extents) if saved is not None and not saved.everything else -1
+
 
 def unacked_blocks(log: str) -> int | None:
     m = re.search(r"the (\d+) blocks the target has not acknowledged", log)
@@ -178,18 +215,27 @@ def unacked_blocks(log: str) -> int | None:
     return None if m is None or not m.group(1).isdigit() else int(m.group(1))
 
 
+def resync_blocks(log: str) -> int | None:
+    m = re.search(r"resync \((?:changed blocks|whole-volume comparison)\) of (\d+|the whole)",
+                  log)
+    return None if m is None or not m.group(1).isdigit() else int(m.group(1))
+
+
 def agent_phase(pair: Pair, how: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     assert pair.agent is not None and pair.target is not None
     writer = None
+    logged: int | None = None
     if how == "clean":  # idle: everything written before is acknowledged
         wait(lambda: scrape(pair.am).get("drctl_replication_lag_seconds") == 0.0, 120, "lag 0")
         stop(pair.agent)
-    elif how == "kill":
+    elif how in ("kill", "crash"):
         writer = Writer(pair.nport, pair.size, seed)
         writer.start()
         time.sleep(1.5)
         pair.agent.kill()
         pair.agent.wait()
+        if how == "crash":
+            logged = pair.crash("agent")
     else:  # a backlog: the target stopped while --backlog blocks are written
         pair.target.send_signal(signal.SIGSTOP)
         writer = Writer(pair.nport, pair.size, seed, limit=args.backlog)
@@ -205,10 +251,13 @@ def agent_phase(pair: Pair, how: str, args: argparse.Namespace, seed: int) -> di
     wait(pair.protected, 600, "protected")
     seconds = time.monotonic() - t0
     log = pair.agent_log()
-    return {"side": "agent", "how": how, "seconds": round(seconds, 3),
-            "resumed": "resumed from saved state" in log, "unacked_blocks": unacked_blocks(log),
-            "writes_before": writer.acked if writer else 0,
-            "agent_hwm_mib": status(pair.agent.pid)["VmHWM"]}
+    out = {"side": "agent", "how": how, "seconds": round(seconds, 3),
+           "resumed": "resumed from saved state" in log, "unacked_blocks": unacked_blocks(log),
+           "writes_before": writer.acked if writer else 0,
+           "agent_hwm_mib": status(pair.agent.pid)["VmHWM"]}
+    if logged is not None:
+        out.update(logged_extents=logged, resync_blocks=resync_blocks(log))
+    return out
 
 
 def target_phase(pair: Pair, how: str, seed: int) -> dict[str, Any]:
@@ -219,6 +268,7 @@ def target_phase(pair: Pair, how: str, seed: int) -> dict[str, Any]:
     writer = Writer(pair.nport, pair.size, seed)
     writer.start()
     time.sleep(1.0)
+    logged: int | None = None
     if how == "clean":
         writer.halt.set()
         writer.join(30)
@@ -228,6 +278,8 @@ def target_phase(pair: Pair, how: str, seed: int) -> dict[str, Any]:
     else:
         pair.target.kill()
         pair.target.wait()
+        if how == "crash":
+            logged = pair.crash("target")
     before = pair.acked()
     t0 = time.monotonic()
     if how == "clean":
@@ -241,9 +293,12 @@ def target_phase(pair: Pair, how: str, seed: int) -> dict[str, Any]:
     writer.join(30)
     with open(os.path.join(pair.work, "target.log"), errors="replace") as fh:
         opened = re.findall(r"vol\.index: (.*)", fh.read())
-    return {"side": "target", "how": how, "seconds": round(seconds, 3),
-            "listening": round(listening, 3), "index": opened[-1] if opened else "",
-            "target_hwm_mib": status(pair.target.pid)["VmHWM"]}
+    out = {"side": "target", "how": how, "seconds": round(seconds, 3),
+           "listening": round(listening, 3), "index": opened[-1] if opened else "",
+           "target_hwm_mib": status(pair.target.pid)["VmHWM"]}
+    if logged is not None:
+        out["logged_extents"] = logged
+    return out
 
 
 def size_runs(gib: float, args: argparse.Namespace) -> dict[str, Any]:
@@ -259,15 +314,18 @@ def size_runs(gib: float, args: argparse.Namespace) -> dict[str, Any]:
         out["full_agent_hwm_mib"] = status(pair.agent.pid)["VmHWM"]
         print(f"{gib} GiB: first start (whole-volume comparison) {out['full_seconds']} s",
               flush=True)
+        only = set(args.only.split(",")) if args.only else None
         for r in range(args.runs):
-            for how in ("clean", "kill", "backlog"):
-                res = agent_phase(pair, how, args, seed=r * 10 + len(how))
-                out["runs"].append(res)
-                print(f"  agent {how}: {res}", flush=True)
-            for how in ("clean", "kill"):
-                res = target_phase(pair, how, seed=r * 10 + 5 + len(how))
-                out["runs"].append(res)
-                print(f"  target {how}: {res}", flush=True)
+            for how in ("clean", "kill", "backlog", "crash"):
+                if only is None or f"agent:{how}" in only:
+                    res = agent_phase(pair, how, args, seed=r * 10 + len(how))
+                    out["runs"].append(res)
+                    print(f"  agent {how}: {res}", flush=True)
+            for how in ("clean", "kill", "crash"):
+                if only is None or f"target:{how}" in only:
+                    res = target_phase(pair, how, seed=r * 10 + 5 + len(how))
+                    out["runs"].append(res)
+                    print(f"  target {how}: {res}", flush=True)
     finally:
         pair.close()
         out["uptime_after"] = uptime()
@@ -331,13 +389,20 @@ def report(results: list[dict[str, Any]]) -> None:
         print(f"| {res['gib']} GiB | first start (whole-volume comparison) | "
               f"{res['full_seconds']} | | | {res['full_agent_hwm_mib']} (agent) |")
         for side, how in (("agent", "clean"), ("agent", "kill"), ("agent", "backlog"),
-                          ("target", "clean"), ("target", "kill")):
+                          ("agent", "crash"), ("target", "clean"), ("target", "kill"),
+                          ("target", "crash")):
             rs = [r for r in res["runs"] if r["side"] == side and r["how"] == how]
+            if not rs:
+                continue
             secs = " / ".join(f"{r['seconds']:.2f}" for r in rs)
             resumed = "/".join("y" if r.get("resumed") else "n" for r in rs) if side == "agent" \
                 else "; ".join(sorted({r["index"].rsplit(" in ", 1)[0] for r in rs}))
             blocks = " / ".join(str(r.get("unacked_blocks")) for r in rs) if side == "agent" \
                 else ""
+            if how == "crash":
+                blocks = " / ".join(f"{r['logged_extents']} extents logged" + (
+                    f", resync of {r['resync_blocks']} blocks" if side == "agent" else "")
+                    for r in rs)
             hwm = max(r.get("agent_hwm_mib") or r.get("target_hwm_mib") or 0 for r in rs)
             print(f"| {res['gib']} GiB | {side}, {how} | {secs} | {resumed} | {blocks} | {hwm} |")
 
@@ -355,6 +420,7 @@ def main() -> None:
     ap.add_argument("--no-rss-restart", action="store_true",
                     help="the memory phase without the restart")
     ap.add_argument("--tree", help="run the drctl of this source tree")
+    ap.add_argument("--only", help="only these phases, e.g. agent:crash,target:crash")
     ap.add_argument("--json", help="also write every figure to this file")
     ap.add_argument("--keep", action="store_true", help="keep the work directories")
     args = ap.parse_args()

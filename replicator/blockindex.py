@@ -6,7 +6,8 @@ block instead of the volume, and RAM does not grow with the size of what is desc
                   process (kill -9), not the machine. Bulk reads and writes (``read``, ``write``,
                   ``digest``) use pread/pwrite, which map no page into the process: its RSS
                   counts only the pages it stored into.
-``ReplicaIndex``  the target's index of one replica, ``NAME.index`` (see its docstring).
+``ReplicaIndex``  the target's index of one replica, ``NAME.index`` (see its docstring),
+                  with its activity log ``NAME.al`` (activity.py) for a crash of the machine.
 
 The source keeps its *view* (what the replica holds, per block) in a ``HashFile`` too
 (source_state.py).
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from replicator.activity import ActivityLog, new_binding
 from replicator.blockmap import Geometry, hash_range, zero_hash
 from replicator.staging import StagingLog
 from replicator.units import format_bytes
@@ -37,7 +39,12 @@ _PIECE = 1 << 20  # u64 entries per pread/pwrite (8 MiB)
 
 
 def boot_id() -> str:
-    """This boot of the machine ("" if unknown): page-cache state of an earlier boot is gone."""
+    """This boot of the machine ("" if unknown): page-cache state of an earlier boot is gone.
+    ``DRCTL_BOOT_ID`` (tests and benchmarks only) stands for it: another value looks like a
+    restart of the machine (the page cache is kept: a test spoils what would be lost)."""
+    override = os.environ.get("DRCTL_BOOT_ID")
+    if override:
+        return override
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
             return fh.read().strip()
@@ -185,7 +192,8 @@ MAX_INFLIGHT = (INDEX_HEADER - _INFLIGHT) // 8
 STAGED = (1 << 64) - 1  # in-flight count: staged points being written (the redo journal has them)
 CLEAN, OPEN = 1, 2
 _MAGIC = b"DRCTLIX1"
-_HFMT = struct.Struct("<8sIIIQQ36sQQQQQQQ36s16s")
+_HFMT1 = struct.Struct("<8sIIIQQ36sQQQQQQQ36s16s")  # version 1, without the activity log's binding
+_HFMT = struct.Struct(_HFMT1.format + "16s")
 _CHECK = struct.Struct("<Q")
 
 
@@ -212,27 +220,32 @@ class _Header:
     image: tuple[int, int, int, int] = (0, 0, 0, 0)
     boot: str = ""
     digest: bytes = b""
+    binding: bytes = b""  # the activity log's (version 2)
 
     def pack(self) -> bytes:
-        body = _HFMT.pack(_MAGIC, 1, self.state, self.block_size, self.size, self.blocks,
+        body = _HFMT.pack(_MAGIC, 2, self.state, self.block_size, self.size, self.blocks,
                           self.generation.encode().ljust(36, b"\0"), self.counter,
                           self.applied_seq, self.wal_seq, *self.image,
-                          self.boot.encode().ljust(36, b"\0"), self.digest.ljust(16, b"\0"))
+                          self.boot.encode().ljust(36, b"\0"), self.digest.ljust(16, b"\0"),
+                          self.binding.ljust(16, b"\0"))
         return body + _CHECK.pack(xxhash.xxh3_64_intdigest(body))
 
     @classmethod
     def unpack(cls, raw: bytes) -> _Header | None:
-        if len(raw) < _HFMT.size + _CHECK.size:
-            return None
-        body = raw[: _HFMT.size]
-        if _CHECK.unpack_from(raw, _HFMT.size)[0] != xxhash.xxh3_64_intdigest(body):
+        for fmt in (_HFMT, _HFMT1):
+            body = raw[: fmt.size]
+            if len(raw) >= fmt.size + _CHECK.size and _CHECK.unpack_from(raw, fmt.size)[0] \
+                    == xxhash.xxh3_64_intdigest(body):
+                break
+        else:
             return None
         (magic, _v, state, bs, size, blocks, gen, counter, seq, wal, dev, ino, isize, mtime,
-         boot, digest) = _HFMT.unpack(body)
+         boot, digest, *binding) = fmt.unpack(body)
         if magic != _MAGIC:
             return None
         return cls(state, bs, size, blocks, gen.rstrip(b"\0").decode(), counter, seq, wal,
-                   (dev, ino, isize, mtime), boot.rstrip(b"\0").decode(), digest)
+                   (dev, ino, isize, mtime), boot.rstrip(b"\0").decode(), digest,
+                   binding[0] if binding and any(binding[0]) else b"")
 
 
 class ReplicaIndex:
@@ -248,11 +261,18 @@ class ReplicaIndex:
       is what it kept, except the blocks it was writing into the image directly (listed in the
       header before each write: re-hashed from the image); the staged batches are laid over it
       again. The image's mtime, noted after each write, must not have moved since (nothing
-      else wrote it). After a reboot nothing can be said: the image is hashed again.
+      else wrote it). After a restart of the machine, the activity log ``NAME.al`` (bound to
+      the header by a random binding) lists the extents where the image or the array may differ
+      from what the last checkpoint made durable: only those are hashed again from the image
+      (the same image: its inode is in the header), then the staged batches laid over.
 
-    Anything else (missing, torn, another size or generation, a checksum that does not match) is
-    one WARNING line naming the file and the reason, and the image is hashed again, its holes
-    skipped (SEEK_DATA).
+    Anything else (missing, torn, another size or generation, a checksum that does not match, a
+    restart of the machine without a usable activity log) is one WARNING line naming the file
+    and the reason, and the image is hashed again, its holes skipped (SEEK_DATA).
+
+    A change to the image or the array pins its extents in the activity log first (one sync
+    for the new ones of a batch), until made. Checkpoints: at a commit when due, and at a clean
+    stop (the redo journal, the image and the array synced before the log is emptied).
     """
 
     def __init__(self, path: str, img_fd: int) -> None:
@@ -260,6 +280,10 @@ class ReplicaIndex:
         self.img_fd = img_fd
         self.existed = os.path.exists(path)  # none after a demotion or an upgrade: no warning
         self.file = HashFile(path, INDEX_HEADER)
+        self.al = ActivityLog(os.path.splitext(path)[0] + ".al")
+        self.binding = b""  # the activity log's, in the header
+        self._keep: set[int] | None = None  # extents the log keeps listing after the open
+        self._held: list[set[int]] = []
         self.generation = ""
         self.digest_cache: bytes | None = None
         self.how = ""
@@ -290,6 +314,7 @@ class ReplicaIndex:
     def _open(self, geo: Geometry, binding: Binding, wal: StagingLog, created: bool) -> None:
         self.generation = binding.generation
         started = time.monotonic()
+        self._keep = None
         if created:
             self._invalidate()
             self._zero(geo)
@@ -303,6 +328,9 @@ class ReplicaIndex:
                 self.rebuild(geo, wal)
                 self.how = "hashed from the image"
             log.info("%s: %s in %.3fs", self.path, self.how, time.monotonic() - started)
+        if self._keep is None:  # rewritten here, or no log vouches for what the last process
+            self.binding = new_binding()  # left unsynced: all of it, until a checkpoint
+        self.al.start(self.binding, self._keep or (), everything=self._keep is None)
         self._mark_open(geo)
         self._live()[1] = 0
         self.note_written()
@@ -319,6 +347,7 @@ class ReplicaIndex:
             return "it describes a replica of another size"
         if h.generation != binding.generation:
             return "it describes another generation of the replica"
+        self.binding = h.binding
         if h.state == CLEAN:
             return self._check_clean(h, binding)
         return self._recover(h, geo, wal)
@@ -334,12 +363,15 @@ class ReplicaIndex:
             return "checksum mismatch"
         self.digest_cache = digest
         self.how = "loaded (saved at a clean stop)"
+        self._keep = set() if h.binding else None  # all of it was synced at the stop
         return ""
 
     def _recover(self, h: _Header, geo: Geometry, wal: StagingLog) -> str:
-        """After a kill: the array as the process left it, the blocks in flight re-hashed."""
+        """After a kill: the array as the process left it, the blocks in flight re-hashed.
+        After a restart of the machine: the extents of the activity log re-hashed."""
+        logged, why = self.al.load(h.binding)
         if not h.boot or h.boot != boot_id():
-            return "the machine restarted since it was last open"
+            return self._after_reboot(h, geo, wal, logged, why)
         mtime, count = self._live().tolist()[:2]
         if count != STAGED and count > MAX_INFLIGHT:
             return "its list of blocks in flight is unreadable"
@@ -349,6 +381,29 @@ class ReplicaIndex:
         self.refresh(geo, blocks, wal)
         self.overlay(wal, None)
         self.how = f"recovered after a crash ({len(blocks)} blocks in flight hashed again)"
+        self._keep = logged  # the killed process's changes may not be durable yet
+        return ""
+
+    def _after_reboot(self, h: _Header, geo: Geometry, wal: StagingLog,
+                      logged: set[int] | None, why: str) -> str:
+        if logged is None:
+            return (f"the machine restarted since it was last open and its activity log "
+                    f"{self.al.path} cannot be used ({why})")
+        if h.image[1] != os.fstat(self.img_fd).st_ino:
+            return "the machine restarted since it was last open and the image was replaced"
+        eb, disk = self.al.extent_blocks, Geometry(min(geo.size, os.fstat(
+            self.img_fd).st_size), geo.block_size)
+        spans = [(e * eb, min((e + 1) * eb, geo.blocks)) for e in sorted(logged)
+                 if e * eb < geo.blocks]
+        for first, last in spans:
+            got = array("Q", hash_range(self.img_fd, disk, first, last - first))
+            got.extend(zero_hash(geo.block_len(b)) for b in range(first + len(got), last))
+            self.file.write(first, got)
+        self.overlay(wal, None)
+        done = sum(last - first for first, last in spans)
+        self.how = (f"after a restart of the machine, {len(logged)} extents "
+                    f"({format_bytes(done * geo.block_size)}) from the activity log re-hashed")
+        self._keep = logged
         return ""
 
     def _invalidate(self) -> None:
@@ -381,10 +436,11 @@ class ReplicaIndex:
         if not wanted:
             return
         end = min(geo.size, os.fstat(self.img_fd).st_size)
-        for b in wanted:
-            got = hash_range(self.img_fd, Geometry(end, geo.block_size), b, 1)
-            self.hashes[b] = got[0] if got else zero_hash(geo.block_len(b))
-        self.overlay(wal, set(wanted))
+        with self.al.holding(self.al.extents_of(wanted)):
+            for b in wanted:
+                got = hash_range(self.img_fd, Geometry(end, geo.block_size), b, 1)
+                self.hashes[b] = got[0] if got else zero_hash(geo.block_len(b))
+            self.overlay(wal, set(wanted))
 
     def overlay(self, wal: StagingLog, only: set[int] | None) -> None:
         """Lay the staged batches' hashes over the array (``only``: these blocks)."""
@@ -400,17 +456,29 @@ class ReplicaIndex:
         """The replica was resized from ``old_size``: new blocks are zeros; the old and new
         last blocks (maybe partial) are hashed again."""
         old_blocks = -(-old_size // geo.block_size)
-        self.file.resize(geo.blocks, zero_hash(geo.block_size))
-        self.digest_cache = None
-        self._mark_open(geo)
-        self.refresh(geo, {old_blocks - 1, geo.blocks - 1} - {-1}, wal)
-        self.note_written()
+        eb = self.al.extent_blocks
+        changed = range(max(0, min(old_blocks, geo.blocks) - 1) // eb,
+                        max(old_blocks, geo.blocks, 1) // eb + 1)
+        with self.al.holding(changed):  # the entries added (or cut), the last blocks
+            self.file.resize(geo.blocks, zero_hash(geo.block_size))
+            self.digest_cache = None
+            self._mark_open(geo)
+            self.refresh(geo, {old_blocks - 1, geo.blocks - 1} - {-1}, wal)
+            self.note_written()
 
     # -- while open ------------------------------------------------------------------------
 
-    def begin(self, blocks: list[int] | None) -> None:
+    def begin(self, blocks: list[int] | None, inflight: bool = True) -> None:
         """Blocks about to be written into the image (None: staged points, which the redo
-        journal holds until they are recorded as applied)."""
+        journal holds until they are recorded as applied), their extents pinned in the activity
+        log until :meth:`done`; ``inflight``: listed in the header too (a direct write)."""
+        if blocks is not None:
+            self._release()  # left by a batch that failed (its writes, if any, were made)
+            extents = self.al.extents_of(blocks)
+            self.al.pin(extents)
+            self._held.append(extents)
+        if not inflight:
+            return
         live = self._live()
         if blocks is None:
             live[1] = STAGED
@@ -421,11 +489,26 @@ class ReplicaIndex:
         live[1] = n  # after the list: a kill between the two leaves the previous count (0)
         self.digest_cache = None
 
-    def done(self) -> None:
+    def done(self, inflight: bool = True) -> None:
         """The writes begun are in the image (and the array)."""
-        live = self._live()
-        live[0] = os.fstat(self.img_fd).st_mtime_ns
-        live[1] = 0
+        self._release()
+        if inflight:
+            live = self._live()
+            live[0] = os.fstat(self.img_fd).st_mtime_ns
+            live[1] = 0
+
+    def _release(self) -> None:
+        for extents in self._held:
+            self.al.unpin(extents)
+        self._held.clear()
+
+    def store(self, blocks: list[int], hashes: list[int]) -> None:
+        """Staged hashes into the array (their extents logged first)."""
+        with self.al.holding(self.al.extents_of(blocks)):
+            index = self.hashes
+            for i, h in zip(blocks, hashes, strict=True):
+                index[i] = h
+        self.digest_cache = None
 
     def note_written(self) -> None:
         self._live()[0] = os.fstat(self.img_fd).st_mtime_ns
@@ -435,32 +518,56 @@ class ReplicaIndex:
             self.digest_cache = self.file.digest()
         return self.digest_cache
 
+    def checkpoint_if_due(self, wal: StagingLog) -> None:
+        """At a commit, on its thread, while the volume's thread writes (it pins what it
+        changes): if due, a checkpoint of the activity log."""
+        if self.al.due():
+            self.checkpoint(wal)
+
+    def checkpoint(self, wal: StagingLog) -> None:
+        """The redo journal, the image and the array synced, then the activity log lists only
+        what changed since this began."""
+        began = self.al.begin_checkpoint()
+        if wal.frames:
+            wal.sync()
+        os.fdatasync(self.img_fd)
+        # the array's stores go through a MAP_SHARED map: on Linux an fdatasync of the file
+        # writes those pages (as msync would) without touching the map (a resize remaps it)
+        os.fdatasync(self.file.fd)
+        self.al.end_checkpoint(began)
+
     def _mark_open(self, geo: Geometry) -> None:
         self._write_header(_Header(OPEN, geo.block_size, geo.size, geo.blocks, self.generation,
-                                   boot=boot_id()))
+                                   image=(0, os.fstat(self.img_fd).st_ino, 0, 0),
+                                   boot=boot_id(), binding=self.binding))
 
     def _write_header(self, h: _Header) -> None:
         os.pwrite(self.file.fd, h.pack(), 0)
         os.fdatasync(self.file.fd)  # OPEN is durable before the first change
 
     def close_clean(self, geo: Geometry, binding: Binding, save: bool = True) -> None:
-        """A clean stop: image and array synced, then the header that binds them (not if a
-        write into the image did not finish: the next open hashes its blocks again). Not
-        ``save``: a promotion, after which the image is the primary volume (a demotion removes
-        the index): left OPEN, it is believed again on this boot only if the image's mtime has
-        not moved."""
+        """A clean stop: image and array synced, the activity log emptied, then the header
+        that binds them (not if a write into the image did not finish: the next open hashes
+        its blocks again). Not ``save``: a promotion, after which the image is the primary
+        volume (a demotion removes the index): left OPEN, it is believed again on this boot
+        only if the image's mtime has not moved, and after a restart of the machine not at
+        all (the activity log says everything)."""
+        if not save:
+            self.al.invalidate()
         if not save or self._live()[1]:
             self.close()
             return
         os.fdatasync(self.img_fd)
         self.file.flush()
+        self.al.checkpoint(keep_hot=False)
         self._write_header(_Header(CLEAN, geo.block_size, geo.size, geo.blocks,
                                    binding.generation, binding.counter, binding.applied_seq,
                                    binding.wal_seq, identity(os.fstat(self.img_fd)), "",
-                                   self.digest()))
+                                   self.digest(), self.binding))
         self.close()
 
     def close(self) -> None:
+        self.al.close()
         self.file.close()
 
 

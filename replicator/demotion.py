@@ -106,7 +106,7 @@ def demote(directory: str, name: str, block_size: int, epoch: int,
     atomic_write(_path(directory, name, DIVERGED), json.dumps({
         "base_generation": divergence.base_generation, "blocks": sorted(divergence.blocks),
         "saved_to": divergence.saved_to}).encode())
-    for stale in (".wal", ".meta", ".index"):
+    for stale in (".wal", ".meta", ".index", ".al"):
         try:
             os.unlink(_path(directory, name, stale))
         except FileNotFoundError:

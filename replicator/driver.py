@@ -131,7 +131,7 @@ class PushDriver:
     def __init__(self, opts: PushOptions, metrics: SourceMetrics) -> None:
         self.o = opts
         self.m = metrics
-        self.store = StateStore(opts.state_dir, opts.path)
+        self.store = StateStore(opts.state_dir, opts.path, opts.nbd_listen is not None)
         self.state: SourceState = self.store.load()
         self.client = TargetClient(opts.address, opts.security,
                                    token_file(opts.epoch_token) if opts.epoch_token else None)
@@ -248,7 +248,7 @@ class PushDriver:
         # mode) only takes idempotent DATA and ZERO records.
         self.planner = Planner(self.o.volume, self.o.epoch, self.geo, st.view, st.seen,
                                dedup=self.o.dedup and not capture and info.mode != "warm",
-                               compress_level=self.o.compress_level)
+                               compress_level=self.o.compress_level, activity=self.store.al)
         self.planner.staged = capture  # consistency points: the target stages everything
         return kept
 

@@ -5,19 +5,25 @@ and the dedup index over it (content hash -> a block holding that content). Zero
 ZERO records, blocks whose content the replica already holds become COPY records, the rest DATA.
 Rewrites of one block between scans are naturally coalesced: only the content present when the
 block is read is planned.
+
+With an activity log (write capture: activity.py) the extents of the view entries about to
+change are pinned in it first, until the plan (or the point, capture/points.py) is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import zstandard
 
+from replicator.activity import ActivityLog
 from replicator.batch import Batch, Compression, Decoder, Kind
 from replicator.blockmap import (
     CHUNK_BLOCKS,
+    UNKNOWN,
     ChunkSource,
     Geometry,
     block_hash,
@@ -61,7 +67,7 @@ class _Builder:
 class Planner:
     def __init__(self, volume: str, epoch: int, geo: Geometry, view: array[int] | memoryview,
                  seen: array[int], *, dedup: bool = True, compress_level: int = 1,
-                 max_blocks: int = MAX_BATCH_BLOCKS) -> None:
+                 max_blocks: int = MAX_BATCH_BLOCKS, activity: ActivityLog | None = None) -> None:
         self.volume = volume
         self.epoch = epoch
         self.geo = geo
@@ -74,6 +80,20 @@ class Planner:
         self.stats = PlanStats()
         # Write capture: every batch goes to the target's redo journal (see staging.py).
         self.staged = False
+        self.activity = activity
+
+    def holding(self, blocks: Iterable[int]) -> contextlib.AbstractContextManager[None]:
+        """While the view entries of ``blocks`` change: their extents pinned in the activity
+        log (if any)."""
+        al = self.activity
+        return contextlib.nullcontext() if al is None else al.holding(al.extents_of(blocks))
+
+    def forget(self, blocks: Iterable[int]) -> None:
+        """What the replica holds in ``blocks`` is not known any more: shipped again."""
+        wanted = [b for b in blocks if b < len(self.view)]
+        with self.holding(wanted):
+            for b in wanted:
+                self.view[b] = UNKNOWN
 
     def _dedup_index(self) -> dict[int, int]:
         if self._dedup is None:
@@ -90,7 +110,17 @@ class Planner:
         the volume moved after the scan, the next scan finds a different chunk hash and looks
         at it block by block again (a write racing the scan is never skipped).
         """
+        held: set[int] = set()  # extents pinned in the activity log, until the plan ends
+        try:
+            yield from self._plan(src, chunks, next_seq, held)
+        finally:
+            if held and self.activity is not None:
+                self.activity.unpin(held)
+
+    def _plan(self, src: ChunkSource, chunks: list[int], next_seq: Callable[[], int],
+              held: set[int]) -> Iterator[PlannedBatch]:
         geo, view, seen = self.geo, self.view, self.seen
+        al = self.activity
         bs, chunk_bytes, size = geo.block_size, geo.chunk_bytes, geo.size
         hash_ = block_hash
         dedup = self._dedup_index() if self.dedup_enabled else None
@@ -106,7 +136,11 @@ class Planner:
             hs = [hash_(cv[o : o + bs]) for o in range(0, len(buf), bs)]
             b0 = c * CHUNK_BLOCKS
             olds = view[b0 : b0 + len(hs)]
-            if hs == olds.tolist():
+            same = hs == olds.tolist()
+            if not same and al is not None and b0 // al.extent_blocks not in held:
+                held.add(b0 // al.extent_blocks)
+                al.pin((b0 // al.extent_blocks,))
+            if same:
                 pass
             elif (len(hs) == CHUNK_BLOCKS and len(cur.indices) + CHUNK_BLOCKS <= max_blocks
                   and self._all_new_data(hs, olds, dedup, zh_full)):

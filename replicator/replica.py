@@ -8,7 +8,8 @@ Files under the target directory, per volume NAME:
   NAME.wal   the redo journal of staged batches (write capture: see staging.py).
   NAME.ledger  keyed digests of the last batches taken, by sequence (ledger.py): a resend is
              answered only if it is the batch taken under that number.
-  NAME.index the per-block hash index, memory-mapped (blockindex.py).
+  NAME.index the per-block hash index, memory-mapped (blockindex.py), and NAME.al its
+             activity log (activity.py): what a restart of the machine must hash again.
   NAME.clones/  drill clones (at most ``serve --max-clones`` at once).
 
 Batches from a scan-based source are written into the image as they arrive. Staged batches
@@ -338,15 +339,13 @@ class Replica:
         """Verify then write; ``index`` (None: leave the index alone) takes the new hashes.
         The blocks are listed as in flight in the index's header while they are written."""
         records, payload = self._open(batch, incoming)
-        if index is not None:
-            self._ix.begin(batch.indices)
+        self._ix.begin(batch.indices, inflight=index is not None)  # logged first (activity.py)
         if not records and batch.indices:
             written = self._apply_run(batch, payload, index)
         else:
             geo = Geometry(batch.volume_size, self.record.block_size)
             written = self._write(records, self._verify(batch.seq, records, payload, geo), index)
-        if index is not None:
-            self._ix.done()
+        self._ix.done(inflight=index is not None)
         return written
 
     # -- staging (redo journal) ----------------------------------------------------------------
@@ -369,11 +368,7 @@ class Replica:
         # replica): its cp stays the last one seen.
         closes = batch.cp != 0 or not batch.staged
         self.wal.append(batch, batch.cp or self.closed_cp(durable=False), closes)
-        index = self.index()
-        for i, h in zip(batch.indices, batch.hashes, strict=True):
-            index[i] = h
-        if batch.indices:
-            self._ix.digest_cache = None
+        self._ix.store(batch.indices, batch.hashes)  # their extents logged first (activity.py)
         self.ledger.record(batch.seq, self.ledger.digest(batch))
         return len(payload)
 
@@ -523,6 +518,7 @@ class Replica:
             # overwrote the diverged blocks is complete.
             clear_divergence(self.directory, self.name)
             self.divergence = None
+        self._ix.checkpoint_if_due(self.wal)  # the activity log's, if due (blockindex.py)
 
     def clone(self, name: str, limit: int | None = None) -> tuple[str, str]:
         """A writable copy of the image as applied so far: (path, method). Copy-on-write

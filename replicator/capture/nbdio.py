@@ -12,6 +12,10 @@ from the volume into a buffer that already holds its reply header (on the loop u
 ``INLINE_IO``, on a thread above). Replies are written whole; requests may complete in any
 order (NBD allows it), every write only once it is durable in the journal.
 
+Activity log (activity.py, ``NbdExport.activity``): a write's extents are listed in it before
+the volume is written (a set lookup once they are; a write to an extent not listed yet is done
+on the writer's thread, where listing it syncs the log).
+
 Flow control: reading stops while more than ``MAX_INFLIGHT`` bytes of requests are
 unanswered or while the client does not read its replies (the transport's write buffer is
 full), and the writes held by the write barrier count as unanswered.
@@ -28,6 +32,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from replicator.activity import ActivityLog
 from replicator.capture.commit import GroupCommit, OrderedWriter
 from replicator.capture.journal import ChangeJournal, write_zeroes
 
@@ -69,6 +74,7 @@ class NbdExport:
         self.on_change = on_change
         self.flags = (T_HAS_FLAGS | T_SEND_FLUSH | T_SEND_FUA | T_SEND_TRIM
                       | T_SEND_WRITE_ZEROES | T_CAN_MULTI_CONN)
+        self.activity: ActivityLog | None = None  # the volume's (the capture agent sets it)
 
     @classmethod
     def open_group(cls, volumes: list[tuple[str, str]], journal_path: str, block_size: int,
@@ -116,12 +122,26 @@ class NbdExport:
         """Journal then write (in arrival order: on the loop or the writer's thread). Returns
         the journal record number to wait for."""
         start, whole = self._whole_blocks(offset, data)
+        self._log(start, len(whole))
         n = self.journal.write(start, whole, self.index)
         view = memoryview(whole)
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], start + done)
         return n
+
+    def _log(self, offset: int, length: int) -> None:
+        """Before the volume is written (under the journal's order lock: a checkpoint begins
+        under it too): the extents of [offset, offset + length) listed in the activity log."""
+        al = self.activity
+        if al is not None:
+            bs = self.block_size
+            al.ensure_blocks(offset // bs, -(-(offset % bs + length) // bs))
+
+    def listed(self, offset: int, length: int) -> bool:
+        """Would writing [offset, offset + length) leave the activity log as it is?"""
+        al, bs = self.activity, self.block_size
+        return al is None or al.listed(offset // bs, -(-(offset % bs + length) // bs))
 
     def zero(self, offset: int, length: int) -> int:
         bs = self.block_size
@@ -133,6 +153,7 @@ class NbdExport:
         if head > offset:
             n = self.write(offset, bytes(head - offset))
         if tail > head:
+            self._log(head, tail - head)
             n = self.journal.zero(head, tail - head, self.index)
             write_zeroes(self.fd, head, tail - head)
         if offset + length > tail:
@@ -380,7 +401,7 @@ class Transmission(asyncio.BufferedProtocol):
                 self._hold(cmd, handle, offset, length, None)
             else:
                 self._ordered(cmd, handle, functools.partial(self.ex.zero, offset, length),
-                              small=length <= INLINE_IO)
+                              small=length <= INLINE_IO and self.ex.listed(offset, length))
         else:
             self._reply(handle, ENOTSUP)
 
@@ -414,15 +435,16 @@ class Transmission(asyncio.BufferedProtocol):
         """``owned``: ``data`` is the request's own buffer, not a view of the receive buffer
         (which is reused once this returns)."""
         self._inflight += len(data)
+        small = len(data) <= INLINE_IO and self.ex.listed(offset, len(data))
         if not owned and (self.barrier.up or self._held or not self.ex.writer.idle
-                          or len(data) > INLINE_IO):
+                          or not small):
             data = bytes(data)  # kept past this call
         if self.barrier.up or self._held:
             assert not isinstance(data, memoryview)
             self._hold(CMD_WRITE, handle, offset, len(data), data)
             return
         self._ordered(CMD_WRITE, handle, functools.partial(self.ex.write, offset, data),
-                      small=len(data) <= INLINE_IO, length=len(data),
+                      small=small, length=len(data),
                       buf=data if owned and isinstance(data, bytearray) else None)
 
     def _ordered(self, cmd: int, handle: int, job: Callable[[], int], small: bool,

@@ -4,7 +4,9 @@ Each point's blocks are shipped once, with their last content in the point, as D
 records (never COPY: the target may apply a point twice after a crash, and a copy is not
 idempotent). A block whose content the replica already holds is skipped. The last batch of a
 point carries its number (``cp``), which tells the target the point is complete; for a resync,
-only the very last batch closes, with the number of the point the resync ends at.
+only the very last batch closes, with the number of the point the resync ends at. The extents
+of a point's blocks are pinned in the activity log (if any) while it is planned: one sync for
+the new ones.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ def plan_points(planner: Planner, points: list[ExtractedPoint], next_seq: Callab
     for i, point in enumerate(points):
         closing = close_with is None or i == len(points) - 1
         cp = 0 if not closing else point.cp if close_with is None else close_with
-        yield from _plan_point(planner, point, next_seq, cp, volume)
+        with planner.holding(key & BLOCK_MASK for key in point.blocks
+                             if key >> KEY_SHIFT == volume):
+            yield from _plan_point(planner, point, next_seq, cp, volume)
     if not points and close_with is not None:
         yield from _plan_point(planner, ExtractedPoint(close_with), next_seq, close_with,
                                volume)

@@ -42,7 +42,7 @@ from collections.abc import Callable, Container, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from replicator.blockmap import UNKNOWN, Geometry, hash_range
+from replicator.blockmap import Geometry, hash_range
 from replicator.capture.journal import BLOCK_MASK, KEY_SHIFT, ChangeJournal, block_key
 from replicator.driver import PushDriver
 from replicator.errors import ProtocolError, ReplicatorError, VolumeError, unwrap_group
@@ -321,10 +321,8 @@ class Scrubber:
         A read error raises VolumeError; the blocks stay known mismatches, shipped again at
         their next check."""
         d = self.drivers[vol]
-        planner = d.planner
-        for b in blocks:
-            if planner is not None:
-                planner.view[b] = UNKNOWN
+        if d.planner is not None:
+            d.planner.forget(blocks)
         spans = _spans(blocks)
         watch = self.journal.watch(block_key(vol, spans[0][0]), block_key(vol, spans[-1][1]))
         bs = d.geo.block_size

@@ -11,7 +11,8 @@
    volume, without waiting for the acks of the points before it (on a WAN the lag is then
    about one round trip, not two). A client FLUSH closes a point; with ``cp_interval`` 0 (the
    default) the agent also cuts the open point whenever the streams have sent everything cut
-   before, so a point holds the writes that arrived while the previous one was being sent;
+   before, at most once per CUT_SPACING (5 ms), so a point holds the writes that arrived while
+   the previous one was being sent;
    with ``cp_interval`` > 0 it cuts only once writes waited that long for a FLUSH. A point's
    closing batch asks the target to sync and ack at once; the point leaves the journal when
    its ack arrives, and the journal is compacted on a thread. ``DRCTL_CP_TRACE`` records each
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from replicator.capture import resume
+from replicator.capture.checkpoint import Checkpointer
 from replicator.capture.journal import (
     IDLE_REWRITE_BYTES,
     ChangeJournal,
@@ -92,6 +94,7 @@ async def run_captured(drivers: list[PushDriver], stop: asyncio.Event,
                                    journal_limit=opts.journal_limit)
     journal = exports[0].journal
     names = ", ".join(d.o.volume for d in drivers)
+    checkpoints = Checkpointer(drivers, exports)  # the volumes' activity logs
     try:
         if journal.replayed:
             log.warning("%s: replayed %d journaled writes into the volumes", names,
@@ -118,14 +121,14 @@ async def run_captured(drivers: list[PushDriver], stop: asyncio.Event,
                 return False
             main = _Loop(drivers, opts, journal, wake, stop, lineage, journal_dir, trace)
             main.full = not resumed  # else the first resync covers the journal's blocks
-            main.on_protected = scrub.set_active
+            main.on_protected = checkpoints.follow(scrub.set_active)
             return await scrub.alongside(main.run())
         finally:
             loop.remove_signal_handler(signal.SIGUSR1)
             loop.remove_signal_handler(signal.SIGUSR2)
             await server.close()
     finally:
-        journal.close()
+        checkpoints.close()  # and the journal, synced once more first
         for e in exports:
             e.close()
 
@@ -147,6 +150,8 @@ def _export_gauges(driver: PushDriver, journal: ChangeJournal, server: NbdServer
 
 INLINE_EXTRACT = 1 << 20  # journal bytes of points small enough to read on the event loop
 STREAM_IDLE = 0.5  # seconds without writes after which the streams of points end
+CUT_SPACING = 0.005  # seconds between two cuts of the agent's at least (a client FLUSH cuts
+# at once): it adds at most this much to the lag
 FEED_AHEAD = 64  # closed points read from the journal ahead of the stream (per member): the
                  # rest of a backlog waits on disk, not in memory
 
@@ -179,6 +184,7 @@ class _Loop:
         self.trace = trace or PointTrace(None)
         self.inflight: deque[_Point] = deque()  # shipped, not acknowledged by every member
         self.unsent = 0  # closing batches of those points not yet sent (all members)
+        self.last_cut = 0.0  # when the agent last cut a point itself (monotonic)
         self.compacting: asyncio.Future[bool] | None = None
         self.saving: asyncio.Future[None] | None = None
         self.on_protected: Callable[[bool], None] | None = None  # the background verify's
@@ -319,8 +325,10 @@ class _Loop:
         for i in range(len(self.drivers)):
             if exact is not None:
                 sets[i] = volume_blocks(blocks, i) | exact.get(i, set())
-            else:
-                sets[i] = None if full else volume_blocks(blocks, i)
+            elif full:
+                sets[i] = None
+            else:  # and, after a restart of the machine, the activity log's (resume.py)
+                sets[i] = volume_blocks(blocks, i) | self.drivers[i].state.recheck
         how = ("exact delta" if exact is not None else "whole-volume comparison" if full
                else "changed blocks")
         self.progress.start(sets, exact is not None or not full)
@@ -354,6 +362,7 @@ class _Loop:
         for d in self.drivers:
             self.lineage.synced[d.o.volume] = d.state.generation
             self.lineage.promoted_from.pop(d.o.volume, None)
+            d.state.rechecked()
         self.lineage.save(self.lineage_dir)
         self._set_protected(True)
         log.info("%s: replica consistent at point %d and verified (%s)", self.name, end, how)
@@ -434,6 +443,13 @@ class _Loop:
                 return self.opts.cp_interval - age
         elif self.unsent:  # the streams are still sending: writes gather in the open point
             return self.opts.interval
+        else:
+            # at most one cut per CUT_SPACING: a point costs the two sides ~1-2 ms of CPU
+            # whatever it holds, and a writer alone (a database's commits) made one per write
+            wait = self.last_cut + CUT_SPACING - time.monotonic()
+            if wait > 0:
+                return wait
+        self.last_cut = time.monotonic()
         self.trace.stamp(self.journal.cut(), "cut")
         return self.opts.interval
 

@@ -2,14 +2,22 @@
 after a clean stop the capture agent resumes from its saved state (no whole-volume comparison)
 and the target loads its saved block index; a corrupt state file, a corrupt index or a volume
 written while the agent was stopped fall back to reading everything, and the log says which
-file or what, and why. Whatever the path, the replica ends equal to the volume."""
+file or what, and why. After a crash of the machine (kill -9 of both, another DRCTL_BOOT_ID,
+the hash entries of the logged extents spoilt as if never written back) only the extents of
+the activity logs are checked, and a damaged activity log falls back to everything. Whatever
+the path, the replica ends equal to the volume."""
 
 from __future__ import annotations
 
 import glob
 import os
 import random
+import re
 
+import pytest
+
+from replicator.activity import EXTENT_BLOCKS, read
+from replicator.blockindex import INDEX_HEADER
 from tests.nbdclient import NbdClient
 from tests.procs import (
     DRCTL,
@@ -126,3 +134,115 @@ def test_clean_restarts_resume_and_damaged_state_falls_back_to_a_full_check(
     log = agent.stop()
     assert "resumed from saved state (clean stop)" in log, log[-3000:]
     assert same_file(src, target.image("vol"))
+
+
+def _logged(path: str) -> set[int]:
+    saved, why = read(path)
+    assert saved is not None and not saved.everything, f"{path}: {why}"
+    return set(saved.extents)
+
+
+def _spoil(path: str, at: int, extents: set[int]) -> None:
+    """The hash entries of ``extents`` as a crash of the machine may leave them: never written
+    back (garbage here). The other entries are what the last checkpoint made durable."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for e in extents:
+            os.pwrite(fd, os.urandom(8 * EXTENT_BLOCKS), at + 8 * e * EXTENT_BLOCKS)
+    finally:
+        os.close(fd)
+
+
+def _rchar(pid: int) -> int:
+    """Bytes the process read (read and pread: the image's hashing counts here)."""
+    with open(f"/proc/{pid}/io") as fh:
+        return int(next(line for line in fh if line.startswith("rchar:")).split()[1])
+
+
+def _since(path: str, offset: int) -> str:
+    with open(path, errors="replace") as fh:
+        fh.seek(offset)
+        return fh.read()
+
+
+def _crash(agent: Agent, target: Target, files: dict[str, str], damage: bool
+           ) -> tuple[set[int], set[int]]:
+    """kill -9 of both daemons, then what a crash of the machine may leave: the hash entries
+    of the logged extents spoilt, a write the client was never answered for on the volume
+    (its journal record lost), and, with ``damage``, both activity logs damaged. Returns the
+    extents the target's and the agent's logs listed."""
+    assert agent.proc is not None and target.proc is not None
+    agent.proc.kill9()
+    target.proc.kill9()
+    t_logged, a_logged = _logged(files["target_al"]), _logged(files["agent_al"])
+    assert t_logged and t_logged <= {0, 1} and a_logged and a_logged <= {0, 1}
+    _spoil(files["index"], INDEX_HEADER, t_logged)
+    _spoil(files["view"], 0, a_logged)
+    fd = os.open(agent.src, os.O_RDWR)  # in an extent the export listed before writing it
+    os.pwrite(fd, random.randbytes(BS), (min(a_logged) * EXTENT_BLOCKS + 7) * BS)
+    os.close(fd)
+    if damage:
+        for path in (files["target_al"], files["agent_al"]):
+            with open(path, "r+b") as fh:
+                fh.seek(40)
+                fh.write(b"\xff")
+    return t_logged, a_logged
+
+
+def _only_the_logged_extents(tlog: str, alog: str, t_logged: set[int],
+                             a_logged: set[int]) -> None:
+    t_line = (f"vol.index: after a restart of the machine, {len(t_logged)} extents "
+              f"({4 * len(t_logged)}.0 MiB) from the activity log re-hashed")
+    assert t_line in tlog and "hashing the image again" not in tlog, tlog[-3000:]
+    assert "resumed from saved state (after a restart of the machine)" in alog, alog[-3000:]
+    assert (f"vol: after a restart of the machine, {len(a_logged)} extents "
+            f"({4 * len(a_logged)}.0 MiB) from the activity log: the first resync") in alog
+    m = re.search(r"resync \(changed blocks\) of (\d+) blocks", alog)
+    assert m and int(m.group(1)) <= len(a_logged) * EXTENT_BLOCKS + 40, alog[-3000:]
+    assert "resync (whole-volume comparison)" not in alog
+    shipped = re.search(r"resync \(changed blocks\) shipped (\d+) bytes", alog)
+    assert shipped and int(shipped.group(1)) >= BS, alog[-3000:]  # the lost write
+
+
+def test_after_a_crash_of_the_machine_only_the_activity_logs_extents_are_checked(
+        workdir: str, target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = os.path.join(workdir, "vol.img")
+    write_random(src, 64 << 20, seed=93)  # 16 extents; the writes go to the first 2
+    monkeypatch.setenv("DRCTL_BOOT_ID", "boot-a")
+    assert target.stop() == 0
+    target.start()
+    agent = Agent(workdir, target, src)
+    agent.start()
+    agent.stop()  # clean stops of both: their activity logs are emptied
+    assert target.stop() == 0
+    index = target.image("vol")[: -len(".img")] + ".index"
+    (view,) = glob.glob(os.path.join(workdir, "st", "push", "vol-*", "view.hashes"))
+    files = {"index": index, "target_al": index[: -len(".index")] + ".al", "view": view,
+             "agent_al": os.path.join(os.path.dirname(view), "activity.log")}
+    target_log = os.path.join(workdir, "target.log")
+    reads: dict[str, int] = {}
+    for run, damage in (("boot-b", False), ("boot-c", True)):
+        target.start()
+        agent.start()
+        agent.write_and_wait(len(run))
+        t_logged, a_logged = _crash(agent, target, files, damage)
+        monkeypatch.setenv("DRCTL_BOOT_ID", run)  # the next boot
+        mark = os.path.getsize(target_log)
+        target.start()
+        agent.start()
+        assert target.proc is not None
+        reads[run] = _rchar(target.proc.pid)
+        wait_for(lambda: same_file(src, target.image("vol")), 30, "the replica equal")
+        alog = agent.stop()
+        assert target.stop() == 0
+        tlog = _since(target_log, mark)
+        if not damage:
+            _only_the_logged_extents(tlog, alog, t_logged, a_logged)
+            continue
+        warnings = [line for line in tlog.splitlines() if " WARNING " in line]
+        assert len(warnings) == 1 and files["target_al"] in warnings[0] and \
+            "(torn or checksum mismatch): hashing the image again" in warnings[0], tlog[-4000:]
+        assert (f"its activity log {files['agent_al']} cannot be used (torn or checksum "
+                "mismatch)" in alog and "resync (whole-volume comparison)" in alog), alog[-3000:]
+    # the image's 64 MiB were read only when the activity log could not say what changed
+    assert reads["boot-c"] - reads["boot-b"] > 40 << 20, reads

@@ -1,28 +1,34 @@
 """The target's block index on disk (NAME.index): a clean stop saves it and a restart loads it
 without reading the image; after a kill the array is kept and only the blocks in flight are
-hashed again; anything it cannot vouch for (a corrupt or truncated file, a reboot, an image
-written behind its back) is one WARNING line naming the file and the reason, and the image is
-hashed again."""
+hashed again; after a restart of the machine only the extents of its activity log (NAME.al);
+anything it cannot vouch for (a corrupt or truncated file, a reboot without a usable activity
+log, an image written behind its back) is one WARNING line naming the file and the reason, and
+the image is hashed again."""
 
 from __future__ import annotations
 
 import logging
 import os
+from array import array
 
 import pytest
 
 import replicator.blockindex as blockindex
+from replicator.activity import EXTENT_BLOCKS, read
 from replicator.blockindex import INDEX_HEADER, HashFile, data_extents
-from replicator.blockmap import Geometry, block_hash, hash_all
+from replicator.blockmap import UNKNOWN, Geometry, block_hash, hash_all
+from replicator.planning import Planner
 from replicator.replica import Replica, index_digest
 from tests.unit.test_staging import BLOCKS, BS, Source
 
 GEO = Geometry(BLOCKS * BS, BS)
+EB = EXTENT_BLOCKS
+BIG = Geometry(8 * EB * BS, BS)  # 8 extents of the activity log (32 MiB, sparse)
 
 
-def _from_disk(d: str) -> bytes:
+def _from_disk(d: str, geo: Geometry = GEO) -> bytes:
     with open(os.path.join(d, "v.img"), "rb") as fh:
-        return index_digest(hash_all(memoryview(fh.read()), GEO))
+        return index_digest(hash_all(memoryview(fh.read()), geo))
 
 
 def _written(d: str) -> tuple[Replica, Source]:
@@ -143,9 +149,12 @@ def test_after_a_kill_an_image_written_by_something_else_or_a_reboot_is_hashed_a
     assert again.digest() == _from_disk(d)
     assert "written by something else" in caplog.text
     monkeypatch.setattr(blockindex, "boot_id", lambda: "another-boot")
-    after_reboot = Replica(d, "v")  # `again` was killed too, on the boot before
+    # `again` was killed too, on the boot before, before its first checkpoint: having hashed
+    # the whole image, its activity log says everything may have changed
+    after_reboot = Replica(d, "v")
     assert after_reboot.digest() == _from_disk(d)
-    assert "the machine restarted" in caplog.text
+    assert "the machine restarted since it was last open and its activity log" in caplog.text
+    assert "(it says everything may have changed)" in caplog.text
     after_reboot.close()
 
 
@@ -203,3 +212,128 @@ def test_holes_are_not_read(tmp_path: object) -> None:
         os.close(fd)
     assert sum(b - a for a, b in extents) < (64 << 20)  # the holes are skipped
     assert any(a <= (32 << 20) < b for a, b in extents)
+
+
+# -- a crash of the machine: the activity log -------------------------------------------------
+
+
+class BigSource(Source):
+    def __init__(self) -> None:
+        super().__init__()
+        self.geo = BIG
+        self.model = bytearray(BIG.size)
+        self.planner = Planner("v", 0, BIG, BIG.zero_hashes(),
+                               array("Q", [UNKNOWN]) * BIG.chunks, dedup=False)
+
+
+def _logged(d: str) -> set[int]:
+    saved, why = read(os.path.join(d, "v.al"))
+    assert saved is not None and not saved.everything, why
+    return set(saved.extents)
+
+
+def _busy(d: str) -> Replica:
+    """A replica written since its last checkpoint in extents 0, 3 and 6 (direct batches and
+    a staged point), never closed: the daemon (or the machine) died."""
+    src = BigSource()
+    r = Replica(d, "v")
+    r.prepare(BIG.size, BS)
+    src.planner.staged = False
+    for b in src.point({1: 0x11, 2 * EB + 5: 0x25, 7 * EB + 1: 0x71}):
+        r.apply(b)
+    r.commit(src.seq)
+    r._ix.checkpoint(r.wal)  # image and index synced: the log keeps the hot set
+    assert {0, 2, 7} <= _logged(d)
+    r._ix.checkpoint(r.wal)  # nothing written since the one before: the log is emptied
+    assert _logged(d) == set()
+    for b in src.point({3 * EB + 7: 0x37, 3 * EB + 8: None}):
+        r.apply(b)
+    src.planner.staged = True
+    for b in src.point({6 * EB: 0x60, 1: 0x12}):
+        r.stage(b)
+    r.commit(src.seq)
+    r.apply_staged()
+    assert _logged(d) == {0, 3, 6}
+    return r
+
+
+def _lose_page_cache(d: str, extents: set[int]) -> None:
+    """What a crash of the machine may leave of the index: the entries of the logged extents
+    never written back (garbage here); the rest is what the last checkpoint made durable."""
+    fd = os.open(os.path.join(d, "v.index"), os.O_RDWR)
+    try:
+        for e in extents:
+            os.pwrite(fd, os.urandom(8 * EB), INDEX_HEADER + 8 * e * EB)
+    finally:
+        os.close(fd)
+
+
+def test_after_a_restart_of_the_machine_only_the_extents_of_the_activity_log_are_hashed(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    d = str(tmp_path)
+    caplog.set_level(logging.INFO)
+    _busy(d)
+    killed = Replica(d, "v")  # first a kill on this boot: the log keeps what was not synced
+    assert "recovered after a crash" in caplog.text and _logged(d) == {0, 3, 6}
+    logged = _logged(d)
+    del killed  # ... and that one dies with the machine
+    _lose_page_cache(d, logged)
+    monkeypatch.setenv("DRCTL_BOOT_ID", "the-next-boot")
+    reads: list[tuple[int, int]] = []
+    real = blockindex.hash_range
+
+    def counting(fd: int, geo: Geometry, first: int, count: int) -> list[int]:
+        reads.append((first, count))
+        return real(fd, geo, first, count)
+
+    monkeypatch.setattr(blockindex, "hash_range", counting)
+    caplog.clear()
+    again = Replica(d, "v")
+    assert sorted(reads) == [(e * EB, EB) for e in sorted(logged)]  # those extents, no more
+    lines = [r.getMessage() for r in caplog.records if "v.index" in r.getMessage()]
+    assert len(lines) == 1 and "after a restart of the machine, 3 extents (12.0 MiB) from the " \
+        "activity log re-hashed in" in lines[0], lines
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert again.digest() == _from_disk(d, BIG)
+    assert _logged(d) == logged  # listed until the next checkpoint
+    again.close()  # a clean stop empties it
+    assert _logged(d) == set()
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing"])
+def test_after_a_restart_of_the_machine_an_unusable_activity_log_means_the_whole_image(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        damage: str) -> None:
+    d = str(tmp_path)
+    _busy(d)
+    _lose_page_cache(d, {0, 3, 6})
+    al = os.path.join(d, "v.al")
+    if damage == "flip":
+        with open(al, "r+b") as fh:
+            fh.seek(30)
+            fh.write(b"\xff")
+    else:
+        os.unlink(al)
+    monkeypatch.setenv("DRCTL_BOOT_ID", "the-next-boot")
+    again = Replica(d, "v")
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    why = "torn or checksum mismatch" if damage == "flip" else "it is missing"
+    assert len(lines) == 1 and al in lines[0] and f"({why}): hashing the image again" \
+        in lines[0], lines
+    assert again.digest() == _from_disk(d, BIG)
+    again.close()
+
+
+def test_checkpoints_at_commits_keep_the_hot_set_then_empty_the_log_once_due(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = str(tmp_path)
+    r = _busy(d)
+    r.commit()  # not due yet (CHECKPOINT_SECONDS)
+    assert _logged(d) == {0, 3, 6}
+    monkeypatch.setattr(r._ix.al, "due", lambda: True)
+    r.commit()
+    assert _logged(d) == {0, 3, 6}  # written since the checkpoint before: still hot
+    r.commit()
+    assert _logged(d) == set()
+    r.close()

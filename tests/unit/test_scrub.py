@@ -21,6 +21,7 @@ from replicator.capture.journal import ChangeJournal, block_key
 from replicator.capture.scrub import Scrubber, Span, judge, runs
 from replicator.driver import PushDriver
 from replicator.metrics import SourceMetrics
+from replicator.planning import Planner
 from replicator.replica import Replica
 from tests.procs import write_random
 from tests.unit.test_staging import BLOCKS, BS, Source
@@ -138,7 +139,8 @@ def _scrubber(tmp_path: object, blocks: int = 16) -> tuple[Scrubber, _Replica, l
     driver = SimpleNamespace(
         o=SimpleNamespace(volume="v", block_size=BS, path=vol), geo=geo,
         m=SourceMetrics("v"), client=replica, state=SimpleNamespace(generation="g"),
-        planner=SimpleNamespace(view=hash_all(memoryview(content), geo)))
+        planner=Planner("v", 0, geo, hash_all(memoryview(content), geo),
+                        array("Q", [UNKNOWN]) * geo.chunks))
     journal = ChangeJournal(os.path.join(str(tmp_path), "journal"), BS, os.open(vol, os.O_RDWR))
     woken: list[int] = []
     scrub = Scrubber([cast(PushDriver, driver)], journal, 1 << 20, asyncio.Event(),
