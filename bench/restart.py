@@ -198,8 +198,10 @@ class Pair:
         extents = set() if saved is None or saved.everything else set(saved.extents)
         fd = os.open(hashes, os.O_RDWR)
         try:
+            end = os.fstat(fd).st_size  # (an extent listed past the array spoils nothing)
             for e in extents:
-                os.pwrite(fd, os.urandom(8 * EXTENT_BLOCKS), at + 8 * e * EXTENT_BLOCKS)
+                first = at + 8 * e * EXTENT_BLOCKS
+                os.pwrite(fd, os.urandom(max(0, min(8 * EXTENT_BLOCKS, end - first))), first)
         finally:
             os.close(fd)
         self.boots[side] += 1

@@ -458,7 +458,7 @@ class ReplicaIndex:
         old_blocks = -(-old_size // geo.block_size)
         eb = self.al.extent_blocks
         changed = range(max(0, min(old_blocks, geo.blocks) - 1) // eb,
-                        max(old_blocks, geo.blocks, 1) // eb + 1)
+                        (max(old_blocks, geo.blocks, 1) - 1) // eb + 1)
         with self.al.holding(changed):  # the entries added (or cut), the last blocks
             self.file.resize(geo.blocks, zero_hash(geo.block_size))
             self.digest_cache = None
