@@ -197,8 +197,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--wan-no-slow-start-after-idle", action="store_true",
                     help="net.ipv4.tcp_slow_start_after_idle=0 in the namespaces (Linux: 1)")
     ap.add_argument("--wan-congestion", default="",
-                    help="net.ipv4.tcp_congestion_control in the namespaces (default: the "
-                         "host's; cubic is Linux's default, bbr is BBR v1)")
+                    help="TCP congestion control on the namespaces' routes (congctl; default: "
+                         "the host's net.ipv4.tcp_congestion_control; cubic is Linux's "
+                         "default, bbr is BBR v1)")
     ap.add_argument("--no-trace", dest="trace", action="store_false",
                     help="no per-point stage trace (DRCTL_CP_TRACE) in the agent")
     ap.add_argument("--json", help="also write every figure to this file")

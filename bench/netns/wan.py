@@ -20,18 +20,11 @@ import shutil
 import subprocess
 import sys
 
+from replicator.tcpcheck import default_congestion
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC_IP, DST_IP = "10.99.0.1", "10.99.0.2"
 QUEUE = 7
-
-
-def host_congestion() -> str:
-    """The host's TCP congestion control (what a new namespace starts with)."""
-    try:
-        with open("/proc/sys/net/ipv4/tcp_congestion_control", encoding="ascii") as fh:
-            return fh.read().strip()
-    except OSError:
-        return "cubic"
 
 
 class WanUnavailable(Exception):
@@ -44,7 +37,7 @@ class WanLink:
                  slow_start_after_idle: bool = True, congestion: str = "") -> None:
         self.rate = rate
         self.slow_start_after_idle = slow_start_after_idle
-        self.congestion = congestion or host_congestion()
+        self.congestion = congestion or default_congestion() or "cubic"
         self.delay_ms = delay_ms
         self.python = python
         p = prefix or f"drlag{os.getpid() % 100000}"
