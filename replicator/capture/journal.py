@@ -233,6 +233,16 @@ class ChangeJournal:
             self._close(KIND_CUT)
             return cp
 
+    def cut_if_flushed(self) -> int | None:
+        """Close an empty point (the volumes as at the last FLUSH or cut) and return its
+        number; None, and nothing closed, if the open point holds writes."""
+        with self.lock:
+            if self.open_first_at is not None or self.overflowed:
+                return None
+            cp = self.next_cp
+            self._close(KIND_CUT)
+            return cp
+
     def _close(self, kind: int) -> int:
         cp = self.next_cp
         start = self.open_start

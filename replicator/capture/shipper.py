@@ -7,6 +7,8 @@
    and ships the points written meanwhile, and only the last batch closes, so the target
    applies resync and points as one unit and the replica shows the volume as it was at that
    cut (every block read by the resync was read before the cut; later writes are in points).
+   With ``cp_interval`` > 0 that cut is the first client FLUSH after the pass, as for every
+   other point.
 3. Then stream the points: each is shipped as soon as it closes, on one long-lived stream per
    volume, without waiting for the acks of the points before it (on a WAN the lag is then
    about one round trip, not two). A client FLUSH closes a point; with ``cp_interval`` 0 (the
@@ -53,6 +55,7 @@ from replicator.capture.journal import (
 from replicator.capture.lineage import Lineage
 from replicator.capture.nbd import NbdExport, NbdServer
 from replicator.capture.points import plan_points
+from replicator.capture.resync_progress import ResyncProgress
 from replicator.capture.scrub import Scrubber
 from replicator.capture.trace import PointTrace
 from replicator.driver import PushDriver, PushOptions
@@ -306,6 +309,16 @@ class _Loop:
             return None
         return out
 
+    def _forget_synced(self) -> None:
+        """A comparison of the whole volumes: until it completes, the journal is not the
+        difference to the replica (a demotion must compare the images too)."""
+        changed = False
+        for d in self.drivers:
+            if self.lineage.synced.pop(d.o.volume, None) != d.state.generation:
+                changed = True
+        if changed:
+            self.lineage.save(self.lineage_dir)
+
     async def resync(self) -> None:
         journal = self.journal
         full = self.full
@@ -313,14 +326,7 @@ class _Loop:
         blocks = journal.begin_resync()
         self._set_protected(False)
         if full and exact is None:
-            # A comparison of the whole volumes: until it completes, the journal is not the
-            # difference to the replica (a demotion must compare the images too).
-            changed = False
-            for d in self.drivers:
-                if self.lineage.synced.pop(d.o.volume, None) != d.state.generation:
-                    changed = True
-            if changed:
-                self.lineage.save(self.lineage_dir)
+            self._forget_synced()
         sets: dict[int, set[int] | None] = {}
         for i in range(len(self.drivers)):
             if exact is not None:
@@ -343,7 +349,9 @@ class _Loop:
             log.warning("%s: the journal overflowed during the resync: another round",
                         self.name)
             return
-        end = journal.cut()
+        end = await self._resync_end()
+        if end is None:  # overflowed while it waited for a FLUSH: another round; or stopped
+            return
         points = await asyncio.to_thread(journal.extract, end)
         await self._each(lambda i, d: d.run_planned(
             lambda: plan_points(_planner(d), points, d.next_seq, close_with=end, volume=i)))
@@ -366,6 +374,30 @@ class _Loop:
         self.lineage.save(self.lineage_dir)
         self._set_protected(True)
         log.info("%s: replica consistent at point %d and verified (%s)", self.name, end, how)
+
+    async def _resync_end(self) -> int | None:
+        """The point the resync closes with: the first cut after the pass read its last
+        block. With ``cp_interval`` > 0 the replica only ever shows a client's FLUSH, so that
+        is the next FLUSH (or the agent's own cut once the open point's writes waited
+        ``cp_interval`` for one, as when streaming). None if the journal overflowed or the
+        agent stops meanwhile."""
+        journal = self.journal
+        if self.opts.cp_interval <= 0:
+            return journal.cut()
+        mark = journal.next_cp  # the number of the next point to close
+        end = journal.cut_if_flushed()  # nothing written since the last FLUSH
+        if end is not None:
+            return end
+        while not journal.overflowed and not self.stop.is_set():
+            if journal.next_cp > mark:
+                return mark  # a FLUSH closed it: every block the pass read came before
+            first = journal.open_first_at
+            age = time.time() - first if first is not None else 0.0
+            if age >= self.opts.cp_interval:
+                return journal.cut()
+            await wait_at_most(self.opts.cp_interval - age, self.stop, self.wake)
+            self.wake.clear()
+        return None
 
     # -- the steady state: points shipped as they are cut ---------------------------------------
 
@@ -538,62 +570,6 @@ class _Loop:
                 self.trace.note(done[-1], "release_ms", (time.monotonic() - started) * 1000)
             for cp in done:
                 self.trace.released(cp)
-
-
-class ResyncProgress:
-    """The resync gauges: what it covers, what is left, an ETA from the rate so far."""
-
-    def __init__(self, drivers: list[PushDriver]) -> None:
-        self.drivers = drivers
-        self.sizes: list[int] = [0] * len(drivers)
-        self.by_blocks = False
-        self.acked0 = [0] * len(drivers)
-        self.started = 0.0
-        for d in drivers:
-            d.m.set(d.m.resync_eta, -1)
-            self._wrap(d)
-
-    def _wrap(self, d: PushDriver) -> None:
-        inner = d.m.refresh
-        i = self.drivers.index(d)
-
-        def refresh() -> None:
-            if inner is not None:
-                inner()
-            self._update(i, d)
-
-        d.m.refresh = refresh
-
-    def start(self, sets: dict[int, set[int] | None], by_blocks: bool) -> None:
-        self.started = time.monotonic()
-        self.by_blocks = by_blocks
-        for i, d in enumerate(self.drivers):
-            blocks = sets.get(i)
-            self.sizes[i] = d.geo.size if blocks is None else len(blocks) * d.geo.block_size
-            self.acked0[i] = d.progress.acked_raw
-            d.m.set(d.m.resync_exact, int(by_blocks))
-            self._update(i, d)
-
-    def stop(self) -> None:
-        self.sizes = [0] * len(self.drivers)
-        for i, d in enumerate(self.drivers):
-            self._update(i, d)
-
-    def _update(self, i: int, d: PushDriver) -> None:
-        size = self.sizes[i]
-        if not size:
-            d.m.set(d.m.resync_size, 0)
-            d.m.set(d.m.resync_remaining, 0)
-            d.m.set(d.m.resync_eta, -1)
-            return
-        done = (d.progress.acked_raw - self.acked0[i]) if self.by_blocks \
-            else d.progress.scanned
-        done = max(0, min(size, done))
-        left = size - done
-        elapsed = time.monotonic() - self.started
-        d.m.set(d.m.resync_size, size)
-        d.m.set(d.m.resync_remaining, left)
-        d.m.set(d.m.resync_eta, elapsed * left / done if done and elapsed > 1.0 else -1)
 
 
 def _save_states(drivers: list[PushDriver]) -> None:

@@ -198,6 +198,41 @@ def test_replica_is_always_at_a_flush_across_kill_9_of_either_side(workdir: str,
     assert "replication failed" not in agent.log(), agent.log()[-4000:]
 
 
+def test_a_resync_closes_at_a_flush_not_between_two(workdir: str, target: Target) -> None:
+    """With --cp-interval only client FLUSHes close points, the resync's closing point too: a
+    write still waiting for its FLUSH when the resync pass ends reaches the replica with that
+    FLUSH, not with the resync (the replica would show a state no FLUSH ever had)."""
+    src = os.path.join(workdir, "vol.img")
+    write_random(src, SIZE, seed=91)
+    nport, mport = free_port(), free_port()
+    cmd = push_cmd(src, target, "vol", os.path.join(workdir, "st"), "--nbd-listen",
+                   f"127.0.0.1:{nport}", "--cp-interval", "3600", "--rate-limit", "2MB/s",
+                   "--metrics-port", str(mport))
+    agent = Proc(cmd, os.path.join(workdir, "agent.log")).start()
+    wait_for(lambda: port_open(nport), 30, "the export")
+    client = NbdClient("127.0.0.1", nport, "vol")
+    new = random.Random(92).randbytes(BS)
+    client.write(0, new)  # acknowledged, no FLUSH yet
+
+    def pass_done() -> bool:
+        s = scrape(mport)
+        return (metric(s, "drctl_replication_resync_size_bytes", volume="vol") > 0
+                and metric(s, "drctl_replication_resync_remaining_bytes", volume="vol") == 0)
+
+    wait_for(pass_done, 30, "the resync pass to end")
+    time.sleep(2.0)  # its last batches acknowledged: the old code closed the resync here
+    assert metric(scrape(mport), "drctl_replication_protected", volume="vol") == 0
+    with open(target.image("vol"), "rb") as fh:
+        assert fh.read(BS) != new, "the replica shows a write whose FLUSH never came"
+    client.flush()
+    wait_for(lambda: same_file(src, target.image("vol")), 30, "the FLUSH's point on the replica")
+    wait_for(lambda: metric(scrape(mport), "drctl_replication_protected", volume="vol") == 1,
+             10, "protected after the FLUSH")
+    client.close()
+    assert agent.stop() == 0
+    assert "Traceback" not in agent.log(), agent.log()[-3000:]
+
+
 def test_warm_mode_holds_points_until_promotion(workdir: str) -> None:
     target = Target(workdir, None, "--mode", "warm").start()
     src = os.path.join(workdir, "vol.img")
