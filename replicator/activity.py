@@ -118,9 +118,6 @@ class ActivityLog:
         self._invalidations = 0
         self._since = time.monotonic()  # the last checkpoint
 
-    def __len__(self) -> int:
-        return len(self._hot)
-
     def load(self, binding: bytes) -> tuple[set[int] | None, str]:
         """The extents listed, if the file is whole and bound to ``binding``; else None and
         the reason (missing, torn, a checksum that does not match, another binding, or
@@ -221,12 +218,17 @@ class ActivityLog:
     # -- checkpoints -----------------------------------------------------------------------
 
     def due(self) -> bool:
-        """Time for a checkpoint: the log lists anything and CHECKPOINT_SECONDS passed, or it
-        lists CHECKPOINT_EXTENTS (at most once a second), or says everything."""
+        """Time for a checkpoint: the file lists an extent that is not pinned and
+        CHECKPOINT_SECONDS passed (so an idle log is emptied by the next two), or
+        CHECKPOINT_EXTENTS were written since the last one (at most once a second), or the
+        file says everything."""
         age = time.monotonic() - self._since
         if self.everything or len(self._hot) > len(self._pins) + CHECKPOINT_EXTENTS:
             return age >= 1.0
-        return bool(self._hot) and age >= CHECKPOINT_SECONDS
+        if age < CHECKPOINT_SECONDS:
+            return False
+        with self._lock:
+            return bool(self._hot.difference(self._pins) or self._disk.difference(self._pins))
 
     def begin_checkpoint(self) -> int:
         """A new list begins (the pinned extents stay); the file keeps the old one until
@@ -255,6 +257,18 @@ class ActivityLog:
         if not keep_hot:
             self._prev = set()
         self.end_checkpoint(began)
+
+    @contextlib.contextmanager
+    def rewriting(self) -> Iterator[None]:
+        """The owner rewrites its whole hash file inside: everything counts as changed,
+        durably before the rewrite starts, until a checkpoint that began after it ended (one
+        that began meanwhile may sync the file before the rewrite reached it)."""
+        self.invalidate()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._invalidations += 1
 
     def invalidate(self) -> None:
         """The owner rewrites its whole hash file: everything counts as changed until the

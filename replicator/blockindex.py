@@ -23,7 +23,7 @@ import struct
 import sys
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import xxhash
@@ -40,16 +40,16 @@ _PIECE = 1 << 20  # u64 entries per pread/pwrite (8 MiB)
 
 def boot_id() -> str:
     """This boot of the machine ("" if unknown): page-cache state of an earlier boot is gone.
-    ``DRCTL_BOOT_ID`` (tests and benchmarks only) stands for it: another value looks like a
-    restart of the machine (the page cache is kept: a test spoils what would be lost)."""
-    override = os.environ.get("DRCTL_BOOT_ID")
-    if override:
-        return override
+    ``DRCTL_BOOT_ID`` (tests and benchmarks only) is added to it: another value looks like a
+    restart of the machine (the page cache is kept: a test spoils what would be lost), and a
+    real restart still looks like one whatever it is set to."""
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
-            return fh.read().strip()
+            real = fh.read().strip()
     except OSError:
-        return ""
+        real = ""
+    override = os.environ.get("DRCTL_BOOT_ID")
+    return f"{real}:{override}" if override and real else real
 
 
 def identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -452,14 +452,17 @@ class ReplicaIndex:
                     hashes[i] = h
         self.digest_cache = None
 
-    def resize(self, geo: Geometry, old_size: int, wal: StagingLog) -> None:
-        """The replica was resized from ``old_size``: new blocks are zeros; the old and new
-        last blocks (maybe partial) are hashed again."""
+    def resize(self, geo: Geometry, old_size: int, wal: StagingLog,
+               truncate: Callable[[], None]) -> None:
+        """The replica is resized from ``old_size`` (``truncate`` cuts or extends the image,
+        once the extents it changes are listed): new blocks are zeros; the old and new last
+        blocks (maybe partial) are hashed again."""
         old_blocks = -(-old_size // geo.block_size)
         eb = self.al.extent_blocks
         changed = range(max(0, min(old_blocks, geo.blocks) - 1) // eb,
                         (max(old_blocks, geo.blocks, 1) - 1) // eb + 1)
         with self.al.holding(changed):  # the entries added (or cut), the last blocks
+            truncate()
             self.file.resize(geo.blocks, zero_hash(geo.block_size))
             self.digest_cache = None
             self._mark_open(geo)
@@ -518,12 +521,6 @@ class ReplicaIndex:
             self.digest_cache = self.file.digest()
         return self.digest_cache
 
-    def checkpoint_if_due(self, wal: StagingLog) -> None:
-        """At a commit, on its thread, while the volume's thread writes (it pins what it
-        changes): if due, a checkpoint of the activity log."""
-        if self.al.due():
-            self.checkpoint(wal)
-
     def checkpoint(self, wal: StagingLog) -> None:
         """The redo journal, the image and the array synced, then the activity log lists only
         what changed since this began."""
@@ -545,7 +542,8 @@ class ReplicaIndex:
         os.pwrite(self.file.fd, h.pack(), 0)
         os.fdatasync(self.file.fd)  # OPEN is durable before the first change
 
-    def close_clean(self, geo: Geometry, binding: Binding, save: bool = True) -> None:
+    def close_clean(self, geo: Geometry, binding: Binding, wal: StagingLog,
+                    save: bool = True) -> None:
         """A clean stop: image and array synced, the activity log emptied, then the header
         that binds them (not if a write into the image did not finish: the next open hashes
         its blocks again). Not ``save``: a promotion, after which the image is the primary
@@ -557,6 +555,8 @@ class ReplicaIndex:
         if not save or self._live()[1]:
             self.close()
             return
+        if wal.frames:  # staged batches the header's wal_seq counts: durable first
+            wal.sync()
         os.fdatasync(self.img_fd)
         self.file.flush()
         self.al.checkpoint(keep_hot=False)

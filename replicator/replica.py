@@ -225,12 +225,13 @@ class Replica:
         return None
 
     def _resize(self, size: int) -> None:
-        current = os.fstat(self.img_fd).st_size
-        if current != size:
-            os.ftruncate(self.img_fd, size)
+        def truncate() -> None:  # once the extents it changes are listed
+            if os.fstat(self.img_fd).st_size != size:
+                os.ftruncate(self.img_fd, size)
+
         old = self.record.size
         self.record.size = size
-        self._ix.resize(self.geometry, old, self.wal)
+        self._ix.resize(self.geometry, old, self.wal, truncate)
 
     def index(self) -> memoryview:
         """The image's hashes, staged batches laid over them (what the source plans against)."""
@@ -518,7 +519,14 @@ class Replica:
             # overwrote the diverged blocks is complete.
             clear_divergence(self.directory, self.name)
             self.divergence = None
-        self._ix.checkpoint_if_due(self.wal)  # the activity log's, if due (blockindex.py)
+
+    def checkpoint_due(self) -> bool:
+        """Is the activity log's checkpoint due (blockindex.py)? A set lookup: on the loop."""
+        return self._ix.al.due()
+
+    def checkpoint(self) -> None:
+        """The activity log's checkpoint (after a commit's ack, on the volume's thread)."""
+        self._ix.checkpoint(self.wal)
 
     def clone(self, name: str, limit: int | None = None) -> tuple[str, str]:
         """A writable copy of the image as applied so far: (path, method). Copy-on-write
@@ -587,7 +595,7 @@ class Replica:
                 self._write_meta()
 
     def close(self, keep_index: bool = True) -> None:
-        self._ix.close_clean(self.geometry, self._binding(), keep_index)
+        self._ix.close_clean(self.geometry, self._binding(), self.wal, keep_index)
         self.wal.close()
         self.ledger.close()
         for fd in (self.img_fd, self.meta_fd):

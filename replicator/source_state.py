@@ -202,9 +202,8 @@ class StateStore:
         """The view file now holds ``values``: its mapping (the state's ``view``). The
         activity log says everything until its next checkpoint."""
         assert self.view_file is not None
-        if self.al is not None:
-            self.al.invalidate()
-        self.view_file.assign(values)
+        with self.al.rewriting() if self.al is not None else contextlib.nullcontext():
+            self.view_file.assign(values)
         return self.view_file.hashes
 
     def sync_view(self) -> None:
@@ -228,9 +227,8 @@ class StateStore:
         if view is None:
             view = self.view_file = HashFile(self._p("view.hashes"))
         if st.view is not view.hashes:  # a view made elsewhere (tests, a new state)
-            if self.al is not None:
-                self.al.invalidate()
-            view.assign(st.view)
+            with self.al.rewriting() if self.al is not None else contextlib.nullcontext():
+                view.assign(st.view)
             st.view = view.hashes
         seen_raw = _to_bytes(st.seen)  # once: the planner may change it meanwhile
         self._atomic("seen.hashes", seen_raw)

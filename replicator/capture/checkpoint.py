@@ -75,7 +75,8 @@ class Checkpointer:
                 if self._failing:
                     log.info("activity log checkpoints succeed again")
                 self._failing = ""
-            except OSError as exc:  # the volumes stay served; tried again at the next poll
+            except Exception as exc:  # the volumes stay served; tried again at the next poll
+                # (while it fails, the logs keep listing more than they must: never less)
                 if str(exc) != self._failing:
                     log.error("activity log checkpoint failed: %s (retrying)", exc)
                 self._failing = str(exc)
@@ -98,7 +99,7 @@ class Checkpointer:
         the capture loop's end)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(60)
+            self._thread.join()  # a checkpoint is a few syncs: the journal is closed after
         with contextlib.suppress(OSError, ValueError):
             self.journal.sync()
         self.journal.close()

@@ -452,6 +452,12 @@ class _PushSession:
         self.durable = max(self.durable, seq)
         self.m.staged_batches.labels(self.name).set(len(self.replica.wal.frames))
         await self.send(wire.ack_ok(seq))
+        if self.replica.checkpoint_due():  # after the ack: not in the commit's latency
+            try:
+                await self.slot.run_sync(self.replica.checkpoint)
+            except OSError as exc:  # the log lists more than it must until one succeeds
+                log.error("volume %s: activity log checkpoint failed: %s (retrying at the "
+                          "next commit)", self.name, exc)
         if self.service.mode == "hot":
             await self.service.applier.apply(self.slot, seq)
         if self.commit_again and self.applied > seq:

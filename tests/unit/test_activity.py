@@ -125,6 +125,37 @@ def test_everything_until_a_checkpoint_after_a_whole_rewrite_or_too_many_extents
     al.close()
 
 
+def test_a_checkpoint_that_began_during_a_whole_rewrite_keeps_everything(
+        tmp_path: object) -> None:
+    al = _log(tmp_path)
+    with al.rewriting():
+        assert _reopened(al)[0] is None  # durably before the rewrite starts
+        began = al.begin_checkpoint()  # its syncs may come before the rewrite's last stores
+    al.end_checkpoint(began)
+    assert _reopened(al)[0] is None
+    al.checkpoint()  # began after the rewrite ended
+    assert _reopened(al) == (set(), "")
+    al.close()
+
+
+def test_an_idle_log_stays_due_until_checkpoints_empty_it(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(activity, "CHECKPOINT_SECONDS", 0.0)
+    al = _log(tmp_path)
+    assert not al.due()  # lists nothing
+    al.ensure([2, 3])
+    rounds = 0
+    while al.due():  # nothing written after the first: the hot set ages out
+        al.checkpoint()
+        rounds += 1
+    assert rounds == 2 and _reopened(al) == (set(), "")
+    with al.holding([5]):  # a pinned extent alone is not a reason for checkpoints
+        al.checkpoint()
+        al.checkpoint()
+        assert _reopened(al) == ({5}, "") and not al.due()
+    al.close()
+
+
 @pytest.mark.parametrize("damage", ["missing", "empty", "flip", "truncate", "binding"])
 def test_a_log_it_cannot_vouch_for_is_none_and_a_reason(tmp_path: object, damage: str) -> None:
     al = _log(tmp_path)

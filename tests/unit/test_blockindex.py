@@ -329,11 +329,24 @@ def test_checkpoints_at_commits_keep_the_hot_set_then_empty_the_log_once_due(
         tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
     d = str(tmp_path)
     r = _busy(d)
-    r.commit()  # not due yet (CHECKPOINT_SECONDS)
+    def commit() -> None:  # as the target's stream does: the checkpoint after the ack
+        r.commit()
+        if r.checkpoint_due():
+            r.checkpoint()
+
+    commit()  # not due yet (CHECKPOINT_SECONDS)
     assert _logged(d) == {0, 3, 6}
     monkeypatch.setattr(r._ix.al, "due", lambda: True)
-    r.commit()
+    commit()
     assert _logged(d) == {0, 3, 6}  # written since the checkpoint before: still hot
-    r.commit()
+    commit()
     assert _logged(d) == set()
     r.close()
+
+
+def test_drctl_boot_id_is_added_to_the_machines_boot_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DRCTL_BOOT_ID", raising=False)
+    real = blockindex.boot_id()
+    assert real  # /proc/sys/kernel/random/boot_id
+    monkeypatch.setenv("DRCTL_BOOT_ID", "a-test")
+    assert blockindex.boot_id() == f"{real}:a-test"  # a real reboot still changes it
