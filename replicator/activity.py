@@ -170,9 +170,12 @@ class ActivityLog:
             self.ensure(range(lo, hi + 1))
 
     def listed(self, first: int, count: int) -> bool:
-        """Are the extents of blocks [first, first + count) listed already (a set lookup)?"""
+        """Are the extents of blocks [first, first + count) listed in the file already, so
+        that ensuring them writes nothing (a set lookup)?"""
         lo, hi = first // self.extent_blocks, (first + max(1, count) - 1) // self.extent_blocks
-        return lo in self._hot and (lo == hi or all(e in self._hot for e in range(lo, hi + 1)))
+        disk = self._disk  # replaced whole by a checkpoint, never changed in place but by _add
+        return self.everything or (lo in disk and (lo == hi or all(
+            e in disk for e in range(lo, hi + 1))))
 
     def extents_of(self, blocks: Iterable[int]) -> set[int]:
         eb = self.extent_blocks
