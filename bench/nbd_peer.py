@@ -200,7 +200,8 @@ class Drctl:
 
     name = "drctl"
 
-    def __init__(self, work: str, path: str, drain_timeout: float) -> None:
+    def __init__(self, work: str, path: str, drain_timeout: float,
+                 target_dir: str | None = None) -> None:
         self.path = path
         self.work = work
         self.drain_timeout = drain_timeout
@@ -209,7 +210,7 @@ class Drctl:
                      for n in ("target", "agent")]
         self.procs = [subprocess.Popen(
             [*DRCTL, "replicate", "serve", "--listen", f"127.0.0.1:{self.tport}", "--dir",
-             os.path.join(work, "replicas"), "--insecure"],
+             os.path.join(target_dir or work, "replicas"), "--insecure"],
             cwd=REPO, stdout=self.logs[0], stderr=subprocess.STDOUT)]
         self.procs.append(subprocess.Popen(
             [*DRCTL, "replicate", "push", path, "--to", f"127.0.0.1:{self.tport}",
@@ -379,6 +380,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--drain-timeout", type=float, default=180.0)
     ap.add_argument("--dir", default=None, help="work directory (default: a new one under "
                     "/var/tmp, removed at the end); keep it for the servers' logs")
+    ap.add_argument("--target-dir", default=None,
+                    help="where the drctl target keeps its replica (default: in the work "
+                    "directory, on the volume's disk). Another device, or a tmpfs standing in "
+                    "for the standby site's own disk, keeps the two sites from sharing one "
+                    "disk's bandwidth; the report says which")
     ap.add_argument("--hold", action="store_true",
                     help="start the servers, print their URIs and pids, wait for Enter (to "
                     "profile with py-spy or run fio by hand)")
@@ -386,7 +392,8 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def start(names: list[str], work: str, size: int, drain_timeout: float) -> list[Server]:
+def start(names: list[str], work: str, size: int, drain_timeout: float,
+          target_dir: str | None = None) -> list[Server]:
     """The servers, each on its own copy of the same file (started in order; on a failure
     the ones started are stopped)."""
     servers: list[Server] = []
@@ -403,7 +410,7 @@ def start(names: list[str], work: str, size: int, drain_timeout: float) -> list[
             elif n == "drctl-export":
                 servers.append(DrctlExport(d, path))
             else:
-                servers.append(Drctl(d, path, drain_timeout))
+                servers.append(Drctl(d, path, drain_timeout, target_dir))
     except BaseException:
         for s in servers:
             s.stop()
@@ -445,7 +452,14 @@ def main() -> int:
     work = args.dir or tempfile.mkdtemp(prefix="nbd-peer-", dir="/var/tmp")
     os.makedirs(work, exist_ok=True)
     print(uptime(), flush=True)
-    servers = start(names, work, size, args.drain_timeout)
+    target_dir = None
+    if args.target_dir:
+        target_dir = tempfile.mkdtemp(prefix="nbd-peer-target-", dir=args.target_dir)
+        fs = subprocess.run(["df", "--output=source,fstype", target_dir], capture_output=True,
+                            text=True).stdout.split("\n")[1:2]
+        print(f"# drctl's target keeps its replica in {target_dir} ({' '.join(fs).strip()})",
+              flush=True)
+    servers = start(names, work, size, args.drain_timeout, target_dir)
     try:
         if args.hold:
             for s in servers:
@@ -464,6 +478,8 @@ def main() -> int:
             s.stop()
         if args.dir is None and not args.hold:
             shutil.rmtree(work, ignore_errors=True)
+        if target_dir is not None:
+            shutil.rmtree(target_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

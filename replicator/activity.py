@@ -116,6 +116,7 @@ class ActivityLog:
         self._fd = -1
         self._seq = 0
         self._invalidations = 0
+        self._rewrites = 0  # rewrites of the whole hash file under way (rewriting())
         self._since = time.monotonic()  # the last checkpoint
 
     def load(self, binding: bytes) -> tuple[set[int] | None, str]:
@@ -170,12 +171,26 @@ class ActivityLog:
             self.ensure(range(lo, hi + 1))
 
     def listed(self, first: int, count: int) -> bool:
-        """Are the extents of blocks [first, first + count) listed in the file already, so
-        that ensuring them writes nothing (a set lookup)?"""
+        """Would ensuring the extents of blocks [first, first + count) be a set lookup now (no
+        lock, no system call)? Extents the file lists already but not written since the last
+        checkpoint began are made hot here, if the lock is free at once (a caller on an event
+        loop never waits for another thread's sync); else False. Advisory: :meth:`ensure`
+        still checks (a checkpoint may begin in between)."""
         lo, hi = first // self.extent_blocks, (first + max(1, count) - 1) // self.extent_blocks
-        disk = self._disk  # replaced whole by a checkpoint, never changed in place but by _add
-        return self.everything or (lo in disk and (lo == hi or all(
-            e in disk for e in range(lo, hi + 1))))
+        hot = self._hot
+        if lo in hot and (lo == hi or all(e in hot for e in range(lo, hi + 1))):
+            return True
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            extents = range(lo, hi + 1)
+            if not (self.everything or all(e in self._disk for e in extents)):
+                return False
+            self._hot.update(extents)  # listed in the file (or everything is): nothing to write
+            self._disk.update(extents)  # (a superset of _hot)
+            return True
+        finally:
+            self._lock.release()
 
     def extents_of(self, blocks: Iterable[int]) -> set[int]:
         eb = self.extent_blocks
@@ -230,8 +245,12 @@ class ActivityLog:
             return age >= 1.0
         if age < CHECKPOINT_SECONDS:
             return False
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            return False  # a writer is syncing the file: asked again at the next call
+        try:
             return bool(self._hot.difference(self._pins) or self._disk.difference(self._pins))
+        finally:
+            self._lock.release()
 
     def begin_checkpoint(self) -> int:
         """A new list begins (the pinned extents stay); the file keeps the old one until
@@ -245,7 +264,8 @@ class ActivityLog:
         with self._lock:
             if self._fd < 0:
                 return
-            if self._invalidations == began:  # no whole rewrite since it began
+            if self._invalidations == began and not self._rewrites:  # no whole rewrite
+                # began, ended or is under way since this checkpoint began
                 self.everything = len(self._hot) > MAX_EXTENTS
             keep = self._hot | self._prev  # still hot: listed on, no sync when written again
             self._disk = keep if len(keep) <= CHECKPOINT_EXTENTS else set(self._hot)
@@ -266,11 +286,14 @@ class ActivityLog:
         """The owner rewrites its whole hash file inside: everything counts as changed,
         durably before the rewrite starts, until a checkpoint that began after it ended (one
         that began meanwhile may sync the file before the rewrite reached it)."""
-        self.invalidate()
+        with self._lock:
+            self._rewrites += 1
         try:
+            self.invalidate()
             yield
         finally:
             with self._lock:
+                self._rewrites -= 1
                 self._invalidations += 1
 
     def invalidate(self) -> None:

@@ -49,7 +49,7 @@ def boot_id() -> str:
     except OSError:
         real = ""
     override = os.environ.get("DRCTL_BOOT_ID")
-    return f"{real}:{override}" if override and real else real
+    return f"{real}:{override}" if override else real
 
 
 def identity(st: os.stat_result) -> tuple[int, int, int, int]:

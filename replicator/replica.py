@@ -525,7 +525,8 @@ class Replica:
         return self._ix.al.due()
 
     def checkpoint(self) -> None:
-        """The activity log's checkpoint (after a commit's ack, on the volume's thread)."""
+        """The activity log's checkpoint (after a commit's ack, on the volume's sync thread,
+        beside its applies: they pin what they change)."""
         self._ix.checkpoint(self.wal)
 
     def clone(self, name: str, limit: int | None = None) -> tuple[str, str]:

@@ -17,7 +17,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from replicator.capture.journal import BLOCK_MASK, KEY_SHIFT, ChangeJournal
+from replicator.capture.journal import ChangeJournal
+from replicator.capture.journal_records import BLOCK_MASK, KEY_SHIFT
 from replicator.capture.lineage import Lineage
 from replicator.demotion import Divergence
 

@@ -29,6 +29,7 @@ from replicator.capture.nbdio import NbdExport
 from replicator.driver import PushDriver
 
 log = logging.getLogger(__name__)
+CLOSE_WAIT = 120  # seconds
 
 POLL_SECONDS = 1.0
 
@@ -99,7 +100,11 @@ class Checkpointer:
         the capture loop's end)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()  # a checkpoint is a few syncs: the journal is closed after
+            self._thread.join(CLOSE_WAIT)  # a checkpoint is a few syncs: the journal is
+            if self._thread.is_alive():  # closed after it (a disk that hangs: not forever)
+                log.error("the activity-log checkpoint did not finish within %d s (the disk "
+                          "does not answer): stopping without it; the next start checks "
+                          "everything the log lists", CLOSE_WAIT)
         with contextlib.suppress(OSError, ValueError):
             self.journal.sync()
         self.journal.close()

@@ -28,94 +28,39 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-
-import xxhash
 
 from drctl.files import fsync_dir
+from replicator.capture.journal_records import (
+    BLOCK_MASK,
+    HEAD,
+    KEY_SHIFT,
+    KIND_BASE,
+    KIND_CUT,
+    KIND_DIRTY,
+    KIND_FLUSH,
+    KIND_RELEASE,
+    KIND_WRITE,
+    KIND_ZERO,
+    MARKERS,
+    VOL_SHIFT,
+    ConsistencyPoint,
+    ExtractedPoint,
+    RangeWatch,
+    Unacknowledged,
+    block_key,
+    record,
+    record_head,
+    write_zeroes,
+)
 
 log = logging.getLogger(__name__)
 
-_HEAD = struct.Struct("<BQIQ")  # kind, offset, length, checksum
-KIND_WRITE = 1
-KIND_FLUSH = 2
-KIND_DIRTY = 3
-KIND_ZERO = 4
-KIND_CUT = 5
-KIND_BASE = 6
-KIND_RELEASE = 7  # the target acknowledged every CP up to offset (no fsync: a lost one only
-                  # makes a replay count more blocks as unacknowledged, never fewer)
-_MARKERS = (KIND_FLUSH, KIND_CUT)
 REWRITE_BYTES = 8 << 20  # rewrite once this much of the journal is released
 IDLE_REWRITE_BYTES = 1 << 20  # ... or this much once nothing is left to ship
-_VOL_SHIFT = 56  # of a record's offset field
-KEY_SHIFT = 48  # of a block key
-BLOCK_MASK = (1 << KEY_SHIFT) - 1
-
-
-def write_zeroes(fd: int, offset: int, length: int) -> None:
-    """Zero a range of a volume (8 MiB of zeroes at a time)."""
-    chunk = memoryview(bytes(min(length, 8 << 20)))
-    done = 0
-    while done < length:
-        done += os.pwrite(fd, chunk[: length - done], offset + done)
-
-
-def block_key(volume: int, block: int) -> int:
-    return volume << KEY_SHIFT | block
-
-
-def volume_blocks(keys: Iterable[int], volume: int) -> set[int]:
-    """The block numbers of ``volume`` among block keys."""
-    return {k & BLOCK_MASK for k in keys if k >> KEY_SHIFT == volume}
-
-
-def _head(kind: int, offset: int, length: int,
-          data: bytes | bytearray | memoryview = b"") -> bytes:
-    """A record's header (its checksum covers the data that follows it)."""
-    h = xxhash.xxh3_64()
-    h.update(struct.pack("<BQI", kind, offset, length))
-    h.update(data)
-    return _HEAD.pack(kind, offset, length, h.intdigest())
-
-
-def _record(kind: int, offset: int, length: int,
-            data: bytes | bytearray | memoryview = b"") -> bytes:
-    return _head(kind, offset, length, data) + data
-
-
-@dataclass
-class ConsistencyPoint:
-    """A closed CP: its records lie in [start, end) of the journal file."""
-    cp: int
-    start: int
-    end: int
-    first_at: float  # when its first write was acknowledged to the client (0: no writes)
-    blocks: set[int]
-    extracted: bool = False
-
-
-@dataclass
-class RangeWatch:
-    """Block keys [lo, hi) being compared with the replica (scrub.py): those the target had
-    not acknowledged when the watch began, and those written while it runs."""
-    lo: int
-    hi: int
-    unacked: set[int]
-    written: set[int] = field(default_factory=set)
-
-
-@dataclass
-class ExtractedPoint:
-    cp: int
-    # by block key: views of the point's records (no copy per block); None: zeroes
-    blocks: dict[int, memoryview | None] = field(default_factory=dict)
-    first_at: float = 0.0
 
 
 class ChangeJournal:
@@ -160,14 +105,14 @@ class ChangeJournal:
         """(kind, offset field, volume, offset in it, length, data) of each whole record, up
         to a torn tail (that write was never acknowledged) or a record of another journal."""
         pos = 0
-        while pos + _HEAD.size <= len(raw):
-            kind, offset, length, check = _HEAD.unpack_from(raw, pos)
-            end = pos + _HEAD.size + (length if kind == KIND_WRITE else 0)
-            data = raw[pos + _HEAD.size : end]
-            if end > len(raw) or _HEAD.unpack_from(_record(kind, offset, length, data))[3] \
+        while pos + HEAD.size <= len(raw):
+            kind, offset, length, check = HEAD.unpack_from(raw, pos)
+            end = pos + HEAD.size + (length if kind == KIND_WRITE else 0)
+            data = raw[pos + HEAD.size : end]
+            if end > len(raw) or HEAD.unpack_from(record(kind, offset, length, data))[3] \
                     != check:
                 return
-            vol, at = offset >> _VOL_SHIFT, offset & ((1 << _VOL_SHIFT) - 1)
+            vol, at = offset >> VOL_SHIFT, offset & ((1 << VOL_SHIFT) - 1)
             if kind in (KIND_WRITE, KIND_ZERO, KIND_DIRTY) and vol >= len(self.fds):
                 return
             yield kind, offset, vol, at, length, data
@@ -175,7 +120,7 @@ class ChangeJournal:
 
     def _replay(self) -> None:
         raw = memoryview(os.pread(self.fd, os.fstat(self.fd).st_size, 0))
-        unacked = _Unacknowledged()
+        unacked = Unacknowledged()
         for kind, offset, vol, at, length, data in self._records(raw):
             if kind == KIND_WRITE:
                 os.pwrite(self.fds[vol], data, at)
@@ -185,7 +130,7 @@ class ChangeJournal:
                 self.replayed += 1
             elif kind == KIND_BASE:
                 self.next_cp = max(self.next_cp, offset)
-            elif kind in _MARKERS:
+            elif kind in MARKERS:
                 self.next_cp = max(self.next_cp, offset + 1)
             unacked.note(kind, offset, self._blocks(vol, at, length))
         self.dirty = unacked.blocks()
@@ -233,6 +178,16 @@ class ChangeJournal:
             self._close(KIND_CUT)
             return cp
 
+    def try_cut(self) -> int | None:
+        """:meth:`cut`, or None if the journal overflowed (checked under the lock: a writer
+        thread may overflow it at any time)."""
+        with self.lock:
+            if self.overflowed:
+                return None
+            cp = self.next_cp
+            self._close(KIND_CUT)
+            return cp
+
     def cut_if_flushed(self) -> int | None:
         """Close an empty point (the volumes as at the last FLUSH or cut) and return its
         number; None, and nothing closed, if the open point holds writes."""
@@ -246,7 +201,7 @@ class ChangeJournal:
     def _close(self, kind: int) -> int:
         cp = self.next_cp
         start = self.open_start
-        self._raw_append(_record(kind, cp, 0))
+        self._raw_append(record(kind, cp, 0))
         self.closed.append(ConsistencyPoint(cp, start, self.size, self.open_first_at or 0.0,
                                             self.open_blocks))
         self.next_cp += 1
@@ -255,20 +210,20 @@ class ChangeJournal:
 
     def _append(self, kind: int, vol: int, offset: int, length: int,
                 data: bytes | bytearray | memoryview = b"") -> int:
-        tagged = vol << _VOL_SHIFT | offset
+        tagged = vol << VOL_SHIFT | offset
         blocks = self._blocks(vol, offset, length)
         with self.lock:
             for w in self.watches:
                 w.written.update(range(max(w.lo, blocks.start), min(w.hi, blocks.stop)))
-            if not self.overflowed and self._unreleased() + _HEAD.size + len(data) > self.limit:
+            if not self.overflowed and self._unreleased() + HEAD.size + len(data) > self.limit:
                 self._overflow()
             if self.overflowed:
                 self.dirty.update(blocks)
                 if self.dirty_since is None:
                     self.dirty_since = time.time()
-                self._raw_append(_record(KIND_DIRTY, tagged, length))
+                self._raw_append(record(KIND_DIRTY, tagged, length))
             else:  # header and data in one system call, the data not copied here
-                self._raw_append(_head(kind, tagged, length, data), data)
+                self._raw_append(record_head(kind, tagged, length, data), data)
                 self.open_blocks.update(blocks)
                 if self.open_first_at is None:
                     self.open_first_at = time.time()
@@ -422,9 +377,9 @@ class ChangeJournal:
         blocks = out.blocks
         pos = 0
         while pos < len(raw):
-            kind, offset, length, _check = _HEAD.unpack_from(raw, pos)
-            vol, at = offset >> _VOL_SHIFT, offset & ((1 << _VOL_SHIFT) - 1)
-            pos += _HEAD.size
+            kind, offset, length, _check = HEAD.unpack_from(raw, pos)
+            vol, at = offset >> VOL_SHIFT, offset & ((1 << VOL_SHIFT) - 1)
+            pos += HEAD.size
             if kind == KIND_WRITE:
                 data = raw[pos : pos + length]
                 first = block_key(vol, at // bs)
@@ -443,7 +398,7 @@ class ChangeJournal:
         only once REWRITE_BYTES are released: the caller compacts when it goes idle)."""
         with self.lock:
             self.released_cp = max(self.released_cp, cp)
-            self._raw_append(_record(KIND_RELEASE, cp, 0))
+            self._raw_append(record(KIND_RELEASE, cp, 0))
             while self.closed and self.closed[0].cp <= cp:
                 self.closed.popleft()
             head = self.closed[0].start if self.closed else self.open_start
@@ -564,10 +519,10 @@ class ChangeJournal:
     def _header(self, dirty: list[int]) -> bytes:
         """BASE and the DIRTY records of ``dirty``: the start of a rewritten journal."""
         bs = self.block_size
-        out = [_record(KIND_BASE, self.next_cp, int(self.overflowed))]
+        out = [record(KIND_BASE, self.next_cp, int(self.overflowed))]
         for key in dirty:
             vol, b = key >> KEY_SHIFT, key & BLOCK_MASK
-            out.append(_record(KIND_DIRTY, vol << _VOL_SHIFT | b * bs, bs))
+            out.append(record(KIND_DIRTY, vol << VOL_SHIFT | b * bs, bs))
         return b"".join(out)
 
     def _rewrite(self, dirty: list[int], tails: list[bytes]) -> None:
@@ -593,32 +548,3 @@ class ChangeJournal:
         with self.lock:  # not while a compaction swaps files
             os.close(self.fd)
             self.fd = -1
-
-
-class _Unacknowledged:
-    """While replaying: which blocks the target has not acknowledged. The records of points
-    past the last RELEASE, the open point's, and DIRTY records (bitmap, resync running)."""
-
-    def __init__(self) -> None:
-        self.points: dict[int, set[int]] = {}
-        self.open: set[int] = set()
-        self.sticky: set[int] = set()
-        self.released = 0
-
-    def note(self, kind: int, offset: int, blocks: range) -> None:
-        if kind in (KIND_WRITE, KIND_ZERO):
-            self.open.update(blocks)
-        elif kind == KIND_DIRTY:
-            self.sticky.update(blocks)
-        elif kind in _MARKERS:
-            self.points[offset], self.open = self.open, set()
-        elif kind == KIND_RELEASE:
-            self.released = max(self.released, offset)
-
-    def blocks(self) -> set[int]:
-        out = self.sticky | self.open
-        for cp, blocks in self.points.items():
-            if cp > self.released:
-                out |= blocks
-        return out
-

@@ -34,7 +34,8 @@ from collections.abc import Callable
 
 from replicator.activity import ActivityLog
 from replicator.capture.commit import GroupCommit, OrderedWriter
-from replicator.capture.journal import ChangeJournal, write_zeroes
+from replicator.capture.journal import ChangeJournal
+from replicator.capture.journal_records import write_zeroes
 
 log = logging.getLogger(__name__)
 

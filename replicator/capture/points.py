@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 from replicator.batch import Kind
 from replicator.blockmap import CHUNK_BLOCKS, UNKNOWN, block_hash, zero_block, zero_hash
-from replicator.capture.journal import BLOCK_MASK, KEY_SHIFT, ExtractedPoint
+from replicator.capture.journal_records import BLOCK_MASK, KEY_SHIFT, ExtractedPoint
 from replicator.planning import MAX_BATCH_BLOCKS, PlannedBatch, Planner
 
 

@@ -36,7 +36,8 @@ import logging
 import os
 
 from replicator.blockindex import identity
-from replicator.capture.journal import ChangeJournal, volume_blocks
+from replicator.capture.journal import ChangeJournal
+from replicator.capture.journal_records import volume_blocks
 from replicator.capture.lineage import Lineage
 from replicator.driver import PushDriver
 from replicator.errors import ProtocolError

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from replicator.blockmap import Geometry, hash_range
-from replicator.capture.journal import BLOCK_MASK, KEY_SHIFT, ChangeJournal, block_key
+from replicator.capture.journal import ChangeJournal
+from replicator.capture.journal_records import BLOCK_MASK, KEY_SHIFT, block_key
 from replicator.driver import PushDriver
 from replicator.errors import ProtocolError, ReplicatorError, VolumeError, unwrap_group
 from replicator.units import format_bytes

@@ -46,12 +46,8 @@ from typing import Any
 
 from replicator.capture import resume
 from replicator.capture.checkpoint import Checkpointer
-from replicator.capture.journal import (
-    IDLE_REWRITE_BYTES,
-    ChangeJournal,
-    ExtractedPoint,
-    volume_blocks,
-)
+from replicator.capture.journal import IDLE_REWRITE_BYTES, ChangeJournal
+from replicator.capture.journal_records import ExtractedPoint, volume_blocks
 from replicator.capture.lineage import Lineage
 from replicator.capture.nbd import NbdExport, NbdServer
 from replicator.capture.points import plan_points
@@ -351,6 +347,9 @@ class _Loop:
             return
         end = await self._resync_end()
         if end is None:  # overflowed while it waited for a FLUSH: another round; or stopped
+            if journal.overflowed:
+                log.warning("%s: the journal overflowed at the end of the resync: another "
+                            "round", self.name)
             return
         points = await asyncio.to_thread(journal.extract, end)
         await self._each(lambda i, d: d.run_planned(
@@ -383,7 +382,7 @@ class _Loop:
         agent stops meanwhile."""
         journal = self.journal
         if self.opts.cp_interval <= 0:
-            return journal.cut()
+            return journal.try_cut()
         mark = journal.next_cp  # the number of the next point to close
         end = journal.cut_if_flushed()  # nothing written since the last FLUSH
         if end is not None:
@@ -394,7 +393,7 @@ class _Loop:
             first = journal.open_first_at
             age = time.time() - first if first is not None else 0.0
             if age >= self.opts.cp_interval:
-                return journal.cut()
+                return journal.try_cut()
             await wait_at_most(self.opts.cp_interval - age, self.stop, self.wake)
             self.wake.clear()
         return None
@@ -482,7 +481,9 @@ class _Loop:
             if wait > 0:
                 return wait
         self.last_cut = time.monotonic()
-        self.trace.stamp(self.journal.cut(), "cut")
+        cp = self.journal.try_cut()  # None: it overflowed meanwhile (the loop sees it next)
+        if cp is not None:
+            self.trace.stamp(cp, "cut")
         return self.opts.interval
 
     def _feed(self, points: list[ExtractedPoint],

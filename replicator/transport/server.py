@@ -452,10 +452,10 @@ class _PushSession:
         self.durable = max(self.durable, seq)
         self.m.staged_batches.labels(self.name).set(len(self.replica.wal.frames))
         await self.send(wire.ack_ok(seq))
-        if self.replica.checkpoint_due():  # after the ack: not in the commit's latency
-            try:
+        if self.replica.checkpoint_due():  # after the ack: not in this commit's latency
+            try:  # (the next commit, on the same sync thread, may wait for it)
                 await self.slot.run_sync(self.replica.checkpoint)
-            except OSError as exc:  # the log lists more than it must until one succeeds
+            except Exception as exc:  # the log lists more than it must until one succeeds
                 log.error("volume %s: activity log checkpoint failed: %s (retrying at the "
                           "next commit)", self.name, exc)
         if self.service.mode == "hot":

@@ -55,7 +55,8 @@ def test_a_checkpoint_keeps_the_hot_set_and_the_next_one_empties_the_log(
     assert _reopened(al) == ({4, 5, 6, 7}, "")
     al.checkpoint()
     assert _reopened(al) == ({4, 5, 6, 7}, "")  # written in the interval before: still hot
-    assert al.listed(4 * 1024, 4 * 1024)  # so a write there needs no sync (the export's path)
+    assert al.listed(5 * 1024, 2 * 1024)  # so a write there needs no sync (the export's path;
+    # it counts them as written again)
     writes: list[int] = []
     real = ActivityLog._write
     monkeypatch.setattr(ActivityLog, "_write", lambda self: (writes.append(1), real(self)))
@@ -136,6 +137,36 @@ def test_a_checkpoint_that_began_during_a_whole_rewrite_keeps_everything(
     assert _reopened(al)[0] is None
     al.checkpoint()  # began after the rewrite ended
     assert _reopened(al) == (set(), "")
+    al.close()
+
+
+def test_a_checkpoint_begun_and_ended_inside_a_whole_rewrite_keeps_everything(
+        tmp_path: object) -> None:
+    al = _log(tmp_path)
+    with al.rewriting():
+        al.checkpoint()  # the rewrite may not have reached what it synced
+        assert _reopened(al)[0] is None
+    assert _reopened(al)[0] is None
+    al.checkpoint()
+    assert _reopened(al) == (set(), "")
+    al.close()
+
+
+def test_listed_never_waits_for_the_lock(tmp_path: object) -> None:
+    """The export asks on its event loop: an extent the file lists but not hot since the last
+    checkpoint is made hot only if the lock is free at once; else the write goes to the
+    writer's thread (False)."""
+    al = _log(tmp_path)
+    al.ensure([2, 3])
+    al.begin_checkpoint()  # the file still lists 2 and 3; neither is hot now
+    with al._lock:  # another thread syncing the file
+        assert not al.listed(3 * 1024, 1)
+    assert al.listed(3 * 1024, 1)  # the lock is free: made hot
+    with al._lock:  # another thread syncing the file
+        assert al.listed(3 * 1024, 1)  # hot: a set lookup
+        assert not al.listed(2 * 1024, 1)  # would need the lock: not now
+    assert al.listed(2 * 1024, 1)  # the lock is free: made hot
+    assert not al.listed(9 * 1024, 1)  # not in the file: the writer's thread lists it
     al.close()
 
 

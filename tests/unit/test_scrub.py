@@ -17,7 +17,8 @@ from typing import cast
 import pytest
 
 from replicator.blockmap import UNKNOWN, Geometry, block_hash, hash_all
-from replicator.capture.journal import ChangeJournal, block_key
+from replicator.capture.journal import ChangeJournal
+from replicator.capture.journal_records import block_key
 from replicator.capture.scrub import Scrubber, Span, judge, runs
 from replicator.driver import PushDriver
 from replicator.metrics import SourceMetrics

@@ -10,7 +10,7 @@ import pytest
 
 from replicator.batch import Batch, Compression
 from replicator.blockmap import UNKNOWN, Geometry, hash_all
-from replicator.capture.journal import ExtractedPoint
+from replicator.capture.journal_records import ExtractedPoint
 from replicator.capture.points import plan_points
 from replicator.errors import CorruptBatchError
 from replicator.planning import Planner
