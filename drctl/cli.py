@@ -13,6 +13,7 @@ import sys
 from typing import NoReturn
 
 from drctl.logsetup import setup_logging
+from drctl.memory import tune_malloc
 
 # gRPC's C core writes its own lines to stderr (a failed TLS handshake with etcd, say), which
 # drctl reports as one line of its own. Read when grpc is first imported, so set here, before
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    tune_malloc()
     try:
         code: int = args.func(args)
         sys.stdout.flush()  # here, so a reader gone early (`| head`) is caught below

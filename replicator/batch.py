@@ -85,14 +85,18 @@ class Batch:
 
     def pack(self) -> bytes:
         """A self-contained encoding for the target's redo journal (not the wire format)."""
+        return b"".join(self.pack_parts())
+
+    def pack_parts(self) -> list[bytes]:
+        """:meth:`pack` in pieces, the payload not copied (for a gathered write)."""
         name = self.volume.encode()
         n, ncopy = len(self.indices), len(self.copy_from)
         head = _PACK_HEAD.pack(len(name), self.epoch, self.seq, self.block_size,
                                self.volume_size, n, ncopy, int(self.compression),
                                self.raw_length, len(self.payload), self.checksum, self.cp,
                                self.staged)
-        return b"".join((head, name, _u64_bytes(self.indices), self.kinds,
-                         _u64_bytes(self.hashes), _u64_bytes(self.copy_from), self.payload))
+        return [head, name, _u64_bytes(self.indices), self.kinds, _u64_bytes(self.hashes),
+                _u64_bytes(self.copy_from), self.payload]
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> Batch:

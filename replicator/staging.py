@@ -49,18 +49,34 @@ class Frame:
     blocks: int
 
 
-def _checksum(length: int, seq: int, cp: int, flags: int, body: bytes | memoryview) -> int:
+def _checksum(length: int, seq: int, cp: int, flags: int,
+              body: bytes | memoryview | list[bytes]) -> int:
     h = xxhash.xxh3_64()
     h.update(struct.pack("<IQQB", length, seq, cp, flags))
-    h.update(body)
+    for part in body if isinstance(body, list) else (body,):
+        h.update(part)
     return h.intdigest()
 
 
-def _frame(batch: Batch, cp: int, closes: bool) -> bytes:
-    body = batch.pack()
+def _frame(batch: Batch, cp: int, closes: bool) -> list[bytes]:
+    """The frame's header and its body's pieces (the payload not copied: one gathered write)."""
+    body = batch.pack_parts()
+    length = sum(len(p) for p in body)
     flags = CLOSES if closes else 0
-    return _FRAME.pack(_MAGIC, len(body), batch.seq, cp, flags,
-                       _checksum(len(body), batch.seq, cp, flags, body)) + body
+    return [_FRAME.pack(_MAGIC, length, batch.seq, cp, flags,
+                        _checksum(length, batch.seq, cp, flags, body)), *body]
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Append every piece (a short write goes on where it stopped)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 class StagingLog:
@@ -108,12 +124,16 @@ class StagingLog:
 
     def append(self, batch: Batch, cp: int, closes: bool) -> Frame:
         """Add a verified batch (not durable until :meth:`sync`)."""
-        rec = _frame(batch, cp, closes)
+        parts = _frame(batch, cp, closes)
         with self.lock:
             offset = os.lseek(self.fd, 0, os.SEEK_END)
-            os.write(self.fd, rec)
-        frame = Frame(batch.seq, cp, closes, offset + _FRAME.size, len(rec) - _FRAME.size,
-                      len(batch.indices))
+            try:
+                _write_all(self.fd, parts)
+            except OSError:
+                os.ftruncate(self.fd, offset)  # no torn frame before the next one
+                raise
+        frame = Frame(batch.seq, cp, closes, offset + _FRAME.size,
+                      sum(len(p) for p in parts) - _FRAME.size, len(batch.indices))
         self.frames.append(frame)
         self._note_blocks(batch)
         return frame

@@ -65,6 +65,37 @@ def test_batch_pack_round_trip() -> None:
     assert again.staged and again.cp == 1
 
 
+def test_a_frame_written_in_pieces_reads_back_whole(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Appends are gathered writes (header and payload not joined first); a short write goes
+    on where it stopped, and a failed one leaves no torn frame before the next."""
+    import replicator.staging as staging
+
+    src = Source()
+    batches = src.point({b: b + 1 for b in range(12)})
+    log = StagingLog(os.path.join(str(tmp_path), "v.wal"), 0)
+    real = os.writev
+    monkeypatch.setattr(staging.os, "writev",
+                        lambda fd, bufs: real(fd, [bytes(bufs[0][:1000])]))  # short writes
+    frames = [log.append(b, 1, False) for b in batches]
+    assert [log.read(f) for f in frames] == batches
+
+    def full(fd: int, bufs: list[memoryview]) -> int:
+        real(fd, [bytes(bufs[0][:7])])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(staging.os, "writev", full)
+    retried = src.point({3: 9})[0]
+    with pytest.raises(OSError):
+        log.append(retried, 2, True)
+    monkeypatch.setattr(staging.os, "writev", real)
+    last = log.append(retried, 2, True)  # the same batch again
+    log.close()
+    again = StagingLog(log.path, 0)  # the scan at open finds every frame
+    assert [f.seq for f in again.frames] == [f.seq for f in [*frames, last]]
+    again.close()
+
+
 def test_points_apply_whole_and_the_index_projects_staged_batches(tmp_path: object) -> None:
     d = str(tmp_path)
     src = Source()
