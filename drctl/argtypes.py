@@ -60,3 +60,31 @@ def port(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 1..65535")
     return int(text)
+
+
+class AddressError(ValueError):
+    """A HOST:PORT that is not one (the message names the address and what is wrong)."""
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 as [::1]:PORT) and check the port: the one parser of every
+    drctl address flag (``--listen``, ``--metrics-listen``, ``--to``, ...), so each says the
+    same about the same mistake. AddressError if malformed."""
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]") if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_text.isdigit():
+        raise AddressError(f"invalid address {text!r}: expected HOST:PORT")
+    number = int(port_text)
+    if not 0 < number < 65536:
+        raise AddressError(f"invalid address {text!r}: port {number} out of range "
+                           "(1..65535)")
+    return host, number
+
+
+def hostport(text: str) -> str:
+    """A HOST:PORT address (returned as given; ``parse_hostport`` splits it)."""
+    try:
+        parse_hostport(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import ClassVar, NoReturn
 
 from drctl.logsetup import setup_logging
 from drctl.memory import tune_malloc
@@ -22,10 +23,64 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a bad flag or argument reported in one line (not the usage text)."""
+    """argparse, with a bad flag or argument reported in one line (not the usage text), and
+    a flag this command does not know named first: argparse would otherwise report what is
+    missing ("the following arguments are required: --config") and never the typo."""
+
+    _given: list[str] | None = None  # the arguments this (sub)parser was given
+    # the parsers of the command line being parsed, outermost first: those still parsing
+    # (a subcommand's parser runs inside its parent's), and all of them
+    _parsing: ClassVar[list[Parser]] = []
+    _used: ClassVar[list[Parser]] = []
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        if not Parser._parsing:
+            Parser._used = []
+        Parser._parsing.append(self)
+        Parser._used.append(self)
+        try:
+            return super().parse_known_args(args, namespace)
+        finally:
+            Parser._parsing.pop()
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"drctl: error [usage]: {message} (see: {self.prog} --help)\n")
+        chain = Parser._parsing or Parser._used
+        unknown = [(parser, arg) for parser in chain for arg in parser.unknown_flags()]
+        prog = self.prog
+        if unknown:
+            message = f"unrecognized arguments: {' '.join(arg for _, arg in unknown)}"
+            prog = unknown[0][0].prog  # the help of the command that was given it
+        elif message.startswith("unrecognized arguments") and chain:
+            prog = chain[-1].prog  # extra arguments: the command's help, not drctl's
+        self.exit(2, f"drctl: error [usage]: {message} (see: {prog} --help)\n")
+
+    def unknown_flags(self) -> list[str]:
+        """The option-like arguments given to this parser (up to its subcommand's name, which
+        starts the subcommand's own) that none of its options matches."""
+        commands: set[str] = set()
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                commands.update(action.choices)
+        known = self._option_string_actions
+        out = []
+        for arg in self._given or []:
+            if arg == "--" or arg in commands:
+                break
+            if not arg.startswith("-") or arg == "-" or (
+                    self._negative_number_matcher.match(arg)
+                    and not self._has_negative_number_optionals):
+                continue
+            flag = arg.split("=", 1)[0]
+            if flag in known or (not flag.startswith("--") and flag[:2] in known):
+                continue  # -xVALUE
+            if self.allow_abbrev and flag.startswith("--") and any(
+                    option.startswith(flag) for option in known):
+                continue
+            out.append(arg)
+        return out
 
 
 def version() -> str:

@@ -23,6 +23,7 @@ the epoch tokens (docs/security.md).
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
@@ -37,8 +38,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from drctl.argtypes import seconds_or_zero
 from drctl.localservers import EtcdServer, NamedServer, free_port, wait_port
 from failover.api.users import add_user
 
@@ -305,8 +308,29 @@ def cycle(demo: DemoCluster, stopping: threading.Event) -> bool:
     return True
 
 
+def settings(env: Mapping[str, str]) -> tuple[float, bool]:
+    """DEMO_SECONDS (stop after this long; 0 or unset: at Ctrl-C) and DEMO_CYCLE (1 or unset:
+    run the scripted lifecycle; 0: skip it). ValueError, naming the variable and what it
+    accepts, for anything else: a typo is not taken for a default."""
+    seconds_text = env.get("DEMO_SECONDS", "").strip() or "0"
+    try:
+        seconds = seconds_or_zero(seconds_text)
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"DEMO_SECONDS={env['DEMO_SECONDS']!r}: expected seconds >= 0 (stop "
+                         "the demo after that long; 0 or unset: run until Ctrl-C)") from None
+    cycle_text = env.get("DEMO_CYCLE", "").strip() or "1"
+    if cycle_text not in ("0", "1"):
+        raise ValueError(f"DEMO_CYCLE={env['DEMO_CYCLE']!r}: expected 1 (run the scripted "
+                         "lifecycle; the default) or 0 (skip it)")
+    return seconds, cycle_text == "1"
+
+
 def main() -> int:
-    seconds = float(os.environ.get("DEMO_SECONDS", "0"))
+    try:
+        seconds, run_cycle = settings(os.environ)
+    except ValueError as exc:  # before anything is started
+        print(f"drctl: error [usage]: {exc}", file=sys.stderr)
+        return 2
     demo = DemoCluster()
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -317,7 +341,7 @@ def main() -> int:
               f"{demo.tls_dir}/ca.crt: the browser asks once to accept it)\n\n"
               "Ctrl-C stops everything.\n", flush=True)
         started = time.monotonic()
-        if os.environ.get("DEMO_CYCLE", "1") != "0":
+        if run_cycle:
             if cycle(demo, stopping):
                 print("\nthe lifecycle is done; the page's buttons work by hand now\n",
                       flush=True)

@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from drctl.argtypes import hostport
+
 if TYPE_CHECKING:
     from runbooks.model import Runbook
 
@@ -53,11 +55,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "0600, root's; default: %(default)s)")
     s.add_argument("--no-controller", action="store_true",
                    help="a site host without a controller")
-    s.add_argument("--agent-metrics", metavar="HOST:PORT",
+    s.add_argument("--agent-metrics", type=hostport, metavar="HOST:PORT",
                    help="where the site agent serves the site's metrics")
-    s.add_argument("--controller-metrics", metavar="HOST:PORT",
+    s.add_argument("--controller-metrics", type=hostport, metavar="HOST:PORT",
                    help="where the controller serves its metrics")
-    s.add_argument("--api", metavar="HOST:PORT", help="also run the API (HTTPS) here")
+    s.add_argument("--api", type=hostport, metavar="HOST:PORT",
+                   help="also run the API (HTTPS) here")
     s.add_argument("--api-users", default="/etc/drctl/api-users.json", metavar="FILE",
                    help="the API's users file (`drctl api users add`; default: %(default)s)")
     s.set_defaults(func=cmd_systemd)
@@ -273,11 +276,6 @@ def _host(args: argparse.Namespace) -> Host:
         if not runbook.sites[args.site].data_dir:
             raise ConfigError(f"--site {args.site}: the site has no data_dir in "
                               f"{args.config}: its agent would run no data path")
-    for flag, value in (("--agent-metrics", args.agent_metrics),
-                        ("--controller-metrics", args.controller_metrics), ("--api", args.api)):
-        host, _, port = (value or "h:1").rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"{flag} {value}: expected HOST:PORT")
     if args.witness and (args.no_controller or args.agent_metrics):
         raise ConfigError("--witness runs a controller only")
     drctl = args.drctl or shutil.which("drctl") or os.path.join(

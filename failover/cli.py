@@ -17,7 +17,7 @@ import uuid
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
-from drctl.argtypes import natural, port
+from drctl.argtypes import hostport, natural, parse_hostport, port
 
 if TYPE_CHECKING:  # heavy imports stay out of every other drctl command's start-up
     from drctl.epochtoken import Signer
@@ -32,7 +32,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     c.add_argument("--id", help="controller id (default: host-pid)")
     c.add_argument("--metrics-port", type=port, metavar="PORT",
                    help="serve the controller's metrics on 127.0.0.1:PORT")
-    c.add_argument("--metrics-listen", metavar="HOST:PORT",
+    c.add_argument("--metrics-listen", type=hostport, metavar="HOST:PORT",
                    help="serve them on this address instead (Prometheus on another host)")
     c.add_argument("--metrics-tls", action="store_true",
                    help="serve them over HTTPS with TLS_DIR/servers/controller.crt and .key "
@@ -75,7 +75,7 @@ def _add_api_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     w = sub.add_parser("api", help="serve the HTTP API and the operator's web page (HTTPS); "
                                    "`drctl api users` manages its users")
     w.add_argument("--config", help="the cluster configuration or runbook (required to serve)")
-    w.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
+    w.add_argument("--listen", default="127.0.0.1:8080", type=hostport, metavar="HOST:PORT")
     w.add_argument("--users", metavar="FILE", help="the users file (`drctl api users add`)")
     w.add_argument("--token-file", help="one more user, 'admin' (role admin), whose token is "
                    "this file's content (default: $DRCTL_API_TOKEN, if no --users)")
@@ -209,10 +209,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
         metrics.known_services(list(cfg.services))
         flag, listen = (("--metrics-listen", args.metrics_listen) if args.metrics_listen
                         else ("--metrics-port", f"127.0.0.1:{args.metrics_port}"))
-        host, _, mport = listen.rpartition(":")
-        if not mport.isdigit() or not 0 < int(mport) < 65536:
-            raise ConfigError(f"{flag} {listen}: expected HOST:PORT")
-        addr, number = host.strip("[]") or "127.0.0.1", int(mport)
+        addr, number = parse_hostport(listen)  # the parser has checked it
+        _check_listen(flag, listen)
         tls_dir = args.tls_dir or os.environ.get("DRCTL_TLS_DIR")
         try:
             if args.metrics_tls:
@@ -423,11 +421,9 @@ def cmd_api(args: argparse.Namespace) -> int:
         raise ConfigError(f"--users {args.users}: no such file (drctl api users add NAME "
                           f"--role R --file {args.users})")
     users = Users(args.users, token)
-    host, _, port_text = args.listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"--listen {args.listen}: expected HOST:PORT")
+    host, number = parse_hostport(args.listen)  # the parser has checked it
     tls = _api_tls(args, host)
+    _check_listen("--listen", args.listen)
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -440,25 +436,38 @@ def cmd_api(args: argparse.Namespace) -> int:
                                             args.allow_origin), access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
-            site = web.TCPSite(runner, host, int(port_text), ssl_context=tls)
+            site = web.TCPSite(runner, host, number, ssl_context=tls)
             try:
                 await site.start()
             except OSError as exc:
                 raise _bind_error("--listen", args.listen, exc) from None
             shown = f"[{host}]" if ":" in host else host
-            print(f"drctl api: {'https' if tls else 'http'}://{shown}:{port_text}/", flush=True)
+            print(f"drctl api: {'https' if tls else 'http'}://{shown}:{number}/", flush=True)
             await stop.wait()
 
     asyncio.run(serve())
     return 0
 
 
+def _check_listen(flag: str, address: str) -> None:
+    """Refuse an address this host cannot listen on now (in use, not this host's, a name
+    that does not resolve), before anything is started."""
+    from drctl.listening import bind_problem
+    from failover.config import ConfigError
+
+    problem = bind_problem(*parse_hostport(address))
+    if problem:
+        raise ConfigError(f"{flag} {address}: cannot listen there: {problem}")
+
+
 def _bind_error(flag: str, address: str, exc: OSError) -> Exception:
     """A failed bind, in one line naming the flag (not a traceback)."""
+    import socket
+
     from drctl.listening import BIND_ERRNOS, describe
     from failover.config import ConfigError
 
-    if exc.errno not in BIND_ERRNOS:
+    if exc.errno not in BIND_ERRNOS and not isinstance(exc, socket.gaierror):
         return exc
     return ConfigError(f"{flag} {address}: cannot listen there: {describe(exc)}")
 
@@ -466,8 +475,6 @@ def _bind_error(flag: str, address: str, exc: OSError) -> Exception:
 def _api_tls(args: argparse.Namespace, host: str) -> Any:
     """The server's TLS context; None (plain HTTP) only with --insecure on loopback."""
     import ipaddress
-    import ssl
-    import stat
 
     from failover.config import ConfigError
 
@@ -476,20 +483,7 @@ def _api_tls(args: argparse.Namespace, host: str) -> Any:
             raise ConfigError("--tls-cert and --tls-key go together")
         if args.insecure:
             raise ConfigError("--insecure: not with --tls-cert (that is HTTPS)")
-        try:
-            mode = stat.S_IMODE(os.stat(args.tls_key).st_mode)
-        except OSError as exc:
-            raise ConfigError(f"--tls-key {args.tls_key}: {exc.strerror}") from exc
-        if mode & 0o077:
-            raise ConfigError(f"--tls-key {args.tls_key}: mode {mode:04o}: group or others "
-                              "may read the private key (chmod 600)")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            ctx.load_cert_chain(args.tls_cert, args.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"--tls-cert/--tls-key: {exc}") from exc
-        return ctx
+        return _server_context(args.tls_cert, args.tls_key)
     if not args.insecure:
         raise ConfigError("drctl api serves HTTPS: pass --tls-cert FILE --tls-key FILE (or "
                           "--insecure for plain HTTP on a loopback address)")
@@ -502,6 +496,60 @@ def _api_tls(args: argparse.Namespace, host: str) -> Any:
     print("drctl api: warning: plain HTTP (--insecure): tokens are sent unencrypted; "
           "loopback only", file=sys.stderr, flush=True)
     return None
+
+
+def _server_context(cert: str, key: str) -> Any:
+    """The API's TLS server context from --tls-cert and --tls-key; a ConfigError naming the
+    file (every one that cannot be read, not only the first) otherwise."""
+    import ssl
+    import stat
+
+    from failover.config import ConfigError
+
+    unusable = []
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            unusable.append(f"{flag} {path}: {exc.strerror or exc}")
+    if unusable:
+        raise ConfigError("; ".join(unusable))
+    mode = stat.S_IMODE(os.stat(key).st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"--tls-key {key}: mode {mode:04o}: group or others may read the "
+                          "private key (chmod 600)")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:  # OpenSSL's words ("[SSL] PEM lib") name no file
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"--tls-key {key}: not the private key of --tls-cert "
+                              f"{cert}") from None
+        if _pem_certificate(cert):
+            raise ConfigError(f"--tls-key {key}: not a PEM private key (or not the key of "
+                              f"--tls-cert {cert})") from None
+        raise ConfigError(f"--tls-cert {cert}: not a PEM certificate (or the key does not "
+                          "match)") from None
+    except OSError as exc:
+        raise ConfigError(f"--tls-cert/--tls-key: {exc.strerror or exc}") from None
+    return ctx
+
+
+def _pem_certificate(path: str) -> bool:
+    """Whether ``path`` starts with a PEM certificate ssl can decode."""
+    import ssl
+
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            text = fh.read(1 << 20)
+        start = text.index(begin)
+        ssl.PEM_cert_to_DER_cert(text[start:text.index(end, start) + len(end)])
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def cmd_users(args: argparse.Namespace) -> int:

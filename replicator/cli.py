@@ -14,12 +14,19 @@ import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from drctl.argtypes import count, natural, seconds, seconds_or_zero, zstd_level
+from drctl.argtypes import (
+    count,
+    hostport,
+    natural,
+    parse_hostport,
+    seconds,
+    seconds_or_zero,
+    zstd_level,
+)
 from drctl.argtypes import port as _port
 from replicator.errors import UsageError
 from replicator.source_state import default_state_root, group_journal_path, state_dir_for
 from replicator.units import (
-    parse_hostport,
     parse_rate,
     parse_rate_limit,
     parse_size,
@@ -60,12 +67,10 @@ def _verify_rate(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _address(text: str) -> str:
-    try:
-        parse_hostport(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+# how long a one-shot command (verify, fence, push --once) waits for the target to answer
+DEFAULT_CONNECT_TIMEOUT = 10.0
+# how long push --once retries a target that stops answering mid-sync (it was reached)
+DEFAULT_RETRY_TIMEOUT = 120.0
 
 
 def _nbd_address(text: str) -> str:
@@ -73,7 +78,7 @@ def _nbd_address(text: str) -> str:
         if len(text) == len("unix:"):
             raise argparse.ArgumentTypeError("expected unix:PATH")
         return text
-    return _address(text)
+    return hostport(text)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -87,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     s = rsub.add_parser("serve", help="run a target daemon that keeps replicas under --dir")
-    s.add_argument("--listen", required=True, type=_address, metavar="HOST:PORT")
+    s.add_argument("--listen", required=True, type=hostport, metavar="HOST:PORT")
     s.add_argument("--dir", required=True, help="directory holding the replicas")
     _add_metrics_args(s)
     s.add_argument("--grace", type=seconds_or_zero, default=10.0,
@@ -114,7 +119,7 @@ def _add_serve(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _add_push(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = rsub.add_parser("push", help="replicate a volume (file or block device) to a target")
     p.add_argument("path", help="the protected volume: an image file or a block device")
-    p.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
+    p.add_argument("--to", required=True, type=hostport, metavar="HOST:PORT")
     p.add_argument("--volume", required=True, help="volume name on the target")
     p.add_argument("--rate-limit", type=_rate_limit, metavar="RATE",
                    help="bandwidth cap, e.g. 20MB/s (a bare number is bytes/s; below 64KiB/s "
@@ -124,8 +129,12 @@ def _add_push(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--state-dir", help="where the agent keeps its resume state "
                    "(default: $DRCTL_STATE_DIR or ~/.local/state/drctl)")
     p.add_argument("--no-dedup", action="store_true", help="do not send COPY records")
-    p.add_argument("--connect-timeout", type=seconds, default=120.0,
-                   help="give up (with --once) when the target stays unreachable this long")
+    p.add_argument("--connect-timeout", type=seconds, metavar="SECONDS",
+                   help="with --once: give up (exit 69) when the target cannot be reached "
+                   f"this long (default {DEFAULT_CONNECT_TIMEOUT:g}, as verify), and when it "
+                   "stops answering mid-sync this long (default "
+                   f"{DEFAULT_RETRY_TIMEOUT:g}); without --once the agent waits for it, "
+                   "logging that it does")
     p.add_argument("--verify-from-disk", action="store_true",
                    help="with --once: also re-read the replica and compare every block")
     p.add_argument("--nbd-listen", type=_nbd_address, metavar="HOST:PORT|unix:PATH",
@@ -144,7 +153,7 @@ def _add_push_group(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     g.add_argument("members", nargs="+", metavar="VOLUME=PATH",
                    help="member volumes: name on the target = image file or block device")
     g.add_argument("--group", required=True, help="consistency group name")
-    g.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
+    g.add_argument("--to", required=True, type=hostport, metavar="HOST:PORT")
     g.add_argument("--nbd-listen", required=True, type=_nbd_address,
                    metavar="HOST:PORT|unix:PATH",
                    help="one NBD server; each member is an export named after its volume "
@@ -199,7 +208,7 @@ def _add_shared_push_args(p: argparse.ArgumentParser) -> None:
 
 def _add_fence(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     f = rsub.add_parser("fence", help="raise a replica's epoch: older sources are refused")
-    f.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
+    f.add_argument("--to", required=True, type=hostport, metavar="HOST:PORT")
     f.add_argument("--volume", required=True)
     f.add_argument("--epoch", required=True, type=natural)
     f.add_argument("--epoch-token", metavar="FILE",
@@ -214,7 +223,7 @@ def _add_fence(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _add_verify(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v = rsub.add_parser("verify", help="exit 0 only if the replica equals the volume")
     v.add_argument("path")
-    v.add_argument("--to", required=True, type=_address, metavar="HOST:PORT")
+    v.add_argument("--to", required=True, type=hostport, metavar="HOST:PORT")
     v.add_argument("--volume", required=True)
     v.add_argument("--block-size", type=_size, default=4096)
     v.add_argument("--json", action="store_true")
@@ -224,8 +233,9 @@ def _add_verify(rsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _add_connect_timeout(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--connect-timeout", type=seconds, default=10.0, metavar="SECONDS",
-                   help="give up when the target cannot be reached this long (default 10)")
+    p.add_argument("--connect-timeout", type=seconds, default=DEFAULT_CONNECT_TIMEOUT,
+                   metavar="SECONDS", help="give up when the target cannot be reached this "
+                   f"long (default {DEFAULT_CONNECT_TIMEOUT:g})")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from replicator.daemon import check_directory, serve
@@ -278,7 +288,9 @@ def cmd_push(args: argparse.Namespace) -> int:
         rate_limit=args.rate_limit, once=args.once, block_size=args.block_size,
         epoch=args.epoch, compress_level=args.compress_level, dedup=not args.no_dedup,
         interval=args.interval, window_bytes=args.window,
-        connect_timeout=args.connect_timeout if args.once else None,
+        connect_timeout=(args.connect_timeout or DEFAULT_CONNECT_TIMEOUT) if args.once
+        else None,
+        retry_timeout=(args.connect_timeout or DEFAULT_RETRY_TIMEOUT) if args.once else None,
         verify_from_disk=args.verify_from_disk, rpo_budget=args.rpo_budget,
         nbd_listen=args.nbd_listen, journal_limit=args.journal_limit,
         cp_interval=args.cp_interval, security=security, epoch_token=args.epoch_token,
@@ -353,6 +365,7 @@ def cmd_push_group(args: argparse.Namespace) -> int:
         state_dir=state_dir_for(root, path, args.to, name), rate_limit=args.rate_limit,
         block_size=args.block_size, epoch=args.epoch, compress_level=args.compress_level,
         dedup=False, interval=args.interval, window_bytes=args.window, connect_timeout=None,
+        retry_timeout=None,
         rpo_budget=args.rpo_budget, nbd_listen=args.nbd_listen,
         journal_limit=args.journal_limit, cp_interval=args.cp_interval, group=args.group,
         group_members=names, security=security, epoch_token=args.epoch_token,
@@ -490,7 +503,7 @@ def _add_metrics_args(p: argparse.ArgumentParser) -> None:
     m = p.add_mutually_exclusive_group()
     m.add_argument("--metrics-port", type=_port, metavar="PORT",
                    help="serve metrics on 127.0.0.1:PORT")
-    m.add_argument("--metrics-listen", type=_address, metavar="HOST:PORT",
+    m.add_argument("--metrics-listen", type=hostport, metavar="HOST:PORT",
                    help="serve metrics on this address")
     p.add_argument("--metrics-tls", action="store_true",
                    help="metrics over HTTPS with this process's certificate; scrapers need a "

@@ -87,7 +87,11 @@ class PushOptions:
     dedup: bool = True
     interval: float = 1.0
     window_bytes: int = 64 << 20
-    connect_timeout: float | None = 120.0
+    # --once: the target must answer within this before anything else (TargetUnavailableError,
+    # exit 69, as verify); None: wait for it (a running agent)
+    connect_timeout: float | None = None
+    # a target that does not answer a handshake is retried this long (None: until it does)
+    retry_timeout: float | None = 120.0
     verify_from_disk: bool = False
     save_interval: float = 10.0
     rpo_budget: float = 0.0
@@ -192,12 +196,14 @@ class PushDriver:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((TargetUnavailableError, VolumeBusyError)),
             wait=wait_exponential(multiplier=0.2, max=2.0),
-            stop=(stop_after_delay(self.o.connect_timeout) if self.o.connect_timeout
+            stop=(stop_after_delay(self.o.retry_timeout) if self.o.retry_timeout
                   else stop_never),
             reraise=True,
-            before_sleep=lambda rs: log.warning("target %s not ready (%s): retrying",
-                                                self.o.address, rs.outcome.exception()
-                                                if rs.outcome else "?"),
+            before_sleep=lambda rs: log.warning(
+                "volume %s: waiting for target %s (%s): retrying %s", self.o.volume,
+                self.o.address, rs.outcome.exception() if rs.outcome else "?",
+                f"for up to {self.o.retry_timeout:g}s" if self.o.retry_timeout
+                else "until it answers"),
         )
         async for attempt in retrying:
             with attempt:
@@ -560,6 +566,8 @@ class PushDriver:
     async def sync_once(self) -> None:
         """Bring the replica to equal the volume, verified, retrying whole passes if needed."""
         self.open_volume()
+        if self.o.connect_timeout is not None:  # a one-shot command: not reached, say so
+            await self.client.connect(self.o.connect_timeout)
         await self.reconcile()
         log.debug("volume %s: reconciled at seq %d", self.o.volume, self.acked_seq)
         for _round in range(MAX_VERIFY_ROUNDS):

@@ -90,17 +90,6 @@ def _too_low(text: str, rate: int, what: str, more: str) -> str:
             f"{number.group(1) if number else 20}MB/s?{more})")
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    """Split HOST:PORT (IPv6 as [::1]:PORT) and check the port."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise UsageError(f"invalid address {text!r}: expected HOST:PORT")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise UsageError(f"invalid address {text!r}: port {port} out of range")
-    return host.strip("[]"), port
-
-
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -28,4 +28,6 @@ fi
 # Byte-compile the project once: where PYTHONDONTWRITEBYTECODE is set (as on the development
 # machines) every drctl process would otherwise compile its modules again at start-up.
 "$VENV/bin/python" -m compileall -q drctl replicator failover runbooks >/dev/null
+# make's up-to-date mark (Makefile: DEPS), written last: a run that fails leaves none
+touch "$VENV/.deps-stamp"
 echo "install-deps: done ($("$VENV/bin/python" --version))"

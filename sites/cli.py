@@ -10,6 +10,8 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from drctl.argtypes import hostport
+
 if TYPE_CHECKING:
     from failover.coordination.base import CoordinationStore
     from sites.agent import ManagedSiteAgent
@@ -22,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     a.add_argument("--site", required=True)
     a.add_argument("--lag-url", help="metrics URL of a source agent this agent does not run "
                                      "itself (hook-driven sites)")
-    a.add_argument("--metrics-listen", metavar="HOST:PORT",
+    a.add_argument("--metrics-listen", type=hostport, metavar="HOST:PORT",
                    help="serve the site's metrics here: those of the data path it runs (its "
                    "capture agents' and target daemon's), labelled site=SITE (sites/metrics.py)")
     a.add_argument("--metrics-tls", action="store_true",

@@ -70,12 +70,12 @@ def serve(registry: CollectorRegistry, listen: str, tls_dir: str | None = None,
     certificate from the deployment's CA. Returns the URL."""
     import ssl
 
+    from drctl.argtypes import parse_hostport
     from drctl.metrics_http import MetricsEndpoint, MetricsTlsError, serve_registry
     from failover.config import ConfigError
 
-    host, _, port = listen.rpartition(":")
     try:
-        host, number = host.strip("[]") or "127.0.0.1", int(port)
+        host, number = parse_hostport(listen)
         endpoint = (MetricsEndpoint.from_tls_dir(host, number, tls_dir, f"sites/{site}")
                     if tls_dir else MetricsEndpoint(host, number))
         serve_registry(registry, endpoint)

@@ -117,8 +117,14 @@ def _read(path: str) -> dict[str, dict[str, str]]:
 
 
 def _write(path: str, users: dict[str, dict[str, str]]) -> None:
-    atomic_write(path, (json.dumps({"version": 1, "users": users}, indent=1, sort_keys=True)
-                        + "\n").encode())
+    try:
+        atomic_write(path, (json.dumps({"version": 1, "users": users}, indent=1,
+                                       sort_keys=True) + "\n").encode())
+    except OSError as exc:  # the file is written beside itself (a temporary, renamed)
+        directory = os.path.dirname(os.path.abspath(path))
+        why = (f"directory {directory} does not exist" if not os.path.isdir(directory)
+               else exc.strerror or str(exc))
+        raise UsersFileError(f"{path}: cannot write the users file: {why}") from None
 
 
 def add_user(path: str, name: str, role: str, replace: bool = False) -> str:

@@ -11,12 +11,13 @@ import json
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from drctl.localservers import free_port
-from tests.procs import DRCTL, REPO, Pki, Target, run, write_random
+from tests.procs import DRCTL, REPO, Pki, Proc, Target, run, wait_for, write_random
 
 SIZE = 256 << 10
 
@@ -283,3 +284,117 @@ def test_status_json_into_a_closed_pipe_exits_quietly(workdir: str) -> None:
             assert p.returncode == 141 and p.stderr == "", (cmd, p.returncode, p.stderr)
     finally:
         etcd.stop()
+
+
+# -- a new user's trial: each mistake one line, the problem named ---------------------------
+
+
+def test_users_file_in_a_directory_that_does_not_exist(workdir: str) -> None:
+    missing = os.path.join(workdir, "nonexistent", "dir", "u.json")
+    one_line(run([*DRCTL, "api", "users", "add", "alice", "--role", "operator", "--file",
+                  missing]), 2, "[users_file]", missing, "cannot write",
+             f"directory {os.path.dirname(missing)} does not exist")
+    assert not os.path.exists(os.path.join(workdir, "nonexistent"))
+
+
+def _api(cluster_yaml: str, workdir: str, *flags: str) -> list[str]:
+    token = os.path.join(workdir, "token")
+    with open(token, "w") as fh:
+        fh.write("a-token-long-enough-for-the-api")
+    return [*DRCTL, "api", "--config", cluster_yaml, "--token-file", token, *flags]
+
+
+def test_api_listen_on_a_name_that_does_not_resolve(workdir: str, cluster_yaml: str,
+                                                    deployment: Pki) -> None:
+    tls = ["--tls-cert", os.path.join(deployment.dir, "sites", "west.crt"),
+           "--tls-key", os.path.join(deployment.dir, "sites", "west.key")]
+    one_line(run(_api(cluster_yaml, workdir, "--listen", "nosuchhost.invalid:18444", *tls)),
+             2, "--listen nosuchhost.invalid:18444", "cannot listen there",
+             "cannot resolve 'nosuchhost.invalid'")
+    one_line(run([*DRCTL, "controller", "--config", cluster_yaml, "--metrics-listen",
+                  "nosuchhost.invalid:18445"]), 2, "--metrics-listen nosuchhost.invalid",
+             "cannot resolve")
+
+
+def test_api_tls_files_that_cannot_be_used(workdir: str, cluster_yaml: str,
+                                           deployment: Pki) -> None:
+    listen = ["--listen", f"127.0.0.1:{free_port()}"]
+    cert, key = (os.path.join(workdir, "nope.crt"), os.path.join(workdir, "nope.key"))
+    one_line(run(_api(cluster_yaml, workdir, *listen, "--tls-cert", cert, "--tls-key", key)),
+             2, f"--tls-cert {cert}: No such file", f"--tls-key {key}: No such file")
+    garbage = os.path.join(workdir, "garbage.crt")
+    with open(garbage, "w") as fh:
+        fh.write("not a certificate\n")
+    west_crt = os.path.join(deployment.dir, "sites", "west.crt")
+    west_key = os.path.join(deployment.dir, "sites", "west.key")
+    said = one_line(run(_api(cluster_yaml, workdir, *listen, "--tls-cert", garbage,
+                             "--tls-key", west_key)), 2,
+                    f"--tls-cert {garbage}: not a PEM certificate (or the key does not match)")
+    assert "_ssl.c" not in said and "PEM lib" not in said
+    one_line(run(_api(cluster_yaml, workdir, *listen, "--tls-cert", west_crt, "--tls-key",
+                      os.path.join(deployment.dir, "sites", "east.key"))), 2,
+             "--tls-key", "east.key", "not the private key of --tls-cert")
+
+
+def test_push_once_gives_up_on_a_stopped_target_by_default(workdir: str, deployment: Pki,
+                                                           volume: str) -> None:
+    """`push --once` is a one-shot command: like verify it gives up after 10 s (exit 69,
+    one line) instead of waiting forever; a running agent waits, and says it does."""
+    agent = Proc(push(deployment, volume, os.path.join(workdir, "agent-state")),
+                 os.path.join(workdir, "agent.log")).start()
+    started = time.monotonic()
+    p = run(push(deployment, volume, os.path.join(workdir, "state"), "--once"), timeout=60)
+    one_line(p, 69, "[target_unavailable]", "no connection within 10s", "Connection refused")
+    assert time.monotonic() - started < 40
+    wait_for(lambda: "waiting for target" in agent.log(), 30, "the agent to say it waits")
+    assert agent.popen is not None and agent.popen.poll() is None, agent.log()
+    assert "until it answers" in agent.log() and "Traceback" not in agent.log()
+    agent.stop()
+
+
+@pytest.mark.parametrize(("argv", "flag", "command"), [
+    (["--bogus"], "--bogus", "drctl"),
+    (["status", "--bogus"], "--bogus", "drctl status"),
+    (["--bogus", "status"], "--bogus", "drctl"),
+    (["replicate", "push", "v.img", "--bogus"], "--bogus", "drctl replicate push"),
+    (["api", "users", "add", "ann", "--bogus=1"], "--bogus=1", "drctl api users add"),
+    (["status", "--config", "c.yaml", "--bogus"], "--bogus", "drctl status"),
+])
+def test_an_unknown_flag_is_named_before_what_is_missing(argv: list[str], flag: str,
+                                                         command: str) -> None:
+    said = one_line(run([*DRCTL, *argv]), 2, "[usage]")
+    assert said == (f"drctl: error [usage]: unrecognized arguments: {flag} "
+                    f"(see: {command} --help)"), said
+
+
+def test_every_address_flag_says_the_same(workdir: str, cluster_yaml: str,
+                                          deployment: Pki) -> None:
+    runbook = os.path.join(REPO, "runbooks", "examples", "two-site-web.yaml")
+    commands = (
+        ["api", "--config", cluster_yaml, "--listen", "A"],
+        ["controller", "--config", cluster_yaml, "--metrics-listen", "A"],
+        ["replicate", "serve", "--listen", "A", "--dir", workdir, *deployment.flags("west")],
+        ["replicate", "push", "v.img", "--volume", "db", "--to", "A"],
+        ["replicate", "verify", "v.img", "--volume", "db", "--to", "A"],
+        ["agent", "--config", cluster_yaml, "--site", "east", "--metrics-listen", "A"],
+        ["deploy", "systemd", "--config", runbook, "--api", "A"],
+    )
+    cases = [(cmd, "127.0.0.1:80000", "port 80000 out of range (1..65535)")
+             for cmd in commands]
+    cases += [(commands[0], ":8080", "expected HOST:PORT"),
+              (commands[-1], "nowhere", "expected HOST:PORT")]
+    for cmd, address, words in cases:
+        said = one_line(run([*DRCTL, *(address if a == "A" else a for a in cmd)]), 2)
+        flag = cmd[cmd.index("A") - 1]
+        assert f"[usage]: argument {flag}: invalid address {address!r}: {words}" in said, said
+
+
+def test_demo_settings_that_make_no_sense_start_nothing() -> None:
+    for variable, value, words in (
+            ("DEMO_SECONDS", "abc", "expected seconds >= 0"),
+            ("DEMO_SECONDS", "-5", "expected seconds >= 0"),
+            ("DEMO_CYCLE", "maybe", "expected 1 (run the scripted lifecycle; the default) "
+                                    "or 0 (skip it)")):
+        p = run([*DRCTL[:-1], "drctl.demo"], timeout=30, env={variable: value})
+        one_line(p, 2, "[usage]", f"{variable}={value!r}", words)
+        assert p.stdout == "", p.stdout  # nothing started

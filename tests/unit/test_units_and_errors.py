@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import argparse
+import re
+
 import pytest
 
+from drctl.argtypes import AddressError, hostport, parse_hostport
 from replicator.errors import ALL_ERRORS, UsageError
-from replicator.units import parse_hostport, parse_rate, parse_size, parse_verify_rate
+from replicator.units import parse_rate, parse_size, parse_verify_rate
 
 
 @pytest.mark.parametrize(("text", "value"), [
@@ -42,11 +46,19 @@ def test_size_units() -> None:
 
 
 def test_hostport() -> None:
+    """One parser for every address flag (drctl/argtypes.py), the same words in each."""
     assert parse_hostport("127.0.0.1:80") == ("127.0.0.1", 80)
     assert parse_hostport("[::1]:9") == ("::1", 9)
-    for bad in ("host", ":80", "h:99999", "h:x"):
-        with pytest.raises(UsageError):
+    assert parse_hostport("db.example:65535") == ("db.example", 65535)
+    for bad, words in (("host", "expected HOST:PORT"), (":80", "expected HOST:PORT"),
+                       ("[]:80", "expected HOST:PORT"), ("h:x", "expected HOST:PORT"),
+                       ("h:99999", "port 99999 out of range (1..65535)"),
+                       ("h:0", "port 0 out of range")):
+        with pytest.raises(AddressError, match=re.escape(f"invalid address {bad!r}: {words}")):
             parse_hostport(bad)
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(words)):
+            hostport(bad)
+    assert hostport("[::1]:9") == "[::1]:9"
 
 
 def test_error_codes_are_unique_and_have_exit_codes() -> None:
