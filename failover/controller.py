@@ -261,7 +261,7 @@ class Controller:
             rec.primary_lost_since = None
         elif rec.primary_lost_since is None:
             rec.primary_lost_since = self._silent_since(rec.primary, svc, now)
-        protected, barrier = _observe(rec, svc.name, primary_hb, replica_hb)
+        protected, barrier, no_data_path = _observe(rec, svc.name, primary_hb, replica_hb)
         op = rec.operation
         if op is not None and rec.state in (State.FENCING, State.PROMOTING):
             owner, site = ((Owner.OLD_PRIMARY, op.source) if rec.state is State.FENCING
@@ -276,7 +276,7 @@ class Controller:
             step_done=await self._step_done(rec, snap, svc),
             step_failed=bool(op and op.error and rec.state is not State.FAILED),
             failed_step=State(op.failed_step) if op and op.failed_step else None,
-            policy=svc.policy, protected=protected, barrier=barrier,
+            policy=svc.policy, protected=protected, barrier=barrier, no_data_path=no_data_path,
             replica_consistent=rec.replica_consistent, prepare=self.prepares[svc.name],
             switchover=op is not None and op.kind == "switchover",
             automatic=op is not None and op.automatic)
@@ -354,12 +354,19 @@ class Controller:
         if decision.refused and s.cmd is not None:
             s.refused = decision.message
         rec.waiting_for = decision.waiting
+        before = rec.operation  # (a move that ends the operation takes it off the record)
         await self._act(decision, rec, svc, cmd, now, s.inherited_from)
         if decision.changes and self.metrics is not None:
             self.metrics.transitions.labels(svc.name, decision.next_state.value).inc()
         if decision.changes:
             step = {"at": now, "from": decision.state, "to": decision.next_state,
                     "action": decision.action}
+            op = rec.operation or before
+            if op is not None:
+                # the move belongs to this operation: which one (failover or switchover,
+                # failback included; a failed resync), where to, and whether anyone asked
+                step["operation"] = {"kind": op.kind, "target": op.target,
+                                     "automatic": op.automatic}
             rec.history = [*rec.history, step][-20:]
             rec.state, rec.since = decision.next_state, now
             if rec.state in (State.PREPARING, State.REROUTING):  # its first step, now
@@ -523,12 +530,14 @@ class Controller:
 
 
 def _observe(rec: ServiceRecord, service: str, primary_hb: Heartbeat | None,
-             replica_hb: Heartbeat | None) -> tuple[bool | None, bool]:
+             replica_hb: Heartbeat | None) -> tuple[bool | None, bool, bool]:
     """Copy what the heartbeats say into the record; return the primary's (protected,
-    barrier) for the view. Reports at an older epoch than the record's say nothing."""
-    protected, barrier = None, False
+    barrier, runs no data path) for the view. Reports at an older epoch than the record's say
+    nothing."""
+    protected, barrier, no_data_path = None, False, False
     health = primary_hb.services.get(service) if primary_hb is not None else None
     if health is not None and health.role == "primary":
+        no_data_path = not health.data_path
         rec.last_lag_seconds = health.lag_seconds
         rec.resync = health.resync
         if health.epoch >= rec.epoch:
@@ -551,7 +560,7 @@ def _observe(rec: ServiceRecord, service: str, primary_hb: Heartbeat | None,
         # The primary's capture agent holds a verified point, but the replica site is gone
         # or its target daemon is not running: nothing receives the next writes.
         protected = False
-    return protected, barrier
+    return protected, barrier, no_data_path
 
 
 def _dependencies_first(config: ClusterConfig) -> list[str]:

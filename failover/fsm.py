@@ -23,7 +23,9 @@ from failover.errors import InvalidTransition
 
 class State(StrEnum):
     HEALTHY = "healthy"  # primary serving, replica receiving (protected)
-    UNPROTECTED = "unprotected"  # primary serving, its replica is not receiving
+    # primary serving, its replica is not receiving; also where a new service starts: its
+    # replica holds nothing consistent until the primary first reports it protected
+    UNPROTECTED = "unprotected"
     PRIMARY_SUSPECT = "primary_suspect"  # primary heartbeat missing, inside the grace period
     BLOCKED = "blocked"  # automatic failover not allowed now (RPO, damping): operator decides
     PREPARING = "preparing"  # the runbook's prechecks and controller hooks (nothing changed)
@@ -69,15 +71,20 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(S.HEALTHY, S.FENCING, "manual failover", A.FENCE),
     Transition(S.HEALTHY, S.DRAINING, "manual switchover", A.DRAIN),
     Transition(S.HEALTHY, S.UNPROTECTED, "the replica is not protected", A.ALERT),
-    Transition(S.UNPROTECTED, S.HEALTHY, "primary reports its replica protected again", A.NONE),
+    Transition(S.UNPROTECTED, S.HEALTHY, "primary reports its replica protected, or runs no "
+               "data path (cannot say)", A.NONE),
     Transition(S.UNPROTECTED, S.PRIMARY_SUSPECT, "primary heartbeat lost", A.WAIT),
     Transition(S.UNPROTECTED, S.FENCING, "manual failover", A.FENCE),
     Transition(S.PRIMARY_SUSPECT, S.HEALTHY, "primary heartbeat back", A.NONE),
+    Transition(S.PRIMARY_SUSPECT, S.UNPROTECTED, "primary heartbeat back, its replica not "
+               "protected", A.ALERT),
     Transition(S.PRIMARY_SUSPECT, S.FENCING, "grace expired, lag within the RPO budget",
                A.FENCE),
     Transition(S.PRIMARY_SUSPECT, S.BLOCKED, "grace expired, automatic failover not allowed",
                A.BLOCK),
     Transition(S.BLOCKED, S.HEALTHY, "primary heartbeat back", A.NONE),
+    Transition(S.BLOCKED, S.UNPROTECTED, "primary heartbeat back, its replica not protected",
+               A.ALERT),
     Transition(S.BLOCKED, S.FENCING, "manual failover, or lag back within the RPO budget",
                A.FENCE),
     Transition(S.HEALTHY, S.PREPARING, "manual failover or switchover: prechecks first",
@@ -194,9 +201,12 @@ class ServiceView:
     # The primary's report: its replica holds a consistency point at the current epoch and
     # is receiving (None: unknown, e.g. an agent that does not report it).
     protected: bool | None = None
+    # the primary runs no data path (hooks only): it cannot report ``protected`` (None), its
+    # replication is the runbook's hooks' business
+    no_data_path: bool = False
     barrier: bool = False  # the primary's write barrier is up (no new write acknowledged)
-    # False while the replica is known to be mid-resync (not at a consistency point): then
-    # only a forced failover may promote it.
+    # False while the replica holds no consistency point (a new service before its first
+    # protection, or mid-resync): then only a forced failover may promote it.
     replica_consistent: bool = True
     prepare: bool = False  # the runbook has prechecks or controller hooks before fencing
     switchover: bool = False  # the operation in progress is a switchover (or a failback)
@@ -233,6 +243,27 @@ def _move(v: ServiceView, dst: State, detail: str) -> Decision:
     return Decision(v.state, dst, t.action, f"{v.state} -> {dst}: {t.reason} ({detail})")
 
 
+def human(message: str) -> str:
+    """A decision's message for people (the page). A move's message is ``src -> dst: <the
+    table's reason> (<what happened>)...``; where the reason names every way the row can be
+    taken ("write barrier up and lag 0, or manual failover"), only what happened is kept.
+    Any other message is returned as it is."""
+    head, sep, rest = message.partition(": ")
+    src, arrow, dst = head.partition(" -> ")
+    try:
+        t = _BY_PAIR.get((State(src), State(dst))) if sep and arrow else None
+    except ValueError:
+        t = None
+    if t is None or " or " not in t.reason or not rest.startswith(t.reason + " ("):
+        return message
+    depth, tail = 0, rest[len(t.reason) + 1:]
+    for i, c in enumerate(tail):  # the detail's closing parenthesis (it may hold others)
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        if depth == 0:
+            return f"{src} -> {dst}: {tail[1:i]}{tail[i + 1:]}"
+    return message
+
+
 def _stay(v: ServiceView, action: Action, detail: str) -> Decision:
     return Decision(v.state, v.state, action, f"{v.state}: {detail}")
 
@@ -258,8 +289,8 @@ def _auto_allowed(v: ServiceView) -> tuple[bool, str]:
     if not v.replica_alive:
         return False, "replica site is not alive"
     if not v.replica_consistent:
-        return False, ("the replica is mid-resync, not at a consistency point "
-                       "(only failover --force promotes it)")
+        return False, ("the replica holds no consistent copy (never protected since the "
+                       "service was created, or mid-resync): only failover --force promotes it")
     lag = v.replica_lag_seconds
     if lag is None and not p.allow_data_loss:
         return False, "replica lag unknown"
@@ -302,13 +333,8 @@ def _healthy(v: ServiceView) -> Decision:
     if not v.primary_alive:
         return _move(v, State.PRIMARY_SUSPECT, "waiting for the grace period" + (
             "; switchover refused: the primary is not alive" if switch else ""))
-    # None (unknown: an agent that does not say) is not False; but a replica never protected
-    # since the service was created is not protected, whatever the agent says
-    never = v.protected is None and not v.replica_consistent
-    if v.protected is False or never:
-        why = ("the primary has not reported it protected since the service was created"
-               if never else f"the primary reports it not receiving, replica lag "
-               f"{seconds(v.replica_lag_seconds)}")
+    why = _not_protected(v)
+    if why is not None:
         return _move(v, State.UNPROTECTED, why + (
             "; switchover refused: the replica is not receiving" if switch else ""))
     if switch:
@@ -316,7 +342,23 @@ def _healthy(v: ServiceView) -> Decision:
     return _stay(v, Action.NONE, "primary alive")
 
 
+def _not_protected(v: ServiceView) -> str | None:
+    """Why the primary's replica does not count as protected (None: it does, or nobody can
+    say). None (unknown: an agent that does not say) is not False; but a replica that holds
+    no consistent copy (never protected since the service was created, or mid-resync) is not
+    protected, whatever the agent says."""
+    if v.protected is None and not v.replica_consistent:
+        return ("the primary has not reported it protected since the service was created "
+                "(or since its resync began)")
+    if v.protected is False:
+        return (f"the primary reports it not receiving, replica lag "
+                f"{seconds(v.replica_lag_seconds)}")
+    return None
+
+
 def _unprotected(v: ServiceView) -> Decision:
+    # (also a new service's first state: automatic failover is not possible from here before
+    # the first protection, _auto_allowed refuses a replica without a consistent copy)
     if (refused := _not_consistent(v)) is not None:
         return refused
     if v.command in _FAILOVERS:
@@ -325,14 +367,24 @@ def _unprotected(v: ServiceView) -> Decision:
         return _move(v, State.PRIMARY_SUSPECT, "waiting for the grace period")
     if v.protected is True:
         return _move(v, State.HEALTHY, "replica receiving")
+    if v.protected is None and v.no_data_path and v.replica_consistent:
+        return _move(v, State.HEALTHY, "the primary runs no data path: its replication is "
+                                       "the runbook's hooks' business")
     if v.command is Command.SWITCHOVER:
         return _refuse(v, Action.NONE, "switchover refused: the replica is not receiving")
-    return _stay(v, Action.NONE, "primary serving, its replica is not receiving")
+    return _stay(v, Action.NONE, "primary serving; " + (
+        _not_protected(v) or "the primary does not report its replica protected"))
+
+
+def _back(v: ServiceView, healthy: str) -> Decision:
+    """The primary's heartbeat is back: healthy, or unprotected if its replica is not."""
+    why = _not_protected(v)
+    return _move(v, State.HEALTHY, healthy) if why is None else _move(v, State.UNPROTECTED, why)
 
 
 def _suspect(v: ServiceView) -> Decision:
     if v.primary_alive:
-        return _move(v, State.HEALTHY, "flap absorbed")
+        return _back(v, "flap absorbed")
     lost = v.primary_lost_since if v.primary_lost_since is not None else v.state_since
     if v.now - lost < v.policy.grace_seconds:
         return _stay(v, Action.WAIT, f"primary silent {v.now - lost:.1f}s of "
@@ -343,15 +395,15 @@ def _suspect(v: ServiceView) -> Decision:
 
 def _blocked(v: ServiceView) -> Decision:
     if v.primary_alive:
-        return _move(v, State.HEALTHY, "primary back")
+        return _back(v, "primary back")
     if v.command is Command.FORCE_FAILOVER:
         return _begin(v, State.FENCING, "forced by an operator: data loss accepted")
     if v.command is Command.FAILOVER:
         lag = v.replica_lag_seconds
         if not v.replica_consistent:
-            return _refuse(v, Action.BLOCK, "manual failover refused: the replica is "
-                           "mid-resync, not at a consistency point (use --force to promote "
-                           "it anyway)")
+            return _refuse(v, Action.BLOCK, "manual failover refused: the replica holds no "
+                           "consistent copy (never protected since the service was created, "
+                           "or mid-resync; use --force to promote it anyway)")
         if lag is not None and lag <= v.policy.rpo_seconds:
             return _begin(v, State.FENCING, "requested by an operator")
         return _refuse(v, Action.BLOCK, f"manual failover refused: replica lag {seconds(lag)}"

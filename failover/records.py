@@ -188,8 +188,9 @@ class ServiceRecord:
     resync: dict[str, Any] | None = None
     unreplicated_blocks: int = 0
     unreplicated_file: str | None = None
-    # False from the moment the replica is known to be mid-resync until the primary reports
-    # it protected: only a forced failover may promote it meanwhile
+    # False from the moment the replica is known to be mid-resync (and in a new service's
+    # record) until the primary reports it protected: only a forced failover may promote it
+    # meanwhile
     replica_consistent: bool = True
     # the leading controller's signed grant of ``epoch`` to the site that is primary at it
     # (drctl/epochtoken.py): replication targets raise an epoch only on it
@@ -236,8 +237,11 @@ def service_record(raw: bytes | None, primary: str, replica: str,
     if raw is None:
         # A new service: its replica holds nothing consistent until the primary first reports
         # it protected (an automatic or plain manual failover before that would promote an
-        # empty or half-synced replica).
-        return ServiceRecord(State.HEALTHY, since, primary, replica, replica_consistent=False)
+        # empty or half-synced replica), so it starts unprotected, not healthy.
+        return ServiceRecord(State.UNPROTECTED, since, primary, replica,
+                             replica_consistent=False,
+                             message="unprotected: a new service; its primary has not reported "
+                                     "its replica protected yet")
     return ServiceRecord.decode(raw)
 
 
@@ -258,9 +262,12 @@ def refuse_request(rec: ServiceRecord, service: str, request: str,
         if rec.state is not State.FAILED:
             return f"{request} of {service} refused: nothing failed (the service is {rec.state})"
         return None
+    # the target first: "already the primary" says more than the state does
+    if (refusal := refuse_target(rec, service, request, target)) is not None:
+        return refusal
     if request in ("switchover", "failback") and rec.state is not State.HEALTHY:
         return f"{request} of {service} refused: the service is {rec.state}, not healthy"
-    return refuse_target(rec, service, request, target)
+    return None
 
 
 def refuse_target(rec: ServiceRecord, service: str, request: str,

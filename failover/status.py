@@ -14,7 +14,7 @@ from typing import Any
 
 from failover.config import ClusterConfig
 from failover.coordination.base import Snapshot
-from failover.fsm import State, seconds
+from failover.fsm import State, human, seconds
 from failover.records import (
     CommandRecord,
     Heartbeat,
@@ -52,6 +52,7 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
             "home": svc.primary,  # the runbook's primary: where a failback goes
             "epoch": rec.epoch, "lag_seconds": rec.last_lag_seconds,
             "rpo_budget_seconds": svc.policy.rpo_seconds, "message": rec.message,
+            "summary": human(rec.message),  # the message without the table's alternatives
             "error": rec.operation.error if rec.operation else None,
             "failed_step": rec.operation.failed_step if rec.operation else None,
             "pending": CommandRecord.decode(pending).command if pending else None,
@@ -66,7 +67,10 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
             "progress": progress(rec, serving, health[rec.replica],
                                  beats.get(rec.replica) is not None),
             "history": [f"{h['from']}->{h['to']}" for h in rec.history],
-            "operations": [{"at": h["at"], "from": h["from"], "to": h["to"]}
+            # the last state changes, newest first; each with the operation it belonged to
+            # (kind, target, automatic), if any
+            "operations": [{"at": h["at"], "from": h["from"], "to": h["to"],
+                            "operation": h.get("operation")}
                            for h in reversed(rec.history[-10:])],
             "operation": _operation(rec.operation, True) or _operation(rec.last_operation,
                                                                        False),
@@ -135,6 +139,13 @@ def _why_unprotected(rec: ServiceRecord, serving: ServiceHealth | None,
         return f"{rec.replica} is not receiving ({replica.data_path})"
     if serving is not None and serving.data_path and serving.data_path != "running":
         return f"{rec.primary}'s data path: {serving.data_path}"
+    if serving is None:
+        return f"{rec.primary} does not report the service as its primary"
+    if serving.protected is not False and not rec.replica_consistent:
+        return (f"{rec.primary} has not reported {rec.replica} protected yet (it holds no "
+                "consistent copy: a new service's initial sync, or a resync)")
+    if serving.protected is None:
+        return f"{rec.primary} does not report whether {rec.replica} is receiving"
     return f"{rec.primary} reports {rec.replica} not receiving at epoch {rec.epoch}"
 
 

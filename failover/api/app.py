@@ -5,6 +5,7 @@ what `drctl failover` does) and returns 202 with the operation id; the leading c
 carries it out and the page follows the service record.
 
   GET  /                                   the web page (it asks for a token)
+  GET  /favicon.svg, /favicon.ico          the page's icon (no token needed)
   GET  /api/v1/status                      services, sites, leader, DNS answers, operations,
                                            and who is asking (viewer and up)
   POST /api/v1/services/{name}/{op}        op: switchover | failback (operator), failover |
@@ -252,6 +253,16 @@ async def page(request: web.Request) -> web.Response:
                                  "Cache-Control": "no-store"})
 
 
+# a shield: an SVG the page links to, also served as /favicon.ico (browsers ask for it)
+FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+           '<path d="M8 1 2 3v5c0 3.5 2.6 6 6 7 3.4-1 6-3.5 6-7V3z" fill="#12b76a"/></svg>')
+
+
+async def favicon(request: web.Request) -> web.Response:
+    return web.Response(text=FAVICON, content_type="image/svg+xml",
+                        headers={"Cache-Control": "max-age=86400"})
+
+
 async def dns_answers(cfg: ClusterConfig) -> dict[str, dict[str, list[str] | None]]:
     out: dict[str, dict[str, list[str] | None]] = {}
     for name, svc in cfg.services.items():
@@ -381,6 +392,8 @@ def make_app(cfg: ClusterConfig, store: CoordinationStore, users: Users | str,
     app.cleanup_ctx.append(_tasks_ctx)
     app.on_response_prepare.append(_headers)
     app.router.add_get("/", page)
+    app.router.add_get("/favicon.svg", favicon)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/api/v1/status", status)
     app.router.add_post("/api/v1/services/{name}/{op}", operate)
     return app

@@ -88,8 +88,14 @@ async def test_token_is_required(client: TestClient) -> None:  # type: ignore[ty
 
 async def test_roles(client: TestClient) -> None:  # type: ignore[type-arg]
     from failover.api.app import CONFIG, STORE
-    from failover.records import command_key
+    from failover.fsm import State
+    from failover.records import ServiceRecord, command_key, state_key
 
+    app = client.app
+    assert app is not None
+    # protected once (a new service is unprotected: no switchover)
+    await app[STORE].put(state_key(app[CONFIG].prefix, "app"),
+                         ServiceRecord(State.HEALTHY, 1.0, "east", "west").encode())
     s = await (await client.get("/api/v1/status", headers=auth("viewer"))).json()
     assert s["user"] == {"name": "vie-user", "role": "viewer", "may": []}
     r = await client.post("/api/v1/services/app/failover", headers=auth("viewer"), json={})
@@ -107,8 +113,6 @@ async def test_roles(client: TestClient) -> None:  # type: ignore[type-arg]
     r = await client.post("/api/v1/services/app/switchover", headers=auth("operator"),
                           json={})
     assert r.status == 202, await r.text()
-    app = client.app
-    assert app is not None
     key = command_key(app[CONFIG].prefix, "app")
     entry = (await app[STORE].snapshot(key)).entries[key]
     assert await app[STORE].delete_if(key, entry.mod_revision)
@@ -148,7 +152,13 @@ async def test_cross_origin_and_non_json_posts_are_refused(
 async def test_status_and_queued_operations(client: TestClient) -> None:  # type: ignore[type-arg]
     s = await (await client.get("/api/v1/status", headers=AUTH)).json()
     app = s["services"]["app"]
-    assert (app["state"], app["primary"], app["pending"]) == ("healthy", "east", None)
+    # a new service, before its primary's first protected report: it says so
+    assert (app["state"], app["primary"], app["pending"]) == ("unprotected", "east", None)
+    assert (app["lag_seconds"], app["protected"], app["history"], app["operations"]) == (
+        None, None, [], [])
+    assert app["summary"] == app["message"] == ("unprotected: a new service; its primary has "
+                                                "not reported its replica protected yet")
+    assert app["progress"] == ["unprotected: the replica site west is down"]
     assert s["sites"]["east"]["alive"] is False
     r = await client.post("/api/v1/services/app/failover", headers=AUTH, json={})
     assert r.status == 202
@@ -184,7 +194,7 @@ async def test_requests_the_record_rules_out_are_refused_409(
         r = await client.post(f"/api/v1/services/app/{op}", headers=AUTH)
         assert r.status == 409
         assert (await r.json())["message"] == (f"{op} of app refused: nothing failed (the "
-                                               "service is healthy)")
+                                               "service is unprotected)")
     s = await (await client.get("/api/v1/status", headers=AUTH)).json()
     assert s["services"]["app"]["pending"] is None  # nothing was written
     r = await client.post("/api/v1/services/app/failover", headers=AUTH, json=["west"])
@@ -226,3 +236,13 @@ def test_a_users_file_others_may_read_is_refused(workdir: str) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(FailoverError, match="group or others may access"):
         Users(path)
+
+
+async def test_the_page_and_its_icon_need_no_token(client: TestClient) -> None:  # type: ignore[type-arg]
+    r = await client.get("/")
+    assert r.status == 200 and '<link rel="icon" type="image/svg+xml" href="/favicon.svg">' \
+        in await r.text()
+    for path in ("/favicon.svg", "/favicon.ico"):
+        r = await client.get(path)
+        assert r.status == 200 and r.content_type == "image/svg+xml"
+        assert (await r.text()).startswith("<svg ")

@@ -129,7 +129,7 @@ def test_every_refusal_is_one_line_and_exit_77_from_the_cli(etcd: EtcdServer, wo
         p = run([*DRCTL, "status", "--config", path], timeout=30)
         _one_line_error(p, 77, f"drctl: error [store_refused]: {_refused(etcd, reason)}")
     p = run([*DRCTL, "status", "--config", _config(workdir, "good", etcd.etcd_config())])
-    assert p.returncode == 0 and "service app: healthy" in p.stdout, p.stderr
+    assert p.returncode == 0 and "service app: unprotected" in p.stdout, p.stderr
 
 
 def test_daemons_with_a_wrong_password_stop_at_once(etcd: EtcdServer, workdir: str) -> None:
@@ -186,7 +186,7 @@ def test_a_runbook_takes_the_same_mapping(etcd: EtcdServer, workdir: str) -> Non
     p = run([*DRCTL, "runbook", "validate", path])
     assert p.returncode == 0, p.stderr
     p = run([*DRCTL, "status", "--config", path], timeout=30)
-    assert p.returncode == 0 and "service app: healthy" in p.stdout, p.stderr
+    assert p.returncode == 0 and "service app: unprotected" in p.stdout, p.stderr
 
 
 def test_client_certificates_when_etcd_requires_them(workdir: str) -> None:

@@ -75,7 +75,8 @@ def test_refused_at_once_and_nothing_written(cluster: tuple[str, EtcdServer]) ->
     assert code == 65 and "east is already the primary of app" in out, out
     for request in ("retry", "cancel"):
         code, out = drctl(request, "app", "--config", cfg)
-        assert code == 65 and "nothing failed (the service is healthy)" in out, out
+        # (a new service: unprotected until its primary first reports its replica protected)
+        assert code == 65 and "nothing failed (the service is unprotected)" in out, out
     put_record(etcd, ServiceRecord(State.UNPROTECTED, 1.0, "east", "west"))
     code, out = drctl("switchover", "app", "--config", cfg)
     assert code == 65 and "the service is unprotected, not healthy" in out, out

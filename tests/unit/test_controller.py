@@ -323,6 +323,9 @@ def test_requests_the_record_rules_out() -> None:
     rec.state = State.UNPROTECTED
     assert refuse_request(rec, "app", "switchover", None) == (
         "switchover of app refused: the service is unprotected, not healthy")
+    # a failback to where it already is says so, whatever the state
+    assert "east is already the primary of app" in str(refuse_request(rec, "app", "failback",
+                                                                        "east"))
     assert refuse_request(rec, "app", "failover", None) is None
     rec.state = State.FAILED
     assert refuse_request(rec, "app", "cancel", None) is None
@@ -352,18 +355,20 @@ async def test_protected_gauge_follows_the_state_every_tick() -> None:
 async def test_a_new_leader_waits_for_a_primary_it_has_not_heard_from() -> None:
     # start-up: the agents register while the controller takes the lead; the primary's
     # agent puts its heartbeat only after its first role change (which waits for this
-    # leader's first record): no healthy -> primary_suspect flap meanwhile
+    # leader's first record): no unprotected -> primary_suspect flap meanwhile (a new
+    # service is unprotected until its primary first reports its replica protected)
     c = Cluster(grace_seconds=2.0)
     c.controller.leader_since = time.monotonic()  # as _lead() does
     await c.beat("west", "replica", 1, data_path="running")
     await c.tick()
-    assert c.record().state is State.HEALTHY and c.record().primary_lost_since is None
+    assert c.record().state is State.UNPROTECTED and c.record().primary_lost_since is None
     c.controller.leader_since = time.monotonic() - c.cfg.lease_ttl - 1.5  # not TTL + grace
     await c.tick()
-    assert c.record().state is State.HEALTHY
+    assert c.record().state is State.UNPROTECTED
     await c.beat("east", "primary", 1, lag_seconds=0.1, protected=True, data_path="running")
     await c.tick()
-    assert c.record().state is State.HEALTHY and c.record().history == []
+    assert c.record().state is State.HEALTHY
+    assert [(h["from"], h["to"]) for h in c.record().history] == [("unprotected", "healthy")]
     await c.silence("east")  # heard from, then silent: judged at once, as always
     await c.tick()
     assert c.record().state is State.PRIMARY_SUSPECT
@@ -423,3 +428,100 @@ async def test_a_manual_failover_to_a_dead_replica_is_refused_before_fencing() -
         assert rec.state in (State.HEALTHY, State.UNPROTECTED) and rec.epoch == 1, rec
         assert "replica site is not alive" in rec.message, rec.message
         assert not c.pending()
+
+
+async def test_a_new_service_starts_unprotected_and_is_healthy_once_protected() -> None:
+    """Before the primary's first protected report a new service says so (state, message,
+    progress), in the record, and in the status before any controller wrote one; its history
+    starts unprotected -> healthy (never healthy -> unprotected)."""
+    c = Cluster()
+    s = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix), time.time())
+    app = s["services"]["app"]
+    assert (app["state"], app["lag_seconds"], app["history"]) == ("unprotected", None, [])
+    assert "has not reported its replica protected yet" in app["message"]
+    c.controller.leader_since = time.monotonic() - 10 * c.cfg.lease_ttl
+    await c.beat("east", "primary", 1, data_path="running", protected=False,
+                 resync={"mode": "exact", "bytes_total": 4 << 20, "bytes_left": 3 << 20})
+    await c.beat("west", "replica", 1, data_path="running")
+    for _ in range(2):
+        await c.tick()
+        rec = c.record()
+        assert (rec.state, rec.replica_consistent, rec.history) == (State.UNPROTECTED, False,
+                                                                     [])
+    s = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix), time.time())
+    app = s["services"]["app"]
+    assert app["state"] == "unprotected"
+    assert "not receiving" in app["message"], app["message"]
+    assert app["progress"][0] == "unprotected: east reports west not receiving at epoch 1"
+    # no report yet (the agent starting): unknown is not protected for a new service
+    await c.beat("east", "primary", 1, data_path="running")
+    await c.tick()
+    s = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix), time.time())
+    app = s["services"]["app"]
+    assert app["state"] == "unprotected"
+    assert "since the service was created" in app["summary"], app["summary"]
+    assert app["progress"][0].startswith("unprotected: east has not reported west protected")
+    await c.beat("east", "primary", 1, data_path="running", protected=True, lag_seconds=0.1)
+    await c.tick()
+    s = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix), time.time())
+    app = s["services"]["app"]
+    assert (app["state"], app["history"]) == ("healthy", ["unprotected->healthy"])
+    assert app["operations"][0]["operation"] is None  # no operation made that change
+
+
+async def test_a_new_hooks_only_service_is_healthy_at_its_primarys_first_heartbeat() -> None:
+    # a primary without a data path cannot report protection (its hooks replicate)
+    c = Cluster()
+    c.controller.leader_since = time.monotonic()  # (the primary's first heartbeat is awaited)
+    await c.beat("west", "replica", 1)
+    await c.tick()
+    assert c.record().state is State.UNPROTECTED
+    await c.beat("east", "primary", 1)
+    await c.tick()
+    assert c.record().state is State.HEALTHY
+
+
+async def test_a_new_service_whose_primary_is_lost_blocks_and_comes_back_unprotected() -> None:
+    c = Cluster(grace_seconds=0.0, allow_data_loss=True)
+    c.controller.leader_since = time.monotonic() - 10 * c.cfg.lease_ttl
+    await c.beat("east", "primary", 1, data_path="running", protected=False)
+    await c.beat("west", "replica", 1, data_path="running")
+    await c.tick()
+    await c.silence("east")
+    for _ in range(3):
+        await c.tick()
+        assert c.record().state in (State.PRIMARY_SUSPECT, State.BLOCKED)
+    assert c.record().state is State.BLOCKED and c.record().epoch == 1
+    assert "no consistent copy" in c.record().message
+    await c.beat("east", "primary", 1, data_path="running", protected=False)
+    await c.tick()
+    assert c.record().state is State.UNPROTECTED
+    assert all(h["to"] != "healthy" for h in c.record().history)
+
+
+async def test_state_changes_name_the_operation_they_belong_to() -> None:
+    c = Cluster()
+    await c.healthy()
+    await c.command(Command.SWITCHOVER)
+    await c.tick()
+    await c.beat("east", "primary", 1, lag_seconds=0.0, protected=True, barrier=True)
+    await c.tick()
+    await c.beat("east", "fenced", 2)
+    await c.tick()
+    await c.beat("west", "primary", 2, protected=False)
+    await c.tick()
+    await c.tick()
+    rec = c.record()
+    assert rec.state is State.FAILED_OVER and rec.operation is None
+    switchover = {"kind": "switchover", "target": "west", "automatic": False}
+    steps = [(h["from"], h["to"], h.get("operation")) for h in rec.history]
+    assert steps == [("unprotected", "healthy", None),
+                     ("healthy", "draining", switchover), ("draining", "fencing", switchover),
+                     ("fencing", "promoting", switchover),
+                     ("promoting", "rerouting", switchover),
+                     ("rerouting", "failed_over", switchover)]
+    s = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix), time.time())
+    app = s["services"]["app"]
+    assert app["operations"][0] == {"at": rec.history[-1]["at"], "from": "rerouting",
+                                    "to": "failed_over", "operation": switchover}
+    assert rec.last_operation is not None and rec.last_operation.outcome == "done"

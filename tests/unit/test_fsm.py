@@ -17,6 +17,7 @@ from failover.fsm import (
     ServiceView,
     State,
     decide,
+    human,
     seconds,
     step_timeout,
     to_dot,
@@ -153,8 +154,61 @@ def test_a_new_service_is_unprotected_until_its_replica_was_first_protected() ->
     d = decide(view(protected=None, replica_consistent=False))
     assert (d.next_state, d.action) == (State.UNPROTECTED, Action.ALERT)
     assert "not reported it protected since the service was created" in d.message
+    # a new service's first state (records.service_record): it stays there until protected
+    new = view(state=State.UNPROTECTED, protected=None, replica_consistent=False)
+    for v in (new, dataclasses.replace(new, protected=False),
+              dataclasses.replace(new, no_data_path=True)):  # (not consistent: not healthy)
+        d = decide(v)
+        assert (d.next_state, d.refused) == (State.UNPROTECTED, False), v
+        assert "since the service was created" in d.message or "not receiving" in d.message
     d = decide(view(state=State.UNPROTECTED, protected=True, replica_consistent=False))
     assert d.next_state is State.HEALTHY
+
+
+def test_a_primary_without_a_data_path_cannot_report_protection_and_is_healthy() -> None:
+    # (its replication is the runbook's hooks' business: the controller marks its replica
+    # consistent at its first heartbeat; protected stays None)
+    d = decide(view(state=State.UNPROTECTED, protected=None, no_data_path=True))
+    assert (d.next_state, d.action) == (State.HEALTHY, Action.NONE)
+    assert decide(view(protected=None, no_data_path=True)).next_state is State.HEALTHY
+
+
+def test_a_new_service_never_fails_over_automatically() -> None:
+    """From its first state to the end of the grace period: blocked, never fencing (the
+    replica was never protected), even when the policy accepts data loss."""
+    policy = Policy(grace_seconds=5, allow_data_loss=True)
+    v = view(state=State.UNPROTECTED, protected=None, replica_consistent=False,
+             primary_alive=False, primary_lost_since=999.0, replica_lag_seconds=0.0,
+             policy=policy)
+    d = decide(v)
+    assert d.next_state is State.PRIMARY_SUSPECT
+    d = decide(dataclasses.replace(v, state=State.PRIMARY_SUSPECT, primary_lost_since=990.0))
+    assert (d.next_state, d.action) == (State.BLOCKED, Action.BLOCK)
+    d = decide(dataclasses.replace(v, state=State.BLOCKED, primary_lost_since=900.0))
+    assert (d.next_state, d.action) == (State.BLOCKED, Action.BLOCK)
+    # the primary back: unprotected again, not healthy
+    for state in (State.PRIMARY_SUSPECT, State.BLOCKED):
+        d = decide(dataclasses.replace(v, state=state, primary_alive=True))
+        assert (d.next_state, d.action) == (State.UNPROTECTED, Action.ALERT)
+
+
+@pytest.mark.parametrize("state", [State.PRIMARY_SUSPECT, State.BLOCKED])
+def test_a_primary_back_with_its_replica_not_protected_is_unprotected(state: State) -> None:
+    assert decide(view(state=state, protected=False)).next_state is State.UNPROTECTED
+    assert decide(view(state=state, protected=True)).next_state is State.HEALTHY
+    assert decide(view(state=state, protected=None)).next_state is State.HEALTHY
+
+
+def test_the_human_message_keeps_what_happened_not_the_tables_alternatives() -> None:
+    d = decide(view(state=State.DRAINING, barrier=True, replica_lag_seconds=0.0))
+    assert d.message.startswith("draining -> fencing: write barrier up and lag 0, or manual")
+    assert human(d.message) == ("draining -> fencing: zero lag behind the write barrier: no "
+                                "data loss")
+    d = decide(view(command=Command.SWITCHOVER, prepare=True))
+    assert human(d.message) == "healthy -> preparing: requested by an operator"
+    for message in (decide(view(protected=False)).message, decide(view()).message,
+                    "not a decision"):
+        assert human(message) == message  # a reason without alternatives says what happened
 
 
 def test_a_dead_primary_is_suspect_before_it_is_unprotected() -> None:
@@ -320,6 +374,8 @@ def test_every_row_is_reachable_from_decide() -> None:
         view(state=State.PRIMARY_SUSPECT, primary_alive=False, primary_lost_since=990.0,
              replica_alive=False),
         view(state=State.BLOCKED), view(state=State.BLOCKED, primary_alive=False),
+        view(state=State.PRIMARY_SUSPECT, protected=False),
+        view(state=State.BLOCKED, protected=False),
         view(state=State.DRAINING, barrier=True, replica_lag_seconds=0.0),
         view(state=State.DRAINING, state_since=0.0),
         view(state=State.DRAINING, primary_alive=False),

@@ -1,0 +1,236 @@
+"""The web page in a real headless Chromium against the API on an in-memory store, with the
+controller ticked by the test and the sites' heartbeats written by it (no etcd, no agents:
+test_browser.py runs the whole drill). What the page says must be what the code did: a new
+service is unprotected until its first protected report, an enabled button's tooltip says
+what it does (a disabled one why it is disabled), the state changes name their operation, a
+request's notice ends with its outcome, the summary leaves out the table's alternatives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import web
+
+from failover.api.app import make_app
+from failover.config import ClusterConfig, load
+from failover.controller import Controller
+from failover.coordination.memory import MemoryStore
+from failover.records import Heartbeat, ServiceHealth, heartbeat_key
+
+webdriver = pytest.importorskip("selenium.webdriver")
+
+TOKEN = "page-test-token-0123456789abcdef"
+T = TypeVar("T")
+
+
+class Site:
+    """The API and a controller on one event loop in a thread; the test drives both."""
+
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.cfg, self.store = cfg, MemoryStore()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.controller = Controller(cfg, self.store, "c0")
+        self.controller.leader_since = time.monotonic() - 10 * cfg.lease_ttl
+        self.runner = web.AppRunner(make_app(cfg, self.store, TOKEN))
+        self.url = self.run(self._start())
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    async def _start(self) -> str:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self.runner.addresses[0][:2]
+        return f"http://{host}:{port}/"
+
+    def stop(self) -> None:
+        self.run(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def beat(self, site: str, role: str, epoch: int, **health: Any) -> None:
+        hb = Heartbeat(site, time.time(), {"app": ServiceHealth(role, epoch, **health)})
+        self.run(self.store.put(heartbeat_key(self.cfg.prefix, site), hb.encode()))
+
+    def tick(self) -> str:
+        (result,) = self.run(self.controller.tick())
+        return result.message
+
+
+@pytest.fixture
+def site(workdir: str) -> Iterator[Site]:
+    path = os.path.join(workdir, "c.json")
+    with open(path, "w") as fh:
+        json.dump({"cluster": "page", "etcd": ["127.0.0.1:2379"],
+                   "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
+                   "services": {"app": {"primary": "east", "replica": "west"}}}, fh)
+    s = Site(load(path))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="drctl-chromium-")
+    opts = Options()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+                 "--window-size=1200,900"):
+        opts.add_argument(flag)
+    b = webdriver.Chrome(service=Service(driver), options=opts)
+    try:
+        yield b
+    finally:
+        b.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+CARD = 'document.querySelector(\'[data-service="app"]\')'
+
+
+class Page:
+    """The page in the browser, read through fresh queries (it re-renders every second)."""
+
+    def __init__(self, browser: Any, site: Site) -> None:
+        from selenium.common.exceptions import StaleElementReferenceException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.b = browser
+        self.wait = WebDriverWait(browser, 15, poll_frequency=0.2,
+                                  ignored_exceptions=[StaleElementReferenceException])
+        browser.get(f"{site.url}#token={TOKEN}")
+
+    def js(self, expr: str) -> Any:
+        return self.b.execute_script(f"return {expr}")
+
+    def state(self) -> str:
+        return str(self.js(f'{CARD} ? {CARD}.querySelector(".state").textContent : ""'))
+
+    def titles(self) -> dict[str, tuple[bool, str]]:
+        """Each button's (disabled, title)."""
+        return {k: (bool(v[0]), str(v[1])) for k, v in self.js(
+            f'Object.fromEntries([...{CARD}.querySelectorAll("button[data-op]")].map(b => '
+            '[b.dataset.op, [b.disabled, b.title]]))').items()}
+
+    def text(self, selector: str = "") -> str:
+        return str(self.js(f'{CARD}{selector and f".querySelector({selector!r})"}.innerText'))
+
+    def notice(self) -> str:
+        return str(self.js('document.getElementById("notice").innerText'))
+
+    def until(self, condition: Any) -> None:
+        from selenium.common.exceptions import TimeoutException
+
+        try:
+            self.wait.until(lambda _: condition())
+        except TimeoutException:
+            raise AssertionError(f"page:\n{self.js('document.body.innerText')}") from None
+
+    def click(self, op: str) -> None:
+        from selenium.webdriver.support import expected_conditions as ec
+
+        self.b.execute_script(f'{CARD}.querySelector(\'button[data-op="{op}"]\').click()')
+        self.wait.until(ec.alert_is_present())
+        self.b.switch_to.alert.accept()
+
+
+def test_a_new_service_and_the_buttons_say_what_is_true(site: Site, browser: Any) -> None:
+    # a new service: the primary serves, its replica's initial sync has not finished
+    site.beat("east", "primary", 1, data_path="running", protected=False, lag_seconds=None)
+    site.beat("west", "replica", 1, data_path="running")
+    site.tick()
+    page = Page(browser, site)
+    page.until(lambda: page.state() == "unprotected")
+    t = page.titles()
+    assert t["switchover"] == (True, "only from healthy (the service is unprotected)"), t
+    assert t["failback"] == (True, "already at home (east)"), t
+    assert t["retry"] == t["cancel"] == (True, "only when an operation failed"), t
+    assert t["failover"] == (False, "Fence the primary now and promote the replica"), t
+    assert "healthy" not in page.text(), page.text()
+    assert "recent state changes" in page.text() and "recent operations" not in page.text()
+    # the page names an icon the API serves (no 404 in the console)
+    assert page.js('document.querySelector("link[rel=icon]").getAttribute("href")') == \
+        "/favicon.svg"
+    for path in ("favicon.svg", "favicon.ico"):
+        with urllib.request.urlopen(site.url + path) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("image/svg+xml")
+
+    # a failover to the replica that never synced: the controller refuses it, and the notice
+    # says so instead of staying "queued"
+    page.click("failover")
+    page.until(lambda: "failover of app (operation " in page.notice())
+    site.tick()
+    page.until(lambda: "not carried out" in page.notice())
+    assert "the replica holds no consistent copy" in page.notice(), page.notice()
+    assert page.state() == "unprotected"
+
+    # protected for the first time: healthy, and every enabled button says what it does
+    site.beat("east", "primary", 1, data_path="running", protected=True, lag_seconds=0.1)
+    site.tick()
+    page.until(lambda: page.state() == "healthy")
+    t = page.titles()
+    assert t["switchover"] == (False, "Drain to zero lag behind a write barrier, then swap "
+                                      "the roles"), t
+    assert t["failover"] == (False, "Fence the primary now and promote the replica"), t
+    assert "an operation is running" not in json.dumps(t), t
+    assert "unprotected → healthy" in page.text(".changes"), page.text(".changes")
+
+
+def test_a_switchover_from_the_page_ends_with_its_outcome(site: Site, browser: Any) -> None:
+    site.beat("east", "primary", 1, data_path="running", protected=True, lag_seconds=0.1)
+    site.beat("west", "replica", 1, data_path="running")
+    site.tick()
+    page = Page(browser, site)
+    page.until(lambda: page.state() == "healthy")
+    # queued, in progress, then its outcome replaces the notice
+    page.click("switchover")
+    page.until(lambda: "switchover of app (operation " in page.notice()
+               and "queued" in page.notice())
+    site.tick()
+    page.until(lambda: page.state() == "draining" and "in progress (draining)" in page.notice())
+    site.beat("east", "primary", 1, data_path="running", protected=True, lag_seconds=0.0,
+              barrier=True)
+    site.tick()
+    page.until(lambda: page.state() == "fencing")
+    # what happened, not every way the table's row can be taken ("..., or manual failover")
+    summary = page.text(".summary")
+    assert summary == "draining -> fencing: zero lag behind the write barrier: no data loss", \
+        summary
+    site.beat("east", "fenced", 2)
+    site.tick()
+    site.beat("west", "primary", 2, data_path="running", protected=False)
+    for _ in range(4):
+        if "-> failed_over" in site.tick():
+            break
+    page.until(lambda: page.state() == "failed_over")
+    page.until(lambda: "done; the service is failed_over, primary west" in page.notice())
+    assert "queued" not in page.notice() and "in progress" not in page.notice()
+    changes = page.text(".changes")
+    assert "rerouting → failed_over (switchover to west)" in changes, changes
+    assert "healthy → draining (switchover to west)" in changes, changes
+    assert "unprotected → healthy" in changes and "unprotected → healthy (" not in changes
+    assert "after switchover to west" in page.text(), page.text()
+    assert "last operation: switchover to west from east" in page.text(".last-operation")
