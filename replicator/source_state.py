@@ -122,6 +122,7 @@ class StateStore:
         self.al: ActivityLog | None = None
         self.binding = b""  # the activity log's, in state.json
         self.volume: Identity | None = None  # noted in state.json while running (``opened``)
+        self._seen_saved = False
         if volume_path:
             with contextlib.suppress(OSError):
                 self.volume = identity(os.stat(volume_path))
@@ -141,7 +142,10 @@ class StateStore:
         if not st.how:
             self.view_file.resize(0)
         st.view = self.view_file.hashes
-        self._write_meta(st, None, durable=True)
+        seen_raw = _to_bytes(st.seen)
+        if not self._seen_saved:  # a fresh state: the file state.json will name must match it
+            atomic_write(self._p("seen.hashes"), seen_raw)
+        self._write_meta(st, None, durable=True, seen_raw=seen_raw)
         return st
 
     def _start_log(self, st: SourceState) -> None:
@@ -167,6 +171,7 @@ class StateStore:
 
     def _load(self, view: HashFile) -> SourceState:
         meta_path = self._p("state.json")
+        self._seen_saved = False  # does seen.hashes hold what the returned state's seen is?
         if not os.path.exists(meta_path):
             return SourceState(why="no saved state")
         try:
@@ -187,9 +192,15 @@ class StateStore:
                 st.stopped = _identity(meta["clean"]["volume"])
             elif meta.get("opened"):
                 st.started = _identity(meta["opened"])
+            self._seen_saved = True
             return st
         except (OSError, ValueError, KeyError, TypeError, StateError) as exc:
-            what = str(exc) if isinstance(exc, StateError) else f"{meta_path}: {exc!r}"
+            if isinstance(exc, StateError):
+                what = str(exc)
+            elif isinstance(exc, OSError):
+                what = f"{exc.filename or meta_path}: {exc.strerror or exc}"
+            else:
+                what = f"{meta_path}: {exc!r}"
             log.warning("source state in %s is unusable (%s): rebuilding it from the target",
                         self.directory, what)
             try:

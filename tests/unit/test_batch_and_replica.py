@@ -144,6 +144,28 @@ def test_state_store_round_trip_and_corruption(tmp_path: object,
     assert "view.hashes: checksum mismatch" in caplog.text  # names the file and the reason
 
 
+def test_an_agent_stopped_before_its_first_save_leaves_a_usable_state(
+        tmp_path: object, caplog: pytest.LogCaptureFixture) -> None:
+    """load() writes state.json at every start: with a fresh state (none saved, or one found
+    unusable) the seen file it names is written with it, so a stop before any save (a target
+    that never answered) is not taken for damage at the next start."""
+    d = os.path.join(str(tmp_path), "st")
+    for _ in range(2):  # a fresh start, then one that found the first's state
+        StateStore(d).load()
+    assert "unusable" not in caplog.text
+    assert not os.path.exists(os.path.join(d, "state.json.corrupt"))
+    with open(os.path.join(d, "seen.hashes"), "wb") as fh:
+        fh.write(b"\x01" * 8)  # now it is damaged: the next load says so
+    StateStore(d).load()
+    assert "seen.hashes: checksum mismatch" in caplog.text
+    assert os.path.exists(os.path.join(d, "state.json.corrupt"))
+    caplog.clear()
+    os.unlink(os.path.join(d, "seen.hashes"))  # missing: the message names that file
+    os.replace(os.path.join(d, "state.json.corrupt"), os.path.join(d, "state.json"))
+    StateStore(d).load()
+    assert f"{os.path.join(d, 'seen.hashes')}: No such file or directory" in caplog.text
+
+
 def test_a_killed_agents_view_is_kept_on_the_same_boot_only(
         tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
     import replicator.source_state as source_state
