@@ -188,7 +188,10 @@ class Pair:
         start is on another boot. Returns the extents listed (-1: the log is unusable)."""
         if side == "agent":
             st = os.path.join(self.work, "st", "push")
-            state = os.path.join(st, os.listdir(st)[0])
+            dirs = os.listdir(st)  # one per volume and target: this bench has one of each
+            if len(dirs) != 1:
+                raise SystemExit(f"expected one push state in {st}, found {sorted(dirs)}")
+            state = os.path.join(st, dirs[0])
             hashes, al, at = (os.path.join(state, "view.hashes"),
                               os.path.join(state, "activity.log"), 0)
         else:

@@ -66,7 +66,12 @@ def congestion_toward(host: str) -> tuple[str, str]:
 def warn_if_probe_rtt(target: str) -> str:
     """Log one WARNING when the stream to ``target`` (host:port) would run over BBR; returns
     the congestion control found ("" if not looked up)."""
-    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
+    from drctl.argtypes import AddressError, parse_hostport
+
+    try:
+        host = parse_hostport(target)[0]
+    except AddressError:
+        host = target  # (the connection reports a bad address itself)
     algo, ip = congestion_toward(host)
     if algo == "bbr":
         log.warning("TCP congestion control toward %s is bbr: BBR v1 holds a busy stream to 4 "

@@ -1,15 +1,24 @@
-"""Load and validate a runbook, collecting *every* error as ``file:line: field: message``."""
+"""Load and validate a runbook, collecting *every* error as ``file:line: field: message``.
+
+Every value is read through the typed accessors of ``_Checker`` (``text``, ``number``,
+``whole``, ``flag``, ``block``, ``items``): a value of the wrong type is one error at the line
+of that value, ``FILE:LINE: field: got a list (expected a site name)``, and the loader goes on
+with the field's default, never a Python exception. A field whose value was refused is not
+reported again by the checks that use it (an unknown site named by a service when ``sites:``
+itself is unusable, the step order when a step could not be read)."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import yaml
 
-from drctl.yamlstrict import DuplicateKeyError, LineDict, load_yaml, yaml_error_line
+from drctl.yamlstrict import LineDict, yaml_error_line
 from failover.coordination import credentials
 from failover.coordination.credentials import EtcdCredentials
 from failover.steps import problems as step_problems
@@ -25,6 +34,7 @@ from runbooks.model import (
     Where,
     Zone,
 )
+from runbooks.yamlnodes import DuplicateKey, Sequence, load_yaml, value_line
 
 KIND = "drctl-runbook"
 
@@ -50,6 +60,7 @@ _STEP_FIELDS = {
     StepType.HEALTH_CHECK: {"http", "tcp", "command", "timeout", "retries", "interval"},
     StepType.DNS: set(),
 }
+_STEP_TYPES = ", ".join(t.value for t in StepType)
 _CHECKS = {"replication_lag", "sites_reachable"}
 _TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512")
 # replication: the site's target daemon (HOST:PORT); health: a witness URL; source_metrics:
@@ -58,52 +69,170 @@ _TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512")
 _ENDPOINTS = {"replication", "health", "source_metrics", "target_metrics"}
 # A rate cap below this is almost certainly a unit mistake ("20" or "20kB/s" for 20MB/s)
 MIN_RATE_LIMIT = 64 * 1024
-_MISSING = object()
+_MISSING: Any = object()
+_YES_NO = "YAML reads yes/no/on/off as true/false: quote it"
+
+
+def got(value: Any) -> str:
+    """What a value is, in the runbook's terms (never a Python type name)."""
+    if value is None:
+        return "got nothing"
+    if isinstance(value, bool):
+        return f"got {'true' if value else 'false'}"
+    if isinstance(value, int | float):
+        return f"got the number {value}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"got text {shown!r}" if value else "got empty text"
+    if isinstance(value, list):
+        return "got a list" if value else "got an empty list"
+    if isinstance(value, dict):
+        return "got a mapping" if value else "got an empty mapping"
+    if isinstance(value, datetime.date):
+        return f"got a date ({value})"
+    return "got binary data" if isinstance(value, bytes) else "got a value of another kind"
+
+
+def _at(node: Any, key: Any) -> Any:
+    """``node[key]`` for a mapping's key or a list's index; _MISSING if there is none."""
+    if isinstance(node, dict):
+        return node.get(key, _MISSING)
+    if isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
+        return node[key]
+    return _MISSING
 
 
 class _Checker:
+    """Collects the errors, and reads each value through a typed accessor: the value if it
+    has the type (and passes ``check``), else the default after one error at its line."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         self.errors: list[str] = []
         self.fields: set[str] = set()  # the fields already reported (no follow-on errors)
+        # the names declared (a site given as `east: 7` is declared: a service may name it
+        # without a second error); None: the whole block is unusable, names are not checked
+        self.sites: set[str] | None = set()
+        self.zones: set[str] | None = set()
+        self.services: set[str] = set()
+        # each service's depends_on: the list (for its items' lines) and its names
+        self.depends: dict[str, tuple[Any, list[tuple[int, str]]]] = {}
+        self.lines: dict[str, int] = {}  # the line of each value read, by field
 
-    def err(self, node: Any, key: str | None, where: str, message: str) -> None:
-        line = 0
-        if isinstance(node, LineDict):
-            line = node.line_of(key) if key is not None else node.line
-        field = f"{where}.{key}" if where and key else (key or where or "(top level)")
+    # -- reporting
+
+    @staticmethod
+    def field(node: Any, key: Any, where: str) -> str:
+        if key is None:
+            return where or "(top level)"
+        if isinstance(node, list):
+            return f"{where}[{key}]"
+        name = str(key).lower() if isinstance(key, bool) else str(key)
+        return f"{where}.{name}" if where else name
+
+    def report(self, line: int, field: str, message: str) -> None:
         self.fields.add(field)
-        self.errors.append(f"{self.path}:{line}: {field}: {message}")
+        self.errors.append(f"{self.path}:{line or 1}: {field}: {message}")
 
-    def mapping(self, node: Any, where: str, allowed: set[str], required: set[str]) -> LineDict:
-        if not isinstance(node, LineDict):
-            self.errors.append(f"{self.path}:0: {where or '(top level)'}: expected a mapping, "
-                               f"got {type(node).__name__}")
-            return LineDict()
+    def err(self, node: Any, key: Any, where: str, message: str) -> None:
+        """An error about a key (unknown, missing: key None) at the key's line."""
+        line = getattr(node, "line", 0)
+        if key is not None and isinstance(node, LineDict | Sequence):
+            line = node.line_of(key)
+        self.report(line, self.field(node, key, where), message)
+
+    def bad(self, node: Any, key: Any, where: str, message: str) -> None:
+        """An error about ``node[key]``'s value, at the value's line."""
+        self.report(value_line(node, key) or getattr(node, "line", 0),
+                    self.field(node, key, where), message)
+
+    def wrong(self, node: Any, key: Any, where: str, hint: str) -> None:
+        """``node[key]`` is not what the field takes: say what it is and what was expected."""
+        value = _at(node, key)
+        if isinstance(value, bool) and any(w in hint for w in ("name", "text", "HOST", "path")):
+            hint += f"; {_YES_NO}"
+        self.bad(node, key, where, f"{got(value)} (expected {hint})")
+
+    def reported(self, field: str) -> bool:
+        """An error was reported for ``field`` or a field inside it."""
+        return any(f == field or f.startswith((field + ".", field + "["))
+                   for f in self.fields)
+
+    # -- typed accessors (absent: the default, nothing reported)
+
+    def value(self, node: Any, key: Any, where: str, kinds: tuple[type, ...], hint: str,
+              check: Callable[[Any], bool] | None = None) -> Any:
+        """``node[key]`` if it is one of ``kinds`` (true/false only if ``bool`` is one) and
+        passes ``check``; else _MISSING (after one error, if it was given)."""
+        value = _at(node, key)
+        if value is _MISSING:
+            return _MISSING
+        self.lines[self.field(node, key, where)] = value_line(node, key)
+        if (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+                or (check is not None and not check(value))):
+            self.wrong(node, key, where, hint)
+            return _MISSING
+        return value
+
+    def text(self, node: Any, key: Any, where: str, hint: str,
+             check: Callable[[str], bool] | None = None) -> str | None:
+        value = self.value(node, key, where, (str,), hint, check)
+        return None if value is _MISSING else str(value)
+
+    def number(self, node: Any, key: Any, where: str, hint: str, default: float,
+               check: Callable[[float], bool] | None = None) -> float:
+        value = self.value(node, key, where, (int, float), hint, check)
+        return default if value is _MISSING else float(value)
+
+    def whole(self, node: Any, key: Any, where: str, hint: str, default: int,
+              check: Callable[[int], bool] | None = None) -> int:
+        value = self.value(node, key, where, (int,), hint, check)
+        return default if value is _MISSING else int(value)
+
+    def flag(self, node: Any, key: Any, where: str, default: bool) -> bool:
+        value = self.value(node, key, where, (bool,), "true or false")
+        return default if value is _MISSING else bool(value)
+
+    def block(self, node: Any, key: Any, where: str, hint: str, allowed: set[str] | None,
+              required: set[str] | None = None) -> LineDict | None:
+        """A mapping: its keys checked (``allowed`` None: any name)."""
+        value = self.value(node, key, where, (LineDict,), hint)
+        if value is _MISSING:
+            return None
+        mapping: LineDict = value
+        self.keys(mapping, self.field(node, key, where), allowed, required or set())
+        return mapping
+
+    def items(self, node: Any, key: Any, where: str, hint: str,
+              nonempty: bool = False) -> Sequence | None:
+        value = self.value(node, key, where, (Sequence,), hint, bool if nonempty else None)
+        return None if value is _MISSING else value
+
+    def texts(self, node: Any, key: Any, where: str, hint: str, item: str,
+              nonempty: bool = False) -> list[tuple[int, str]] | None:
+        """A list of text: its items with their index (an item of another type: an error)."""
+        values = self.items(node, key, where, hint, nonempty)
+        if values is None:
+            return None
+        lw = self.field(node, key, where)
+        return [(i, v) for i, v in enumerate(values)
+                if self.text(values, i, lw, item) is not None]
+
+    def keys(self, node: LineDict, where: str, allowed: set[str] | None,
+             required: set[str]) -> None:
         for key in node:
             if not isinstance(key, str):
-                self.err(node, key, where, f"key {key!r} is not a string (YAML reads on/off/"
-                                           "yes/no as booleans: quote it)")
-            elif key not in allowed:
+                shown = str(key).lower() if isinstance(key, bool) else repr(key)
+                self.err(node, key, where, f"key {shown} is not text ({_YES_NO})")
+            elif allowed is not None and key not in allowed:
                 self.err(node, key, where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
         for key in sorted(required - set(node)):
             self.err(node, None, where, f"missing required key {key!r}")
-        return node
 
-    def get(self, node: LineDict, key: str, where: str, kind: type | tuple[type, ...],
-            default: Any = _MISSING, check: Any = None, hint: str = "") -> Any:
-        if key not in node:
-            return None if default is _MISSING else default
-        value = node[key]
-        ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in
-                                              (kind if isinstance(kind, tuple) else (kind,)))
-        if ok and check is not None and not check(value):
-            ok = False
-        if not ok:
-            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            self.err(node, key, where, f"expected {hint or names}, got {value!r}")
-            return None if default is _MISSING else default
-        return value
+
+def _names(node: LineDict) -> list[str]:
+    """A mapping's names (a key that is not text is reported by ``keys``)."""
+    return [k for k in node if isinstance(k, str)]
 
 
 def load(path: str) -> Runbook:
@@ -111,41 +240,38 @@ def load(path: str) -> Runbook:
         raw = load_yaml(path)
     except OSError as exc:
         raise RunbookError(path, [f"{path}:0: cannot read: {exc.strerror}"]) from None
-    except DuplicateKeyError as exc:
-        raise RunbookError(path, [f"{path}: {exc}"]) from None
+    except DuplicateKey as exc:
+        raise RunbookError(path, [f"{path}:{yaml_error_line(exc) or 1}: {exc.problem}: a key "
+                                  "is given once in a mapping"]) from None
     except yaml.YAMLError as exc:
         raise RunbookError(path, [f"{path}:{yaml_error_line(exc) or 0}: not valid YAML: "
                                   f"{getattr(exc, 'problem', exc)}"]) from None
-    if not isinstance(raw, dict) or raw.get("kind") != KIND:  # one line, not every key's error
-        what = (f"kind is {raw['kind']!r}" if isinstance(raw, dict) and "kind" in raw
-                else f"no 'kind: {KIND}'")
-        line = raw.lines.get("kind", 1) if isinstance(raw, LineDict) else 1
-        raise RunbookError(path, [f"{path}:{line}: not a drctl runbook ({what})"])
+    if not isinstance(raw, LineDict) or "kind" not in raw:  # one line, not every key's error
+        raise RunbookError(path, [f"{path}:1: not a drctl runbook (no 'kind: {KIND}')"])
+    if raw["kind"] != KIND:
+        c = _Checker(path)
+        c.bad(raw, "kind", "", f"not a drctl runbook: {got(raw['kind'])} (expected {KIND})")
+        raise RunbookError(path, c.errors)
     c = _Checker(path)
     rb = _runbook(c, raw)
-    if c.errors or rb is None:
+    if c.errors:
         raise RunbookError(path, c.errors)
     return rb
 
 
-def _runbook(c: _Checker, raw: Any) -> Runbook | None:
-    top = c.mapping(raw, "", {"kind", "version", "cluster", "etcd", "lease_ttl", "sites", "dns",
-                              "services"}, {"kind", "version", "cluster", "etcd", "sites",
-                                            "services"})
-    if top.get("kind") not in (None, KIND):
-        c.err(top, "kind", "", f"must be {KIND!r}")
-    if top.get("version") not in (None, 1):
-        c.err(top, "version", "", "only version 1 is understood")
-    cluster = c.get(top, "cluster", "", str, "", hint="a name")
+def _runbook(c: _Checker, top: LineDict) -> Runbook:
+    c.keys(top, "", {"kind", "version", "cluster", "etcd", "lease_ttl", "sites", "dns",
+                     "services"}, {"kind", "version", "cluster", "etcd", "sites", "services"})
+    c.whole(top, "version", "", "1: only version 1 is understood", 1, check=lambda v: v == 1)
+    cluster = c.text(top, "cluster", "", "a name", check=bool)
     etcd, etcd_credentials = _etcd(c, top)
-    ttl = c.get(top, "lease_ttl", "", int, 2, check=lambda v: v >= 1, hint="whole seconds >= 1")
-    sites = _sites(c, top.get("sites"))
-    zones = _zones(c, top.get("dns") or LineDict())
-    services = _services(c, top.get("services"), sites, zones)
-    _dependencies(c, top.get("services"), services)
-    _site_modes(c, top.get("services"), services)
-    return Runbook(c.path, cluster or "", etcd, ttl or 2, sites, zones, services,
-                   etcd_credentials)
+    ttl = c.whole(top, "lease_ttl", "", "whole seconds >= 1", 2, check=lambda v: v >= 1)
+    sites = _sites(c, top)
+    zones = _zones(c, top)
+    services = _services(c, top, sites, zones)
+    _dependencies(c, top, services)
+    _site_modes(c, top, services)
+    return Runbook(c.path, cluster or "", etcd, ttl, sites, zones, services, etcd_credentials)
 
 
 def _beside(runbook: str, path: str) -> str:
@@ -155,147 +281,206 @@ def _beside(runbook: str, path: str) -> str:
         os.path.dirname(os.path.abspath(runbook)), path)
 
 
+def _etcd_endpoint(text: str) -> bool:
+    from failover.dns.rfc2136 import Server
+
+    try:
+        return ":" in text and bool(Server.parse(text))
+    except ValueError:  # a port out of range, a URL
+        return False
+
+
+def _hostports(c: _Checker, node: Any, key: str, where: str, hint: str,
+               ok: Callable[[str], bool]) -> list[str] | None:
+    """A non-empty list of HOST:PORT: an item of another type is an error of its own, the
+    addresses that are text but not HOST:PORT one error for the list (at the first one)."""
+    items = c.texts(node, key, where, hint, "HOST:PORT", nonempty=True)
+    if items is None:
+        return None
+    bad = [(i, v) for i, v in items if not ok(v)]
+    if bad:
+        shown = ", ".join(repr(v) for _, v in bad)
+        c.report(value_line(node[key], bad[0][0]), c.field(node, key, where),
+                 f"expected {hint}, got {shown}")
+    return [v for _, v in items]
+
+
 def _etcd(c: _Checker, top: LineDict) -> tuple[tuple[str, ...], EtcdCredentials]:
     """``etcd:``: a list of HOST:PORT, or a mapping with endpoints: and the credentials
     (user:, password_file: or password_env:, ca:, cert:, key:). Their files are read when the
     runbook is used (runbooks/cluster.py), not when it is validated."""
-    def hostports(v: Any) -> bool:
-        from failover.dns.rfc2136 import Server
+    hint = "a list of HOST:PORT or a mapping with endpoints:"
+    value = top.get("etcd", _MISSING)
+    if value is _MISSING:
+        return (), EtcdCredentials()
+    if isinstance(value, list):
+        hosts = _hostports(c, top, "etcd", "", "a list of HOST:PORT", _etcd_endpoint)
+        return tuple(hosts or ()), EtcdCredentials()
+    if not isinstance(value, LineDict):
+        c.wrong(top, "etcd", "", hint)
+        return (), EtcdCredentials()
+    # the types first, as everywhere; then the rules between the fields (shared with the
+    # cluster configuration), unless a field they judge was refused already
+    if "endpoints" in value:
+        _hostports(c, value, "endpoints", "etcd", "a list of HOST:PORT", _etcd_endpoint)
+    for name in credentials.FIELDS[1:]:
+        c.text(value, name, "etcd", "a path" if name in ("password_file", "ca", "cert", "key")
+               else "a name", check=bool)
+    typed = not any(c.reported(f"etcd.{k}") for k in credentials.FIELDS[1:])
+    endpoints, creds, problems = credentials.parse(value)
 
-        try:
-            return bool(v) and all(isinstance(x, str) and ":" in x and Server.parse(x)
-                                   for x in v)
-        except ValueError:  # a port out of range, a URL
-            return False
-
-    if not isinstance(top.get("etcd"), LineDict):
-        etcd = c.get(top, "etcd", "", list, [], check=hostports,
-                     hint="a list of HOST:PORT or a mapping with endpoints:")
-        return tuple(etcd or ()), EtcdCredentials()
-    node = top["etcd"]
-    endpoints, creds, problems = credentials.parse(node)
     def near(v: str | None) -> str | None:
         return _beside(c.path, v) if v else v
 
     creds = dataclasses.replace(creds, password_file=near(creds.password_file),
                                 ca=near(creds.ca), cert=near(creds.cert), key=near(creds.key))
     for key, message in problems:
-        c.err(node, key, "etcd", message)
-    if endpoints and not hostports(endpoints):
-        c.err(node, "endpoints", "etcd", f"expected a list of HOST:PORT, got {endpoints!r}")
-    return tuple(endpoints), creds
+        if key == "endpoints" and "endpoints" in value:
+            continue  # reported above, with the item's line
+        if key in credentials.FIELDS and not typed:
+            continue  # a follow-on of a refused field
+        c.err(value, key, "etcd", message)
+    return tuple(str(e) for e in endpoints if isinstance(e, str)), creds
 
 
-def _sites(c: _Checker, node: Any) -> dict[str, Site]:
-    out = {}
-    m = c.mapping(node, "sites", set(node or ()), set())
+def _sites(c: _Checker, top: LineDict) -> dict[str, Site]:
+    out: dict[str, Site] = {}
+    m = c.block(top, "sites", "", "a mapping of site name: site", None)
+    if m is None:
+        c.sites = None if "sites" in top else set()
+        return out
+    c.sites = set(_names(m))
     if not m:
-        c.err(m, None, "sites", "declare at least two sites")
-    for name, s in m.items():
+        c.bad(top, "sites", "", "declare at least two sites")
+    for name in _names(m):
         where = f"sites.{name}"
-        sm = c.mapping(s, where, {"address", "endpoints", "data_dir"}, {"address"})
-        endpoints = c.get(sm, "endpoints", where, dict, {},
-                          check=lambda v: all(isinstance(x, str) for x in v.values()),
-                          hint="a mapping of name: URL or HOST:PORT")
-        for key in endpoints or {}:
+        sm = c.block(m, name, "sites", "a mapping with address: (and data_dir:, endpoints:)",
+                     {"address", "endpoints", "data_dir"}, {"address"})
+        if sm is None:
+            continue
+        endpoints: dict[str, str] = {}
+        e = c.block(sm, "endpoints", where, "a mapping of name: URL or HOST:PORT", None)
+        for key in _names(e or LineDict()):
             if key not in _ENDPOINTS:
-                c.err(endpoints, key, f"{where}.endpoints", "unknown endpoint (known: "
+                c.err(e, key, f"{where}.endpoints", "unknown endpoint (known: "
                       f"{', '.join(sorted(_ENDPOINTS))})")
-        data_dir = c.get(sm, "data_dir", where, str, None, check=lambda v: v.startswith("/"),
-                         hint="an absolute path")
-        out[name] = Site(name, c.get(sm, "address", where, str, "") or "",
-                         dict(endpoints or {}), data_dir)
+                continue
+            url = c.text(e, key, f"{where}.endpoints", "a URL or HOST:PORT", check=bool)
+            if url is not None:
+                endpoints[key] = url
+        data_dir = c.text(sm, "data_dir", where, "an absolute path",
+                          check=lambda v: v.startswith("/"))
+        address = c.text(sm, "address", where, "a host name or an IP address", check=bool)
+        out[name] = Site(name, address or "", endpoints, data_dir)
     return out
 
 
-def _zones(c: _Checker, node: Any) -> dict[str, Zone]:
-    d = c.mapping(node, "dns", {"zones"}, set())
-    zones_node = d.get("zones") or LineDict()
-    out = {}
-    for zname, z in c.mapping(zones_node, "dns.zones", set(zones_node), set()).items():
+def _zones(c: _Checker, top: LineDict) -> dict[str, Zone]:
+    out: dict[str, Zone] = {}
+    d = c.block(top, "dns", "", "a mapping with zones:", {"zones"})
+    zones = c.block(d, "zones", "dns", "a mapping of zone name: zone", None) if d else None
+    if zones is None:
+        c.zones = None if "dns" in top and (d is None or "zones" in d) else set()
+        return out
+    c.zones = set(_names(zones))
+    for zname in _names(zones):
         where = f"dns.zones.{zname}"
-        zm = c.mapping(z, where, {"servers", "update", "tsig", "verify_timeout"},
-                       {"servers", "tsig"})
-        servers = c.get(zm, "servers", where, list, [], check=bool, hint="a list of HOST:PORT")
-        update = c.get(zm, "update", where, list, servers, check=bool, hint="a list")
-        t = c.mapping(zm.get("tsig"), f"{where}.tsig", {"name", "file", "env", "algorithm",
-                                                          "secret"}, {"name"})
+        zm = c.block(zones, zname, "dns.zones", "a mapping with servers: and tsig:",
+                     {"servers", "update", "tsig", "verify_timeout"}, {"servers", "tsig"})
+        if zm is None:
+            continue
+        servers = _hostports(c, zm, "servers", where, "a list of HOST:PORT", _server) or []
+        update = servers
+        if "update" in zm:
+            update = _hostports(c, zm, "update", where, "a list of HOST:PORT", _server) or []
+        tw = f"{where}.tsig"
+        t = c.block(zm, "tsig", where, "a mapping with name: and file: or env:",
+                    {"name", "file", "env", "algorithm", "secret"}, {"name"})
+        if t is None:
+            continue
         if "secret" in t:
-            c.err(t, "secret", f"{where}.tsig", "inline secrets are not allowed: give file: (a "
-                                                "tsig-keygen key file) or env: (a variable)")
+            c.err(t, "secret", tw, "inline secrets are not allowed: give file: (a "
+                                   "tsig-keygen key file) or env: (a variable)")
         elif ("file" in t) == ("env" in t):
-            c.err(t, None, f"{where}.tsig", "give exactly one of file: or env:")
-        algorithm = c.get(t, "algorithm", f"{where}.tsig", str, None,
-                          check=lambda v: v in _TSIG_ALGORITHMS,
-                          hint=" or ".join(_TSIG_ALGORITHMS))
-        verify = c.get(zm, "verify_timeout", where, (int, float), 10, check=lambda v: v > 0,
-                       hint="seconds > 0")
-        out[zname] = Zone(zname, tuple(servers or ()), tuple(update or ()),
-                          str(t.get("name", "")),
-                          _beside(c.path, t["file"]) if isinstance(t.get("file"), str) else None,
-                          t.get("env"), algorithm,
-                          float(verify))
+            c.err(t, None, tw, "give exactly one of file: or env:")
+        key_file = c.text(t, "file", tw, "the path of a tsig-keygen key file", check=bool)
+        env = c.text(t, "env", tw, "the name of an environment variable", check=bool)
+        algorithm = c.text(t, "algorithm", tw, " or ".join(_TSIG_ALGORITHMS),
+                           check=lambda v: v in _TSIG_ALGORITHMS)
+        verify = c.number(zm, "verify_timeout", where, "seconds > 0", 10.0,
+                          check=lambda v: v > 0)
+        out[zname] = Zone(zname, tuple(servers), tuple(update),
+                          c.text(t, "name", tw, "the key's name", check=bool) or "",
+                          _beside(c.path, key_file) if key_file else None, env, algorithm,
+                          verify)
     return out
 
 
-def _services(c: _Checker, node: Any, sites: dict[str, Site],
+def _server(text: str) -> bool:
+    from failover.dns.rfc2136 import Server
+
+    try:
+        return bool(Server.parse(text))
+    except ValueError:
+        return False
+
+
+def _services(c: _Checker, top: LineDict, sites: dict[str, Site],
               zones: dict[str, Zone]) -> dict[str, Service]:
     out = {}
-    m = c.mapping(node, "services", set(node or ()), set())
-    for name, s in m.items():
-        svc = _service(c, name, s, sites, zones)
+    m = c.block(top, "services", "", "a mapping of service name: service", None)
+    c.services = set(_names(m or LineDict()))
+    for name in _names(m or LineDict()):
+        svc = _service(c, m, name, sites, zones)
         if svc is not None:
             out[name] = svc
     return out
 
 
-def _service(c: _Checker, name: str, node: Any, sites: dict[str, Site],
-             zones: dict[str, Zone]) -> Service | None:
+def _site(c: _Checker, m: LineDict, role: str, where: str, sites: dict[str, Site]) -> str:
+    known = f" ({', '.join(sorted(c.sites))})" if c.sites else ""
+    name = c.text(m, role, where, f"a site name{known}", check=bool)
+    if name is not None and c.sites is not None and name not in c.sites:
+        c.bad(m, role, where, f"unknown site {name!r} (sites: {', '.join(sorted(sites))})")
+    return name or ""
 
+
+def _service(c: _Checker, services: Any, name: str, sites: dict[str, Site],
+             zones: dict[str, Zone]) -> Service | None:
     where = f"services.{name}"
-    m = c.mapping(node, where, {"primary", "replica", "volumes", "replication", "failover",
-                                "dns", "steps", "depends_on"}, {"primary", "replica", "steps"})
-    for role in ("primary", "replica"):
-        if role in m and m[role] not in sites:
-            c.err(m, role, where, f"unknown site {m[role]!r} (sites: {', '.join(sorted(sites))})")
-    if "primary" in m and m.get("primary") == m.get("replica"):
-        c.err(m, "replica", where, "must differ from primary")
-    volumes = []
-    for i, v in enumerate(c.get(m, "volumes", where, list, [], hint="a list") or []):
-        vw = f"{where}.volumes[{i}]"
-        vm = c.mapping(v, vw, {"name", "path", "group"}, {"name", "path"})
-        volumes.append(Volume(str(vm.get("name", "")), str(vm.get("path", "")),
-                              vm.get("group")))
+    m = c.block(services, name, "services", "a mapping with primary:, replica: and steps:",
+                {"primary", "replica", "volumes", "replication", "failover", "dns", "steps",
+                 "depends_on"}, {"primary", "replica", "steps"})
+    if m is None:
+        return None
+    primary = _site(c, m, "primary", where, sites)
+    replica = _site(c, m, "replica", where, sites)
+    if primary and primary == replica:
+        c.bad(m, "replica", where, "must differ from primary")
+    volumes = _volumes(c, m, where)
     rep = _replication(c, m, where, sites)
     fw = f"{where}.failover"
-    f = c.mapping(m.get("failover") or LineDict(), fw,
-                  {"automatic", "grace", "damping", "allow_data_loss", "drain_timeout"}, set())
-    automatic = c.get(f, "automatic", fw, bool, True)
-    grace = c.get(f, "grace", fw, (int, float), 4, check=lambda v: v >= 0, hint="seconds >= 0")
-    damping = c.get(f, "damping", fw, (int, float), 600, check=lambda v: v >= 0,
-                    hint="seconds >= 0")
-    loss = c.get(f, "allow_data_loss", fw, bool, False)
-    records = []
-    for i, d in enumerate(c.get(m, "dns", where, list, [], hint="a list") or []):
-        dw = f"{where}.dns[{i}]"
-        dm = c.mapping(d, dw, {"zone", "name", "type", "ttl"}, {"zone", "name"})
-        if "zone" in dm and dm["zone"] not in zones:
-            c.err(dm, "zone", dw, f"zone {dm['zone']!r} is not declared under dns.zones")
-        rtype = c.get(dm, "type", dw, str, "A", check=lambda v: v in ("A", "AAAA", "CNAME"),
-                      hint="A, AAAA or CNAME")
-        ttl = c.get(dm, "ttl", dw, int, 30, check=lambda v: 0 < v <= 86400,
-                    hint="seconds in 1..86400")
-        records.append(DnsRecord(str(dm.get("zone", "")), str(dm.get("name", "")), rtype, ttl))
-    steps = _steps(c, m.get("steps"), f"{where}.steps", bool(records), m.line_of("steps"))
-    depends = c.get(m, "depends_on", where, list, [], hint="a list of service names") or []
+    f = c.block(m, "failover", where, "a mapping (automatic:, grace:, damping:...)",
+                {"automatic", "grace", "damping", "allow_data_loss", "drain_timeout"})
+    f = f if f is not None else LineDict()
+    automatic = c.flag(f, "automatic", fw, True)
+    grace = c.number(f, "grace", fw, "seconds >= 0", 4.0, check=lambda v: v >= 0)
+    damping = c.number(f, "damping", fw, "seconds >= 0", 600.0, check=lambda v: v >= 0)
+    loss = c.flag(f, "allow_data_loss", fw, False)
+    records = _records(c, m, where)
+    # dns: refused: the steps' dns checks would only repeat it
+    has_dns = bool(records) if "dns" not in m or not c.reported(f"{where}.dns") else None
+    steps = _steps(c, m, where, has_dns)
+    depends = c.texts(m, "depends_on", where, "a list of service names", "a service name")
+    c.depends[name] = (m.get("depends_on"), depends or [])
     groups = {v.group for v in volumes if v.group}
     if len(groups) > 1:
         c.err(m, "volumes", where, f"the volumes of one service are captured in one consistency "
                                    f"group; they name several ({', '.join(sorted(groups))})")
-    svc = Service(name, str(m.get("primary", "")), str(m.get("replica", "")), tuple(volumes),
-                  rep["mode"], rep["rate"], rep["rpo"], automatic, float(grace), float(damping),
-                  loss, tuple(records), steps, tuple(depends), rep["level"], rep["cp_interval"],
-                  rep["journal_limit"], rep["apply_interval"], rep["export"],
+    svc = Service(name, primary, replica, tuple(volumes),
+                  rep["mode"], rep["rate"], rep["rpo"], automatic, grace, damping,
+                  loss, tuple(records), steps, tuple(d for _, d in depends or []), rep["level"],
+                  rep["cp_interval"], rep["journal_limit"], rep["apply_interval"], rep["export"],
                   verify_rate=rep["verify_rate"], export_tls=rep["export_tls"],
                   export_operators=rep["export_operators"])
     svc = _drain(c, f, fw, m.get("steps"), svc)
@@ -304,138 +489,188 @@ def _service(c: _Checker, name: str, node: Any, sites: dict[str, Site],
     return svc
 
 
+def _volumes(c: _Checker, m: LineDict, where: str) -> list[Volume]:
+    volumes = []
+    vw = f"{where}.volumes"
+    for i, _ in enumerate(c.items(m, "volumes", where, "a list of volumes (name:, path:)")
+                          or []):
+        v = c.block(m["volumes"], i, vw, "a volume: a mapping with name: and path:",
+                    {"name", "path", "group"}, {"name", "path"})
+        if v is not None:
+            w = f"{vw}[{i}]"
+            volumes.append(Volume(c.text(v, "name", w, "a volume name", check=bool) or "",
+                                  c.text(v, "path", w, "a path", check=bool) or "",
+                                  c.text(v, "group", w, "a consistency group name",
+                                         check=bool)))
+    return volumes
+
+
+def _records(c: _Checker, m: LineDict, where: str) -> list[DnsRecord]:
+    records = []
+    rw = f"{where}.dns"
+    for i, _ in enumerate(c.items(m, "dns", where, "a list of records (zone:, name:...)")
+                          or []):
+        d = c.block(m["dns"], i, rw, "a record: a mapping with zone: and name:",
+                    {"zone", "name", "type", "ttl"}, {"zone", "name"})
+        if d is None:
+            continue
+        dw = f"{rw}[{i}]"
+        zone = c.text(d, "zone", dw, "a zone declared under dns.zones", check=bool)
+        if zone is not None and c.zones is not None and zone not in c.zones:
+            c.bad(d, "zone", dw, f"zone {zone!r} is not declared under dns.zones")
+        rtype = c.text(d, "type", dw, "A, AAAA or CNAME",
+                       check=lambda v: v in ("A", "AAAA", "CNAME")) or "A"
+        ttl = c.whole(d, "ttl", dw, "seconds in 1..86400", 30, check=lambda v: 0 < v <= 86400)
+        records.append(DnsRecord(zone or "", c.text(d, "name", dw, "a record name",
+                                                     check=bool) or "", rtype, ttl))
+    return records
+
+
 def _drain(c: _Checker, f: LineDict, fw: str, raw_steps: Any, svc: Service) -> Service:
     """How long a switchover drains: ``wait_replication``'s timeout where the steps list one,
     else ``failover.drain_timeout`` (default 120 s); given in both places, an error."""
-    drain = c.get(f, "drain_timeout", fw, (int, float), None, check=lambda v: v > 0,
-                  hint="seconds > 0")
-    waits = [s for s in raw_steps or [] if isinstance(s, LineDict)
-             and s.get("type") == StepType.WAIT_REPLICATION.value]
+    drain = c.number(f, "drain_timeout", fw, "seconds > 0", 120.0, check=lambda v: v > 0)
+    waits = [s for s in raw_steps if isinstance(s, LineDict)
+             and s.get("type") == StepType.WAIT_REPLICATION.value] \
+        if isinstance(raw_steps, list) else []
     if waits and "timeout" in waits[0]:
-        if drain is not None:
+        if "drain_timeout" in f:
             c.err(f, "drain_timeout", fw, "the drain's timeout is given twice: here and as "
                                           "the wait_replication step's timeout (keep one)")
-        return dataclasses.replace(svc, drain_timeout=float(waits[0]["timeout"]))
-    drain = float(drain or 120)
+        wait = next((s for s in svc.steps if s.type is StepType.WAIT_REPLICATION), None)
+        return dataclasses.replace(svc, drain_timeout=wait.timeout if wait else drain)
     steps = tuple(dataclasses.replace(s, timeout=drain) if s.type is StepType.WAIT_REPLICATION
                   else s for s in svc.steps)
     return dataclasses.replace(svc, drain_timeout=drain, steps=steps)
 
 
-def _replication(c: _Checker, m: Any, where: str, sites: dict[str, Site]) -> dict[str, Any]:
+def _replication(c: _Checker, m: LineDict, where: str, sites: dict[str, Site]) -> dict[str, Any]:
     """The service's ``replication:`` block (every field configures the data path)."""
     from replicator.errors import UsageError
-    from replicator.units import parse_rate, parse_size
+    from replicator.units import parse_size
 
     rw = f"{where}.replication"
-    r = c.mapping(m.get("replication") or LineDict(), rw,
-                  {"mode", "rate_limit", "rpo", "compression", "cp_interval", "journal_limit",
-                   "apply_interval", "export", "verify_rate", "export_tls", "export_allow"},
-                  set())
-    mode = c.get(r, "mode", rw, str, "hot", check=lambda v: v in ("hot", "warm"),
-                 hint="hot or warm")
-    rate = None
-    if "rate_limit" in r:
-        text = str(r["rate_limit"])
-        try:
-            rate = parse_rate(text)
-        except UsageError as exc:
-            c.err(r, "rate_limit", rw, str(exc))
-        if rate is not None and rate < MIN_RATE_LIMIT:
-            number = re.match(r"\s*(\d+(?:\.\d+)?)", text)
-            c.err(r, "rate_limit", rw, f"{text!r} is {rate} bytes/s, below the 64KiB/s minimum: "
-                                       "a cap that low is almost certainly a unit mistake (did "
-                                       f"you mean {number.group(1) if number else 20}MB/s?)")
-            rate = None
-    rpo = c.get(r, "rpo", rw, (int, float), 30, check=lambda v: v > 0, hint="seconds > 0")
-    level = c.get(r, "compression", rw, (int, str), 1,
-                  check=lambda v: v in ("zstd", "none") or (isinstance(v, int) and 0 <= v <= 22),
-                  hint="zstd, none or a zstd level 0..22")
-    level = {"zstd": 1, "none": 0}.get(level, level) if isinstance(level, str) else level
-    cp_interval = c.get(r, "cp_interval", rw, (int, float), 0.0, check=lambda v: v >= 0,
-                        hint="seconds >= 0 (0: cut as soon as the points before are sent)")
+    r = c.block(m, "replication", where, "a mapping (mode:, rpo:, export:...)",
+                {"mode", "rate_limit", "rpo", "compression", "cp_interval", "journal_limit",
+                 "apply_interval", "export", "verify_rate", "export_tls", "export_allow"})
+    r = r if r is not None else LineDict()
+    mode = c.text(r, "mode", rw, "hot or warm", check=lambda v: v in ("hot", "warm")) or "hot"
+    rpo = c.number(r, "rpo", rw, "seconds > 0", 30.0, check=lambda v: v > 0)
+    level = c.value(r, "compression", rw, (int, str), "zstd, none or a zstd level 0..22",
+                    check=lambda v: v in ("zstd", "none") or (isinstance(v, int)
+                                                              and 0 <= v <= 22))
+    level = {"zstd": 1, "none": 0, _MISSING: 1}.get(level, level) \
+        if not isinstance(level, int) else level
+    cp_interval = c.number(r, "cp_interval", rw, "seconds >= 0 (0: cut as soon as the points "
+                           "before are sent)", 0.0, check=lambda v: v >= 0)
     journal_limit = 1 << 30
-    if "journal_limit" in r:
+    size = c.value(r, "journal_limit", rw, (str, int), "a size such as 4GiB")
+    if size is not _MISSING:
         try:
-            journal_limit = parse_size(str(r["journal_limit"]))
+            journal_limit = parse_size(str(size))
             if journal_limit < 1 << 20:
                 raise UsageError("at least 1MiB")
         except UsageError as exc:
-            c.err(r, "journal_limit", rw, str(exc))
-    verify_rate = _verify_rate(c, r, rw)
-    apply_interval = c.get(r, "apply_interval", rw, (int, float), None, check=lambda v: v > 0,
-                           hint="seconds > 0")
-    if apply_interval is not None and mode != "warm":
-        c.err(r, "apply_interval", rw, "only a warm replica applies on a schedule (mode: warm)")
+            c.bad(r, "journal_limit", rw, str(exc))
+            journal_limit = 1 << 30
+    apply_interval: float | None = c.number(r, "apply_interval", rw, "seconds > 0", 0.0,
+                                            check=lambda v: v > 0) or None
+    if "apply_interval" in r and mode != "warm" and not c.reported(f"{rw}.mode"):
+        c.bad(r, "apply_interval", rw, "only a warm replica applies on a schedule (mode: warm)")
     export = _export(c, r, rw, sites)
-    export_tls = c.get(r, "export_tls", rw, bool, False, hint="true or false")
+    export_tls = c.flag(r, "export_tls", rw, False)
     if export_tls and not export and "export" not in r:
-        c.err(r, "export_tls", rw, "TLS on the NBD export needs an export (replication.export)")
-    return {"mode": mode, "rate": rate, "rpo": float(rpo), "level": int(level),
-            "cp_interval": float(cp_interval), "journal_limit": journal_limit,
-            "apply_interval": float(apply_interval) if apply_interval else None,
-            "export": export, "verify_rate": verify_rate, "export_tls": bool(export_tls),
-            "export_operators": _export_allow(c, r, rw, bool(export_tls))}
+        c.bad(r, "export_tls", rw, "TLS on the NBD export needs an export (replication.export)")
+    return {"mode": mode, "rate": _rate_limit(c, r, rw), "rpo": rpo, "level": level,
+            "cp_interval": cp_interval, "journal_limit": journal_limit,
+            "apply_interval": apply_interval, "export": export,
+            "verify_rate": _verify_rate(c, r, rw), "export_tls": export_tls,
+            "export_operators": _export_allow(c, r, rw, export_tls)}
 
 
-def _export_allow(c: _Checker, r: Any, rw: str, tls: bool) -> tuple[str, ...]:
+def _rate_limit(c: _Checker, r: LineDict, rw: str) -> int | None:
+    """``replication.rate_limit``: bytes/s, or None (no cap)."""
+    from replicator.errors import UsageError
+    from replicator.units import parse_rate
+
+    value = c.value(r, "rate_limit", rw, (str, int, float), "a rate such as 50MB/s")
+    if value is _MISSING:
+        return None
+    text = str(value)
+    try:
+        rate = parse_rate(text)
+    except UsageError as exc:
+        c.bad(r, "rate_limit", rw, str(exc))
+        return None
+    if rate is not None and rate < MIN_RATE_LIMIT:
+        number = re.match(r"\s*(\d+(?:\.\d+)?)", text)
+        c.bad(r, "rate_limit", rw, f"{text!r} is {rate} bytes/s, below the 64KiB/s minimum: "
+                                   "a cap that low is almost certainly a unit mistake (did "
+                                   f"you mean {number.group(1) if number else 20}MB/s?)")
+        return None
+    return rate
+
+
+def _export_allow(c: _Checker, r: LineDict, rw: str, tls: bool) -> tuple[str, ...]:
     """``replication.export_allow``: ``[operator:NAME, ...]``, the operators who may attach to
     the TLS export besides its own site (``push --nbd-allow``, the same parser)."""
     from replicator.capture.nbdtls import parse_allow
     from replicator.errors import UsageError
 
-    items = c.get(r, "export_allow", rw, list, [], hint="a list of operator:NAME") or []
-    if not items:
+    items = c.texts(r, "export_allow", rw, "a list of operator:NAME", "operator:NAME")
+    if not items or c.reported(f"{rw}.export_allow") or c.reported(f"{rw}.export_tls"):
         return ()
     if not tls:
-        c.err(r, "export_allow", rw, "names who may attach to the export over TLS: it needs "
+        c.bad(r, "export_allow", rw, "names who may attach to the export over TLS: it needs "
                                      "export_tls: true")
         return ()
     try:
-        return tuple(sorted(parse_allow(str(i) for i in items)))
+        return tuple(sorted(parse_allow(v for _, v in items)))
     except UsageError as exc:
-        c.err(r, "export_allow", rw, str(exc).removeprefix("--nbd-allow "))
+        c.bad(r, "export_allow", rw, str(exc).removeprefix("--nbd-allow "))
         return ()
 
 
-def _verify_rate(c: _Checker, r: Any, rw: str) -> int:
+def _verify_rate(c: _Checker, r: LineDict, rw: str) -> int:
     """``replication.verify_rate``: the capture agent's background verify, bytes/s (0: off)."""
     from replicator.errors import UsageError
     from replicator.units import parse_verify_rate
 
-    if "verify_rate" not in r:
-        return VERIFY_RATE
-    value = r["verify_rate"]
-    if value is False:  # YAML 1.1 reads a bare `off` (or `false`, `no`) as false
+    if r.get("verify_rate") is False:  # YAML 1.1 reads a bare `off` (or `false`, `no`) as false
         return 0
+    value = c.value(r, "verify_rate", rw, (str, int, float),
+                    "a rate such as 4MiB/s, or off (0)")
+    if value is _MISSING:
+        return VERIFY_RATE
     try:
         return parse_verify_rate(str(value))
     except UsageError as exc:
-        c.err(r, "verify_rate", rw, str(exc))
+        c.bad(r, "verify_rate", rw, str(exc))
         return VERIFY_RATE
 
 
-def _export(c: _Checker, r: Any, rw: str, sites: dict[str, Site]) -> dict[str, str]:
+def _export(c: _Checker, r: LineDict, rw: str, sites: dict[str, Site]) -> dict[str, str]:
     """``replication.export``: where the application reaches the volumes (NBD) at each site."""
     export: dict[str, str] = {}
-    if "export" in r:
-        raw_export = r["export"]
-        if isinstance(raw_export, str):
-            if not _hostport(raw_export):
-                c.err(r, "export", rw, f"{raw_export!r} is not HOST:PORT")
-                return {}
-            export = {n: raw_export for n in sites}
-        elif isinstance(raw_export, dict) and all(isinstance(v, str) for v in raw_export.values()):
-            export = {str(k): v for k, v in raw_export.items()}
-            for k in export:
-                if k not in sites:
-                    c.err(raw_export, k, f"{rw}.export", f"unknown site {k!r}")
-        else:
-            c.err(r, "export", rw, "expected HOST:PORT (the same at every site) or a mapping "
-                                   "of site: HOST:PORT")
-        for k, v in export.items():
-            if not _hostport(v):
-                c.err(r, "export", rw, f"{k}: {v!r} is not HOST:PORT")
+    raw = r.get("export", _MISSING)
+    if raw is _MISSING:
+        return export
+    if isinstance(raw, str):
+        if not _hostport(raw):
+            c.bad(r, "export", rw, f"{raw!r} is not HOST:PORT")
+            return {}
+        return {n: raw for n in sites}
+    hint = "HOST:PORT (the same at every site) or a mapping of site: HOST:PORT"
+    m = c.block(r, "export", rw, hint, None)
+    for k in _names(m or LineDict()):
+        v = c.text(m, k, f"{rw}.export", "HOST:PORT")
+        if v is None:
+            continue
+        if c.sites is not None and k not in c.sites:
+            c.err(m, k, f"{rw}.export", f"unknown site {k!r}")
+        elif not _hostport(v):
+            c.report(value_line(m, k), f"{rw}.export", f"{k}: {v!r} is not HOST:PORT")
+        export[k] = v
     return export
 
 
@@ -444,7 +679,8 @@ def _hostport(text: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
-def _data_path(c: _Checker, m: Any, where: str, svc: Service, sites: dict[str, Site]) -> None:
+def _data_path(c: _Checker, m: LineDict, where: str, svc: Service,
+               sites: dict[str, Site]) -> None:
     """A service with volumes is replicated by the site agents: each of its sites needs what
     the agent runs there (its data directory, its replication target, the application's
     export)."""
@@ -453,87 +689,116 @@ def _data_path(c: _Checker, m: Any, where: str, svc: Service, sites: dict[str, S
         if site is None:
             continue
         sw = f"sites.{site.name}"
-        missing = [what for what, field, ok in (
-            ("data_dir", f"{sw}.data_dir", site.data_dir),
-            ("endpoints.replication", f"{sw}.endpoints", site.endpoints.get("replication")),
-            (f"{where}.replication.export", f"{where}.replication.export",
-             svc.export.get(site.name))) if not ok and field not in c.fields]
+        rw = f"{where}.replication"
+        missing = [what for what, fields, ok in (
+            ("data_dir", (f"{sw}.data_dir",), site.data_dir),
+            ("endpoints.replication", (f"{sw}.endpoints",), site.endpoints.get("replication")),
+            (f"{rw}.export", (f"{rw}.export", rw), svc.export.get(site.name)))
+            if not ok and not any(c.reported(f) for f in fields[:1]) and fields[-1] not in c.fields]
+        target = site.endpoints.get("replication")
+        ew = f"{sw}.endpoints.replication"
         if missing:
             c.err(m, "volumes", where, f"site {site.name} lacks {', '.join(missing)}: its agent "
                                        "cannot run this service's replication")
-        elif not _hostport(site.endpoints["replication"]):
-            c.err(m, "volumes", where, f"site {site.name}: endpoints.replication "
-                                       f"{site.endpoints['replication']!r} is not HOST:PORT")
+        elif target and not _hostport(target) and ew not in c.fields:  # once per site
+            c.report(c.lines.get(ew, 0), ew, f"{target!r} is not HOST:PORT (the site's "
+                                             f"replication target, which {where} needs)")
 
 
-def _steps(c: _Checker, node: Any, where: str, has_dns: bool,
-           line: int) -> tuple[Step, ...]:
-    if not isinstance(node, list) or not node:
-        c.errors.append(f"{c.path}:{line}: {where}: expected a non-empty list of steps")
+def _steps(c: _Checker, m: LineDict, where: str, has_dns: bool | None) -> tuple[Step, ...]:
+    sw = f"{where}.steps"
+    node = c.items(m, "steps", where, "a non-empty list of steps", nonempty=True)
+    if node is None:
         return ()
     out = []
     places: list[int] = []  # each step's index in the list (an invalid one is left out)
-    for i, s in enumerate(node):
-        sw = f"{where}[{i}]"
-        if not isinstance(s, LineDict) or "type" not in s:
-            c.errors.append(f"{c.path}:{getattr(s, 'line', 0)}: {sw}: a step needs a type: "
-                            f"({', '.join(t.value for t in StepType)})")
+    complete = True
+    for i in range(len(node)):
+        kind = _step_type(c, node, i, sw)
+        if kind is None:
+            complete = False
             continue
-        try:
-            stype = StepType(s["type"])
-        except ValueError:
-            c.err(s, "type", sw, f"unknown step type {s['type']!r} (one of "
-                                 f"{', '.join(t.value for t in StepType)})")
-            continue
-        c.mapping(s, sw, {"type", "name"} | _STEP_FIELDS[stype], set())
-        step = _step(c, s, sw, stype)
-        if step is not None:
+        s = node[i]
+        c.keys(s, f"{sw}[{i}]", {"type", "name"} | _STEP_FIELDS[kind], set())
+        step = _step(c, s, f"{sw}[{i}]", kind)
+        if step is None:
+            complete = False
+        else:
             out.append(step)
             places.append(i)
+    if not complete:  # the order of steps some of which could not be read: not checked
+        return tuple(out)
+    if has_dns is None:  # the records could not be read: whether they need a dns step neither
+        has_dns = any(s.type is StepType.DNS for s in out)
     # the order the steps run in, and what runs once (failover/steps.py)
     for index, message in step_problems([s.spec() for s in out], has_dns):
         if index is None:
-            c.errors.append(f"{c.path}:{line}: {where}: {message}")
+            c.bad(m, "steps", where, message)
         else:
-            c.errors.append(f"{c.path}:{out[index].line}: {where}[{places[index]}]: {message}")
+            c.report(out[index].line, f"{sw}[{places[index]}]", message)
     return tuple(out)
 
 
+def _step_type(c: _Checker, node: Sequence, i: int, sw: str) -> StepType | None:
+    """The type of the ``i``th step (None: not a step, or its type is not known)."""
+    s = c.block(node, i, sw, f"a step: a mapping with type: ({_STEP_TYPES})", None)
+    if s is None:
+        return None
+    if "type" not in s:
+        c.err(s, None, f"{sw}[{i}]", f"a step needs a type: ({_STEP_TYPES})")
+        return None
+    if isinstance(s["type"], str) and s["type"] not in set(StepType):
+        c.bad(s, "type", f"{sw}[{i}]", f"unknown step type {s['type']!r} (one of "
+                                       f"{_STEP_TYPES})")
+        return None
+    stype = c.text(s, "type", f"{sw}[{i}]", f"a step type: one of {_STEP_TYPES}")
+    return None if stype is None else StepType(stype)
+
+
 def _step(c: _Checker, s: LineDict, sw: str, stype: StepType) -> Step | None:
-    name = c.get(s, "name", sw, str, stype.value)
-    timeout = c.get(s, "timeout", sw, (int, float), 30, check=lambda v: v > 0,
-                    hint="seconds > 0")
+    """The step (None: where it runs is unknown, it is left out of the order checks)."""
+    name = c.text(s, "name", sw, "a name", check=bool) or stype.value
+    timeout = 30.0
+    if "timeout" in _STEP_FIELDS[stype]:
+        timeout = c.number(s, "timeout", sw, "seconds > 0", 30.0, check=lambda v: v > 0)
     if stype is StepType.HOOK:
         if "run" not in s:
             c.err(s, None, sw, "missing required key 'run'")
-        on = c.get(s, "at", sw, str, "controller", check=lambda v: v in set(Where),
-                   hint="old_primary, new_primary or controller")
-        return Step(stype, name, s.line, run=s.get("run"), on=Where(on), timeout=timeout)
+        run = c.text(s, "run", sw, "a shell command", check=bool)
+        on = c.text(s, "at", sw, "old_primary, new_primary or controller",
+                    check=lambda v: v in set(Where))
+        if "at" in s and on is None:
+            return None
+        return Step(stype, name, s.line, run=run, on=Where(on or Where.CONTROLLER),
+                    timeout=timeout)
     if stype is StepType.PRECHECK:
-        check = c.get(s, "check", sw, str, None, check=lambda v: v in _CHECKS,
-                      hint=" or ".join(sorted(_CHECKS)))
+        check = c.text(s, "check", sw, " or ".join(sorted(_CHECKS)),
+                       check=lambda v: v in _CHECKS)
         if "check" not in s:
             c.err(s, None, sw, "missing required key 'check'")
         return Step(stype, name, s.line, check=check)
     if stype is StepType.HEALTH_CHECK:
-        probes = [k for k in ("http", "tcp", "command") if k in s]
-        if len(probes) != 1:
+        if len([k for k in ("http", "tcp", "command") if k in s]) != 1:
             c.err(s, None, sw, "give exactly one of http:, tcp: or command:")
-        retries = c.get(s, "retries", sw, int, 0, check=lambda v: v >= 0, hint="an integer >= 0")
-        interval = c.get(s, "interval", sw, (int, float), 1, check=lambda v: v > 0,
-                         hint="seconds > 0")
-        return Step(stype, name, s.line, http=s.get("http"), tcp=s.get("tcp"),
-                    command=s.get("command"), timeout=timeout, retries=retries,
-                    interval=interval)
+        return Step(stype, name, s.line,
+                    http=c.text(s, "http", sw, "a URL", check=bool),
+                    tcp=c.text(s, "tcp", sw, "HOST:PORT", check=bool),
+                    command=c.text(s, "command", sw, "a shell command", check=bool),
+                    timeout=timeout,
+                    retries=c.whole(s, "retries", sw, "a whole number >= 0", 0,
+                                    check=lambda v: v >= 0),
+                    interval=c.number(s, "interval", sw, "seconds > 0", 1.0,
+                                      check=lambda v: v > 0))
     return Step(stype, name, s.line, timeout=timeout)
 
 
-def _dependencies(c: _Checker, node: Any, services: dict[str, Service]) -> None:
-    for name, svc in services.items():
-        for dep in svc.depends_on:
-            if dep not in services:
-                c.errors.append(f"{c.path}:{_line(node, name)}: services.{name}.depends_on: "
-                                f"unknown service {dep!r}")
+def _dependencies(c: _Checker, top: LineDict, services: dict[str, Service]) -> None:
+    for name in services:
+        node, items = c.depends.get(name, (None, []))
+        for i, dep in items:
+            if dep not in c.services:  # a service declared but invalid: reported already
+                c.bad(node, i, f"services.{name}.depends_on",
+                      f"unknown service {dep!r} (services: {', '.join(sorted(c.services))})")
     seen: dict[str, int] = {}
 
     def visit(n: str, stack: list[str]) -> None:
@@ -541,8 +806,8 @@ def _dependencies(c: _Checker, node: Any, services: dict[str, Service]) -> None:
             return
         if seen.get(n) == 1:
             cycle = " -> ".join([*stack[stack.index(n):], n])
-            c.errors.append(f"{c.path}:{_line(node, n)}: services.{n}.depends_on: dependency "
-                            f"cycle {cycle}")
+            c.bad(top["services"][n], "depends_on", f"services.{n}",
+                  f"dependency cycle {cycle}")
             return
         seen[n] = 1
         for d in services[n].depends_on:
@@ -553,34 +818,28 @@ def _dependencies(c: _Checker, node: Any, services: dict[str, Service]) -> None:
         visit(n, [])
 
 
-def _site_modes(c: _Checker, node: Any, services: dict[str, Service]) -> None:
+def _site_modes(c: _Checker, top: LineDict, services: dict[str, Service]) -> None:
     """A site runs one replication target daemon, in one mode: every service with volumes
     at a site (as its primary or its replica) must use the same ``replication.mode``. The
     first such service (in file order) sets the site's mode; each one that differs is an
     error."""
     first: dict[str, Service] = {}
     for name, svc in services.items():
-        if not svc.volumes:
-            continue  # no data path: its mode configures nothing
-        m = node.get(name) if isinstance(node, LineDict) else None
-        r = m.get("replication") if isinstance(m, LineDict) else None
-        if isinstance(r, LineDict) and r.get("mode", svc.mode) != svc.mode:
-            continue  # an invalid mode, already reported
+        rw = f"services.{name}.replication"
+        if not svc.volumes or rw in c.fields or c.reported(f"{rw}.mode"):
+            continue  # no data path: its mode configures nothing; or a mode already refused
         clashes: dict[str, list[str]] = {}
         for site in (svc.primary, svc.replica):
             other = first.setdefault(site, svc)
             if other.mode != svc.mode:
                 clashes.setdefault(f"{other.name} ({other.mode})", []).append(site)
         if clashes:
-            line = (r.line_of("mode") if isinstance(r, LineDict) else
-                    m.line_of("replication") if isinstance(m, LineDict) else 0)
+            m = top["services"][name]
+            r = m.get("replication")
+            line = (r.line_of("mode") if isinstance(r, LineDict) else m.line_of("replication"))
             shared = "; ".join(f"site{'s' if len(s) > 1 else ''} {', '.join(s)} with {other}"
                                for other, s in clashes.items())
-            c.errors.append(
-                f"{c.path}:{line}: services.{name}.replication.mode: {svc.mode}, but it shares "
-                f"{shared}: a site runs one replication target daemon, in one mode (hot or "
-                "warm), so the services with volumes at a site must use the same mode")
-
-
-def _line(node: Any, key: str) -> int:
-    return node.line_of(key) if isinstance(node, LineDict) else 0
+            c.report(line, f"{rw}.mode",
+                     f"{svc.mode}, but it shares {shared}: a site runs one replication target "
+                     "daemon, in one mode (hot or warm), so the services with volumes at a site "
+                     "must use the same mode")

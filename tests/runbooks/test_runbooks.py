@@ -235,7 +235,8 @@ CASES = {
         "unknown endpoint (known: health, replication, source_metrics, target_metrics)"),
     "replication-endpoint-not-hostport": (
         [('{replication: "10.0.0.1:7400"}', '{replication: "10.0.0.1"}')],
-        12, "services.db.volumes", "site a: endpoints.replication '10.0.0.1' is not HOST:PORT"),
+        6, "sites.a.endpoints.replication", "'10.0.0.1' is not HOST:PORT (the site's "
+        "replication target, which services.db needs)"),
     "relative-data-dir": (
         [("a: {address: 10.0.0.1, data_dir: /var/lib/drctl", "a: {address: 10.0.0.1, data_dir: x")],
         6, "sites.a.data_dir", "expected an absolute path"),
