@@ -44,8 +44,9 @@ from drctl.files import atomic_write
 from replicator.batch import Batch, Decoder, Kind, Record
 from replicator.blockindex import Binding, ReplicaIndex, image_hashes
 from replicator.blockmap import Geometry, block_hash, hash_range, zero_block, zero_hash
+from replicator.clones import clone_image, drop_clone_image
 from replicator.demotion import clear_divergence, load_divergence
-from replicator.errors import CorruptBatchError, ProtocolError, QuotaExceededError, VolumeError
+from replicator.errors import CorruptBatchError, ProtocolError, VolumeError
 from replicator.ledger import BatchLedger
 from replicator.staging import StagingLog
 
@@ -53,7 +54,6 @@ Buffer: TypeAlias = bytes | memoryview
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SLOT = 512
 _MAGIC = b"DRCTLRV1"
-_FICLONE = 0x40049409  # ioctl(dest_fd, FICLONE, src_fd): share extents (btrfs, xfs, ...)
 _FMT = "<8sIQQQI36sQQ"
 
 
@@ -530,53 +530,13 @@ class Replica:
         self._ix.checkpoint(self.wal)
 
     def clone(self, name: str, limit: int | None = None) -> tuple[str, str]:
-        """A writable copy of the image as applied so far: (path, method). Copy-on-write
-        (FICLONE) where the filesystem supports it, else a full copy. At most ``limit`` clones
-        of this replica exist at once. Call on the volume's thread so no batch is half-applied
-        in the copy."""
-        check_volume_name(name)
-        directory = self.img_path[: -len(".img")] + ".clones"
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"{name}.img")
-        if os.path.exists(path):
-            raise ProtocolError(f"clone {name!r} of {self.name} already exists")
-        held = sum(1 for e in os.scandir(directory) if e.name.endswith(".img"))
-        if limit is not None and held >= limit:
-            raise QuotaExceededError(
-                f"quota_exceeded: volume {self.name} has {held} clones, the most this target "
-                f"keeps at once (serve --max-clones {limit}); drop one first")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                import fcntl
-
-                fcntl.ioctl(fd, _FICLONE, self.img_fd)
-                method = "reflink"
-            except OSError:
-                size, offset = self.record.size, 0
-                while offset < size:
-                    n = os.copy_file_range(self.img_fd, fd, size - offset, offset, offset)
-                    if n == 0:
-                        break
-                    offset += n
-                os.ftruncate(fd, size)
-                method = "copy"
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-        return path, method
+        """A writable copy of the image as applied so far: (path, method); clones.py. Call on
+        the volume's thread so no batch is half-applied in the copy."""
+        return clone_image(self.img_path, self.img_fd, self.record.size, self.name,
+                           check_volume_name(name), limit)
 
     def drop_clone(self, name: str) -> str:
-        check_volume_name(name)
-        path = os.path.join(self.img_path[: -len(".img")] + ".clones", f"{name}.img")
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            raise ProtocolError(f"no clone {name!r} of {self.name}") from None
-        return path
+        return drop_clone_image(self.img_path, self.name, check_volume_name(name))
 
     def renew_generation(self) -> str:
         """The replica's content is not what a source planned against (a batch was refused as
