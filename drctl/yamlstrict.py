@@ -53,16 +53,21 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> LineD
 StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_yaml(path: str) -> Any:
-    """Parse ``path``; raises OSError, yaml.YAMLError (NotTextError for a file that is not
-    UTF-8 text) or DuplicateKeyError."""
+def read_text(path: str) -> str:
+    """The text of the file ``path``; raises OSError, or NotTextError for a file that is not
+    UTF-8 text."""
     with open(path, "rb") as fh:
         data = fh.read()
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise NotTextError(exc) from None
-    return yaml.load(text, Loader=StrictLoader)
+
+
+def load_yaml(path: str) -> Any:
+    """Parse ``path``; raises OSError, yaml.YAMLError (NotTextError for a file that is not
+    UTF-8 text) or DuplicateKeyError."""
+    return yaml.load(read_text(path), Loader=StrictLoader)
 
 
 def yaml_error_line(exc: yaml.YAMLError) -> int | None:

@@ -55,7 +55,7 @@ def parse_rate(text: str) -> int:
 
 
 # A rate cap below this is almost certainly a unit mistake ("20" or "20kB/s" for 20MB/s): the
-# CLI's --rate-limit refuses it as a runbook's rate_limit does (runbooks/loader.py)
+# CLI's --rate-limit refuses it as a runbook's rate_limit does (runbooks/replication_fields.py)
 MIN_RATE_LIMIT = 64 * 1024
 
 

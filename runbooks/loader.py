@@ -1,18 +1,16 @@
 """Load and validate a runbook, collecting *every* error as ``file:line: field: message``.
 
-Every value is read through the typed accessors of ``_Checker`` (``text``, ``number``,
-``whole``, ``flag``, ``block``, ``items``): a value of the wrong type is one error at the line
-of that value, ``FILE:LINE: field: got a list (expected a site name)``, and the loader goes on
-with the field's default, never a Python exception. A field whose value was refused is not
-reported again by the checks that use it (an unknown site named by a service when ``sites:``
-itself is unusable, the step order when a step could not be read)."""
+Every value is read through the typed accessors of ``runbooks.checker.Checker``: a value of
+the wrong type is one error at the line of that value, and the loader goes on with the
+field's default, never a Python exception. A field whose value was refused is not reported
+again by the checks that use it (an unknown site named by a service when ``sites:`` itself
+is unusable, the step order when a step could not be read). The ``replication:`` block and
+the data path it configures are read by runbooks/replication_fields.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +20,8 @@ from drctl.yamlstrict import LineDict, yaml_error_line
 from failover.coordination import credentials
 from failover.coordination.credentials import EtcdCredentials
 from failover.steps import problems as step_problems
+from runbooks.checker import MISSING, Checker, got, names
 from runbooks.model import (
-    VERIFY_RATE,
     DnsRecord,
     Runbook,
     Service,
@@ -34,6 +32,7 @@ from runbooks.model import (
     Where,
     Zone,
 )
+from runbooks.replication_fields import data_path, replication
 from runbooks.yamlnodes import DuplicateKey, Sequence, load_yaml, value_line
 
 KIND = "drctl-runbook"
@@ -67,172 +66,6 @@ _TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512")
 # the metrics endpoint of a source agent the site does not run itself (hook-driven sites);
 # target_metrics: the metrics port the site agent gives its target daemon (HOST:PORT)
 _ENDPOINTS = {"replication", "health", "source_metrics", "target_metrics"}
-# A rate cap below this is almost certainly a unit mistake ("20" or "20kB/s" for 20MB/s)
-MIN_RATE_LIMIT = 64 * 1024
-_MISSING: Any = object()
-_YES_NO = "YAML reads yes/no/on/off as true/false: quote it"
-
-
-def got(value: Any) -> str:
-    """What a value is, in the runbook's terms (never a Python type name)."""
-    if value is None:
-        return "got nothing"
-    if isinstance(value, bool):
-        return f"got {'true' if value else 'false'}"
-    if isinstance(value, int | float):
-        return f"got the number {value}"
-    if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        return f"got text {shown!r}" if value else "got empty text"
-    if isinstance(value, list):
-        return "got a list" if value else "got an empty list"
-    if isinstance(value, dict):
-        return "got a mapping" if value else "got an empty mapping"
-    if isinstance(value, datetime.date):
-        return f"got a date ({value})"
-    return "got binary data" if isinstance(value, bytes) else "got a value of another kind"
-
-
-def _at(node: Any, key: Any) -> Any:
-    """``node[key]`` for a mapping's key or a list's index; _MISSING if there is none."""
-    if isinstance(node, dict):
-        return node.get(key, _MISSING)
-    if isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
-        return node[key]
-    return _MISSING
-
-
-class _Checker:
-    """Collects the errors, and reads each value through a typed accessor: the value if it
-    has the type (and passes ``check``), else the default after one error at its line."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.errors: list[str] = []
-        self.fields: set[str] = set()  # the fields already reported (no follow-on errors)
-        # the names declared (a site given as `east: 7` is declared: a service may name it
-        # without a second error); None: the whole block is unusable, names are not checked
-        self.sites: set[str] | None = set()
-        self.zones: set[str] | None = set()
-        self.services: set[str] = set()
-        # each service's depends_on: the list (for its items' lines) and its names
-        self.depends: dict[str, tuple[Any, list[tuple[int, str]]]] = {}
-        self.lines: dict[str, int] = {}  # the line of each value read, by field
-
-    # -- reporting
-
-    @staticmethod
-    def field(node: Any, key: Any, where: str) -> str:
-        if key is None:
-            return where or "(top level)"
-        if isinstance(node, list):
-            return f"{where}[{key}]"
-        name = str(key).lower() if isinstance(key, bool) else str(key)
-        return f"{where}.{name}" if where else name
-
-    def report(self, line: int, field: str, message: str) -> None:
-        self.fields.add(field)
-        self.errors.append(f"{self.path}:{line or 1}: {field}: {message}")
-
-    def err(self, node: Any, key: Any, where: str, message: str) -> None:
-        """An error about a key (unknown, missing: key None) at the key's line."""
-        line = getattr(node, "line", 0)
-        if key is not None and isinstance(node, LineDict | Sequence):
-            line = node.line_of(key)
-        self.report(line, self.field(node, key, where), message)
-
-    def bad(self, node: Any, key: Any, where: str, message: str) -> None:
-        """An error about ``node[key]``'s value, at the value's line."""
-        self.report(value_line(node, key) or getattr(node, "line", 0),
-                    self.field(node, key, where), message)
-
-    def wrong(self, node: Any, key: Any, where: str, hint: str) -> None:
-        """``node[key]`` is not what the field takes: say what it is and what was expected."""
-        value = _at(node, key)
-        if isinstance(value, bool) and any(w in hint for w in ("name", "text", "HOST", "path")):
-            hint += f"; {_YES_NO}"
-        self.bad(node, key, where, f"{got(value)} (expected {hint})")
-
-    def reported(self, field: str) -> bool:
-        """An error was reported for ``field`` or a field inside it."""
-        return any(f == field or f.startswith((field + ".", field + "["))
-                   for f in self.fields)
-
-    # -- typed accessors (absent: the default, nothing reported)
-
-    def value(self, node: Any, key: Any, where: str, kinds: tuple[type, ...], hint: str,
-              check: Callable[[Any], bool] | None = None) -> Any:
-        """``node[key]`` if it is one of ``kinds`` (true/false only if ``bool`` is one) and
-        passes ``check``; else _MISSING (after one error, if it was given)."""
-        value = _at(node, key)
-        if value is _MISSING:
-            return _MISSING
-        self.lines[self.field(node, key, where)] = value_line(node, key)
-        if (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
-                or (check is not None and not check(value))):
-            self.wrong(node, key, where, hint)
-            return _MISSING
-        return value
-
-    def text(self, node: Any, key: Any, where: str, hint: str,
-             check: Callable[[str], bool] | None = None) -> str | None:
-        value = self.value(node, key, where, (str,), hint, check)
-        return None if value is _MISSING else str(value)
-
-    def number(self, node: Any, key: Any, where: str, hint: str, default: float,
-               check: Callable[[float], bool] | None = None) -> float:
-        value = self.value(node, key, where, (int, float), hint, check)
-        return default if value is _MISSING else float(value)
-
-    def whole(self, node: Any, key: Any, where: str, hint: str, default: int,
-              check: Callable[[int], bool] | None = None) -> int:
-        value = self.value(node, key, where, (int,), hint, check)
-        return default if value is _MISSING else int(value)
-
-    def flag(self, node: Any, key: Any, where: str, default: bool) -> bool:
-        value = self.value(node, key, where, (bool,), "true or false")
-        return default if value is _MISSING else bool(value)
-
-    def block(self, node: Any, key: Any, where: str, hint: str, allowed: set[str] | None,
-              required: set[str] | None = None) -> LineDict | None:
-        """A mapping: its keys checked (``allowed`` None: any name)."""
-        value = self.value(node, key, where, (LineDict,), hint)
-        if value is _MISSING:
-            return None
-        mapping: LineDict = value
-        self.keys(mapping, self.field(node, key, where), allowed, required or set())
-        return mapping
-
-    def items(self, node: Any, key: Any, where: str, hint: str,
-              nonempty: bool = False) -> Sequence | None:
-        value = self.value(node, key, where, (Sequence,), hint, bool if nonempty else None)
-        return None if value is _MISSING else value
-
-    def texts(self, node: Any, key: Any, where: str, hint: str, item: str,
-              nonempty: bool = False) -> list[tuple[int, str]] | None:
-        """A list of text: its items with their index (an item of another type: an error)."""
-        values = self.items(node, key, where, hint, nonempty)
-        if values is None:
-            return None
-        lw = self.field(node, key, where)
-        return [(i, v) for i, v in enumerate(values)
-                if self.text(values, i, lw, item) is not None]
-
-    def keys(self, node: LineDict, where: str, allowed: set[str] | None,
-             required: set[str]) -> None:
-        for key in node:
-            if not isinstance(key, str):
-                shown = str(key).lower() if isinstance(key, bool) else repr(key)
-                self.err(node, key, where, f"key {shown} is not text ({_YES_NO})")
-            elif allowed is not None and key not in allowed:
-                self.err(node, key, where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-        for key in sorted(required - set(node)):
-            self.err(node, None, where, f"missing required key {key!r}")
-
-
-def _names(node: LineDict) -> list[str]:
-    """A mapping's names (a key that is not text is reported by ``keys``)."""
-    return [k for k in node if isinstance(k, str)]
 
 
 def load(path: str) -> Runbook:
@@ -249,17 +82,17 @@ def load(path: str) -> Runbook:
     if not isinstance(raw, LineDict) or "kind" not in raw:  # one line, not every key's error
         raise RunbookError(path, [f"{path}:1: not a drctl runbook (no 'kind: {KIND}')"])
     if raw["kind"] != KIND:
-        c = _Checker(path)
+        c = Checker(path)
         c.bad(raw, "kind", "", f"not a drctl runbook: {got(raw['kind'])} (expected {KIND})")
         raise RunbookError(path, c.errors)
-    c = _Checker(path)
+    c = Checker(path)
     rb = _runbook(c, raw)
     if c.errors:
         raise RunbookError(path, c.errors)
     return rb
 
 
-def _runbook(c: _Checker, top: LineDict) -> Runbook:
+def _runbook(c: Checker, top: LineDict) -> Runbook:
     c.keys(top, "", {"kind", "version", "cluster", "etcd", "lease_ttl", "sites", "dns",
                      "services"}, {"kind", "version", "cluster", "etcd", "sites", "services"})
     c.whole(top, "version", "", "1: only version 1 is understood", 1, check=lambda v: v == 1)
@@ -290,7 +123,7 @@ def _etcd_endpoint(text: str) -> bool:
         return False
 
 
-def _hostports(c: _Checker, node: Any, key: str, where: str, hint: str,
+def _hostports(c: Checker, node: Any, key: str, where: str, hint: str,
                ok: Callable[[str], bool]) -> list[str] | None:
     """A non-empty list of HOST:PORT: an item of another type is an error of its own, the
     addresses that are text but not HOST:PORT one error for the list (at the first one)."""
@@ -305,13 +138,13 @@ def _hostports(c: _Checker, node: Any, key: str, where: str, hint: str,
     return [v for _, v in items]
 
 
-def _etcd(c: _Checker, top: LineDict) -> tuple[tuple[str, ...], EtcdCredentials]:
+def _etcd(c: Checker, top: LineDict) -> tuple[tuple[str, ...], EtcdCredentials]:
     """``etcd:``: a list of HOST:PORT, or a mapping with endpoints: and the credentials
     (user:, password_file: or password_env:, ca:, cert:, key:). Their files are read when the
     runbook is used (runbooks/cluster.py), not when it is validated."""
     hint = "a list of HOST:PORT or a mapping with endpoints:"
-    value = top.get("etcd", _MISSING)
-    if value is _MISSING:
+    value = top.get("etcd", MISSING)
+    if value is MISSING:
         return (), EtcdCredentials()
     if isinstance(value, list):
         hosts = _hostports(c, top, "etcd", "", "a list of HOST:PORT", _etcd_endpoint)
@@ -343,16 +176,16 @@ def _etcd(c: _Checker, top: LineDict) -> tuple[tuple[str, ...], EtcdCredentials]
     return tuple(str(e) for e in endpoints if isinstance(e, str)), creds
 
 
-def _sites(c: _Checker, top: LineDict) -> dict[str, Site]:
+def _sites(c: Checker, top: LineDict) -> dict[str, Site]:
     out: dict[str, Site] = {}
     m = c.block(top, "sites", "", "a mapping of site name: site", None)
     if m is None:
         c.sites = None if "sites" in top else set()
         return out
-    c.sites = set(_names(m))
+    c.sites = set(names(m))
     if not m:
         c.bad(top, "sites", "", "declare at least two sites")
-    for name in _names(m):
+    for name in names(m):
         where = f"sites.{name}"
         sm = c.block(m, name, "sites", "a mapping with address: (and data_dir:, endpoints:)",
                      {"address", "endpoints", "data_dir"}, {"address"})
@@ -360,7 +193,7 @@ def _sites(c: _Checker, top: LineDict) -> dict[str, Site]:
             continue
         endpoints: dict[str, str] = {}
         e = c.block(sm, "endpoints", where, "a mapping of name: URL or HOST:PORT", None)
-        for key in _names(e or LineDict()):
+        for key in names(e or LineDict()):
             if key not in _ENDPOINTS:
                 c.err(e, key, f"{where}.endpoints", "unknown endpoint (known: "
                       f"{', '.join(sorted(_ENDPOINTS))})")
@@ -375,15 +208,15 @@ def _sites(c: _Checker, top: LineDict) -> dict[str, Site]:
     return out
 
 
-def _zones(c: _Checker, top: LineDict) -> dict[str, Zone]:
+def _zones(c: Checker, top: LineDict) -> dict[str, Zone]:
     out: dict[str, Zone] = {}
     d = c.block(top, "dns", "", "a mapping with zones:", {"zones"})
     zones = c.block(d, "zones", "dns", "a mapping of zone name: zone", None) if d else None
     if zones is None:
         c.zones = None if "dns" in top and (d is None or "zones" in d) else set()
         return out
-    c.zones = set(_names(zones))
-    for zname in _names(zones):
+    c.zones = set(names(zones))
+    for zname in names(zones):
         where = f"dns.zones.{zname}"
         zm = c.block(zones, zname, "dns.zones", "a mapping with servers: and tsig:",
                      {"servers", "update", "tsig", "verify_timeout"}, {"servers", "tsig"})
@@ -425,19 +258,19 @@ def _server(text: str) -> bool:
         return False
 
 
-def _services(c: _Checker, top: LineDict, sites: dict[str, Site],
+def _services(c: Checker, top: LineDict, sites: dict[str, Site],
               zones: dict[str, Zone]) -> dict[str, Service]:
     out = {}
     m = c.block(top, "services", "", "a mapping of service name: service", None)
-    c.services = set(_names(m or LineDict()))
-    for name in _names(m or LineDict()):
+    c.services = set(names(m or LineDict()))
+    for name in names(m or LineDict()):
         svc = _service(c, m, name, sites, zones)
         if svc is not None:
             out[name] = svc
     return out
 
 
-def _site(c: _Checker, m: LineDict, role: str, where: str, sites: dict[str, Site]) -> str:
+def _site(c: Checker, m: LineDict, role: str, where: str, sites: dict[str, Site]) -> str:
     known = f" ({', '.join(sorted(c.sites))})" if c.sites else ""
     name = c.text(m, role, where, f"a site name{known}", check=bool)
     if name is not None and c.sites is not None and name not in c.sites:
@@ -445,7 +278,7 @@ def _site(c: _Checker, m: LineDict, role: str, where: str, sites: dict[str, Site
     return name or ""
 
 
-def _service(c: _Checker, services: Any, name: str, sites: dict[str, Site],
+def _service(c: Checker, services: Any, name: str, sites: dict[str, Site],
              zones: dict[str, Zone]) -> Service | None:
     where = f"services.{name}"
     m = c.block(services, name, "services", "a mapping with primary:, replica: and steps:",
@@ -458,7 +291,7 @@ def _service(c: _Checker, services: Any, name: str, sites: dict[str, Site],
     if primary and primary == replica:
         c.bad(m, "replica", where, "must differ from primary")
     volumes = _volumes(c, m, where)
-    rep = _replication(c, m, where, sites)
+    rep = replication(c, m, where, sites)
     fw = f"{where}.failover"
     f = c.block(m, "failover", where, "a mapping (automatic:, grace:, damping:...)",
                 {"automatic", "grace", "damping", "allow_data_loss", "drain_timeout"})
@@ -485,36 +318,24 @@ def _service(c: _Checker, services: Any, name: str, sites: dict[str, Site],
                   export_operators=rep["export_operators"])
     svc = _drain(c, f, fw, m.get("steps"), svc)
     if volumes:
-        _data_path(c, m, where, svc, sites)
+        data_path(c, m, where, svc, sites)
     return svc
 
 
-def _volumes(c: _Checker, m: LineDict, where: str) -> list[Volume]:
-    volumes = []
-    vw = f"{where}.volumes"
-    for i, _ in enumerate(c.items(m, "volumes", where, "a list of volumes (name:, path:)")
-                          or []):
-        v = c.block(m["volumes"], i, vw, "a volume: a mapping with name: and path:",
-                    {"name", "path", "group"}, {"name", "path"})
-        if v is not None:
-            w = f"{vw}[{i}]"
-            volumes.append(Volume(c.text(v, "name", w, "a volume name", check=bool) or "",
-                                  c.text(v, "path", w, "a path", check=bool) or "",
-                                  c.text(v, "group", w, "a consistency group name",
-                                         check=bool)))
-    return volumes
+def _volumes(c: Checker, m: LineDict, where: str) -> list[Volume]:
+    return [Volume(c.text(v, "name", w, "a volume name", check=bool) or "",
+                   c.text(v, "path", w, "a path", check=bool) or "",
+                   c.text(v, "group", w, "a consistency group name", check=bool))
+            for w, v in c.each(m, "volumes", where, "a list of volumes (name:, path:)",
+                               "a volume: a mapping with name: and path:",
+                               {"name", "path", "group"}, {"name", "path"})]
 
 
-def _records(c: _Checker, m: LineDict, where: str) -> list[DnsRecord]:
+def _records(c: Checker, m: LineDict, where: str) -> list[DnsRecord]:
     records = []
-    rw = f"{where}.dns"
-    for i, _ in enumerate(c.items(m, "dns", where, "a list of records (zone:, name:...)")
-                          or []):
-        d = c.block(m["dns"], i, rw, "a record: a mapping with zone: and name:",
-                    {"zone", "name", "type", "ttl"}, {"zone", "name"})
-        if d is None:
-            continue
-        dw = f"{rw}[{i}]"
+    for dw, d in c.each(m, "dns", where, "a list of records (zone:, name:...)",
+                        "a record: a mapping with zone: and name:",
+                        {"zone", "name", "type", "ttl"}, {"zone", "name"}):
         zone = c.text(d, "zone", dw, "a zone declared under dns.zones", check=bool)
         if zone is not None and c.zones is not None and zone not in c.zones:
             c.bad(d, "zone", dw, f"zone {zone!r} is not declared under dns.zones")
@@ -526,7 +347,7 @@ def _records(c: _Checker, m: LineDict, where: str) -> list[DnsRecord]:
     return records
 
 
-def _drain(c: _Checker, f: LineDict, fw: str, raw_steps: Any, svc: Service) -> Service:
+def _drain(c: Checker, f: LineDict, fw: str, raw_steps: Any, svc: Service) -> Service:
     """How long a switchover drains: ``wait_replication``'s timeout where the steps list one,
     else ``failover.drain_timeout`` (default 120 s); given in both places, an error."""
     drain = c.number(f, "drain_timeout", fw, "seconds > 0", 120.0, check=lambda v: v > 0)
@@ -544,168 +365,8 @@ def _drain(c: _Checker, f: LineDict, fw: str, raw_steps: Any, svc: Service) -> S
     return dataclasses.replace(svc, drain_timeout=drain, steps=steps)
 
 
-def _replication(c: _Checker, m: LineDict, where: str, sites: dict[str, Site]) -> dict[str, Any]:
-    """The service's ``replication:`` block (every field configures the data path)."""
-    from replicator.errors import UsageError
-    from replicator.units import parse_size
 
-    rw = f"{where}.replication"
-    r = c.block(m, "replication", where, "a mapping (mode:, rpo:, export:...)",
-                {"mode", "rate_limit", "rpo", "compression", "cp_interval", "journal_limit",
-                 "apply_interval", "export", "verify_rate", "export_tls", "export_allow"})
-    r = r if r is not None else LineDict()
-    mode = c.text(r, "mode", rw, "hot or warm", check=lambda v: v in ("hot", "warm")) or "hot"
-    rpo = c.number(r, "rpo", rw, "seconds > 0", 30.0, check=lambda v: v > 0)
-    level = c.value(r, "compression", rw, (int, str), "zstd, none or a zstd level 0..22",
-                    check=lambda v: v in ("zstd", "none") or (isinstance(v, int)
-                                                              and 0 <= v <= 22))
-    level = {"zstd": 1, "none": 0, _MISSING: 1}.get(level, level) \
-        if not isinstance(level, int) else level
-    cp_interval = c.number(r, "cp_interval", rw, "seconds >= 0 (0: cut as soon as the points "
-                           "before are sent)", 0.0, check=lambda v: v >= 0)
-    journal_limit = 1 << 30
-    size = c.value(r, "journal_limit", rw, (str, int), "a size such as 4GiB")
-    if size is not _MISSING:
-        try:
-            journal_limit = parse_size(str(size))
-            if journal_limit < 1 << 20:
-                raise UsageError("at least 1MiB")
-        except UsageError as exc:
-            c.bad(r, "journal_limit", rw, str(exc))
-            journal_limit = 1 << 30
-    apply_interval: float | None = c.number(r, "apply_interval", rw, "seconds > 0", 0.0,
-                                            check=lambda v: v > 0) or None
-    if "apply_interval" in r and mode != "warm" and not c.reported(f"{rw}.mode"):
-        c.bad(r, "apply_interval", rw, "only a warm replica applies on a schedule (mode: warm)")
-    export = _export(c, r, rw, sites)
-    export_tls = c.flag(r, "export_tls", rw, False)
-    if export_tls and not export and "export" not in r:
-        c.bad(r, "export_tls", rw, "TLS on the NBD export needs an export (replication.export)")
-    return {"mode": mode, "rate": _rate_limit(c, r, rw), "rpo": rpo, "level": level,
-            "cp_interval": cp_interval, "journal_limit": journal_limit,
-            "apply_interval": apply_interval, "export": export,
-            "verify_rate": _verify_rate(c, r, rw), "export_tls": export_tls,
-            "export_operators": _export_allow(c, r, rw, export_tls)}
-
-
-def _rate_limit(c: _Checker, r: LineDict, rw: str) -> int | None:
-    """``replication.rate_limit``: bytes/s, or None (no cap)."""
-    from replicator.errors import UsageError
-    from replicator.units import parse_rate
-
-    value = c.value(r, "rate_limit", rw, (str, int, float), "a rate such as 50MB/s")
-    if value is _MISSING:
-        return None
-    text = str(value)
-    try:
-        rate = parse_rate(text)
-    except UsageError as exc:
-        c.bad(r, "rate_limit", rw, str(exc))
-        return None
-    if rate is not None and rate < MIN_RATE_LIMIT:
-        number = re.match(r"\s*(\d+(?:\.\d+)?)", text)
-        c.bad(r, "rate_limit", rw, f"{text!r} is {rate} bytes/s, below the 64KiB/s minimum: "
-                                   "a cap that low is almost certainly a unit mistake (did "
-                                   f"you mean {number.group(1) if number else 20}MB/s?)")
-        return None
-    return rate
-
-
-def _export_allow(c: _Checker, r: LineDict, rw: str, tls: bool) -> tuple[str, ...]:
-    """``replication.export_allow``: ``[operator:NAME, ...]``, the operators who may attach to
-    the TLS export besides its own site (``push --nbd-allow``, the same parser)."""
-    from replicator.capture.nbdtls import parse_allow
-    from replicator.errors import UsageError
-
-    items = c.texts(r, "export_allow", rw, "a list of operator:NAME", "operator:NAME")
-    if not items or c.reported(f"{rw}.export_allow") or c.reported(f"{rw}.export_tls"):
-        return ()
-    if not tls:
-        c.bad(r, "export_allow", rw, "names who may attach to the export over TLS: it needs "
-                                     "export_tls: true")
-        return ()
-    try:
-        return tuple(sorted(parse_allow(v for _, v in items)))
-    except UsageError as exc:
-        c.bad(r, "export_allow", rw, str(exc).removeprefix("--nbd-allow "))
-        return ()
-
-
-def _verify_rate(c: _Checker, r: LineDict, rw: str) -> int:
-    """``replication.verify_rate``: the capture agent's background verify, bytes/s (0: off)."""
-    from replicator.errors import UsageError
-    from replicator.units import parse_verify_rate
-
-    if r.get("verify_rate") is False:  # YAML 1.1 reads a bare `off` (or `false`, `no`) as false
-        return 0
-    value = c.value(r, "verify_rate", rw, (str, int, float),
-                    "a rate such as 4MiB/s, or off (0)")
-    if value is _MISSING:
-        return VERIFY_RATE
-    try:
-        return parse_verify_rate(str(value))
-    except UsageError as exc:
-        c.bad(r, "verify_rate", rw, str(exc))
-        return VERIFY_RATE
-
-
-def _export(c: _Checker, r: LineDict, rw: str, sites: dict[str, Site]) -> dict[str, str]:
-    """``replication.export``: where the application reaches the volumes (NBD) at each site."""
-    export: dict[str, str] = {}
-    raw = r.get("export", _MISSING)
-    if raw is _MISSING:
-        return export
-    if isinstance(raw, str):
-        if not _hostport(raw):
-            c.bad(r, "export", rw, f"{raw!r} is not HOST:PORT")
-            return {}
-        return {n: raw for n in sites}
-    hint = "HOST:PORT (the same at every site) or a mapping of site: HOST:PORT"
-    m = c.block(r, "export", rw, hint, None)
-    for k in _names(m or LineDict()):
-        v = c.text(m, k, f"{rw}.export", "HOST:PORT")
-        if v is None:
-            continue
-        if c.sites is not None and k not in c.sites:
-            c.err(m, k, f"{rw}.export", f"unknown site {k!r}")
-        elif not _hostport(v):
-            c.report(value_line(m, k), f"{rw}.export", f"{k}: {v!r} is not HOST:PORT")
-        export[k] = v
-    return export
-
-
-def _hostport(text: str) -> bool:
-    host, sep, port = text.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
-
-
-def _data_path(c: _Checker, m: LineDict, where: str, svc: Service,
-               sites: dict[str, Site]) -> None:
-    """A service with volumes is replicated by the site agents: each of its sites needs what
-    the agent runs there (its data directory, its replication target, the application's
-    export)."""
-    for role in ("primary", "replica"):
-        site = sites.get(getattr(svc, role))
-        if site is None:
-            continue
-        sw = f"sites.{site.name}"
-        rw = f"{where}.replication"
-        missing = [what for what, fields, ok in (
-            ("data_dir", (f"{sw}.data_dir",), site.data_dir),
-            ("endpoints.replication", (f"{sw}.endpoints",), site.endpoints.get("replication")),
-            (f"{rw}.export", (f"{rw}.export", rw), svc.export.get(site.name)))
-            if not ok and not any(c.reported(f) for f in fields[:1]) and fields[-1] not in c.fields]
-        target = site.endpoints.get("replication")
-        ew = f"{sw}.endpoints.replication"
-        if missing:
-            c.err(m, "volumes", where, f"site {site.name} lacks {', '.join(missing)}: its agent "
-                                       "cannot run this service's replication")
-        elif target and not _hostport(target) and ew not in c.fields:  # once per site
-            c.report(c.lines.get(ew, 0), ew, f"{target!r} is not HOST:PORT (the site's "
-                                             f"replication target, which {where} needs)")
-
-
-def _steps(c: _Checker, m: LineDict, where: str, has_dns: bool | None) -> tuple[Step, ...]:
+def _steps(c: Checker, m: LineDict, where: str, has_dns: bool | None) -> tuple[Step, ...]:
     sw = f"{where}.steps"
     node = c.items(m, "steps", where, "a non-empty list of steps", nonempty=True)
     if node is None:
@@ -739,7 +400,7 @@ def _steps(c: _Checker, m: LineDict, where: str, has_dns: bool | None) -> tuple[
     return tuple(out)
 
 
-def _step_type(c: _Checker, node: Sequence, i: int, sw: str) -> StepType | None:
+def _step_type(c: Checker, node: Sequence, i: int, sw: str) -> StepType | None:
     """The type of the ``i``th step (None: not a step, or its type is not known)."""
     s = c.block(node, i, sw, f"a step: a mapping with type: ({_STEP_TYPES})", None)
     if s is None:
@@ -755,7 +416,7 @@ def _step_type(c: _Checker, node: Sequence, i: int, sw: str) -> StepType | None:
     return None if stype is None else StepType(stype)
 
 
-def _step(c: _Checker, s: LineDict, sw: str, stype: StepType) -> Step | None:
+def _step(c: Checker, s: LineDict, sw: str, stype: StepType) -> Step | None:
     """The step (None: where it runs is unknown, it is left out of the order checks)."""
     name = c.text(s, "name", sw, "a name", check=bool) or stype.value
     timeout = 30.0
@@ -792,7 +453,7 @@ def _step(c: _Checker, s: LineDict, sw: str, stype: StepType) -> Step | None:
     return Step(stype, name, s.line, timeout=timeout)
 
 
-def _dependencies(c: _Checker, top: LineDict, services: dict[str, Service]) -> None:
+def _dependencies(c: Checker, top: LineDict, services: dict[str, Service]) -> None:
     for name in services:
         node, items = c.depends.get(name, (None, []))
         for i, dep in items:
@@ -818,7 +479,7 @@ def _dependencies(c: _Checker, top: LineDict, services: dict[str, Service]) -> N
         visit(n, [])
 
 
-def _site_modes(c: _Checker, top: LineDict, services: dict[str, Service]) -> None:
+def _site_modes(c: Checker, top: LineDict, services: dict[str, Service]) -> None:
     """A site runs one replication target daemon, in one mode: every service with volumes
     at a site (as its primary or its replica) must use the same ``replication.mode``. The
     first such service (in file order) sets the site's mode; each one that differs is an

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from drctl.yamlstrict import LineDict, NotTextError
+from drctl.yamlstrict import LineDict, read_text
 
 try:  # libyaml when PyYAML has it: the same nodes and marks, parsed faster
     from yaml import CSafeLoader as _SafeLoader
@@ -98,10 +98,4 @@ RunbookLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _
 def load_yaml(path: str) -> Any:
     """Parse ``path``; raises OSError or yaml.YAMLError (NotTextError for a file that is not
     UTF-8 text, DuplicateKey for a key given twice)."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise NotTextError(exc) from None
-    return yaml.load(text, Loader=RunbookLoader)
+    return yaml.load(read_text(path), Loader=RunbookLoader)

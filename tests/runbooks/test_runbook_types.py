@@ -29,6 +29,7 @@ from runbooks.loader import RunbookError, load
 from runbooks.model import Runbook
 from runbooks.plan import plan
 from tests.procs import DRCTL, REPO, run
+from tests.runbooks.helpers import TWO_SITES_DB
 
 EXAMPLES = sorted(glob.glob(os.path.join(REPO, "runbooks", "examples", "*.yaml")))
 # and every optional field the examples leave out
@@ -256,16 +257,7 @@ def test_odd_yaml_is_one_error_line(tmp_path: str, case: str) -> None:
 
 
 # The trial's crashes, through the command line (validate, plan, status --config)
-RUNBOOK = """\
-kind: drctl-runbook
-version: 1
-cluster: c
-etcd: ["127.0.0.1:2379"]
-sites: {a: {address: 10.0.0.1}, b: {address: 10.0.0.2}}
-services:
-  db:
-    primary: a
-    replica: b
+RUNBOOK = TWO_SITES_DB + """\
     steps:
       - {type: wait_replication, timeout: 30}
       - {type: promote}

@@ -33,6 +33,7 @@ from failover.records import (
 from failover.steprun import Outcome
 from failover.steps import Owner, StepKind, StepSpec, operation_plan, problems
 from runbooks.loader import RunbookError, load
+from tests.runbooks.helpers import TWO_SITES_DB
 
 PROMOTE = StepSpec(StepKind.PROMOTE, "promote", Owner.NEW_PRIMARY)
 DNS = StepSpec(StepKind.DNS, "dns")
@@ -96,16 +97,7 @@ def test_dns_records_and_the_dns_step_go_together() -> None:
     assert problems((PROMOTE, DNS), has_records=False)[0][0] == 1
 
 
-RUNBOOK = """\
-kind: drctl-runbook
-version: 1
-cluster: c
-etcd: ["127.0.0.1:2379"]
-sites: {a: {address: 10.0.0.1}, b: {address: 10.0.0.2}}
-services:
-  db:
-    primary: a
-    replica: b
+RUNBOOK = TWO_SITES_DB + """\
     failover: {drain_timeout: 40}
     steps:
       - {type: promote}
