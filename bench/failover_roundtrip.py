@@ -33,12 +33,14 @@ certs`-style deployment); etcd is plain gRPC without authentication either way.
 
 Run: python bench/failover_roundtrip.py [--size-gib 1] [--runs 1] [--content random|mixed]
                                         [--tls] [--keep]
+
+The processes and what is observed of them are in bench/roundtrip_cluster.py; a run's results
+and their report in bench/roundtrip_report.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random
@@ -49,227 +51,32 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import DRCTL, REPO, WireCounter, make_image
+from bench.roundtrip_cluster import (
+    SITES,
+    PortWatch,
+    Procs,
+    Status,
+    first,
+    log_lines,
+    make_pki,
+    protected_at,
+    security,
+    size_of,
+)
+from bench.roundtrip_report import Row, RunResult, report
 from drctl.localservers import EtcdServer, NamedServer, free_port, wait_port
 from tests.nbdclient import NbdClient
 
 BS = 4096
-SITES = ("east", "west")
 RESYNC_RE = re.compile(r"resync \(([^)]*)\) shipped (\d+) bytes of blocks \((\d+) on the wire\)")
-LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
-
-
-# -- processes ------------------------------------------------------------------------------
-
-_HELP: dict[str, str] = {}
-
-
-def _has_flag(cmd: tuple[str, ...], flag: str) -> bool:
-    key = " ".join(cmd)
-    if key not in _HELP:
-        _HELP[key] = subprocess.run([*DRCTL, *cmd, "--help"], cwd=REPO, capture_output=True,
-                                    text=True).stdout
-    return flag in _HELP[key]
-
-
-def security(tls_dir: str | None, *cmd: str, site: str = "", peer: str = "",
-             allow: str = "") -> list[str]:
-    """A command's data-path security flags. ``tls_dir`` None: plaintext (``--insecure``,
-    where the command has that flag: the data path is mutual TLS by default since the
-    security work); else mutual TLS with the deployment directory ``tls_dir``."""
-    if tls_dir is None:
-        return ["--insecure"] if _has_flag(cmd, "--insecure") else []
-    if not _has_flag(cmd, "--tls-dir"):
-        return []
-    out = ["--tls-dir", tls_dir]
-    if site:
-        out += ["--site", site]
-    if peer:
-        out += ["--target-site", peer]
-    if allow:
-        out += ["--allow", allow]
-    return out
-
-
-def make_pki(directory: str) -> str:
-    """A throwaway deployment (drctl certs layout): CA, sites east and west for 127.0.0.1."""
-    from drctl.pki import Identity, init, issue
-
-    init(directory, "bench")
-    for site in SITES:
-        issue(directory, Identity("site", site), ("127.0.0.1", "localhost"))
-    return directory
-
-
-class Procs:
-    """Every process this benchmark starts, each in its own session, stopped by PID."""
-
-    def __init__(self) -> None:
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, args: list[str], log_path: str) -> subprocess.Popen[bytes]:
-        with open(log_path, "ab") as log:
-            p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                 start_new_session=True)
-        self.procs[name] = p
-        return p
-
-    def kill9(self, name: str) -> None:
-        p = self.procs.pop(name)
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(10)
-
-    def stop(self, name: str, timeout: float = 20.0) -> None:
-        p = self.procs.pop(name, None)
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-    def check(self) -> None:
-        """Raise if a process this benchmark keeps running has exited."""
-        for name, p in self.procs.items():
-            if p.poll() is not None:
-                raise RuntimeError(f"{name} (pid {p.pid}) exited with {p.returncode}")
-
-    def stop_all(self) -> None:
-        for name in list(self.procs)[::-1]:
-            self.stop(name)
-
-
-# -- status, read from etcd in this process (a `drctl status` process takes ~0.5 s) ----------
-
-class Status:
-    def __init__(self, runbook: str, check: Callable[[], None]) -> None:
-        self.check = check
-        from failover.coordination.etcd import EtcdStore
-        from runbooks.cluster import to_cluster
-        from runbooks.loader import load
-
-        self.cfg = to_cluster(load(runbook))
-        self.runner = asyncio.Runner()
-
-        async def make() -> EtcdStore:
-            return EtcdStore(list(self.cfg.etcd), timeout=2.0,
-                             credentials=self.cfg.etcd_credentials)
-
-        self.store = self.runner.run(make())
-        self.timeline: list[tuple[float, str]] = []
-        self._last = ""
-
-    def get(self) -> dict[str, Any]:
-        from failover.status import cluster_status
-
-        snap = self.runner.run(self.store.snapshot(self.cfg.prefix))
-        out: dict[str, Any] = cluster_status(self.cfg, snap, time.time())["services"]["app"]
-        key = (f"{out['state']} primary={out['primary']} epoch={out['epoch']} "
-               f"protected={out['protected']} lag0={out['lag_seconds'] == 0}")
-        if key != self._last:
-            self.timeline.append((time.time(), f"{key} (lag {out['lag_seconds']})"))
-            self._last = key
-        return out
-
-    def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> float:
-        """Poll every 50 ms until ``pred``; the time.time() it first held."""
-        deadline = time.monotonic() + timeout
-        last: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            self.check()
-            try:
-                last = self.get()
-            except Exception as exc:  # etcd busy: poll again
-                last = {"error": repr(exc)}
-            else:
-                if pred(last):
-                    return time.time()
-            time.sleep(0.05)
-        raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last status: "
-                           f"{json.dumps(last, default=str)[:2000]}")
-
-    def close(self) -> None:
-        try:
-            self.runner.run(self.store.close())
-        finally:
-            self.runner.close()
-
-
-def protected_at(primary: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda s: (s["state"] == "healthy" and s["primary"] == primary
-                      and s["lag_seconds"] == 0 and s["protected"] is True)
-
-
-# -- logs -----------------------------------------------------------------------------------
-
-def log_lines(path: str, offset: int = 0) -> list[tuple[float, str]]:
-    """(time, line) of every line from byte ``offset`` on (the logs' times are local time)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            text = fh.read().decode(errors="replace")
-    except FileNotFoundError:
-        return []
-    out: list[tuple[float, str]] = []
-    for line in text.splitlines():
-        m = LOG_TS.match(line)
-        if m:
-            t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
-            out.append((t + int(m.group(2)) / 1000, line))
-    return out
-
-
-def size_of(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-def first(lines: list[tuple[float, str]], needle: str) -> float | None:
-    return next((t for t, line in lines if needle in line), None)
-
-
-def last_match(lines: list[tuple[float, str]], rx: re.Pattern[str]
-               ) -> tuple[float, re.Match[str]] | None:
-    got = [(t, m) for t, line in lines if (m := rx.search(line))]
-    return got[-1] if got else None
 
 
 # -- the scenario ---------------------------------------------------------------------------
-
-@dataclass
-class Row:
-    phase: str
-    seconds: float
-    block_bytes: int | None = None  # the tool's own count of data shipped
-    tcp_bytes: int | None = None
-    note: str = ""
-
-
-@dataclass
-class RunResult:
-    size: int
-    rows: list[Row] = field(default_factory=list)
-    breakdown: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
-    timelines: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
-    load: dict[str, tuple[float, float, float]] = field(default_factory=dict)
-    verify_ok: bool | None = None
-    problems: list[str] = field(default_factory=list)
-
-    def row(self, phase: str) -> Row:
-        return next(r for r in self.rows if r.phase == phase)
-
 
 class Scenario:
     def __init__(self, work: str, size: int, content: str, etcd: EtcdServer,
@@ -640,112 +447,8 @@ class Scenario:
         return tl
 
 
-class PortWatch:
-    """When a loopback port first accepts a connection (``at``, polled every 10 ms), and when
-    someone else first holds an established connection to it (``peer_at``, /proc/net/tcp)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.at: float | None = None
-        self.peer_at: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        probe = 0
-        while not self._stop.is_set() and self.at is None:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    self.at = time.time()
-                    probe = s.getsockname()[1]
-            time.sleep(0.01)
-        while not self._stop.is_set():
-            if self._established(exclude=probe):
-                self.peer_at = time.time()
-                return
-            time.sleep(0.01)
-
-    def _established(self, exclude: int) -> bool:
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # gRPC listens on v4-mapped v6
-            with open(table) as fh:
-                for line in fh.readlines()[1:]:
-                    f = line.split()
-                    if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == self.port \
-                            and int(f[2].rsplit(":", 1)[1], 16) != exclude:
-                        return True
-        return False
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
 def _delta(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else b - a
-
-
-# -- report ---------------------------------------------------------------------------------
-
-def fmt_bytes(n: int | None) -> str:
-    return "" if n is None else f"{n:,}"
-
-
-def table(res: RunResult) -> str:
-    full = res.row("full copy: `drctl replicate push --once` to an empty target")
-    full_bytes = full.tcp_bytes if full.tcp_bytes is not None else full.block_bytes
-    out = ["| phase | seconds | block bytes shipped | TCP bytes | % of volume | bytes vs full "
-           "copy | time vs full copy | note |", "|---|---|---|---|---|---|---|---|"]
-    for r in res.rows:
-        shipped = r.tcp_bytes if r.tcp_bytes is not None else r.block_bytes
-        pct = f"{100 * r.block_bytes / res.size:.2f}%" if r.block_bytes is not None else ""
-        br = (f"{shipped / full_bytes:.4f}" if shipped is not None and full_bytes
-              and r.block_bytes is not None else "")
-        tr = f"{r.seconds / full.seconds:.3f}"
-        out.append(f"| {r.phase} | {r.seconds:.2f} | {fmt_bytes(r.block_bytes)} | "
-                   f"{fmt_bytes(r.tcp_bytes)} | {pct} | {br} | {tr} | {r.note} |")
-    return "\n".join(out)
-
-
-def targets(res: RunResult) -> list[str]:
-    rp = res.row("re-protect (east agent restart -> healthy at west, lag 0)")
-    full = res.row("full copy: `drctl replicate push --once` to an empty target")
-    out = []
-    if rp.block_bytes is not None:
-        frac = rp.block_bytes / res.size
-        out.append(f"re-protect ships under 2% of the volume: {100 * frac:.2f}% "
-                   f"({'met' if frac < 0.02 else 'NOT met'})")
-    ratio = rp.seconds / full.seconds
-    out.append(f"re-protect under a tenth of the full copy's time: {rp.seconds:.2f}s / "
-               f"{full.seconds:.2f}s = {ratio:.3f} ({'met' if ratio < 0.1 else 'NOT met'})")
-    return out
-
-
-def report(n: int, res: RunResult) -> None:
-    print(f"\n=== run {n}: volume {res.size:,} bytes ===")
-    print(table(res))
-    print()
-    for line in targets(res):
-        print(line)
-    for phase, steps in res.breakdown.items():
-        print(f"\n{phase}: where the time goes (seconds from the phase's start)")
-        for label, t in steps:
-            print(f"  {t:8.2f}  {label}")
-    for phase, tl in res.timelines.items():
-        print(f"\n{phase}: service record as polled")
-        for t, s in tl:
-            print(f"  {t:8.2f}  {s}")
-    print("\nload average before each phase (1/5/15 min): "
-          + "; ".join(f"{k} {v[0]:.2f}/{v[1]:.2f}/{v[2]:.2f}" for k, v in res.load.items()))
-    print(f"replica verified equal at the end (`drctl replicate verify`): {res.verify_ok}")
-    if res.problems:
-        print("\nproblems seen:")
-        for p in res.problems:
-            print(f"  - {p}")
-    print("\nRESULT " + json.dumps({
-        "size": res.size, "rows": [r.__dict__ for r in res.rows],
-        "breakdown": res.breakdown, "load": res.load, "verify_ok": res.verify_ok,
-        "problems": res.problems}), flush=True)
 
 
 def main() -> None:

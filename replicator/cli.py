@@ -1,42 +1,40 @@
-"""`drctl replicate ...`: serve (target daemon), push (source agent), verify.
+"""`drctl replicate ...`: the parser of serve (target daemon), push (source agent), push-group,
+fence, verify; the commands themselves are in replicator/cli_commands.py.
 
 The replication channel is mutual TLS (docs/security.md): ``--tls-dir DIR --site NAME`` (the
 deployment directory of `drctl certs`, this process's site) or ``--ca/--cert/--key``;
-``--insecure`` (plaintext, unauthenticated) is refused for a non-loopback address."""
+``--insecure`` (plaintext, unauthenticated) is refused for a non-loopback address
+(replicator/cli_security.py)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import os
-import sys
-from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from drctl.argtypes import (
     count,
     hostport,
     natural,
-    parse_hostport,
     seconds,
     seconds_or_zero,
     zstd_level,
 )
 from drctl.argtypes import port as _port
+from replicator.cli_commands import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_RETRY_TIMEOUT,
+    cmd_fence,
+    cmd_push,
+    cmd_push_group,
+    cmd_serve,
+    cmd_verify,
+)
 from replicator.errors import UsageError
-from replicator.source_state import default_state_root, group_journal_path, state_dir_for
 from replicator.units import (
     parse_rate,
     parse_rate_limit,
     parse_size,
     parse_verify_rate,
 )
-
-if TYPE_CHECKING:
-    from replicator.metrics import MetricsEndpoint
-    from replicator.transport.security import ChannelSecurity, TlsConfig
-    from replicator.transport.slots import Limits
 
 
 def _rate(text: str) -> int:
@@ -65,12 +63,6 @@ def _verify_rate(text: str) -> int:
         return parse_verify_rate(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-# how long a one-shot command (verify, fence, push --once) waits for the target to answer
-DEFAULT_CONNECT_TIMEOUT = 10.0
-# how long push --once retries a target that stops answering mid-sync (it was reached)
-DEFAULT_RETRY_TIMEOUT = 120.0
 
 
 def _nbd_address(text: str) -> str:
@@ -237,236 +229,6 @@ def _add_connect_timeout(p: argparse.ArgumentParser) -> None:
                    metavar="SECONDS", help="give up when the target cannot be reached this "
                    f"long (default {DEFAULT_CONNECT_TIMEOUT:g})")
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from replicator.daemon import check_directory, serve
-    from replicator.transport.security import AccessPolicy
-
-    if args.apply_interval is not None and (args.mode != "warm" or args.apply_interval <= 0):
-        raise UsageError("--apply-interval needs --mode warm and a positive number of seconds")
-    limits = _limits(args)
-    tls = _tls(args, serve=True)
-    policy = None
-    if tls is None:
-        _insecure(args.listen, "listen address")
-    else:
-        if tls.identity.kind != "site":
-            raise UsageError(f"a target runs as a site: the certificate is for {tls.identity}")
-        if tls.epoch_keys is None:
-            raise UsageError("a TLS target needs the controllers' epoch key (DIR/epoch.pub or "
-                             "--epoch-pub FILE)")
-        policy = AccessPolicy.parse(tls.identity.name, args.allow)
-        if not policy.writers:
-            print("drctl: warning: no --allow SITE: no source may push to this target",
-                  file=sys.stderr)
-    check_directory(args.dir)  # before anything is made: a bad --dir or address leaves none
-    _check_listen("--listen", args.listen)
-    metrics = _metrics(args, tls)
-    asyncio.run(serve(args.listen, args.dir, metrics, args.grace, args.mode,
-                      args.apply_interval, tls, policy, limits))
-    return 0
-
-
-def _limits(args: argparse.Namespace) -> Limits:
-    from replicator.transport.slots import Limits
-
-    # the parser has checked that each is positive
-    return Limits(args.max_volumes, args.max_volume_size, args.max_clones, args.allow_shrink)
-
-
-def cmd_push(args: argparse.Namespace) -> int:
-    from replicator.agent import run_push
-    from replicator.driver import PushOptions
-
-    _check_push_flags(args)
-    _check_volume_path(args.path, "volume")
-    _check_name(args.volume)
-    security = _channel(args)
-    root = _state_root(args)
-    opts = PushOptions(
-        path=args.path, address=args.to, volume=args.volume,
-        state_dir=state_dir_for(root, args.path, args.to, args.volume),
-        rate_limit=args.rate_limit, once=args.once, block_size=args.block_size,
-        epoch=args.epoch, compress_level=args.compress_level, dedup=not args.no_dedup,
-        interval=args.interval, window_bytes=args.window,
-        connect_timeout=(args.connect_timeout or DEFAULT_CONNECT_TIMEOUT) if args.once
-        else None,
-        retry_timeout=(args.connect_timeout or DEFAULT_RETRY_TIMEOUT) if args.once else None,
-        verify_from_disk=args.verify_from_disk, rpo_budget=args.rpo_budget,
-        nbd_listen=args.nbd_listen, journal_limit=args.journal_limit,
-        cp_interval=args.cp_interval, security=security, epoch_token=args.epoch_token,
-        nbd_tls=_nbd_tls(args, security), nbd_allow=_nbd_allow(args),
-        verify_rate=args.verify_rate,
-    )
-    if args.once and args.nbd_listen:
-        raise UsageError("--nbd-listen serves the volume: it needs a running agent, not --once")
-    metrics = _metrics(args, security.tls)
-    report = asyncio.run(run_push(opts, metrics, show_progress=not args.no_progress))
-    if args.json:
-        print(report.to_json(), flush=True)
-    elif args.once:
-        print(f"volume {report.volume}: replica verified at seq {report.acked_seq}; shipped "
-              f"{report.data_blocks} data, {report.zero_blocks} zero, {report.dedup_blocks} "
-              f"dedup blocks, {report.wire_bytes} bytes on the wire in {report.seconds}s",
-              file=sys.stderr)
-    return 0
-
-
-def _check_push_flags(args: argparse.Namespace) -> None:
-    """The flags `push` and `push-group` share."""
-    if args.block_size % 512 or args.block_size > 1 << 20:
-        raise UsageError("--block-size must be a multiple of 512, at most 1MiB")
-    if args.epoch < 0:
-        raise UsageError("--epoch must be >= 0")
-    if args.journal_limit < 64 * args.block_size:
-        raise UsageError(f"--journal-limit must be at least {64 * args.block_size} bytes")
-    if args.cp_interval < 0:
-        raise UsageError("--cp-interval must not be negative")
-    if args.nbd_listen:
-        _check_nbd(args.nbd_listen, args.insecure_nbd or args.nbd_tls)
-    elif args.nbd_tls:
-        raise UsageError("--nbd-tls is the NBD export's TLS: it needs --nbd-listen")
-    _nbd_allow(args)
-    if args.epoch_token and not os.path.isfile(args.epoch_token):
-        raise UsageError(f"--epoch-token {args.epoch_token}: no such file")
-    if args.nbd_listen and not args.nbd_listen.startswith("unix:"):
-        _check_listen("--nbd-listen", args.nbd_listen)
-
-
-def _parse_members(items: list[str]) -> list[tuple[str, str]]:
-    members: list[tuple[str, str]] = []
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UsageError(f"member {item!r}: expected VOLUME=PATH")
-        _check_name(name)
-        _check_volume_path(path, f"member {name}: volume")
-        members.append((name, path))
-    names = [n for n, _ in members]
-    paths = [os.path.realpath(p) for _, p in members]
-    if len(set(names)) != len(names) or len(set(paths)) != len(paths):
-        raise UsageError("each member needs its own volume name and its own path")
-    return members
-
-
-def cmd_push_group(args: argparse.Namespace) -> int:
-    from replicator.agent import run_group
-    from replicator.driver import PushOptions
-
-    _check_name(args.group)
-    members = _parse_members(args.members)
-    _check_push_flags(args)
-    security = _channel(args)
-    nbd_tls = _nbd_tls(args, security)
-    nbd_allow = _nbd_allow(args)
-    root = _state_root(args)
-    names = tuple(n for n, _ in members)
-    opts = [PushOptions(
-        path=path, address=args.to, volume=name,
-        state_dir=state_dir_for(root, path, args.to, name), rate_limit=args.rate_limit,
-        block_size=args.block_size, epoch=args.epoch, compress_level=args.compress_level,
-        dedup=False, interval=args.interval, window_bytes=args.window, connect_timeout=None,
-        retry_timeout=None,
-        rpo_budget=args.rpo_budget, nbd_listen=args.nbd_listen,
-        journal_limit=args.journal_limit, cp_interval=args.cp_interval, group=args.group,
-        group_members=names, security=security, epoch_token=args.epoch_token,
-        nbd_tls=nbd_tls, nbd_allow=nbd_allow, verify_rate=args.verify_rate)
-        for name, path in members]
-    journal = group_journal_path(root, args.group, args.to, members)
-    metrics = _metrics(args, security.tls)
-    asyncio.run(run_group(opts, journal, metrics))
-    return 0
-
-
-def _check_volume_path(path: str, what: str) -> None:
-    """The protected volume: an image file or a block device."""
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise UsageError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise UsageError(f"{what} {path}: {exc.strerror}") from None
-    if stat.S_ISDIR(mode):
-        raise UsageError(f"{what} {path} is a directory, not an image file or a block device")
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-        raise UsageError(f"{what} {path} is not an image file or a block device")
-
-
-def _state_root(args: argparse.Namespace) -> str:
-    """Where the agent keeps its state: a directory it can write, or one it can make."""
-    root = args.state_dir or default_state_root()
-    flag = "--state-dir" if args.state_dir else "state directory"
-    existing = os.path.abspath(root)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"{flag} {root}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {root}: {existing} is not writable")
-    return root
-
-
-def _check_listen(flag: str, spec: str) -> None:
-    """Refuse an address this host cannot listen on now, before anything is made."""
-    from drctl.listening import bind_problem
-
-    host, port = parse_hostport(spec)
-    problem = bind_problem(host, port)
-    if problem:
-        raise UsageError(f"{flag} {spec}: cannot listen there: {problem}")
-
-
-def _check_name(name: str) -> None:
-    from replicator.errors import ProtocolError
-    from replicator.replica import check_volume_name
-
-    try:
-        check_volume_name(name)
-    except ProtocolError as exc:
-        raise UsageError(f"--volume: {exc}") from None
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from replicator.verify import verify_replica
-
-    _check_volume_path(args.path, "volume")
-    _check_name(args.volume)
-    result = asyncio.run(verify_replica(args.path, args.to, args.volume, args.block_size,
-                                        _channel(args), args.connect_timeout))
-    if args.json:
-        print(json.dumps(asdict(result)))
-    else:
-        print(f"volume {args.volume}: replica equals source ({result.blocks} blocks)")
-    return 0
-
-
-def cmd_fence(args: argparse.Namespace) -> int:
-    from replicator.transport.client import FenceInfo, TargetClient, token_file
-
-    _check_name(args.volume)
-    security = _channel(args)
-    token = token_file(args.epoch_token) if args.epoch_token else None
-
-    async def fence() -> FenceInfo:
-        client = TargetClient(args.to, security, token)
-        try:
-            await client.connect(args.connect_timeout)
-            return await client.fence(args.volume, args.epoch, release=args.release)
-        finally:
-            await client.close()
-
-    info = asyncio.run(fence())
-    point = f", consistency point {info.applied_cp}" if info.applied_cp else ""
-    dropped = (f"; dropped {info.discarded_batches} batches of an incomplete consistency point"
-               if info.discarded_batches else "")
-    print(f"volume {args.volume}: replica at epoch {info.epoch}{point}; sources below it are "
-          f"refused{dropped}")
-    return 0
-
-
-# -- security and endpoints (docs/security.md) ---------------------------------------------
-
 
 def _add_tls_args(p: argparse.ArgumentParser, serve: bool) -> None:
     g = p.add_argument_group("channel security (docs/security.md)")
@@ -508,127 +270,3 @@ def _add_metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-tls", action="store_true",
                    help="metrics over HTTPS with this process's certificate; scrapers need a "
                    "client certificate from the deployment's CA")
-
-
-def _identity(args: argparse.Namespace) -> tuple[str, str] | None:
-    if args.site:
-        return "site", args.site
-    if getattr(args, "operator", None):
-        return "operator", args.operator
-    who = os.environ.get("DRCTL_TLS_AS", "")
-    kind, _, name = who.partition("/")
-    return (kind, name) if kind and name else None
-
-
-def _tls(args: argparse.Namespace, serve: bool) -> TlsConfig | None:
-    """The TLS material the flags name, None with --insecure (after a warning)."""
-    from drctl.pki import Identity
-    from replicator.transport.security import TlsConfig
-
-    explicit = [f for f in (args.ca, args.cert, args.key) if f]
-    if args.insecure:
-        if args.tls_dir or explicit:
-            raise UsageError("--insecure cannot be combined with --tls-dir/--ca/--cert/--key")
-        print("drctl: warning: --insecure: the replication channel is plaintext and "
-              "unauthenticated (loopback tests only)", file=sys.stderr)
-        return None
-    epoch_pub = getattr(args, "epoch_pub", None)
-    if explicit:
-        if len(explicit) != 3 or args.tls_dir:
-            raise UsageError("--ca, --cert and --key go together (instead of --tls-dir)")
-        if serve and not epoch_pub:
-            raise UsageError("--ca/--cert/--key: a target also needs --epoch-pub FILE")
-        return TlsConfig.from_files(args.ca, args.cert, args.key, epoch_pub)
-    directory = args.tls_dir or os.environ.get("DRCTL_TLS_DIR")
-    if not directory:
-        raise UsageError("the replication channel is mutual TLS: give --tls-dir DIR --site "
-                         "NAME (or --ca/--cert/--key); --insecure is for loopback tests only")
-    if not os.path.isdir(directory):
-        raise UsageError(f"{'--tls-dir' if args.tls_dir else '$DRCTL_TLS_DIR'} {directory}: "
-                         "no such directory (`drctl certs init --dir DIR` makes one)")
-    who = _identity(args)
-    if who is None:
-        raise UsageError("--tls-dir needs --site NAME" + ("" if serve else " or --operator "
-                                                                           "NAME"))
-    tls = TlsConfig.from_dir(directory, Identity(*who), need_epoch_keys=serve and not epoch_pub)
-    if epoch_pub:
-        from dataclasses import replace
-
-        from drctl.epochtoken import Verifier
-
-        tls = replace(tls, epoch_keys=Verifier.load(epoch_pub))
-    return tls
-
-
-def _channel(args: argparse.Namespace) -> ChannelSecurity:
-    from replicator.transport.security import ChannelSecurity
-
-    tls = _tls(args, serve=False)
-    if tls is None:
-        _insecure(args.to, "target")
-    return ChannelSecurity(tls, args.target_site)
-
-
-def _insecure(address: str, what: str) -> None:
-    from replicator.transport.security import require_loopback
-
-    require_loopback(address, what)
-
-
-def _check_nbd(spec: str, allowed: bool) -> None:
-    """A non-loopback export needs TLS (--nbd-tls) or --insecure-nbd (``allowed``)."""
-    from replicator.transport.security import is_loopback
-
-    if spec.startswith("unix:") or allowed:
-        return
-    host = parse_hostport(spec)[0]
-    if not is_loopback(host):
-        raise UsageError(f"--nbd-listen {spec}: not a loopback address, and NBD without TLS "
-                         "has no authentication or encryption: add --nbd-tls (clients then "
-                         "need a certificate of the deployment), or --insecure-nbd to serve "
-                         "it in the clear anyway")
-
-
-def _nbd_tls(args: argparse.Namespace, security: ChannelSecurity) -> TlsConfig | None:
-    """--nbd-tls: the export serves the process's own site certificate."""
-    if not args.nbd_tls:
-        return None
-    tls = security.tls
-    if tls is None:
-        raise UsageError("--nbd-tls needs this process's certificate (--tls-dir DIR --site "
-                         "NAME), not --insecure")
-    if tls.identity.kind != "site":
-        raise UsageError(f"--nbd-tls serves the export with a site's certificate: the "
-                         f"certificate is for {tls.identity} (give --site NAME)")
-    return tls
-
-
-def _nbd_allow(args: argparse.Namespace) -> frozenset[str]:
-    """--nbd-allow operator:NAME: who may attach to the TLS export besides its own site."""
-    from replicator.capture.nbdtls import parse_allow
-
-    if args.nbd_allow and not args.nbd_tls:
-        raise UsageError("--nbd-allow names who may attach to the export over TLS: it needs "
-                         "--nbd-tls")
-    return parse_allow(args.nbd_allow)
-
-
-def _metrics(args: argparse.Namespace, tls: TlsConfig | None) -> MetricsEndpoint | None:
-    from replicator.metrics import MetricsEndpoint
-
-    if args.metrics_listen:
-        host, port = parse_hostport(args.metrics_listen)
-        _check_listen("--metrics-listen", args.metrics_listen)
-    elif args.metrics_port:
-        host, port = "127.0.0.1", args.metrics_port
-        _check_listen("--metrics-port", f"{host}:{port}")
-    elif args.metrics_tls:
-        raise UsageError("--metrics-tls needs --metrics-listen or --metrics-port")
-    else:
-        return None
-    if not args.metrics_tls:
-        return MetricsEndpoint(host, port)
-    if tls is None or tls.files is None:
-        raise UsageError("--metrics-tls needs this process's certificate (not --insecure)")
-    ca, cert, key = tls.files
-    return MetricsEndpoint(host, port, cert, key, ca)
