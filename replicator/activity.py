@@ -174,8 +174,8 @@ class ActivityLog:
         """Would ensuring the extents of blocks [first, first + count) be a set lookup now (no
         lock, no system call)? Extents the file lists already but not written since the last
         checkpoint began are made hot here, if the lock is free at once (a caller on an event
-        loop never waits for another thread's sync); else False. Advisory: :meth:`ensure`
-        still checks (a checkpoint may begin in between)."""
+        loop does not wait for another thread's sync); else False. Advisory: :meth:`ensure`
+        still checks (a checkpoint beginning in between makes it take the lock)."""
         lo, hi = first // self.extent_blocks, (first + max(1, count) - 1) // self.extent_blocks
         hot = self._hot
         if lo in hot and (lo == hi or all(e in hot for e in range(lo, hi + 1))):

@@ -140,8 +140,17 @@ class Checker:
         return default if value is MISSING else bool(value)
 
     def block(self, node: Any, key: Any, where: str, hint: str, allowed: set[str] | None,
-              required: set[str] | None = None) -> LineDict | None:
-        """A mapping: its keys checked (``allowed`` None: any name)."""
+              required: set[str] | None = None, optional: bool = False) -> LineDict | None:
+        """A mapping: its keys checked (``allowed`` None: any name). ``optional``: a section
+        of settings with defaults, where no value (``replication:`` with every line under it
+        commented out) is an empty mapping, as it always was."""
+        if optional and isinstance(key, str) and isinstance(node, LineDict) and key in node \
+                and node[key] is None:
+            empty = LineDict()
+            empty.line = value_line(node, key)
+            self.lines[self.field(node, key, where)] = empty.line
+            self.keys(empty, self.field(node, key, where), allowed, required or set())
+            return empty
         value = self.value(node, key, where, (LineDict,), hint)
         if value is MISSING:
             return None

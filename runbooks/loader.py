@@ -210,8 +210,9 @@ def _sites(c: Checker, top: LineDict) -> dict[str, Site]:
 
 def _zones(c: Checker, top: LineDict) -> dict[str, Zone]:
     out: dict[str, Zone] = {}
-    d = c.block(top, "dns", "", "a mapping with zones:", {"zones"})
-    zones = c.block(d, "zones", "dns", "a mapping of zone name: zone", None) if d else None
+    d = c.block(top, "dns", "", "a mapping with zones:", {"zones"}, optional=True)
+    zones = c.block(d, "zones", "dns", "a mapping of zone name: zone", None,
+                    optional=True) if d else None
     if zones is None:
         c.zones = None if "dns" in top and (d is None or "zones" in d) else set()
         return out
@@ -294,7 +295,8 @@ def _service(c: Checker, services: Any, name: str, sites: dict[str, Site],
     rep = replication(c, m, where, sites)
     fw = f"{where}.failover"
     f = c.block(m, "failover", where, "a mapping (automatic:, grace:, damping:...)",
-                {"automatic", "grace", "damping", "allow_data_loss", "drain_timeout"})
+                {"automatic", "grace", "damping", "allow_data_loss", "drain_timeout"},
+                optional=True)
     f = f if f is not None else LineDict()
     automatic = c.flag(f, "automatic", fw, True)
     grace = c.number(f, "grace", fw, "seconds >= 0", 4.0, check=lambda v: v >= 0)

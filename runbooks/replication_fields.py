@@ -24,7 +24,8 @@ def replication(c: Checker, m: LineDict, where: str, sites: dict[str, Site]) -> 
     rw = f"{where}.replication"
     r = c.block(m, "replication", where, "a mapping (mode:, rpo:, export:...)",
                 {"mode", "rate_limit", "rpo", "compression", "cp_interval", "journal_limit",
-                 "apply_interval", "export", "verify_rate", "export_tls", "export_allow"})
+                 "apply_interval", "export", "verify_rate", "export_tls", "export_allow"},
+                optional=True)
     r = r if r is not None else LineDict()
     mode = c.text(r, "mode", rw, "hot or warm", check=lambda v: v in ("hot", "warm")) or "hot"
     rpo = c.number(r, "rpo", rw, "seconds > 0", 30.0, check=lambda v: v > 0)

@@ -46,6 +46,7 @@ class Checkpointer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = ""
+        self._gave_up = False  # close() stopped waiting for a checkpoint (a hung disk)
 
     def _logs(self) -> list[ActivityLog]:
         return [s.al for s in self.stores if s.al is not None]
@@ -91,6 +92,8 @@ class Checkpointer:
             os.fdatasync(fd)
         for store in self.stores:
             store.sync_view()
+        if self._stop.is_set() and self._gave_up:
+            return  # close() went on without it: what it synced may be closed (or reused)
         for al, b in zip(logs, began, strict=True):
             al.end_checkpoint(b)
         self.count += 1
@@ -102,9 +105,11 @@ class Checkpointer:
         if self._thread is not None:
             self._thread.join(CLOSE_WAIT)  # a checkpoint is a few syncs: the journal is
             if self._thread.is_alive():  # closed after it (a disk that hangs: not forever)
+                self._gave_up = True
                 log.error("the activity-log checkpoint did not finish within %d s (the disk "
                           "does not answer): stopping without it; the next start checks "
-                          "everything the log lists", CLOSE_WAIT)
+                          "everything the log lists (the stop itself may wait for the disk "
+                          "again)", CLOSE_WAIT)
         with contextlib.suppress(OSError, ValueError):
             self.journal.sync()
         self.journal.close()

@@ -241,11 +241,17 @@ class ChangeJournal:
         return min(REWRITE_BYTES, max(64 << 10, self.limit // 8))
 
     def _raw_append(self, rec: bytes, data: bytes | bytearray | memoryview = b"") -> None:
+        """Under the lock. A failed append (a full disk) is cut off again before the error
+        goes up: no torn record before the next one (a replay stops at the first)."""
         total = len(rec) + len(data)
-        done = os.writev(self.fd, [rec, data]) if data else os.write(self.fd, rec)
-        while done < total:  # a short write (a signal, a full disk): append the rest
-            rest = (rec + bytes(data))[done:]
-            done += os.write(self.fd, rest)
+        try:
+            done = os.writev(self.fd, [rec, data]) if data else os.write(self.fd, rec)
+            while done < total:  # a short write (a signal, a full disk): append the rest
+                rest = (rec + bytes(data))[done:]
+                done += os.write(self.fd, rest)
+        except OSError:
+            os.ftruncate(self.fd, self.size)
+            raise
         self.size += total
 
     def _bump(self) -> int:

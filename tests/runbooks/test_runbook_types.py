@@ -141,6 +141,28 @@ def _judge(file: str, text: str, path: Path, what: str, other_value: bool,
     return out
 
 
+def _messages(exc: RunbookError) -> list[str]:
+    """The errors without their FILE:LINE (lines move when a field is left out)."""
+    return [m["field"] + ": " + m["message"] if (m := LINE.match(e)) else e
+            for e in exc.errors]
+
+
+def _absent(file: str, doc: Any, path: Path) -> list[str] | None:
+    """The errors with the field at ``path`` left out (None: it loads then)."""
+    out = copy.deepcopy(doc)
+    node = out
+    for key in path[:-1]:
+        node = node[key]
+    del node[path[-1]]
+    with open(file, "w") as fh:
+        fh.write(_dump(out))
+    try:
+        load(file)
+    except RunbookError as exc:
+        return _messages(exc)
+    return None
+
+
 def _used(rb: Runbook, what: str) -> list[str]:
     """A runbook the loader accepted must not crash what uses it."""
     try:
@@ -167,7 +189,11 @@ def _problems(example: str, tmp_path: str, path: Path, kind: str, original: Any,
     try:
         rb = load(file)
     except RunbookError as exc:
-        return True, _judge(file, text, path, what, _same_kind(path, original, WRONG[kind]), exc)
+        if WRONG[kind] is None and isinstance(path[-1], str) and \
+                _messages(exc) == _absent(file, doc, path):
+            return True, []  # a field given no value is as if left out (a mapping's default)
+        return True, _judge(file, text, path, what, _same_kind(path, original, WRONG[kind]),
+                            exc)
     except Exception as exc:  # the defect: anything else escaping is a traceback
         return True, [f"{what}: {type(exc).__name__}: {exc}"]
     return False, _used(rb, what)
@@ -292,3 +318,27 @@ def test_the_cli_says_a_wrong_type_in_one_line(tmp_path: str, case: str) -> None
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1, (cmd, p.stderr)
         assert f"{path}:{line}: {message}" in lines[0], (cmd, lines[0])
+
+
+@pytest.mark.parametrize("section", ["failover", "replication"])
+def test_a_settings_section_given_no_value_takes_the_defaults(section: str,
+                                                              tmp_path: str) -> None:
+    """``failover:`` or ``replication:`` with every line under it commented out means the
+    defaults, as before the typed loader (not "got nothing")."""
+    example = next(e for e in EXAMPLES if e.endswith("two-site-web.yaml"))
+    with open(example) as fh:
+        doc = yaml.safe_load(fh)
+    service = next(iter(doc["services"].values()))
+    keep = {k: v for k, v in service.get("replication", {}).items() if k == "export"}
+    service[section] = None
+    file = os.path.join(tmp_path, "rb.yaml")
+    with open(file, "w") as fh:
+        fh.write(_dump(doc).replace(f"  {section}: null", f"  {section}:"))
+    if section == "failover":
+        rb = load(file)
+        assert rb.services[next(iter(doc["services"]))].automatic is True
+    else:  # the defaults leave the data path without its export: said once per site
+        with pytest.raises(RunbookError) as exc:
+            load(file)
+        assert all("lacks" in e and "replication.export" in e for e in exc.value.errors)
+        assert keep  # (the example does set one)

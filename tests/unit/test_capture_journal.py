@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import threading
 
+import pytest
+
 from replicator.capture.journal import ChangeJournal
 
 BS = 4096
@@ -336,3 +338,45 @@ def test_records_leave_the_journal_only_after_the_volume_is_synced(tmp_path: obj
             j.begin_resync()  # an inline rewrite of the tail
         assert "journal replaced" in events, events
         assert "volume synced" in events[:events.index("journal replaced")], events
+
+
+def test_a_failed_append_leaves_no_torn_record(tmp_path: object,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk in the middle of an append: the error goes up (the client gets it, nothing
+    is acknowledged) and the partial record is cut off, so the writes journaled after it are
+    replayed and extracted whole."""
+    import replicator.capture.journal as mod
+
+    mp = monkeypatch
+    j = _journal(tmp_path)
+    _write(j, 1, 0xA1)
+    real = os.writev
+
+    def full(fd: int, bufs: list[bytes]) -> int:
+        real(fd, [bytes(bufs[0])[:10]])  # a piece of the header reaches the file
+        raise OSError(28, "No space left on device")
+
+    mp.setattr(mod.os, "writev", full)
+    with pytest.raises(OSError):
+        j.write(2 * BS, b"\x77" * BS)
+    mp.setattr(mod.os, "writev", real)
+    _write(j, 3, 0xC3)
+    j.flush()
+    assert [p.blocks for p in j.extract()] == [{1: b"\xa1" * BS, 3: b"\xc3" * BS}]
+    j.close()
+    again = _journal(tmp_path)  # the replay reads every record after the failed one
+    assert 3 in again.unacknowledged(range(64))
+    again.close()
+
+
+def test_a_cut_after_an_overflow_is_none_not_a_crash(tmp_path: object) -> None:
+    """The shipper cuts while the export's writer thread may overflow the journal at any
+    moment: try_cut checks under the lock and says None instead of raising."""
+    j = _journal(tmp_path, limit=4 * BS)
+    for b in range(8):
+        _write(j, b, b + 1)
+    assert j.overflowed
+    assert j.try_cut() is None
+    with pytest.raises(RuntimeError):
+        j.cut()
+    j.close()

@@ -43,7 +43,8 @@ def _faults(mode: str, env: dict[str, str]) -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="Linux only")
 def test_buffers_are_reused_not_faulted_in_again() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     try:
         tuned = _faults("tuned", env)
     except subprocess.CalledProcessError:
@@ -55,8 +56,11 @@ def test_buffers_are_reused_not_faulted_in_again() -> None:
     assert tuned < 300 * 50
 
 
-def test_an_operators_own_malloc_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name,value", [("MALLOC_ARENA_MAX", "2"),
+                                        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")])
+def test_an_operators_own_malloc_settings_win(monkeypatch: pytest.MonkeyPatch, name: str,
+                                              value: str) -> None:
     from drctl.memory import tune_malloc
 
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    monkeypatch.setenv(name, value)
     assert tune_malloc() is False
