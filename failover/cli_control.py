@@ -195,7 +195,7 @@ def status_lines(status: dict[str, Any]) -> list[str]:
     for name, s in status["services"].items():
         out.append(f"service {name}: {s['state']} primary={s['primary']} "
                    f"replica={s['replica']} epoch={s['epoch']} "
-                   f"lag={seconds(s['lag_seconds'])} -- {s['message']}"
+                   f"lag={seconds(s['lag_seconds'])} -- {s['summary']}"
                    + (f" [error: {s['error']}]" if s["error"] else ""))
         out += [f"  {line}" for line in s["progress"]]
     return out

@@ -275,6 +275,7 @@ class Controller:
             state_since=rec.since, command=cmd.command if cmd else Command.NONE,
             step_done=await self._step_done(rec, snap, svc),
             step_failed=bool(op and op.error and rec.state is not State.FAILED),
+            has_dns=bool(svc.dns),
             failed_step=State(op.failed_step) if op and op.failed_step else None,
             policy=svc.policy, protected=protected, barrier=barrier, no_data_path=no_data_path,
             replica_consistent=rec.replica_consistent, prepare=self.prepares[svc.name],

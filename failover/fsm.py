@@ -109,7 +109,8 @@ TRANSITIONS: tuple[Transition, ...] = (
                A.WAIT),
     Transition(S.FENCING, S.PROMOTING, "old primary fenced", A.PROMOTE),
     Transition(S.PROMOTING, S.REROUTING, "replica promoted", A.REWRITE_DNS),
-    Transition(S.REROUTING, S.FAILED_OVER, "new address answered by every server", A.FINISH),
+    Transition(S.REROUTING, S.FAILED_OVER, "the new address answered by every server, or no "
+               "DNS records to change", A.FINISH),
     Transition(S.FENCING, S.FAILED, "fencing failed or timed out", A.ALERT),
     Transition(S.PROMOTING, S.FAILED, "promotion failed or timed out", A.ALERT),
     Transition(S.REROUTING, S.FAILED, "DNS update refused, not verified or timed out",
@@ -196,6 +197,7 @@ class ServiceView:
     command: Command = Command.NONE
     step_done: bool = False  # the current step's action has completed
     step_failed: bool = False
+    has_dns: bool = True  # the service has DNS records for the rerouting step to rewrite
     failed_step: State | None = None
     policy: Policy = Policy()
     # The primary's report: its replica holds a consistency point at the current epoch and
@@ -480,7 +482,11 @@ def _step(v: ServiceView) -> Decision:
     if v.step_failed:
         return _move(v, State.FAILED, "see the operation record")
     if v.step_done:
-        return _move(v, _NEXT_STEP[v.state], "step done")
+        detail = "step done"
+        if v.state is State.REROUTING:
+            detail = ("the new address answered by every server" if v.has_dns
+                      else "no DNS records to change")
+        return _move(v, _NEXT_STEP[v.state], detail)
     # Not done yet: (re)issue the step's action; a new leader resuming the operation runs
     # the step again (the runbook's hooks may run twice: they must be idempotent).
     return _timed_out(v) or _stay(v, _STEP_ACTION[v.state], "step in progress")
@@ -502,7 +508,7 @@ def _failed(v: ServiceView) -> Decision:
 def _failed_over(v: ServiceView) -> Decision:
     # Never an automatic failback: the old primary coming back only starts the resync.
     if v.replica_alive:
-        return _move(v, State.RESYNCING, "former primary reporting as replica")
+        return _move(v, State.RESYNCING, "the former primary's site is back (its heartbeat)")
     return _stay(v, Action.NONE, "serving from the former replica")
 
 

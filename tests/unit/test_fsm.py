@@ -402,3 +402,15 @@ def test_every_row_is_reachable_from_decide() -> None:
     ]
     produced = {(d.state, d.next_state) for d in map(decide, views) if d.changes}
     assert produced == {(t.src, t.dst) for t in TRANSITIONS}
+
+
+def test_rerouting_says_what_it_did() -> None:
+    """The rerouting step of a service without DNS records changed nothing: its message does
+    not say that every server answered the new address."""
+    done = dict(state=State.REROUTING, step_done=True)
+    with_dns = decide(view(**done))
+    without = decide(view(**done, has_dns=False))
+    assert with_dns.next_state is without.next_state is State.FAILED_OVER
+    assert human(with_dns.message).endswith("the new address answered by every server")
+    assert human(without.message).endswith("no DNS records to change")
+    assert "answered" not in human(without.message)
