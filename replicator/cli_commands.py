@@ -224,7 +224,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(result)))
     else:
-        print(f"volume {args.volume}: replica equals source ({result.blocks} blocks)")
+        unit = "block" if result.blocks == 1 else "blocks"
+        print(f"volume {args.volume}: replica equals source ({result.blocks} {unit})")
     return 0
 
 
