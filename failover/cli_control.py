@@ -100,6 +100,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     from failover.errors import FailoverError, InvalidTransition
     from failover.fsm import Command
     from failover.records import (
+        Actor,
         CommandRecord,
         command_key,
         refuse_request,
@@ -137,7 +138,9 @@ def cmd_request(args: argparse.Namespace) -> int:
             refusal = refuse_request(stored, svc.name, args.request, target)
             if refusal is not None:
                 raise InvalidTransition(refusal)
-            rec = CommandRecord(command, target, uuid.uuid4().hex[:12], time.time())
+            # who asks: the actor of the audit record (user@host)
+            rec = CommandRecord(command, target, uuid.uuid4().hex[:12], time.time(),
+                                Actor(cli_actor(), via="cli"))
             if not await store.create(command_key(cfg.prefix, svc.name), rec.encode()):
                 raise FailoverError(f"{svc.name}: another request is still pending")
             await audit.try_append(cli_actor(), f"cli.{args.request}", svc.name, params,
@@ -186,6 +189,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def status_lines(status: dict[str, Any]) -> list[str]:
     from failover.fsm import seconds
+    from failover.status import operation_line
 
     out = [f"leader: {status['leader']}"]
     for site, s in status["sites"].items():
@@ -198,4 +202,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
                    f"lag={seconds(s['lag_seconds'])} -- {s['summary']}"
                    + (f" [error: {s['error']}]" if s["error"] else ""))
         out += [f"  {line}" for line in s["progress"]]
+        if s.get("pending"):
+            out.append(f"  queued: {s['pending']}, {s['pending_asked']}")
+        if s.get("operation"):  # who asked for it: "switchover to west, asked by alice ..."
+            out.append(f"  {operation_line(s['operation'])}")
     return out

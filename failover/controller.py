@@ -40,6 +40,8 @@ from failover.fsm import (
     State,
     decide,
 )
+from failover.heartbeat_view import observe_heartbeats
+from failover.history import history_step, later_request, note_request
 from failover.lease import Election
 from failover.metrics import ControllerMetrics
 from failover.operation import (
@@ -59,6 +61,7 @@ from failover.operation import (
     with_plan,
 )
 from failover.records import (
+    Actor,
     CommandRecord,
     Heartbeat,
     Operation,
@@ -113,6 +116,7 @@ class Controller:
         self.store = store
         self.metrics = metrics
         self.node = node or f"{os.uname().nodename}-{os.getpid()}"
+        self.actor = Actor(self.node, via="controller")  # who starts automatic operations
         self.interval = max(0.1, config.lease_ttl / 4)
         self.audit: AuditLog | None = None  # set by `drctl controller`: one record a decision
         # set by `drctl controller --tls-dir`: the epoch tokens in the records are signed
@@ -261,7 +265,7 @@ class Controller:
             rec.primary_lost_since = None
         elif rec.primary_lost_since is None:
             rec.primary_lost_since = self._silent_since(rec.primary, svc, now)
-        protected, barrier, no_data_path = _observe(rec, svc.name, primary_hb, replica_hb)
+        protected, barrier, no_data_path = observe_heartbeats(rec, svc.name, primary_hb, replica_hb)
         op = rec.operation
         if op is not None and rec.state in (State.FENCING, State.PROMOTING):
             owner, site = ((Owner.OLD_PRIMARY, op.source) if rec.state is State.FENCING
@@ -310,7 +314,8 @@ class Controller:
                 trial = decide(replace(d.view, command=d.cmd.command))
                 if trial.refused or trial.next_state not in START_STATES:
                     continue
-                s.cmd = CommandRecord(d.cmd.command, s.rec.replica, d.cmd.id, d.cmd.at)
+                s.cmd = CommandRecord(d.cmd.command, s.rec.replica, d.cmd.id, d.cmd.at,
+                                      d.cmd.by)
                 s.inherited_from = d.inherited_from or dependent
                 s.view = replace(s.view, command=d.cmd.command)
                 break
@@ -356,18 +361,12 @@ class Controller:
             s.refused = decision.message
         rec.waiting_for = decision.waiting
         before = rec.operation  # (a move that ends the operation takes it off the record)
+        later = later_request(decision, cmd)
         await self._act(decision, rec, svc, cmd, now, s.inherited_from)
         if decision.changes and self.metrics is not None:
             self.metrics.transitions.labels(svc.name, decision.next_state.value).inc()
         if decision.changes:
-            step = {"at": now, "from": decision.state, "to": decision.next_state,
-                    "action": decision.action}
-            op = rec.operation or before
-            if op is not None:
-                # the move belongs to this operation: which one (failover or switchover,
-                # failback included; a failed resync), where to, and whether anyone asked
-                step["operation"] = {"kind": op.kind, "target": op.target,
-                                     "automatic": op.automatic}
+            step = history_step(decision, rec.operation or before, later, now)
             rec.history = [*rec.history, step][-20:]
             rec.state, rec.since = decision.next_state, now
             if rec.state in (State.PREPARING, State.REROUTING):  # its first step, now
@@ -471,6 +470,7 @@ class Controller:
             self.steps.cancel(svc.name)  # a controller hook still running is killed
             cancel(rec, "the primary came back before the fence")
         elif d.state is State.FAILED:
+            note_request(rec.operation, later_request(d, cmd))
             if d.next_state is State.HEALTHY:
                 finish(rec, "cancelled")  # abandoned, the roles stay as recorded
             elif rec.operation is not None:
@@ -478,6 +478,7 @@ class Controller:
         elif d.state in IDLE_STATES and d.next_state in START_STATES:
             rec.operation = self._start(d, rec, svc, cmd, now, inherited)
         elif d.state is State.DRAINING and rec.operation is not None:
+            note_request(rec.operation, later_request(d, cmd))
             drained(d, rec, cmd is not None and cmd.command in _FAILOVERS, now)
 
     def _enter(self, d: Decision, rec: ServiceRecord, svc: ServiceConfig, now: float) -> None:
@@ -498,6 +499,10 @@ class Controller:
             finish(rec, "done")
         elif d.next_state is State.FAILED:
             record_failure(d, rec)
+            if rec.operation is not None and rec.operation.kind == "resync" \
+                    and rec.operation.asked_by is None:  # the resync's, made just now
+                rec.operation.asked_by = self.actor
+                rec.operation.asked_at = now
         elif d.next_state is State.RESYNCING:
             rec.replica_consistent = False  # the former primary is overwritten block by block
         elif d.state is State.RESYNCING and d.next_state is State.HEALTHY:
@@ -513,6 +518,8 @@ class Controller:
                            now, forced=cmd is not None and cmd.command is Command.FORCE_FAILOVER)
         op.requested_for = inherited
         op.automatic = cmd is None  # the grace expired: nobody asked for it
+        # who asked (None: a drctl from before commands said so), or this controller
+        op.asked_by, op.asked_at = (self.actor, now) if cmd is None else (cmd.by, cmd.at)
         return op
 
     def _grant(self, rec: ServiceRecord, svc: ServiceConfig) -> None:
@@ -528,40 +535,6 @@ class Controller:
                 and op.fenced and rec.primary == op.source else rec.primary)
         if not self.signer.current(rec.epoch_token, svc.name, svc.volumes, site, rec.epoch):
             rec.epoch_token = self.signer.sign(svc.name, svc.volumes, site, rec.epoch)
-
-
-def _observe(rec: ServiceRecord, service: str, primary_hb: Heartbeat | None,
-             replica_hb: Heartbeat | None) -> tuple[bool | None, bool, bool]:
-    """Copy what the heartbeats say into the record; return the primary's (protected,
-    barrier, runs no data path) for the view. Reports at an older epoch than the record's say
-    nothing."""
-    protected, barrier, no_data_path = None, False, False
-    health = primary_hb.services.get(service) if primary_hb is not None else None
-    if health is not None and health.role == "primary":
-        no_data_path = not health.data_path
-        rec.last_lag_seconds = health.lag_seconds
-        rec.resync = health.resync
-        if health.epoch >= rec.epoch:
-            protected, barrier = health.protected, health.barrier
-        if protected is True or (protected is None and not health.data_path):
-            # (an agent that runs no data path, hooks only, cannot say: its replication is
-            # the runbook's hooks' business)
-            rec.replica_consistent = True
-        elif health.resync is not None:
-            rec.replica_consistent = False
-    elif primary_hb is not None:
-        rec.resync = None  # alive but not (yet) serving this service: no resync of its own
-    back = replica_hb.services.get(service) if replica_hb is not None else None
-    if back is not None:
-        rec.unreplicated_blocks = back.unreplicated_blocks
-        rec.unreplicated_file = back.unreplicated_file
-    if protected is True and health is not None and health.data_path and (
-            back is None or back.role != "replica"
-            or not back.data_path.startswith("running")):
-        # The primary's capture agent holds a verified point, but the replica site is gone
-        # or its target daemon is not running: nothing receives the next writes.
-        protected = False
-    return protected, barrier, no_data_path
 
 
 def _dependencies_first(config: ClusterConfig) -> list[str]:

@@ -4,7 +4,8 @@
   controllers/leader            lease-bound; the leading controller's id
   services/<svc>/state          the service's state machine record (ServiceRecord), written
                                 by the leader with compare-and-set on its mod_revision
-  services/<svc>/command        an operator's request (CommandRecord), consumed by the leader
+  services/<svc>/command        an operator's request (CommandRecord, with who asked: Actor),
+                                consumed by the leader
   audit/<seq, 12 digits>        the hash-chained audit log (failover/audit.py), append-only
   audit/head                    {"seq", "hash"} of its last record, written in the same
                                 transaction as the record
@@ -140,6 +141,70 @@ class StepRun:
         return cls(**{k: v for k, v in d.items() if k in _RUN_FIELDS})
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who asked: an API user (``via`` api: the name and role it authenticated as), a drctl
+    command (cli: ``user@host``, the actor of its audit record) or the controller itself
+    (controller: its node id; an automatic operation). Records written before requests said
+    who asked have none (None): an unknown user."""
+
+    name: str
+    role: str = ""  # the API user's role ("" from the CLI and the controller)
+    via: str = ""  # api | cli | controller
+
+    def describe(self) -> str:
+        """``asked by alice (operator)``, ``asked by bob@host (drctl CLI)``, ``automatic
+        (controller c1)``."""
+        name = _printable(self.name)
+        if self.via == "controller":
+            return f"automatic (controller {name})"
+        if self.via == "cli":
+            return f"asked by {name} (drctl CLI)"
+        return f"asked by {name}" + (f" ({_printable(self.role)})" if self.role else "")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Actor | None:
+        """None for a record without one (older) or with one unreadable."""
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not d["name"]:
+            return None
+        return cls(d["name"], str(d.get("role") or ""), str(d.get("via") or ""))
+
+
+def asked_text(by: Actor | None, automatic: bool = False) -> str:
+    """Who asked, for people: the actor, else ``automatic`` for an operation the controller
+    started (recorded before operations said by whom), else ``asked by an unknown user``."""
+    if by is not None:
+        return by.describe()
+    return "automatic" if automatic else "asked by an unknown user"
+
+
+def _printable(text: str) -> str:
+    """``text`` without control characters (a name printed in a terminal or a log line)."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:128]
+
+
+@dataclass
+class Request:
+    """A request on an operation after it began: a retry, a cancel, a failover overtaking a
+    switchover's drain; who asked it and when (the command's time)."""
+
+    command: str
+    by: Actor | None
+    at: float
+
+    @property
+    def asked(self) -> str:
+        return f"{self.command} {asked_text(self.by)}"
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Request | None:
+        if not isinstance(d, dict) or not isinstance(d.get("command"), str):
+            return None
+        at = d.get("at")
+        return cls(d["command"], Actor.from_dict(d.get("by")),
+                   float(at) if isinstance(at, int | float) else 0.0)
+
+
 @dataclass
 class Operation:
     kind: str  # "failover" | "switchover" | "resync" (recorded when a resync fails)
@@ -160,13 +225,30 @@ class Operation:
     # started by the controller (grace expired), not by a request: a primary back before the
     # fence cancels it (an operation recorded before this field existed was requested)
     automatic: bool = False
+    # who asked for it (the command's actor; the controller for an automatic one) and when
+    # (the command's time): None in a record from before operations said so (unknown)
+    asked_by: Actor | None = None
+    asked_at: float | None = None
+    # the requests on it after it began (retry, cancel, a failover overtaking the drain)
+    later_requests: list[Request] = field(default_factory=list)
+
+    @property
+    def asked(self) -> str:
+        """``asked by alice (operator)``, ``automatic (controller c1)``; a dependency's
+        operation adds the dependent it was asked for."""
+        text = asked_text(self.asked_by, self.automatic)
+        return f"{text} for {self.requested_for}" if self.requested_for else text
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Operation:
         """An operation recorded before operations had steps decodes with none: the daemons
-        build its plan from the service's runbook (failover/operation.py ``with_plan``)."""
+        build its plan from the service's runbook (failover/operation.py ``with_plan``).
+        One recorded before they said who asked decodes with ``asked_by`` None."""
         known = {k: v for k, v in d.items() if k in _OPERATION_FIELDS}
         known["steps"] = [StepRun.from_dict(s) for s in d.get("steps") or []]
+        known["asked_by"] = Actor.from_dict(d.get("asked_by"))
+        known["later_requests"] = [r for r in map(Request.from_dict,
+                                                   d.get("later_requests") or []) if r]
         return cls(**known)
 
 
@@ -221,6 +303,9 @@ class CommandRecord:
     target: str | None
     id: str
     at: float
+    # who asked: the API user, the drctl CLI's user@host (None: written by a drctl from
+    # before commands said so)
+    by: Actor | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -228,7 +313,8 @@ class CommandRecord:
     @classmethod
     def decode(cls, raw: bytes) -> CommandRecord:
         d = json.loads(raw)
-        return cls(Command(d["command"]), d.get("target"), d["id"], d["at"])
+        return cls(Command(d["command"]), d.get("target"), d["id"], d["at"],
+                   Actor.from_dict(d.get("by")))
 
 
 def service_record(raw: bytes | None, primary: str, replica: str,

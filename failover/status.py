@@ -5,10 +5,18 @@ Per service, besides the record: the primary's protection report, resync progres
 unreplicated writes set aside on the replica, each site's role and data path from the
 heartbeats, ``operation``: the operation in progress (else the last one) with each step's
 outcome and the end of its output, and ``progress``: the lines the CLI prints and the page
-shows under the service."""
+shows under the service.
+
+Who asked is said wherever a request is: ``operation.asked_by`` (the actor: name, role, via)
+and ``operation.asked`` ("asked by alice (operator)", "automatic (controller c1)", "asked by
+an unknown user" for a record from before requests named their user) with ``asked_at``;
+each state change's operation likewise, and ``request`` on a change a later request made (a
+retry, a cancel); ``pending_asked`` for a queued command."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -16,11 +24,14 @@ from failover.config import ClusterConfig
 from failover.coordination.base import Snapshot
 from failover.fsm import State, human, seconds
 from failover.records import (
+    Actor,
     CommandRecord,
     Heartbeat,
     Operation,
+    Request,
     ServiceHealth,
     ServiceRecord,
+    asked_text,
     command_key,
     heartbeat_key,
     leader_key,
@@ -42,7 +53,8 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
     services: dict[str, Any] = {}
     for name, svc in cfg.services.items():
         rec = service_record(snap.value(state_key(cfg.prefix, name)), svc.primary, svc.replica)
-        pending = snap.value(command_key(cfg.prefix, name))
+        raw = snap.value(command_key(cfg.prefix, name))
+        pending = CommandRecord.decode(raw) if raw else None
         health = {site: _health(beats.get(site), name) for site in (rec.primary, rec.replica)}
         serving = health[rec.primary]
         if serving is not None and serving.role != "primary":
@@ -55,7 +67,8 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
             "summary": human(rec.message),  # the message without the table's alternatives
             "error": rec.operation.error if rec.operation else None,
             "failed_step": rec.operation.failed_step if rec.operation else None,
-            "pending": CommandRecord.decode(pending).command if pending else None,
+            "pending": pending.command if pending else None,
+            "pending_asked": asked_text(pending.by) if pending else None,
             "dns_name": ", ".join(f"{d.record.name}.{d.record.zone}" for d in svc.dns)
             or None,
             "protected": serving.protected if serving else None,
@@ -68,10 +81,8 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
                                  beats.get(rec.replica) is not None),
             "history": [f"{h['from']}->{h['to']}" for h in rec.history],
             # the last state changes, newest first; each with the operation it belonged to
-            # (kind, target, automatic), if any
-            "operations": [{"at": h["at"], "from": h["from"], "to": h["to"],
-                            "operation": h.get("operation")}
-                           for h in reversed(rec.history[-10:])],
+            # (kind, target, automatic, who asked), if any, and the request that made it
+            "operations": [_change(h) for h in reversed(rec.history[-10:])],
             "operation": _operation(rec.operation, True) or _operation(rec.last_operation,
                                                                        False),
             "waiting_for": rec.waiting_for,
@@ -82,10 +93,49 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
 
 
 def _operation(op: Operation | None, current: bool) -> dict[str, Any] | None:
-    """An operation with its steps (each: status, seconds, the end of its output, error)."""
+    """An operation with its steps (each: status, seconds, the end of its output, error)
+    and who asked for it, and for anything asked of it since (retry, cancel)."""
     if op is None or not op.steps:
         return None
-    return {**asdict(op), "current": current}
+    out = {**asdict(op), "current": current, "asked": op.asked}
+    out["later_requests"] = [{**asdict(r), "asked": r.asked} for r in op.later_requests]
+    return out
+
+
+def _change(h: dict[str, Any]) -> dict[str, Any]:
+    """A state change of the history: its operation (and who asked for that; a change
+    recorded before operations said so: unknown), and the request that made it if it was
+    asked of an operation under way (``retry asked by bob (admin)``)."""
+    op = h.get("operation")
+    if isinstance(op, dict):
+        op = {**op, "asked": asked_text(Actor.from_dict(op.get("asked_by")),
+                                        bool(op.get("automatic")))}
+    request = Request.from_dict(h.get("request"))
+    return {"at": h["at"], "from": h["from"], "to": h["to"], "operation": op,
+            "request": request.asked if request else None}
+
+
+def operation_line(op: dict[str, Any], clock: Callable[[float], str] | None = None) -> str:
+    """The operation of a service's status (``operation``), as `drctl status` prints it:
+    ``switchover to west, asked by alice (operator) at 07:40:12; from east, started
+    07:40:13: in progress`` (``clock``: seconds -> "HH:MM:SS", local time by default)."""
+
+    def at(t: float) -> str:
+        return clock(t) if clock is not None else time.strftime("%H:%M:%S", time.localtime(t))
+
+    kind = (f"resync of {op['target']}" if op["kind"] == "resync"
+            else f"{op['kind']} to {op['target']}")
+    asked_at = op.get("asked_at")
+    line = (f"{'operation' if op['current'] else 'last operation'}: {kind}, {op['asked']}"
+            + (f" at {at(asked_at)}" if asked_at is not None else "")
+            + f"; from {op['source']}, started {at(op['started_at'])}: ")
+    if op["current"]:
+        line += "failed" if op.get("error") else "in progress"
+    else:
+        line += op.get("outcome") or "over"
+    for r in op.get("later_requests") or []:
+        line += f"; {r['asked']} at {at(r['at'])}"
+    return line
 
 
 def _health(hb: Heartbeat | None, service: str) -> ServiceHealth | None:

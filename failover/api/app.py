@@ -16,6 +16,9 @@ carries it out and the page follows the service record.
   POST /api/v1/services/{name}/drill       a DR drill (operator; runbook configured) -> 202;
                                            its progress and report appear in the status
 
+A command record names who asked (the user and role: records.Actor); the controller carries
+it into the operation and its state changes, and the status (so the page) shows it.
+
 Every API request carries ``Authorization: Bearer <token>`` (users.py: users, roles, tokens);
 no cookie is ever set or read, so a page of another site cannot make the browser send a
 credential. A POST must also be same-origin (Sec-Fetch-Site, else Origin, when the client
@@ -39,6 +42,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
@@ -52,6 +56,7 @@ from failover.dns.rfc2136 import DnsUpdater
 from failover.errors import FailoverError, InvalidTransition, StoreUnavailableError
 from failover.fsm import Command
 from failover.records import (
+    Actor,
     CommandRecord,
     audit_prefix,
     command_key,
@@ -330,12 +335,18 @@ async def operate(request: web.Request) -> web.Response:
     refusal = refuse_request(stored, name, op, target)
     if refusal is not None:
         raise InvalidTransition(refusal)  # 409 {"error": "invalid_transition", "message"}
-    rec = CommandRecord(command, target, uuid.uuid4().hex[:12], time.time())
+    rec = CommandRecord(command, target, uuid.uuid4().hex[:12], time.time(),
+                        _actor(request[USER]))
     if not await store.create(command_key(cfg.prefix, name), rec.encode()):
         return web.json_response({"error": "busy", "message": f"{name}: another request is "
                                   "still pending"}, status=409)
     return web.json_response({"operation": rec.id, "service": name, "request": op,
                               "status": "queued"}, status=202)
+
+
+def _actor(user: User) -> Actor:
+    """Who asks, as the command record (and so the operation) names them."""
+    return Actor(user.name, user.role, "api")
 
 
 async def _drill(request: web.Request, name: str) -> web.Response:
@@ -347,8 +358,10 @@ async def _drill(request: web.Request, name: str) -> web.Response:
     if any(d["status"] == "running" for d in drills):
         return web.json_response({"error": "busy", "message": f"a drill of {name} is "
                                   "already running"}, status=409)
+    by = _actor(request[USER])
     record: dict[str, Any] = {"id": uuid.uuid4().hex[:12], "status": "running",
-                              "started_at": time.time(), "report": None}
+                              "started_at": time.time(), "report": None,
+                              "asked_by": asdict(by), "asked": by.describe()}
     drills.append(record)
 
     async def work() -> None:

@@ -26,6 +26,7 @@ async def client(workdir: str) -> AsyncIterator[TestClient]:  # type: ignore[typ
     users = os.path.join(workdir, "users.json")
     for role in ("viewer", "operator", "admin"):
         TOKENS[role] = add_user(users, role[:3] + "-user", role)
+    TOKENS["alice"] = add_user(users, "alice", "operator")
     AUTH["Authorization"] = f"Bearer {TOKENS['admin']}"
     etcd = EtcdServer().start()
     path = os.path.join(workdir, "c.yaml")
@@ -223,6 +224,61 @@ async def test_retry_and_cancel_queue_commands_when_failed(
     assert svc["progress"] == ["failed in rerouting: DNS refused (retry or cancel)"]
     r = await client.post("/api/v1/services/app/cancel", headers=AUTH)
     assert r.status == 409 and (await r.json())["error"] == "busy"  # one request at a time
+
+
+async def test_the_status_names_who_asked_for_the_operation(
+        client: TestClient) -> None:  # type: ignore[type-arg]
+    """alice (operator) asks for a switchover: the queued command, then the operation the
+    controller starts and its state change, name her and her role."""
+    import time
+
+    from failover.api.app import CONFIG, STORE
+    from failover.controller import Controller
+    from failover.fsm import State
+    from failover.records import (
+        CommandRecord,
+        Heartbeat,
+        ServiceHealth,
+        ServiceRecord,
+        command_key,
+        heartbeat_key,
+        state_key,
+    )
+
+    app = client.app
+    assert app is not None
+    cfg, store = app[CONFIG], app[STORE]
+    await store.put(state_key(cfg.prefix, "app"),
+                    ServiceRecord(State.HEALTHY, time.time(), "east", "west").encode())
+    for site, health in (("east", ServiceHealth("primary", 1, lag_seconds=0.1, protected=True,
+                                                data_path="running")),
+                         ("west", ServiceHealth("replica", 1, data_path="running"))):
+        await store.put(heartbeat_key(cfg.prefix, site),
+                        Heartbeat(site, time.time(), {"app": health}).encode())
+    asked = time.time()
+    r = await client.post("/api/v1/services/app/switchover", headers=auth("alice"))
+    assert r.status == 202, await r.text()
+    raw = (await store.snapshot(cfg.prefix)).value(command_key(cfg.prefix, "app"))
+    assert raw is not None
+    cmd = CommandRecord.decode(raw)
+    assert (cmd.by and (cmd.by.name, cmd.by.role, cmd.by.via)) == ("alice", "operator", "api")
+    s = await (await client.get("/api/v1/status", headers=AUTH)).json()
+    svc = s["services"]["app"]
+    assert (svc["pending"], svc["pending_asked"]) == ("switchover", "asked by alice (operator)")
+    controller = Controller(cfg, store, "c0")
+    controller.leader_since = time.monotonic() - 10 * cfg.lease_ttl
+    await controller.tick()
+    s = await (await client.get("/api/v1/status", headers=AUTH)).json()
+    svc = s["services"]["app"]
+    assert svc["state"] == "draining" and svc["pending"] is None
+    op = svc["operation"]
+    assert (op["kind"], op["target"], op["current"]) == ("switchover", "west", True)
+    assert op["asked_by"] == {"name": "alice", "role": "operator", "via": "api"}
+    assert op["asked"] == "asked by alice (operator)"
+    assert asked - 1 <= op["asked_at"] <= time.time()
+    change = svc["operations"][0]
+    assert (change["from"], change["to"]) == ("healthy", "draining")
+    assert change["operation"]["asked"] == "asked by alice (operator)"
 
 
 def test_short_tokens_are_refused() -> None:

@@ -3,7 +3,8 @@ controller ticked by the test and the sites' heartbeats written by it (no etcd, 
 test_browser.py runs the whole drill). What the page says must be what the code did: a new
 service is unprotected until its first protected report, an enabled button's tooltip says
 what it does (a disabled one why it is disabled), the state changes name their operation, a
-request's notice ends with its outcome, the summary leaves out the table's alternatives."""
+request's notice ends with its outcome, the summary leaves out the table's alternatives, the
+operation and its state changes say who asked for it (escaped like every value)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,19 @@ import pytest
 from aiohttp import web
 
 from failover.api.app import make_app
+from failover.api.users import Users, add_user
 from failover.config import ClusterConfig, load
 from failover.controller import Controller
 from failover.coordination.memory import MemoryStore
-from failover.records import Heartbeat, ServiceHealth, heartbeat_key
+from failover.fsm import Command
+from failover.records import (
+    Actor,
+    CommandRecord,
+    Heartbeat,
+    ServiceHealth,
+    command_key,
+    heartbeat_key,
+)
 
 webdriver = pytest.importorskip("selenium.webdriver")
 
@@ -36,14 +46,14 @@ T = TypeVar("T")
 class Site:
     """The API and a controller on one event loop in a thread; the test drives both."""
 
-    def __init__(self, cfg: ClusterConfig) -> None:
+    def __init__(self, cfg: ClusterConfig, users: Users | str = TOKEN) -> None:
         self.cfg, self.store = cfg, MemoryStore()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.controller = Controller(cfg, self.store, "c0")
         self.controller.leader_since = time.monotonic() - 10 * cfg.lease_ttl
-        self.runner = web.AppRunner(make_app(cfg, self.store, TOKEN))
+        self.runner = web.AppRunner(make_app(cfg, self.store, users))
         self.url = self.run(self._start())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -70,14 +80,35 @@ class Site:
         return result.message
 
 
-@pytest.fixture
-def site(workdir: str) -> Iterator[Site]:
+def cluster(workdir: str, **policy: Any) -> ClusterConfig:
     path = os.path.join(workdir, "c.json")
     with open(path, "w") as fh:
         json.dump({"cluster": "page", "etcd": ["127.0.0.1:2379"],
                    "sites": {"east": {"address": "10.0.0.1"}, "west": {"address": "10.0.0.2"}},
-                   "services": {"app": {"primary": "east", "replica": "west"}}}, fh)
-    s = Site(load(path))
+                   "services": {"app": {"primary": "east", "replica": "west",
+                                        "policy": policy}}}, fh)
+    return load(path)
+
+
+@pytest.fixture
+def site(workdir: str) -> Iterator[Site]:
+    s = Site(cluster(workdir))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+ALICE: dict[str, str] = {}  # alice's token (an operator), made per test
+
+
+@pytest.fixture
+def alices_site(workdir: str) -> Iterator[Site]:
+    """A users file with alice (operator) besides the admin token; the primary's grace is
+    short, so losing it fails over automatically at the next ticks."""
+    users = os.path.join(workdir, "users.json")
+    ALICE["token"] = add_user(users, "alice", "operator")
+    s = Site(cluster(workdir, grace=0.1), Users(users, token=TOKEN))
     try:
         yield s
     finally:
@@ -114,14 +145,14 @@ CARD = 'document.querySelector(\'[data-service="app"]\')'
 class Page:
     """The page in the browser, read through fresh queries (it re-renders every second)."""
 
-    def __init__(self, browser: Any, site: Site) -> None:
+    def __init__(self, browser: Any, site: Site, token: str = TOKEN) -> None:
         from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.support.ui import WebDriverWait
 
         self.b = browser
         self.wait = WebDriverWait(browser, 15, poll_frequency=0.2,
                                   ignored_exceptions=[StaleElementReferenceException])
-        browser.get(f"{site.url}#token={TOKEN}")
+        browser.get(f"{site.url}#token={token}")
 
     def js(self, expr: str) -> Any:
         return self.b.execute_script(f"return {expr}")
@@ -229,8 +260,82 @@ def test_a_switchover_from_the_page_ends_with_its_outcome(site: Site, browser: A
     page.until(lambda: "done; the service is failed_over, primary west" in page.notice())
     assert "queued" not in page.notice() and "in progress" not in page.notice()
     changes = page.text(".changes")
-    assert "rerouting → failed_over (switchover to west)" in changes, changes
-    assert "healthy → draining (switchover to west)" in changes, changes
+    # (the --token-file user: admin, role admin)
+    assert "rerouting → failed_over (switchover to west, asked by admin (admin))" in changes, \
+        changes
+    assert "healthy → draining (switchover to west, asked by admin (admin))" in changes, changes
     assert "unprotected → healthy" in changes and "unprotected → healthy (" not in changes
     assert "after switchover to west" in page.text(), page.text()
-    assert "last operation: switchover to west from east" in page.text(".last-operation")
+    last = page.text(".last-operation")
+    assert last.startswith("last operation: switchover to west, asked by admin (admin) at "), last
+    assert "; from east, started " in last and last.endswith(": done"), last
+
+
+ASKED_AT = r"at \d{1,2}:\d{2}:\d{2}( [AP]M)?"
+
+
+def test_the_page_says_who_asked_for_an_operation(alices_site: Site, browser: Any) -> None:
+    import re
+
+    site = alices_site
+    site.beat("east", "primary", 1, data_path="running", protected=True, lag_seconds=0.1)
+    site.beat("west", "replica", 1, data_path="running")
+    site.tick()
+    page = Page(browser, site, ALICE["token"])
+    page.until(lambda: page.state() == "healthy")
+    assert page.js('document.getElementById("user").textContent') == "alice"
+    # alice's switchover: queued, then the operation line and its state change name her
+    page.click("switchover")
+    page.until(lambda: "queued: switchover, asked by alice (operator)" in page.text())
+    site.tick()
+    page.until(lambda: page.state() == "draining")
+    line = page.text(".last-operation")
+    assert re.match(r"operation: switchover to west, asked by alice \(operator\) "
+                    + ASKED_AT + r"; from east, started .*: in progress$", line), line
+    assert "healthy → draining (switchover to west, asked by alice (operator))" in \
+        page.text(".changes"), page.text(".changes")
+
+    # the primary lost mid-drain: the drain is abandoned; then the grace runs out and the
+    # controller fails over by itself: "automatic (controller c0)", not a user
+    site.run(site.store.delete_if(heartbeat_key(site.cfg.prefix, "east"),
+                                  site.store.entries[heartbeat_key(site.cfg.prefix,
+                                                                   "east")].mod_revision))
+    for _ in range(10):  # draining -> (abandoned) -> primary_suspect -> fencing
+        site.tick()
+        if site.run(_state(site)) == "fencing":
+            break
+        time.sleep(0.15)
+    page.until(lambda: page.state() == "fencing")
+    line = page.text(".last-operation")
+    assert re.match(r"operation: failover to west, automatic \(controller c0\) " + ASKED_AT
+                    + "; from east, started ", line), line
+    assert "(failover to west, automatic (controller c0))" in page.text(".changes")
+    assert "asked by alice" not in page.text(".last-operation")
+
+
+async def _state(site: Site) -> str:
+    from failover.records import service_record, state_key
+
+    key = state_key(site.cfg.prefix, "app")
+    raw = (await site.store.snapshot(key)).value(key)
+    return str(service_record(raw, "east", "west").state)
+
+
+def test_who_asked_is_escaped_on_the_page(site: Site, browser: Any) -> None:
+    """A name is shown as text, never as markup (a CLI user's name is whatever the host
+    says)."""
+    site.beat("east", "primary", 1, data_path="running", protected=True, lag_seconds=0.1)
+    site.beat("west", "replica", 1, data_path="running")
+    site.tick()
+    evil = '<img src=x id="evil" onerror="document.title=1">'
+    rec = CommandRecord(Command.SWITCHOVER, None, "op1", time.time(), Actor(evil, via="cli"))
+    assert site.run(site.store.create(command_key(site.cfg.prefix, "app"), rec.encode()))
+    page = Page(browser, site)
+    page.until(lambda: "queued: switchover" in page.text())
+    assert f"queued: switchover, asked by {evil} (drctl CLI)" in page.text(), page.text()
+    site.tick()
+    page.until(lambda: page.state() == "draining")
+    assert f"switchover to west, asked by {evil} (drctl CLI) at " in \
+        page.text(".last-operation")
+    assert page.js('document.getElementById("evil")') is None
+    assert page.js("document.querySelectorAll('[data-service] img').length") == 0

@@ -93,7 +93,12 @@ def test_retry_and_cancel_are_written_for_a_failed_service(
     assert code == 0 and "retry of app requested" in out, out
     raw = pending(etcd)
     assert raw is not None and json.loads(raw)["command"] == "retry"
+    # who asked: the CLI's actor of the audit log (user@host)
+    from failover.cli_common import cli_actor
+
+    assert json.loads(raw)["by"] == {"name": cli_actor(), "role": "", "via": "cli"}
     code, out = drctl("cancel", "app", "--config", cfg)
     assert code == 1 and "another request is still pending" in out, out
     code, out = drctl("status", "--config", cfg)
     assert code == 0 and "failed in fencing: late (retry or cancel)" in out, out
+    assert f"  queued: retry, asked by {cli_actor()} (drctl CLI)" in out, out

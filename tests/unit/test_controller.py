@@ -14,6 +14,7 @@ from failover.coordination.memory import MemoryStore
 from failover.fsm import Command, Policy, State
 from failover.metrics import ControllerMetrics
 from failover.records import (
+    Actor,
     CommandRecord,
     Heartbeat,
     ServiceHealth,
@@ -24,20 +25,26 @@ from failover.records import (
     service_record,
     state_key,
 )
-from failover.status import cluster_status, human_bytes, resync_line
+from failover.status import cluster_status, human_bytes, operation_line, resync_line
 
 SITES = {s: Site(s, a) for s, a in (("east", "10.0.0.1"), ("west", "10.0.0.2"),
                                     ("north", "10.0.0.3"))}
 
 
-def config(**policy: Any) -> ClusterConfig:
-    svc = ServiceConfig("app", "east", "west", Policy(**policy), None, Hooks())
+def config(stepped: bool = False, **policy: Any) -> ClusterConfig:
+    """``stepped``: its operations have a plan (a promote step), as a loaded cluster.yaml's
+    do (the status shows an operation with its steps)."""
+    from failover.steps import Owner, StepKind, StepSpec
+
+    steps = (StepSpec(StepKind.PROMOTE, "promote", Owner.NEW_PRIMARY),) if stepped else ()
+    svc = ServiceConfig("app", "east", "west", Policy(**policy), None, Hooks(), steps=steps)
     return ClusterConfig("t.yaml", "t", (), 2, SITES, {"app": svc})
 
 
 class Cluster:
-    def __init__(self, metrics: ControllerMetrics | None = None, **policy: Any) -> None:
-        self.cfg = config(**policy)
+    def __init__(self, metrics: ControllerMetrics | None = None, stepped: bool = False,
+                 **policy: Any) -> None:
+        self.cfg = config(stepped, **policy)
         self.store = MemoryStore()
         self.controller = Controller(self.cfg, self.store, "c0", metrics)
 
@@ -49,8 +56,9 @@ class Cluster:
         key = heartbeat_key(self.cfg.prefix, site)
         await self.store.delete_if(key, self.store.entries[key].mod_revision)
 
-    async def command(self, command: Command, target: str | None = None) -> None:
-        rec = CommandRecord(command, target, "op1", time.time())
+    async def command(self, command: Command, target: str | None = None,
+                      by: Actor | None = None, at: float | None = None) -> None:
+        rec = CommandRecord(command, target, "op1", time.time() if at is None else at, by)
         assert await self.store.create(command_key(self.cfg.prefix, "app"), rec.encode())
 
     def pending(self) -> bool:
@@ -180,7 +188,7 @@ async def test_primary_lost_mid_resync_blocks_until_forced() -> None:
 
 
 async def test_step_timeout_retry_and_cancel() -> None:
-    c = Cluster(fence_timeout_seconds=30)
+    c = Cluster(fence_timeout_seconds=30, stepped=True)
     await c.healthy()
     await c.command(Command.FAILOVER)
     await c.tick()
@@ -194,21 +202,34 @@ async def test_step_timeout_retry_and_cancel() -> None:
     assert "fencing timed out after 30s waiting for the old primary" in str(rec.operation.error)
     assert cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix),
                           time.time())["services"]["app"]["error"] == rec.operation.error
-    await c.command(Command.RETRY)
+    await c.command(Command.RETRY, by=Actor("bob", "admin", "api"), at=2000.0)
     await c.tick()
     rec = c.record()
     assert rec.state is State.FENCING and rec.operation is not None
     assert (rec.operation.error, rec.operation.failed_step, rec.epoch) == (None, None, 2)
+    assert rec.history[-1]["request"] == {"command": "retry", "at": 2000.0, "by": {
+        "name": "bob", "role": "admin", "via": "api"}}
     rec.since -= 31
     await c.put_record(rec)
     await c.tick()
     assert c.record().state is State.FAILED
-    await c.command(Command.CANCEL)
+    await c.command(Command.CANCEL, by=Actor("carol@ops2", via="cli"), at=2100.0)
     await c.tick()
     rec = c.record()
     assert (rec.state, rec.operation, rec.primary, rec.replica) == (State.HEALTHY, None, "east",
                                                                     "west")
     assert not c.pending()
+    # who asked for the operation (nobody: the command named no one), then who retried and
+    # who cancelled it
+    app = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix),
+                         time.time())["services"]["app"]
+    assert [r["asked"] for r in app["operation"]["later_requests"]] == [
+        "retry asked by bob (admin)", "cancel asked by carol@ops2 (drctl CLI)"]
+    assert app["operations"][0]["request"] == "cancel asked by carol@ops2 (drctl CLI)"
+    line = operation_line(app["operation"], lambda t: f"T{t:.0f}")
+    assert line.startswith("last operation: failover to west, asked by an unknown user at T")
+    assert line.endswith(": cancelled; retry asked by bob (admin) at T2000; cancel asked by "
+                         "carol@ops2 (drctl CLI) at T2100")
 
 
 async def test_a_resync_that_times_out_can_be_retried() -> None:
@@ -309,6 +330,30 @@ def test_old_and_new_heartbeats_and_records_decode() -> None:
                                b'"replica": "west", "some_future_field": 1}')
     assert (rec.resync, rec.unreplicated_blocks, rec.replica_consistent) == (None, 0, True)
     assert ServiceRecord.decode(rec.encode()) == rec
+
+
+def test_records_from_before_requests_named_their_user_decode_as_unknown() -> None:
+    from failover.records import Operation, asked_text
+
+    old = CommandRecord.decode(b'{"command": "switchover", "target": null, "id": "x", '
+                               b'"at": 1.0}')
+    assert old.by is None and asked_text(old.by) == "asked by an unknown user"
+    new = CommandRecord(Command.FAILOVER, "west", "y", 2.0, Actor("alice", "admin", "api"))
+    assert CommandRecord.decode(new.encode()) == new
+    garbled = CommandRecord.decode(b'{"command": "retry", "id": "z", "at": 1.0, "by": 7}')
+    assert garbled.by is None
+    requested = Operation.from_dict({"kind": "failover", "source": "east", "target": "west",
+                                     "started_at": 1.0})
+    assert (requested.asked_by, requested.asked) == (None, "asked by an unknown user")
+    automatic = Operation.from_dict({"kind": "failover", "source": "east", "target": "west",
+                                     "started_at": 1.0, "automatic": True})
+    assert automatic.asked == "automatic"
+    rec = ServiceRecord(State.FENCING, 1.0, "east", "west", operation=Operation(
+        "failover", "east", "west", 1.0, asked_by=Actor("alice", "admin", "api"),
+        asked_at=0.5))
+    assert ServiceRecord.decode(rec.encode()) == rec
+    # a name is printed as it is, without control characters (the page escapes it)
+    assert Actor("<b>\x1b[31m", "admin", "api").describe() == "asked by <b>?[31m (admin)"
 
 
 def test_requests_the_record_rules_out() -> None:
@@ -513,7 +558,8 @@ async def test_state_changes_name_the_operation_they_belong_to() -> None:
     await c.tick()
     rec = c.record()
     assert rec.state is State.FAILED_OVER and rec.operation is None
-    switchover = {"kind": "switchover", "target": "west", "automatic": False}
+    switchover = {"kind": "switchover", "target": "west", "automatic": False,
+                  "asked_by": None}  # (a command from an older drctl: nobody named)
     steps = [(h["from"], h["to"], h.get("operation")) for h in rec.history]
     assert steps == [("unprotected", "healthy", None),
                      ("healthy", "draining", switchover), ("draining", "fencing", switchover),
@@ -522,6 +568,71 @@ async def test_state_changes_name_the_operation_they_belong_to() -> None:
                      ("rerouting", "failed_over", switchover)]
     s = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix), time.time())
     app = s["services"]["app"]
-    assert app["operations"][0] == {"at": rec.history[-1]["at"], "from": "rerouting",
-                                    "to": "failed_over", "operation": switchover}
+    assert app["operations"][0] == {
+        "at": rec.history[-1]["at"], "from": "rerouting", "to": "failed_over",
+        "operation": {**switchover, "asked": "asked by an unknown user"}, "request": None}
     assert rec.last_operation is not None and rec.last_operation.outcome == "done"
+
+
+async def test_the_operation_and_its_state_changes_name_who_asked() -> None:
+    """An API user's request: the operation, its state changes and the status name the user
+    and role, and when it was asked."""
+    c = Cluster(stepped=True)
+    await c.healthy()
+    alice = Actor("alice", "operator", "api")
+    await c.command(Command.SWITCHOVER, by=alice, at=1000.0)
+    s = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix), time.time())
+    assert (s["services"]["app"]["pending"], s["services"]["app"]["pending_asked"]) == (
+        "switchover", "asked by alice (operator)")
+    await c.tick()
+    rec = c.record()
+    assert rec.state is State.DRAINING and rec.operation is not None
+    assert (rec.operation.asked_by, rec.operation.asked_at) == (alice, 1000.0)
+    assert not rec.operation.automatic
+    assert rec.history[-1]["operation"]["asked_by"] == {"name": "alice", "role": "operator",
+                                                        "via": "api"}
+    app = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix),
+                         time.time())["services"]["app"]
+    op = app["operation"]
+    assert (op["current"], op["asked"], op["asked_at"]) == (True, "asked by alice (operator)",
+                                                            1000.0)
+    assert op["asked_by"] == {"name": "alice", "role": "operator", "via": "api"}
+    assert app["operations"][0]["operation"]["asked"] == "asked by alice (operator)"
+    assert operation_line(op, lambda t: f"T{t:.0f}").startswith(
+        "operation: switchover to west, asked by alice (operator) at T1000; from east, "
+        "started T")
+    assert operation_line(op).endswith(": in progress")
+    from failover.cli_control import status_lines
+
+    lines = status_lines(cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix),
+                                        time.time()))
+    assert any(line.startswith("  operation: switchover to west, asked by alice (operator) "
+                               "at ") for line in lines), lines
+    # a failover overtaking the drain, asked by another user from the CLI: that change says so
+    await c.command(Command.FAILOVER, by=Actor("bob@ops1", via="cli"), at=1010.0)
+    await c.tick()
+    rec = c.record()
+    assert rec.state is State.FENCING and rec.operation is not None
+    assert rec.operation.asked_by == alice  # (who started it)
+    app = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix),
+                         time.time())["services"]["app"]
+    assert app["operations"][0]["request"] == "failover asked by bob@ops1 (drctl CLI)"
+    assert app["operation"]["later_requests"][-1]["asked"] == \
+        "failover asked by bob@ops1 (drctl CLI)"
+
+
+async def test_an_automatic_failover_names_the_controller() -> None:
+    c = Cluster(stepped=True, grace_seconds=0)
+    await c.healthy()
+    await c.silence("east")
+    await c.tick()  # primary_suspect
+    await c.tick()  # its grace is over: fencing
+    rec = c.record()
+    assert rec.state is State.FENCING and rec.operation is not None
+    assert rec.operation.automatic
+    assert rec.operation.asked_by == Actor("c0", via="controller")
+    app = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix),
+                         time.time())["services"]["app"]
+    assert app["operation"]["asked"] == "automatic (controller c0)"
+    assert app["operations"][0]["operation"]["asked"] == "automatic (controller c0)"
+    assert "failover to west, automatic (controller c0) at " in operation_line(app["operation"])
