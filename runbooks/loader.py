@@ -72,7 +72,7 @@ def load(path: str) -> Runbook:
     try:
         raw = load_yaml(path)
     except OSError as exc:
-        raise RunbookError(path, [f"{path}:0: cannot read: {exc.strerror}"]) from None
+        raise RunbookError(path, [f"{path}: cannot read: {exc.strerror}"]) from None
     except DuplicateKey as exc:
         raise RunbookError(path, [f"{path}:{yaml_error_line(exc) or 1}: {exc.problem}: a key "
                                   "is given once in a mapping"]) from None
