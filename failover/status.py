@@ -82,9 +82,9 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
             "history": [f"{h['from']}->{h['to']}" for h in rec.history],
             # the last state changes, newest first; each with the operation it belonged to
             # (kind, target, automatic, who asked), if any, and the request that made it
-            "operations": [_change(h) for h in reversed(rec.history[-10:])],
-            "operation": _operation(rec.operation, True) or _operation(rec.last_operation,
-                                                                       False),
+            "operations": [_change(h, svc.primary) for h in reversed(rec.history[-10:])],
+            "operation": (_operation(rec.operation, True, svc.primary)
+                          or _operation(rec.last_operation, False, svc.primary)),
             "waiting_for": rec.waiting_for,
         }
     leader = snap.value(leader_key(cfg.prefix))
@@ -92,24 +92,36 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
             "services": services, "at": now}
 
 
-def _operation(op: Operation | None, current: bool) -> dict[str, Any] | None:
+def label(kind: str, target: str, home: str) -> str:
+    """What an operation is called: ``failover to west``, ``resync of east``, and a
+    switchover to the runbook's primary (``home``) is the ``failback to east`` it was."""
+    if kind == "resync":
+        return f"resync of {target}"
+    if kind == "switchover" and target == home:
+        return f"failback to {target}"
+    return f"{kind} to {target}"
+
+
+def _operation(op: Operation | None, current: bool, home: str) -> dict[str, Any] | None:
     """An operation with its steps (each: status, seconds, the end of its output, error)
     and who asked for it, and for anything asked of it since (retry, cancel)."""
     if op is None or not op.steps:
         return None
-    out = {**asdict(op), "current": current, "asked": op.asked}
+    out = {**asdict(op), "current": current, "asked": op.asked,
+           "label": label(op.kind, op.target, home)}
     out["later_requests"] = [{**asdict(r), "asked": r.asked} for r in op.later_requests]
     return out
 
 
-def _change(h: dict[str, Any]) -> dict[str, Any]:
+def _change(h: dict[str, Any], home: str) -> dict[str, Any]:
     """A state change of the history: its operation (and who asked for that; a change
     recorded before operations said so: unknown), and the request that made it if it was
     asked of an operation under way (``retry asked by bob (admin)``)."""
     op = h.get("operation")
     if isinstance(op, dict):
         op = {**op, "asked": asked_text(Actor.from_dict(op.get("asked_by")),
-                                        bool(op.get("automatic")))}
+                                        bool(op.get("automatic"))),
+              "label": label(str(op.get("kind")), str(op.get("target")), home)}
     request = Request.from_dict(h.get("request"))
     return {"at": h["at"], "from": h["from"], "to": h["to"], "operation": op,
             "request": request.asked if request else None}
@@ -123,8 +135,7 @@ def operation_line(op: dict[str, Any], clock: Callable[[float], str] | None = No
     def at(t: float) -> str:
         return clock(t) if clock is not None else time.strftime("%H:%M:%S", time.localtime(t))
 
-    kind = (f"resync of {op['target']}" if op["kind"] == "resync"
-            else f"{op['kind']} to {op['target']}")
+    kind = op.get("label") or f"{op['kind']} to {op['target']}"
     asked_at = op.get("asked_at")
     line = (f"{'operation' if op['current'] else 'last operation'}: {kind}, {op['asked']}"
             + (f" at {at(asked_at)}" if asked_at is not None else "")

@@ -257,7 +257,8 @@ def test_a_switchover_from_the_page_ends_with_its_outcome(site: Site, browser: A
         if "-> failed_over" in site.tick():
             break
     page.until(lambda: page.state() == "failed_over")
-    page.until(lambda: "done; the service is failed_over, primary west" in page.notice())
+    page.until(lambda: ": the service was failed_over, primary west)" in page.notice()
+               and ": done (" in page.notice())
     assert "queued" not in page.notice() and "in progress" not in page.notice()
     changes = page.text(".changes")
     # (the --token-file user: admin, role admin)

@@ -570,7 +570,8 @@ async def test_state_changes_name_the_operation_they_belong_to() -> None:
     app = s["services"]["app"]
     assert app["operations"][0] == {
         "at": rec.history[-1]["at"], "from": "rerouting", "to": "failed_over",
-        "operation": {**switchover, "asked": "asked by an unknown user"}, "request": None}
+        "operation": {**switchover, "asked": "asked by an unknown user",
+                      "label": "switchover to west"}, "request": None}
     assert rec.last_operation is not None and rec.last_operation.outcome == "done"
 
 
@@ -636,3 +637,20 @@ async def test_an_automatic_failover_names_the_controller() -> None:
     assert app["operation"]["asked"] == "automatic (controller c0)"
     assert app["operations"][0]["operation"]["asked"] == "automatic (controller c0)"
     assert "failover to west, automatic (controller c0) at " in operation_line(app["operation"])
+
+
+def test_a_switchover_home_is_called_a_failback() -> None:
+    """A failback is carried out as a switchover to the runbook's primary: the status names
+    it what it was."""
+    from failover.status import label
+
+    assert label("switchover", "east", home="east") == "failback to east"
+    assert label("switchover", "west", home="east") == "switchover to west"
+    assert label("failover", "east", home="east") == "failover to east"
+    assert label("resync", "east", home="east") == "resync of east"
+    op = {"label": "failback to east", "kind": "switchover", "target": "east", "current": False,
+          "asked": "asked by admin (admin)", "asked_at": 5.0, "source": "west",
+          "started_at": 6.0, "outcome": "done"}
+    assert operation_line(op, lambda t: f"T{t:.0f}") == (
+        "last operation: failback to east, asked by admin (admin) at T5; from west, started "
+        "T6: done")
