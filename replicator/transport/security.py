@@ -49,7 +49,7 @@ from drctl.pki import (
     read_key_pem,
     write_private,
 )
-from replicator.errors import UsageError
+from replicator.errors import StreamRefused, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +410,8 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     text = (f"epoch_not_granted: batch {msg.seq} of {msg.volume} claims epoch "
                             f"{msg.epoch}, the replica is at {allowed}")
                     log.warning("refused Push from %s (%s): %s", who, context.peer(), text)
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, text)
+                    # the handler ends the call from its own task (errors.StreamRefused)
+                    raise StreamRefused(grpc.StatusCode.FAILED_PRECONDITION, text)
             yield msg
             try:
                 msg = await anext(rest)

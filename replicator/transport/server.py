@@ -21,6 +21,7 @@ from replicator.errors import (
     ProtocolError,
     QuotaExceededError,
     ReplicatorError,
+    StreamRefused,
     VolumeBusyError,
     VolumeError,
     VolumeNotFoundError,
@@ -267,6 +268,8 @@ class ReplicationService(wire.ReplicationServicer):
             try:
                 async for msg in request_iterator:
                     await queue.put(msg)
+            except StreamRefused as refused:
+                await queue.put(refused)  # the handler's task ends the call with it
             finally:
                 await queue.put(end)
 
@@ -276,6 +279,8 @@ class ReplicationService(wire.ReplicationServicer):
                 first = await queue.get()
                 if first is end:
                     return
+                if isinstance(first, StreamRefused):
+                    await context.abort(cast(grpc.StatusCode, first.status), first.message)
                 slot = await self._open(first.volume, context)
                 try:
                     await asyncio.wait_for(slot.stream_lock.acquire(), STREAM_TAKEOVER_SECONDS)
@@ -403,6 +408,10 @@ class _PushSession:
         group_started = loop.time()
         try:
             while msg is not self.end:
+                if isinstance(msg, StreamRefused):
+                    async with self.write_lock:  # not while an acknowledgement is written
+                        await self.context.abort(cast(grpc.StatusCode, msg.status),
+                                                 msg.message)
                 if msg.seq == 0 and msg.commit:
                     await self.flush()
                 else:
