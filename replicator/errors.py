@@ -163,15 +163,15 @@ ALL_ERRORS: tuple[type[ReplicatorError], ...] = (
 )
 
 
-class StreamRefused(ReplicatorError):
+class StreamRefused(Exception):
     """The security layer refused a message of a Push stream (an epoch no token granted).
     Raised from the stream's iterator, which the handler reads on a task of its own; the
     handler ends the call with ``status`` (a grpc.StatusCode) from its own task, once no
     acknowledgement is being written (an abort from the reading task could race a write
-    and leave the call hanging until its deadline)."""
-
-    code = "stream_refused"
+    and leave the call hanging until its deadline). Internal to the target: never reaches a
+    command line, so not a ReplicatorError."""
 
     def __init__(self, status: object, message: str) -> None:
         super().__init__(message)
         self.status = status
+        self.message = message
