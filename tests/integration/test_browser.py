@@ -5,14 +5,13 @@ through the primary's export, controller, web page): Drill, Failover, re-protect
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 from drctl.demo import DemoCluster
 from drctl.localservers import MissingBinary
+from tests.integration.chromium import headless_chromium
 
 webdriver = pytest.importorskip("selenium.webdriver")
 
@@ -33,28 +32,10 @@ def demo() -> Iterator[DemoCluster]:
 
 @pytest.fixture
 def browser(demo: DemoCluster) -> Iterator[object]:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("Debian's chromium and chromium-driver are not installed")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="drctl-chromium-")
-    opts = Options()
-    opts.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-                 "--window-size=1200,900",
-                 # the page is HTTPS with the demo CA's certificate: trust exactly its key
-                 f"--ignore-certificate-errors-spki-list={demo.api_spki()}"):
-        opts.add_argument(flag)
-    b = webdriver.Chrome(service=Service(driver), options=opts)
-    try:
+    # the page is HTTPS with the demo CA's certificate: trust exactly its key
+    with headless_chromium("--disable-quic",
+                           f"--ignore-certificate-errors-spki-list={demo.api_spki()}") as b:
         yield b
-    finally:
-        b.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def test_click_failover_wait_for_reprotect_then_failback(demo: DemoCluster,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 import urllib.request
@@ -36,6 +34,7 @@ from failover.records import (
     command_key,
     heartbeat_key,
 )
+from tests.integration.chromium import headless_chromium
 
 webdriver = pytest.importorskip("selenium.webdriver")
 
@@ -117,26 +116,8 @@ def alices_site(workdir: str) -> Iterator[Site]:
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("Debian's chromium and chromium-driver are not installed")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="drctl-chromium-")
-    opts = Options()
-    opts.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-                 "--window-size=1200,900"):
-        opts.add_argument(flag)
-    b = webdriver.Chrome(service=Service(driver), options=opts)
-    try:
+    with headless_chromium() as b:
         yield b
-    finally:
-        b.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 CARD = 'document.querySelector(\'[data-service="app"]\')'
