@@ -88,6 +88,11 @@ class ChangeJournal:
         self.resync_since: float | None = None
         self.released_cp = 0
         self.overflows = 0
+        # bumped whenever the shipper has something new to decide on (a point opened or
+        # closed, the journal overflowed, a change recorded in bitmap mode), not by every
+        # write into an open point: the export wakes the shipper only then (take_news)
+        self.news = 0
+        self._news_seen = 0
         self.flushes = 0
         self.replayed = 0
         self.seq = 0  # appends ever made by this process: GroupCommit's clock
@@ -206,7 +211,16 @@ class ChangeJournal:
                                             self.open_blocks))
         self.next_cp += 1
         self.open_start, self.open_first_at, self.open_blocks = self.size, None, set()
+        self.news += 1
         return self._bump()
+
+    def take_news(self) -> bool:
+        """Whether ``news`` moved since the last call (one caller: the exports' loop)."""
+        news = self.news
+        if news == self._news_seen:
+            return False
+        self._news_seen = news
+        return True
 
     def _append(self, kind: int, vol: int, offset: int, length: int,
                 data: bytes | bytearray | memoryview = b"") -> int:
@@ -222,11 +236,13 @@ class ChangeJournal:
                 if self.dirty_since is None:
                     self.dirty_since = time.time()
                 self._raw_append(record(KIND_DIRTY, tagged, length))
+                self.news += 1
             else:  # header and data in one system call, the data not copied here
                 self._raw_append(record_head(kind, tagged, length, data), data)
                 self.open_blocks.update(blocks)
                 if self.open_first_at is None:
                     self.open_first_at = time.time()
+                    self.news += 1
             return self._bump()
 
     def _unreleased(self) -> int:
@@ -479,6 +495,7 @@ class ChangeJournal:
         self.open_first_at, self.open_blocks = None, set()
         self.overflowed = True
         self.overflows += 1
+        self.news += 1
         log.warning("change journal %s reached its limit (%d bytes): tracking %d changed blocks "
                     "in a change bitmap until the target catches up", self.path, self.limit,
                     len(self.dirty))

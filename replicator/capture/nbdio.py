@@ -478,8 +478,8 @@ class Transmission(asyncio.BufferedProtocol):
         if err is not None:
             self._failed(cmd, handle, 0, length, err)
             return
-        if self.ex.on_change is not None:
-            self.ex.on_change()
+        if self.ex.on_change is not None and self.ex.journal.take_news():
+            self.ex.on_change()  # once per point opened (a write into one decides nothing)
         self._inflight -= length
         self._reply(handle, 0)
 
