@@ -215,21 +215,32 @@ class DemoCluster:
             out: dict[str, object] = json.loads(r.read())
         return out
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """Stop everything; returns what was done, in a line."""
         self._stop_writer.set()
         for p in reversed(list(self.procs.values())):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
+        killed = []
+        for name, p in self.procs.items():
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for server in (self.named, self.etcd):
+                killed.append(name)
+        servers = []
+        for label, server in (("named", self.named), ("etcd", self.etcd)):
             if server is not None:
                 server.stop()
+                servers.append(label)
         shutil.rmtree(self.work, ignore_errors=True)
+        ended = f"{len(self.procs) - len(killed)} drctl processes ended on SIGTERM"
+        if killed:
+            ended += f", {', '.join(killed)} killed after 10 s"
+        if servers:
+            ended += f"; {' and '.join(servers)} stopped"
+        return f"stopped: {ended}; {self.work} removed"
 
 
 def _line(demo: DemoCluster) -> str:
@@ -352,7 +363,7 @@ def main() -> int:
         pass
     finally:
         print("stopping...", flush=True)
-        demo.stop()
+        print(demo.stop(), flush=True)
     return 0
 
 

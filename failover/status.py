@@ -31,6 +31,7 @@ from failover.records import (
     Request,
     ServiceHealth,
     ServiceRecord,
+    StepRun,
     asked_text,
     command_key,
     heartbeat_key,
@@ -38,6 +39,7 @@ from failover.records import (
     service_record,
     state_key,
 )
+from failover.steps import Owner
 
 
 def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, Any]:
@@ -63,6 +65,8 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
             "state": rec.state, "primary": rec.primary, "replica": rec.replica,
             "home": svc.primary,  # the runbook's primary: where a failback goes
             "epoch": rec.epoch, "lag_seconds": rec.last_lag_seconds,
+            # false: nothing to fail over to without --force (initial sync, resync)
+            "replica_consistent": rec.replica_consistent,
             "rpo_budget_seconds": svc.policy.rpo_seconds, "message": rec.message,
             "summary": human(rec.message),  # the message without the table's alternatives
             "error": rec.operation.error if rec.operation else None,
@@ -168,7 +172,7 @@ def progress(rec: ServiceRecord, serving: ServiceHealth | None,
     running = [(i, r) for i, r in enumerate(op.steps if op else [], 1) if r.status == "running"]
     if running and rec.state is not State.FAILED:
         i, r = running[0]
-        lines.append(f"step {i}/{len(op.steps) if op else 0}: {r.title} ({r.owner})"
+        lines.append(f"step {i}/{len(op.steps) if op else 0}: {r.title} ({_runs_it(op, r)})"
                      + (f": {r.output.splitlines()[-1]}" if r.output else ""))
     if rec.state is State.DRAINING:
         barrier = serving is not None and serving.barrier
@@ -190,6 +194,13 @@ def progress(rec: ServiceRecord, serving: ServiceHealth | None,
         lines.append(f"unreplicated writes set aside: {rec.unreplicated_blocks} blocks in "
                      f"{rec.unreplicated_file or 'an unnamed file'} (on {rec.replica})")
     return lines
+
+
+def _runs_it(op: Operation | None, run: StepRun) -> str:
+    """Who runs a step, as an operator reads it: the controller, or the site (by name)."""
+    if run.owner == Owner.CONTROLLER or op is None:
+        return "controller"
+    return f"on {op.source if run.owner == Owner.OLD_PRIMARY else op.target}"
 
 
 def _why_unprotected(rec: ServiceRecord, serving: ServiceHealth | None,

@@ -27,7 +27,11 @@ def demo() -> Iterator[DemoCluster]:
     try:
         yield cluster
     finally:
-        cluster.stop()
+        stopped = cluster.stop()
+        print(stopped)
+    # every process stops on SIGTERM (none killed), and the line says what was stopped
+    assert stopped.startswith("stopped: ") and "killed" not in stopped, stopped
+    assert "named and etcd stopped" in stopped, stopped
 
 
 @pytest.fixture

@@ -162,9 +162,16 @@ class Page:
             raise AssertionError(f"page:\n{self.js('document.body.innerText')}") from None
 
     def click(self, op: str) -> None:
+        self._confirm(f'{CARD}.querySelector(\'button[data-op="{op}"]\').click()')
+
+    def request(self, op: str) -> None:
+        """What a click sends, whether or not the button is enabled."""
+        self._confirm(f'operate("app", "{op}")')
+
+    def _confirm(self, script: str) -> None:
         from selenium.webdriver.support import expected_conditions as ec
 
-        self.b.execute_script(f'{CARD}.querySelector(\'button[data-op="{op}"]\').click()')
+        self.b.execute_script(script)
         self.wait.until(ec.alert_is_present())
         self.b.switch_to.alert.accept()
 
@@ -180,7 +187,9 @@ def test_a_new_service_and_the_buttons_say_what_is_true(site: Site, browser: Any
     assert t["switchover"] == (True, "only from healthy (the service is unprotected)"), t
     assert t["failback"] == (True, "already at home (east)"), t
     assert t["retry"] == t["cancel"] == (True, "only when an operation failed"), t
-    assert t["failover"] == (False, "Fence the primary now and promote the replica"), t
+    assert t["failover"] == (True, "the replica west holds no consistent copy yet (initial "
+                             "sync or resync); the controller refuses a failover to it (drctl "
+                             "failover --force promotes it anyway)"), t
     assert "healthy" not in page.text(), page.text()
     assert "recent state changes" in page.text() and "recent operations" not in page.text()
     # the page names an icon the API serves (no 404 in the console)
@@ -190,9 +199,10 @@ def test_a_new_service_and_the_buttons_say_what_is_true(site: Site, browser: Any
         with urllib.request.urlopen(site.url + path) as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("image/svg+xml")
 
-    # a failover to the replica that never synced: the controller refuses it, and the notice
-    # says so instead of staying "queued"
-    page.click("failover")
+    # a failover to the replica that never synced, sent anyway (the API takes it: a page
+    # rendered before, a script): the controller refuses it, and the notice says so instead
+    # of staying "queued"
+    page.request("failover")
     page.until(lambda: "failover of app (operation " in page.notice())
     site.tick()
     page.until(lambda: "not carried out" in page.notice())

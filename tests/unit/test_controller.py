@@ -317,6 +317,23 @@ def test_progress_formatting() -> None:
         "and the verify")
 
 
+def test_a_running_step_names_the_site_that_runs_it() -> None:
+    from failover.records import Operation, StepRun
+    from failover.status import progress
+
+    rec = service_record(None, "east", "west")
+    rec.state = State.PROMOTING
+    rec.operation = Operation("failover", "east", "west", 0.0, steps=[
+        StepRun("fence", "fence", "controller", "fencing", status="done"),
+        StepRun("stop web", "hook", "old_primary", "fencing", status="done"),
+        StepRun("promote", "promote", "new_primary", "promoting", status="running")])
+    assert progress(rec, None, None, True)[0] == "step 3/3: promote (on west)"
+    rec.operation.steps[1].status = "running"
+    assert progress(rec, None, None, True)[0] == "step 2/3: hook 'stop web' (on east)"
+    rec.operation.steps[0].status = "running"
+    assert progress(rec, None, None, True)[0] == "step 1/3: fence (controller)"
+
+
 def test_old_and_new_heartbeats_and_records_decode() -> None:
     old = Heartbeat.decode(b'{"site": "east", "at": 1.0, "services": {"app": '
                            b'{"role": "primary", "epoch": 2, "lag_seconds": 0.5}}}')
