@@ -338,14 +338,18 @@ class Replica:
 
     def _apply(self, batch: Batch, index: memoryview | None, incoming: bool = True) -> int:
         """Verify then write; ``index`` (None: leave the index alone) takes the new hashes.
-        The blocks are listed as in flight in the index's header while they are written."""
+        The blocks are listed as in flight in the index's header while they are written.
+        A staged batch read back from the redo journal (``incoming`` false) had each block's
+        hash checked when it was staged, and its checksum (over the same payload) is checked
+        again as it is opened here: its blocks are not hashed a second time."""
         records, payload = self._open(batch, incoming)
         self._ix.begin(batch.indices, inflight=index is not None)  # logged first (activity.py)
         if not records and batch.indices:
-            written = self._apply_run(batch, payload, index)
+            written = self._apply_run(batch, payload, index, check=incoming)
         else:
             geo = Geometry(batch.volume_size, self.record.block_size)
-            written = self._write(records, self._verify(batch.seq, records, payload, geo), index)
+            written = self._write(records, self._verify(batch.seq, records, payload, geo,
+                                                        check=incoming), index)
         self._ix.done(inflight=index is not None)
         return written
 
@@ -403,10 +407,11 @@ class Replica:
             self.ledger.forget_after(self.received_seq)  # those numbers may come again
         return dropped
 
-    def _apply_run(self, batch: Batch, payload: bytes, index: memoryview | None) -> int:
+    def _apply_run(self, batch: Batch, payload: bytes, index: memoryview | None,
+                   check: bool = True) -> int:
         """A run of full DATA blocks: one hash pass, one pwrite, one slice of the index."""
         view = memoryview(payload)
-        got = self._run_hashes(batch, payload)
+        got = self._run_hashes(batch, payload) if check else list(batch.hashes)
         bs = self.record.block_size
         first = batch.indices[0]
         written = 0
@@ -430,8 +435,9 @@ class Replica:
         return got
 
     def _verify(self, seq: int, records: list[Record], payload: bytes,
-                geo: Geometry) -> list[Buffer]:
-        """Content of every record, checked against its hash; nothing is written yet."""
+                geo: Geometry, check: bool = True) -> list[Buffer]:
+        """Content of every record, checked against its hash (unless ``check`` is false: a
+        staged batch, checked when it was staged); nothing is written yet."""
         bs = geo.block_size
         last = geo.blocks - 1
         tail = geo.block_len(last) if last >= 0 else 0
@@ -440,7 +446,8 @@ class Replica:
         has_copies = any(rec[1] == Kind.COPY for rec in records)
         if not has_copies and len(payload) == bs * len(records):
             # Fast path (bulk sync): only full DATA blocks, laid out back to back.
-            got = [hash_(view[o : o + bs]) for o in range(0, len(payload), bs)]
+            got = [hash_(view[o : o + bs]) for o in range(0, len(payload), bs)] if check \
+                else [rec[2] for rec in records]
             if got != [rec[2] for rec in records]:
                 bad = next(i for i, (a, r) in enumerate(zip(got, records, strict=True))
                            if a != r[2])
@@ -463,7 +470,7 @@ class Replica:
                 )
                 if len(data) != length:
                     raise CorruptBatchError("copy_mismatch", f"batch {seq}: copy length differs")
-            if hash_(data) != h:
+            if check and hash_(data) != h:
                 reason = "copy_mismatch" if kind == Kind.COPY else "block_hash"
                 raise CorruptBatchError(reason, f"batch {seq}: block {index} hash mismatch")
             if has_copies:

@@ -116,6 +116,49 @@ def test_points_apply_whole_and_the_index_projects_staged_batches(tmp_path: obje
     assert list(r.index()) == list(hash_all(memoryview(bytes(src.model)), src.geo))
 
 
+def test_a_staged_point_is_hashed_once_and_a_frame_damaged_before_it_is_applied_is_refused(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    import replicator.replica as replica_mod
+
+    d = str(tmp_path)
+    src = Source()
+    r = _replica(d)
+    batches = src.point({b: 0x40 + b for b in range(0, BLOCKS, 3)}) + \
+        src.point({b: 0x41 for b in range(BLOCKS)})  # a sparse point, then a run
+    for b in batches:
+        r.stage(b)
+    r.commit(src.seq)
+    hashed = 0
+    real = replica_mod.block_hash
+
+    def counting(data: object) -> int:
+        nonlocal hashed
+        hashed += 1
+        return real(data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(replica_mod, "block_hash", counting)
+    r.apply_staged()  # every block was checked when staged: not hashed again
+    assert hashed == 0 and _image(d) == bytes(src.model)
+
+    # a byte of a staged frame's payload flips on disk before it is applied: its checksum
+    # (over the same payload) refuses it, and the image keeps the last point
+    before = bytes(src.model)
+    more = src.point({b: 0x50 for b in range(BLOCKS)})
+    for b in more:
+        r.stage(b)
+    r.commit(src.seq)
+    frame = r.wal.frames[0]
+    at = frame.offset + frame.length - 1
+    fd = os.open(os.path.join(d, "v.wal"), os.O_RDWR)  # (the log's own fd appends)
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0xFF]), at)
+    finally:
+        os.close(fd)
+    with pytest.raises(CorruptBatchError, match="checksum"):
+        r.apply_staged()
+    assert _image(d) == before
+
+
 def test_a_crash_in_the_middle_of_applying_a_point_is_repaired_at_open(tmp_path: object
                                                                         ) -> None:
     d = str(tmp_path)
