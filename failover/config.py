@@ -70,10 +70,12 @@ class _Reader:
             if key not in allowed:
                 raise self.fail(node, key, where, f"unknown key (allowed: "
                                                   f"{', '.join(sorted(allowed))})")
-        for key in required:
-            if key not in node:
-                line = node.line if isinstance(node, LineDict) else 0
-                raise ConfigError(f"{self.path}:{line}: {where}: missing required key {key!r}")
+        missing = sorted(k for k in required if k not in node)
+        if missing:
+            line = node.line if isinstance(node, LineDict) else 0
+            raise ConfigError(f"{self.path}:{line}: {where or 'top level'}: missing required "
+                              f"key{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(repr(k) for k in missing)}")
         return node
 
     def number(self, node: dict[str, Any], key: str, where: str, default: float,

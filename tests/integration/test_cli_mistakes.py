@@ -216,6 +216,15 @@ def test_not_a_runbook_is_one_error(workdir: str) -> None:
     assert said.startswith(f"{path}:1: ")
 
 
+def test_missing_top_level_keys_are_named_together(workdir: str) -> None:
+    path = os.path.join(workdir, "small.yaml")
+    with open(path, "w") as fh:
+        fh.write("etcd: [127.0.0.1:2379]\n")
+    said = one_line(run([*DRCTL, "status", "--config", path]), 2, "[config]")
+    assert said.endswith(f"{path}:1: top level: missing required keys 'cluster', 'sites'"), \
+        said
+
+
 def test_one_config_error_one_exit_code_in_every_command(workdir: str) -> None:
     """A file that cannot be a configuration: every command that reads one says so in one
     line and exits 2 (docs/cli.md)."""
