@@ -218,8 +218,9 @@ class DemoCluster:
     def stop(self) -> str:
         """Stop everything; returns what was done, in a line."""
         self._stop_writer.set()
-        for p in reversed(list(self.procs.values())):
-            if p.poll() is None:
+        exited = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
+        for name, p in reversed(list(self.procs.items())):
+            if name not in exited:
                 p.send_signal(signal.SIGTERM)
         killed = []
         for name, p in self.procs.items():
@@ -235,7 +236,10 @@ class DemoCluster:
                 server.stop()
                 servers.append(label)
         shutil.rmtree(self.work, ignore_errors=True)
-        ended = f"{len(self.procs) - len(killed)} drctl processes ended on SIGTERM"
+        ended = f"{len(self.procs) - len(exited) - len(killed)} drctl processes ended on SIGTERM"
+        if exited:  # before the stop: a crash the logs explain
+            ended += ", " + ", ".join(f"{name} had exited already (status {rc})"
+                                      for name, rc in exited.items())
         if killed:
             ended += f", {', '.join(killed)} killed after 10 s"
         if servers:

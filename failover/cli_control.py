@@ -201,8 +201,7 @@ def status_lines(status: dict[str, Any]) -> list[str]:
                    f"replica={s['replica']} epoch={s['epoch']} "
                    f"lag={seconds(s['lag_seconds'])} -- {s['summary']}"
                    + (f" [error: {s['error']}]" if s["error"] else ""))
-        # (a line the summary says already, like the drain's, once)
-        out += [f"  {line}" for line in s["progress"] if line != s["summary"]]
+        out += [f"  {line}" for line in s["progress"]]
         if s.get("pending"):
             out.append(f"  queued: {s['pending']}, {s['pending_asked']}")
         if s.get("operation"):  # who asked for it: "switchover to west, asked by alice ..."

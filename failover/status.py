@@ -68,7 +68,10 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
             # false: nothing to fail over to without --force (initial sync, resync)
             "replica_consistent": rec.replica_consistent,
             "rpo_budget_seconds": svc.policy.rpo_seconds, "message": rec.message,
-            "summary": human(rec.message),  # the message without the table's alternatives
+            # the message without the table's alternatives (a drain: as the primary reports
+            # it now; the message is the controller's from the tick that last wrote the record)
+            "summary": drain_line(rec, serving) if rec.state is State.DRAINING
+            else human(rec.message),
             "error": rec.operation.error if rec.operation else None,
             "failed_step": rec.operation.failed_step if rec.operation else None,
             "pending": pending.command if pending else None,
@@ -174,11 +177,7 @@ def progress(rec: ServiceRecord, serving: ServiceHealth | None,
         i, r = running[0]
         lines.append(f"step {i}/{len(op.steps) if op else 0}: {r.title} ({_runs_it(op, r)})"
                      + (f": {r.output.splitlines()[-1]}" if r.output else ""))
-    if rec.state is State.DRAINING:
-        barrier = serving is not None and serving.barrier
-        lines.append(f"draining: replica lag {seconds(rec.last_lag_seconds)}, write barrier "
-                     f"{'up' if barrier else 'not up yet'}")
-    elif rec.state is State.UNPROTECTED:
+    if rec.state is State.UNPROTECTED:  # (a drain's line is the summary: drain_line)
         lines.append(f"unprotected: {_why_unprotected(rec, serving, replica, replica_alive)}")
     if rec.resync is not None:
         lines.append(resync_line(rec.resync))
@@ -194,6 +193,12 @@ def progress(rec: ServiceRecord, serving: ServiceHealth | None,
         lines.append(f"unreplicated writes set aside: {rec.unreplicated_blocks} blocks in "
                      f"{rec.unreplicated_file or 'an unnamed file'} (on {rec.replica})")
     return lines
+
+
+def drain_line(rec: ServiceRecord, serving: ServiceHealth | None) -> str:
+    barrier = serving is not None and serving.barrier
+    return (f"draining: replica lag {seconds(rec.last_lag_seconds)}, write barrier "
+            f"{'up' if barrier else 'not up yet'}")
 
 
 def _runs_it(op: Operation | None, run: StepRun) -> str:

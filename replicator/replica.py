@@ -336,20 +336,21 @@ class Replica:
                 f"the replica has {self.record.size} (only a handshake resizes it)")
         return records, payload
 
-    def _apply(self, batch: Batch, index: memoryview | None, incoming: bool = True) -> int:
+    def _apply(self, batch: Batch, index: memoryview | None, incoming: bool = True,
+               verified: bool = False) -> int:
         """Verify then write; ``index`` (None: leave the index alone) takes the new hashes.
         The blocks are listed as in flight in the index's header while they are written.
-        A staged batch read back from the redo journal (``incoming`` false) had each block's
-        hash checked when it was staged, and its checksum (over the same payload) is checked
-        again as it is opened here: its blocks are not hashed a second time."""
+        ``verified``: each block's hash was checked already (a staged batch read back from
+        the redo journal: checked when it was staged; its checksum, over the same payload, is
+        checked again as it is opened here), so the blocks are not hashed a second time."""
         records, payload = self._open(batch, incoming)
         self._ix.begin(batch.indices, inflight=index is not None)  # logged first (activity.py)
         if not records and batch.indices:
-            written = self._apply_run(batch, payload, index, check=incoming)
+            written = self._apply_run(batch, payload, index, check=not verified)
         else:
             geo = Geometry(batch.volume_size, self.record.block_size)
             written = self._write(records, self._verify(batch.seq, records, payload, geo,
-                                                        check=incoming), index)
+                                                        check=not verified), index)
         self._ix.done(inflight=index is not None)
         return written
 
@@ -387,7 +388,7 @@ class Replica:
             return 0, self.record.applied_cp
         self._ix.begin(None)  # the redo journal holds them until they are recorded applied
         for frame in frames:
-            self._apply(self.wal.read(frame), None, incoming=False)
+            self._apply(self.wal.read(frame), None, incoming=False, verified=True)
         os.fdatasync(self.img_fd)
         with self.lock:
             self.record.applied_seq = max(self.record.applied_seq, frames[-1].seq)
@@ -411,7 +412,7 @@ class Replica:
                    check: bool = True) -> int:
         """A run of full DATA blocks: one hash pass, one pwrite, one slice of the index."""
         view = memoryview(payload)
-        got = self._run_hashes(batch, payload) if check else list(batch.hashes)
+        got = self._run_hashes(batch, payload) if check else batch.hashes
         bs = self.record.block_size
         first = batch.indices[0]
         written = 0
@@ -447,8 +448,8 @@ class Replica:
         if not has_copies and len(payload) == bs * len(records):
             # Fast path (bulk sync): only full DATA blocks, laid out back to back.
             got = [hash_(view[o : o + bs]) for o in range(0, len(payload), bs)] if check \
-                else [rec[2] for rec in records]
-            if got != [rec[2] for rec in records]:
+                else None
+            if got is not None and got != [rec[2] for rec in records]:
                 bad = next(i for i, (a, r) in enumerate(zip(got, records, strict=True))
                            if a != r[2])
                 raise CorruptBatchError("block_hash",

@@ -88,9 +88,10 @@ class ChangeJournal:
         self.resync_since: float | None = None
         self.released_cp = 0
         self.overflows = 0
-        # bumped whenever the shipper has something new to decide on (a point opened or
-        # closed, the journal overflowed, a change recorded in bitmap mode), not by every
-        # write into an open point: the export wakes the shipper only then (take_news)
+        # bumped whenever the shipper has something new to decide on (a point opened, a
+        # client FLUSH closed one, the journal overflowed, a change recorded in bitmap mode),
+        # not by every write into an open point nor by the shipper's own cuts: the export
+        # wakes the shipper only then (take_news)
         self.news = 0
         self._news_seen = 0
         self.flushes = 0
@@ -172,6 +173,7 @@ class ChangeJournal:
             self.flushes += 1
             if self.overflowed or self.open_first_at is None:
                 return self._bump()  # nothing new: just wait for what is already appended
+            self.news += 1  # a point the shipper did not cut itself
             return self._close(KIND_FLUSH)
 
     def cut(self) -> int:
@@ -211,7 +213,6 @@ class ChangeJournal:
                                             self.open_blocks))
         self.next_cp += 1
         self.open_start, self.open_first_at, self.open_blocks = self.size, None, set()
-        self.news += 1
         return self._bump()
 
     def take_news(self) -> bool:

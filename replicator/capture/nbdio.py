@@ -479,7 +479,8 @@ class Transmission(asyncio.BufferedProtocol):
             self._failed(cmd, handle, 0, length, err)
             return
         if self.ex.on_change is not None and self.ex.journal.take_news():
-            self.ex.on_change()  # once per point opened (a write into one decides nothing)
+            self.ex.on_change()  # a point opened or FLUSHed, an overflow, bitmap mode (a
+            # write into an open point decides nothing: ChangeJournal.news)
         self._inflight -= length
         self._reply(handle, 0)
 

@@ -150,7 +150,8 @@ def _export_gauges(driver: PushDriver, journal: ChangeJournal, server: NbdServer
 INLINE_EXTRACT = 1 << 20  # journal bytes of points small enough to read on the event loop
 STREAM_IDLE = 0.5  # seconds without writes after which the streams of points end
 CUT_SPACING = 0.010  # seconds between two cuts of the agent's at least (a client FLUSH cuts at
-# once): it adds at most this much to the lag (5 ms made a lone writer 20-30% slower)
+# once): it adds at most this much to the lag (a lone 4 KiB writer: 823-1,027 IOPS at 5 ms,
+# 1,098-1,105 at 10 ms, in other rounds; docs/performance.md)
 FEED_AHEAD = 64  # closed points read from the journal ahead of the stream (per member): the
                  # rest of a backlog waits on disk, not in memory
 

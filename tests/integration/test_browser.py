@@ -29,8 +29,10 @@ def demo() -> Iterator[DemoCluster]:
     finally:
         stopped = cluster.stop()
         print(stopped)
-    # every process stops on SIGTERM (none killed), and the line says what was stopped
+    # every process was running and stops on SIGTERM (none had exited, none is killed), and
+    # the line says what was stopped
     assert stopped.startswith("stopped: ") and "killed" not in stopped, stopped
+    assert "exited already" not in stopped, stopped
     assert "named and etcd stopped" in stopped, stopped
 
 

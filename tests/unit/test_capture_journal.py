@@ -57,6 +57,31 @@ def test_a_flush_with_nothing_new_makes_no_point(tmp_path: object) -> None:
     assert [p.cp for p in j.closed] == [1]
 
 
+def test_the_shipper_hears_of_points_not_of_every_write(tmp_path: object) -> None:
+    """take_news: a point opened, a client FLUSH that closed one, an overflow, every change in
+    bitmap mode; not a write into an open point, an empty FLUSH or the shipper's own cut."""
+    j = _journal(tmp_path, limit=40 * BS)
+    assert not j.take_news()
+    _write(j, 0, 1)
+    assert j.take_news() and not j.take_news()  # read once
+    _write(j, 1, 1)
+    _write(j, 0, 2)
+    assert not j.take_news()  # into the open point
+    j.cut()
+    assert not j.take_news()  # the shipper's own
+    _write(j, 2, 1)
+    assert j.take_news()
+    j.flush()
+    assert j.take_news()  # a client FLUSH closed it
+    j.flush()
+    assert not j.take_news()  # nothing to close
+    _write(j, 3, 1, blocks=40)  # past the limit: bitmap mode
+    assert j.overflowed and j.take_news()
+    _write(j, 50, 1)
+    assert j.take_news()  # each change in bitmap mode
+    j.close()
+
+
 def test_replay_after_a_crash_redoes_writes_and_lists_them_dirty(tmp_path: object) -> None:
     j = _journal(tmp_path)
     j.write(3 * BS, b"\x33" * BS)  # journaled, never written to the volume (crash)

@@ -260,6 +260,12 @@ async def test_drain_waits_for_the_barrier_and_a_failover_request_wins() -> None
         await c.beat("east", "primary", 1, lag_seconds=0.0, protected=True)
         assert "write barrier not up yet" in await c.tick()
         assert c.record().state is State.DRAINING
+        if not failover:  # the status says the drain once, as the primary reports it now
+            await c.beat("east", "primary", 1, lag_seconds=0.0, protected=True, barrier=True)
+            app = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix),
+                                 time.time())["services"]["app"]
+            assert app["summary"] == "draining: replica lag 0.0s, write barrier up", app
+            assert not any("draining" in line for line in app["progress"]), app
         if failover:
             await c.command(Command.FAILOVER)
         else:

@@ -146,6 +146,33 @@ async def test_pipelined_requests_reach_volume_and_journal_in_arrival_order(
         assert (content or bytes(BS)) == model[b * BS : (b + 1) * BS], b
 
 
+async def test_the_shipper_is_woken_once_per_point_not_per_write(
+        export: tuple[NbdServer, NbdExport, Connect]) -> None:
+    _server, ex, connect = export
+    woken = 0
+
+    def wake() -> None:
+        nonlocal woken
+        woken += 1
+
+    ex.on_change = wake
+    c = await connect()
+    for i in range(8):  # one point opened, then written into
+        c.send(WRITE, i * BS, BS, bytes([i]) * BS)
+    assert all(err == 0 for err, _ in (await c.replies(8)).values())
+    assert woken == 1
+    ex.journal.cut()  # the shipper's own cut: it knows
+    for cmd in (WRITE, FLUSH, WRITE):  # one at a time
+        c.send(cmd, 0, BS if cmd == WRITE else 0, bytes(BS) if cmd == WRITE else b"")
+        assert (await c.replies(1))[c.handle][0] == 0
+    assert woken == 4  # a point opened, closed by the FLUSH, the next one opened
+    for i in range(3):  # the same news answered together (one sync): one wake-up for them
+        c.send(WRITE, i * BS, BS, bytes(BS))
+        c.send(FLUSH, 0, 0)
+    assert all(err == 0 for err, _ in (await c.replies(6)).values())
+    assert 5 <= woken <= 7
+
+
 async def test_no_write_is_answered_before_its_journal_record_is_durable(
         export: tuple[NbdServer, NbdExport, Connect], monkeypatch: pytest.MonkeyPatch) -> None:
     _server, ex, connect = export

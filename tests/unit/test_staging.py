@@ -124,7 +124,8 @@ def test_a_staged_point_is_hashed_once_and_a_frame_damaged_before_it_is_applied_
     src = Source()
     r = _replica(d)
     batches = src.point({b: 0x40 + b for b in range(0, BLOCKS, 3)}) + \
-        src.point({b: 0x41 for b in range(BLOCKS)})  # a sparse point, then a run
+        src.point({b: 0x41 for b in range(BLOCKS)}) + \
+        src.point({1: None, 2: 0x42, 9: None})  # sparse, a run, with ZERO records
     for b in batches:
         r.stage(b)
     r.commit(src.seq)
