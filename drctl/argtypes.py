@@ -71,9 +71,13 @@ def parse_hostport(text: str) -> tuple[str, int]:
     drctl address flag (``--listen``, ``--metrics-listen``, ``--to``, ...), so each says the
     same about the same mistake. AddressError if malformed."""
     host, sep, port_text = text.rpartition(":")
-    host = host.strip("[]") if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port_text.isdigit():
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if not sep or not host or not port_text.isdigit() or "[" in host or "]" in host:
         raise AddressError(f"invalid address {text!r}: expected HOST:PORT")
+    if ":" in host and not bracketed:  # gRPC would read part of it as the port
+        raise AddressError(f"invalid address {text!r}: an IPv6 address needs brackets, "
+                           f"[{host}]:{port_text}")
     number = int(port_text)
     if not 0 < number < 65536:
         raise AddressError(f"invalid address {text!r}: port {number} out of range "

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import ssl
@@ -255,9 +256,16 @@ def _line(demo: DemoCluster) -> str:
     dns = ", ".join(a for answers in (app.get("dns") or {}).values() for a in (answers or ["-"]))
     lag = app["lag_seconds"]
     extra = "; ".join(app.get("progress") or [])
-    return (f"{time.strftime('%H:%M:%S')} app: {app['state']:<13} primary={app['primary']:<5}"
-            f" lag={'-' if lag is None else f'{lag:.2f}s':<6} app.dr.test -> {dns}"
-            + (f"  [{extra}]" if extra else ""))
+    op = app.get("operation")
+    doing = f" ({op['label']}, {op['asked']})" if op and op.get("current") else ""
+    return (f"{time.strftime('%H:%M:%S')} app: {app['state']:<13}{doing} "
+            f"primary={app['primary']:<5} lag={'-' if lag is None else f'{lag:.2f}s':<6} "
+            f"app.dr.test -> {dns}" + (f"  [{extra}]" if extra else ""))
+
+
+def _news(line: str) -> str:
+    """What a status line says, without its time and lag (which move every sample)."""
+    return re.sub(r" lag=\S+", "", line.partition(" ")[2])
 
 
 def _until(demo: DemoCluster, what: str, ok: object, stopping: threading.Event,
@@ -360,8 +368,13 @@ def main() -> int:
             if cycle(demo, stopping):
                 print("\nthe lifecycle is done; the page's buttons work by hand now\n",
                       flush=True)
+        shown, shown_at = "", 0.0
         while not stopping.is_set() and (not seconds or time.monotonic() - started < seconds):
-            print(f"  {_line(demo)}", flush=True)
+            line = _line(demo)
+            # a line when something changed (the time aside), else one a minute
+            if _news(line) != shown or time.monotonic() - shown_at >= 60:
+                print(f"  {line}", flush=True)
+                shown, shown_at = _news(line), time.monotonic()
             stopping.wait(2)
     except KeyboardInterrupt:
         pass

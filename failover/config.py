@@ -64,6 +64,9 @@ class _Reader:
 
     def mapping(self, node: Any, where: str, allowed: set[str],
                 required: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+        if node is None and not where:
+            raise ConfigError(f"{self.path}: the file is empty (expected a cluster "
+                              "configuration or a runbook)")
         if not isinstance(node, dict):
             raise ConfigError(f"{self.path}: {where or 'top level'}: expected a mapping")
         for key in node:

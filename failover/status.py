@@ -218,7 +218,7 @@ def _why_unprotected(rec: ServiceRecord, serving: ServiceHealth | None,
         return f"{rec.primary}'s data path: {serving.data_path}"
     if serving is None:
         return f"{rec.primary} does not report the service as its primary"
-    if serving.protected is not False and not rec.replica_consistent:
+    if not rec.replica_consistent:
         return (f"{rec.primary} has not reported {rec.replica} protected yet (it holds no "
                 "consistent copy: a new service's initial sync, or a resync)")
     if serving.protected is None:

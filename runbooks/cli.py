@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=cmd_plan)
     d = root.add_parser("drill", help="a DR drill: clone the replica, check it, report RPO/RTO")
     d.add_argument("service")
-    d.add_argument("--runbook", required=True)
+    d.add_argument("--runbook", "--config", dest="runbook", required=True, metavar="FILE",
+                   help="the runbook (--config, as the other commands name it, works too)")
     d.add_argument("--name", help="drill name (default: drill-<random>)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_drill)

@@ -225,6 +225,18 @@ def test_missing_top_level_keys_are_named_together(workdir: str) -> None:
         said
 
 
+def test_an_empty_config_and_drill_config_flag(workdir: str) -> None:
+    empty = os.path.join(workdir, "empty.yaml")
+    with open(empty, "w") as fh:
+        fh.write("# nothing yet\n")
+    said = one_line(run([*DRCTL, "status", "--config", empty]), 2, "[config]")
+    assert said.endswith(f"{empty}: the file is empty (expected a cluster configuration or "
+                         "a runbook)"), said
+    # drill names its file --runbook, and --config as every other command (the same check)
+    for flag in ("--runbook", "--config"):
+        one_line(run([*DRCTL, "drill", "app", flag, empty]), 2, empty, "not a drctl runbook")
+
+
 def test_one_config_error_one_exit_code_in_every_command(workdir: str) -> None:
     """A file that cannot be a configuration: every command that reads one says so in one
     line and exits 2 (docs/cli.md)."""

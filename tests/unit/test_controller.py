@@ -520,7 +520,11 @@ async def test_a_new_service_starts_unprotected_and_is_healthy_once_protected() 
     app = s["services"]["app"]
     assert app["state"] == "unprotected"
     assert "not receiving" in app["message"], app["message"]
-    assert app["progress"][0] == "unprotected: east reports west not receiving at epoch 1"
+    # (while the replica never held a consistent copy, that is the reason given, not the
+    # primary's "not receiving")
+    assert app["progress"][0] == ("unprotected: east has not reported west protected yet (it "
+                                  "holds no consistent copy: a new service's initial sync, or "
+                                  "a resync)")
     # no report yet (the agent starting): unknown is not protected for a new service
     await c.beat("east", "primary", 1, data_path="running")
     await c.tick()

@@ -94,6 +94,8 @@ def test_a_rate_limit_too_low_to_be_meant_is_refused(text: str) -> None:
     (argtypes.natural, ["-1", "x"]),
     (argtypes.zstd_level, ["-1", "23"]),
     (argtypes.port, ["0", "65536", "-1", "x"]),
+    (argtypes.hostport, ["h", "h:", ":1", "h:x", "h:0", "a:b:c", "[::1", "[::1]", "::1:7400",
+                         "[[::1]]:5", "[::1]x:5"]),
 ])
 def test_argument_types_refuse_what_makes_no_sense(check: object, bad: list[str]) -> None:
     assert callable(check)
@@ -106,6 +108,10 @@ def test_argument_types_take_what_does() -> None:
     assert argtypes.seconds("0.5") == 0.5 and argtypes.seconds_or_zero("0") == 0
     assert argtypes.count("3") == 3 and argtypes.natural("0") == 0
     assert argtypes.zstd_level("22") == 22 and argtypes.port("7400") == 7400
+    assert [argtypes.parse_hostport(t) for t in ("h:1", "[::1]:7400", "10.0.0.1:53")] == [
+        ("h", 1), ("::1", 7400), ("10.0.0.1", 53)]
+    with pytest.raises(argtypes.AddressError, match=r"needs brackets, \[::1\]:7400"):
+        argtypes.parse_hostport("::1:7400")
 
 
 def test_bind_problem_names_a_port_in_use_and_a_foreign_address() -> None:
