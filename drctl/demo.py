@@ -41,6 +41,7 @@ import time
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from drctl.argtypes import seconds_or_zero
 from drctl.localservers import EtcdServer, NamedServer, free_port, wait_port
@@ -248,11 +249,16 @@ class DemoCluster:
         return f"stopped: {ended}; {self.work} removed"
 
 
-def _line(demo: DemoCluster) -> str:
+def _sample(demo: DemoCluster) -> tuple[dict[str, Any] | None, str]:
+    """The service's status (None if unavailable) and its line."""
     try:
         app = demo.status()["services"]["app"]  # type: ignore[index]
-    except (OSError, ValueError) as exc:
-        return f"status unavailable: {exc}"
+        return app, _line(app)
+    except (OSError, ValueError, KeyError) as exc:
+        return None, f"status unavailable: {exc}"
+
+
+def _line(app: dict[str, Any]) -> str:
     dns = ", ".join(a for answers in (app.get("dns") or {}).values() for a in (answers or ["-"]))
     lag = app["lag_seconds"]
     extra = "; ".join(app.get("progress") or [])
@@ -272,19 +278,16 @@ def _until(demo: DemoCluster, what: str, ok: object, stopping: threading.Event,
            timeout: float = 180) -> bool:
     """Print the status every second until ``ok(app)`` holds."""
     deadline = time.monotonic() + timeout
-    last: tuple[object, ...] = ()
-    printed = 0.0
+    shown, printed = "", 0.0
     while not stopping.is_set() and time.monotonic() < deadline:
+        app, line = _sample(demo)
         try:
-            app = demo.status()["services"]["app"]  # type: ignore[index]
-            done = bool(ok(app))  # type: ignore[operator]
-            key: tuple[object, ...] = (app["state"], app["primary"], str(app.get("dns")),
-                                       str(app.get("progress")))
-        except (OSError, ValueError, KeyError):
-            done, key = False, ()
-        if key != last or time.monotonic() - printed > 10:
-            print(f"    {_line(demo)}", flush=True)
-            last, printed = key, time.monotonic()
+            done = app is not None and bool(ok(app))  # type: ignore[operator]
+        except KeyError:
+            done = False
+        if _news(line) != shown or time.monotonic() - printed > 10:
+            print(f"    {line}", flush=True)
+            shown, printed = _news(line), time.monotonic()
         if done:
             return True
         stopping.wait(1)
@@ -370,7 +373,7 @@ def main() -> int:
                       flush=True)
         shown, shown_at = "", 0.0
         while not stopping.is_set() and (not seconds or time.monotonic() - started < seconds):
-            line = _line(demo)
+            _app, line = _sample(demo)
             # a line when something changed (the time aside), else one a minute
             if _news(line) != shown or time.monotonic() - shown_at >= 60:
                 print(f"  {line}", flush=True)

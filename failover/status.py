@@ -142,9 +142,9 @@ def operation_line(op: dict[str, Any], clock: Callable[[float], str] | None = No
     def at(t: float) -> str:
         return clock(t) if clock is not None else time.strftime("%H:%M:%S", time.localtime(t))
 
-    kind = op.get("label") or f"{op['kind']} to {op['target']}"
     asked_at = op.get("asked_at")
-    line = (f"{'operation' if op['current'] else 'last operation'}: {kind}, {op['asked']}"
+    line = (f"{'operation' if op['current'] else 'last operation'}: {op['label']}, "
+            f"{op['asked']}"
             + (f" at {at(asked_at)}" if asked_at is not None else "")
             + f"; from {op['source']}, started {at(op['started_at'])}: ")
     if op["current"]:

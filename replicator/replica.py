@@ -447,13 +447,13 @@ class Replica:
         has_copies = any(rec[1] == Kind.COPY for rec in records)
         if not has_copies and len(payload) == bs * len(records):
             # Fast path (bulk sync): only full DATA blocks, laid out back to back.
-            got = [hash_(view[o : o + bs]) for o in range(0, len(payload), bs)] if check \
-                else None
-            if got is not None and got != [rec[2] for rec in records]:
-                bad = next(i for i, (a, r) in enumerate(zip(got, records, strict=True))
-                           if a != r[2])
-                raise CorruptBatchError("block_hash",
-                                        f"batch {seq}: block {records[bad][0]} hash mismatch")
+            if check:
+                got = [hash_(view[o : o + bs]) for o in range(0, len(payload), bs)]
+                if got != [rec[2] for rec in records]:
+                    bad = next(i for i, (a, r) in enumerate(zip(got, records, strict=True))
+                               if a != r[2])
+                    raise CorruptBatchError(
+                        "block_hash", f"batch {seq}: block {records[bad][0]} hash mismatch")
             return [view[o : o + bs] for o in range(0, len(payload), bs)]
         pending: dict[int, Buffer] = {}
         contents: list[Buffer] = []
