@@ -7,6 +7,7 @@ prometheus 2.42). A missing binary raises MissingBinary (the tests turn it into 
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import shutil
@@ -43,9 +44,37 @@ def _free_tcp_udp_port() -> int:
         return port
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            lo, hi = (int(x) for x in fh.read().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return lo, hi
+
+
+_searched = itertools.count(secrets.randbelow(1 << 16))  # this process's search (a random start)
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (bind and bail on a race: callers retry)."""
-    with socket.socket() as s:
+    """A TCP port free on 127.0.0.1 right now, outside the kernel's ephemeral range: a server
+    that listens there again later (a site's NBD export after a failback, a restarted daemon)
+    cannot find it taken meanwhile by the local port of an outgoing connection, which a
+    port the kernel handed out for bind(0) could be. Successive calls in a process return
+    different ports (bind and bail on a race with another process: callers retry)."""
+    lo, hi = _ephemeral_ports()
+    first, last = (10000, lo - 1) if lo > 11000 else (hi + 1, 65535)
+    span = last - first + 1
+    for _ in range(min(span, 1000)) if span > 0 else ():
+        port = first + next(_searched) % span
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room outside the range: any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
