@@ -6,6 +6,7 @@ import json
 import os
 import random
 
+from tests.damage import flip_byte
 from tests.procs import DRCTL, Target, metric, push_cmd, run, same_file, write_random
 
 BS = 4096
@@ -88,9 +89,7 @@ def test_verify_detects_a_damaged_replica(workdir: str, target: Target, state_di
     write_random(src, 2 << 20, seed=3)
     push_once(src, target, state_dir)
     assert verify(src, target) == 0
-    with open(target.image("vol"), "r+b") as fh:
-        fh.seek(12345)
-        fh.write(b"\xff")
+    flip_byte(target.image("vol"), 12345)
     p = run([*DRCTL, "replicate", "verify", src, "--to", target.address,
              "--volume", "vol", *target.client_flags()])
     assert p.returncode == 1

@@ -18,6 +18,7 @@ import pytest
 
 from replicator.activity import EXTENT_BLOCKS, read
 from replicator.blockindex import INDEX_HEADER
+from tests.damage import flip_byte
 from tests.nbdclient import NbdClient
 from tests.procs import (
     DRCTL,
@@ -183,9 +184,7 @@ def _crash(agent: Agent, target: Target, files: dict[str, str], damage: bool
     os.close(fd)
     if damage:
         for path in (files["target_al"], files["agent_al"]):
-            with open(path, "r+b") as fh:
-                fh.seek(40)
-                fh.write(b"\xff")
+            flip_byte(path, 40)
     return t_logged, a_logged
 
 

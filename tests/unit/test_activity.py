@@ -12,6 +12,7 @@ import pytest
 
 import replicator.activity as activity
 from replicator.activity import MAX_EXTENTS, SLOT, ActivityLog, new_binding, read
+from tests.damage import flip_byte
 
 BIND = b"0123456789abcdef"
 
@@ -202,9 +203,7 @@ def test_a_log_it_cannot_vouch_for_is_none_and_a_reason(tmp_path: object, damage
     elif damage == "flip":  # in the older slot: either may be the one a crash tore
         saved, _ = read(al.path)
         assert saved is not None
-        with open(al.path, "r+b") as fh:
-            fh.seek((saved.seq + 1) % 2 * SLOT + 20)
-            fh.write(b"\xff")
+        flip_byte(al.path, (saved.seq + 1) % 2 * SLOT + 20)
     elif damage == "truncate":
         os.truncate(al.path, SLOT + 10)
     else:
@@ -282,9 +281,7 @@ def test_the_source_view_after_a_restart_of_the_machine(
     monkeypatch.setenv("DRCTL_BOOT_ID", "boot-3")
     assert StateStore(d, vol, activity=True).load().logged == {2}
     # a damaged log: the view is not known
-    with open(os.path.join(d, "activity.log"), "r+b") as fh:
-        fh.seek(30)
-        fh.write(b"\xff")
+    flip_byte(os.path.join(d, "activity.log"), 30)
     monkeypatch.setenv("DRCTL_BOOT_ID", "boot-4")
     lost = StateStore(d, vol, activity=True).load()
     assert lost.how == "" and len(lost.view) == 0

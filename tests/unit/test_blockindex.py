@@ -19,6 +19,7 @@ from replicator.blockindex import INDEX_HEADER, HashFile, data_extents
 from replicator.blockmap import UNKNOWN, Geometry, block_hash, hash_all
 from replicator.planning import Planner
 from replicator.replica import Replica, index_digest
+from tests.damage import flip_byte
 from tests.unit.test_staging import BLOCKS, BS, Source
 
 GEO = Geometry(BLOCKS * BS, BS)
@@ -310,9 +311,7 @@ def test_after_a_restart_of_the_machine_an_unusable_activity_log_means_the_whole
     _lose_page_cache(d, {0, 3, 6})
     al = os.path.join(d, "v.al")
     if damage == "flip":
-        with open(al, "r+b") as fh:
-            fh.seek(30)
-            fh.write(b"\xff")
+        flip_byte(al, 30)
     else:
         os.unlink(al)
     monkeypatch.setenv("DRCTL_BOOT_ID", "the-next-boot")
