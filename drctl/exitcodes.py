@@ -34,7 +34,7 @@ TABLE: tuple[ExitCode, ...] = (
                  "drctl: error [usage]: argument --interval: expected seconds > 0, got '-1' "
                  "(see: drctl replicate push --help)",
                  "drctl: error [usage]: --listen 127.0.0.1:7400: cannot listen there: "
-                 "address already in use (another process listens there)",
+                 "address already in use (another socket on this host has that port)",
                  "drctl: error [usage]: --dir /srv/x/replicas: no such directory, nor its "
                  "parent /srv/x (create it first)",
                  "drctl: error [config]: cluster.yaml:2: etcd: invalid address "

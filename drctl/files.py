@@ -1,4 +1,5 @@
-"""Durable file replacement: the one way drctl swaps a state file in place.
+"""Durable file replacement: the one way drctl swaps a state file in place (and the one way
+its journals append several pieces in one system call).
 
 A crash right after ``os.replace`` can bring the old file back unless the directory holding
 the rename is fsynced too; ``atomic_write`` does both (and fsyncs the data first), so a reader
@@ -41,3 +42,22 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+Buffer = bytes | bytearray | memoryview
+
+
+def write_all(fd: int, parts: list[Buffer]) -> int:
+    """Write every piece at ``fd``'s position (an append on an O_APPEND descriptor) with one
+    gathered write, and the rest after a short one (a signal, a full disk) where it stopped,
+    without copying. Returns the bytes written."""
+    views = [memoryview(p) for p in parts if len(p)]
+    total = sum(len(v) for v in views)
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+    return total

@@ -10,7 +10,7 @@ import errno
 import socket
 
 _WORDS = {
-    errno.EADDRINUSE: "address already in use (another process listens there)",
+    errno.EADDRINUSE: "address already in use (another socket on this host has that port)",
     errno.EADDRNOTAVAIL: "this host has no such address",
     errno.EACCES: "permission denied (ports below 1024 need privileges)",
 }

@@ -13,7 +13,7 @@ from failover.cli_common import _config, _store
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from failover.audit import describe, read_etcd
 
-    cfg = _config(args.config)
+    cfg = _config(args.config, secrets=False)  # reads etcd only
 
     async def read() -> list[Any]:
         store = _store(cfg)
@@ -47,7 +47,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     said = []
     chain = None
     if args.config:
-        cfg = _config(args.config)
+        cfg = _config(args.config, secrets=False)  # reads etcd only
 
         async def read() -> Any:
             store = _store(cfg)

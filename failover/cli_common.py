@@ -17,8 +17,9 @@ if TYPE_CHECKING:  # heavy imports stay out of every other drctl command's start
     from runbooks.model import Runbook
 
 
-def _config(path: str) -> ClusterConfig:
-    return _load(path)[0]
+def _config(path: str, secrets: bool = True) -> ClusterConfig:
+    """``secrets`` false: for a command that only reads etcd (the TSIG keys are not read)."""
+    return _load(path, secrets)[0]
 
 
 def load_config(path: str) -> ClusterConfig:
@@ -26,7 +27,7 @@ def load_config(path: str) -> ClusterConfig:
     return _config(path)
 
 
-def _load(path: str) -> tuple[ClusterConfig, Runbook | None]:
+def _load(path: str, secrets: bool = True) -> tuple[ClusterConfig, Runbook | None]:
     """A cluster configuration, or a runbook (``kind: drctl-runbook``) and the configuration
     it makes."""
     from failover.config import ConfigError, load
@@ -37,7 +38,7 @@ def _load(path: str) -> tuple[ClusterConfig, Runbook | None]:
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from exc
     if not is_runbook:
-        return load(path), None
+        return load(path, secrets), None
     from runbooks.cluster import to_cluster
     from runbooks.loader import RunbookError
     from runbooks.loader import load as load_runbook
@@ -46,7 +47,7 @@ def _load(path: str) -> tuple[ClusterConfig, Runbook | None]:
         runbook = load_runbook(path)
     except RunbookError as exc:
         raise ConfigError("\n".join(exc.errors)) from None
-    return to_cluster(runbook), runbook
+    return to_cluster(runbook, secrets), runbook
 
 
 def _store(cfg: ClusterConfig) -> EtcdStore:

@@ -167,7 +167,7 @@ async def _value(store: EtcdStore, key: str) -> bytes | None:
 def cmd_status(args: argparse.Namespace) -> int:
     from failover.status import cluster_status
 
-    cfg = _config(args.config)
+    cfg = _config(args.config, secrets=False)  # reads etcd only: no TSIG key needed
 
     async def read() -> dict[str, Any]:
         from failover.records import audit_prefix

@@ -55,8 +55,9 @@ class ConfigError(FailoverError, ValueError):
 
 
 class _Reader:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, secrets: bool = True) -> None:
         self.path = path
+        self.secrets = secrets  # read the TSIG keys (not for a command that only reads etcd)
 
     def fail(self, node: Any, key: str, where: str, message: str) -> ConfigError:
         line = node.lines.get(key, node.line) if isinstance(node, LineDict) else 0
@@ -128,8 +129,15 @@ class DnsConfig:
     record: RecordSet  # values are filled in per failover: the new primary's address
     servers: tuple[Server, ...]
     update: tuple[Server, ...]
-    key: TsigKey
+    key: TsigKey | None  # None: not read (a command that only reads the cluster's state)
     verify_timeout: float = 10.0
+
+    def tsig(self) -> TsigKey:
+        """The key that signs the record's updates."""
+        if self.key is None:
+            raise ConfigError(f"{self.record.name}.{self.record.zone}: the TSIG key was not "
+                              "read (this command loaded the configuration without secrets)")
+        return self.key
 
     def for_address(self, address: str) -> RecordSet:
         r = self.record
@@ -202,11 +210,13 @@ class ClusterConfig:
     def secrets(self) -> list[str]:
         """Secrets this configuration holds (never shown in a step's recorded output)."""
         out = [self.etcd_credentials.password or ""]
-        out += [d.key.secret for s in self.services.values() for d in s.dns]
+        out += [d.key.secret for s in self.services.values() for d in s.dns if d.key]
         return [s for s in out if s]
 
 
-def load(path: str) -> ClusterConfig:
+def load(path: str, secrets: bool = True) -> ClusterConfig:
+    """The configuration of ``path``; ``secrets`` false: the TSIG keys are checked as written
+    (one of file: or env:) but not read (``drctl status`` needs no key to read etcd)."""
     try:
         raw = load_yaml(path)
     except OSError as exc:
@@ -218,7 +228,7 @@ def load(path: str) -> ClusterConfig:
         where = f":{line}" if line is not None else ""
         raise ConfigError(f"{path}{where}: not valid YAML: "
                           f"{getattr(exc, 'problem', exc)}") from exc
-    r = _Reader(path)
+    r = _Reader(path, secrets)
     top = r.mapping(raw, "", {"cluster", "etcd", "lease_ttl", "sites", "services"},
                     {"cluster", "etcd", "sites"})
     ttl = r.number(top, "lease_ttl", "", 2, minimum=1)
@@ -309,8 +319,11 @@ def _dns(r: _Reader, where: str, node: Any) -> DnsConfig:
     if ("file" in t) == ("env" in t):
         raise r.fail(n, "tsig", where, "give exactly one of file: or env: (never the secret "
                                        "itself)")
+    key: TsigKey | None = None
     try:
-        if "file" in t:
+        if not r.secrets:
+            pass
+        elif "file" in t:
             key = TsigKey.from_bind_file(r.string(t, "file", tw))
             for field_, said in (("name", key.name), ("algorithm", key.algorithm)):
                 if t.get(field_, said) != said:  # the key file names both

@@ -236,7 +236,7 @@ async def rewrite_dns(records: tuple[DnsConfig, ...], address: str) -> str:
     lines = []
     for d in records:
         rrset = d.for_address(address)
-        updater = DnsUpdater(d.key)
+        updater = DnsUpdater(d.tsig())
         await updater.replace(rrset, d.update)
         await updater.verify(rrset, d.servers, d.verify_timeout)
         lines.append(f"{rrset.name}.{rrset.zone} {rrset.rtype} -> {address}: updated on "

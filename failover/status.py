@@ -64,7 +64,10 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
         services[name] = {
             "state": rec.state, "primary": rec.primary, "replica": rec.replica,
             "home": svc.primary,  # the runbook's primary: where a failback goes
-            "epoch": rec.epoch, "lag_seconds": rec.last_lag_seconds,
+            # no consistent copy (initial sync, resync): no lag to speak of, whatever the
+            # primary reports (it counts only the captured writes not yet acknowledged)
+            "epoch": rec.epoch,
+            "lag_seconds": rec.last_lag_seconds if rec.replica_consistent else None,
             # false: nothing to fail over to without --force (initial sync, resync)
             "replica_consistent": rec.replica_consistent,
             "rpo_budget_seconds": svc.policy.rpo_seconds, "message": rec.message,

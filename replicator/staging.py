@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from drctl.files import fsync_dir
+from drctl.files import fsync_dir, write_all
 from replicator.batch import Batch
 from replicator.errors import VolumeError
 
@@ -66,17 +66,6 @@ def _frame(batch: Batch, cp: int, closes: bool) -> list[bytes]:
     return [_FRAME.pack(_MAGIC, length, batch.seq, cp, flags,
                         _checksum(length, batch.seq, cp, flags, body)), *body]
 
-
-def _write_all(fd: int, parts: list[bytes]) -> None:
-    """Append every piece (a short write goes on where it stopped)."""
-    views = [memoryview(p) for p in parts if len(p)]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
 
 
 class StagingLog:
@@ -128,7 +117,7 @@ class StagingLog:
         with self.lock:
             offset = os.lseek(self.fd, 0, os.SEEK_END)
             try:
-                _write_all(self.fd, parts)
+                write_all(self.fd, list(parts))
             except OSError:
                 os.ftruncate(self.fd, offset)  # no torn frame before the next one
                 raise

@@ -41,13 +41,14 @@ def _hooks(specs: tuple[StepSpec, ...]) -> Hooks:
                                and s.kind in (StepKind.HOOK, StepKind.HEALTH_CHECK)))
 
 
-def _dns(rb: Runbook, svc: Service) -> tuple[DnsConfig, ...]:
-    """Every record of the service (the dns step rewrites and verifies them all)."""
+def _dns(rb: Runbook, svc: Service, secrets: bool) -> tuple[DnsConfig, ...]:
+    """Every record of the service (the dns step rewrites and verifies them all); ``secrets``
+    false: their TSIG keys not read."""
     out = []
     for r in svc.dns:
         zone = rb.zones[r.zone]
         try:
-            key = zone_key(zone)
+            key = zone_key(zone) if secrets else None
         except FailoverError as exc:
             raise ConfigError(f"{rb.path}: dns.zones.{r.zone}.tsig: {exc}") from None
         out.append(DnsConfig(RecordSet(r.zone, r.name, r.type, r.ttl, ()),
@@ -74,7 +75,7 @@ def zone_key(zone: Zone) -> TsigKey:
                             zone.tsig_algorithm or "hmac-sha256")
 
 
-def to_cluster(rb: Runbook) -> ClusterConfig:
+def to_cluster(rb: Runbook, secrets: bool = True) -> ClusterConfig:
     services = {}
     for name, svc in rb.services.items():
         specs = step_specs(svc)
@@ -82,9 +83,10 @@ def to_cluster(rb: Runbook) -> ClusterConfig:
             automatic=svc.automatic, grace_seconds=svc.grace, rpo_seconds=svc.rpo,
             allow_data_loss=svc.allow_data_loss, damping_seconds=svc.damping,
             drain_timeout_seconds=svc.drain_timeout), specs)
-        services[name] = ServiceConfig(name, svc.primary, svc.replica, policy, _dns(rb, svc),
-                                       _hooks(specs), tuple(v.name for v in svc.volumes),
-                                       specs, svc.depends_on)
+        services[name] = ServiceConfig(name, svc.primary, svc.replica, policy,
+                                       _dns(rb, svc, secrets), _hooks(specs),
+                                       tuple(v.name for v in svc.volumes), specs,
+                                       svc.depends_on)
     sites = {n: Site(n, s.address, s.endpoints.get("health"), s.endpoints.get("replication"))
              for n, s in rb.sites.items()}
     etcd = tuple((h.host, h.port) for h in (Server.parse(e, 2379) for e in rb.etcd))

@@ -275,7 +275,7 @@ async def dns_answers(cfg: ClusterConfig) -> dict[str, dict[str, list[str] | Non
             continue
         out[name] = {}
         for d in svc.dns:  # every record of the service, on every server
-            up = DnsUpdater(d.key, timeout=0.5)
+            up = DnsUpdater(d.tsig(), timeout=0.5)
             rr = d.record
             got = await asyncio.gather(*(up.answers(rr, s) for s in d.servers))
             out[name].update({(f"{rr.name}.{rr.zone} @ {s}" if len(svc.dns) > 1 else str(s)):

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
-from drctl.files import fsync_dir
+from drctl.files import fsync_dir, write_all
 from replicator.capture.journal_records import (
     BLOCK_MASK,
     HEAD,
@@ -260,16 +260,11 @@ class ChangeJournal:
     def _raw_append(self, rec: bytes, data: bytes | bytearray | memoryview = b"") -> None:
         """Under the lock. A failed append (a full disk) is cut off again before the error
         goes up: no torn record before the next one (a replay stops at the first)."""
-        total = len(rec) + len(data)
         try:
-            done = os.writev(self.fd, [rec, data]) if data else os.write(self.fd, rec)
-            while done < total:  # a short write (a signal, a full disk): append the rest
-                rest = (rec + bytes(data))[done:]
-                done += os.write(self.fd, rest)
+            self.size += write_all(self.fd, [rec, data])
         except OSError:
             os.ftruncate(self.fd, self.size)
             raise
-        self.size += total
 
     def _bump(self) -> int:
         self.seq += 1

@@ -279,6 +279,31 @@ def test_bad_etcd_endpoints_and_unknown_names(workdir: str, cluster_yaml: str) -
     one_line(run([*DRCTL, "runbook", "plan", example, "nosvc"]), 2, "'nosvc'")
 
 
+def test_status_reads_no_tsig_key(workdir: str, cluster_yaml: str) -> None:
+    """drctl status and audit read etcd only: a TSIG key file this host does not have (an
+    operator's laptop) stops the commands that sign updates, not them."""
+    with open(cluster_yaml) as fh:
+        cfg = json.load(fh)
+    missing = os.path.join(workdir, "no-such-tsig.key")
+    cfg["services"]["app"]["dns"] = {"zone": "dr.test", "name": "app",
+                                     "servers": ["127.0.0.1:53"],
+                                     "tsig": {"name": "dr-updater", "file": missing}}
+    path = os.path.join(workdir, "with-dns.yaml")
+    with open(path, "w") as fh:
+        json.dump(cfg, fh)
+    for cmd in (["status"], ["audit", "show"]):  # past the configuration: etcd is down
+        one_line(run([*DRCTL, *cmd, "--config", path], timeout=30), 69,
+                 "[store_unavailable]", "etcd unreachable")
+    one_line(run([*DRCTL, "failover", "app", "--config", path]), 2, "[config]", missing,
+             "No such file")
+    # a key written wrong is still refused: both file: and env:
+    cfg["services"]["app"]["dns"]["tsig"]["env"] = "TSIG_SECRET"
+    with open(path, "w") as fh:
+        json.dump(cfg, fh)
+    one_line(run([*DRCTL, "status", "--config", path]), 2, "[config]",
+             "give exactly one of file: or env:")
+
+
 # -- a reader that goes away ----------------------------------------------------------------
 
 

@@ -178,11 +178,14 @@ class Page:
 
 def test_a_new_service_and_the_buttons_say_what_is_true(site: Site, browser: Any) -> None:
     # a new service: the primary serves, its replica's initial sync has not finished
-    site.beat("east", "primary", 1, data_path="running", protected=False, lag_seconds=None)
+    # (its agent reports lag 0: every write it captured is acknowledged, the copy is not done)
+    site.beat("east", "primary", 1, data_path="running", protected=False, lag_seconds=0.0)
     site.beat("west", "replica", 1, data_path="running")
     site.tick()
     page = Page(browser, site)
     page.until(lambda: page.state() == "unprotected")
+    assert "replication lag none yet (no consistent copy) of" in page.text(), page.text()
+    assert "0.00 s" not in page.text(), page.text()
     t = page.titles()
     assert t["switchover"] == (True, "only from healthy (the service is unprotected)"), t
     assert t["failback"] == (True, "already at home (east)"), t
@@ -213,6 +216,7 @@ def test_a_new_service_and_the_buttons_say_what_is_true(site: Site, browser: Any
     site.beat("east", "primary", 1, data_path="running", protected=True, lag_seconds=0.1)
     site.tick()
     page.until(lambda: page.state() == "healthy")
+    assert "replication lag 0.10 s of" in page.text(), page.text()
     t = page.titles()
     assert t["switchover"] == (False, "Drain to zero lag behind a write barrier, then swap "
                                       "the roles"), t
