@@ -51,13 +51,17 @@ def write_all(fd: int, parts: list[Buffer]) -> int:
     """Write every piece at ``fd``'s position (an append on an O_APPEND descriptor) with one
     gathered write, and the rest after a short one (a signal, a full disk) where it stopped,
     without copying. Returns the bytes written."""
+    total = sum(len(p) for p in parts)
+    n = os.writev(fd, parts)
+    if n == total:  # the usual case: one system call, nothing else
+        return total
     views = [memoryview(p) for p in parts if len(p)]
-    total = sum(len(v) for v in views)
-    while views:
-        n = os.writev(fd, views)
+    while True:
         while views and n >= len(views[0]):
             n -= len(views[0])
             views.pop(0)
+        if not views:
+            return total
         if n:
             views[0] = views[0][n:]
-    return total
+        n = os.writev(fd, views)
