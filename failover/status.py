@@ -64,10 +64,7 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
         services[name] = {
             "state": rec.state, "primary": rec.primary, "replica": rec.replica,
             "home": svc.primary,  # the runbook's primary: where a failback goes
-            # no consistent copy (initial sync, resync): no lag to speak of, whatever the
-            # primary reports (it counts only the captured writes not yet acknowledged)
-            "epoch": rec.epoch,
-            "lag_seconds": rec.last_lag_seconds if rec.replica_consistent else None,
+            "epoch": rec.epoch, "lag_seconds": shown_lag(rec, serving is not None),
             # false: nothing to fail over to without --force (initial sync, resync)
             "replica_consistent": rec.replica_consistent,
             "rpo_budget_seconds": svc.policy.rpo_seconds, "message": rec.message,
@@ -100,6 +97,17 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
     leader = snap.value(leader_key(cfg.prefix))
     return {"leader": leader.decode() if leader else None, "sites": sites,
             "services": services, "at": now}
+
+
+def shown_lag(rec: ServiceRecord, primary_reporting: bool) -> float | None:
+    """The primary's last reported lag, only while it is one: the primary reports (a silent
+    one's last figure is stale), the replica holds a consistent copy (during an initial sync
+    or a resync the primary counts only its captured writes not yet acknowledged, not the
+    copy), and the replica is one (after a failover the former primary is none until it is
+    back and resynced). None: no figure to show."""
+    if not (primary_reporting and rec.replica_consistent) or rec.state is State.FAILED_OVER:
+        return None
+    return rec.last_lag_seconds
 
 
 def label(kind: str, target: str, home: str) -> str:

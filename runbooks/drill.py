@@ -1,7 +1,8 @@
 """`drctl drill SERVICE`: bring up the replica as a writable copy-on-write clone at the standby
 site under a test DNS name, run the service's health checks against it, report the achieved
-RPO and each step's duration (RTO), clean up, while replication goes on untouched (no epoch,
-no service record, no production DNS record is changed).
+RPO and each step's duration (their sum, ``rto_seconds``, is the standby's part of an RTO: a
+drill does not detect a failure or fence a primary), clean up, while replication goes on
+untouched (no epoch, no service record, no production DNS record is changed).
 
 Run it on the standby site: hooks (``at: new_primary``) run locally with DRCTL_DRILL=1 and
 DRCTL_CLONES (the clone paths, space-separated).
@@ -14,6 +15,7 @@ import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from drctl.shell import run_shell
 from failover.agent import scrape_lag
@@ -21,6 +23,9 @@ from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server
 from failover.steprun import health_check
 from runbooks.cluster import zone_key
 from runbooks.model import Runbook, Service, Step, StepType, Where
+
+if TYPE_CHECKING:
+    from replicator.transport.security import ChannelSecurity
 
 
 @dataclass
@@ -87,9 +92,12 @@ async def current_roles(rb: Runbook, service: str) -> Roles:
     return Roles(rec.primary, rec.replica, rec.last_lag_seconds)
 
 
+CONNECT_SECONDS = 10.0  # the standby's target answers within this, or the drill fails
+
+
 class Drill:
     def __init__(self, rb: Runbook, service: str, name: str | None,
-                 roles: Roles | None = None) -> None:
+                 roles: Roles | None = None, security: ChannelSecurity | None = None) -> None:
         from replicator.transport.client import TargetClient
 
         self.rb = rb
@@ -100,7 +108,7 @@ class Drill:
         if not target:
             raise RuntimeError(f"sites.{self.standby.name}.endpoints.replication is not set: "
                                "the drill needs the standby's replication target")
-        self.client = TargetClient(target)
+        self.client = TargetClient(target, security)
         self.volumes = [v.name for v in self.svc.volumes]
         drill = name or f"drill-{uuid.uuid4().hex[:8]}"
         metrics = rb.sites[roles.primary].endpoints.get("source_metrics")
@@ -119,6 +127,17 @@ class Drill:
         return ok
 
     async def clone_all(self) -> str:
+        from replicator.errors import TargetUnavailableError
+
+        try:  # an unreachable target is a failed drill now, not a clone that waits for it
+            await self.client.connect(CONNECT_SECONDS)
+        except TargetUnavailableError as exc:
+            if self.client.security.tls is None:
+                raise TargetUnavailableError(
+                    f"{exc}; the drill called it in plaintext: a target with TLS needs "
+                    "--tls-dir DIR --operator NAME (or $DRCTL_TLS_DIR and $DRCTL_TLS_AS)"
+                ) from None
+            raise
         for v in self.volumes:
             info = await self.client.clone(v, self.report.drill)
             self.report.clones.append({"volume": v, **asdict(info)})
@@ -187,7 +206,9 @@ async def run_health_checks(svc: Service, env: dict[str, str]) -> list[StepResul
     return out
 
 
-async def run_drill(rb: Runbook, service: str, name: str | None = None) -> DrillReport:
-    """A drill of the service's replica as the service stands now (roles from etcd)."""
+async def run_drill(rb: Runbook, service: str, name: str | None = None,
+                    security: ChannelSecurity | None = None) -> DrillReport:
+    """A drill of the service's replica as the service stands now (roles from etcd);
+    ``security``: how to reach its target (default: $DRCTL_TLS_DIR and $DRCTL_TLS_AS)."""
     roles = await current_roles(rb, service)
-    return await Drill(rb, service, name, roles).run()
+    return await Drill(rb, service, name, roles, security).run()

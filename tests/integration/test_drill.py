@@ -1,7 +1,8 @@
 """`drctl drill` against a real deployment (etcd, named, two site agents running their data
 paths, a controller): the drill clones the service's current replica, runs the runbook's
-checks on the clone under a test DNS name, reports RPO/RTO and cleans up while replication goes
-on; after a failover it drills the other site (roles from etcd, not from the runbook)."""
+checks on the clone under a test DNS name, reports the RPO and step times and cleans up while
+replication goes on; after a failover it drills the other site (roles from etcd, not from the
+runbook)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def cluster(workdir: str) -> Iterator[Cluster]:
         etcd.stop()
 
 
-def drill(c: Cluster, name: str) -> dict[str, object]:
-    p = run([*DRCTL, "drill", "app", "--runbook", c.config, "--name", name, "--json"],
-            env=pki().env())  # an operator's certificate (docs/security.md)
+def drill(c: Cluster, name: str, *flags: str) -> dict[str, object]:
+    """An operator's certificate from the environment (docs/security.md), or ``flags``."""
+    p = run([*DRCTL, "drill", "app", "--runbook", c.config, "--name", name, "--json", *flags],
+            env={} if flags else pki().env())
     assert p.returncode == 0, p.stdout + p.stderr
     report: dict[str, object] = json.loads(p.stdout)
     return report
@@ -66,7 +68,30 @@ def test_drill_clones_the_current_replica_checks_reports_and_cleans_up(cluster: 
     p = run([*DRCTL, "failover", "app", "--config", c.config])
     assert p.returncode == 0, p.stderr
     wait_protected(c, "west")
-    report = drill(c, "t2")
+    report = drill(c, "t2", "--tls-dir", pki().dir, "--operator", "tester")
     assert report["ok"] is True and report["standby"] == "east", report
     assert report["clones"][0]["path"].startswith(c.data("east"))  # type: ignore[index]
     assert c.status()["primary"] == "west"  # production untouched
+
+
+def test_a_drill_that_cannot_reach_the_target_fails_at_once(cluster: Cluster) -> None:
+    """Without a certificate the drill calls the TLS target in plaintext: the clone step
+    fails within the connect timeout (10 s), saying why and what to give, nothing cloned."""
+    c = cluster
+    wait_protected(c, "east")
+    p = run([*DRCTL, "drill", "app", "--runbook", c.config, "--name", "t3", "--json"],
+            env={"DRCTL_TLS_DIR": "", "DRCTL_TLS_AS": ""}, timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    report = json.loads(p.stdout)
+    clone = report["steps"][0]
+    assert (clone["name"], clone["ok"]) == ("clone", False), report
+    assert "no connection within 10s" in clone["detail"], clone
+    assert "--tls-dir DIR --operator NAME" in clone["detail"], clone
+    assert [s["name"] for s in report["steps"]] == ["clone", "cleanup"], report
+    assert report["clones"] == [], report
+    # the flags go together
+    for flags, said in ((["--operator", "tester"], "give --tls-dir too"),
+                        (["--tls-dir", pki().dir], "--tls-dir needs --operator NAME")):
+        q = run([*DRCTL, "drill", "app", "--runbook", c.config, *flags])
+        assert q.returncode == 2 and said in q.stderr, q.stderr
+        assert len(q.stderr.strip().splitlines()) == 1, q.stderr

@@ -35,6 +35,7 @@ from failover.records import (
     heartbeat_key,
 )
 from tests.integration.chromium import headless_chromium
+from tests.procs import REPO
 
 webdriver = pytest.importorskip("selenium.webdriver")
 
@@ -45,14 +46,15 @@ T = TypeVar("T")
 class Site:
     """The API and a controller on one event loop in a thread; the test drives both."""
 
-    def __init__(self, cfg: ClusterConfig, users: Users | str = TOKEN) -> None:
+    def __init__(self, cfg: ClusterConfig, users: Users | str = TOKEN,
+                 runbook: object | None = None) -> None:
         self.cfg, self.store = cfg, MemoryStore()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.controller = Controller(cfg, self.store, "c0")
         self.controller.leader_since = time.monotonic() - 10 * cfg.lease_ttl
-        self.runner = web.AppRunner(make_app(cfg, self.store, users))
+        self.runner = web.AppRunner(make_app(cfg, self.store, users, runbook))
         self.url = self.run(self._start())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -262,9 +264,56 @@ def test_a_switchover_from_the_page_ends_with_its_outcome(site: Site, browser: A
     assert "healthy → draining (switchover to west, asked by admin (admin))" in changes, changes
     assert "unprotected → healthy" in changes and "unprotected → healthy (" not in changes
     assert "after switchover to west" in page.text(), page.text()
+    # east is fenced, not yet a replica: no lag figure, and no failover the controller refuses
+    assert "replication lag none: no replica until the former primary east is back of" in \
+        page.text(), page.text()
+    assert page.titles()["failover"] == (True, "the former primary east is not back as a "
+                                         "replica yet: there is nothing to fail over to")
     last = page.text(".last-operation")
     assert last.startswith("last operation: switchover to west, asked by admin (admin) at "), last
     assert "; from east, started " in last and last.endswith(": done"), last
+
+
+@pytest.fixture
+def drill_site(workdir: str) -> Iterator[Site]:
+    """With a runbook (the page offers drills): runbooks/examples/two-site-web.yaml."""
+    from runbooks.loader import load as load_runbook
+
+    rb = load_runbook(os.path.join(REPO, "runbooks", "examples", "two-site-web.yaml"))
+    s = Site(cluster(workdir), runbook=rb)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_buttons_follow_what_the_controller_takes(drill_site: Site, browser: Any) -> None:
+    site = drill_site
+    site.beat("east", "primary", 1, data_path="running", protected=True, lag_seconds=0.1)
+    site.beat("west", "replica", 1, data_path="running")
+    site.tick()
+    page = Page(browser, site)
+    page.until(lambda: page.state() == "healthy")
+    t = page.titles()
+    assert t["drill"] == (False, "Clone the replica and check it; production is not touched"), t
+    assert t["failover"] == (False, "Fence the primary now and promote the replica"), t
+    # the replica's site stops reporting: nothing to clone; a failover is still taken (its
+    # precheck needs the new primary's heartbeat, and says so)
+    site.run(site.store.delete_if(heartbeat_key(site.cfg.prefix, "west"),
+                                  site.store.entries[heartbeat_key(site.cfg.prefix,
+                                                                   "west")].mod_revision))
+    site.tick()
+    page.until(lambda: page.state() == "unprotected")
+    t = page.titles()
+    assert t["drill"] == (True, "the replica site west is not reporting: nothing to clone"), t
+    # the primary falls silent: its last lag figure is stale, not shown
+    site.beat("west", "replica", 1, data_path="running")
+    site.run(site.store.delete_if(heartbeat_key(site.cfg.prefix, "east"),
+                                  site.store.entries[heartbeat_key(site.cfg.prefix,
+                                                                   "east")].mod_revision))
+    site.tick()
+    page.until(lambda: "replication lag unknown of" in page.text())
+    assert "0.10 s" not in page.text(), page.text()
 
 
 ASKED_AT = r"at \d{1,2}:\d{2}:\d{2}( [AP]M)?"
