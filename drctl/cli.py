@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 from drctl.logsetup import setup_logging
 from drctl.memory import tune_malloc
@@ -53,9 +53,32 @@ class Parser(argparse.ArgumentParser):
         if unknown:
             message = f"unrecognized arguments: {' '.join(arg for _, arg in unknown)}"
             prog = unknown[0][0].prog  # the help of the command that was given it
+            for parser, arg in unknown:  # "--rate-limit -5MB/s": a value, not a flag
+                said = parser.negative_value(arg)
+                if said:
+                    message, prog = said, parser.prog
+                    break
         elif message.startswith("unrecognized arguments") and chain:
             prog = chain[-1].prog  # extra arguments: the command's help, not drctl's
         self.exit(2, f"drctl: error [usage]: {message} (see: {prog} --help)\n")
+
+    def negative_value(self, arg: str) -> str | None:
+        """``arg`` looks like a negative value given to the flag before it (argparse reads it
+        as a flag of its own): what the flag says of it, or how to pass it. None: not that."""
+        given = self._given or []
+        if not (len(arg) > 1 and (arg[1].isdigit() or arg[1] == ".")) or arg not in given:
+            return None
+        at = given.index(arg)
+        flag = given[at - 1] if at else ""
+        action = self._option_string_actions.get(flag)
+        if action is None or action.nargs is not None or action.type is None:
+            return None
+        convert: Any = action.type
+        try:
+            convert(arg)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+            return f"argument {flag}: {exc}"
+        return f"{flag} {arg}: a value starting with '-' reads as a flag: give {flag}={arg}"
 
     def unknown_flags(self) -> list[str]:
         """The option-like arguments given to this parser (up to its subcommand's name, which

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -217,6 +218,17 @@ class DemoCluster:
             out: dict[str, object] = json.loads(r.read())
         return out
 
+    def dead(self) -> list[str]:
+        """The demo's processes that exited on their own (not a site the lifecycle killed):
+        "etcd (status -9)"."""
+        out = [f"{name} (status {p.returncode})" for name, p in self.procs.items()
+               if p.poll() is not None]
+        for label, server in (("etcd", self.etcd), ("named", self.named)):
+            proc = server.proc if server is not None else None
+            if proc is not None and proc.poll() is not None:
+                out.append(f"{label} (status {proc.returncode})")
+        return out
+
     def stop(self) -> str:
         """Stop everything; returns what was done, in a line."""
         self._stop_writer.set()
@@ -235,9 +247,12 @@ class DemoCluster:
         servers = []
         for label, server in (("named", self.named), ("etcd", self.etcd)):
             if server is not None:
+                gone = server.proc is not None and server.proc.poll() is not None
                 server.stop()
-                servers.append(label)
-        shutil.rmtree(self.work, ignore_errors=True)
+                servers.append(f"{label} (had exited already)" if gone else label)
+        crashed = bool(exited) or any("had exited" in s for s in servers)
+        if not crashed:  # else the logs say why: kept
+            shutil.rmtree(self.work, ignore_errors=True)
         ended = f"{len(self.procs) - len(exited) - len(killed)} drctl processes ended on SIGTERM"
         if exited:  # before the stop: a crash the logs explain
             ended += ", " + ", ".join(f"{name} had exited already (status {rc})"
@@ -246,7 +261,7 @@ class DemoCluster:
             ended += f", {', '.join(killed)} killed after 10 s"
         if servers:
             ended += f"; {' and '.join(servers)} stopped"
-        return f"stopped: {ended}; {self.work} removed"
+        return f"stopped: {ended}; {self.work} " + ("kept (its logs)" if crashed else "removed")
 
 
 def _sample(demo: DemoCluster) -> tuple[dict[str, Any] | None, str]:
@@ -254,6 +269,8 @@ def _sample(demo: DemoCluster) -> tuple[dict[str, Any] | None, str]:
     try:
         app = demo.status()["services"]["app"]  # type: ignore[index]
         return app, _line(app)
+    except urllib.error.URLError as exc:  # (an OSError)
+        return None, f"status unavailable: the API at {demo.url} does not answer ({exc.reason})"
     except (OSError, ValueError, KeyError) as exc:
         return None, f"status unavailable: {exc}"
 
@@ -274,12 +291,24 @@ def _news(line: str) -> str:
     return re.sub(r" lag=\S+", "", line.partition(" ")[2])
 
 
+def _gone(demo: DemoCluster, stopping: threading.Event) -> bool:
+    """A process the demo needs exited on its own: say which, and stop."""
+    dead = demo.dead()
+    if dead:
+        print(f"  the demo cannot go on: {', '.join(dead)} exited (logs in {demo.work})",
+              flush=True)
+        stopping.set()
+    return bool(dead)
+
+
 def _until(demo: DemoCluster, what: str, ok: object, stopping: threading.Event,
            timeout: float = 180) -> bool:
     """Print the status every second until ``ok(app)`` holds."""
     deadline = time.monotonic() + timeout
     shown, printed = "", 0.0
     while not stopping.is_set() and time.monotonic() < deadline:
+        if _gone(demo, stopping):
+            return False
         app, line = _sample(demo)
         try:
             done = app is not None and bool(ok(app))  # type: ignore[operator]
@@ -373,6 +402,8 @@ def main() -> int:
                       flush=True)
         shown, shown_at = "", 0.0
         while not stopping.is_set() and (not seconds or time.monotonic() - started < seconds):
+            if _gone(demo, stopping):
+                break
             _app, line = _sample(demo)
             # a line when something changed (the time aside), else one a minute
             if _news(line) != shown or time.monotonic() - shown_at >= 60:

@@ -413,6 +413,20 @@ def test_an_unknown_flag_is_named_before_what_is_missing(argv: list[str], flag: 
                     f"(see: {command} --help)"), said
 
 
+def test_a_negative_value_is_judged_as_the_flags_value() -> None:
+    """argparse reads "-1s" after --interval as a flag of its own: the error is the flag's
+    check of the value, as with --interval=-1s, not "unrecognized arguments: -1s"."""
+    push = ["replicate", "push", "v.img", "--to", "127.0.0.1:7400", "--volume", "v"]
+    for flags in (["--interval", "-1s"], ["--interval=-1s"]):
+        said = one_line(run([*DRCTL, *push, *flags]), 2, "[usage]")
+        assert said == ("drctl: error [usage]: argument --interval: expected seconds > 0, got "
+                        "'-1s' (see: drctl replicate push --help)"), said
+    one_line(run([*DRCTL, *push, "--rate-limit", "-5MB/s"]), 2, "argument --rate-limit:",
+             "-5MB")
+    # a dash and a digit with no flag before it that takes a value: still unrecognized
+    one_line(run([*DRCTL, *push, "--once", "-5"]), 2, "unrecognized arguments: -5")
+
+
 def test_every_address_flag_says_the_same(workdir: str, cluster_yaml: str,
                                           deployment: Pki) -> None:
     runbook = os.path.join(REPO, "runbooks", "examples", "two-site-web.yaml")
