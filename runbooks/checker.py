@@ -9,6 +9,7 @@ runbook's terms (never a Python type name)."""
 from __future__ import annotations
 
 import datetime
+import difflib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -186,13 +187,20 @@ class Checker:
 
     def keys(self, node: LineDict, where: str, allowed: set[str] | None,
              required: set[str]) -> None:
+        """Unknown keys (a close one to an allowed key named: "did you mean"), then the
+        required keys missing, except one a misspelt key already stands for."""
+        missing = required - set(node)
         for key in node:
             if not isinstance(key, str):
                 shown = str(key).lower() if isinstance(key, bool) else repr(key)
                 self.err(node, key, where, f"key {shown} is not text ({_YES_NO})")
             elif allowed is not None and key not in allowed:
-                self.err(node, key, where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-        for key in sorted(required - set(node)):
+                near = difflib.get_close_matches(key, sorted(allowed), n=1)
+                mean = f"; did you mean {near[0]!r}?" if near else ""
+                self.err(node, key, where, f"unknown key{mean} (allowed: "
+                                           f"{', '.join(sorted(allowed))})")
+                missing -= set(near)
+        for key in sorted(missing):
             self.err(node, None, where, f"missing required key {key!r}")
 
 

@@ -114,27 +114,26 @@ def _beside(runbook: str, path: str) -> str:
         os.path.dirname(os.path.abspath(runbook)), path)
 
 
-def _etcd_endpoint(text: str) -> bool:
-    from failover.dns.rfc2136 import Server
-
-    try:
-        return ":" in text and bool(Server.parse(text))
-    except ValueError:  # a port out of range, a URL
-        return False
+def _etcd_endpoint(text: str) -> str | None:
+    """What is wrong with an etcd endpoint (None: nothing): it needs its port."""
+    if ":" not in text:
+        return f"invalid address {text!r}: expected HOST:PORT"
+    return _server(text)
 
 
 def _hostports(c: Checker, node: Any, key: str, where: str, hint: str,
-               ok: Callable[[str], bool]) -> list[str] | None:
+               problem: Callable[[str], str | None]) -> list[str] | None:
     """A non-empty list of HOST:PORT: an item of another type is an error of its own, the
-    addresses that are text but not HOST:PORT one error for the list (at the first one)."""
+    addresses that are text but not HOST:PORT one error for the list (at the first one),
+    saying what is wrong with each ("invalid address 'http://...': expected HOST:PORT,
+    without a scheme")."""
     items = c.texts(node, key, where, hint, "HOST:PORT", nonempty=True)
     if items is None:
         return None
-    bad = [(i, v) for i, v in items if not ok(v)]
+    bad = [(i, why) for i, v in items if (why := problem(v)) is not None]
     if bad:
-        shown = ", ".join(repr(v) for _, v in bad)
         c.report(value_line(node[key], bad[0][0]), c.field(node, key, where),
-                 f"expected {hint}, got {shown}")
+                 "; ".join(why for _, why in bad))
     return [v for _, v in items]
 
 
@@ -250,13 +249,15 @@ def _zones(c: Checker, top: LineDict) -> dict[str, Zone]:
     return out
 
 
-def _server(text: str) -> bool:
+def _server(text: str) -> str | None:
+    """What is wrong with a HOST[:PORT] (None: nothing)."""
     from failover.dns.rfc2136 import Server
 
     try:
-        return bool(Server.parse(text))
-    except ValueError:
-        return False
+        Server.parse(text)
+    except ValueError as exc:  # a URL, a port out of range
+        return str(exc)
+    return None
 
 
 def _services(c: Checker, top: LineDict, sites: dict[str, Site],

@@ -56,6 +56,17 @@ def test_every_error_is_reported_at_once() -> None:
     assert all(e.startswith(path + ":") for e in info.value.errors)
 
 
+def test_a_misspelt_key_is_one_error_that_names_the_key_it_stands_for() -> None:
+    """"replicas" for "replica": one error with the likely key, not a second one saying the
+    required "replica" is missing."""
+    path = os.path.join(REPO, "runbooks", "invalid", "unknown-key", "runbook.yaml")
+    with pytest.raises(RunbookError) as info:
+        load(path)
+    assert info.value.errors == [
+        f"{path}:9: services.db.replicas: unknown key; did you mean 'replica'? (allowed: "
+        "depends_on, dns, failover, primary, replica, replication, steps, volumes)"]
+
+
 def test_dependencies_come_first() -> None:
     rb = load(os.path.join(REPO, "runbooks", "examples", "two-site-web.yaml"))
     assert order(rb, "app") == ["db", "app"]
