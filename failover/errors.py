@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 class FailoverError(Exception):
-    """Root of every error the failover package raises on purpose (a request that cannot be
-    queued, e.g. one still pending)."""
+    """Root of every error the failover package raises on purpose (for example a request
+    that cannot be queued because another one is still pending)."""
 
     code = "failover_error"
     retryable = False
