@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from drctl.words import count
 from failover.config import ClusterConfig
 from failover.coordination.base import Snapshot
 from failover.fsm import State, human, seconds
@@ -201,7 +202,8 @@ def progress(rec: ServiceRecord, serving: ServiceHealth | None,
             if r.status == "failed" and r.output:
                 lines.append(f"output of {r.name}: " + " | ".join(r.output.splitlines()[-3:]))
     if rec.unreplicated_blocks:
-        lines.append(f"unreplicated writes set aside: {rec.unreplicated_blocks} blocks in "
+        lines.append("unreplicated writes set aside: "
+                     f"{count(rec.unreplicated_blocks, 'block')} in "
                      f"{rec.unreplicated_file or 'an unnamed file'} (on {rec.replica})")
     return lines
 

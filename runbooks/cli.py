@@ -7,6 +7,8 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from drctl.words import count
+
 if TYPE_CHECKING:
     from replicator.transport.security import ChannelSecurity
     from runbooks.model import Runbook
@@ -93,8 +95,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(line, file=sys.stderr)
             continue
         steps = sum(len(s.steps) for s in rb.services.values())
-        print(f"{path}: ok ({_n(len(rb.sites), 'site')}, {_n(len(rb.services), 'service')}, "
-              f"{_n(steps, 'step')})")
+        print(f"{path}: ok ({count(len(rb.sites), 'site')}, "
+              f"{count(len(rb.services), 'service')}, {count(steps, 'step')})")
     return _invalid() if failed else 0
 
 
@@ -185,6 +187,3 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{'ok ' if r.ok else 'FAIL'} {r.seconds:7.3f}s  {r.name}: {r.detail}")
     return 0 if all(r.ok for r in results) else 1
 
-
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from drctl.shell import run_shell
+from drctl.words import count
 from failover.agent import scrape_lag
 from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server
 from failover.steprun import health_check
@@ -163,8 +164,8 @@ class Drill:
             await up.delete(rr, servers)
         for c in self.report.clones:
             await self.client.drop_clone(str(c["volume"]), self.report.drill)
-        return (f"{len(self.report.clones)} clones dropped, {len(self.dns_done)} test records "
-                "removed")
+        return (f"{count(len(self.report.clones), 'clone')} dropped, "
+                f"{count(len(self.dns_done), 'test record')} removed")
 
     async def run(self) -> DrillReport:
         try:

@@ -44,6 +44,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from drctl.words import count
 from replicator.capture import resume
 from replicator.capture.checkpoint import Checkpointer
 from replicator.capture.journal import IDLE_REWRITE_BYTES, ChangeJournal
@@ -64,6 +65,7 @@ from replicator.errors import (
     unwrap_group,
 )
 from replicator.planning import PlannedBatch, Planner
+from replicator.units import format_bytes
 from replicator.waiting import until_stopped, wait_at_most
 
 log = logging.getLogger(__name__)
@@ -339,7 +341,7 @@ class _Loop:
         wire0 = sum(d.totals.wire_bytes for d in self.drivers)
         log.info("%s: resync (%s) of %s", self.name, how,
                  "the whole volume" if exact is None and full else
-                 f"{sum(len(b or ()) for b in sets.values())} blocks")
+                 count(sum(len(b or ()) for b in sets.values()), "block"))
         await self._each(lambda i, d: d.run_pass(sets[i]))
         self.full = self.resync_due = False  # shipped and acknowledged (staged): not again
         if journal.overflowed:
@@ -359,9 +361,10 @@ class _Loop:
         journal.end_resync(blocks)
         self.progress.stop()
         raw = sum(d.m.value(d.m.shipped_raw) for d in self.drivers) - raw0
-        log.info("%s: resync (%s) shipped %d bytes of blocks (%d on the wire), with the "
-                 "points written meanwhile", self.name, how, raw,
-                 sum(d.totals.wire_bytes for d in self.drivers) - wire0)
+        wire = sum(d.totals.wire_bytes for d in self.drivers) - wire0
+        log.info("%s: resync (%s) shipped %d bytes (%s) of blocks, %d (%s) on the wire: the "
+                 "blocks to resync and the points written meanwhile", self.name, how, raw,
+                 format_bytes(raw), wire, format_bytes(wire))
         for d in self.drivers:
             if not await d.verify():
                 self.full = True
