@@ -183,6 +183,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not _service(rb, args.service):
         return 2
     results = asyncio.run(run_health_checks(rb.services[args.service], dict(os.environ)))
+    if not results:
+        print(f"{args.service}: the runbook gives it no health checks (nothing to run)")
     for r in results:
         print(f"{'ok ' if r.ok else 'FAIL'} {r.seconds:7.3f}s  {r.name}: {r.detail}")
     return 0 if all(r.ok for r in results) else 1

@@ -249,6 +249,10 @@ def test_a_switchover_from_the_page_ends_with_its_outcome(site: Site, browser: A
         summary
     site.beat("east", "fenced", 2)
     site.tick()
+    page.until(lambda: page.state() == "promoting")
+    # the record names west before west's agent reports it serves: the header says so
+    assert "primary west (not serving yet: promoting) · replica east" in page.text(), \
+        page.text()
     site.beat("west", "primary", 2, data_path="running", protected=False)
     for _ in range(4):
         if "-> failed_over" in site.tick():

@@ -67,6 +67,17 @@ def test_a_misspelt_key_is_one_error_that_names_the_key_it_stands_for() -> None:
         "depends_on, dns, failover, primary, replica, replication, steps, volumes)"]
 
 
+def test_check_of_a_service_without_health_checks_says_so(tmp_path: str) -> None:
+    path = os.path.join(tmp_path, "rb.yaml")
+    with open(path, "w") as fh:
+        fh.write("kind: drctl-runbook\nversion: 1\ncluster: c\netcd: ['127.0.0.1:2379']\n"
+                 "sites: {a: {address: 10.0.0.1}, b: {address: 10.0.0.2}}\n"
+                 "services: {db: {primary: a, replica: b, steps: [{type: promote}]}}\n")
+    p = run([*DRCTL, "runbook", "check", path, "db"])
+    assert p.returncode == 0 and p.stdout == \
+        "db: the runbook gives it no health checks (nothing to run)\n", p.stdout + p.stderr
+
+
 def test_dependencies_come_first() -> None:
     rb = load(os.path.join(REPO, "runbooks", "examples", "two-site-web.yaml"))
     assert order(rb, "app") == ["db", "app"]
