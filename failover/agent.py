@@ -216,6 +216,7 @@ class SiteAgent:
 
     def env(self, svc: ServiceConfig, rec: ServiceRecord, want: str) -> dict[str, str]:
         env = {"DRCTL_SERVICE": svc.name, "DRCTL_SITE": self.site,
+               "DRCTL_SITE_ADDRESS": self.config.sites[self.site].address,
                "DRCTL_EPOCH": str(rec.epoch), "DRCTL_ROLE": want,
                "DRCTL_REPLICATION_TARGET": self.config.sites[self.site].replication or ""}
         op = rec.operation
@@ -329,6 +330,7 @@ class SiteAgent:
     async def self_fence(self, svc: ServiceConfig, epoch: int) -> None:
         """Stop writing for ``svc`` at once (the lease is about to be lost)."""
         env = {"DRCTL_SERVICE": svc.name, "DRCTL_SITE": self.site,
+               "DRCTL_SITE_ADDRESS": self.config.sites[self.site].address,
                "DRCTL_EPOCH": str(epoch), "DRCTL_ROLE": "fenced"}
         await run_hooks("fence", svc.hooks.fence, env, self.config.secrets())
         await run_hooks("stop", svc.hooks.stop, env, self.config.secrets())

@@ -293,7 +293,8 @@ class Controller:
                "DRCTL_CONTROLLER": self.node}
         if op is not None:
             env.update(DRCTL_OPERATION=op.kind, DRCTL_OLD_PRIMARY=op.source,
-                       DRCTL_NEW_PRIMARY=op.target, DRCTL_SITE=op.target)
+                       DRCTL_NEW_PRIMARY=op.target, DRCTL_SITE=op.target,
+                       DRCTL_SITE_ADDRESS=self.config.sites[op.target].address)
         return StepContext(rec, svc, self.config.sites[rec.primary].address,
                            dict(self._alive), env, self.config.secrets())
 

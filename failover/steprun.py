@@ -44,22 +44,43 @@ def tail(text: str, secrets: Iterable[str] = (), limit: int = OUTPUT_LIMIT) -> s
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
+SITE_ADDRESS = "{site_address}"  # in http: and tcp:, the address of the site checking
+
+
+def expand(target: str, env: dict[str, str]) -> str:
+    """A health check's http: or tcp: with ``{site_address}`` replaced by the address of the
+    site that runs it ($DRCTL_SITE_ADDRESS): a check of the new primary, whichever site that
+    is (a failback checks the home site, not the standby the runbook was written for)."""
+    if SITE_ADDRESS not in target:
+        return target
+    address = env.get("DRCTL_SITE_ADDRESS")
+    if not address:
+        raise RuntimeError(f"{target}: {SITE_ADDRESS} needs $DRCTL_SITE_ADDRESS (set where "
+                           "a site runs it; drctl runbook check --site NAME)")
+    host = f"[{address}]" if ":" in address else address  # an IPv6 address in a URL
+    return target.replace(SITE_ADDRESS, host)
+
+
 async def probe(spec: StepSpec, env: dict[str, str]) -> str:
     """One attempt of a health check (raises OSError, RuntimeError or TimeoutError)."""
     if spec.http:
-        url = spec.http
+        url = expand(spec.http, env)
 
         def get() -> int:
             with urllib.request.urlopen(url, timeout=spec.timeout) as r:
                 return int(r.status)
         return f"HTTP {await asyncio.to_thread(get)} from {url}"
     if spec.tcp:
-        addr = Server.parse(spec.tcp)
+        where = expand(spec.tcp, env)
+        try:
+            addr = Server.parse(where)
+        except ValueError as exc:
+            raise RuntimeError(str(exc)) from None
 
         def connect() -> None:
-            socket.create_connection((addr.host, addr.port), spec.timeout).close()
+            socket.create_connection((addr.host.strip("[]"), addr.port), spec.timeout).close()
         await asyncio.to_thread(connect)
-        return f"connected to {spec.tcp}"
+        return f"connected to {where}"
     out = await run_shell(spec.command or "true", env, spec.timeout)
     return out.strip() or "command ok"
 

@@ -44,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     c = rsub.add_parser("check", help="run a service's health checks (exit 0 if all pass)")
     c.add_argument("file")
     c.add_argument("service")
+    c.add_argument("--site", metavar="NAME", help="as site NAME's agent runs them: "
+                   "{site_address} in a check is its address (default: $DRCTL_SITE_ADDRESS)")
     c.set_defaults(func=cmd_check)
 
     s = rsub.add_parser("schema", help="print the runbook JSON Schema (for editors)")
@@ -182,7 +184,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         return _invalid()
     if not _service(rb, args.service):
         return 2
-    results = asyncio.run(run_health_checks(rb.services[args.service], dict(os.environ)))
+    env = dict(os.environ)
+    if args.site:  # as that site's agent runs them: {site_address} is its address
+        site = rb.sites.get(args.site)
+        if site is None:
+            print(f"drctl: error [usage]: --site {args.site}: not a site of {rb.path} (sites: "
+                  f"{', '.join(sorted(rb.sites))})", file=sys.stderr)
+            return 2
+        env.update(DRCTL_SITE=site.name, DRCTL_SITE_ADDRESS=site.address)
+    results = asyncio.run(run_health_checks(rb.services[args.service], env))
     if not results:
         print(f"{args.service}: the runbook gives it no health checks (nothing to run)")
     for r in results:

@@ -172,6 +172,7 @@ class Drill:
             ok = await self.timed("clone", self.clone_all())
             env = {"DRCTL_DRILL": "1", "DRCTL_SERVICE": self.svc.name,
                    "DRCTL_SITE": self.standby.name,
+                   "DRCTL_SITE_ADDRESS": self.standby.address,
                    "DRCTL_CLONES": " ".join(str(c["path"]) for c in self.report.clones)}
             for step in self.svc.steps:
                 if not ok:

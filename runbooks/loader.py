@@ -445,8 +445,10 @@ def _step(c: Checker, s: LineDict, sw: str, stype: StepType) -> Step | None:
         if len([k for k in ("http", "tcp", "command") if k in s]) != 1:
             c.err(s, None, sw, "give exactly one of http:, tcp: or command:")
         return Step(stype, name, s.line,
-                    http=c.text(s, "http", sw, "a URL", check=bool),
-                    tcp=c.text(s, "tcp", sw, "HOST:PORT", check=bool),
+                    http=c.text(s, "http", sw, "an http:// or https:// URL (its host may be "
+                                "{site_address})", check=_check_url),
+                    tcp=c.text(s, "tcp", sw, "HOST:PORT (HOST may be {site_address})",
+                               check=_check_tcp),
                     command=c.text(s, "command", sw, "a shell command", check=bool),
                     timeout=timeout,
                     retries=c.whole(s, "retries", sw, "a whole number >= 0", 0,
@@ -454,6 +456,25 @@ def _step(c: Checker, s: LineDict, sw: str, stype: StepType) -> Step | None:
                     interval=c.number(s, "interval", sw, "seconds > 0", 1.0,
                                       check=lambda v: v > 0))
     return Step(stype, name, s.line, timeout=timeout)
+
+
+def _placeholders_ok(text: str) -> bool:
+    """Braces only as {site_address} (failover/steprun.py expands it where the check runs)."""
+    from failover.steprun import SITE_ADDRESS
+
+    rest = text.replace(SITE_ADDRESS, "")
+    return "{" not in rest and "}" not in rest
+
+
+def _check_url(text: str) -> bool:
+    return text.startswith(("http://", "https://")) and _placeholders_ok(text)
+
+
+def _check_tcp(text: str) -> bool:
+    from failover.steprun import SITE_ADDRESS
+
+    return (_placeholders_ok(text) and ":" in text
+            and _server(text.replace(SITE_ADDRESS, "127.0.0.1")) is None)
 
 
 def _dependencies(c: Checker, top: LineDict, services: dict[str, Service]) -> None:

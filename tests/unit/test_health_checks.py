@@ -1,0 +1,83 @@
+"""Health checks of the new primary whichever site it is: {site_address} in http: and tcp:
+(failover/steprun.py), set by the site that runs them, and `drctl runbook check --site`."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from failover.steprun import expand, health_check
+from failover.steps import StepKind, StepSpec
+from tests.procs import DRCTL, run
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def test_site_address_is_the_address_of_the_site_that_checks(listener: int) -> None:
+    spec = StepSpec(StepKind.HEALTH_CHECK, "db", tcp=f"{{site_address}}:{listener}", timeout=2)
+    said = asyncio.run(health_check(spec, {"DRCTL_SITE_ADDRESS": "127.0.0.1"}))
+    assert said == f"attempt 1: connected to 127.0.0.1:{listener}"
+    # nobody set it (a check run by hand without --site): a clear failure, not a lookup of
+    # "{site_address}" as a host name
+    with pytest.raises(RuntimeError, match=r"\{site_address\} needs \$DRCTL_SITE_ADDRESS"):
+        asyncio.run(health_check(spec, {}))
+    assert expand("http://{site_address}:8080/h", {"DRCTL_SITE_ADDRESS": "::1"}) == \
+        "http://[::1]:8080/h"
+    assert expand("http://10.0.0.2/h", {}) == "http://10.0.0.2/h"
+
+
+def test_http_check_with_site_address() -> None:
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        spec = StepSpec(StepKind.HEALTH_CHECK, "app", http=f"http://{{site_address}}:{port}/")
+        said = asyncio.run(health_check(spec, {"DRCTL_SITE_ADDRESS": "127.0.0.1"}))
+        assert said == f"attempt 1: HTTP 200 from http://127.0.0.1:{port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_runbook_check_as_a_site(tmp_path: Any, listener: int) -> None:
+    path = os.path.join(tmp_path, "rb.yaml")
+    with open(path, "w") as fh:
+        fh.write("kind: drctl-runbook\nversion: 1\ncluster: c\netcd: ['127.0.0.1:2379']\n"
+                 "sites: {a: {address: 127.0.0.1}, b: {address: 10.255.255.1}}\n"
+                 "services:\n  db:\n    primary: b\n    replica: a\n    steps:\n"
+                 "      - {type: promote}\n"
+                 f"      - {{type: health_check, name: up, tcp: '{{site_address}}:{listener}', "
+                 "timeout: 2}\n")
+    p = run([*DRCTL, "runbook", "check", path, "db", "--site", "a"],
+            env={"DRCTL_SITE_ADDRESS": ""})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"health check: up: attempt 1: connected to 127.0.0.1:{listener}" in p.stdout
+    p = run([*DRCTL, "runbook", "check", path, "db"], env={"DRCTL_SITE_ADDRESS": ""})
+    assert p.returncode == 1 and "needs $DRCTL_SITE_ADDRESS" in p.stdout, p.stdout
+    p = run([*DRCTL, "runbook", "check", path, "db", "--site", "north"])
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"drctl: error [usage]: --site north: not a site of {path} (sites: a, b)"), p.stderr
