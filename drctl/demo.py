@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -64,6 +65,7 @@ class DemoCluster:
     api_port: int = 0
     tls_dir: str = ""  # the deployment's CA and certificates (made by start())
     _stop_writer: threading.Event = field(default_factory=threading.Event)
+    crashed: list[str] = field(default_factory=list)  # what exited under it (``dead()``)
 
     @property
     def url(self) -> str:
@@ -230,8 +232,21 @@ class DemoCluster:
         return out
 
     def stop(self) -> str:
-        """Stop everything; returns what was done, in a line."""
+        """Stop everything; returns what was done, in a line. If something exited under the
+        demo (``crashed``: not a Ctrl-C, which the terminal also sends to its processes), the
+        directory is kept: its logs say why."""
         self._stop_writer.set()
+        ended = self._stop_processes()
+        servers = self._stop_servers()
+        if servers:
+            ended += f"; {' and '.join(servers)} stopped"
+        if self.crashed:
+            return f"stopped: {ended}; {self.work} kept (its logs)"
+        shutil.rmtree(self.work, ignore_errors=True)
+        return f"stopped: {ended}; {self.work} removed"
+
+    def _stop_processes(self) -> str:
+        """SIGTERM to the drctl processes still running, a kill after 10 s."""
         exited = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
         for name, p in reversed(list(self.procs.items())):
             if name not in exited:
@@ -244,24 +259,28 @@ class DemoCluster:
                 p.kill()
                 p.wait()
                 killed.append(name)
-        servers = []
-        for label, server in (("named", self.named), ("etcd", self.etcd)):
-            if server is not None:
-                gone = server.proc is not None and server.proc.poll() is not None
-                server.stop()
-                servers.append(f"{label} (had exited already)" if gone else label)
-        crashed = bool(exited) or any("had exited" in s for s in servers)
-        if not crashed:  # else the logs say why: kept
-            shutil.rmtree(self.work, ignore_errors=True)
         ended = f"{len(self.procs) - len(exited) - len(killed)} drctl processes ended on SIGTERM"
         if exited:  # before the stop: a crash the logs explain
             ended += ", " + ", ".join(f"{name} had exited already (status {rc})"
                                       for name, rc in exited.items())
         if killed:
             ended += f", {', '.join(killed)} killed after 10 s"
-        if servers:
-            ended += f"; {' and '.join(servers)} stopped"
-        return f"stopped: {ended}; {self.work} " + ("kept (its logs)" if crashed else "removed")
+        return ended
+
+    def _stop_servers(self) -> list[str]:
+        """named and etcd stopped (the log of one that exited under the demo copied into its
+        directory first: the server's own directory goes with it)."""
+        out = []
+        for label, server in (("named", self.named), ("etcd", self.etcd)):
+            if server is None:
+                continue
+            gone = any(c.startswith(f"{label} ") for c in self.crashed)
+            if gone:
+                with contextlib.suppress(OSError):
+                    shutil.copy(os.path.join(server.dir, f"{label}.log"), self.work)
+            server.stop()
+            out.append(f"{label} (had exited already)" if gone else label)
+        return out
 
 
 def _sample(demo: DemoCluster) -> tuple[dict[str, Any] | None, str]:
@@ -269,6 +288,8 @@ def _sample(demo: DemoCluster) -> tuple[dict[str, Any] | None, str]:
     try:
         app = demo.status()["services"]["app"]  # type: ignore[index]
         return app, _line(app)
+    except urllib.error.HTTPError as exc:  # it answered, with an error
+        return None, f"status unavailable: the API answered {exc.code} {exc.reason}"
     except urllib.error.URLError as exc:  # (an OSError)
         return None, f"status unavailable: the API at {demo.url} does not answer ({exc.reason})"
     except (OSError, ValueError, KeyError) as exc:
@@ -278,11 +299,12 @@ def _sample(demo: DemoCluster) -> tuple[dict[str, Any] | None, str]:
 def _line(app: dict[str, Any]) -> str:
     dns = ", ".join(a for answers in (app.get("dns") or {}).values() for a in (answers or ["-"]))
     lag = app["lag_seconds"]
+    shown = "-" if lag is None else f"{lag:.2f}s" + ("(last)" if app.get("lag_stale") else "")
     extra = "; ".join(app.get("progress") or [])
     op = app.get("operation")
     doing = f" ({op['label']}, {op['asked']})" if op and op.get("current") else ""
     return (f"{time.strftime('%H:%M:%S')} app: {app['state']:<13}{doing} "
-            f"primary={app['primary']:<5} lag={'-' if lag is None else f'{lag:.2f}s':<6} "
+            f"primary={app['primary']:<5} lag={shown:<6} "
             f"app.dr.test -> {dns}" + (f"  [{extra}]" if extra else ""))
 
 
@@ -297,6 +319,7 @@ def _gone(demo: DemoCluster, stopping: threading.Event) -> bool:
     if dead:
         print(f"  the demo cannot go on: {', '.join(dead)} exited (logs in {demo.work})",
               flush=True)
+        demo.crashed = dead
         stopping.set()
     return bool(dead)
 
@@ -415,7 +438,7 @@ def main() -> int:
     finally:
         print("stopping...", flush=True)
         print(demo.stop(), flush=True)
-    return 0
+    return 1 if demo.crashed else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Sequence
 
 
 def fsync_dir(path: str) -> None:
@@ -47,7 +48,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
 Buffer = bytes | bytearray | memoryview
 
 
-def write_all(fd: int, parts: list[Buffer]) -> int:
+def write_all(fd: int, parts: Sequence[Buffer]) -> int:
     """Write every piece at ``fd``'s position (an append on an O_APPEND descriptor) with one
     gathered write, and the rest after a short one (a signal, a full disk) where it stopped,
     without copying. Returns the bytes written."""

@@ -331,6 +331,7 @@ class SiteAgent:
         """Stop writing for ``svc`` at once (the lease is about to be lost)."""
         env = {"DRCTL_SERVICE": svc.name, "DRCTL_SITE": self.site,
                "DRCTL_SITE_ADDRESS": self.config.sites[self.site].address,
-               "DRCTL_EPOCH": str(epoch), "DRCTL_ROLE": "fenced"}
+               "DRCTL_EPOCH": str(epoch), "DRCTL_ROLE": "fenced",
+               "DRCTL_REPLICATION_TARGET": self.config.sites[self.site].replication or ""}
         await run_hooks("fence", svc.hooks.fence, env, self.config.secrets())
         await run_hooks("stop", svc.hooks.stop, env, self.config.secrets())

@@ -173,6 +173,6 @@ def cmd_users(args: argparse.Namespace) -> int:
         print(f"user {args.name} removed from {path}", file=sys.stderr)
         outcome, params = "done", {"file": path}
     if args.users_config:
-        record_audit(_config(args.users_config), cli_actor(), f"api.users.{verb}", args.name,
-                     params, outcome, args.users_audit_file)
+        record_audit(_config(args.users_config, secrets=False), cli_actor(),
+                     f"api.users.{verb}", args.name, params, outcome, args.users_audit_file)
     return 0

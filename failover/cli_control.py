@@ -108,7 +108,7 @@ def cmd_request(args: argparse.Namespace) -> int:
         state_key,
     )
 
-    cfg = _config(args.config)
+    cfg = _config(args.config, secrets=False)  # a request is written to etcd: no key needed
     svc = cfg.services.get(args.service)
     if svc is None:
         raise ConfigError(f"unknown service {args.service!r} (services: "
@@ -199,7 +199,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
     for name, s in status["services"].items():
         out.append(f"service {name}: {s['state']} primary={s['primary']} "
                    f"replica={s['replica']} epoch={s['epoch']} "
-                   f"lag={seconds(s['lag_seconds'])} -- {s['summary']}"
+                   f"lag={seconds(s['lag_seconds'])}{'(last reported)' if s['lag_stale'] else ''}"
+                   f" -- {s['summary']}"
                    + (f" [error: {s['error']}]" if s["error"] else ""))
         out += [f"  {line}" for line in s["progress"]]
         if s.get("pending"):

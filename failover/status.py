@@ -62,10 +62,11 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
         serving = health[rec.primary]
         if serving is not None and serving.role != "primary":
             serving = None
+        lag, stale = shown_lag(rec, serving is not None)
         services[name] = {
             "state": rec.state, "primary": rec.primary, "replica": rec.replica,
             "home": svc.primary,  # the runbook's primary: where a failback goes
-            "epoch": rec.epoch, "lag_seconds": shown_lag(rec, serving is not None),
+            "epoch": rec.epoch, "lag_seconds": lag, "lag_stale": stale,
             # false: nothing to fail over to without --force (initial sync, resync)
             "replica_consistent": rec.replica_consistent,
             "rpo_budget_seconds": svc.policy.rpo_seconds, "message": rec.message,
@@ -100,15 +101,20 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
             "services": services, "at": now}
 
 
-def shown_lag(rec: ServiceRecord, primary_reporting: bool) -> float | None:
-    """The primary's last reported lag, only while it is one: the primary reports (a silent
-    one's last figure is stale), the replica holds a consistent copy (during an initial sync
-    or a resync the primary counts only its captured writes not yet acknowledged, not the
-    copy), and the replica is one (after a failover the former primary is none until it is
-    back and resynced). None: no figure to show."""
-    if not (primary_reporting and rec.replica_consistent) or rec.state is State.FAILED_OVER:
-        return None
-    return rec.last_lag_seconds
+# the record names the new primary and the former one as its replica, which is none yet
+NO_REPLICA_STATES = frozenset({State.PROMOTING, State.REROUTING, State.FAILED_OVER})
+
+
+def shown_lag(rec: ServiceRecord, primary_reporting: bool) -> tuple[float | None, bool]:
+    """(the lag to show, whether it is stale). None while there is no lag to speak of: the
+    replica holds no consistent copy (during an initial sync or a resync the primary counts
+    only its captured writes not yet acknowledged, not the copy), or there is no replica
+    (from the promotion until the former primary is back). Stale: the primary is silent, and
+    this is the last figure it reported (the one the controller decides with)."""
+    if not rec.replica_consistent or rec.state in NO_REPLICA_STATES:
+        return None, False
+    lag = rec.last_lag_seconds
+    return lag, lag is not None and not primary_reporting
 
 
 def label(kind: str, target: str, home: str) -> str:

@@ -47,6 +47,10 @@ def tail(text: str, secrets: Iterable[str] = (), limit: int = OUTPUT_LIMIT) -> s
 SITE_ADDRESS = "{site_address}"  # in http: and tcp:, the address of the site checking
 
 
+class NoSiteAddress(RuntimeError):
+    """A check names {site_address} where nothing says which site runs it (not retried)."""
+
+
 def expand(target: str, env: dict[str, str]) -> str:
     """A health check's http: or tcp: with ``{site_address}`` replaced by the address of the
     site that runs it ($DRCTL_SITE_ADDRESS): a check of the new primary, whichever site that
@@ -55,8 +59,8 @@ def expand(target: str, env: dict[str, str]) -> str:
         return target
     address = env.get("DRCTL_SITE_ADDRESS")
     if not address:
-        raise RuntimeError(f"{target}: {SITE_ADDRESS} needs $DRCTL_SITE_ADDRESS (set where "
-                           "a site runs it; drctl runbook check --site NAME)")
+        raise NoSiteAddress(f"{target}: {SITE_ADDRESS} needs $DRCTL_SITE_ADDRESS (set where "
+                            "a site runs it; drctl runbook check --site NAME)")
     host = f"[{address}]" if ":" in address else address  # an IPv6 address in a URL
     return target.replace(SITE_ADDRESS, host)
 
@@ -93,6 +97,8 @@ async def health_check(spec: StepSpec, env: dict[str, str]) -> str:
         try:
             said = await asyncio.wait_for(probe(spec, env), spec.timeout + 1)
             return "\n".join([*failures, f"attempt {attempt + 1}: {said}"])
+        except NoSiteAddress:
+            raise  # the same next time: no retries
         except ShellError as exc:
             failures.append(f"attempt {attempt + 1}: exit {exc.returncode}: "
                             f"{exc.output.strip()[-200:]}")

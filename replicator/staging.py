@@ -117,7 +117,7 @@ class StagingLog:
         with self.lock:
             offset = os.lseek(self.fd, 0, os.SEEK_END)
             try:
-                write_all(self.fd, list(parts))
+                write_all(self.fd, parts)
             except OSError:
                 os.ftruncate(self.fd, offset)  # no torn frame before the next one
                 raise

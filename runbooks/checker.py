@@ -195,7 +195,7 @@ class Checker:
                 shown = str(key).lower() if isinstance(key, bool) else repr(key)
                 self.err(node, key, where, f"key {shown} is not text ({_YES_NO})")
             elif allowed is not None and key not in allowed:
-                near = difflib.get_close_matches(key, sorted(allowed), n=1)
+                near = difflib.get_close_matches(key, sorted(allowed - set(node)), n=1)
                 mean = f"; did you mean {near[0]!r}?" if near else ""
                 self.err(node, key, where, f"unknown key{mean} (allowed: "
                                            f"{', '.join(sorted(allowed))})")

@@ -156,21 +156,25 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
 
 def _drill_security(args: argparse.Namespace) -> ChannelSecurity | None:
-    """--tls-dir with --operator or --site; None: $DRCTL_TLS_DIR and $DRCTL_TLS_AS."""
+    """--operator or --site, of --tls-dir (default $DRCTL_TLS_DIR), as the replicate commands
+    take them; None (no flags): $DRCTL_TLS_DIR and $DRCTL_TLS_AS."""
+    import os
+
     from drctl.pki import Identity
     from replicator.errors import UsageError
     from replicator.transport.security import ChannelSecurity, TlsConfig
 
-    if not args.tls_dir:
-        if args.operator or args.site:
-            raise UsageError("--operator/--site name a certificate of --tls-dir DIR: give "
-                             "--tls-dir too")
-        return None
     if not (args.operator or args.site):
-        raise UsageError("--tls-dir needs --operator NAME or --site NAME (whose certificate "
-                         "the drill uses)")
+        if args.tls_dir:
+            raise UsageError("--tls-dir needs --operator NAME or --site NAME (whose "
+                             "certificate the drill uses)")
+        return None
+    directory = args.tls_dir or os.environ.get("DRCTL_TLS_DIR")
+    if not directory:
+        raise UsageError("--operator/--site name a certificate of the deployment's TLS "
+                         "directory: give --tls-dir DIR (or set $DRCTL_TLS_DIR)")
     who = Identity("operator", args.operator) if args.operator else Identity("site", args.site)
-    return ChannelSecurity(TlsConfig.from_dir(args.tls_dir, who))
+    return ChannelSecurity(TlsConfig.from_dir(directory, who))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -178,6 +182,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     import os
 
     from runbooks.drill import run_health_checks
+    from runbooks.model import StepType
 
     rb = _load(args.file)
     if rb is None:
@@ -192,6 +197,13 @@ def cmd_check(args: argparse.Namespace) -> int:
                   f"{', '.join(sorted(rb.sites))})", file=sys.stderr)
             return 2
         env.update(DRCTL_SITE=site.name, DRCTL_SITE_ADDRESS=site.address)
+    needs = [s.name for s in rb.services[args.service].steps if s.type is StepType.HEALTH_CHECK
+             and any("{site_address}" in (t or "") or "DRCTL_SITE_ADDRESS" in (t or "")
+                     for t in (s.http, s.tcp, s.command))]
+    if needs and not env.get("DRCTL_SITE_ADDRESS"):
+        print(f"drctl: error [usage]: the check {needs[0]!r} names the address of the site "
+              "that runs it: give --site NAME (or set $DRCTL_SITE_ADDRESS)", file=sys.stderr)
+        return 2
     results = asyncio.run(run_health_checks(rb.services[args.service], env))
     if not results:
         print(f"{args.service}: the runbook gives it no health checks (nothing to run)")

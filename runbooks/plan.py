@@ -59,8 +59,11 @@ def describe(rb: Runbook, svc: Service, step: Planned, switchover: bool = False)
         warm = "; apply the warm journal first" if svc.mode == "warm" else ""
         return f"promote on {svc.replica}: {svc.replica} becomes primary of {vols}{g}{warm}"
     if spec.kind is StepKind.HEALTH_CHECK:
-        probe = (f"GET {spec.http}" if spec.http else f"connect {spec.tcp}" if spec.tcp
-                 else f"`{spec.command}`")
+        from failover.steprun import expand
+
+        env = {"DRCTL_SITE_ADDRESS": rb.sites[svc.replica].address}  # as the new primary
+        probe = (f"GET {expand(spec.http, env)}" if spec.http
+                 else f"connect {expand(spec.tcp, env)}" if spec.tcp else f"`{spec.command}`")
         return (f"health check {spec.name} on {svc.replica}: {probe}, timeout "
                 f"{spec.timeout:g}s, {spec.retries} retries every {spec.interval:g}s")
     lines = []

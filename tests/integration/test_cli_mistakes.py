@@ -280,8 +280,9 @@ def test_bad_etcd_endpoints_and_unknown_names(workdir: str, cluster_yaml: str) -
 
 
 def test_status_reads_no_tsig_key(workdir: str, cluster_yaml: str) -> None:
-    """drctl status and audit read etcd only: a TSIG key file this host does not have (an
-    operator's laptop) stops the commands that sign updates, not them."""
+    """Commands that only read or write etcd (status, audit, a failover request) read no TSIG
+    key: a key file this host does not have (an operator's laptop) stops only the controller,
+    which signs the DNS updates."""
     with open(cluster_yaml) as fh:
         cfg = json.load(fh)
     missing = os.path.join(workdir, "no-such-tsig.key")
@@ -291,10 +292,11 @@ def test_status_reads_no_tsig_key(workdir: str, cluster_yaml: str) -> None:
     path = os.path.join(workdir, "with-dns.yaml")
     with open(path, "w") as fh:
         json.dump(cfg, fh)
-    for cmd in (["status"], ["audit", "show"]):  # past the configuration: etcd is down
+    for cmd in (["status"], ["audit", "show"], ["failover", "app"]):  # past the
+        # configuration: etcd is down
         one_line(run([*DRCTL, *cmd, "--config", path], timeout=30), 69,
                  "[store_unavailable]", "etcd unreachable")
-    one_line(run([*DRCTL, "failover", "app", "--config", path]), 2, "[config]", missing,
+    one_line(run([*DRCTL, "controller", "--config", path]), 2, "[config]", missing,
              "No such file")
     # a key written wrong is still refused: both file: and env:
     cfg["services"]["app"]["dns"]["tsig"]["env"] = "TSIG_SECRET"

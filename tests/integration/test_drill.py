@@ -90,8 +90,9 @@ def test_a_drill_that_cannot_reach_the_target_fails_at_once(cluster: Cluster) ->
     assert [s["name"] for s in report["steps"]] == ["clone", "cleanup"], report
     assert report["clones"] == [], report
     # the flags go together
-    for flags, said in ((["--operator", "tester"], "give --tls-dir too"),
+    for flags, said in ((["--operator", "tester"], "give --tls-dir DIR (or set $DRCTL_TLS_DIR)"),
                         (["--tls-dir", pki().dir], "--tls-dir needs --operator NAME")):
-        q = run([*DRCTL, "drill", "app", "--runbook", c.config, *flags])
+        q = run([*DRCTL, "drill", "app", "--runbook", c.config, *flags],
+                env={"DRCTL_TLS_DIR": ""})
         assert q.returncode == 2 and said in q.stderr, q.stderr
         assert len(q.stderr.strip().splitlines()) == 1, q.stderr

@@ -301,8 +301,8 @@ def test_buttons_follow_what_the_controller_takes(drill_site: Site, browser: Any
     t = page.titles()
     assert t["drill"] == (False, "Clone the replica and check it; production is not touched"), t
     assert t["failover"] == (False, "Fence the primary now and promote the replica"), t
-    # the replica's site stops reporting: nothing to clone; a failover is still taken (its
-    # precheck needs the new primary's heartbeat, and says so)
+    # the replica's site stops reporting: nothing to clone, nothing to fail over to; and the
+    # controller refuses the failover the page would not send (a script sends it anyway)
     site.run(site.store.delete_if(heartbeat_key(site.cfg.prefix, "west"),
                                   site.store.entries[heartbeat_key(site.cfg.prefix,
                                                                    "west")].mod_revision))
@@ -310,14 +310,31 @@ def test_buttons_follow_what_the_controller_takes(drill_site: Site, browser: Any
     page.until(lambda: page.state() == "unprotected")
     t = page.titles()
     assert t["drill"] == (True, "the replica site west is not reporting: nothing to clone"), t
-    # the primary falls silent: its last lag figure is stale, not shown
+    assert t["failover"] == (True, "the replica site west is down: nothing could take over"), t
+    page.request("failover")
+    page.until(lambda: "failover of app (operation " in page.notice())
+    site.tick()
+    page.until(lambda: "not carried out" in page.notice())
+    assert "the replica site is not alive" in page.notice(), page.notice()
+    # back, but 45 s behind with a 30 s budget: refused too, and the page says why
     site.beat("west", "replica", 1, data_path="running")
+    site.beat("east", "primary", 1, data_path="running", protected=True, lag_seconds=45.0)
+    site.tick()
+    page.until(lambda: page.titles()["failover"][0] and "45.0 s behind" in
+               page.titles()["failover"][1])
+    page.request("failover")
+    page.until(lambda: "queued" in page.notice())
+    site.tick()
+    page.until(lambda: "not carried out" in page.notice() and "replica lag 45.0s, RPO "
+               "budget 30s" in page.notice())
+    # the primary falls silent: its last lag figure is shown as such (the controller decides
+    # with it)
     site.run(site.store.delete_if(heartbeat_key(site.cfg.prefix, "east"),
                                   site.store.entries[heartbeat_key(site.cfg.prefix,
                                                                    "east")].mod_revision))
     site.tick()
-    page.until(lambda: "replication lag unknown of" in page.text())
-    assert "0.10 s" not in page.text(), page.text()
+    page.until(lambda: "replication lag 45.00 s (last reported: the primary is silent) of"
+               in page.text())
 
 
 ASKED_AT = r"at \d{1,2}:\d{2}:\d{2}( [AP]M)?"
