@@ -231,22 +231,24 @@ class DemoCluster:
                 out.append(f"{label} (status {proc.returncode})")
         return out
 
-    def stop(self) -> str:
+    def stop(self, interrupted: bool = False) -> str:
         """Stop everything; returns what was done, in a line. If something exited under the
-        demo (``crashed``: not a Ctrl-C, which the terminal also sends to its processes), the
-        directory is kept: its logs say why."""
+        demo (``crashed``, or a process found gone at the stop, unless ``interrupted``: a
+        Ctrl-C, which the terminal sends to the demo's processes too), the directory is
+        kept: its logs say why."""
         self._stop_writer.set()
-        ended = self._stop_processes()
+        ended, exited = self._stop_processes(interrupted)
         servers = self._stop_servers()
         if servers:
             ended += f"; {' and '.join(servers)} stopped"
-        if self.crashed:
+        if self.crashed or (exited and not interrupted):
             return f"stopped: {ended}; {self.work} kept (its logs)"
         shutil.rmtree(self.work, ignore_errors=True)
         return f"stopped: {ended}; {self.work} removed"
 
-    def _stop_processes(self) -> str:
-        """SIGTERM to the drctl processes still running, a kill after 10 s."""
+    def _stop_processes(self, interrupted: bool) -> tuple[str, bool]:
+        """SIGTERM to the drctl processes still running, a kill after 10 s; (what was done,
+        whether one had exited before)."""
         exited = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
         for name, p in reversed(list(self.procs.items())):
             if name not in exited:
@@ -260,12 +262,14 @@ class DemoCluster:
                 p.wait()
                 killed.append(name)
         ended = f"{len(self.procs) - len(exited) - len(killed)} drctl processes ended on SIGTERM"
-        if exited:  # before the stop: a crash the logs explain
+        if exited and interrupted:
+            ended += f", {len(exited)} on the Ctrl-C itself"
+        elif exited:  # before the stop: a crash the logs explain
             ended += ", " + ", ".join(f"{name} had exited already (status {rc})"
                                       for name, rc in exited.items())
         if killed:
             ended += f", {', '.join(killed)} killed after 10 s"
-        return ended
+        return ended, bool(exited)
 
     def _stop_servers(self) -> list[str]:
         """named and etcd stopped (the log of one that exited under the demo copied into its
@@ -409,6 +413,7 @@ def main() -> int:
     except ValueError as exc:  # before anything is started
         print(f"drctl: error [usage]: {exc}", file=sys.stderr)
         return 2
+    interrupted = False  # a Ctrl-C: the terminal sent it to every process of the demo
     demo = DemoCluster()
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -434,10 +439,10 @@ def main() -> int:
                 shown, shown_at = _news(line), time.monotonic()
             stopping.wait(2)
     except KeyboardInterrupt:
-        pass
+        interrupted = True
     finally:
         print("stopping...", flush=True)
-        print(demo.stop(), flush=True)
+        print(demo.stop(interrupted), flush=True)
     return 1 if demo.crashed else 0
 
 

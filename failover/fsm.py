@@ -398,6 +398,9 @@ def _suspect(v: ServiceView) -> Decision:
 def _blocked(v: ServiceView) -> Decision:
     if v.primary_alive:
         return _back(v, "primary back")
+    if v.command in _FAILOVERS and not v.replica_alive:  # (as _not_consistent: not even forced)
+        return _refuse(v, Action.BLOCK, "manual failover refused: the replica site is not "
+                       "alive, nothing could take over")
     if v.command is Command.FORCE_FAILOVER:
         return _begin(v, State.FENCING, "forced by an operator: data loss accepted")
     if v.command is Command.FAILOVER:

@@ -62,7 +62,7 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
         serving = health[rec.primary]
         if serving is not None and serving.role != "primary":
             serving = None
-        lag, stale = shown_lag(rec, serving is not None)
+        lag, stale = shown_lag(rec, beats.get(rec.primary) is not None)
         services[name] = {
             "state": rec.state, "primary": rec.primary, "replica": rec.replica,
             "home": svc.primary,  # the runbook's primary: where a failback goes
@@ -105,16 +105,20 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
 NO_REPLICA_STATES = frozenset({State.PROMOTING, State.REROUTING, State.FAILED_OVER})
 
 
-def shown_lag(rec: ServiceRecord, primary_reporting: bool) -> tuple[float | None, bool]:
+def shown_lag(rec: ServiceRecord, primary_alive: bool) -> tuple[float | None, bool]:
     """(the lag to show, whether it is stale). None while there is no lag to speak of: the
     replica holds no consistent copy (during an initial sync or a resync the primary counts
     only its captured writes not yet acknowledged, not the copy), or there is no replica
-    (from the promotion until the former primary is back). Stale: the primary is silent, and
-    this is the last figure it reported (the one the controller decides with)."""
-    if not rec.replica_consistent or rec.state in NO_REPLICA_STATES:
+    (from the promotion until the former primary is back; an operation that failed after
+    the roles were swapped too). Stale: the primary's site is silent (no heartbeat), and this
+    is the last figure it reported (the one the controller decides with)."""
+    op = rec.operation
+    swapped = (rec.state is State.FAILED and op is not None and op.kind != "resync"
+               and rec.primary == op.target)
+    if not rec.replica_consistent or rec.state in NO_REPLICA_STATES or swapped:
         return None, False
     lag = rec.last_lag_seconds
-    return lag, lag is not None and not primary_reporting
+    return lag, lag is not None and not primary_alive
 
 
 def label(kind: str, target: str, home: str) -> str:

@@ -5,6 +5,7 @@ secret the process knows replaced by ``***``."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import re
 import socket
@@ -102,7 +103,8 @@ async def health_check(spec: StepSpec, env: dict[str, str]) -> str:
         except ShellError as exc:
             failures.append(f"attempt {attempt + 1}: exit {exc.returncode}: "
                             f"{exc.output.strip()[-200:]}")
-        except (OSError, RuntimeError, TimeoutError) as exc:
+        except (OSError, RuntimeError, TimeoutError, ValueError,
+                http.client.HTTPException) as exc:  # (a URL urllib cannot use: ValueError)
             failures.append(f"attempt {attempt + 1}: {exc or type(exc).__name__}")
         if attempt < spec.retries:
             await asyncio.sleep(spec.interval)
@@ -128,8 +130,12 @@ async def run_step(spec: StepSpec, env: dict[str, str],
         return done("failed", exc.output, f"timed out after {spec.timeout:g}s: killed")
     except ShellError as exc:
         return done("failed", exc.output, f"exit status {exc.returncode}")
+    except NoSiteAddress as exc:
+        return done("failed", "", str(exc))
     except RuntimeError as exc:  # a health check's failed attempts
         return done("failed", str(exc), f"failed after {spec.retries + 1} attempt"
                                         f"{'s' if spec.retries else ''}")
     except OSError as exc:
         return done("failed", "", f"cannot run it: {exc}")
+    except Exception as exc:  # a bug: the step fails with it, the caller goes on
+        return done("failed", "", f"{type(exc).__name__}: {exc}")

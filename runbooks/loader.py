@@ -449,7 +449,9 @@ def _step(c: Checker, s: LineDict, sw: str, stype: StepType) -> Step | None:
                                 "{site_address})", check=_check_url),
                     tcp=c.text(s, "tcp", sw, "HOST:PORT (HOST may be {site_address})",
                                check=_check_tcp),
-                    command=c.text(s, "command", sw, "a shell command", check=bool),
+                    command=c.text(s, "command", sw, "a shell command ($DRCTL_SITE_ADDRESS, "
+                                   "not {site_address}, is the checking site's address)",
+                                   check=lambda v: bool(v) and "{site_address}" not in v),
                     timeout=timeout,
                     retries=c.whole(s, "retries", sw, "a whole number >= 0", 0,
                                     check=lambda v: v >= 0),
@@ -467,7 +469,24 @@ def _placeholders_ok(text: str) -> bool:
 
 
 def _check_url(text: str) -> bool:
-    return text.startswith(("http://", "https://")) and _placeholders_ok(text)
+    """An http(s) URL with a host and, if given, a numeric port, whatever address
+    {site_address} stands for (IPv4 or IPv6: expand() brackets the latter itself)."""
+    from urllib.parse import urlsplit
+
+    from failover.steprun import SITE_ADDRESS, expand
+
+    if not (text.startswith(("http://", "https://")) and _placeholders_ok(text)) or \
+            f"[{SITE_ADDRESS}]" in text:
+        return False
+    for sample in ("192.0.2.1", "2001:db8::1"):
+        try:
+            parts = urlsplit(expand(text, {"DRCTL_SITE_ADDRESS": sample}))
+            if not parts.hostname:
+                return False
+            parts.port  # noqa: B018 (a port that is not a number raises)
+        except ValueError:
+            return False
+    return True
 
 
 def _check_tcp(text: str) -> bool:

@@ -70,6 +70,19 @@ def test_policy_can_accept_data_loss() -> None:
     assert d.next_state is State.FENCING
 
 
+def test_blocked_refuses_a_failover_to_a_replica_site_that_is_down() -> None:
+    """Blocked because the replica is not alive: a manual failover (forced or not) would
+    fence the primary and then wait for a promotion nobody can make."""
+    blocked = view(state=State.BLOCKED, primary_alive=False, replica_alive=False,
+                   replica_lag_seconds=1.0)
+    for command in (Command.FAILOVER, Command.FORCE_FAILOVER):
+        d = decide(dataclasses.replace(blocked, command=command))
+        assert (d.next_state, d.refused) == (State.BLOCKED, True), d
+        assert "the replica site is not alive" in d.message
+    assert decide(dataclasses.replace(blocked, command=Command.FAILOVER, replica_alive=True)
+                  ).next_state is State.FENCING
+
+
 def test_blocked_needs_force_beyond_rpo() -> None:
     blocked = view(state=State.BLOCKED, primary_alive=False, replica_lag_seconds=120.0,
                    policy=Policy(automatic=False))

@@ -86,3 +86,29 @@ def test_runbook_check_as_a_site(tmp_path: Any, listener: int) -> None:
     p = run([*DRCTL, "runbook", "check", path, "db", "--site", "north"])
     assert p.returncode == 2 and p.stderr.strip() == (
         f"drctl: error [usage]: --site north: not a site of {path} (sites: a, b)"), p.stderr
+
+
+def test_checks_the_loader_refuses_and_run_step_never_raises(tmp_path: Any) -> None:
+    from failover.steprun import run_step
+    from runbooks.loader import RunbookError
+    from runbooks.loader import load as load_runbook
+
+    path = os.path.join(tmp_path, "rb.yaml")
+    with open(path, "w") as fh:
+        fh.write("kind: drctl-runbook\nversion: 1\ncluster: c\netcd: ['127.0.0.1:2379']\n"
+                 "sites: {a: {address: 10.0.0.1}, b: {address: 10.0.0.2}}\n"
+                 "services:\n  db:\n    primary: a\n    replica: b\n    steps:\n"
+                 "      - {type: promote}\n"
+                 "      - {type: health_check, http: 'http://[{site_address}]:80/'}\n"
+                 "      - {type: health_check, http: 'http://{site_address}:8o80/'}\n"
+                 "      - {type: health_check, command: 'pg_isready -h {site_address}'}\n")
+    with pytest.raises(RunbookError) as info:
+        load_runbook(path)
+    fields = [e.split(": ")[1] for e in info.value.errors]
+    assert fields == ["services.db.steps[1].http", "services.db.steps[2].http",
+                      "services.db.steps[3].command"], info.value.errors
+    # a URL urllib cannot use (written in a cluster of another version, say): the step
+    # fails with the reason, it does not raise into the agent
+    spec = StepSpec(StepKind.HEALTH_CHECK, "x", http="http://[10.0.0.1]:80/", timeout=1)
+    got = asyncio.run(run_step(spec, {}))
+    assert got.status == "failed" and "cannot be in brackets" in got.output, got

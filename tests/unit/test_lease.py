@@ -86,7 +86,9 @@ async def test_a_failed_refresh_is_followed_by_another_at_once() -> None:
     lease = await keep(keeper, 1.5)
     assert not keeper.lost.is_set()
     assert keeper.timings.failed == 1
-    assert lease.calls[1] - lease.calls[0] < 0.1
+    # the next refresh is sent about 0.05 s after the failure, not an interval (ttl / 3)
+    # later (a loaded machine stretched the 0.05 s past the 0.1 s this asserted before)
+    assert lease.calls[1] - lease.calls[0] < keeper.interval
 
 
 async def test_the_lease_is_given_up_at_the_local_deadline() -> None:
