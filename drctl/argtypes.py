@@ -5,6 +5,7 @@ the command does anything."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 
 
@@ -70,6 +71,14 @@ def parse_hostport(text: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 as [::1]:PORT) and check the port: the one parser of every
     drctl address flag (``--listen``, ``--metrics-listen``, ``--to``, ...), so each says the
     same about the same mistake. AddressError if malformed."""
+    if text.rpartition(":")[0].endswith(":"):
+        try:  # an IPv6 address alone ("::1", "fe80::1"): its last group is not a port
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            pass
+        else:
+            raise AddressError(f"invalid address {text!r}: an IPv6 address needs brackets "
+                               f"and a port, [{text}]:PORT")
     host, sep, port_text = text.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host

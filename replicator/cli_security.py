@@ -23,8 +23,12 @@ def _identity(args: argparse.Namespace) -> tuple[str, str] | None:
     if getattr(args, "operator", None):
         return "operator", args.operator
     who = os.environ.get("DRCTL_TLS_AS", "")
-    kind, _, name = who.partition("/")
-    return (kind, name) if kind and name else None
+    if not who:
+        return None
+    from replicator.transport.security import identity_from_env
+
+    i = identity_from_env(who)  # site/NAME or operator/NAME, else one line saying so
+    return i.kind, i.name
 
 
 def _tls(args: argparse.Namespace, serve: bool) -> TlsConfig | None:

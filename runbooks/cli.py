@@ -38,14 +38,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "target with a certificate of it (docs/security.md)")
     who = d.add_mutually_exclusive_group()
     who.add_argument("--operator", metavar="NAME", help="with --tls-dir: as operator NAME")
-    who.add_argument("--site", metavar="NAME", help="with --tls-dir: as site NAME")
+    who.add_argument("--site", metavar="NAME", help="with --tls-dir: as site NAME (one the "
+                     "standby's target allows for the volumes, i.e. the primary's)")
     d.set_defaults(func=cmd_drill)
 
     c = rsub.add_parser("check", help="run a service's health checks (exit 0 if all pass)")
     c.add_argument("file")
     c.add_argument("service")
     c.add_argument("--site", metavar="NAME", help="as site NAME's agent runs them: "
-                   "{site_address} in a check is its address (default: $DRCTL_SITE_ADDRESS)")
+                   "{site_address} in a check is its address (without it: the address in "
+                   "$DRCTL_SITE_ADDRESS)")
     c.set_defaults(func=cmd_check)
 
     s = rsub.add_parser("schema", help="print the runbook JSON Schema (for editors)")
@@ -166,8 +168,13 @@ def _drill_security(args: argparse.Namespace) -> ChannelSecurity | None:
 
     if not (args.operator or args.site):
         if args.tls_dir:
-            raise UsageError("--tls-dir needs --operator NAME or --site NAME (whose "
-                             "certificate the drill uses)")
+            from replicator.transport.security import identity_from_env
+
+            who_env = os.environ.get("DRCTL_TLS_AS")
+            if not who_env:
+                raise UsageError("--tls-dir needs --operator NAME or --site NAME (or "
+                                 "$DRCTL_TLS_AS): whose certificate the drill uses")
+            return ChannelSecurity(TlsConfig.from_dir(args.tls_dir, identity_from_env(who_env)))
         return None
     directory = args.tls_dir or os.environ.get("DRCTL_TLS_DIR")
     if not directory:

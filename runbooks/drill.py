@@ -133,7 +133,7 @@ class Drill:
         try:  # an unreachable target is a failed drill now, not a clone that waits for it
             await self.client.connect(CONNECT_SECONDS)
         except TargetUnavailableError as exc:
-            if self.client.security.tls is None:
+            if self.client.security.tls is None and "refused" not in str(exc).lower():
                 raise TargetUnavailableError(
                     f"{exc}; the drill called it in plaintext: a target with TLS needs "
                     "--tls-dir DIR --operator NAME (or $DRCTL_TLS_DIR and $DRCTL_TLS_AS)"
@@ -170,6 +170,8 @@ class Drill:
     async def run(self) -> DrillReport:
         try:
             ok = await self.timed("clone", self.clone_all())
+            if not self.report.clones:  # nothing cloned: no point in time was achieved
+                self.report.achieved_rpo_seconds = None
             env = {"DRCTL_DRILL": "1", "DRCTL_SERVICE": self.svc.name,
                    "DRCTL_SITE": self.standby.name,
                    "DRCTL_SITE_ADDRESS": self.standby.address,

@@ -115,10 +115,19 @@ def _beside(runbook: str, path: str) -> str:
 
 
 def _etcd_endpoint(text: str) -> str | None:
-    """What is wrong with an etcd endpoint (None: nothing): it needs its port."""
-    if ":" not in text:
-        return f"invalid address {text!r}: expected HOST:PORT"
-    return _server(text)
+    """What is wrong with an etcd endpoint (None: nothing): HOST:PORT as every address flag
+    takes it (drctl/argtypes.py: a port, IPv6 in brackets, no spaces, no scheme)."""
+    from drctl.argtypes import AddressError, parse_hostport
+
+    if "://" in text:
+        return _server(text)  # "expected HOST:PORT, without a scheme"
+    if text != text.strip():
+        return f"invalid address {text!r}: spaces around it"
+    try:
+        parse_hostport(text)
+    except AddressError as exc:
+        return str(exc)
+    return None
 
 
 def _hostports(c: Checker, node: Any, key: str, where: str, hint: str,
@@ -202,7 +211,8 @@ def _sites(c: Checker, top: LineDict) -> dict[str, Site]:
                 endpoints[key] = url
         data_dir = c.text(sm, "data_dir", where, "an absolute path",
                           check=lambda v: v.startswith("/"))
-        address = c.text(sm, "address", where, "a host name or an IP address", check=bool)
+        address = c.text(sm, "address", where, "a host name or an IP address (no port, no "
+                         "brackets)", check=_site_address)
         out[name] = Site(name, address or "", endpoints, data_dir)
     return out
 
@@ -460,6 +470,20 @@ def _step(c: Checker, s: LineDict, sw: str, stype: StepType) -> Step | None:
     return Step(stype, name, s.line, timeout=timeout)
 
 
+def _site_address(text: str) -> bool:
+    """A host name or an IP address as a site's address: checks put it in URLs and HOST:PORT
+    ({site_address}), DNS records name it."""
+    import ipaddress
+    import re
+
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", text) is not None \
+            and ".." not in text
+
+
 def _placeholders_ok(text: str) -> bool:
     """Braces only as {site_address} (failover/steprun.py expands it where the check runs)."""
     from failover.steprun import SITE_ADDRESS
@@ -492,7 +516,7 @@ def _check_url(text: str) -> bool:
 def _check_tcp(text: str) -> bool:
     from failover.steprun import SITE_ADDRESS
 
-    return (_placeholders_ok(text) and ":" in text
+    return (_placeholders_ok(text) and ":" in text and f"[{SITE_ADDRESS}]" not in text
             and _server(text.replace(SITE_ADDRESS, "127.0.0.1")) is None)
 
 

@@ -143,12 +143,14 @@ class ChannelSecurity:
         that take no flags of their own (a drill started by the API); plaintext if unset."""
         directory, who = os.environ.get(ENV_DIR), os.environ.get(ENV_AS)
         if not directory:
+            if who:
+                raise PkiError(f"${ENV_AS} is set but ${ENV_DIR} (the deployment's TLS "
+                               "directory) is not")
             return cls.insecure()
         if not who:
             raise PkiError(f"${ENV_DIR} is set but ${ENV_AS} (site/NAME or operator/NAME) "
                            "is not")
-        kind, _, name = who.partition("/")
-        return cls(TlsConfig.from_dir(directory, Identity(kind, name)))
+        return cls(TlsConfig.from_dir(directory, identity_from_env(who)))
 
     def channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
         if self.tls is None:
@@ -158,6 +160,14 @@ class ChannelSecurity:
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
         return grpc.aio.secure_channel(address, self.tls.channel_credentials(), options=opts)
+
+
+def identity_from_env(who: str) -> Identity:
+    """``$DRCTL_TLS_AS``: site/NAME or operator/NAME (PkiError otherwise)."""
+    kind, _, name = who.partition("/")
+    if kind not in ("site", "operator") or not name or "/" in name or name != name.strip():
+        raise PkiError(f"${ENV_AS}={who!r}: expected site/NAME or operator/NAME")
+    return Identity(kind, name)
 
 
 def is_loopback(host: str) -> bool:

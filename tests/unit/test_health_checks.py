@@ -112,3 +112,26 @@ def test_checks_the_loader_refuses_and_run_step_never_raises(tmp_path: Any) -> N
     spec = StepSpec(StepKind.HEALTH_CHECK, "x", http="http://[10.0.0.1]:80/", timeout=1)
     got = asyncio.run(run_step(spec, {}))
     assert got.status == "failed" and "cannot be in brackets" in got.output, got
+
+
+def test_addresses_the_checks_and_etcd_use_are_checked(tmp_path: Any) -> None:
+    from runbooks.loader import RunbookError
+    from runbooks.loader import load as load_runbook
+
+    path = os.path.join(tmp_path, "rb.yaml")
+    with open(path, "w") as fh:
+        fh.write("kind: drctl-runbook\nversion: 1\ncluster: c\n"
+                 "etcd: ['::1', ' 127.0.0.1:2379', '[::1]:2379']\n"
+                 "sites: {a: {address: '[::1]'}, b: {address: '10.0.0.2:80'}, "
+                 "c: {address: '::1'}}\n"
+                 "services:\n  db:\n    primary: c\n    replica: a\n    steps:\n"
+                 "      - {type: promote}\n"
+                 "      - {type: health_check, tcp: '[{site_address}]:80'}\n")
+    with pytest.raises(RunbookError) as info:
+        load_runbook(path)
+    said = "\n".join(info.value.errors)
+    assert "etcd: invalid address '::1': an IPv6 address needs brackets and a port, " \
+        "[::1]:PORT; invalid address ' 127.0.0.1:2379': spaces around it" in said, said
+    assert "sites.a.address" in said and "sites.b.address" in said, said
+    assert "sites.c.address" not in said, said  # an IPv6 address, as it is
+    assert "services.db.steps[1].tcp" in said, said

@@ -187,3 +187,21 @@ def test_plaintext_only_on_loopback() -> None:
         require_loopback("0.0.0.0:7400", "listen address")
     with pytest.raises(UsageError, match="loopback"):
         require_loopback("standby:7400", "target")
+
+
+def test_tls_environment_is_read_whole_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """$DRCTL_TLS_DIR and $DRCTL_TLS_AS go together, and the latter is site/NAME or
+    operator/NAME: a drill the API starts (or a command given neither flag) says so at once
+    instead of reading a certificate path made of a typo, or going plaintext."""
+    from drctl.pki import PkiError
+    from replicator.transport.security import ChannelSecurity
+
+    monkeypatch.delenv("DRCTL_TLS_DIR", raising=False)
+    monkeypatch.setenv("DRCTL_TLS_AS", "operator/api")
+    with pytest.raises(PkiError, match=r"\$DRCTL_TLS_AS is set but \$DRCTL_TLS_DIR"):
+        ChannelSecurity.from_env()
+    monkeypatch.setenv("DRCTL_TLS_DIR", "/nonexistent")
+    for bad in ("api", "user/api", "operator/api/x", " operator/api", "operator/"):
+        monkeypatch.setenv("DRCTL_TLS_AS", bad)
+        with pytest.raises(PkiError, match="expected site/NAME or operator/NAME"):
+            ChannelSecurity.from_env()
