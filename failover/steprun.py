@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -72,8 +73,13 @@ async def probe(spec: StepSpec, env: dict[str, str]) -> str:
         url = expand(spec.http, env)
 
         def get() -> int:
-            with urllib.request.urlopen(url, timeout=spec.timeout) as r:
-                return int(r.status)
+            try:
+                with urllib.request.urlopen(url, timeout=spec.timeout) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as exc:  # it answered, not 2xx
+                raise RuntimeError(f"GET {url}: HTTP {exc.code} {exc.reason}") from None
+            except urllib.error.URLError as exc:
+                raise RuntimeError(f"GET {url}: {exc.reason}") from None
         return f"HTTP {await asyncio.to_thread(get)} from {url}"
     if spec.tcp:
         where = expand(spec.tcp, env)
@@ -83,7 +89,11 @@ async def probe(spec: StepSpec, env: dict[str, str]) -> str:
             raise RuntimeError(str(exc)) from None
 
         def connect() -> None:
-            socket.create_connection((addr.host.strip("[]"), addr.port), spec.timeout).close()
+            try:
+                socket.create_connection((addr.host.strip("[]"), addr.port),
+                                         spec.timeout).close()
+            except OSError as exc:
+                raise RuntimeError(f"connect {where}: {exc.strerror or exc}") from None
         await asyncio.to_thread(connect)
         return f"connected to {where}"
     out = await run_shell(spec.command or "true", env, spec.timeout)

@@ -47,6 +47,8 @@ def parse_size(text: str, what: str = "size") -> int:
 def parse_rate(text: str) -> int:
     """Bytes per second in ``text`` ("20MB/s", "100MiB/s", "5M"); the "/s" suffix is optional."""
     body = text.strip()
+    if body.startswith("-"):
+        raise UsageError(f"invalid rate {text!r}: must be greater than zero")
     if body.lower().endswith("/s"):
         body = body[:-2]
     elif body.lower().endswith("ps"):

@@ -122,8 +122,10 @@ class Drill:
         try:
             detail = await coro
             ok, text = True, detail
-        except Exception as exc:
-            ok, text = False, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # drctl's own errors by their code, others by their type
+            code = getattr(exc, "code", None)
+            ok, text = False, f"[{code}] {exc}" if isinstance(code, str) else \
+                f"{type(exc).__name__}: {exc}"
         self.report.steps.append(StepResult(label, round(time.perf_counter() - t0, 3), ok, text))
         return ok
 

@@ -422,7 +422,11 @@ def _step_type(c: Checker, node: Sequence, i: int, sw: str) -> StepType | None:
         c.err(s, None, f"{sw}[{i}]", f"a step needs a type: ({_STEP_TYPES})")
         return None
     if isinstance(s["type"], str) and s["type"] not in set(StepType):
-        c.bad(s, "type", f"{sw}[{i}]", f"unknown step type {s['type']!r} (one of "
+        import difflib
+
+        near = difflib.get_close_matches(s["type"], [t.value for t in StepType], n=1)
+        mean = f"; did you mean {near[0]!r}?" if near else ""
+        c.bad(s, "type", f"{sw}[{i}]", f"unknown step type {s['type']!r}{mean} (one of "
                                        f"{_STEP_TYPES})")
         return None
     stype = c.text(s, "type", f"{sw}[{i}]", f"a step type: one of {_STEP_TYPES}")

@@ -64,8 +64,11 @@ def describe(rb: Runbook, svc: Service, step: Planned, switchover: bool = False)
         env = {"DRCTL_SITE_ADDRESS": rb.sites[svc.replica].address}  # as the new primary
         probe = (f"GET {expand(spec.http, env)}" if spec.http
                  else f"connect {expand(spec.tcp, env)}" if spec.tcp else f"`{spec.command}`")
+        retries = ("no retries" if not spec.retries else "1 retry" if spec.retries == 1
+                   else f"{spec.retries} retries")
+        every = f" every {spec.interval:g}s" if spec.retries else ""
         return (f"health check {spec.name} on {svc.replica}: {probe}, timeout "
-                f"{spec.timeout:g}s, {spec.retries} retries every {spec.interval:g}s")
+                f"{spec.timeout:g}s, {retries}{every}")
     lines = []
     address = rb.sites[svc.replica].address
     for r in svc.dns:

@@ -78,6 +78,18 @@ def test_check_of_a_service_without_health_checks_says_so(tmp_path: str) -> None
         "db: the runbook gives it no health checks (nothing to run)\n", p.stdout + p.stderr
 
 
+def test_a_misspelt_step_type_names_the_likely_one(tmp_path: str) -> None:
+    path = os.path.join(tmp_path, "rb.yaml")
+    with open(path, "w") as fh:
+        fh.write("kind: drctl-runbook\nversion: 1\ncluster: c\netcd: ['127.0.0.1:2379']\n"
+                 "sites: {a: {address: 10.0.0.1}, b: {address: 10.0.0.2}}\n"
+                 "services: {db: {primary: a, replica: b, steps: [{type: promte}]}}\n")
+    with pytest.raises(RunbookError) as info:
+        load(path)
+    assert any("unknown step type 'promte'; did you mean 'promote'?" in e
+               for e in info.value.errors), info.value.errors
+
+
 def test_dependencies_come_first() -> None:
     rb = load(os.path.join(REPO, "runbooks", "examples", "two-site-web.yaml"))
     assert order(rb, "app") == ["db", "app"]

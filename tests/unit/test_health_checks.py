@@ -135,3 +135,17 @@ def test_addresses_the_checks_and_etcd_use_are_checked(tmp_path: Any) -> None:
     assert "sites.a.address" in said and "sites.b.address" in said, said
     assert "sites.c.address" not in said, said  # an IPv6 address, as it is
     assert "services.db.steps[1].tcp" in said, said
+
+
+def test_a_failed_check_names_what_it_tried() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nobody listens there now
+    for spec, said in ((StepSpec(StepKind.HEALTH_CHECK, "t", tcp=f"127.0.0.1:{port}",
+                                 timeout=2), f"attempt 1: connect 127.0.0.1:{port}: "),
+                       (StepSpec(StepKind.HEALTH_CHECK, "h", http=f"http://127.0.0.1:{port}/",
+                                 timeout=2), f"attempt 1: GET http://127.0.0.1:{port}/: ")):
+        with pytest.raises(RuntimeError) as info:
+            asyncio.run(health_check(spec, {}))
+        assert str(info.value).startswith(said) and "refused" in str(info.value), info.value
