@@ -121,6 +121,16 @@ async def health_check(spec: StepSpec, env: dict[str, str]) -> str:
     raise RuntimeError("\n".join(failures))
 
 
+def failed_attempts(text: str) -> str:
+    """A failed health check's attempts ("attempt 1: ...\\nattempt 2: ...") in one line:
+    "2 attempts failed; last: ..." (other text: its lines joined)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and all(line.startswith("attempt ") for line in lines):
+        last = lines[-1].split(": ", 1)[-1]
+        return last if len(lines) == 1 else f"{len(lines)} attempts failed; last: {last}"
+    return " | ".join(lines)
+
+
 async def run_step(spec: StepSpec, env: dict[str, str],
                    secrets: Iterable[str] = ()) -> Outcome:
     """Run a hook or a health check; never raises (the outcome says what happened)."""

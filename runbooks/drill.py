@@ -21,7 +21,7 @@ from drctl.shell import run_shell
 from drctl.words import count
 from failover.agent import scrape_lag
 from failover.dns.rfc2136 import DnsUpdater, RecordSet, Server
-from failover.steprun import health_check
+from failover.steprun import failed_attempts, health_check
 from runbooks.cluster import zone_key
 from runbooks.model import Runbook, Service, Step, StepType, Where
 
@@ -125,6 +125,7 @@ class Drill:
         except Exception as exc:  # drctl's own errors by their code, others by their type
             code = getattr(exc, "code", None)
             ok, text = False, f"[{code}] {exc}" if isinstance(code, str) else \
+                failed_attempts(str(exc)) if isinstance(exc, RuntimeError) else \
                 f"{type(exc).__name__}: {exc}"
         self.report.steps.append(StepResult(label, round(time.perf_counter() - t0, 3), ok, text))
         return ok
@@ -204,7 +205,7 @@ async def run_health_checks(svc: Service, env: dict[str, str]) -> list[StepResul
         try:
             detail, ok = await _health(step, env), True
         except (OSError, RuntimeError, TimeoutError) as exc:
-            detail, ok = str(exc), False
+            detail, ok = failed_attempts(str(exc)), False
         out.append(StepResult(f"health check: {step.name}",
                               round(time.perf_counter() - t0, 3), ok, detail))
         if not ok:

@@ -149,3 +149,29 @@ def test_a_failed_check_names_what_it_tried() -> None:
         with pytest.raises(RuntimeError) as info:
             asyncio.run(health_check(spec, {}))
         assert str(info.value).startswith(said) and "refused" in str(info.value), info.value
+
+
+def test_runbook_check_says_a_failure_in_one_line(tmp_path: Any) -> None:
+    from failover.steprun import failed_attempts
+
+    assert failed_attempts("attempt 1: a\nattempt 2: b") == "2 attempts failed; last: b"
+    assert failed_attempts("attempt 1: a") == "a"
+    assert failed_attempts("attempt 1: exit 1: x\ny") == "attempt 1: exit 1: x | y"
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    path = os.path.join(tmp_path, "rb.yaml")
+    with open(path, "w") as fh:
+        fh.write("kind: drctl-runbook\nversion: 1\ncluster: c\netcd: ['127.0.0.1:2379']\n"
+                 "sites: {a: {address: 127.0.0.1}, b: {address: 10.0.0.2}}\n"
+                 "services:\n  db:\n    primary: b\n    replica: a\n    steps:\n"
+                 "      - {type: promote}\n"
+                 f"      - {{type: health_check, name: up, tcp: '{{site_address}}:{port}', "
+                 "timeout: 1, retries: 1, interval: 0.1}\n")
+    p = run([*DRCTL, "runbook", "check", path, "db", "--site", "a"])
+    assert p.returncode == 1, p.stdout + p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("FAIL") and lines[0].endswith(
+        f"health check: up: 2 attempts failed; last: connect 127.0.0.1:{port}: "
+        "Connection refused"), p.stdout
