@@ -65,7 +65,7 @@ class DemoCluster:
     api_port: int = 0
     tls_dir: str = ""  # the deployment's CA and certificates (made by start())
     _stop_writer: threading.Event = field(default_factory=threading.Event)
-    crashed: list[str] = field(default_factory=list)  # what exited under it (``dead()``)
+    crashed: dict[str, int] = field(default_factory=dict)  # what exited under it: dead()
 
     @property
     def url(self) -> str:
@@ -220,16 +220,13 @@ class DemoCluster:
             out: dict[str, object] = json.loads(r.read())
         return out
 
-    def dead(self) -> list[str]:
-        """The demo's processes that exited on their own (not a site the lifecycle killed):
-        "etcd (status -9)"."""
-        out = [f"{name} (status {p.returncode})" for name, p in self.procs.items()
-               if p.poll() is not None]
-        for label, server in (("etcd", self.etcd), ("named", self.named)):
-            proc = server.proc if server is not None else None
-            if proc is not None and proc.poll() is not None:
-                out.append(f"{label} (status {proc.returncode})")
-        return out
+    def dead(self) -> dict[str, int]:
+        """The demo's processes that exited on their own (not a site the lifecycle killed),
+        with their exit status."""
+        procs = {**self.procs, **{label: server.proc for label, server in
+                                  (("etcd", self.etcd), ("named", self.named))
+                                  if server is not None and server.proc is not None}}
+        return {name: p.returncode for name, p in procs.items() if p.poll() is not None}
 
     def stop(self, interrupted: bool = False) -> str:
         """Stop everything; returns what was done, in a line. If something exited under the
@@ -278,7 +275,7 @@ class DemoCluster:
         for label, server in (("named", self.named), ("etcd", self.etcd)):
             if server is None:
                 continue
-            gone = any(c.startswith(f"{label} ") for c in self.crashed)
+            gone = label in self.crashed
             if gone:
                 with contextlib.suppress(OSError):
                     shutil.copy(os.path.join(server.dir, f"{label}.log"), self.work)
@@ -321,8 +318,8 @@ def _gone(demo: DemoCluster, stopping: threading.Event) -> bool:
     """A process the demo needs exited on its own: say which, and stop."""
     dead = demo.dead()
     if dead:
-        print(f"  the demo cannot go on: {', '.join(dead)} exited (logs in {demo.work})",
-              flush=True)
+        said = ", ".join(f"{name} (status {rc})" for name, rc in dead.items())
+        print(f"  the demo cannot go on: {said} exited (logs in {demo.work})", flush=True)
         demo.crashed = dead
         stopping.set()
     return bool(dead)

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from replicator.transport.security import ChannelSecurity, TlsConfig
 
 
-def _identity(args: argparse.Namespace) -> tuple[str, str] | None:
+def identity(args: argparse.Namespace) -> tuple[str, str] | None:
+    """Whose certificate a command uses: --site, --operator, else $DRCTL_TLS_AS (None:
+    nobody said)."""
     if args.site:
         return "site", args.site
     if getattr(args, "operator", None):
@@ -57,7 +59,7 @@ def _tls(args: argparse.Namespace, serve: bool) -> TlsConfig | None:
     if not os.path.isdir(directory):
         raise UsageError(f"{'--tls-dir' if args.tls_dir else '$DRCTL_TLS_DIR'} {directory}: "
                          "no such directory (`drctl certs init --dir DIR` makes one)")
-    who = _identity(args)
+    who = identity(args)
     if who is None:
         raise UsageError("--tls-dir needs --site NAME" + ("" if serve else " or --operator "
                                                                            "NAME"))

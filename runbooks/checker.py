@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from drctl.yamlstrict import LineDict
@@ -195,13 +195,19 @@ class Checker:
                 shown = str(key).lower() if isinstance(key, bool) else repr(key)
                 self.err(node, key, where, f"key {shown} is not text ({_YES_NO})")
             elif allowed is not None and key not in allowed:
-                near = difflib.get_close_matches(key, sorted(allowed - set(node)), n=1)
-                mean = f"; did you mean {near[0]!r}?" if near else ""
+                near = closest(key, allowed - set(node))
+                mean = f"; did you mean {near!r}?" if near else ""
                 self.err(node, key, where, f"unknown key{mean} (allowed: "
                                            f"{', '.join(sorted(allowed))})")
-                missing -= set(near)
+                missing.discard(near)
         for key in sorted(missing):
             self.err(node, None, where, f"missing required key {key!r}")
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice a misspelt ``word`` most likely stands for (None: none is close)."""
+    near = difflib.get_close_matches(word, sorted(choices), n=1)
+    return near[0] if near else None
 
 
 def names(node: LineDict) -> list[str]:

@@ -158,36 +158,34 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
 
 def _drill_security(args: argparse.Namespace) -> ChannelSecurity | None:
-    """--operator or --site, of --tls-dir (default $DRCTL_TLS_DIR), as the replicate commands
-    take them; None (no flags): $DRCTL_TLS_DIR and $DRCTL_TLS_AS."""
+    """--operator or --site, of --tls-dir (default $DRCTL_TLS_DIR), each defaulting as the
+    replicate commands' do (replicator/cli_security.py); None (no flags): $DRCTL_TLS_DIR and
+    $DRCTL_TLS_AS, as a drill the API starts."""
     import os
 
     from drctl.pki import Identity
+    from replicator.cli_security import identity
     from replicator.errors import UsageError
     from replicator.transport.security import ChannelSecurity, TlsConfig
 
-    if not (args.operator or args.site):
-        if args.tls_dir:
-            from replicator.transport.security import identity_from_env
-
-            who_env = os.environ.get("DRCTL_TLS_AS")
-            if not who_env:
-                raise UsageError("--tls-dir needs --operator NAME or --site NAME (or "
-                                 "$DRCTL_TLS_AS): whose certificate the drill uses")
-            return ChannelSecurity(TlsConfig.from_dir(args.tls_dir, identity_from_env(who_env)))
+    if not (args.tls_dir or args.operator or args.site):
         return None
     directory = args.tls_dir or os.environ.get("DRCTL_TLS_DIR")
     if not directory:
         raise UsageError("--operator/--site name a certificate of the deployment's TLS "
                          "directory: give --tls-dir DIR (or set $DRCTL_TLS_DIR)")
-    who = Identity("operator", args.operator) if args.operator else Identity("site", args.site)
-    return ChannelSecurity(TlsConfig.from_dir(directory, who))
+    who = identity(args)
+    if who is None:
+        raise UsageError("--tls-dir needs --operator NAME or --site NAME (or "
+                         "$DRCTL_TLS_AS): whose certificate the drill uses")
+    return ChannelSecurity(TlsConfig.from_dir(directory, Identity(*who)))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
+    from failover.steprun import SITE_ADDRESS
     from runbooks.drill import run_health_checks
     from runbooks.model import StepType
 
@@ -205,8 +203,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             return 2
         env.update(DRCTL_SITE=site.name, DRCTL_SITE_ADDRESS=site.address)
     needs = [s.name for s in rb.services[args.service].steps if s.type is StepType.HEALTH_CHECK
-             and any("{site_address}" in (t or "") or "DRCTL_SITE_ADDRESS" in (t or "")
-                     for t in (s.http, s.tcp, s.command))]
+             and (SITE_ADDRESS in f"{s.http}{s.tcp}" or "DRCTL_SITE_ADDRESS" in f"{s.command}")]
     if needs and not env.get("DRCTL_SITE_ADDRESS"):
         print(f"drctl: error [usage]: the check {needs[0]!r} names the address of the site "
               "that runs it: give --site NAME (or set $DRCTL_SITE_ADDRESS)", file=sys.stderr)

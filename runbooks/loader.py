@@ -20,7 +20,7 @@ from drctl.yamlstrict import LineDict, yaml_error_line
 from failover.coordination import credentials
 from failover.coordination.credentials import EtcdCredentials
 from failover.steps import problems as step_problems
-from runbooks.checker import MISSING, Checker, got, names
+from runbooks.checker import MISSING, Checker, closest, got, names
 from runbooks.model import (
     DnsRecord,
     Runbook,
@@ -422,10 +422,8 @@ def _step_type(c: Checker, node: Sequence, i: int, sw: str) -> StepType | None:
         c.err(s, None, f"{sw}[{i}]", f"a step needs a type: ({_STEP_TYPES})")
         return None
     if isinstance(s["type"], str) and s["type"] not in set(StepType):
-        import difflib
-
-        near = difflib.get_close_matches(s["type"], [t.value for t in StepType], n=1)
-        mean = f"; did you mean {near[0]!r}?" if near else ""
+        near = closest(s["type"], (t.value for t in StepType))
+        mean = f"; did you mean {near!r}?" if near else ""
         c.bad(s, "type", f"{sw}[{i}]", f"unknown step type {s['type']!r}{mean} (one of "
                                        f"{_STEP_TYPES})")
         return None

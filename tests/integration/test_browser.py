@@ -10,20 +10,15 @@ from collections.abc import Iterator
 import pytest
 
 from drctl.demo import DemoCluster
-from drctl.localservers import MissingBinary
 from tests.integration.chromium import headless_chromium
+from tests.integration.test_demo import started_demo
 
 webdriver = pytest.importorskip("selenium.webdriver")
 
 
 @pytest.fixture
 def demo() -> Iterator[DemoCluster]:
-    cluster = DemoCluster()
-    try:
-        cluster.start()
-    except MissingBinary as exc:
-        cluster.stop()
-        pytest.skip(str(exc))
+    cluster = started_demo()
     try:
         yield cluster
     finally:

@@ -14,16 +14,22 @@ from drctl.demo import DemoCluster, _gone, _sample
 from drctl.localservers import MissingBinary
 
 
-def test_the_demo_stops_when_a_server_it_needs_dies(capsys: Any) -> None:
+def started_demo() -> DemoCluster:
+    """The demo's processes, started (the test is skipped if a server binary is missing)."""
     demo = DemoCluster()
     try:
         demo.start()
     except MissingBinary as exc:
         demo.stop()
         pytest.skip(str(exc))
+    return demo
+
+
+def test_the_demo_stops_when_a_server_it_needs_dies(capsys: Any) -> None:
+    demo = started_demo()
     try:
         stopping = threading.Event()
-        assert demo.dead() == [] and not _gone(demo, stopping)
+        assert demo.dead() == {} and not _gone(demo, stopping)
         assert demo.etcd is not None and demo.etcd.proc is not None
         demo.etcd.proc.kill()
         demo.etcd.proc.wait()

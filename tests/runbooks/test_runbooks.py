@@ -15,6 +15,7 @@ from runbooks.loader import RunbookError, load
 from runbooks.plan import order, plan
 from runbooks.schema import schema
 from tests.procs import DRCTL, REPO, run
+from tests.runbooks.helpers import TWO_SITES_DB
 
 EXAMPLES = sorted(glob.glob(os.path.join(REPO, "runbooks", "examples", "*.yaml")))
 INVALID = sorted(glob.glob(os.path.join(REPO, "runbooks", "invalid", "*", "runbook.yaml")))
@@ -67,23 +68,23 @@ def test_a_misspelt_key_is_one_error_that_names_the_key_it_stands_for() -> None:
         "depends_on, dns, failover, primary, replica, replication, steps, volumes)"]
 
 
-def test_check_of_a_service_without_health_checks_says_so(tmp_path: str) -> None:
+def _small(tmp_path: str, step_type: str) -> str:
+    """TWO_SITES_DB with db's one step of type ``step_type``."""
     path = os.path.join(tmp_path, "rb.yaml")
     with open(path, "w") as fh:
-        fh.write("kind: drctl-runbook\nversion: 1\ncluster: c\netcd: ['127.0.0.1:2379']\n"
-                 "sites: {a: {address: 10.0.0.1}, b: {address: 10.0.0.2}}\n"
-                 "services: {db: {primary: a, replica: b, steps: [{type: promote}]}}\n")
+        fh.write(TWO_SITES_DB + f"    steps: [{{type: {step_type}}}]\n")
+    return path
+
+
+def test_check_of_a_service_without_health_checks_says_so(tmp_path: str) -> None:
+    path = _small(tmp_path, "promote")
     p = run([*DRCTL, "runbook", "check", path, "db"])
     assert p.returncode == 0 and p.stdout == \
         "db: the runbook gives it no health checks (nothing to run)\n", p.stdout + p.stderr
 
 
 def test_a_misspelt_step_type_names_the_likely_one(tmp_path: str) -> None:
-    path = os.path.join(tmp_path, "rb.yaml")
-    with open(path, "w") as fh:
-        fh.write("kind: drctl-runbook\nversion: 1\ncluster: c\netcd: ['127.0.0.1:2379']\n"
-                 "sites: {a: {address: 10.0.0.1}, b: {address: 10.0.0.2}}\n"
-                 "services: {db: {primary: a, replica: b, steps: [{type: promte}]}}\n")
+    path = _small(tmp_path, "promte")
     with pytest.raises(RunbookError) as info:
         load(path)
     assert any("unknown step type 'promte'; did you mean 'promote'?" in e

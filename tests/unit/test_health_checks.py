@@ -16,6 +16,28 @@ import pytest
 from failover.steprun import expand, health_check
 from failover.steps import StepKind, StepSpec
 from tests.procs import DRCTL, run
+from tests.runbooks.helpers import TWO_SITES_DB
+
+
+def runbook(tmp_path: Any, *steps: str, a: str = "10.0.0.1") -> str:
+    """A runbook file: TWO_SITES_DB (site a at address ``a``), db's steps a promote and
+    ``steps``."""
+    path = os.path.join(tmp_path, "rb.yaml")
+    with open(path, "w") as fh:
+        fh.write(TWO_SITES_DB.replace("address: 10.0.0.1", f"address: {a}")
+                 + "    steps:\n      - {type: promote}\n"
+                 + "".join(f"      - {step}\n" for step in steps))
+    return path
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then closed)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
 
 
 @pytest.fixture
@@ -65,14 +87,8 @@ def test_http_check_with_site_address() -> None:
 
 
 def test_runbook_check_as_a_site(tmp_path: Any, listener: int) -> None:
-    path = os.path.join(tmp_path, "rb.yaml")
-    with open(path, "w") as fh:
-        fh.write("kind: drctl-runbook\nversion: 1\ncluster: c\netcd: ['127.0.0.1:2379']\n"
-                 "sites: {a: {address: 127.0.0.1}, b: {address: 10.255.255.1}}\n"
-                 "services:\n  db:\n    primary: b\n    replica: a\n    steps:\n"
-                 "      - {type: promote}\n"
-                 f"      - {{type: health_check, name: up, tcp: '{{site_address}}:{listener}', "
-                 "timeout: 2}\n")
+    path = runbook(tmp_path, f"{{type: health_check, name: up, tcp: '{{site_address}}:"
+                             f"{listener}', timeout: 2}}", a="127.0.0.1")
     p = run([*DRCTL, "runbook", "check", path, "db", "--site", "a"],
             env={"DRCTL_SITE_ADDRESS": ""})
     assert p.returncode == 0, p.stdout + p.stderr
@@ -93,15 +109,9 @@ def test_checks_the_loader_refuses_and_run_step_never_raises(tmp_path: Any) -> N
     from runbooks.loader import RunbookError
     from runbooks.loader import load as load_runbook
 
-    path = os.path.join(tmp_path, "rb.yaml")
-    with open(path, "w") as fh:
-        fh.write("kind: drctl-runbook\nversion: 1\ncluster: c\netcd: ['127.0.0.1:2379']\n"
-                 "sites: {a: {address: 10.0.0.1}, b: {address: 10.0.0.2}}\n"
-                 "services:\n  db:\n    primary: a\n    replica: b\n    steps:\n"
-                 "      - {type: promote}\n"
-                 "      - {type: health_check, http: 'http://[{site_address}]:80/'}\n"
-                 "      - {type: health_check, http: 'http://{site_address}:8o80/'}\n"
-                 "      - {type: health_check, command: 'pg_isready -h {site_address}'}\n")
+    path = runbook(tmp_path, "{type: health_check, http: 'http://[{site_address}]:80/'}",
+                   "{type: health_check, http: 'http://{site_address}:8o80/'}",
+                   "{type: health_check, command: 'pg_isready -h {site_address}'}")
     with pytest.raises(RunbookError) as info:
         load_runbook(path)
     fields = [e.split(": ")[1] for e in info.value.errors]
@@ -137,11 +147,8 @@ def test_addresses_the_checks_and_etcd_use_are_checked(tmp_path: Any) -> None:
     assert "services.db.steps[1].tcp" in said, said
 
 
-def test_a_failed_check_names_what_it_tried() -> None:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nobody listens there now
+def test_a_failed_check_names_what_it_tried(closed_port: int) -> None:
+    port = closed_port
     for spec, said in ((StepSpec(StepKind.HEALTH_CHECK, "t", tcp=f"127.0.0.1:{port}",
                                  timeout=2), f"attempt 1: connect 127.0.0.1:{port}: "),
                        (StepSpec(StepKind.HEALTH_CHECK, "h", http=f"http://127.0.0.1:{port}/",
@@ -151,24 +158,15 @@ def test_a_failed_check_names_what_it_tried() -> None:
         assert str(info.value).startswith(said) and "refused" in str(info.value), info.value
 
 
-def test_runbook_check_says_a_failure_in_one_line(tmp_path: Any) -> None:
+def test_runbook_check_says_a_failure_in_one_line(tmp_path: Any, closed_port: int) -> None:
     from failover.steprun import failed_attempts
 
     assert failed_attempts("attempt 1: a\nattempt 2: b") == "2 attempts failed; last: b"
     assert failed_attempts("attempt 1: a") == "a"
     assert failed_attempts("attempt 1: exit 1: x\ny") == "attempt 1: exit 1: x | y"
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    path = os.path.join(tmp_path, "rb.yaml")
-    with open(path, "w") as fh:
-        fh.write("kind: drctl-runbook\nversion: 1\ncluster: c\netcd: ['127.0.0.1:2379']\n"
-                 "sites: {a: {address: 127.0.0.1}, b: {address: 10.0.0.2}}\n"
-                 "services:\n  db:\n    primary: b\n    replica: a\n    steps:\n"
-                 "      - {type: promote}\n"
-                 f"      - {{type: health_check, name: up, tcp: '{{site_address}}:{port}', "
-                 "timeout: 1, retries: 1, interval: 0.1}\n")
+    port = closed_port
+    path = runbook(tmp_path, f"{{type: health_check, name: up, tcp: '{{site_address}}:{port}',"
+                             " timeout: 1, retries: 1, interval: 0.1}", a="127.0.0.1")
     p = run([*DRCTL, "runbook", "check", path, "db", "--site", "a"])
     assert p.returncode == 1, p.stdout + p.stderr
     lines = p.stdout.strip().splitlines()
