@@ -189,7 +189,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def status_lines(status: dict[str, Any]) -> list[str]:
     from failover.fsm import seconds
-    from failover.status import NO_REPLICA_STATES, operation_line
+    from failover.status import operation_line
 
     out = [f"leader: {status['leader']}"]
     for site, s in status["sites"].items():
@@ -198,9 +198,10 @@ def status_lines(status: dict[str, Any]) -> list[str]:
                 f"{v['data_path'] or 'not reported'}" for name, v in s["services"].items()]
     for name, s in status["services"].items():
         lag = seconds(s["lag_seconds"]) + ("(last reported)" if s["lag_stale"] else "")
-        if s["lag_seconds"] is None and (not s["replica_consistent"] or s["state"] in
-                                         {st.value for st in NO_REPLICA_STATES}):
-            lag = "none"  # no consistent copy, or no replica: status.shown_lag
+        if s["lag_none"] == "no_copy":  # status.shown_lag
+            lag = "none(no consistent copy)"
+        elif s["lag_none"] == "no_replica":
+            lag = "none(no replica)"
         out.append(f"service {name}: {s['state']} primary={s['primary']} "
                    f"replica={s['replica']} epoch={s['epoch']} lag={lag} -- {s['summary']}"
                    + (f" [error: {s['error']}]" if s["error"] else ""))

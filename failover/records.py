@@ -154,13 +154,14 @@ class Actor:
 
     def describe(self) -> str:
         """``asked by alice (operator)``, ``asked by bob@host (drctl CLI)``, ``automatic
-        (controller c1)``."""
+        (controller c1)``; ``asked by admin`` for a user named as its role."""
         name = _printable(self.name)
         if self.via == "controller":
             return f"automatic (controller {name})"
         if self.via == "cli":
             return f"asked by {name} (drctl CLI)"
-        return f"asked by {name}" + (f" ({_printable(self.role)})" if self.role else "")
+        role = _printable(self.role)
+        return f"asked by {name}" + (f" ({role})" if role and role != name else "")
 
     @classmethod
     def from_dict(cls, d: Any) -> Actor | None:

@@ -62,11 +62,12 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
         serving = health[rec.primary]
         if serving is not None and serving.role != "primary":
             serving = None
-        lag, stale = shown_lag(rec, beats.get(rec.primary) is not None)
+        lag, stale, lag_none = shown_lag(rec, beats.get(rec.primary) is not None)
         services[name] = {
             "state": rec.state, "primary": rec.primary, "replica": rec.replica,
             "home": svc.primary,  # the runbook's primary: where a failback goes
             "epoch": rec.epoch, "lag_seconds": lag, "lag_stale": stale,
+            "lag_none": lag_none,  # why there is no lag: no_copy, no_replica (null: unknown)
             # false: nothing to fail over to without --force (initial sync, resync)
             "replica_consistent": rec.replica_consistent,
             "rpo_budget_seconds": svc.policy.rpo_seconds, "message": rec.message,
@@ -105,20 +106,29 @@ def cluster_status(cfg: ClusterConfig, snap: Snapshot, now: float) -> dict[str, 
 NO_REPLICA_STATES = frozenset({State.PROMOTING, State.REROUTING, State.FAILED_OVER})
 
 
-def shown_lag(rec: ServiceRecord, primary_alive: bool) -> tuple[float | None, bool]:
-    """(the lag to show, whether it is stale). None while there is no lag to speak of: the
-    replica holds no consistent copy (during an initial sync or a resync the primary counts
-    only its captured writes not yet acknowledged, not the copy), or there is no replica
-    (from the promotion until the former primary is back; an operation that failed after
-    the roles were swapped too). Stale: the primary's site is silent (no heartbeat), and this
-    is the last figure it reported (the one the controller decides with)."""
+NO_COPY = "no_copy"  # why a status shows no lag (its ``lag_none``): no consistent copy,
+NO_REPLICA = "no_replica"  # or no replica
+
+
+def shown_lag(rec: ServiceRecord,
+              primary_alive: bool) -> tuple[float | None, bool, str | None]:
+    """(the lag to show, whether it is stale, why there is none). None with a reason while
+    there is no lag to speak of: the replica holds no consistent copy (NO_COPY: during an
+    initial sync or a resync the primary counts only its captured writes not yet
+    acknowledged, not the copy), or there is no replica (NO_REPLICA: from the promotion until
+    the former primary is back; an operation that failed after the roles were swapped too).
+    None without a reason: unknown (the primary has not reported one). Stale: the primary's
+    site is silent (no heartbeat), and this is the last figure it reported (the one the
+    controller decides with)."""
     op = rec.operation
     swapped = (rec.state is State.FAILED and op is not None and op.kind != "resync"
                and rec.primary == op.target)
-    if not rec.replica_consistent or rec.state in NO_REPLICA_STATES or swapped:
-        return None, False
+    if not rec.replica_consistent:
+        return None, False, NO_COPY
+    if rec.state in NO_REPLICA_STATES or swapped:
+        return None, False, NO_REPLICA
     lag = rec.last_lag_seconds
-    return lag, lag is not None and not primary_alive
+    return lag, lag is not None and not primary_alive, None
 
 
 def label(kind: str, target: str, home: str) -> str:

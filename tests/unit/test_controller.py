@@ -17,6 +17,7 @@ from failover.records import (
     Actor,
     CommandRecord,
     Heartbeat,
+    Operation,
     ServiceHealth,
     ServiceRecord,
     command_key,
@@ -377,6 +378,9 @@ def test_records_from_before_requests_named_their_user_decode_as_unknown() -> No
     assert ServiceRecord.decode(rec.encode()) == rec
     # a name is printed as it is, without control characters (the page escapes it)
     assert Actor("<b>\x1b[31m", "admin", "api").describe() == "asked by <b>?[31m (admin)"
+    # a user named as its role is not named twice
+    assert Actor("admin", "admin", "api").describe() == "asked by admin"
+    assert Actor("alice", "admin", "api").describe() == "asked by alice (admin)"
 
 
 def test_requests_the_record_rules_out() -> None:
@@ -676,8 +680,55 @@ def test_a_switchover_home_is_called_a_failback() -> None:
     assert label("failover", "east", home="east") == "failover to east"
     assert label("resync", "east", home="east") == "resync of east"
     op = {"label": "failback to east", "kind": "switchover", "target": "east", "current": False,
-          "asked": "asked by admin (admin)", "asked_at": 5.0, "source": "west",
+          "asked": "asked by admin", "asked_at": 5.0, "source": "west",
           "started_at": 6.0, "outcome": "done"}
     assert operation_line(op, lambda t: f"T{t:.0f}") == (
-        "last operation: failback to east, asked by admin (admin) at T5; from west, started "
+        "last operation: failback to east, asked by admin at T5; from west, started "
         "T6: done")
+
+
+async def test_the_status_says_why_it_shows_no_lag() -> None:
+    """status.shown_lag: a lag while there is one (marked when the primary is silent), else
+    none with the reason, which drctl status prints: no replica from the promotion until the
+    former primary is back (and after an operation that failed past the swap), no consistent
+    copy while the replica is resynced."""
+    from failover.cli_control import status_lines
+
+    c = Cluster(stepped=True)
+
+    async def app() -> tuple[dict[str, Any], str]:
+        s = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix), time.time())
+        (line,) = [x for x in status_lines(s) if x.startswith("service app:")]
+        return s["services"]["app"], line
+
+    await c.healthy()
+    a, line = await app()
+    assert (a["lag_seconds"], a["lag_stale"], a["lag_none"]) == (0.5, False, None)
+    assert " lag=0.5s " in line, line
+    await c.silence("east")
+    a, line = await app()
+    assert (a["lag_seconds"], a["lag_stale"], a["lag_none"]) == (0.5, True, None)
+    assert " lag=0.5s(last reported) " in line, line
+    rec = c.record()
+    rec.state, rec.primary, rec.replica = State.FAILED_OVER, "west", "east"
+    await c.put_record(rec)
+    a, line = await app()
+    assert (a["lag_seconds"], a["lag_none"]) == (None, "no_replica")
+    assert " lag=none(no replica) " in line, line
+    # failed after the roles were swapped: still no replica
+    rec.state = State.FAILED
+    rec.operation = Operation("failover", "east", "west", time.time(), error="dns: refused")
+    await c.put_record(rec)
+    a, line = await app()
+    assert (a["lag_seconds"], a["lag_none"]) == (None, "no_replica")
+    assert " lag=none(no replica) " in line, line
+    # failed before the swap (the record still names the old primary): its lag stands
+    rec.primary, rec.replica = "east", "west"
+    await c.put_record(rec)
+    a, _ = await app()
+    assert (a["lag_seconds"], a["lag_none"]) == (0.5, None)
+    rec.state, rec.operation, rec.replica_consistent = State.RESYNCING, None, False
+    await c.put_record(rec)
+    a, line = await app()
+    assert (a["lag_seconds"], a["lag_none"]) == (None, "no_copy")
+    assert " lag=none(no consistent copy) " in line, line
