@@ -40,6 +40,9 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+# seconds a failed connect may add to learn why (a refusal or a failed TLS handshake answers
+# at once; a handshake that hangs tells nothing however long it is given)
+PROBE_TIMEOUT = 2.0
 
 _BY_STATUS: dict[grpc.StatusCode, type[ReplicatorError]] = {
     grpc.StatusCode.UNAVAILABLE: TargetUnavailableError,
@@ -154,20 +157,21 @@ class TargetClient:
             return
         except TimeoutError:
             pass
-        why = await self._last_connect_error()
+        why = await self._last_connect_error(min(PROBE_TIMEOUT, timeout))
         raise TargetUnavailableError(
             f"target {self.address}: no connection within {timeout:g}s"
             + (f" ({why})" if why else " (is `drctl replicate serve` running there, and is "
                "the address right?)"))
 
-    async def _last_connect_error(self) -> str:
+    async def _last_connect_error(self, timeout: float) -> str:
         """Why the channel does not connect (refused, a TLS handshake that failed), from a
         call that does not wait for it; the method does not exist, so a target that is
-        reached after all does nothing."""
+        reached after all does nothing. A connection that neither fails nor completes (a
+        handshake that hangs) tells nothing more in ``timeout`` seconds either."""
         probe = self.channel.unary_unary("/drctl.v1.Replication/ConnectProbe",
                                          request_serializer=None, response_deserializer=None)
         try:
-            await probe(b"", timeout=5.0, wait_for_ready=False)
+            await probe(b"", timeout=timeout, wait_for_ready=False)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 return exc.details() or ""

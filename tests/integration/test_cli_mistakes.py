@@ -205,6 +205,23 @@ def test_verify_and_fence_give_up_on_a_stopped_target(deployment: Pki, volume: s
                  "Connection refused")
 
 
+def test_a_target_that_never_answers_is_given_up_on(deployment: Pki, volume: str) -> None:
+    """Something listens but never completes a handshake (a hung process, a TLS terminator
+    that does not answer): the same one line, after the connect timeout and a short probe
+    for a reason (there is none to find), not the old 5 s more."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(8)
+        to = f"127.0.0.1:{lsock.getsockname()[1]}"
+        started = time.monotonic()
+        p = run([*DRCTL, "replicate", "verify", volume, "--to", to, "--volume", "db",
+                 "--connect-timeout", "1", *deployment.flags("east", "west")], timeout=30)
+        took = time.monotonic() - started
+    said = one_line(p, 69, "[target_unavailable]", f"target {to}: no connection within 1s")
+    assert "is `drctl replicate serve` running there" in said, said
+    assert took >= 1.0, took
+
+
 # -- configuration files and runbooks -------------------------------------------------------
 
 
