@@ -346,6 +346,8 @@ class Controller:
             decision = decide(replace(view, command=Command.NONE))
             decision = replace(decision, refused=True, message=f"{decision.message}; {refusal}")
             cmd = None
+        if decision.keeps_command or decision.refused:
+            cmd = None  # a move that is the service's own: the request does not drive it
         decision = self._unjudged(decision, s.rec)
         if s.inherited_from is not None:
             decision = replace(decision, message=f"{decision.message} (requested for "
@@ -356,8 +358,9 @@ class Controller:
                        now: float) -> CycleResult:
         rec, rev, cmd_entry = s.rec, s.rev, s.entry
         decision, cmd = self._decision(svc, s)
-        if s.inherited_from is not None:
-            cmd_entry = None  # the dependent's request: it stays pending for the dependent
+        if s.inherited_from is not None or decision.keeps_command:
+            cmd_entry = None  # the dependent's request, or one the move was not made for:
+            # it stays pending (and is not named as the move's cause)
         if decision.refused and s.cmd is not None:
             s.refused = decision.message
         rec.waiting_for = decision.waiting
@@ -372,8 +375,8 @@ class Controller:
             rec.state, rec.since = decision.next_state, now
             if rec.state in (State.PREPARING, State.REROUTING):  # its first step, now
                 await self.steps.advance(self._context(svc, rec), now)
-        notable = decision.action is not Action.NONE or decision.consumes_command
-        if rev and not decision.consumes_command and _same(
+        notable = decision.action is not Action.NONE or decision.changes or decision.refused
+        if rev and not decision.changes and not decision.refused and _same(
                 rec, snap, state_key(self.config.prefix, svc.name)):
             # nothing worth a write (a write would wake every watcher, us included)
             if self.metrics is not None:
@@ -395,7 +398,7 @@ class Controller:
     async def _audit(self, d: Decision, rec: ServiceRecord, service: str,
                      cmd_entry: Entry | None) -> None:
         """One audit record per decision that moves the service or refuses a command."""
-        if self.audit is None or not d.consumes_command:
+        if self.audit is None or not (d.changes or d.refused):
             return
         asked = CommandRecord.decode(cmd_entry.value) if cmd_entry is not None else None
         await self.audit.try_append(

@@ -224,6 +224,10 @@ class Decision:
     message: str
     refused: bool = False  # the pending command was refused (consumed, nothing done)
     waiting: str | None = None  # held for a dependency: the command (if any) stays pending
+    # an idle service moves by itself, not as the pending command asked: the command stays
+    # pending and is judged in the new state (decide; elsewhere such a command is refused
+    # while the move goes on)
+    keeps_command: bool = False
 
     @property
     def changes(self) -> bool:
@@ -231,8 +235,8 @@ class Decision:
 
     @property
     def consumes_command(self) -> bool:
-        """A pending command is used up by a state change or by its refusal."""
-        return self.changes or self.refused
+        """A pending command is used up by a state change it made or by its refusal."""
+        return (self.changes and not self.keeps_command) or self.refused
 
 
 def seconds(value: float | None) -> str:
@@ -583,10 +587,25 @@ def decide(view: ServiceView) -> Decision:
     held = _dependency_guard(view, d)
     if held is not None:
         return held
-    if view.command is Command.NONE or d.consumes_command:
+    if view.command is Command.NONE or d.refused:
         return d
+    if d.changes and _moved_by(view, d):
+        return d
+    if d.changes and view.state in IDLE_STATES:  # it would be taken as the operation's cause
+        return replace(d, keeps_command=True)
     return replace(d, refused=True,
                    message=f"{d.message}; {view.command} refused: {_why_refused(view)}")
+
+
+def _moved_by(v: ServiceView, d: Decision) -> bool:
+    """Whether the pending command made the move ``d``: it differs from the move without it,
+    or it is the failover the command asked for (a grace that ran out in the same tick). A
+    move the service makes by itself (a switchover asked as the grace runs out: the automatic
+    failover) is not the command's: that one is judged in the new state."""
+    if _HANDLERS[v.state](replace(v, command=Command.NONE)) != d:  # (a move that says
+        return True  # it refuses the command, too: healthy -> unprotected)
+    return v.command in (Command.FAILOVER, Command.FORCE_FAILOVER) \
+        and d.next_state in START_STATES
 
 
 def to_dot() -> str:

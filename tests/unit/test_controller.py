@@ -732,3 +732,37 @@ async def test_the_status_says_why_it_shows_no_lag() -> None:
     a, line = await app()
     assert (a["lag_seconds"], a["lag_none"]) == (None, "no_copy")
     assert " lag=none(no consistent copy) " in line, line
+
+
+async def test_a_request_the_service_moves_past_is_judged_in_the_new_state() -> None:
+    """A switchover asked while the primary is suspect, in the tick its grace runs out: the
+    automatic failover starts as what it is (automatic, a failover), and the switchover is
+    not taken as its cause. It stays pending one tick and is refused in the new state, with
+    the reason, instead of vanishing."""
+    c = Cluster(stepped=True, grace_seconds=0)
+    await c.healthy()
+    await c.silence("east")
+    await c.tick()
+    assert c.record().state is State.PRIMARY_SUSPECT
+    await c.command(Command.SWITCHOVER, by=Actor("alice", "operator", "api"))
+    await c.tick()  # the grace is over: fencing, by itself
+    rec = c.record()
+    assert rec.state is State.FENCING and rec.operation is not None
+    assert (rec.operation.kind, rec.operation.automatic) == ("failover", True)
+    assert rec.operation.asked_by == Actor("c0", via="controller")
+    assert c.pending()  # judged next tick, in the state it is in now
+    message = await c.tick()
+    assert not c.pending()
+    assert "switchover refused: an operation is in progress (fencing)" in message, message
+    # a failover asked in that same tick is what happens: it is taken up, and names who asked
+    c = Cluster(stepped=True, grace_seconds=0)
+    await c.healthy()
+    await c.silence("east")
+    await c.tick()
+    await c.command(Command.FAILOVER, by=Actor("bob", "operator", "api"))
+    await c.tick()
+    rec = c.record()
+    assert rec.state is State.FENCING and rec.operation is not None
+    assert (rec.operation.kind, rec.operation.automatic) == ("failover", False)
+    assert rec.operation.asked_by == Actor("bob", "operator", "api")
+    assert not c.pending()

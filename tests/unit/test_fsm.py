@@ -248,6 +248,22 @@ def test_switchover_is_refused_while_unprotected() -> None:
     assert "switchover refused" in d.message
 
 
+def test_a_move_the_command_did_not_make_is_not_its_own() -> None:
+    """An idle service moving by itself keeps a pending request for the next tick (it would
+    be taken as the operation's cause); a service in an operation refuses it while the move
+    goes on; a failover asked as the grace runs out is the move it asked for."""
+    suspect = {"state": State.PRIMARY_SUSPECT, "primary_alive": False,
+               "primary_lost_since": 0.0}
+    d = decide(view(**suspect, command=Command.SWITCHOVER))
+    assert (d.next_state, d.refused, d.keeps_command, d.consumes_command) == (
+        State.FENCING, False, True, False)
+    d = decide(view(**suspect, command=Command.FAILOVER))
+    assert (d.next_state, d.keeps_command, d.consumes_command) == (State.FENCING, False, True)
+    d = decide(view(state=State.FENCING, step_done=True, command=Command.SWITCHOVER))
+    assert (d.next_state, d.refused, d.consumes_command) == (State.PROMOTING, True, True)
+    assert "switchover refused: an operation is in progress (fencing)" in d.message
+
+
 def test_draining_carries_out_a_failover_request() -> None:
     for cmd in (Command.FAILOVER, Command.FORCE_FAILOVER):
         d = decide(view(state=State.DRAINING, replica_lag_seconds=4.0, command=cmd))
