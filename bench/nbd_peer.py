@@ -33,8 +33,14 @@ agent (``drctl replicate push --nbd-listen``) replicating every write to a targe
   journal in a process of their own, nothing shipped): the per-request path without the
   replication's work beside it.
 
+* ``--rate-iops N``: every job submits at most N requests a second. At a load every server
+  keeps up with, the CPU each spends per request (``cpu_us_per_req``, and of it in the kernel
+  ``cpu_sys_us_per_req``) is compared at equal work: it varies far less from run to run than
+  the top speed on this machine's shared disk.
+
 Run: python bench/nbd_peer.py [--seconds 10] [--size-mib 256] [--jobs randwrite-4k-qd1,...]
-[--servers qemu-nbd,drctl,nbdkit] [--json OUT]; prints a markdown table at the end.
+[--servers qemu-nbd,drctl,nbdkit] [--rate-iops N] [--json OUT]; prints a markdown table at
+the end.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,6 +67,7 @@ class Job:
     rw: str
     bs: str
     iodepth: int
+    rate_iops: int = 0  # fio --rate_iops (--rate-iops): 0 as fast as it goes
 
     @property
     def writes(self) -> bool:
@@ -286,6 +293,8 @@ def fio(job: Job, uri: str, size: int, seconds: int) -> dict[str, Any]:
             "--output-format=json"]
     if job.writes:
         args.append("--refill_buffers")
+    if job.rate_iops:
+        args.append(f"--rate_iops={job.rate_iops}")
     p = subprocess.run(args, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"fio failed: {p.stderr[-2000:]}")
@@ -303,11 +312,13 @@ def fio(job: Job, uri: str, size: int, seconds: int) -> dict[str, Any]:
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process (all its threads) so far."""
+def cpu_seconds(pid: int, system_only: bool = False) -> float:
+    """User and system CPU time of a process (all its threads) so far (only the system
+    time: ``system_only``)."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) if system_only else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def run(server: Server, job: Job, size: int, seconds: int) -> dict[str, Any]:
@@ -320,10 +331,17 @@ def run(server: Server, job: Job, size: int, seconds: int) -> dict[str, Any]:
     load0 = loadavg()
     t0 = time.time()
     cpu0 = {k: cpu_seconds(pid) for k, pid in server.pids.items()}
+    sys0 = {k: cpu_seconds(pid, system_only=True) for k, pid in server.pids.items()}
     got = fio(job, server.uri, size, seconds)
     after = server.after_run(job)
     n = max(1, got.pop("ios"))
     cpu = {k: round((cpu_seconds(pid) - cpu0[k]) / n * 1e6) for k, pid in server.pids.items()}
+    # of which in the kernel (system calls, loopback TCP, the file system)
+    after["cpu_sys_us_per_req"] = {
+        k: round((cpu_seconds(pid, system_only=True) - sys0[k]) / n * 1e6)
+        for k, pid in server.pids.items()}
+    if job.rate_iops:
+        after["rate_iops"] = job.rate_iops
     rec = {"job": job.name, "server": server.name, "started": time.strftime(
         "%H:%M:%S", time.localtime(t0)), "load_before": load0, "load_after": loadavg(),
         "waited_quiet_s": round(waited, 3), **got, **after, "cpu_us_per_req": cpu}
@@ -388,6 +406,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--hold", action="store_true",
                     help="start the servers, print their URIs and pids, wait for Enter (to "
                     "profile with py-spy or run fio by hand)")
+    ap.add_argument("--rate-iops", type=int, default=0,
+                    help="submit at most this many requests a second in every job (fio "
+                    "--rate_iops): the CPU each server spends per request at the same load, "
+                    "which varies far less from run to run than how fast each can go")
     ap.add_argument("--json", default=None, help="write every run here too")
     return ap.parse_args()
 
@@ -447,7 +469,8 @@ def main() -> int:
     if "nbdkit" in names and shutil.which("nbdkit") is None:
         print("nbdkit is not installed: left out", flush=True)
         names.remove("nbdkit")
-    jobs = [j for j in JOBS if j.name in args.jobs.split(",")]
+    jobs = [replace(j, rate_iops=args.rate_iops) for j in JOBS
+            if j.name in args.jobs.split(",")]
     size = args.size_mib << 20
     work = args.dir or tempfile.mkdtemp(prefix="nbd-peer-", dir="/var/tmp")
     os.makedirs(work, exist_ok=True)

@@ -405,16 +405,24 @@ def _drill_while_streaming(target: Target, writer: GroupWriter, agent: Proc) -> 
     writer.sizes = (1, 2)  # lighter: the link (4 MB/s) must catch up at the end
     thread = threading.Thread(target=writer.run, daemon=True)
     thread.start()
+    seen = []
     try:
         for k in range(3):
             time.sleep(0.3)
-            assert _group_clone_digest(target, f"live{k}", pause=0.3) in writer.flushed
+            seen.append((writer.rounds, _group_clone_digest(target, f"live{k}", pause=0.3)))
     finally:
         writer.stop.set()
         thread.join(30)
         for c in writer.clients.values():
             c.sock.close()
     assert writer.error is None and writer.rounds > 10, agent.log()[-3000:]
+    # judged once the writer has stopped: a FLUSH's state is in ``flushed`` even if the
+    # writer thread had not added it yet when the clone was taken
+    for k, (rounds, digest) in enumerate(seen):
+        assert digest in writer.flushed, (
+            f"clone live{k} (after round {rounds} of {writer.rounds}) is at no FLUSH's "
+            f"state\n--- agent\n{agent.log()[-4000:]}\n--- target\n"
+            f"{target.proc.log()[-4000:] if target.proc else ''}")
 
 
 def test_group_replicas_are_consistent_with_each_other(workdir: str, target: Target) -> None:
