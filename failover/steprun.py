@@ -12,7 +12,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from drctl.shell import ShellError, ShellTimeout, run_shell
@@ -100,9 +100,11 @@ async def probe(spec: StepSpec, env: dict[str, str]) -> str:
     return out.strip() or "command ok"
 
 
-async def health_check(spec: StepSpec, env: dict[str, str]) -> str:
+async def health_check(spec: StepSpec, env: dict[str, str],
+                       retrying: Callable[[str], None] | None = None) -> str:
     """The check with its retries; returns what the passing attempt said, or raises
-    RuntimeError with every failed attempt's reason."""
+    RuntimeError with every failed attempt's reason. ``retrying``: told of each failed
+    attempt that another follows (``attempt 1 of 3 failed: ...; again in 5s``)."""
     failures: list[str] = []
     for attempt in range(spec.retries + 1):
         try:
@@ -117,6 +119,9 @@ async def health_check(spec: StepSpec, env: dict[str, str]) -> str:
                 http.client.HTTPException) as exc:  # (a URL urllib cannot use: ValueError)
             failures.append(f"attempt {attempt + 1}: {exc or type(exc).__name__}")
         if attempt < spec.retries:
+            if retrying is not None:
+                retrying(f"attempt {attempt + 1} of {spec.retries + 1} failed: "
+                         f"{failures[-1].split(': ', 1)[1]}; again in {spec.interval:g}s")
             await asyncio.sleep(spec.interval)
     raise RuntimeError("\n".join(failures))
 

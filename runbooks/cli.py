@@ -208,7 +208,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"drctl: error [usage]: the check {needs[0]!r} names the address of the site "
               "that runs it: give --site NAME (or set $DRCTL_SITE_ADDRESS)", file=sys.stderr)
         return 2
-    results = asyncio.run(run_health_checks(rb.services[args.service], env))
+    def retrying(check: str, what: str) -> None:  # a long retry schedule is not silent
+        print(f"  {check}: {what}", file=sys.stderr, flush=True)
+
+    results = asyncio.run(run_health_checks(rb.services[args.service], env, retrying))
     if not results:
         print(f"{args.service}: the runbook gives it no health checks (nothing to run)")
     for r in results:

@@ -10,10 +10,11 @@ DRCTL_CLONES (the clone paths, space-separated).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -55,9 +56,10 @@ class DrillReport:
         return json.dumps({**asdict(self), "rto_seconds": self.rto_seconds}, indent=1)
 
 
-async def _health(step: Step, env: dict[str, str]) -> str:
+async def _health(step: Step, env: dict[str, str],
+                  retrying: Callable[[str], None] | None = None) -> str:
     """The health check with its retries, as the new primary's agent runs it."""
-    return await health_check(step.spec(), env)
+    return await health_check(step.spec(), env, retrying)
 
 
 async def _hook(step: Step, env: dict[str, str]) -> str:
@@ -195,15 +197,19 @@ class Drill:
         return self.report
 
 
-async def run_health_checks(svc: Service, env: dict[str, str]) -> list[StepResult]:
-    """Every health check of the service, in order, stopping at the first failure."""
+async def run_health_checks(svc: Service, env: dict[str, str],
+                            retrying: Callable[[str, str], None] | None = None
+                            ) -> list[StepResult]:
+    """Every health check of the service, in order, stopping at the first failure;
+    ``retrying(check, what)``: told of each failed attempt another follows."""
     out = []
     for step in svc.steps:
         if step.type is not StepType.HEALTH_CHECK:
             continue
         t0 = time.perf_counter()
+        told = None if retrying is None else functools.partial(retrying, step.name)
         try:
-            detail, ok = await _health(step, env), True
+            detail, ok = await _health(step, env, told), True
         except (OSError, RuntimeError, TimeoutError) as exc:
             detail, ok = failed_attempts(str(exc)), False
         out.append(StepResult(f"health check: {step.name}",

@@ -173,3 +173,7 @@ def test_runbook_check_says_a_failure_in_one_line(tmp_path: Any, closed_port: in
     assert len(lines) == 1 and lines[0].startswith("FAIL") and lines[0].endswith(
         f"health check: up: 2 attempts failed; last: connect 127.0.0.1:{port}: "
         "Connection refused"), p.stdout
+    # a retry schedule is not silent: each failed attempt that another follows, on stderr
+    assert p.stderr.rstrip("\n").splitlines() == [
+        f"  up: attempt 1 of 2 failed: connect 127.0.0.1:{port}: Connection refused; again "
+        "in 0.1s"], p.stderr
