@@ -313,8 +313,8 @@ class Controller:
                         or (d.cmd.target or d.rec.replica) != s.rec.replica:
                     continue
                 trial = decide(replace(d.view, command=d.cmd.command))
-                if trial.refused or trial.next_state not in START_STATES:
-                    continue
+                if trial.refused or trial.keeps_command or trial.next_state not in START_STATES:
+                    continue  # (keeps_command: the dependent moves by itself, not as asked)
                 s.cmd = CommandRecord(d.cmd.command, s.rec.replica, d.cmd.id, d.cmd.at,
                                       d.cmd.by)
                 s.inherited_from = d.inherited_from or dependent
