@@ -397,19 +397,28 @@ class Controller:
 
     async def _audit(self, d: Decision, rec: ServiceRecord, service: str,
                      cmd_entry: Entry | None) -> None:
-        """One audit record per decision that moves the service or refuses a command."""
+        """One audit record per decision that moves the service or refuses a command; a
+        move made with a refusal is two (the move names no request: it is not the
+        refused one's)."""
         if self.audit is None or not (d.changes or d.refused):
             return
         asked = CommandRecord.decode(cmd_entry.value) if cmd_entry is not None else None
-        await self.audit.try_append(
-            f"controller:{self.node}", "controller.refuse" if not d.changes
-            else "controller.transition" if d.action is Action.NONE
-            else f"controller.{d.action}", service,
-            {"from": d.state.value, "to": d.next_state.value, "epoch": rec.epoch,
-             "primary": rec.primary, "replica": rec.replica,
-             "command": asked.command.value if asked else None,
-             "command_target": asked.target if asked else None,
-             "operation": asked.id if asked else None}, d.message)
+
+        async def append(kind: str, cmd: CommandRecord | None) -> None:
+            assert self.audit is not None
+            await self.audit.try_append(
+                f"controller:{self.node}", kind, service,
+                {"from": d.state.value, "to": d.next_state.value, "epoch": rec.epoch,
+                 "primary": rec.primary, "replica": rec.replica,
+                 "command": cmd.command.value if cmd else None,
+                 "command_target": cmd.target if cmd else None,
+                 "operation": cmd.id if cmd else None}, d.message)
+
+        if d.changes:
+            await append("controller.transition" if d.action is Action.NONE
+                         else f"controller.{d.action}", None if d.refused else asked)
+        if d.refused:
+            await append("controller.refuse", asked)
 
     async def _step_done(self, rec: ServiceRecord, snap: Snapshot, svc: ServiceConfig) -> bool:
         op = rec.operation
@@ -524,6 +533,7 @@ class Controller:
         op.automatic = cmd is None  # the grace expired: nobody asked for it
         # who asked (None: a drctl from before commands said so), or this controller
         op.asked_by, op.asked_at = (self.actor, now) if cmd is None else (cmd.by, cmd.at)
+        op.request_id = cmd.id if cmd is not None else None
         return op
 
     def _grant(self, rec: ServiceRecord, svc: ServiceConfig) -> None:

@@ -3,11 +3,17 @@
 Every allowed move is one ``Transition(src, dst, reason, action)`` row in ``TRANSITIONS``; an
 unknown (src, dst) pair raises InvalidTransition. ``decide()`` is pure: it reads an immutable
 ``ServiceView`` (one etcd snapshot plus the clock) and returns a ``Decision``; the controller
-acts on it and logs ``decision.message``. A pending operator command is consumed by a state
-change or refused (``Decision.refused``, the reason in the message), never left pending,
-except while the service waits for a dependency (``depends_on``) to finish its own operation:
-``_dependency_guard`` holds the move that would start this service's operation
-(``Decision.waiting``), and stops it (a refusal, or ``blocked``) when the dependency failed.
+acts on it and logs ``decision.message``. A pending operator command is consumed by the state
+change it makes or refused (``Decision.refused``, the reason in the message; a refusal may
+come with a move the service makes by itself), never left pending, except:
+
+* while the service waits for a dependency (``depends_on``) to finish its own operation:
+  ``_dependency_guard`` holds the move that would start this service's operation
+  (``Decision.waiting``), and stops it (a refusal, or ``blocked``) when the dependency failed;
+* for one tick, when the service moves by itself from or to a state that takes requests
+  (``Decision.keeps_command``): the request is judged in the new state, not taken as the
+  move's cause.
+
 The diagram in docs/failover-fsm.dot is generated from the table (``python -m failover.fsm
 --dot``) and CI checks it is current.
 """
@@ -222,11 +228,11 @@ class Decision:
     next_state: State
     action: Action
     message: str
-    refused: bool = False  # the pending command was refused (consumed, nothing done)
+    refused: bool = False  # the pending command was refused (consumed; any move is not its)
     waiting: str | None = None  # held for a dependency: the command (if any) stays pending
-    # an idle service moves by itself, not as the pending command asked: the command stays
-    # pending and is judged in the new state (decide; elsewhere such a command is refused
-    # while the move goes on)
+    # the service moves by itself from or to an idle state, not as the pending command
+    # asked: the command stays pending and is judged in the new state (decide; between
+    # other states such a command is refused while the move goes on)
     keeps_command: bool = False
 
     @property
@@ -334,15 +340,17 @@ def _healthy(v: ServiceView) -> Decision:
         return refused
     if v.command in _FAILOVERS:
         return _begin(v, State.FENCING, "requested by an operator")
-    # A switchover the move below makes impossible is consumed by it, and the message says so.
+    # A switchover the move below makes impossible is refused by it, and the message says so.
     switch = v.command is Command.SWITCHOVER
     if not v.primary_alive:
-        return _move(v, State.PRIMARY_SUSPECT, "waiting for the grace period" + (
-            "; switchover refused: the primary is not alive" if switch else ""))
+        return replace(_move(v, State.PRIMARY_SUSPECT, "waiting for the grace period" + (
+            "; switchover refused: the primary is not alive" if switch else "")),
+            refused=switch)
     why = _not_protected(v)
     if why is not None:
-        return _move(v, State.UNPROTECTED, why + (
-            "; switchover refused: the replica is not receiving" if switch else ""))
+        return replace(_move(v, State.UNPROTECTED, why + (
+            "; switchover refused: the replica is not receiving" if switch else "")),
+            refused=switch)
     if switch:
         return _begin(v, State.DRAINING, "requested by an operator")
     return _stay(v, Action.NONE, "primary alive")
@@ -582,7 +590,8 @@ def _dependency_guard(v: ServiceView, d: Decision) -> Decision | None:
 def decide(view: ServiceView) -> Decision:
     """The pure decision for one controller tick. A pending command the state has no use for
     is refused (and so consumed) with the reason in the message; the state's own action
-    stands."""
+    stands. A move the command did not make (``_moved_by``) keeps it for the next tick when
+    either state takes requests (``keeps_command``), else refuses it."""
     d = _HANDLERS[view.state](view)
     held = _dependency_guard(view, d)
     if held is not None:
@@ -591,8 +600,8 @@ def decide(view: ServiceView) -> Decision:
         return d
     if d.changes and _moved_by(view, d):
         return d
-    if d.changes and view.state in IDLE_STATES:  # it would be taken as the operation's cause
-        return replace(d, keeps_command=True)
+    if d.changes and (view.state in IDLE_STATES or d.next_state in IDLE_STATES):
+        return replace(d, keeps_command=True)  # judged in the state it moved to
     return replace(d, refused=True,
                    message=f"{d.message}; {view.command} refused: {_why_refused(view)}")
 
@@ -604,7 +613,7 @@ def _moved_by(v: ServiceView, d: Decision) -> bool:
     failover) is not the command's: that one is judged in the new state."""
     if _HANDLERS[v.state](replace(v, command=Command.NONE)) != d:  # (a move that says
         return True  # it refuses the command, too: healthy -> unprotected)
-    return v.command in (Command.FAILOVER, Command.FORCE_FAILOVER) \
+    return v.state in IDLE_STATES and v.command in _FAILOVERS \
         and d.next_state in START_STATES
 
 

@@ -21,7 +21,8 @@ def history_step(d: Decision, op: Operation | None, later: Request | None,
                                "action": d.action}
     if op is not None:
         step["operation"] = {"kind": op.kind, "target": op.target, "automatic": op.automatic,
-                             "asked_by": asdict(op.asked_by) if op.asked_by else None}
+                             "asked_by": asdict(op.asked_by) if op.asked_by else None,
+                             "request_id": op.request_id}
     if later is not None:
         step["request"] = asdict(later)
     return step
@@ -34,7 +35,7 @@ def later_request(d: Decision, cmd: CommandRecord | None) -> Request | None:
         return None
     if d.state is State.FAILED or (d.state is State.DRAINING and d.next_state is State.FENCING
                                    and cmd.command in FAILOVERS):
-        return Request(cmd.command.value, cmd.by, cmd.at)
+        return Request(cmd.command.value, cmd.by, cmd.at, cmd.id)
     return None
 
 

@@ -192,6 +192,7 @@ class Request:
     command: str
     by: Actor | None
     at: float
+    id: str | None = None  # the request's (CommandRecord.id; None: recorded before ids were)
 
     @property
     def asked(self) -> str:
@@ -201,9 +202,10 @@ class Request:
     def from_dict(cls, d: Any) -> Request | None:
         if not isinstance(d, dict) or not isinstance(d.get("command"), str):
             return None
-        at = d.get("at")
+        at, rid = d.get("at"), d.get("id")
         return cls(d["command"], Actor.from_dict(d.get("by")),
-                   float(at) if isinstance(at, int | float) else 0.0)
+                   float(at) if isinstance(at, int | float) else 0.0,
+                   rid if isinstance(rid, str) else None)
 
 
 @dataclass
@@ -232,6 +234,9 @@ class Operation:
     asked_at: float | None = None
     # the requests on it after it began (retry, cancel, a failover overtaking the drain)
     later_requests: list[Request] = field(default_factory=list)
+    # the id of the request that started it (CommandRecord.id, which the CLI and the API
+    # return): None for an automatic one, or one recorded before operations kept it
+    request_id: str | None = None
 
     @property
     def asked(self) -> str:

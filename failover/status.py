@@ -163,7 +163,8 @@ def _change(h: dict[str, Any], home: str) -> dict[str, Any]:
               "label": label(str(op.get("kind")), str(op.get("target")), home)}
     request = Request.from_dict(h.get("request"))
     return {"at": h["at"], "from": h["from"], "to": h["to"], "operation": op,
-            "request": request.asked if request else None}
+            "request": request.asked if request else None,
+            "request_id": request.id if request else None}
 
 
 def operation_line(op: dict[str, Any], clock: Callable[[float], str] | None = None) -> str:

@@ -209,7 +209,7 @@ async def test_step_timeout_retry_and_cancel() -> None:
     assert rec.state is State.FENCING and rec.operation is not None
     assert (rec.operation.error, rec.operation.failed_step, rec.epoch) == (None, None, 2)
     assert rec.history[-1]["request"] == {"command": "retry", "at": 2000.0, "by": {
-        "name": "bob", "role": "admin", "via": "api"}}
+        "name": "bob", "role": "admin", "via": "api"}, "id": "op1"}
     rec.since -= 31
     await c.put_record(rec)
     await c.tick()
@@ -590,7 +590,8 @@ async def test_state_changes_name_the_operation_they_belong_to() -> None:
     rec = c.record()
     assert rec.state is State.FAILED_OVER and rec.operation is None
     switchover = {"kind": "switchover", "target": "west", "automatic": False,
-                  "asked_by": None}  # (a command from an older drctl: nobody named)
+                  "asked_by": None,  # (a command from an older drctl: nobody named)
+                  "request_id": "op1"}  # the request's id (the page follows it by this)
     steps = [(h["from"], h["to"], h.get("operation")) for h in rec.history]
     assert steps == [("unprotected", "healthy", None),
                      ("healthy", "draining", switchover), ("draining", "fencing", switchover),
@@ -602,7 +603,7 @@ async def test_state_changes_name_the_operation_they_belong_to() -> None:
     assert app["operations"][0] == {
         "at": rec.history[-1]["at"], "from": "rerouting", "to": "failed_over",
         "operation": {**switchover, "asked": "asked by an unknown user",
-                      "label": "switchover to west"}, "request": None}
+                      "label": "switchover to west"}, "request": None, "request_id": None}
     assert rec.last_operation is not None and rec.last_operation.outcome == "done"
 
 
@@ -751,6 +752,10 @@ async def test_a_request_the_service_moves_past_is_judged_in_the_new_state() -> 
     assert (rec.operation.kind, rec.operation.automatic) == ("failover", True)
     assert rec.operation.asked_by == Actor("c0", via="controller")
     assert c.pending()  # judged next tick, in the state it is in now
+    # the page follows its request by id: this move names none (it is not the request's)
+    app = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix),
+                         time.time())["services"]["app"]
+    assert app["operations"][0]["operation"]["request_id"] is None, app["operations"][0]
     message = await c.tick()
     assert not c.pending()
     assert "switchover refused: an operation is in progress (fencing)" in message, message
@@ -766,3 +771,34 @@ async def test_a_request_the_service_moves_past_is_judged_in_the_new_state() -> 
     assert (rec.operation.kind, rec.operation.automatic) == ("failover", False)
     assert rec.operation.asked_by == Actor("bob", "operator", "api")
     assert not c.pending()
+    app = cluster_status(c.cfg, await c.store.snapshot(c.cfg.prefix),
+                         time.time())["services"]["app"]
+    assert app["operations"][0]["operation"]["request_id"] == "op1", app["operations"][0]
+
+
+async def test_a_move_with_a_refusal_is_audited_as_two_records() -> None:
+    """A request refused while an operation moves on: the move's audit record names no
+    request (it is not the refused one's), the refusal has a record of its own naming it."""
+    from failover.audit import AuditLog, read_etcd
+
+    c = Cluster(stepped=True, grace_seconds=0)
+    c.controller.audit = AuditLog(c.store, c.cfg.prefix)
+    await c.healthy()
+    await c.silence("east")
+    await c.tick()
+    await c.tick()  # the grace is over: fencing, by itself
+    assert c.record().state is State.FENCING
+    await c.command(Command.SWITCHOVER, by=Actor("alice", "operator", "api"))
+    while c.pending():
+        await c.tick()
+    records = [s.record for s in (await read_etcd(c.store, c.cfg.prefix)).slots]
+    refusals = [r for r in records if r is not None and r["action"] == "controller.refuse"]
+    assert len(refusals) == 1, records
+    assert (refusals[0]["params"]["command"], refusals[0]["params"]["operation"]) == (
+        "switchover", "op1"), refusals[0]
+    assert "switchover refused: an operation is in progress" in refusals[0]["outcome"]
+    # made in the tick the service moved on: the move is a record of its own
+    assert (refusals[0]["params"]["from"], refusals[0]["params"]["to"]) == (
+        "fencing", "promoting"), refusals[0]
+    moves = [r for r in records if r is not None and r["action"] != "controller.refuse"]
+    assert moves and all(r["params"]["command"] is None for r in moves), moves

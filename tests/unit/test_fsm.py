@@ -262,6 +262,19 @@ def test_a_move_the_command_did_not_make_is_not_its_own() -> None:
     d = decide(view(state=State.FENCING, step_done=True, command=Command.SWITCHOVER))
     assert (d.next_state, d.refused, d.consumes_command) == (State.PROMOTING, True, True)
     assert "switchover refused: an operation is in progress (fencing)" in d.message
+    # a failover asked while a switchover prepares is not the drain that follows
+    d = decide(view(state=State.PREPARING, step_done=True, switchover=True,
+                    command=Command.FAILOVER))
+    assert (d.next_state, d.refused) == (State.DRAINING, True)
+    assert "failover refused: an operation is in progress (preparing)" in d.message
+    # into a state that takes requests: judged there (blocked takes a forced failover)
+    d = decide(view(state=State.RESYNCING, primary_alive=False, primary_lost_since=0.0,
+                    command=Command.FORCE_FAILOVER))
+    assert (d.next_state, d.refused, d.keeps_command) == (State.BLOCKED, False, True)
+    assert "refused" not in d.message, d.message
+    d = decide(view(state=State.BLOCKED, primary_alive=False, primary_lost_since=0.0,
+                    command=Command.FORCE_FAILOVER))
+    assert d.next_state in (State.FENCING, State.PREPARING) and d.consumes_command
 
 
 def test_draining_carries_out_a_failover_request() -> None:
