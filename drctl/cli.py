@@ -8,7 +8,9 @@ are one table: docs/cli.md, generated from the error classes (``python -m drctl.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, ClassVar, NoReturn
@@ -50,7 +52,10 @@ class Parser(argparse.ArgumentParser):
         chain = Parser._parsing or Parser._used
         unknown = [(parser, arg) for parser in chain for arg in parser.unknown_flags()]
         prog = self.prog
-        if unknown:
+        choice = _invalid_choice(message)
+        if choice is not None:  # a misspelt command: its flags are unknown to the parent
+            message = choice
+        elif unknown:
             message = f"unrecognized arguments: {' '.join(arg for _, arg in unknown)}"
             prog = unknown[0][0].prog  # the help of the command that was given it
             for parser, arg in unknown:  # "--rate-limit -5MB/s": a value, not a flag
@@ -186,3 +191,16 @@ def _stdout_gone() -> bool:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _invalid_choice(message: str) -> str | None:
+    """argparse's "argument command: invalid choice: 'stauts' (choose from 'a', 'b')" as
+    "unknown command 'stauts'; did you mean 'status'?" (None: another error)."""
+    m = re.match(r"argument [^-:][^:]*: invalid choice: '([^']*)' \(choose from (.*)\)$",
+                 message)  # (a flag's choices: "argument --mode: ...", left as it is)
+    if m is None:
+        return None
+    given, choices = m.group(1), re.findall(r"'([^']*)'", m.group(2))
+    close = difflib.get_close_matches(given, choices, n=1)
+    return f"unknown command {given!r}" + (f"; did you mean {close[0]!r}?" if close
+                                           else f" (commands: {', '.join(choices)})")

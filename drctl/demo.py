@@ -48,6 +48,7 @@ from typing import Any
 from drctl.argtypes import seconds_or_zero
 from drctl.localservers import EtcdServer, NamedServer, free_port, wait_port
 from failover.api.users import add_user
+from failover.status import lag_words
 
 DRCTL = [sys.executable, "-m", "drctl"]
 
@@ -299,8 +300,7 @@ def _sample(demo: DemoCluster) -> tuple[dict[str, Any] | None, str]:
 
 def _line(app: dict[str, Any]) -> str:
     dns = ", ".join(a for answers in (app.get("dns") or {}).values() for a in (answers or ["-"]))
-    lag = app["lag_seconds"]
-    shown = "-" if lag is None else f"{lag:.2f}s" + ("(last)" if app.get("lag_stale") else "")
+    shown = lag_words(app, digits=2)  # as drctl status says it
     extra = "; ".join(app.get("progress") or [])
     op = app.get("operation")
     doing = f" ({op['label']}, {op['asked']})" if op and op.get("current") else ""
@@ -311,7 +311,7 @@ def _line(app: dict[str, Any]) -> str:
 
 def _news(line: str) -> str:
     """What a status line says, without its time and lag (which move every sample)."""
-    return re.sub(r" lag=\S+", "", line.partition(" ")[2])
+    return re.sub(r" lag=(none\([^)]*\)|\S+)", "", line.partition(" ")[2])
 
 
 def _gone(demo: DemoCluster, stopping: threading.Event) -> bool:

@@ -188,8 +188,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def status_lines(status: dict[str, Any]) -> list[str]:
-    from failover.fsm import seconds
-    from failover.status import operation_line
+    from failover.status import lag_words, operation_line
 
     out = [f"leader: {status['leader']}"]
     for site, s in status["sites"].items():
@@ -197,11 +196,7 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         out += [f"  {name}: {v['role']} at epoch {v['epoch']}, data path "
                 f"{v['data_path'] or 'not reported'}" for name, v in s["services"].items()]
     for name, s in status["services"].items():
-        lag = seconds(s["lag_seconds"]) + ("(last reported)" if s["lag_stale"] else "")
-        if s["lag_none"] == "no_copy":  # status.shown_lag
-            lag = "none(no consistent copy)"
-        elif s["lag_none"] == "no_replica":
-            lag = "none(no replica)"
+        lag = lag_words(s)
         out.append(f"service {name}: {s['state']} primary={s['primary']} "
                    f"replica={s['replica']} epoch={s['epoch']} lag={lag} -- {s['summary']}"
                    + (f" [error: {s['error']}]" if s["error"] else ""))

@@ -131,6 +131,17 @@ def shown_lag(rec: ServiceRecord,
     return lag, lag is not None and not primary_alive, None
 
 
+def lag_words(service: dict[str, Any], digits: int = 1) -> str:
+    """A service's lag as ``drctl status`` (and the demo) print it, from its status:
+    ``0.4s``, ``0.4s(last reported)``, ``none(no consistent copy)``, ``none(no replica)``
+    or ``unknown``."""
+    lag = service["lag_seconds"]
+    if lag is None:
+        return {NO_COPY: "none(no consistent copy)", NO_REPLICA: "none(no replica)"}.get(
+            service.get("lag_none") or "", "unknown")
+    return f"{lag:.{digits}f}s" + ("(last reported)" if service.get("lag_stale") else "")
+
+
 def label(kind: str, target: str, home: str) -> str:
     """What an operation is called: ``failover to west``, ``resync of east``, and a
     switchover to the runbook's primary (``home``) is the ``failback to east`` it was."""

@@ -41,13 +41,18 @@ async def verify_replica(path: str, address: str, volume: str,
     finally:
         await client.close()
     mismatched = [i for i, (a, b) in enumerate(zip(local, remote, strict=False)) if a != b]
-    extra = abs(len(local) - len(remote))
-    result = VerifyResult(volume, geo.size, rsize, len(local), len(mismatched) + extra,
+    extra = abs(len(local) - len(remote))  # blocks only one side has: they differ too
+    result = VerifyResult(volume, geo.size, rsize, max(len(local), len(remote)),
+                          len(mismatched) + extra,
                           mismatched[0] if mismatched else (min(len(local), len(remote))
                                                             if extra else None))
-    if result.mismatched or rsize != geo.size:
+    if rsize != geo.size:
+        raise VerificationError(
+            f"volume {volume}: replica differs: it holds {rsize} bytes, the source {geo.size} "
+            f"({result.mismatched} of {result.blocks} blocks differ or are on one side only, "
+            f"the first at block {result.first_mismatch})")
+    if result.mismatched:
         raise VerificationError(
             f"volume {volume}: replica differs: {result.mismatched} of {result.blocks} blocks "
-            f"mismatch (first at block {result.first_mismatch}), sizes {geo.size} vs {rsize}"
-        )
+            f"mismatch (first at block {result.first_mismatch})")
     return result

@@ -432,6 +432,20 @@ def test_an_unknown_flag_is_named_before_what_is_missing(argv: list[str], flag: 
                     f"(see: {command} --help)"), said
 
 
+@pytest.mark.parametrize(("argv", "said"), [
+    (["stauts"], "unknown command 'stauts'; did you mean 'status'? (see: drctl --help)"),
+    # its flags are unknown to drctl itself: the command is what is wrong, not the flag
+    (["stauts", "--config", "c.yaml"], "unknown command 'stauts'; did you mean 'status'? "
+     "(see: drctl --help)"),
+    (["replicate", "veriffy", "--to", "x"], "unknown command 'veriffy'; did you mean "
+     "'verify'? (see: drctl replicate --help)"),
+    (["replicate", "serve", "--mode", "xyz"], "argument --mode: invalid choice: 'xyz' (choose "
+     "from 'hot', 'warm') (see: drctl replicate serve --help)"),
+])
+def test_a_misspelt_command_is_named_with_what_was_meant(argv: list[str], said: str) -> None:
+    assert one_line(run([*DRCTL, *argv]), 2) == f"drctl: error [usage]: {said}"
+
+
 def test_a_negative_value_is_judged_as_the_flags_value() -> None:
     """argparse reads "-1s" after --interval as a flag of its own: the error is the flag's
     check of the value, as with --interval=-1s, not "unrecognized arguments: -1s"."""

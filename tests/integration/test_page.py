@@ -186,8 +186,11 @@ def test_a_new_service_and_the_buttons_say_what_is_true(site: Site, browser: Any
     site.tick()
     page = Page(browser, site)
     page.until(lambda: page.state() == "unprotected")
-    assert "replication lag none yet (no consistent copy) of" in page.text(), page.text()
+    assert "replication lag none yet (no consistent copy) (RPO budget" in page.text(), page.text()
     assert "0.00 s" not in page.text(), page.text()
+    # the --token-file user is named as its role: not "admin (admin)"
+    who = str(page.js('document.getElementById("who").innerText'))
+    assert who.startswith("signed in as admin") and "(admin)" not in who, who
     t = page.titles()
     assert t["switchover"] == (True, "only from healthy (the service is unprotected)"), t
     assert t["failback"] == (True, "already at home (east)"), t
@@ -269,7 +272,8 @@ def test_a_switchover_from_the_page_ends_with_its_outcome(site: Site, browser: A
     assert "unprotected → healthy" in changes and "unprotected → healthy (" not in changes
     assert "after switchover to west" in page.text(), page.text()
     # east is fenced, not yet a replica: no lag figure, and no failover the controller refuses
-    assert "replication lag none: no replica until the former primary east is back of" in \
+    assert "replication lag none: no replica until the former primary east is back as one " \
+        "(RPO budget" in \
         page.text(), page.text()
     assert page.titles()["failover"] == (True, "the former primary east is not back as a "
                                          "replica yet: there is nothing to fail over to")

@@ -94,6 +94,15 @@ def test_verify_detects_a_damaged_replica(workdir: str, target: Target, state_di
              "--volume", "vol", *target.client_flags()])
     assert p.returncode == 1
     assert "1 of 512 blocks mismatch" in p.stderr
+    # a source of another size: the sizes first, and never more blocks differing than exist
+    small = os.path.join(workdir, "small.img")
+    with open(src, "rb") as fh, open(small, "wb") as out:
+        out.write(fh.read(1 << 20))
+    p = run([*DRCTL, "replicate", "verify", small, "--to", target.address,
+             "--volume", "vol", *target.client_flags()])
+    assert p.returncode == 1
+    assert "replica differs: it holds 2097152 bytes, the source 1048576 (257 of 512 blocks " \
+        "differ or are on one side only, the first at block 3)" in p.stderr, p.stderr
 
 
 def test_lost_source_state_resyncs_from_listing_not_in_full(workdir: str, target: Target,
