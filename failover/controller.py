@@ -221,13 +221,14 @@ class Controller:
             return None
         return now - (waited - self.config.lease_ttl)
 
-    def _unjudged(self, d: Decision, rec: ServiceRecord) -> Decision:
+    def _unjudged(self, d: Decision, rec: ServiceRecord, requested: bool) -> Decision:
         """``d``, unless it judges a silence too soon: a move to primary_suspect, or (a new
         leader resuming a stored primary_suspect or blocked record) an automatic failover
-        before this leader has waited one lease TTL for the primary's heartbeat."""
+        (``requested``: the move is a request's) before this leader has waited one lease TTL
+        for the primary's heartbeat."""
         resumed = (d.state in (State.PRIMARY_SUSPECT, State.BLOCKED)
                    and d.next_state is State.FENCING and not d.refused
-                   and "operator" not in d.message and rec.primary not in self._heard
+                   and not requested and rec.primary not in self._heard
                    and self.leader_since is not None
                    and time.monotonic() - self.leader_since < self.config.lease_ttl)
         if resumed:
@@ -348,7 +349,7 @@ class Controller:
             cmd = None
         if decision.keeps_command or decision.refused:
             cmd = None  # a move that is the service's own: the request does not drive it
-        decision = self._unjudged(decision, s.rec)
+        decision = self._unjudged(decision, s.rec, requested=cmd is not None)
         if s.inherited_from is not None:
             decision = replace(decision, message=f"{decision.message} (requested for "
                                f"{s.inherited_from}, which depends on {svc.name})")

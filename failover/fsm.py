@@ -339,7 +339,7 @@ def _healthy(v: ServiceView) -> Decision:
     if (refused := _not_consistent(v)) is not None:
         return refused
     if v.command in _FAILOVERS:
-        return _begin(v, State.FENCING, "requested by an operator")
+        return _begin(v, State.FENCING, "on request")
     # A switchover the move below makes impossible is refused by it, and the message says so.
     switch = v.command is Command.SWITCHOVER
     if not v.primary_alive:
@@ -352,7 +352,7 @@ def _healthy(v: ServiceView) -> Decision:
             "; switchover refused: the replica is not receiving" if switch else "")),
             refused=switch)
     if switch:
-        return _begin(v, State.DRAINING, "requested by an operator")
+        return _begin(v, State.DRAINING, "on request")
     return _stay(v, Action.NONE, "primary alive")
 
 
@@ -376,7 +376,7 @@ def _unprotected(v: ServiceView) -> Decision:
     if (refused := _not_consistent(v)) is not None:
         return refused
     if v.command in _FAILOVERS:
-        return _begin(v, State.FENCING, "requested by an operator")
+        return _begin(v, State.FENCING, "on request")
     if not v.primary_alive:
         return _move(v, State.PRIMARY_SUSPECT, "waiting for the grace period")
     if v.protected is True:
@@ -414,7 +414,7 @@ def _blocked(v: ServiceView) -> Decision:
         return _refuse(v, Action.BLOCK, "manual failover refused: the replica site is not "
                        "alive, nothing could take over")
     if v.command is Command.FORCE_FAILOVER:
-        return _begin(v, State.FENCING, "forced by an operator: data loss accepted")
+        return _begin(v, State.FENCING, "forced on request: data loss accepted")
     if v.command is Command.FAILOVER:
         lag = v.replica_lag_seconds
         if not v.replica_consistent:
@@ -422,7 +422,7 @@ def _blocked(v: ServiceView) -> Decision:
                            "consistent copy (never protected since the service was created, "
                            "or mid-resync; use --force to promote it anyway)")
         if lag is not None and lag <= v.policy.rpo_seconds:
-            return _begin(v, State.FENCING, "requested by an operator")
+            return _begin(v, State.FENCING, "on request")
         return _refuse(v, Action.BLOCK, f"manual failover refused: replica lag {seconds(lag)}"
                        f", RPO budget {v.policy.rpo_seconds:.0f}s (use --force to accept data "
                        "loss)")
@@ -513,7 +513,7 @@ def _failed(v: ServiceView) -> Decision:
                                        "stay as recorded")
     if v.command is Command.RETRY:
         if v.failed_step is not None:
-            return _move(v, v.failed_step, "retry requested by an operator")
+            return _move(v, v.failed_step, "retry on request")
         return _refuse(v, Action.ALERT, "retry refused: the failed step is unknown (cancel "
                                         "instead)")
     return _stay(v, Action.ALERT, f"waiting for an operator (failed in {v.failed_step}): "

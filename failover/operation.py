@@ -218,7 +218,7 @@ def precheck(spec: StepSpec, ctx: StepContext) -> Outcome:
     lag, budget = rec.last_lag_seconds, policy.rpo_seconds
     said = "unknown" if lag is None else f"{lag:.1f}s"
     if op.forced or policy.allow_data_loss:
-        why = "forced by an operator" if op.forced else "allow_data_loss"
+        why = "failover --force" if op.forced else "allow_data_loss"
         return Outcome("done", f"replication lag {said}, RPO budget {budget:g}s: data loss "
                                f"accepted ({why})")
     if lag is None:

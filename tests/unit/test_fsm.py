@@ -218,7 +218,7 @@ def test_the_human_message_keeps_what_happened_not_the_tables_alternatives() -> 
     assert human(d.message) == ("draining -> fencing: zero lag behind the write barrier: no "
                                 "data loss")
     d = decide(view(command=Command.SWITCHOVER, prepare=True))
-    assert human(d.message) == "healthy -> preparing: requested by an operator"
+    assert human(d.message) == "healthy -> preparing: on request"
     for message in (decide(view(protected=False)).message, decide(view()).message,
                     "not a decision"):
         assert human(message) == message  # a reason without alternatives says what happened
