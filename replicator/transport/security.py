@@ -195,6 +195,10 @@ def require_loopback(address: str, what: str) -> None:
 WRITE, FENCE, READ = "write", "fence", "read"
 RULES = {"Handshake": WRITE, "Push": WRITE, "Fence": FENCE, "Clone": READ, "DropClone": READ,
          "BlockHashes": READ}
+# what a refusal says was asked (a user ran verify, a drill, a push: not an RPC's name)
+ASKED = {"Handshake": "replicate (push)", "Push": "replicate (push)", "Fence": "fence",
+         "Clone": "clone (drill)", "DropClone": "drop a clone of",
+         "BlockHashes": "read (verify, resync)"}
 
 
 @dataclass
@@ -438,7 +442,9 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                              "the client certificate names no drctl site or operator")
             if action is None or not self.policy.allows(who, action, volume):
                 raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                             f"{who} may not {method} volume {volume or '-'}")
+                             f"{who} may not {ASKED.get(method, method)} volume "
+                             f"{volume or '-'} on this target (its --allow rules do not name "
+                             "that volume for it: a misspelt volume, or the wrong target?)")
             if method in ("Handshake", "Fence"):
                 return await self.gate.check(who, volume, int(request.epoch),
                                              bytes(request.epoch_token),
