@@ -70,6 +70,25 @@ def load_yaml(path: str) -> Any:
     return yaml.load(read_text(path), Loader=StrictLoader)
 
 
+def yaml_problem(exc: yaml.YAMLError, path: str | None = None) -> str:
+    """What is wrong, in one line: PyYAML's problem with its characters made visible, and a
+    tab where the error points named as one (LibYAML's message leaves the character out;
+    ``path``: the file, to look)."""
+    text = str(getattr(exc, "problem", None) or exc)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    mark = getattr(exc, "problem_mark", None)
+    if path is not None and mark is not None:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                lines = fh.read().splitlines()
+            tab = lines[mark.line][mark.column] == "\t"
+        except (OSError, IndexError):
+            tab = False
+        if tab:
+            return f"{text}: a tab (YAML indents with spaces, never tabs)"
+    return text
+
+
 def yaml_error_line(exc: yaml.YAMLError) -> int | None:
     mark = getattr(exc, "problem_mark", None)
     return mark.line + 1 if mark is not None else None

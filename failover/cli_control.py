@@ -115,7 +115,7 @@ def cmd_request(args: argparse.Namespace) -> int:
                           f"{', '.join(sorted(cfg.services))})")
     target = getattr(args, "to", None)
     if target is not None and target not in cfg.sites:
-        raise ConfigError(f"--to {target}: unknown site")
+        raise ConfigError(f"--to {target}: unknown site (sites: {', '.join(sorted(cfg.sites))})")
     if args.request == "failover":
         command = Command.FORCE_FAILOVER if args.force else Command.FAILOVER
     else:

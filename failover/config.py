@@ -36,7 +36,13 @@ from typing import Any
 
 import yaml
 
-from drctl.yamlstrict import DuplicateKeyError, LineDict, load_yaml, yaml_error_line
+from drctl.yamlstrict import (
+    DuplicateKeyError,
+    LineDict,
+    load_yaml,
+    yaml_error_line,
+    yaml_problem,
+)
 from failover.coordination import credentials
 from failover.coordination.credentials import CredentialsError, EtcdCredentials
 from failover.dns.rfc2136 import RecordSet, Server, TsigKey
@@ -226,8 +232,7 @@ def load(path: str, secrets: bool = True) -> ClusterConfig:
     except yaml.YAMLError as exc:
         line = yaml_error_line(exc)
         where = f":{line}" if line is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML: "
-                          f"{getattr(exc, 'problem', exc)}") from exc
+        raise ConfigError(f"{path}{where}: not valid YAML: {yaml_problem(exc, path)}") from exc
     r = _Reader(path, secrets)
     top = r.mapping(raw, "", {"cluster", "etcd", "lease_ttl", "sites", "services"},
                     {"cluster", "etcd", "sites"})

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from drctl.yamlstrict import LineDict, yaml_error_line
+from drctl.yamlstrict import LineDict, yaml_error_line, yaml_problem
 from failover.coordination import credentials
 from failover.coordination.credentials import EtcdCredentials
 from failover.steps import problems as step_problems
@@ -78,7 +78,7 @@ def load(path: str) -> Runbook:
                                   "is given once in a mapping"]) from None
     except yaml.YAMLError as exc:
         raise RunbookError(path, [f"{path}:{yaml_error_line(exc) or 0}: not valid YAML: "
-                                  f"{getattr(exc, 'problem', exc)}"]) from None
+                                  f"{yaml_problem(exc, path)}"]) from None
     if not isinstance(raw, LineDict) or "kind" not in raw:  # one line, not every key's error
         raise RunbookError(path, [f"{path}:1: not a drctl runbook (no 'kind: {KIND}')"])
     if raw["kind"] != KIND:

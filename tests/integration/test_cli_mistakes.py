@@ -290,7 +290,7 @@ def test_bad_etcd_endpoints_and_unknown_names(workdir: str, cluster_yaml: str) -
     one_line(run([*DRCTL, "agent", "--config", cluster_yaml, "--site", "north"]), 2,
              "--site north", "sites: east, west")
     one_line(run([*DRCTL, "failover", "app", "--config", cluster_yaml, "--to", "north"]), 2,
-             "--to north")
+             "--to north: unknown site (sites: east, west)")
     one_line(run([*DRCTL, "failover", "nosvc", "--config", cluster_yaml]), 2, "'nosvc'")
     example = os.path.join(REPO, "runbooks", "examples", "two-site-web.yaml")
     one_line(run([*DRCTL, "runbook", "plan", example, "nosvc"]), 2, "'nosvc'")
