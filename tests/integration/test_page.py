@@ -277,6 +277,10 @@ def test_a_switchover_from_the_page_ends_with_its_outcome(site: Site, browser: A
         page.text(), page.text()
     assert page.titles()["failover"] == (True, "the former primary east is not back as a "
                                          "replica yet: there is nothing to fail over to")
+    # said on the page too, not only in the disabled button's tooltip
+    assert page.text(".failover-unavailable") == (
+        "Failover unavailable: the former primary east is not back as a replica yet: there is "
+        "nothing to fail over to"), page.text()
     last = page.text(".last-operation")
     assert last.startswith("last operation: switchover to west, asked by admin at "), last
     assert "; from east, started " in last and last.endswith(": done"), last
