@@ -386,7 +386,7 @@ def _unprotected(v: ServiceView) -> Decision:
                                        "the runbook's hooks' business")
     if v.command is Command.SWITCHOVER:
         return _refuse(v, Action.NONE, "switchover refused: the replica is not receiving")
-    return _stay(v, Action.NONE, "primary serving; " + (
+    return _stay(v, Action.NONE, "primary alive; " + (
         _not_protected(v) or "the primary does not report its replica protected"))
 
 
