@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any, ClassVar, NoReturn
@@ -22,6 +21,9 @@ from drctl.memory import tune_malloc
 # drctl reports as one line of its own. Read when grpc is first imported, so set here, before
 # any subcommand imports it; GRPC_VERBOSITY=INFO (or DEBUG) in the environment brings it back.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
+UNKNOWN_COMMAND = "unknown command "
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,9 +54,8 @@ class Parser(argparse.ArgumentParser):
         chain = Parser._parsing or Parser._used
         unknown = [(parser, arg) for parser in chain for arg in parser.unknown_flags()]
         prog = self.prog
-        choice = _invalid_choice(message)
-        if choice is not None:  # a misspelt command: its flags are unknown to the parent
-            message = choice
+        if message.startswith(UNKNOWN_COMMAND):
+            pass  # a misspelt command (_check_value): its flags are unknown to its parent
         elif unknown:
             message = f"unrecognized arguments: {' '.join(arg for _, arg in unknown)}"
             prog = unknown[0][0].prog  # the help of the command that was given it
@@ -66,6 +67,18 @@ class Parser(argparse.ArgumentParser):
         elif message.startswith("unrecognized arguments") and chain:
             prog = chain[-1].prog  # extra arguments: the command's help, not drctl's
         self.exit(2, f"drctl: error [usage]: {message} (see: {prog} --help)\n")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        """A subcommand that does not exist: named with the one meant, from the choices
+        themselves (argparse's own message quotes them differently from one Python to the
+        next)."""
+        if isinstance(action, argparse._SubParsersAction) and value not in action.choices:
+            choices = list(action.choices)
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            raise argparse.ArgumentError(None, f"{UNKNOWN_COMMAND}{value!r}" + (
+                f"; did you mean {close[0]!r}?" if close
+                else f" (commands: {', '.join(choices)})"))
+        super()._check_value(action, value)
 
     def negative_value(self, arg: str) -> str | None:
         """``arg`` looks like a negative value given to the flag before it (argparse reads it
@@ -192,15 +205,3 @@ def _stdout_gone() -> bool:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def _invalid_choice(message: str) -> str | None:
-    """argparse's "argument command: invalid choice: 'stauts' (choose from 'a', 'b')" as
-    "unknown command 'stauts'; did you mean 'status'?" (None: another error)."""
-    m = re.match(r"argument [^-:][^:]*: invalid choice: '([^']*)' \(choose from (.*)\)$",
-                 message)  # (a flag's choices: "argument --mode: ...", left as it is)
-    if m is None:
-        return None
-    given, choices = m.group(1), re.findall(r"'([^']*)'", m.group(2))
-    close = difflib.get_close_matches(given, choices, n=1)
-    return f"unknown command {given!r}" + (f"; did you mean {close[0]!r}?" if close
-                                           else f" (commands: {', '.join(choices)})")

@@ -311,7 +311,7 @@ def _line(app: dict[str, Any]) -> str:
 
 def _news(line: str) -> str:
     """What a status line says, without its time and lag (which move every sample)."""
-    return re.sub(r" lag=(none\([^)]*\)|\S+)", "", line.partition(" ")[2])
+    return re.sub(r" lag=\S+?(\([^)]*\))? +", " ", line.partition(" ")[2])
 
 
 def _gone(demo: DemoCluster, stopping: threading.Event) -> bool:

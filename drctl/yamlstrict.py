@@ -72,15 +72,15 @@ def load_yaml(path: str) -> Any:
 
 def yaml_problem(exc: yaml.YAMLError, path: str | None = None) -> str:
     """What is wrong, in one line: PyYAML's problem with its characters made visible, and a
-    tab where the error points named as one (LibYAML's message leaves the character out;
-    ``path``: the file, to look)."""
+    tab where the error points named as one (``path``: the file, to look; the runbook
+    loader's message, LibYAML's, leaves the character out)."""
     text = str(getattr(exc, "problem", None) or exc)
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     mark = getattr(exc, "problem_mark", None)
     if path is not None and mark is not None:
         try:
             with open(path, encoding="utf-8", errors="replace") as fh:
-                lines = fh.read().splitlines()
+                lines = fh.read().split("\n")  # (YAML's line breaks, as its marks count)
             tab = lines[mark.line][mark.column] == "\t"
         except (OSError, IndexError):
             tab = False

@@ -10,7 +10,7 @@ come with a move the service makes by itself), never left pending, except:
 * while the service waits for a dependency (``depends_on``) to finish its own operation:
   ``_dependency_guard`` holds the move that would start this service's operation
   (``Decision.waiting``), and stops it (a refusal, or ``blocked``) when the dependency failed;
-* for one tick, when the service moves by itself from or to a state that takes requests
+* for one tick, when the service moves by itself out of a state that takes requests
   (``Decision.keeps_command``): the request is judged in the new state, not taken as the
   move's cause.
 
@@ -230,9 +230,9 @@ class Decision:
     message: str
     refused: bool = False  # the pending command was refused (consumed; any move is not its)
     waiting: str | None = None  # held for a dependency: the command (if any) stays pending
-    # the service moves by itself from or to an idle state, not as the pending command
-    # asked: the command stays pending and is judged in the new state (decide; between
-    # other states such a command is refused while the move goes on)
+    # the service moves by itself out of an idle state, not as the pending command asked:
+    # the command stays pending and is judged in the new state (decide; from other states
+    # such a command is refused while the move goes on)
     keeps_command: bool = False
 
     @property
@@ -591,7 +591,7 @@ def decide(view: ServiceView) -> Decision:
     """The pure decision for one controller tick. A pending command the state has no use for
     is refused (and so consumed) with the reason in the message; the state's own action
     stands. A move the command did not make (``_moved_by``) keeps it for the next tick when
-    either state takes requests (``keeps_command``), else refuses it."""
+    it was asked in a state that takes requests (``keeps_command``), else refuses it."""
     d = _HANDLERS[view.state](view)
     held = _dependency_guard(view, d)
     if held is not None:
@@ -600,10 +600,12 @@ def decide(view: ServiceView) -> Decision:
         return d
     if d.changes and _moved_by(view, d):
         return d
-    if d.changes and (view.state in IDLE_STATES or d.next_state in IDLE_STATES):
-        return replace(d, keeps_command=True)  # judged in the state it moved to
-    return replace(d, refused=True,
-                   message=f"{d.message}; {view.command} refused: {_why_refused(view)}")
+    if d.changes and view.state in IDLE_STATES:  # asked where requests are taken:
+        return replace(d, keeps_command=True)  # judged in the state it moves to
+    why = _why_refused(view)  # (asked where it could not be carried out: refused, even if
+    if d.changes and d.next_state in IDLE_STATES:  # the state it moves to would take it)
+        why += f"; the service is {d.next_state} now: ask again if it still applies"
+    return replace(d, refused=True, message=f"{d.message}; {view.command} refused: {why}")
 
 
 def _moved_by(v: ServiceView, d: Decision) -> bool:

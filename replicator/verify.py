@@ -48,9 +48,10 @@ async def verify_replica(path: str, address: str, volume: str,
                                                             if extra else None))
     if rsize != geo.size:
         raise VerificationError(
-            f"volume {volume}: replica differs: it holds {rsize} bytes, the source {geo.size} "
-            f"({result.mismatched} of {result.blocks} blocks differ or are on one side only, "
-            f"the first at block {result.first_mismatch})")
+            f"volume {volume}: replica differs: it holds {rsize} bytes, the source {geo.size}"
+            + (f" ({result.mismatched} of {result.blocks} blocks differ or are on one side "
+               f"only, the first at block {result.first_mismatch})" if result.mismatched
+               else ""))
     if result.mismatched:
         raise VerificationError(
             f"volume {volume}: replica differs: {result.mismatched} of {result.blocks} blocks "

@@ -247,6 +247,21 @@ class AccessPolicy:
             return "*" in self.operators or who.name in self.operators
         return False
 
+    def why_not(self, who: Identity, action: str | None) -> str:
+        """Why ``allows`` refused ``who`` (what a refusal says after "may not ... volume")."""
+        if action is None:
+            return "no access rule covers this call"
+        if who.kind == "site":
+            if who.name not in self.writers:
+                return f"this target's --allow rules do not name site {who.name}"
+            return ("this target's --allow rules do not name that volume for it: a misspelt "
+                    "volume, or the wrong target?")
+        if who.kind == "operator":
+            if action != READ:
+                return "an operator may only clone and read (drills, verify), never write or fence"
+            return f"this target's --allow rules do not name operator {who.name}"
+        return f"no rule for a {who.kind}"
+
     def describe(self) -> str:
         parts = [f"{s}={','.join(sorted(v))}" if v is not None else s
                  for s, v in sorted(self.writers.items())]
@@ -443,8 +458,7 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if action is None or not self.policy.allows(who, action, volume):
                 raise Denied(grpc.StatusCode.PERMISSION_DENIED,
                              f"{who} may not {ASKED.get(method, method)} volume "
-                             f"{volume or '-'} on this target (its --allow rules do not name "
-                             "that volume for it: a misspelt volume, or the wrong target?)")
+                             f"{volume or '-'} here: {self.policy.why_not(who, action)}")
             if method in ("Handshake", "Fence"):
                 return await self.gate.check(who, volume, int(request.epoch),
                                              bytes(request.epoch_token),

@@ -191,6 +191,7 @@ def test_a_new_service_and_the_buttons_say_what_is_true(site: Site, browser: Any
     # the --token-file user is named as its role: not "admin (admin)"
     who = str(page.js('document.getElementById("who").innerText'))
     assert who.startswith("signed in as admin") and "(admin)" not in who, who
+    assert page.js('document.getElementById("who").hidden') is False  # shown, Sign out too
     t = page.titles()
     assert t["switchover"] == (True, "only from healthy (the service is unprotected)"), t
     assert t["failback"] == (True, "already at home (east)"), t

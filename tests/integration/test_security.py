@@ -200,8 +200,8 @@ async def test_callers_without_the_right_certificate_are_refused_by_every_rpc(
              "--once", *deployment.flags("north", "west")])
     assert p.returncode == 77 and "[permission_denied]" in p.stderr, p.stderr
     # in the words of what was asked, not an RPC's name
-    assert f"site north may not replicate (push) volume {VOL} on this target" in p.stderr, \
-        p.stderr
+    assert (f"site north may not replicate (push) volume {VOL} here: this target's --allow "
+            "rules do not name site north") in p.stderr, p.stderr
 
 
 async def test_the_allowed_site_and_an_operator_get_through(workdir: str, target: Target,

@@ -75,4 +75,3 @@ def test_without_a_route_setting_the_default_decides(namespace: str) -> None:
     out = _probe(namespace, "10.97.0.2:7000")
     assert f"ALGO {default}" in out.stdout
     assert ("WARNING" in out.stderr) == (default == "bbr")
-

@@ -15,8 +15,6 @@ async def test_a_failed_connect_probes_for_its_reason_briefly() -> None:
     """A target that accepts but never completes a handshake: connect() gives up after its
     timeout and then probes for a reason for at most PROBE_TIMEOUT (it used to add 5 s, and a
     hang tells nothing however long it is given)."""
-
-
     asked: list[float] = []
     probe = client_mod.TargetClient._last_connect_error
 
