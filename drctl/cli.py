@@ -8,7 +8,6 @@ are one table: docs/cli.md, generated from the error classes (``python -m drctl.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any, ClassVar, NoReturn
 
 from drctl.logsetup import setup_logging
 from drctl.memory import tune_malloc
+from drctl.words import closest
 
 # gRPC's C core writes its own lines to stderr (a failed TLS handshake with etcd, say), which
 # drctl reports as one line of its own. Read when grpc is first imported, so set here, before
@@ -74,10 +74,9 @@ class Parser(argparse.ArgumentParser):
         next)."""
         if isinstance(action, argparse._SubParsersAction) and value not in action.choices:
             choices = list(action.choices)
-            close = difflib.get_close_matches(str(value), choices, n=1)
+            near = closest(str(value), choices)
             raise argparse.ArgumentError(None, f"{UNKNOWN_COMMAND}{value!r}" + (
-                f"; did you mean {close[0]!r}?" if close
-                else f" (commands: {', '.join(choices)})"))
+                f"; did you mean {near!r}?" if near else f" (commands: {', '.join(choices)})"))
         super()._check_value(action, value)
 
     def negative_value(self, arg: str) -> str | None:
@@ -204,4 +203,3 @@ def _stdout_gone() -> bool:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -346,9 +346,8 @@ class Controller:
         else:  # consumed, nothing else changes: the state's own work goes on without it
             decision = decide(replace(view, command=Command.NONE))
             decision = replace(decision, refused=True, message=f"{decision.message}; {refusal}")
-            cmd = None
         if decision.keeps_command or decision.refused:
-            cmd = None  # a move that is the service's own: the request does not drive it
+            cmd = None  # refused, or a move that is the service's own: the request drives nothing
         decision = self._unjudged(decision, s.rec, requested=cmd is not None)
         if s.inherited_from is not None:
             decision = replace(decision, message=f"{decision.message} (requested for "

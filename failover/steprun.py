@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from drctl.shell import ShellError, ShellTimeout, run_shell
+from drctl.words import count
 from failover.dns.rfc2136 import Server
 from failover.steps import StepKind, StepSpec
 
@@ -113,15 +114,15 @@ async def health_check(spec: StepSpec, env: dict[str, str],
         except NoSiteAddress:
             raise  # the same next time: no retries
         except ShellError as exc:
-            failures.append(f"attempt {attempt + 1}: exit {exc.returncode}: "
-                            f"{exc.output.strip()[-200:]}")
+            why = f"exit {exc.returncode}: {exc.output.strip()[-200:]}"
         except (OSError, RuntimeError, TimeoutError, ValueError,
                 http.client.HTTPException) as exc:  # (a URL urllib cannot use: ValueError)
-            failures.append(f"attempt {attempt + 1}: {exc or type(exc).__name__}")
+            why = str(exc or type(exc).__name__)
+        failures.append(f"attempt {attempt + 1}: {why}")
         if attempt < spec.retries:
             if retrying is not None:
-                retrying(f"attempt {attempt + 1} of {spec.retries + 1} failed: "
-                         f"{failures[-1].split(': ', 1)[1]}; again in {spec.interval:g}s")
+                retrying(f"attempt {attempt + 1} of {spec.retries + 1} failed: {why}; "
+                         f"again in {spec.interval:g}s")
             await asyncio.sleep(spec.interval)
     raise RuntimeError("\n".join(failures))
 
@@ -158,8 +159,7 @@ async def run_step(spec: StepSpec, env: dict[str, str],
     except NoSiteAddress as exc:
         return done("failed", "", str(exc))
     except RuntimeError as exc:  # a health check's failed attempts
-        return done("failed", str(exc), f"failed after {spec.retries + 1} attempt"
-                                        f"{'s' if spec.retries else ''}")
+        return done("failed", str(exc), f"failed after {count(spec.retries + 1, 'attempt')}")
     except OSError as exc:
         return done("failed", "", f"cannot run it: {exc}")
     except Exception as exc:  # a bug: the step fails with it, the caller goes on

@@ -9,10 +9,10 @@ runbook's terms (never a Python type name)."""
 from __future__ import annotations
 
 import datetime
-import difflib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from drctl.words import closest
 from drctl.yamlstrict import LineDict
 from runbooks.yamlnodes import Sequence, value_line
 
@@ -202,12 +202,6 @@ class Checker:
                 missing.discard(near)
         for key in sorted(missing):
             self.err(node, None, where, f"missing required key {key!r}")
-
-
-def closest(word: str, choices: Iterable[str]) -> str | None:
-    """The choice a misspelt ``word`` most likely stands for (None: none is close)."""
-    near = difflib.get_close_matches(word, sorted(choices), n=1)
-    return near[0] if near else None
 
 
 def names(node: LineDict) -> list[str]:

@@ -208,6 +208,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"drctl: error [usage]: the check {needs[0]!r} names the address of the site "
               "that runs it: give --site NAME (or set $DRCTL_SITE_ADDRESS)", file=sys.stderr)
         return 2
+
     def retrying(check: str, what: str) -> None:  # a long retry schedule is not silent
         print(f"  {check}: {what}", file=sys.stderr, flush=True)
 

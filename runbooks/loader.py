@@ -16,11 +16,12 @@ from typing import Any
 
 import yaml
 
+from drctl.words import closest
 from drctl.yamlstrict import LineDict, yaml_error_line, yaml_problem
 from failover.coordination import credentials
 from failover.coordination.credentials import EtcdCredentials
 from failover.steps import problems as step_problems
-from runbooks.checker import MISSING, Checker, closest, got, names
+from runbooks.checker import MISSING, Checker, got, names
 from runbooks.model import (
     DnsRecord,
     Runbook,

@@ -237,21 +237,19 @@ class AccessPolicy:
         return policy
 
     def allows(self, who: Identity, action: str, volume: str) -> bool:
-        if who.kind == "site":
-            if who.name in self.writers:
-                volumes = self.writers[who.name]
-                if volumes is None or volume in volumes:
-                    return True
-            return action == FENCE and who.name == self.own_site
-        if who.kind == "operator" and action == READ:
-            return "*" in self.operators or who.name in self.operators
-        return False
+        return self.refusal(who, action, volume) is None
 
-    def why_not(self, who: Identity, action: str | None) -> str:
-        """Why ``allows`` refused ``who`` (what a refusal says after "may not ... volume")."""
+    def refusal(self, who: Identity, action: str | None, volume: str) -> str | None:
+        """None if ``who`` may do ``action`` (None: a call no rule covers) on ``volume``, else
+        why not (what a refusal says after "may not ... volume")."""
         if action is None:
             return "no access rule covers this call"
         if who.kind == "site":
+            volumes = self.writers.get(who.name, frozenset())
+            if volumes is None or volume in volumes:
+                return None
+            if action == FENCE and who.name == self.own_site:
+                return None
             if who.name not in self.writers:
                 return f"this target's --allow rules do not name site {who.name}"
             return ("this target's --allow rules do not name that volume for it: a misspelt "
@@ -259,6 +257,8 @@ class AccessPolicy:
         if who.kind == "operator":
             if action != READ:
                 return "an operator may only clone and read (drills, verify), never write or fence"
+            if "*" in self.operators or who.name in self.operators:
+                return None
             return f"this target's --allow rules do not name operator {who.name}"
         return f"no rule for a {who.kind}"
 
@@ -455,10 +455,11 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if who is None:
                 raise Denied(grpc.StatusCode.PERMISSION_DENIED,
                              "the client certificate names no drctl site or operator")
-            if action is None or not self.policy.allows(who, action, volume):
+            why = self.policy.refusal(who, action, volume)
+            if why is not None:
                 raise Denied(grpc.StatusCode.PERMISSION_DENIED,
                              f"{who} may not {ASKED.get(method, method)} volume "
-                             f"{volume or '-'} here: {self.policy.why_not(who, action)}")
+                             f"{volume or '-'} here: {why}")
             if method in ("Handshake", "Fence"):
                 return await self.gate.check(who, volume, int(request.epoch),
                                              bytes(request.epoch_token),
