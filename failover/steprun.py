@@ -117,7 +117,8 @@ async def health_check(spec: StepSpec, env: dict[str, str],
             why = f"exit {exc.returncode}: {exc.output.strip()[-200:]}"
         except (OSError, RuntimeError, TimeoutError, ValueError,
                 http.client.HTTPException) as exc:  # (a URL urllib cannot use: ValueError)
-            why = str(exc or type(exc).__name__)
+            why = str(exc) or (f"no answer within {spec.timeout + 1:g}s"  # (wait_for's)
+                               if isinstance(exc, TimeoutError) else type(exc).__name__)
         failures.append(f"attempt {attempt + 1}: {why}")
         if attempt < spec.retries:
             if retrying is not None:

@@ -177,3 +177,19 @@ def test_runbook_check_says_a_failure_in_one_line(tmp_path: Any, closed_port: in
     assert p.stderr.rstrip("\n").splitlines() == [
         f"  up: attempt 1 of 2 failed: connect 127.0.0.1:{port}: Connection refused; again "
         "in 0.1s"], p.stderr
+
+
+def test_a_check_that_never_answers_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attempt stopped by the check's own deadline (its timeout + 1 s) names it: the
+    TimeoutError that stops it says nothing ("attempt 1: " and an empty reason before)."""
+    from failover import steprun
+
+    async def hangs(spec: StepSpec, env: dict[str, str]) -> str:
+        await asyncio.sleep(60)
+        return "never"
+
+    monkeypatch.setattr(steprun, "probe", hangs)
+    spec = StepSpec(StepKind.HEALTH_CHECK, "t", command="true", timeout=0.1)
+    with pytest.raises(RuntimeError) as info:
+        asyncio.run(health_check(spec, {}))
+    assert str(info.value) == "attempt 1: no answer within 1.1s", info.value
