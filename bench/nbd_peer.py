@@ -312,13 +312,12 @@ def fio(job: Job, uri: str, size: int, seconds: int) -> dict[str, Any]:
     }
 
 
-def cpu_seconds(pid: int, system_only: bool = False) -> float:
-    """User and system CPU time of a process (all its threads) so far (only the system
-    time: ``system_only``)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time of a process (all its threads) so far: (user + system, system)."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[12]) if system_only else int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick
 
 
 def run(server: Server, job: Job, size: int, seconds: int) -> dict[str, Any]:
@@ -331,15 +330,13 @@ def run(server: Server, job: Job, size: int, seconds: int) -> dict[str, Any]:
     load0 = loadavg()
     t0 = time.time()
     cpu0 = {k: cpu_seconds(pid) for k, pid in server.pids.items()}
-    sys0 = {k: cpu_seconds(pid, system_only=True) for k, pid in server.pids.items()}
     got = fio(job, server.uri, size, seconds)
     after = server.after_run(job)
     n = max(1, got.pop("ios"))
-    cpu = {k: round((cpu_seconds(pid) - cpu0[k]) / n * 1e6) for k, pid in server.pids.items()}
+    cpu1 = {k: cpu_seconds(pid) for k, pid in server.pids.items()}
+    cpu = {k: round((cpu1[k][0] - cpu0[k][0]) / n * 1e6) for k in cpu1}
     # of which in the kernel (system calls, loopback TCP, the file system)
-    after["cpu_sys_us_per_req"] = {
-        k: round((cpu_seconds(pid, system_only=True) - sys0[k]) / n * 1e6)
-        for k, pid in server.pids.items()}
+    after["cpu_sys_us_per_req"] = {k: round((cpu1[k][1] - cpu0[k][1]) / n * 1e6) for k in cpu1}
     if job.rate_iops:
         after["rate_iops"] = job.rate_iops
     rec = {"job": job.name, "server": server.name, "started": time.strftime(
