@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Container
 from typing import Any
 
 from failover.coordination.credentials import EtcdCredentials
@@ -57,17 +58,21 @@ def _ephemeral_ports() -> tuple[int, int]:
 _searched = itertools.count(secrets.randbelow(1 << 16))  # this process's search (a random start)
 
 
-def free_port() -> int:
+def free_port(avoid: Container[int] = ()) -> int:
     """A TCP port free on 127.0.0.1 right now, outside the kernel's ephemeral range: a server
     that listens there again later (a site's NBD export after a failback, a restarted daemon)
     cannot find it taken meanwhile by the local port of an outgoing connection, which a
     port the kernel handed out for bind(0) could be. Successive calls in a process return
-    different ports (bind and bail on a race with another process: callers retry)."""
+    different ports (bind and bail on a race with another process: callers retry).
+    ``avoid``: ports that are someone's although free now (a configured endpoint whose
+    daemon is restarting)."""
     lo, hi = _ephemeral_ports()
     first, last = (10000, lo - 1) if lo > 11000 else (hi + 1, 65535)
     span = last - first + 1
     for _ in range(min(span, 1000)) if span > 0 else ():
         port = first + next(_searched) % span
+        if port in avoid:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

@@ -63,6 +63,24 @@ def volume_path(template: str, site: str) -> str:
     return template.replace("{site}", site)
 
 
+def named_ports(rb: Runbook) -> set[int]:
+    """Every port the runbook gives a daemon (each site's endpoints, each NBD export): free
+    while that daemon restarts, and never to be handed to another process of ours then."""
+    from urllib.parse import urlsplit
+
+    texts = [e for site in rb.sites.values() for e in site.endpoints.values()]
+    texts += [e for svc in rb.services.values() for e in svc.export.values()]
+    out = set()
+    for text in texts:
+        try:
+            port = urlsplit(text).port if "://" in text else int(text.rpartition(":")[2])
+        except ValueError:  # unix:PATH, or none
+            continue
+        if port:
+            out.add(port)
+    return out
+
+
 def _port_open(hostport: str) -> bool:
     host, _, port = hostport.rpartition(":")
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host.strip("[]")
@@ -250,7 +268,8 @@ class ServiceDataPath:
 
     def start_push(self, epoch: int) -> None:
         s = self.svc
-        self.metrics_port = free_port()
+        # not a port the runbook names: a site's own target, restarting, must find it free
+        self.metrics_port = free_port(avoid=named_ports(self.plane.runbook))
         args = [*DRCTL, "--log-level", "INFO", "replicate", "push-group", "--group", s.group,
                 "--to", self.peer_endpoint, "--nbd-listen", self.export,
                 "--state-dir", self.push_root, "--epoch", str(epoch),

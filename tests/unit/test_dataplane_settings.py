@@ -57,3 +57,28 @@ def test_mode_and_rate_limit_reach_the_children(tmp_path: Any,
             _flag(push, "--journal-limit"), _flag(push, "--rpo-budget"),
             _flag(push, "--epoch")) == ("5", "2.0", str(64 << 20), "12.0", "3")
     assert _flag(push, "--to") == "127.0.0.1:17401"
+
+
+def test_the_capture_agents_metrics_port_is_no_port_the_runbook_names(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture agent's metrics port is picked at its start, when a site's own target may be
+    restarting and its configured port free: it must not take that port (a lifecycle test's
+    target then found 'address already in use', and its primary's pushes reached an HTTP
+    server)."""
+    import itertools
+
+    from drctl import localservers
+
+    d = str(tmp_path)
+    path = os.path.join(d, "runbook.yaml")
+    with open(path, "w") as fh:
+        fh.write(RUNBOOK.replace("DIR", d))
+    rb = load(path)
+    assert dataplane.named_ports(rb) == {17400, 17401, 10809}
+    started: list[list[str]] = []
+    monkeypatch.setattr(Child, "start", lambda self: started.append(self.args))
+    # the search starts at 17400 (both replication endpoints, unused now): both are passed
+    monkeypatch.setattr(localservers, "_searched", itertools.count(17400 - 10000))
+    dataplane.SiteDataPlane(rb, "a").services["db"].start_push(3)
+    (push,) = started
+    assert int(_flag(push, "--metrics-port")) not in {17400, 17401, 10809}
