@@ -120,7 +120,7 @@ class GroupCommit:
                     target = self.journal.seq
                 started = time.monotonic()
                 try:
-                    self.journal.sync()
+                    self.journal.sync(target)
                     self.synced = max(self.synced, target)
                 except OSError as exc:
                     log.error("journal sync failed: %s", exc)

@@ -19,6 +19,16 @@ Consistency groups: one journal serves several volumes, so their writes share on
 every consistency point spans all of them. A record's offset carries the volume's index in its
 top byte; a block is named by ``block_key(volume, block)``.
 
+Large writes by reference: a write of REF_MIN bytes or more is not copied into the journal
+while the points not yet acknowledged hold less than REF_BUDGET of them in memory. Its record is
+a DIRTY record in the open point (the blocks changed; their content is on the volume), its data
+is kept in memory with the point until the target acknowledges it, and the group commit syncs
+the volume before the write is acknowledged (``ref_seq``). So a large write reaches this disk
+once, not twice, and is not read back to be shipped. A replay counts a DIRTY record's blocks as
+not acknowledged, as it does every unreleased write (the first pass after a restart is a resync
+of them from the volume), and a journal written this way replays the same in earlier versions.
+The journal's limit counts these bytes too: it bounds what is not yet shipped, wherever it is.
+
 Records: kind, offset, length, checksum (of the other fields and the data). BASE is the first
 record of a rewritten journal (offset: the next CP number; length: 1 in bitmap mode). On start
 the journal is replayed into the volumes (idempotent) and they are fdatasynced.
@@ -61,6 +71,8 @@ log = logging.getLogger(__name__)
 
 REWRITE_BYTES = 8 << 20  # rewrite once this much of the journal is released
 IDLE_REWRITE_BYTES = 1 << 20  # ... or this much once nothing is left to ship
+REF_MIN = 256 << 10  # a write this large is kept in memory, not copied into the journal ...
+REF_BUDGET = 64 << 20  # ... while the unacknowledged points hold less than this of them
 
 
 class ChangeJournal:
@@ -81,6 +93,12 @@ class ChangeJournal:
         self.open_start = 0
         self.open_first_at: float | None = None
         self.open_blocks: set[int] = set()
+        # the open point's writes by reference: (their record's place from the point's start,
+        # their data); a DIRTY record found elsewhere in a point is a change bitmap's
+        self.open_refs: list[tuple[int, bytes]] = []
+        self.ref_bytes = 0  # bytes of the writes by reference not acknowledged yet
+        self.ref_seq = 0  # the record number of the last write by reference
+        self.volume_synced = 0  # every volume write of a record up to this number is synced
         self.overflowed = False
         self.dirty: set[int] = set()
         self.dirty_since: float | None = None
@@ -161,7 +179,11 @@ class ChangeJournal:
     # -- appending (on the event loop or the export's writer thread; no I/O but the append) --
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, vol: int = 0) -> int:
-        """Journal whole blocks of new content. Returns the record number to wait for."""
+        """Journal whole blocks of new content (a large write by reference: the caller writes
+        it to the volume before the record is synced). Returns the record number to wait
+        for."""
+        if len(data) >= REF_MIN and self.ref_bytes + len(data) <= REF_BUDGET:
+            return self._append(KIND_WRITE, vol, offset, len(data), data, ref=bytes(data))
         return self._append(KIND_WRITE, vol, offset, len(data), data)
 
     def zero(self, offset: int, length: int, vol: int = 0) -> int:
@@ -210,9 +232,10 @@ class ChangeJournal:
         start = self.open_start
         self._raw_append(record(kind, cp, 0))
         self.closed.append(ConsistencyPoint(cp, start, self.size, self.open_first_at or 0.0,
-                                            self.open_blocks))
+                                            self.open_blocks, refs=self.open_refs))
         self.next_cp += 1
         self.open_start, self.open_first_at, self.open_blocks = self.size, None, set()
+        self.open_refs = []
         return self._bump()
 
     def take_news(self) -> bool:
@@ -224,7 +247,7 @@ class ChangeJournal:
         return True
 
     def _append(self, kind: int, vol: int, offset: int, length: int,
-                data: bytes | bytearray | memoryview = b"") -> int:
+                data: bytes | bytearray | memoryview = b"", ref: bytes | None = None) -> int:
         tagged = vol << VOL_SHIFT | offset
         blocks = self._blocks(vol, offset, length)
         with self.lock:
@@ -238,8 +261,16 @@ class ChangeJournal:
                     self.dirty_since = time.time()
                 self._raw_append(record(KIND_DIRTY, tagged, length))
                 self.news += 1
-            else:  # header and data in one system call, the data not copied here
-                self._raw_append(record_head(kind, tagged, length, data), data)
+                if ref is not None:  # the volume holds it: synced before the reply
+                    self.ref_seq = self.seq + 1
+            else:
+                if ref is not None and self.ref_bytes + length <= REF_BUDGET:
+                    self.open_refs.append((self.size - self.open_start, ref))
+                    self._raw_append(record(KIND_DIRTY, tagged, length))
+                    self.ref_bytes += length
+                    self.ref_seq = self.seq + 1
+                else:  # header and data in one system call, the data not copied here
+                    self._raw_append(record_head(kind, tagged, length, data), data)
                 self.open_blocks.update(blocks)
                 if self.open_first_at is None:
                     self.open_first_at = time.time()
@@ -247,9 +278,11 @@ class ChangeJournal:
             return self._bump()
 
     def _unreleased(self) -> int:
-        """Under the lock: the bytes of records the target has not acknowledged (those the
-        limit counts: the released head leaves the file at the next compaction)."""
-        return self.size - (self.closed[0].start if self.closed else self.open_start)
+        """Under the lock: the bytes of records the target has not acknowledged, and of the
+        writes by reference among them (those the limit counts: the released head leaves the
+        file at the next compaction)."""
+        return (self.size - (self.closed[0].start if self.closed else self.open_start)
+                + self.ref_bytes)
 
     @property
     def rewrite_bytes(self) -> int:
@@ -272,19 +305,24 @@ class ChangeJournal:
 
     # -- durability ----------------------------------------------------------------------------
 
-    def sync(self) -> None:
-        """Make every record appended so far durable (in bitmap mode the volume holds the data,
-        so it is synced too). A rewrite fsyncs the new file before swapping it in; the swap's
-        rename is made durable here (the directory's fsync), before any write appended to the
-        new file is acknowledged, and outside the lock (appends go on meanwhile)."""
+    def sync(self, upto: int | None = None) -> None:
+        """Make every record appended so far durable. In bitmap mode the volume holds the
+        data, so it is synced too, and so it is when a write by reference is among the records
+        up to number ``upto`` (every one whose volume write is made: the group commit reads it
+        under the ``order`` lock; None: any such write appended so far). A rewrite fsyncs the
+        new file before swapping it in; the swap's rename is made durable here (the directory's
+        fsync), before any write appended to the new file is acknowledged, and outside the
+        lock (appends go on meanwhile)."""
         with self.lock:
             fd = os.dup(self.fd)
-            volume_too = self.overflowed
+            volume_too = self.overflowed or self.ref_seq > self.volume_synced
             renamed = self.renamed
             self.renamed = False
         try:
             if volume_too:
                 self._sync_volumes()
+                if upto is not None:
+                    self.volume_synced = max(self.volume_synced, upto)
             os.fdatasync(fd)
             if renamed:
                 fsync_dir(os.path.dirname(os.path.abspath(self.path)))
@@ -380,30 +418,35 @@ class ChangeJournal:
             todo = [cp for cp in self._unextracted() if upto is None or cp.cp <= upto]
             for cp in todo:
                 cp.extracted = True
-            spans = [(cp.cp, cp.start, cp.end, cp.first_at) for cp in todo]
+            spans = [(cp.cp, cp.start, cp.end, cp.first_at, cp.refs) for cp in todo]
             fd = os.dup(self.fd)
         try:
             return [self._read_point(fd, *span) for span in spans]
         finally:
             os.close(fd)
 
-    def _read_point(self, fd: int, cp: int, start: int, end: int,
-                    first_at: float) -> ExtractedPoint:
+    def _read_point(self, fd: int, cp: int, start: int, end: int, first_at: float,
+                    refs: list[tuple[int, bytes]]) -> ExtractedPoint:
         bs = self.block_size
         raw = memoryview(os.pread(fd, end - start, start))
         out = ExtractedPoint(cp, first_at=first_at)
         blocks = out.blocks
+        kept = dict(refs)
         pos = 0
         while pos < len(raw):
             kind, offset, length, _check = HEAD.unpack_from(raw, pos)
             vol, at = offset >> VOL_SHIFT, offset & ((1 << VOL_SHIFT) - 1)
+            ref = kept.get(pos) if kind == KIND_DIRTY else None
             pos += HEAD.size
-            if kind == KIND_WRITE:
-                data = raw[pos : pos + length]
+            if kind == KIND_WRITE or ref is not None:
+                if ref is not None:
+                    data = memoryview(ref)
+                else:
+                    data = raw[pos : pos + length]
+                    pos += length
                 first = block_key(vol, at // bs)
                 for k in range(0, length, bs):
                     blocks[first + k // bs] = data[k : k + bs]
-                pos += length
             elif kind == KIND_ZERO:
                 for b in self._blocks(vol, at, length):
                     blocks[b] = None
@@ -418,7 +461,7 @@ class ChangeJournal:
             self.released_cp = max(self.released_cp, cp)
             self._raw_append(record(KIND_RELEASE, cp, 0))
             while self.closed and self.closed[0].cp <= cp:
-                self.closed.popleft()
+                self.ref_bytes -= sum(len(data) for _at, data in self.closed.popleft().refs)
             head = self.closed[0].start if self.closed else self.open_start
             idle = not self.closed and self.open_first_at is None
             big = head >= self.rewrite_bytes or (inline and idle
@@ -489,6 +532,7 @@ class ChangeJournal:
         self._sync_volumes()  # the volumes now carry the only copy of that data
         self.closed.clear()
         self.open_first_at, self.open_blocks = None, set()
+        self.open_refs, self.ref_bytes = [], 0  # the volumes hold them (synced above)
         self.overflowed = True
         self.overflows += 1
         self.news += 1

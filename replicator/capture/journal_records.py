@@ -69,6 +69,8 @@ class ConsistencyPoint:
     first_at: float  # when its first write was acknowledged to the client (0: no writes)
     blocks: set[int]
     extracted: bool = False
+    # its writes by reference (journal.py): (their record's place from ``start``, their data)
+    refs: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 @dataclass

@@ -405,3 +405,102 @@ def test_a_cut_after_an_overflow_is_none_not_a_crash(tmp_path: object) -> None:
     with pytest.raises(RuntimeError):
         j.cut()
     j.close()
+
+
+def _big(j: ChangeJournal, block: int, byte: int) -> bytes:
+    """A write of REF_MIN bytes: kept by reference (the caller writes the volume)."""
+    from replicator.capture.journal import REF_MIN
+
+    data = bytes([byte]) * REF_MIN
+    j.write(block * BS, data)
+    os.pwrite(j.fds[0], data, block * BS)
+    return data
+
+
+def test_a_large_write_is_shipped_from_memory_not_copied_into_the_journal(
+        tmp_path: object) -> None:
+    from replicator.capture.journal import REF_MIN
+
+    j = _journal(tmp_path, size=4096 * BS)
+    _write(j, 0, 0x01)
+    data = _big(j, 64, 0x5A)
+    _write(j, 65, 0x02)  # rewritten inside the point: its last content is shipped
+    j.flush()
+    assert os.path.getsize(j.path) < 4 * BS  # two small writes' data, the large one's record
+    assert j.ref_bytes == REF_MIN
+    assert j.ref_seq > j.volume_synced  # the next sync must sync the volume too
+    j.sync(j.seq)
+    assert j.volume_synced == j.seq
+    (point,) = j.extract()
+    n = REF_MIN // BS
+    assert set(point.blocks) == {0, *range(64, 64 + n)}
+    assert point.blocks[64] == data[:BS] and point.blocks[63 + n] == data[-BS:]
+    assert point.blocks[65] == b"\x02" * BS
+    j.requeue()  # the stream failed: the data is still held
+    (again,) = j.extract()
+    assert again.blocks[66] == data[:BS]
+    j.release(1)
+    assert j.ref_bytes == 0 and not j.closed
+
+
+def test_large_writes_count_against_the_limit_and_past_the_budget_are_journaled(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    import replicator.capture.journal as mod
+
+    monkeypatch.setattr(mod, "REF_BUDGET", mod.REF_MIN)
+    j = _journal(tmp_path, size=4096 * BS, limit=3 * mod.REF_MIN)
+    _big(j, 0, 1)  # in memory
+    _big(j, 100, 2)  # past the budget: journaled with its data
+    assert j.ref_bytes == mod.REF_MIN
+    assert os.path.getsize(j.path) > mod.REF_MIN
+    j.cut()
+    assert {p.cp for p in j.extract()} == {1}
+    assert not j.overflowed
+    _big(j, 200, 3)  # a third: the limit counts the one in memory too
+    assert j.overflowed and j.ref_bytes == 0
+    n = mod.REF_MIN // BS
+    assert {0, 100, 200} <= j.dirty and len(j.dirty) == 3 * n
+
+
+def test_a_replay_lists_large_writes_dirty_and_old_dirty_records_are_not_taken_for_them(
+        tmp_path: object) -> None:
+    """After a crash the large writes' blocks are resynced from the volume (which the sync
+    before their reply made durable). A change bitmap's DIRTY records kept in a point's span
+    by a resync's rewrite are not taken for writes by reference."""
+    import replicator.capture.journal as mod
+
+    j = _journal(tmp_path, size=4096 * BS, limit=4 * BS)
+    _write(j, 1, 1)
+    _write(j, 2, 2, blocks=4)  # past the limit: bitmap mode
+    _write(j, 9, 9)  # a DIRTY record after the rewrite's header
+    blocks = j.begin_resync()  # the tail (that DIRTY record) is kept in the open point
+    j.limit = 1 << 30
+    data = _big(j, 64, 0x5A)
+    end = j.cut()
+    (point,) = j.extract(end)
+    n = mod.REF_MIN // BS
+    assert set(point.blocks) == set(range(64, 64 + n))
+    assert point.blocks[64] == data[:BS]
+    os.close(j.fd)
+    j2 = ChangeJournal(j.path, BS, j.fds[0])
+    assert j2.dirty == set(blocks) | set(range(64, 64 + n))
+    assert j2.replayed == 0  # nothing to redo: the volume holds the large write
+
+
+def test_a_compaction_keeps_the_places_of_writes_by_reference(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    import replicator.capture.journal as mod
+
+    monkeypatch.setattr(mod, "REWRITE_BYTES", 8 * BS)
+    j = _journal(tmp_path, size=4096 * BS)
+    for b in range(10):
+        _write(j, b, b + 1)
+        j.cut()
+    j.extract()
+    _write(j, 100, 0xEE)
+    data = _big(j, 200, 0x77)  # open point: a small write, then a large one
+    assert j.release(10, inline=False)
+    assert j.compact()
+    j.cut()
+    (point,) = j.extract()
+    assert point.blocks[100] == b"\xee" * BS and point.blocks[200] == data[:BS]

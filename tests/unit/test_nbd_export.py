@@ -175,25 +175,41 @@ async def test_the_shipper_is_woken_once_per_point_not_per_write(
 
 async def test_no_write_is_answered_before_its_journal_record_is_durable(
         export: tuple[NbdServer, NbdExport, Connect], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nor a large one (kept by reference, not copied into the journal) before its volume
+    write is synced."""
     _server, ex, connect = export
     journal = ex.journal
     durable = [0]  # the record clock when the last finished sync started
     record: dict[int, int] = {}  # offset -> the record number of its write
+    volume_syncs = [0]  # volume syncs started
+    before: dict[int, int] = {}  # offset -> volume syncs started when its volume write ended
     sync, write = ChangeJournal.sync, ChangeJournal.write
+    sync_volumes, ex_write = ChangeJournal._sync_volumes, NbdExport.write
 
-    def slow_sync(self: ChangeJournal) -> None:
-        upto = self.seq
+    def slow_sync(self: ChangeJournal, upto: int | None = None) -> None:
+        at = self.seq
         threading.Event().wait(0.01)
-        sync(self)
-        durable[0] = max(durable[0], upto)
+        sync(self, upto)
+        durable[0] = max(durable[0], at)
 
     def noted_write(self: ChangeJournal, offset: int, data: bytes, vol: int = 0) -> int:
         n = write(self, offset, data, vol)
         record[offset] = n
         return n
 
+    def counted_sync_volumes(self: ChangeJournal) -> None:
+        volume_syncs[0] += 1
+        sync_volumes(self)
+
+    def noted_ex_write(self: NbdExport, offset: int, data: bytes) -> int:
+        n = ex_write(self, offset, data)
+        before[offset] = volume_syncs[0]
+        return n
+
     monkeypatch.setattr(ChangeJournal, "sync", slow_sync)
     monkeypatch.setattr(ChangeJournal, "write", noted_write)
+    monkeypatch.setattr(ChangeJournal, "_sync_volumes", counted_sync_volumes)
+    monkeypatch.setattr(NbdExport, "write", noted_ex_write)
     c = await connect()
     offsets = {}
     for i in range(30):
@@ -205,8 +221,13 @@ async def test_no_write_is_answered_before_its_journal_record_is_durable(
     for _ in range(30):
         handle, error, _data = await c.reply()
         assert error == 0
-        assert record[offsets[handle]] <= durable[0]
+        off = offsets[handle]
+        assert record[off] <= durable[0]
+        if off % (320 * BS) == 0:  # the 1 MiB writes
+            assert volume_syncs[0] > before[off]
     assert journal.seq >= 30
+    assert journal.ref_bytes == 3 << 20  # the large writes were kept, not journaled
+    assert journal.size < 1 << 20
 
 
 async def test_writers_in_flight_share_syncs_and_the_loop_never_waits_for_one(
@@ -218,10 +239,10 @@ async def test_writers_in_flight_share_syncs_and_the_loop_never_waits_for_one(
     loop_thread = threading.get_ident()
     sync = ChangeJournal.sync
 
-    def counted_sync(self: ChangeJournal) -> None:
+    def counted_sync(self: ChangeJournal, upto: int | None = None) -> None:
         syncs.append(threading.get_ident() == loop_thread)
         threading.Event().wait(0.005)
-        sync(self)
+        sync(self, upto)
 
     monkeypatch.setattr(ChangeJournal, "sync", counted_sync)
     c = await connect()
