@@ -79,8 +79,9 @@ class SourceMetrics:
         self.rpo_budget = fam("rpo_budget_seconds", "The volume's RPO budget (alerting "
                               "threshold for the lag; 0: none configured).", "gauge")
         # write capture only (push --nbd-listen)
-        self.journal_bytes = fam("journal_bytes", "Size of the change journal (writes not yet "
-                                 "acknowledged by the target, with their data).", "gauge")
+        self.journal_bytes = fam("journal_bytes", "Writes the target has not acknowledged yet, "
+                                 "with their data, as the change journal holds them: its file "
+                                 "and the large writes it keeps in memory.", "gauge")
         self.bitmap_blocks = fam("bitmap_blocks", "Blocks tracked only in the change bitmap "
                                  "(journal overflowed) or being resynced.", "gauge")
         self.consistency_point = fam("consistency_point", "Last consistency point the target "

@@ -26,8 +26,12 @@ is kept in memory with the point until the target acknowledges it, and the group
 the volume before the write is acknowledged (``ref_seq``). So a large write reaches this disk
 once, not twice, and is not read back to be shipped. A replay counts a DIRTY record's blocks as
 not acknowledged, as it does every unreleased write (the first pass after a restart is a resync
-of them from the volume), and a journal written this way replays the same in earlier versions.
-The journal's limit counts these bytes too: it bounds what is not yet shipped, wherever it is.
+of them from the volume), and earlier versions replay such a journal the same way (they count
+them until a resync). A replay writes the data records back into the volume, so a write goes by
+reference only if no data record in the file covers any of its blocks (``data_blocks``):
+replaying an older write over it would undo it, and a replay cannot tell whether its volume
+sync ended. The journal's limit counts these bytes too: it bounds what is not yet shipped,
+wherever it is.
 
 Records: kind, offset, length, checksum (of the other fields and the data). BASE is the first
 record of a rewritten journal (offset: the next CP number; length: 1 in bitmap mode). On start
@@ -99,6 +103,7 @@ class ChangeJournal:
         self.ref_bytes = 0  # bytes of the writes by reference not acknowledged yet
         self.ref_seq = 0  # the record number of the last write by reference
         self.volume_synced = 0  # every volume write of a record up to this number is synced
+        self.data_blocks: set[int] = set()  # blocks of the WRITE and ZERO records in the file
         self.overflowed = False
         self.dirty: set[int] = set()
         self.dirty_since: float | None = None
@@ -264,13 +269,15 @@ class ChangeJournal:
                 if ref is not None:  # the volume holds it: synced before the reply
                     self.ref_seq = self.seq + 1
             else:
-                if ref is not None and self.ref_bytes + length <= REF_BUDGET:
+                if (ref is not None and self.ref_bytes + length <= REF_BUDGET
+                        and self.data_blocks.isdisjoint(blocks)):
                     self.open_refs.append((self.size - self.open_start, ref))
                     self._raw_append(record(KIND_DIRTY, tagged, length))
                     self.ref_bytes += length
                     self.ref_seq = self.seq + 1
                 else:  # header and data in one system call, the data not copied here
                     self._raw_append(record_head(kind, tagged, length, data), data)
+                    self.data_blocks.update(blocks)
                 self.open_blocks.update(blocks)
                 if self.open_first_at is None:
                     self.open_first_at = time.time()
@@ -518,6 +525,7 @@ class ChangeJournal:
             self.open_start -= shift
             self.size -= shift
             self.shape += 1
+            self.data_blocks = self._tail_blocks()
         os.close(old)
         return True
 
@@ -606,6 +614,15 @@ class ChangeJournal:
         self.size = size
         if not tails:
             self.open_start = size
+        self.data_blocks = self._tail_blocks() if tails else set()
+
+    def _tail_blocks(self) -> set[int]:
+        """Under the lock: the blocks of the unreleased records (all the file holds once its
+        released head is dropped)."""
+        out = set(self.open_blocks)
+        for cp in self.closed:
+            out |= cp.blocks
+        return out
 
     def close(self) -> None:
         with self.lock:  # not while a compaction swaps files

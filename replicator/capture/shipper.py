@@ -141,7 +141,7 @@ def _export_gauges(driver: PushDriver, journal: ChangeJournal, server: NbdServer
     def refresh() -> None:
         if inner is not None:
             inner()
-        m.set(m.journal_bytes, journal.size)
+        m.set(m.journal_bytes, journal.size + journal.ref_bytes)
         m.set(m.bitmap_blocks, len(journal.dirty) + len(journal.resyncing))
         m.set(m.consistency_point, journal.released_cp)
         m.set(m.write_barrier, int(server.barrier))

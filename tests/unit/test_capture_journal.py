@@ -504,3 +504,35 @@ def test_a_compaction_keeps_the_places_of_writes_by_reference(
     j.cut()
     (point,) = j.extract()
     assert point.blocks[100] == b"\xee" * BS and point.blocks[200] == data[:BS]
+
+
+def test_a_large_write_over_a_journaled_one_is_journaled_too(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay writes the journal's data records back into the volume: a large write kept
+    only in the volume would be undone by an older record of the same blocks (a kill -9 of
+    the agent lost an acknowledged write that way). Once compaction dropped the older record,
+    the large write goes by reference again."""
+    import replicator.capture.journal as mod
+
+    monkeypatch.setattr(mod, "REWRITE_BYTES", 8 * BS)
+    j = _journal(tmp_path, size=4096 * BS)
+    _write(j, 70, 0x11)  # journaled with its data
+    data = _big(j, 64, 0x5A)  # covers block 70
+    assert j.ref_bytes == 0 and os.path.getsize(j.path) > mod.REF_MIN
+    os.close(j.fd)
+    vol_fd = j.fds[0]
+    j2 = ChangeJournal(j.path, BS, vol_fd)  # the agent killed and started again
+    assert os.pread(vol_fd, mod.REF_MIN, 64 * BS) == data
+    assert set(range(64, 64 + mod.REF_MIN // BS)) <= j2.dirty
+    j2.begin_resync()
+    j2.end_resync(set(j2.resyncing))
+    for b in range(10):  # enough released to compact the journal
+        _write(j2, b, b + 1)
+        j2.cut()
+    _write(j2, 70, 0x22)
+    j2.cut()
+    j2.extract()
+    j2.release(j2.next_cp - 1)
+    assert not j2.data_blocks
+    _big(j2, 64, 0x6B)
+    assert j2.ref_bytes == mod.REF_MIN
