@@ -24,14 +24,13 @@ while the points not yet acknowledged hold less than REF_BUDGET of them in memor
 a DIRTY record in the open point (the blocks changed; their content is on the volume), its data
 is kept in memory with the point until the target acknowledges it, and the group commit syncs
 the volume before the write is acknowledged (``ref_seq``). So a large write reaches this disk
-once, not twice, and is not read back to be shipped. A replay counts a DIRTY record's blocks as
-not acknowledged, as it does every unreleased write (the first pass after a restart is a resync
-of them from the volume), and earlier versions replay such a journal the same way (they count
-them until a resync). A replay writes the data records back into the volume, so a write goes by
-reference only if no data record in the file covers any of its blocks (``data_blocks``):
-replaying an older write over it would undo it, and a replay cannot tell whether its volume
-sync ended. The journal's limit counts these bytes too: it bounds what is not yet shipped,
-wherever it is.
+once, not twice, and is not read back to be shipped. A replay counts its blocks as not
+acknowledged unless a RELEASE covers its point, as it does every write (the first pass after a
+restart resyncs them from the volume); earlier versions count them until a resync. A replay
+writes the data records back into the volume, so a write goes by reference only if no data
+record in the file covers any of its blocks (``data_blocks``): replaying an older write over
+it would undo it, and a replay cannot tell whether its volume sync ended. The journal's limit
+counts these bytes too: it bounds what is not yet shipped, wherever it is.
 
 Records: kind, offset, length, checksum (of the other fields and the data). BASE is the first
 record of a rewritten journal (offset: the next CP number; length: 1 in bitmap mode). On start
@@ -161,7 +160,7 @@ class ChangeJournal:
                 self.next_cp = max(self.next_cp, offset)
             elif kind in MARKERS:
                 self.next_cp = max(self.next_cp, offset + 1)
-            unacked.note(kind, offset, self._blocks(vol, at, length))
+            unacked.note(kind, offset, self._blocks(vol, at, length), length)
         self.dirty = unacked.blocks()
         self.released_cp = unacked.released
         if self.replayed:
@@ -187,7 +186,10 @@ class ChangeJournal:
         """Journal whole blocks of new content (a large write by reference: the caller writes
         it to the volume before the record is synced). Returns the record number to wait
         for."""
-        if len(data) >= REF_MIN and self.ref_bytes + len(data) <= REF_BUDGET:
+        if (len(data) >= REF_MIN and not self.overflowed
+                and self.ref_bytes + len(data) <= REF_BUDGET
+                and self.data_blocks.isdisjoint(self._blocks(vol, offset, len(data)))):
+            # likely by reference (decided under the lock): the copy is made outside it
             return self._append(KIND_WRITE, vol, offset, len(data), data, ref=bytes(data))
         return self._append(KIND_WRITE, vol, offset, len(data), data)
 
@@ -266,8 +268,6 @@ class ChangeJournal:
                     self.dirty_since = time.time()
                 self._raw_append(record(KIND_DIRTY, tagged, length))
                 self.news += 1
-                if ref is not None:  # the volume holds it: synced before the reply
-                    self.ref_seq = self.seq + 1
             else:
                 if (ref is not None and self.ref_bytes + length <= REF_BUDGET
                         and self.data_blocks.isdisjoint(blocks)):
@@ -499,6 +499,7 @@ class ChangeJournal:
             tail = os.pread(fd, end - head, head)
         finally:
             os.close(fd)
+        tail_blocks = self._data_blocks_in(tail)
         with open(tmp, "wb") as fh:
             fh.write(header)
             fh.write(tail)
@@ -525,7 +526,8 @@ class ChangeJournal:
             self.open_start -= shift
             self.size -= shift
             self.shape += 1
-            self.data_blocks = self._tail_blocks()
+            # what the new file holds: points released meanwhile are in it still
+            self.data_blocks = tail_blocks | self._data_blocks_in(delta)
         os.close(old)
         return True
 
@@ -588,12 +590,15 @@ class ChangeJournal:
         self.open_start = self.open_start - shift + base
 
     def _header(self, dirty: list[int]) -> bytes:
-        """BASE and the DIRTY records of ``dirty``: the start of a rewritten journal."""
+        """BASE, the DIRTY records of ``dirty`` and a RELEASE of the last point released (it
+        ends the header: a DIRTY record after it is a write by reference): the start of a
+        rewritten journal."""
         bs = self.block_size
         out = [record(KIND_BASE, self.next_cp, int(self.overflowed))]
         for key in dirty:
             vol, b = key >> KEY_SHIFT, key & BLOCK_MASK
             out.append(record(KIND_DIRTY, vol << VOL_SHIFT | b * bs, bs))
+        out.append(record(KIND_RELEASE, self.released_cp, 0))
         return b"".join(out)
 
     def _rewrite(self, dirty: list[int], tails: list[bytes]) -> None:
@@ -614,14 +619,20 @@ class ChangeJournal:
         self.size = size
         if not tails:
             self.open_start = size
-        self.data_blocks = self._tail_blocks() if tails else set()
+        self.data_blocks = set().union(*map(self._data_blocks_in, tails))
 
-    def _tail_blocks(self) -> set[int]:
-        """Under the lock: the blocks of the unreleased records (all the file holds once its
-        released head is dropped)."""
-        out = set(self.open_blocks)
-        for cp in self.closed:
-            out |= cp.blocks
+    def _data_blocks_in(self, raw: bytes) -> set[int]:
+        """The blocks of the WRITE and ZERO records in ``raw`` (whole records)."""
+        out: set[int] = set()
+        pos = 0
+        while pos + HEAD.size <= len(raw):
+            kind, offset, length, _check = HEAD.unpack_from(raw, pos)
+            pos += HEAD.size
+            if kind == KIND_WRITE or kind == KIND_ZERO:
+                vol, at = offset >> VOL_SHIFT, offset & ((1 << VOL_SHIFT) - 1)
+                out.update(self._blocks(vol, at, length))
+                if kind == KIND_WRITE:
+                    pos += length
         return out
 
     def close(self) -> None:

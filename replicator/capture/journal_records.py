@@ -93,19 +93,32 @@ class ExtractedPoint:
 
 class Unacknowledged:
     """While replaying: which blocks the target has not acknowledged. The records of points
-    past the last RELEASE, the open point's, and DIRTY records (bitmap, resync running)."""
+    past the last RELEASE, the open point's, and DIRTY records of the change bitmap or a
+    running resync: those of a file rewritten in bitmap mode (its BASE says so) and those of
+    a rewrite's header (BASE, DIRTY records, then any other record: a RELEASE). A DIRTY
+    record further on in a file in journal mode is a write kept by reference in a point
+    (journal.py), acknowledged with it. (The change bitmap's records that a resync's rewrite
+    kept in its tail count as the open point's: the header lists their blocks until the
+    resync is committed.)"""
 
     def __init__(self) -> None:
         self.points: dict[int, set[int]] = {}
         self.open: set[int] = set()
         self.sticky: set[int] = set()
         self.released = 0
+        self.bitmap = False  # the file was rewritten in bitmap mode
+        self.header = True  # no record but BASE and DIRTY yet
 
-    def note(self, kind: int, offset: int, blocks: range) -> None:
+    def note(self, kind: int, offset: int, blocks: range, length: int = 0) -> None:
+        if kind == KIND_BASE:
+            self.bitmap = bool(length)
+            return
+        if kind == KIND_DIRTY:
+            (self.sticky if self.header or self.bitmap else self.open).update(blocks)
+            return
+        self.header = False
         if kind in (KIND_WRITE, KIND_ZERO):
             self.open.update(blocks)
-        elif kind == KIND_DIRTY:
-            self.sticky.update(blocks)
         elif kind in MARKERS:
             self.points[offset], self.open = self.open, set()
         elif kind == KIND_RELEASE:

@@ -536,3 +536,86 @@ def test_a_large_write_over_a_journaled_one_is_journaled_too(
     assert not j2.data_blocks
     _big(j2, 64, 0x6B)
     assert j2.ref_bytes == mod.REF_MIN
+
+
+def test_a_replay_counts_a_large_write_acknowledged_only_if_its_point_was_not_released(
+        tmp_path: object) -> None:
+    """As for every write: a large one in a point the target acknowledged is not resynced
+    after a restart (nor reported as diverged by a demoted primary); one in a point it did
+    not acknowledge is, and so are the blocks a running resync's header lists."""
+    import replicator.capture.journal as mod
+
+    n = mod.REF_MIN // BS
+    j = _journal(tmp_path, size=4096 * BS, limit=4 * BS)
+    _write(j, 1, 1)
+    _write(j, 2, 2, blocks=4)  # past the limit: bitmap mode
+    resyncing = j.begin_resync()
+    j.limit = 1 << 30
+    _big(j, 64, 0x5A)
+    first = j.cut()
+    j.extract()
+    j.release(first)  # acknowledged
+    _big(j, 400, 0x6B)
+    j.cut()
+    j.extract()  # shipped, never acknowledged
+    _big(j, 800, 0x7C)  # open point
+    assert j.ref_bytes == 2 * mod.REF_MIN
+    j.close()
+    again = _journal(tmp_path, size=4096 * BS)
+    assert again.dirty == resyncing | set(range(400, 400 + n)) | set(range(800, 800 + n))
+    again.close()
+
+
+def test_points_released_during_a_compaction_still_keep_large_writes_journaled(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction copies the records from the head it took at its start: points the
+    target acknowledges while it copies are in the new file still, and a large write over
+    their blocks must be journaled (a replay would write their records back over it)."""
+    import replicator.capture.journal as mod
+
+    monkeypatch.setattr(mod, "REWRITE_BYTES", 8 * BS)
+    j = _journal(tmp_path, size=4096 * BS)
+    for b in range(10):
+        _write(j, b, b + 1)
+        j.cut()
+    _write(j, 70, 0x11)
+    last = j.cut()
+    j.extract()
+    j.release(2, inline=False)
+    sync_volumes = j._sync_volumes
+
+    def acks_arrive_meanwhile() -> None:  # compact() syncs the volumes outside the lock
+        sync_volumes()
+        if j.released_cp < last:
+            j.release(last, inline=False)
+
+    monkeypatch.setattr(j, "_sync_volumes", acks_arrive_meanwhile)
+    assert j.compact()
+    assert j.released_cp == last and 70 in j.data_blocks
+    data = _big(j, 64, 0x5A)  # over block 70: journaled with its data
+    j.sync(j.seq)
+    os.close(j.fd)
+    ChangeJournal(j.path, BS, j.fds[0])  # the agent killed and started again
+    assert os.pread(j.fds[0], mod.REF_MIN, 64 * BS) == data
+
+
+def test_the_volume_is_synced_once_for_a_large_write_not_at_every_sync_after(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    j = _journal(tmp_path, size=4096 * BS)
+    synced: list[int] = []
+    sync_volumes = j._sync_volumes
+
+    def counted() -> None:
+        synced.append(j.seq)
+        sync_volumes()
+
+    monkeypatch.setattr(j, "_sync_volumes", counted)
+    _write(j, 1, 1)
+    j.sync(j.seq)
+    assert synced == []  # small writes: the journal alone
+    _big(j, 64, 0x5A)
+    j.sync(j.seq)
+    assert synced == [j.seq]
+    _write(j, 2, 2)
+    j.sync(j.seq)
+    assert synced == [j.seq - 1]

@@ -228,6 +228,11 @@ async def test_no_write_is_answered_before_its_journal_record_is_durable(
     assert journal.seq >= 30
     assert journal.ref_bytes == 3 << 20  # the large writes were kept, not journaled
     assert journal.size < 1 << 20
+    after = volume_syncs[0]
+    for i in range(5):  # small writes after them: their syncs leave the volume alone
+        c.send(WRITE, (1000 + i) * BS, BS, os.urandom(BS))
+        assert (await c.reply())[1] == 0
+    assert volume_syncs[0] == after
 
 
 async def test_writers_in_flight_share_syncs_and_the_loop_never_waits_for_one(
