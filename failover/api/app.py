@@ -83,6 +83,9 @@ CLAIMED = web.RequestKey("claimed_user", str)  # the name in a token that was no
 AUDIT_PARAMS = web.RequestKey("audit_params", dict)  # what the handler adds to the record
 _OPS = {"failover": Command.FAILOVER, "switchover": Command.SWITCHOVER,
         "failback": Command.SWITCHOVER, "retry": Command.RETRY, "cancel": Command.CANCEL}
+# what each operation's JSON body may hold ("to": a site name or null; "force": a boolean)
+_FIELDS = {"failover": ("to", "force"), "switchover": ("to",), "failback": (), "retry": (),
+           "cancel": ()}
 _CLAIMED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_@-]{0,63}$")
 
 
@@ -322,6 +325,9 @@ async def operate(request: web.Request) -> web.Response:
                                       "JSON object"}, status=400)
         body = raw
     request[AUDIT_PARAMS] = {"body": body}
+    problem = _body_problem(op, body)
+    if problem is not None:
+        return web.json_response({"error": "bad_request", "message": problem}, status=400)
     command = _OPS[op]
     if op == "failover" and body.get("force"):
         command = Command.FORCE_FAILOVER
@@ -342,6 +348,22 @@ async def operate(request: web.Request) -> web.Response:
                                   "still pending"}, status=409)
     return web.json_response({"operation": rec.id, "service": name, "request": op,
                               "status": "queued"}, status=202)
+
+
+def _body_problem(op: str, body: dict[str, Any]) -> str | None:
+    """Why ``body`` is not a request for ``op`` (None: it is). Unknown fields and values of
+    another type are refused, not ignored: {"force": "false"} must not force a failover, nor
+    {"target": "west"} fail over to the default site."""
+    allowed = _FIELDS[op]
+    unknown = sorted(k for k in body if k not in allowed)
+    if unknown:
+        takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
+        return f"{op}: unknown field {', '.join(map(repr, unknown))} ({takes})"
+    if "force" in body and not isinstance(body["force"], bool):
+        return f"{op}: force must be true or false, not {json.dumps(body['force'])}"
+    if "to" in body and body["to"] is not None and not isinstance(body["to"], str):
+        return f"{op}: to must be a site name, not {json.dumps(body['to'])}"
+    return None
 
 
 def _actor(user: User) -> Actor:

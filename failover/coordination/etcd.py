@@ -148,12 +148,18 @@ class EtcdStore(CoordinationStore):
             delay = min(0.5, delay * 2)
 
     def _refused(self, client: Client, exc: ae.ClientError) -> Exception:
-        """StoreRefusedError for a refusal from etcd; ``exc`` itself for any other error."""
+        """StoreRefusedError for a refusal from etcd; StoreUnavailableError for an endpoint
+        that is not etcd (no such gRPC method, HTTP 404); ``exc`` itself for any other
+        error."""
         reason = _refusal(str(exc), isinstance(exc, ae.UnauthenticatedError), client.username)
+        where = f"{client._host}:{client._port}"
+        text = " ".join(str(exc).split())
+        if reason is None and ("method not found" in text.lower() or "status: 404" in text):
+            return StoreUnavailableError(f"etcd at {where} does not serve etcd's v3 API (is it "
+                                         f"etcd?): {text}")
         if reason is None:
             return exc  # type: ignore[no-any-return]
-        return StoreRefusedError(f"etcd at {client._host}:{client._port} refused the request: "
-                                 f"{reason}")
+        return StoreRefusedError(f"etcd at {where} refused the request: {reason}")
 
     async def _raise_if_refused(self, client: Client, exc: Exception) -> None:
         """A connection failure that is a refusal: a TLS handshake that failed, or (without

@@ -176,6 +176,19 @@ async def test_bad_requests(client: TestClient) -> None:  # type: ignore[type-ar
     assert (await client.post("/api/v1/services/app/explode", headers=AUTH)).status == 400
     r = await client.post("/api/v1/services/app/failover", headers=AUTH, json={"to": "mars"})
     assert r.status == 400 and "mars" in (await r.json())["message"]
+    # a field misspelt or of another type is refused, never read loosely: the string
+    # "false" must not force a failover, nor "target" fail over to the default site
+    for op, body, words in (
+            ("failover", {"force": "false"}, 'force must be true or false, not "false"'),
+            ("failover", {"target": "west"}, "unknown field 'target' (it takes to, force)"),
+            ("switchover", {"force": True}, "unknown field 'force' (it takes to)"),
+            ("failback", {"to": "west"}, "unknown field 'to' (it takes none)"),
+            ("failover", {"to": 1}, "to must be a site name, not 1")):
+        r = await client.post(f"/api/v1/services/app/{op}", headers=AUTH, json=body)
+        assert r.status == 400, (op, body)
+        assert words in (await r.json())["message"]
+    s = await (await client.get("/api/v1/status", headers=AUTH)).json()
+    assert s["services"]["app"]["pending"] is None  # nothing was queued
 
 
 async def test_requests_the_record_rules_out_are_refused_409(
@@ -217,6 +230,9 @@ async def test_retry_and_cancel_queue_commands_when_failed(
     r = await client.post("/api/v1/services/app/switchover", headers=AUTH)
     assert r.status == 409 and "the service is failed, not healthy" in (await r.json())["message"]
     r = await client.post("/api/v1/services/app/retry", headers=AUTH, json={"to": "north"})
+    assert r.status == 400  # a retry goes where the failed operation went: it takes no site
+    assert "unknown field 'to' (it takes none)" in (await r.json())["message"]
+    r = await client.post("/api/v1/services/app/retry", headers=AUTH, json={})
     assert r.status == 202 and (await r.json())["request"] == "retry"
     s = await (await client.get("/api/v1/status", headers=AUTH)).json()
     svc = s["services"]["app"]

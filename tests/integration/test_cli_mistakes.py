@@ -296,6 +296,28 @@ def test_bad_etcd_endpoints_and_unknown_names(workdir: str, cluster_yaml: str) -
     one_line(run([*DRCTL, "runbook", "plan", example, "nosvc"]), 2, "'nosvc'")
 
 
+def test_an_etcd_endpoint_that_is_not_etcd(workdir: str, cluster_yaml: str) -> None:
+    """A gRPC server without etcd's services answers 'method not found': one line, not a
+    traceback."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with open(cluster_yaml) as fh:
+            cfg = json.load(fh)
+        path = os.path.join(workdir, "not-etcd.yaml")
+        with open(path, "w") as fh:
+            json.dump({**cfg, "etcd": [f"127.0.0.1:{port}"]}, fh)
+        one_line(run([*DRCTL, "status", "--config", path], timeout=30), 69,
+                 "[store_unavailable]", f"etcd at 127.0.0.1:{port} does not serve etcd's v3 API")
+    finally:
+        server.stop(None)
+
+
 def test_status_reads_no_tsig_key(workdir: str, cluster_yaml: str) -> None:
     """Commands that only read or write etcd (status, audit, a failover request) read no TSIG
     key: a key file this host does not have (an operator's laptop) stops only the controller,
