@@ -365,8 +365,8 @@ def _not_protected(v: ServiceView) -> str | None:
         return ("the primary has not reported it protected since the service was created "
                 "(or since its resync began)")
     if v.protected is False:
-        return (f"the primary reports it not receiving, replica lag "
-                f"{seconds(v.replica_lag_seconds)}")
+        return (f"the primary reports its replica not receiving (lag last reported: "
+                f"{seconds(v.replica_lag_seconds)})")
     return None
 
 

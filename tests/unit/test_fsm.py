@@ -154,6 +154,9 @@ def test_unprotected_primary_leaves_healthy_and_comes_back() -> None:
     still = decide(view(state=State.UNPROTECTED, protected=False))
     assert (still.next_state, still.action, still.refused) == (State.UNPROTECTED, Action.NONE,
                                                                False)
+    # the lag is the last one the primary reported: its replica receives nothing now
+    assert still.message.startswith("unprotected: primary alive; the primary reports its "
+                                    "replica not receiving (lag last reported: ")
 
 
 @pytest.mark.parametrize("state", [State.HEALTHY, State.UNPROTECTED])
