@@ -420,8 +420,11 @@ class ChangeJournal:
     def extract(self, upto: int | None = None) -> list[ExtractedPoint]:
         """The closed CPs not yet extracted (up to number ``upto``), each as its blocks' last
         content. Reads a duplicate descriptor: a rewrite meanwhile replaces the file, never
-        changes it."""
-        with self.lock:
+        changes it. Takes the ``order`` lock first: every write in an extracted point has
+        reached the volume then (a writer holds it from its record to its volume write), so a
+        point the target acknowledges, and the journal then drops or replays as acknowledged,
+        is never ahead of the volume."""
+        with self.order, self.lock:
             todo = [cp for cp in self._unextracted() if upto is None or cp.cp <= upto]
             for cp in todo:
                 cp.extracted = True
@@ -553,8 +556,10 @@ class ChangeJournal:
 
     def begin_resync(self) -> set[int]:
         """Back to journal mode; returns the blocks a resync pass must ship (they stay
-        recorded until :meth:`end_resync`)."""
-        with self.lock:
+        recorded until :meth:`end_resync`). Takes the ``order`` lock first: a write recorded
+        in bitmap mode has reached the volume before the pass reads it, and before the
+        volume sync of the rewrite below (its reply's sync no longer syncs the volume)."""
+        with self.order, self.lock:
             self.resyncing |= self.dirty
             if self.resync_since is None or (self.dirty_since is not None
                                              and self.dirty_since < self.resync_since):

@@ -445,8 +445,9 @@ class _Loop:
             if self.compacting is not None and self.compacting.done():
                 await self._compacted()
             if journal.ready() and self.unsent < FEED_AHEAD * len(self.drivers):
-                # small points are read on the loop (page cache), a backlog on a thread
-                if journal.unextracted_bytes() <= INLINE_EXTRACT:
+                # small points are read on the loop (page cache), a backlog on a thread,
+                # and so are they while a write holds the order lock (extract waits for it)
+                if journal.unextracted_bytes() <= INLINE_EXTRACT and not journal.order.locked():
                     points = journal.extract()
                 else:
                     points = await asyncio.to_thread(journal.extract)

@@ -619,3 +619,55 @@ def test_the_volume_is_synced_once_for_a_large_write_not_at_every_sync_after(
     _write(j, 2, 2)
     j.sync(j.seq)
     assert synced == [j.seq - 1]
+
+
+def _writer_between_record_and_volume(j: ChangeJournal, block: int, data: bytes
+                                      ) -> tuple[threading.Thread, threading.Event]:
+    """The export's writer: the journal record, then (a moment later) the volume write, both
+    under the order lock. Returns the thread and an event set once the record is made."""
+    recorded = threading.Event()
+
+    def run() -> None:
+        with j.order:
+            j.write(block * BS, data)
+            recorded.set()
+            threading.Event().wait(0.2)  # a slow volume write
+            os.pwrite(j.fds[0], data, block * BS)
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert recorded.wait(5)
+    return t, recorded
+
+
+def test_a_point_is_extracted_only_once_its_writes_reached_the_volume(
+        tmp_path: object) -> None:
+    """Else the target could acknowledge a large write (shipped from memory) and the journal
+    drop or replay its record as acknowledged while the volume lacks it: killed then, the
+    source keeps the old content and the replica the new, and nothing resyncs it."""
+    from replicator.capture.journal import REF_MIN
+
+    j = _journal(tmp_path, size=4096 * BS)
+    data = b"N" * REF_MIN
+    t, _ = _writer_between_record_and_volume(j, 0, data)
+    cp = j.cut()
+    (point,) = j.extract()  # waits for the writer's volume write
+    assert os.pread(j.fds[0], BS, 0) == data[:BS] and bytes(point.blocks[0] or b"") == data[:BS]
+    t.join()
+    j.release(cp)
+    j.close()
+    again = _journal(tmp_path, size=4096 * BS)
+    assert 0 not in again.dirty and os.pread(again.fds[0], BS, 0) == data[:BS]
+    again.close()
+
+
+def test_a_resync_begins_once_the_writes_recorded_in_bitmap_mode_reached_the_volume(
+        tmp_path: object) -> None:
+    j = _journal(tmp_path, limit=4 * BS)
+    _write(j, 1, 1, blocks=5)  # past the limit: bitmap mode
+    assert j.overflowed
+    data = b"B" * BS
+    t, _ = _writer_between_record_and_volume(j, 9, data)
+    blocks = j.begin_resync()  # waits for the volume write: the pass reads the new content
+    assert 9 in blocks and os.pread(j.fds[0], BS, 9 * BS) == data
+    t.join()
