@@ -314,6 +314,14 @@ def _news(line: str) -> str:
     return re.sub(r" lag=\S+?(\([^)]*\))? +", " ", line.partition(" ")[2])
 
 
+def _cli() -> str:
+    """How to run this drctl from a shell: its script beside the interpreter, if there."""
+    script = os.path.join(os.path.dirname(sys.executable), "drctl")
+    if os.access(script, os.X_OK):
+        return os.path.relpath(script) if script.startswith(os.getcwd() + os.sep) else script
+    return f"{sys.executable} -m drctl"
+
+
 def _gone(demo: DemoCluster, stopping: threading.Event) -> bool:
     """A process the demo needs exited on its own: say which, and stop."""
     dead = demo.dead()
@@ -419,6 +427,8 @@ def main() -> int:
         print(f"\ndrctl demo is up (logs in {demo.work})\n\n  open  {demo.url}#token="
               f"{demo.token}\n\n  (HTTPS with a certificate from the demo's own CA, "
               f"{demo.tls_dir}/ca.crt: the browser asks once to accept it)\n\n"
+              f"  the CLI: {_cli()} status --config {demo.config}\n"
+              "  (and switchover, failover, failback with the service's name: app)\n\n"
               "Ctrl-C stops everything.\n", flush=True)
         started = time.monotonic()
         if run_cycle:
