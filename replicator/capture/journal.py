@@ -128,17 +128,18 @@ class ChangeJournal:
 
     # -- start -----------------------------------------------------------------------------
 
-    def _records(self, raw: memoryview) -> Iterator[tuple[int, int, int, int, int,
-                                                          memoryview]]:
+    def _records(self, raw: memoryview, checked: bool = True
+                 ) -> Iterator[tuple[int, int, int, int, int, memoryview]]:
         """(kind, offset field, volume, offset in it, length, data) of each whole record, up
-        to a torn tail (that write was never acknowledged) or a record of another journal."""
+        to a torn tail (that write was never acknowledged) or a record of another journal.
+        ``checked`` false: records this process wrote, their checksums not computed again."""
         pos = 0
         while pos + HEAD.size <= len(raw):
             kind, offset, length, check = HEAD.unpack_from(raw, pos)
             end = pos + HEAD.size + (length if kind == KIND_WRITE else 0)
             data = raw[pos + HEAD.size : end]
-            if end > len(raw) or HEAD.unpack_from(record(kind, offset, length, data))[3] \
-                    != check:
+            if end > len(raw) or (checked and HEAD.unpack_from(
+                    record(kind, offset, length, data))[3] != check):
                 return
             vol, at = offset >> VOL_SHIFT, offset & ((1 << VOL_SHIFT) - 1)
             if kind in (KIND_WRITE, KIND_ZERO, KIND_DIRTY) and vol >= len(self.fds):
@@ -187,8 +188,7 @@ class ChangeJournal:
         it to the volume before the record is synced). Returns the record number to wait
         for."""
         if (len(data) >= REF_MIN and not self.overflowed
-                and self.ref_bytes + len(data) <= REF_BUDGET
-                and self.data_blocks.isdisjoint(self._blocks(vol, offset, len(data)))):
+                and self._may_refer(self._blocks(vol, offset, len(data)), len(data))):
             # likely by reference (decided under the lock): the copy is made outside it
             return self._append(KIND_WRITE, vol, offset, len(data), data, ref=bytes(data))
         return self._append(KIND_WRITE, vol, offset, len(data), data)
@@ -269,8 +269,7 @@ class ChangeJournal:
                 self._raw_append(record(KIND_DIRTY, tagged, length))
                 self.news += 1
             else:
-                if (ref is not None and self.ref_bytes + length <= REF_BUDGET
-                        and self.data_blocks.isdisjoint(blocks)):
+                if ref is not None and self._may_refer(blocks, length):
                     self.open_refs.append((self.size - self.open_start, ref))
                     self._raw_append(record(KIND_DIRTY, tagged, length))
                     self.ref_bytes += length
@@ -283,6 +282,11 @@ class ChangeJournal:
                     self.open_first_at = time.time()
                     self.news += 1
             return self._bump()
+
+    def _may_refer(self, blocks: range, length: int) -> bool:
+        """May a write of ``length`` bytes over ``blocks`` go by reference (the budget, no data
+        record of them in the file)? Under the lock; unlocked, a hint only."""
+        return self.ref_bytes + length <= REF_BUDGET and self.data_blocks.isdisjoint(blocks)
 
     def _unreleased(self) -> int:
         """Under the lock: the bytes of records the target has not acknowledged, and of the
@@ -629,15 +633,9 @@ class ChangeJournal:
     def _data_blocks_in(self, raw: bytes) -> set[int]:
         """The blocks of the WRITE and ZERO records in ``raw`` (whole records)."""
         out: set[int] = set()
-        pos = 0
-        while pos + HEAD.size <= len(raw):
-            kind, offset, length, _check = HEAD.unpack_from(raw, pos)
-            pos += HEAD.size
+        for kind, _offset, vol, at, length, _data in self._records(memoryview(raw), False):
             if kind == KIND_WRITE or kind == KIND_ZERO:
-                vol, at = offset >> VOL_SHIFT, offset & ((1 << VOL_SHIFT) - 1)
                 out.update(self._blocks(vol, at, length))
-                if kind == KIND_WRITE:
-                    pos += length
         return out
 
     def close(self) -> None:
