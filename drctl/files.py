@@ -48,15 +48,16 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
 Buffer = bytes | bytearray | memoryview
 
 
-def write_all(fd: int, parts: Sequence[Buffer]) -> int:
-    """Write every piece at ``fd``'s position (an append on an O_APPEND descriptor) with one
-    gathered write, and the rest after a short one (a signal, a full disk) where it stopped,
-    without copying. Returns the bytes written."""
+def write_all(fd: int, parts: Sequence[Buffer], offset: int | None = None) -> int:
+    """Write every piece at ``fd``'s position (an append on an O_APPEND descriptor), or at
+    ``offset``, with one gathered write, and the rest after a short one (a signal, a full
+    disk) where it stopped, without copying. Returns the bytes written."""
     total = sum(len(p) for p in parts)
-    n = os.writev(fd, parts)
+    n = os.writev(fd, parts) if offset is None else os.pwritev(fd, parts, offset)
     if n == total:  # the usual case: one system call, nothing else
         return total
     views = [memoryview(p) for p in parts if len(p)]
+    done = n
     while True:
         while views and n >= len(views[0]):
             n -= len(views[0])
@@ -65,4 +66,5 @@ def write_all(fd: int, parts: Sequence[Buffer]) -> int:
             return total
         if n:
             views[0] = views[0][n:]
-        n = os.writev(fd, views)
+        n = os.writev(fd, views) if offset is None else os.pwritev(fd, views, offset + done)
+        done += n

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from replicator.capture.journal import ChangeJournal
+from replicator.capture.journal import PREALLOC, ChangeJournal
+from replicator.capture.journal_records import HEAD, KIND_WRITE, record
 
 BS = 4096
 
@@ -19,6 +20,22 @@ def _journal(tmp_path: object, size: int = 64 * BS, limit: int = 1 << 30) -> Cha
             fh.truncate(size)
     fd = os.open(vol, os.O_RDWR)
     return ChangeJournal(os.path.join(str(tmp_path), "journal"), BS, fd, limit)
+
+
+def _records_bytes(path: str) -> int:
+    """How far the journal file's records reach (the file is written with zeroes past them:
+    a replay stops at the first header that is not a record)."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    pos = 0
+    while pos + HEAD.size <= len(raw):
+        kind, offset, length, _check = HEAD.unpack_from(raw, pos)
+        end = pos + HEAD.size + (length if kind == KIND_WRITE else 0)
+        if end > len(raw) or record(kind, offset, length, raw[pos + HEAD.size:end]) \
+                != raw[pos:end]:
+            break
+        pos = end
+    return pos
 
 
 def _write(j: ChangeJournal, block: int, byte: int, blocks: int = 1) -> None:
@@ -101,11 +118,39 @@ def test_replay_after_a_crash_redoes_writes_and_lists_them_dirty(tmp_path: objec
 def test_a_torn_tail_is_cut_off(tmp_path: object) -> None:
     j = _journal(tmp_path)
     _write(j, 1, 0x11)
-    size = os.path.getsize(j.path)
+    size = _records_bytes(j.path)
     j.write(2 * BS, b"\x22" * BS)
     os.truncate(j.path, size + 100)  # the second record half written
     j2 = ChangeJournal(j.path, BS, j.fds[0])
     assert j2.dirty == {1}
+
+
+def test_a_sync_writes_space_ahead_that_appends_fill_without_growing_the_file(
+        tmp_path: object) -> None:
+    """After a sync the file is written (zeroes) past its last record; the next records are
+    written into that space, the file's size unchanged; a replay stops at the zeroes, and at
+    a record torn inside that space, as at the end of a file."""
+    j = _journal(tmp_path)
+    _write(j, 1, 0x11)
+    j.sync()
+    grown = os.path.getsize(j.path)
+    assert grown >= _records_bytes(j.path) + PREALLOC // 2
+    with open(j.path, "rb") as fh:
+        assert fh.read()[_records_bytes(j.path):] == bytes(grown - _records_bytes(j.path))
+    _write(j, 2, 0x22)
+    j.flush()
+    assert os.path.getsize(j.path) == grown  # written into the space, nothing appended
+    j2 = ChangeJournal(j.path, BS, j.fds[0])
+    assert j2.dirty == {1, 2} and j2.next_cp == 2
+    assert os.pread(j.fds[0], BS, 2 * BS) == b"\x22" * BS
+    j2.sync()
+    at = _records_bytes(j2.path)
+    _write(j2, 3, 0x33)
+    with open(j2.path, "r+b") as fh:  # the record half written, the space after it zeroes
+        fh.seek(at + 100)
+        fh.write(bytes(BS))
+    j3 = ChangeJournal(j2.path, BS, j2.fds[0])
+    assert j3.dirty == {1, 2}
 
 
 def test_overflow_folds_unreleased_writes_into_the_bitmap_and_resync_returns_them(
@@ -118,7 +163,7 @@ def test_overflow_folds_unreleased_writes_into_the_bitmap_and_resync_returns_the
     _write(j, 3, 3, blocks=4)  # past the limit: bitmap mode
     assert j.overflowed and j.overflows == 1
     assert j.dirty == {1, 2, 3, 4, 5, 6}
-    assert os.path.getsize(j.path) < 2 * BS  # DIRTY records only, no data
+    assert _records_bytes(j.path) < 2 * BS  # DIRTY records only, no data
     _write(j, 9, 9)  # in bitmap mode: a DIRTY record
     assert 9 in j.dirty and not j.closed
     j.release(in_flight[-1].cp)  # the old point's ack changes nothing now
@@ -148,7 +193,7 @@ def test_release_rewrites_the_journal_keeping_unreleased_points(tmp_path: object
             j.flush()
         _write(j, 100, 0xEE)  # open point
         j.release(9)
-        assert os.path.getsize(j.path) < 3 * BS
+        assert _records_bytes(j.path) < 3 * BS
         j.flush()
         pts = j.extract()
         assert [p.cp for p in pts] == [10, 11]
@@ -218,7 +263,7 @@ def test_compaction_off_the_loop_keeps_points_appended_while_it_copies(
     j.extract()
     _write(j, 100, 0xEE)  # open point
     assert j.release(8, inline=False)  # asks for a compaction, does not rewrite
-    size_before = os.path.getsize(j.path)
+    size_before = _records_bytes(j.path)
     real_fsync = os.fsync
     me = threading.get_ident()
     hits: list[int] = []
@@ -235,7 +280,7 @@ def test_compaction_off_the_loop_keeps_points_appended_while_it_copies(
     assert j.compact()
     monkeypatch.setattr(mod.os, "fsync", real_fsync)  # type: ignore[attr-defined]
     assert hits
-    assert os.path.getsize(j.path) < size_before
+    assert _records_bytes(j.path) < size_before
     pts = j.extract()
     assert [p.cp for p in pts] == [11]
     assert pts[0].blocks == {100: b"\xee" * BS, 101: b"\xef" * BS}
@@ -324,7 +369,7 @@ def test_a_small_limit_holds_on_a_healthy_link(tmp_path: object) -> None:
         for point in j.extract():
             if j.release(point.cp, inline=False):
                 assert j.compact()
-        biggest = max(biggest, os.path.getsize(j.path))
+        biggest = max(biggest, _records_bytes(j.path))
     assert j.overflows == 0
     assert biggest <= limit + limit // 8 + 64 * BS, biggest
 
@@ -375,16 +420,16 @@ def test_a_failed_append_leaves_no_torn_record(tmp_path: object,
     mp = monkeypatch
     j = _journal(tmp_path)
     _write(j, 1, 0xA1)
-    real = os.writev
+    real = os.pwritev
 
-    def full(fd: int, bufs: list[bytes]) -> int:
-        real(fd, [bytes(bufs[0])[:10]])  # a piece of the header reaches the file
+    def full(fd: int, bufs: list[bytes], offset: int) -> int:
+        real(fd, [bytes(bufs[0])[:10]], offset)  # a piece of the header reaches the file
         raise OSError(28, "No space left on device")
 
-    mp.setattr(mod.os, "writev", full)
+    mp.setattr(mod.os, "pwritev", full)
     with pytest.raises(OSError):
         j.write(2 * BS, b"\x77" * BS)
-    mp.setattr(mod.os, "writev", real)
+    mp.setattr(mod.os, "pwritev", real)
     _write(j, 3, 0xC3)
     j.flush()
     assert [p.blocks for p in j.extract()] == [{1: b"\xa1" * BS, 3: b"\xc3" * BS}]
@@ -426,7 +471,7 @@ def test_a_large_write_is_shipped_from_memory_not_copied_into_the_journal(
     data = _big(j, 64, 0x5A)
     _write(j, 65, 0x02)  # rewritten inside the point: its last content is shipped
     j.flush()
-    assert os.path.getsize(j.path) < 4 * BS  # two small writes' data, the large one's record
+    assert _records_bytes(j.path) < 4 * BS  # two small writes' data, the large one's record
     assert j.ref_bytes == REF_MIN
     assert j.ref_seq > j.volume_synced  # the next sync must sync the volume too
     j.sync(j.seq)
@@ -452,7 +497,7 @@ def test_large_writes_count_against_the_limit_and_past_the_budget_are_journaled(
     _big(j, 0, 1)  # in memory
     _big(j, 100, 2)  # past the budget: journaled with its data
     assert j.ref_bytes == mod.REF_MIN
-    assert os.path.getsize(j.path) > mod.REF_MIN
+    assert _records_bytes(j.path) > mod.REF_MIN
     j.cut()
     assert {p.cp for p in j.extract()} == {1}
     assert not j.overflowed
@@ -518,7 +563,7 @@ def test_a_large_write_over_a_journaled_one_is_journaled_too(
     j = _journal(tmp_path, size=4096 * BS)
     _write(j, 70, 0x11)  # journaled with its data
     data = _big(j, 64, 0x5A)  # covers block 70
-    assert j.ref_bytes == 0 and os.path.getsize(j.path) > mod.REF_MIN
+    assert j.ref_bytes == 0 and _records_bytes(j.path) > mod.REF_MIN
     os.close(j.fd)
     vol_fd = j.fds[0]
     j2 = ChangeJournal(j.path, BS, vol_fd)  # the agent killed and started again

@@ -57,6 +57,29 @@ def test_write_all_goes_on_after_short_writes(tmp_path: Any) -> None:
     assert sizes == [7, 7, 7, 5]
 
 
+def test_write_all_at_an_offset_goes_on_after_short_writes(tmp_path: Any) -> None:
+    """At an offset (a journal written into space it wrote ahead): each short write is
+    continued at the offset where it stopped, the bytes around untouched."""
+    path = tmp_path / "log"
+    path.write_bytes(b"." * 40)
+    fd = os.open(path, os.O_WRONLY)
+    real = os.pwritev
+    offsets = []
+
+    def short(f: int, bufs: Any, offset: int) -> int:  # at most 7 bytes per call
+        offsets.append(offset)
+        return real(f, [b"".join(bytes(b) for b in bufs)[:7]], offset)
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(files.os, "pwritev", short)
+            assert write_all(fd, [b"abc", b"", bytearray(b"defghijklmnop")], 5) == 16
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"....." + b"abcdefghijklmnop" + b"." * 19
+    assert offsets == [5, 12, 19]
+
+
 def test_write_all_raises_what_the_system_call_raises(tmp_path: Any) -> None:
     fd = os.open(tmp_path / "log", os.O_RDONLY | os.O_CREAT)
     try:
