@@ -77,6 +77,7 @@ IDLE_REWRITE_BYTES = 1 << 20  # ... or this much once nothing is left to ship
 REF_MIN = 256 << 10  # a write this large is kept in memory, not copied into the journal ...
 REF_BUDGET = 64 << 20  # ... while the unacknowledged points hold less than this of them
 PREALLOC = 2 << 20  # the file is kept written (with zeroes) this far past its last record ...
+SMALL_SYNC = 256 << 10  # ... while a sync covers less than this (most of a sync's cost)
 _ZEROES = memoryview(bytes(1 << 20))
 
 
@@ -99,6 +100,8 @@ class ChangeJournal:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.size = 0  # the end of the last record: the next one is written there
         self.alloc = 0  # the file's blocks are written (zeroes past ``size``) up to here
+        self.synced_size = 0  # ``size`` at the last sync
+        self.write_ahead = False  # the last sync covered little: space is written ahead
         self.next_cp = 1
         self.closed: deque[ConsistencyPoint] = deque()
         self.open_start = 0
@@ -325,8 +328,10 @@ class ChangeJournal:
         overwrite blocks the file already has and their ``fdatasync`` flushes only them (an
         append that grows the file makes ext4 commit its metadata too: a third of a small
         write's sync on this project's machine). A replay stops at the first zero header, as
-        at a torn record. Best effort: a full disk leaves appends growing the file."""
-        if self.alloc - self.size >= PREALLOC // 2 or self.fd < 0:
+        at a torn record. Only while syncs cover little (``write_ahead``): for larger ones
+        the metadata is a small share, and writing zeroes first would double the bytes. Best
+        effort: a full disk leaves appends growing the file."""
+        if not self.write_ahead or self.alloc - self.size >= PREALLOC // 2 or self.fd < 0:
             return
         end = self.size + PREALLOC
         try:
@@ -349,6 +354,9 @@ class ChangeJournal:
         fsync), before any write appended to the new file is acknowledged, and outside the
         lock (appends go on meanwhile)."""
         with self.lock:
+            if self.size >= self.synced_size:  # (else a rewrite moved it: as before)
+                self.write_ahead = self.size - self.synced_size < SMALL_SYNC
+            self.synced_size = self.size
             self._prealloc()  # written before the sync below: its blocks are on disk with it
             fd = os.dup(self.fd)
             volume_too = self.overflowed or self.ref_seq > self.volume_synced
@@ -535,7 +543,7 @@ class ChangeJournal:
         with open(tmp, "wb") as fh:
             fh.write(header)
             fh.write(tail)
-            for piece in _zeroes(PREALLOC):  # space written ahead (see _prealloc)
+            for piece in _zeroes(PREALLOC if self.write_ahead else 0):  # see _prealloc
                 fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
@@ -557,7 +565,8 @@ class ChangeJournal:
                 cp.start, cp.end = cp.start - shift, cp.end - shift
             self.open_start -= shift
             self.size -= shift
-            self.alloc = max(self.size, len(header) + len(tail) + PREALLOC)
+            self.alloc = max(self.size, len(header) + len(tail)
+                             + (PREALLOC if self.write_ahead else 0))
             self.shape += 1
             # what the new file holds: points released meanwhile are in it still
             self.data_blocks = tail_blocks | self._data_blocks_in(delta)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from replicator.capture.journal import PREALLOC, ChangeJournal
+from replicator.capture.journal import PREALLOC, SMALL_SYNC, ChangeJournal
 from replicator.capture.journal_records import HEAD, KIND_WRITE, record
 
 BS = 4096
@@ -151,6 +151,20 @@ def test_a_sync_writes_space_ahead_that_appends_fill_without_growing_the_file(
         fh.write(bytes(BS))
     j3 = ChangeJournal(j2.path, BS, j2.fds[0])
     assert j3.dirty == {1, 2}
+
+
+def test_no_space_is_written_ahead_while_syncs_cover_much(tmp_path: object) -> None:
+    """Writing zeroes first would double the bytes of a stream of larger writes, whose syncs
+    the metadata hardly slows: while a sync covers SMALL_SYNC or more, the file grows."""
+    j = _journal(tmp_path, size=512 * BS)
+    for rnd in range(3):
+        for b in range(0, SMALL_SYNC // BS + 8, 16):  # 64 KiB writes, by copy
+            _write(j, b, 0x40 + rnd, blocks=16)
+        j.sync()
+        assert os.path.getsize(j.path) == _records_bytes(j.path) == j.size
+    _write(j, 1, 0x99)
+    j.sync()  # small again
+    assert os.path.getsize(j.path) >= j.size + PREALLOC // 2
 
 
 def test_overflow_folds_unreleased_writes_into_the_bitmap_and_resync_returns_them(
