@@ -12,6 +12,13 @@ Frame layout: magic, body length, seq, cp, flags, xxh3-64 of the header fields a
 the body is ``Batch.pack()``. A torn frame at the end (a crash mid-append) was never
 acknowledged and is cut off at open.
 
+Space written ahead: while its syncs cover little (a small point each), the file is written
+with zeroes past its last frame and frames are written into that space (drctl/files.py), so
+that a frame's fdatasync flushes its data alone instead of committing the file's new size too.
+Then applied frames are left in place (a scan counts them as applied by their sequence
+numbers, which only grow) and the file is emptied once TRUNCATE_BYTES of them piled up, not
+after every point.
+
 Concurrency: appends, reads and rewrites run on the volume's thread; ``sync`` may run on
 another thread at the same time (it syncs a duplicate of the descriptor taken under the lock,
 and a rewrite fsyncs the new file before swapping it in, so a sync never acknowledges a frame
@@ -28,7 +35,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from drctl.files import fsync_dir, write_all
+from drctl.files import SMALL_SYNC, fsync_dir, write_ahead, write_all
 from replicator.batch import Batch
 from replicator.errors import VolumeError
 
@@ -37,6 +44,7 @@ _FRAME = struct.Struct("<4sIQQBQ")  # magic, length, seq, cp, flags, checksum
 CLOSES = 1  # this frame closes a consistency point
 _BLOCKS_AT = struct.calcsize("<HQQIQ")  # record count inside Batch.pack()
 REWRITE_BYTES = 64 << 20  # rewrite the journal once this much of it is applied
+TRUNCATE_BYTES = 8 << 20  # ... or empty it once every frame is applied and this much written
 
 
 @dataclass(frozen=True)
@@ -73,11 +81,15 @@ class StagingLog:
         self.path = path
         self.lock = threading.Lock()
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise VolumeError(f"cannot open redo journal {path}: {exc.strerror}") from exc
         self.frames: list[Frame] = []
         self.applied_bytes = 0  # frames already applied at the head of the file
+        self.end = 0  # of the last frame: the next one is written there
+        self.written = 0  # the file's blocks are written (zeroes past ``end``) up to here
+        self.synced_end = 0  # ``end`` at the last sync
+        self.write_ahead = False  # the last sync covered little: space is written ahead
         # the blocks each frame writes, by seq (lowest, highest, all): filled as frames are
         # appended, or read once when asked (frames found at open)
         self._blocks: dict[int, tuple[int, int, array[int]]] = {}
@@ -102,7 +114,8 @@ class StagingLog:
                 self.applied_bytes = pos + _FRAME.size + length
             pos += _FRAME.size + length
         if pos != len(raw):
-            os.ftruncate(self.fd, pos)  # a torn tail: never acknowledged
+            os.ftruncate(self.fd, pos)  # a torn tail (never acknowledged), or zeroes ahead
+        self.end = self.written = self.synced_end = pos
         os.fdatasync(self.fd)  # what survived the crash is durable from now on
 
     # -- appending -----------------------------------------------------------------------------
@@ -115,12 +128,14 @@ class StagingLog:
         """Add a verified batch (not durable until :meth:`sync`)."""
         parts = _frame(batch, cp, closes)
         with self.lock:
-            offset = os.lseek(self.fd, 0, os.SEEK_END)
+            offset = self.end
             try:
-                write_all(self.fd, parts)
+                self.end += write_all(self.fd, parts, offset)
             except OSError:
                 os.ftruncate(self.fd, offset)  # no torn frame before the next one
+                self.written = offset
                 raise
+            self.written = max(self.written, self.end)
         frame = Frame(batch.seq, cp, closes, offset + _FRAME.size,
                       sum(len(p) for p in parts) - _FRAME.size, len(batch.indices))
         self.frames.append(frame)
@@ -146,6 +161,11 @@ class StagingLog:
 
     def sync(self) -> None:
         with self.lock:
+            if self.end >= self.synced_end:  # (else the file was emptied: as before)
+                self.write_ahead = self.end - self.synced_end < SMALL_SYNC
+            self.synced_end = self.end
+            if self.write_ahead:  # on disk with the frames at the sync below
+                self.written = write_ahead(self.fd, self.end, self.written)
             fd = os.dup(self.fd)
         try:
             os.fdatasync(fd)
@@ -188,8 +208,12 @@ class StagingLog:
         keep = [f for f in self.frames if f.seq > seq]
         if not keep:
             with self.lock:
-                os.ftruncate(self.fd, 0)
-            self.frames, self.applied_bytes = [], 0
+                if self.write_ahead and self.end < TRUNCATE_BYTES:  # left in place
+                    self.applied_bytes = self.end
+                else:
+                    os.ftruncate(self.fd, 0)
+                    self.applied_bytes = self.end = self.written = self.synced_end = 0
+            self.frames = []
             self._blocks.clear()
             return
         if keep[0] is not self.frames[0]:
@@ -220,11 +244,13 @@ class StagingLog:
                 fh.write(head)
             fh.flush()
             os.fsync(fh.fileno())
-        new_fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            size = fh.tell()
+        new_fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
         with self.lock:  # the rename is durable before a frame appended to the new file is acked
             os.replace(tmp, self.path)
             fsync_dir(os.path.dirname(os.path.abspath(self.path)))
             old, self.fd = self.fd, new_fd
+            self.end = self.written = self.synced_end = size
         os.close(old)
         self.frames, self.applied_bytes = moved, 0
         self._forget_blocks()

@@ -46,7 +46,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
-from drctl.files import fsync_dir, write_all
+from drctl.files import SMALL_SYNC, WRITE_AHEAD, fsync_dir, write_ahead, write_all, zeroes
 from replicator.capture.journal_records import (
     BLOCK_MASK,
     HEAD,
@@ -76,14 +76,6 @@ REWRITE_BYTES = 8 << 20  # rewrite once this much of the journal is released
 IDLE_REWRITE_BYTES = 1 << 20  # ... or this much once nothing is left to ship
 REF_MIN = 256 << 10  # a write this large is kept in memory, not copied into the journal ...
 REF_BUDGET = 64 << 20  # ... while the unacknowledged points hold less than this of them
-PREALLOC = 2 << 20  # the file is kept written (with zeroes) this far past its last record ...
-SMALL_SYNC = 256 << 10  # ... while a sync covers less than this (most of a sync's cost)
-_ZEROES = memoryview(bytes(1 << 20))
-
-
-def _zeroes(n: int) -> list[memoryview]:
-    """``n`` zero bytes as pieces of one shared buffer (for a gathered write)."""
-    return [_ZEROES[: min(len(_ZEROES), n - at)] for at in range(0, n, len(_ZEROES))]
 
 
 class ChangeJournal:
@@ -324,20 +316,11 @@ class ChangeJournal:
         self.alloc = max(self.alloc, self.size)
 
     def _prealloc(self) -> None:
-        """Under the lock: write zeroes past the last record, so that the appends after it
-        overwrite blocks the file already has and their ``fdatasync`` flushes only them (an
-        append that grows the file makes ext4 commit its metadata too: a third of a small
-        write's sync on this project's machine). A replay stops at the first zero header, as
-        at a torn record. Only while syncs cover little (``write_ahead``): for larger ones
-        the metadata is a small share, and writing zeroes first would double the bytes. Best
-        effort: a full disk leaves appends growing the file."""
-        if not self.write_ahead or self.alloc - self.size >= PREALLOC // 2 or self.fd < 0:
-            return
-        end = self.size + PREALLOC
-        try:
-            self.alloc += write_all(self.fd, _zeroes(end - self.alloc), self.alloc)
-        except OSError as exc:
-            log.debug("change journal %s: no space written ahead: %s", self.path, exc)
+        """Under the lock: zeroes past the last record while syncs cover little (drctl/files.py,
+        "space written ahead"); a replay stops at the first zero header, as at a torn
+        record."""
+        if self.write_ahead and self.fd >= 0:
+            self.alloc = write_ahead(self.fd, self.size, self.alloc)
 
     def _bump(self) -> int:
         self.seq += 1
@@ -543,7 +526,7 @@ class ChangeJournal:
         with open(tmp, "wb") as fh:
             fh.write(header)
             fh.write(tail)
-            for piece in _zeroes(PREALLOC if self.write_ahead else 0):  # see _prealloc
+            for piece in zeroes(WRITE_AHEAD if self.write_ahead else 0):  # see _prealloc
                 fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
@@ -566,7 +549,7 @@ class ChangeJournal:
             self.open_start -= shift
             self.size -= shift
             self.alloc = max(self.size, len(header) + len(tail)
-                             + (PREALLOC if self.write_ahead else 0))
+                             + (WRITE_AHEAD if self.write_ahead else 0))
             self.shape += 1
             # what the new file holds: points released meanwhile are in it still
             self.data_blocks = tail_blocks | self._data_blocks_in(delta)

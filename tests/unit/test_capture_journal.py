@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from replicator.capture.journal import PREALLOC, SMALL_SYNC, ChangeJournal
+from drctl.files import SMALL_SYNC, WRITE_AHEAD
+from replicator.capture.journal import ChangeJournal
 from replicator.capture.journal_records import HEAD, KIND_WRITE, record
 
 BS = 4096
@@ -134,7 +135,7 @@ def test_a_sync_writes_space_ahead_that_appends_fill_without_growing_the_file(
     _write(j, 1, 0x11)
     j.sync()
     grown = os.path.getsize(j.path)
-    assert grown >= _records_bytes(j.path) + PREALLOC // 2
+    assert grown >= _records_bytes(j.path) + WRITE_AHEAD // 2
     with open(j.path, "rb") as fh:
         assert fh.read()[_records_bytes(j.path):] == bytes(grown - _records_bytes(j.path))
     _write(j, 2, 0x22)
@@ -164,7 +165,7 @@ def test_no_space_is_written_ahead_while_syncs_cover_much(tmp_path: object) -> N
         assert os.path.getsize(j.path) == _records_bytes(j.path) == j.size
     _write(j, 1, 0x99)
     j.sync()  # small again
-    assert os.path.getsize(j.path) >= j.size + PREALLOC // 2
+    assert os.path.getsize(j.path) >= j.size + WRITE_AHEAD // 2
 
 
 def test_overflow_folds_unreleased_writes_into_the_bitmap_and_resync_returns_them(

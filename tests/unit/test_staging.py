@@ -8,6 +8,7 @@ from array import array
 
 import pytest
 
+from drctl.files import WRITE_AHEAD
 from replicator.batch import Batch, Compression
 from replicator.blockmap import UNKNOWN, Geometry, hash_all
 from replicator.capture.journal_records import ExtractedPoint
@@ -74,26 +75,73 @@ def test_a_frame_written_in_pieces_reads_back_whole(
     src = Source()
     batches = src.point({b: b + 1 for b in range(12)})
     log = StagingLog(os.path.join(str(tmp_path), "v.wal"), 0)
-    real = os.writev
-    monkeypatch.setattr(staging.os, "writev",
-                        lambda fd, bufs: real(fd, [bytes(bufs[0][:1000])]))  # short writes
+    real = os.pwritev
+    monkeypatch.setattr(staging.os, "pwritev",  # short writes
+                        lambda fd, bufs, at: real(fd, [bytes(bufs[0][:1000])], at))
     frames = [log.append(b, 1, False) for b in batches]
     assert [log.read(f) for f in frames] == batches
 
-    def full(fd: int, bufs: list[memoryview]) -> int:
-        real(fd, [bytes(bufs[0][:7])])
+    def full(fd: int, bufs: list[memoryview], at: int) -> int:
+        real(fd, [bytes(bufs[0][:7])], at)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(staging.os, "writev", full)
+    monkeypatch.setattr(staging.os, "pwritev", full)
     retried = src.point({3: 9})[0]
     with pytest.raises(OSError):
         log.append(retried, 2, True)
-    monkeypatch.setattr(staging.os, "writev", real)
+    monkeypatch.setattr(staging.os, "pwritev", real)
     last = log.append(retried, 2, True)  # the same batch again
     log.close()
     again = StagingLog(log.path, 0)  # the scan at open finds every frame
     assert [f.seq for f in again.frames] == [f.seq for f in [*frames, last]]
     again.close()
+
+
+def test_small_points_are_written_into_space_written_ahead_and_applied_ones_stay(
+        tmp_path: object) -> None:
+    """While syncs cover little, the file is written with zeroes past its last frame, frames
+    are written into that space and applied ones stay in place (no truncation per point), a
+    scan counting them as applied by sequence; once TRUNCATE_BYTES are written and every
+    frame is applied, the file is emptied. A frame torn inside that space is cut off."""
+    import replicator.staging as staging
+
+    path = os.path.join(str(tmp_path), "v.wal")
+    src = Source()
+    log = StagingLog(path, 0)
+    first = src.point({1: 1, 2: 2})
+    for b in first:
+        log.append(b, 1, b is first[-1])
+    log.sync()
+    grown = os.path.getsize(path)
+    assert grown >= log.end + WRITE_AHEAD // 2
+    log.drop_through(first[-1].seq)  # applied
+    second = src.point({3: 3})
+    frame = log.append(second[0], 2, True)
+    log.sync()
+    assert os.path.getsize(path) == grown and frame.offset > log.applied_bytes > 0
+    again = StagingLog(path, first[-1].seq)  # first applied, second staged
+    assert [f.seq for f in again.frames] == [second[0].seq]
+    assert again.read(again.frames[0]) == second[0]
+    again.sync()
+    torn = again.append(src.point({4: 4})[0], 3, True)
+    with open(path, "r+b") as fh:  # half written, zeroes after it
+        fh.seek(torn.offset + 10)
+        fh.write(bytes(torn.length))
+    assert [f.seq for f in StagingLog(path, first[-1].seq).frames] == [second[0].seq]
+    log.close()
+    again.close()
+    big = StagingLog(path, second[0].seq)
+    old = staging.TRUNCATE_BYTES
+    staging.TRUNCATE_BYTES = big.end  # reached
+    try:
+        last = src.point({5: 5})[0]
+        big.append(last, 4, True)
+        big.sync()
+        big.drop_through(last.seq)
+    finally:
+        staging.TRUNCATE_BYTES = old
+    assert os.path.getsize(path) == 0 and big.end == 0
+    big.close()
 
 
 def test_points_apply_whole_and_the_index_projects_staged_batches(tmp_path: object) -> None:
@@ -112,7 +160,8 @@ def test_points_apply_whole_and_the_index_projects_staged_batches(tmp_path: obje
     assert r.digest() == Replica(d, "v").digest()  # projected index = image + staged, on reopen
     applied, cp = r.apply_staged()
     assert applied == len(second) and cp == 2 and _image(d) == bytes(src.model)
-    assert r.wal.frames == [] and os.path.getsize(os.path.join(d, "v.wal")) == 0
+    assert r.wal.frames == []
+    assert StagingLog(os.path.join(d, "v.wal"), r.record.applied_seq).frames == []
     assert list(r.index()) == list(hash_all(memoryview(bytes(src.model)), src.geo))
 
 
@@ -223,7 +272,7 @@ def test_a_torn_frame_is_cut_off_and_copy_records_are_refused(tmp_path: object) 
     r.stage(b1)
     r.stage(b2)
     r.commit(src.seq)
-    size = os.path.getsize(os.path.join(d, "v.wal"))
+    size = r.wal.end  # its last frame (zeroes may follow)
     os.truncate(os.path.join(d, "v.wal"), size - 10)
     log = StagingLog(os.path.join(d, "v.wal"), 0)
     assert [f.seq for f in log.frames] == [b1.seq]
