@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 import re
 import struct
@@ -50,6 +51,7 @@ from replicator.errors import CorruptBatchError, ProtocolError, VolumeError
 from replicator.ledger import BatchLedger
 from replicator.staging import StagingLog
 
+log = logging.getLogger(__name__)
 Buffer: TypeAlias = bytes | memoryview
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SLOT = 512
@@ -131,7 +133,14 @@ class Replica:
             record = CommitRecord(0, 0, 0, 0, str(uuid.uuid4()), 0)
             self.created = True
         self.record = record
-        self.wal = StagingLog(os.path.join(directory, f"{name}.wal"), record.applied_seq)
+        wal_path = os.path.join(directory, f"{name}.wal")
+        if self.created and os.path.exists(wal_path):
+            # frames of a commit record that is gone (their sequence numbers mean nothing to a
+            # new one; applied frames stay in the file, staging.py): never applied here
+            log.warning("volume %s: a redo journal without a commit record, discarded: %s",
+                        name, wal_path)
+            os.unlink(wal_path)
+        self.wal = StagingLog(wal_path, record.applied_seq)
         self.synced_seq = self.wal.last_seq  # staged frames up to here are durable
         self.ledger = BatchLedger(os.path.join(directory, f"{name}.ledger"), record.generation,
                                   self.received_seq)

@@ -144,6 +144,29 @@ def test_small_points_are_written_into_space_written_ahead_and_applied_ones_stay
     big.close()
 
 
+def test_a_redo_journal_without_its_commit_record_is_not_applied(tmp_path: object,
+                                                                 caplog: pytest.LogCaptureFixture
+                                                                 ) -> None:
+    """Applied frames stay in the file (space written ahead); their sequence numbers mean
+    nothing to a new commit record: a replica whose record is gone starts without them."""
+    d = str(tmp_path)
+    src = Source()
+    r = _replica(d)
+    for b in src.point({b: 0x11 for b in range(4)}):
+        r.stage(b)
+    r.commit(src.seq)
+    r.apply_staged()
+    assert r.wal.end > 0 and r.wal.frames == []  # left in place
+    r.close()
+    os.unlink(os.path.join(d, "v.meta"))
+    with open(os.path.join(d, "v.img"), "r+b") as fh:
+        fh.truncate(0)
+    again = Replica(d, "v")
+    assert again.wal.frames == [] and os.path.getsize(os.path.join(d, "v.img")) == 0
+    assert "without a commit record" in caplog.text
+    again.close()
+
+
 def test_points_apply_whole_and_the_index_projects_staged_batches(tmp_path: object) -> None:
     d = str(tmp_path)
     src = Source()
