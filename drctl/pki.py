@@ -121,6 +121,24 @@ class Layout:
     def key(self, who: Identity) -> str:
         return os.path.join(self.root, f"{who.kind}s", f"{who.name}.key")
 
+    def names(self, kind: str) -> list[str]:
+        """The names that have a certificate of ``kind`` here."""
+        try:
+            files = os.listdir(os.path.join(self.root, f"{kind}s"))
+        except OSError:
+            return []
+        return sorted(f[: -len(".crt")] for f in files if f.endswith(".crt"))
+
+    def check_issued(self, who: Identity) -> None:
+        """Refuse a name without a certificate here, naming those that have one."""
+        if os.path.exists(self.cert(who)):
+            return
+        names = self.names(who.kind)
+        raise PkiError(f"{self.root} has no certificate for {who}: "
+                       + (f"its {who.kind}s are {', '.join(names)}" if names else
+                          f"it has no {who.kind} certificates (drctl certs issue --{who.kind} "
+                          "NAME)"))
+
 
 def write_private(path: str, data: bytes, overwrite: bool = False) -> None:
     """Write ``data`` to ``path`` with mode 0600 (whatever the umask), via a temporary file."""

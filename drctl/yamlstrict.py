@@ -18,6 +18,7 @@ class NotTextError(yaml.YAMLError):
     def __init__(self, exc: UnicodeDecodeError) -> None:
         self.problem = (f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                         f"{exc.start}): a binary file?")
+        self.line = bytes(exc.object[: exc.start]).count(b"\n") + 1  # of that byte
         super().__init__(self.problem)
 
 
@@ -90,5 +91,7 @@ def yaml_problem(exc: yaml.YAMLError, path: str | None = None) -> str:
 
 
 def yaml_error_line(exc: yaml.YAMLError) -> int | None:
+    if isinstance(exc, NotTextError):
+        return exc.line
     mark = getattr(exc, "problem_mark", None)
     return mark.line + 1 if mark is not None else None

@@ -25,10 +25,24 @@ _HOOKS = (("fence", "old_primary"), ("stop", "old_primary"), ("promote", "new_pr
           ("start", "new_primary"))
 
 
+def _load_cluster(path: str) -> Any:
+    """The cluster.yaml's own loader, after refusing a file that is a runbook already (its
+    first error would be an unknown key, ``kind``)."""
+    try:
+        raw = load_yaml(path)
+    except Exception:  # its loader reports it, as the daemons would
+        raw = None
+    if isinstance(raw, dict) and raw.get("kind") == KIND:
+        line = getattr(raw, "lines", {}).get("kind", 1)
+        raise ConfigError(f"{path}:{line}: already a runbook (kind: {KIND}): convert reads a "
+                          "cluster.yaml; drctl runbook validate checks a runbook")
+    return load_cluster(path)
+
+
 def convert(path: str) -> dict[str, Any]:
     """The runbook for the cluster.yaml at ``path`` (validated by its own loader first: its
     errors are reported as the daemons would)."""
-    cfg = load_cluster(path)
+    cfg = _load_cluster(path)
     raw = load_yaml(path)
     sites = {}
     for name, s in raw["sites"].items():

@@ -77,6 +77,7 @@ class TlsConfig:
     def from_dir(cls, directory: str, who: Identity, need_epoch_keys: bool = False
                  ) -> TlsConfig:
         lay = Layout(directory)
+        lay.check_issued(who)
         return cls.from_files(lay.ca_cert, lay.cert(who), lay.key(who),
                               lay.epoch_pub if need_epoch_keys or os.path.exists(
                                   lay.epoch_pub) else None, who)

@@ -148,6 +148,16 @@ def test_push_volume_or_state_dir_that_cannot_be_used(workdir: str, deployment: 
                   workdir]), 2, "[users_file]", "a directory")
 
 
+def test_a_certificate_name_the_deployment_lacks_is_named_with_those_it_has(
+        deployment: Pki, volume: str) -> None:
+    line = one_line(run([*DRCTL, "replicate", "verify", volume, "--to", "127.0.0.1:7400",
+                         "--volume", "db", "--tls-dir", deployment.dir, "--operator",
+                         "nosuch"]), 2, "[pki]", "no certificate for operator nosuch")
+    operators = sorted(f[:-4] for f in os.listdir(os.path.join(deployment.dir, "operators"))
+                       if f.endswith(".crt"))
+    assert operators and f"its operators are {', '.join(operators)}" in line, line
+
+
 # -- flags the parser refuses, with the flag named -----------------------------------------
 
 
@@ -233,6 +243,13 @@ def test_not_a_runbook_is_one_error(workdir: str) -> None:
     assert said.startswith(f"{path}:1: ")
 
 
+def test_convert_refuses_a_file_that_is_a_runbook_already() -> None:
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "runbooks", "examples",
+                           "three-site.yaml")
+    one_line(run([*DRCTL, "runbook", "convert", example]), 2, "[config]",
+             "already a runbook", "runbook validate")
+
+
 def test_missing_top_level_keys_are_named_together(workdir: str) -> None:
     path = os.path.join(workdir, "small.yaml")
     with open(path, "w") as fh:
@@ -268,6 +285,11 @@ def test_one_config_error_one_exit_code_in_every_command(workdir: str) -> None:
     for cmd in every:
         one_line(run([*DRCTL, *(binary if a == "F" else a for a in cmd)]), 2, binary,
                  "not UTF-8 text")
+    text_then_binary = os.path.join(workdir, "half.yaml")  # the line of the first bad byte
+    with open(text_then_binary, "wb") as fh:
+        fh.write(b"kind: drctl-runbook\nversion: 1\n\xff\xfe\n")
+    said = one_line(run([*DRCTL, "runbook", "validate", text_then_binary]), 2, "not UTF-8")
+    assert said.startswith(f"{text_then_binary}:3: "), said
     for cmd in (["status", "--config", missing], ["runbook", "validate", missing]):
         one_line(run([*DRCTL, *cmd]), 2, missing, "No such file")
     for cmd in (["agent", "--site", "east", "--config", workdir], ["drill", "app",
