@@ -134,7 +134,12 @@ class Drill:
 
     async def clone_all(self) -> str:
         from replicator.errors import TargetUnavailableError
+        from replicator.transport.tlsprobe import speaks_tls
 
+        if self.client.security.tls is None and await speaks_tls(self.client.address):
+            raise TargetUnavailableError(
+                f"target {self.client.address} speaks TLS and the drill has no certificate: "
+                "give --tls-dir DIR --operator NAME (or $DRCTL_TLS_DIR and $DRCTL_TLS_AS)")
         try:  # an unreachable target is a failed drill now, not a clone that waits for it
             await self.client.connect(CONNECT_SECONDS)
         except TargetUnavailableError as exc:
