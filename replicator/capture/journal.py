@@ -103,8 +103,10 @@ class ChangeJournal:
         # their data); a DIRTY record found elsewhere in a point is a change bitmap's
         self.open_refs: list[tuple[int, bytes]] = []
         self.ref_bytes = 0  # bytes of the writes by reference not acknowledged yet
-        self.ref_seq = 0  # the record number of the last write by reference
-        self.volume_synced = 0  # every volume write of a record up to this number is synced
+        # by volume: the record number of its last write by reference, and the number up to
+        # which every volume write of a record is synced
+        self.ref_seq = [0] * len(self.fds)
+        self.volume_synced = [0] * len(self.fds)
         self.data_blocks: set[int] = set()  # blocks of the WRITE and ZERO records in the file
         self.overflowed = False
         self.dirty: set[int] = set()
@@ -175,9 +177,10 @@ class ChangeJournal:
         # first pass (a resync) has shipped it; the journal starts over, keeping the CP count.
         self._rewrite(sorted(self.dirty), [])
 
-    def _sync_volumes(self) -> None:
-        for fd in self.fds:
-            os.fdatasync(fd)
+    def _sync_volumes(self, vols: Iterable[int] | None = None) -> None:
+        """fdatasync the volumes (``vols``: those of these indexes)."""
+        for v in range(len(self.fds)) if vols is None else vols:
+            os.fdatasync(self.fds[v])
 
     def _blocks(self, vol: int, offset: int, length: int) -> range:
         bs = self.block_size
@@ -276,7 +279,7 @@ class ChangeJournal:
                     self.open_refs.append((self.size - self.open_start, ref))
                     self._raw_append(record(KIND_DIRTY, tagged, length))
                     self.ref_bytes += length
-                    self.ref_seq = self.seq + 1
+                    self.ref_seq[vol] = self.seq + 1
                 else:  # header and data in one system call, the data not copied here
                     self._raw_append(record_head(kind, tagged, length, data), data)
                     self.data_blocks.update(blocks)
@@ -329,27 +332,30 @@ class ChangeJournal:
     # -- durability ----------------------------------------------------------------------------
 
     def sync(self, upto: int | None = None) -> None:
-        """Make every record appended so far durable. In bitmap mode the volume holds the
-        data, so it is synced too, and so it is when a write by reference is among the records
-        up to number ``upto`` (every one whose volume write is made: the group commit reads it
-        under the ``order`` lock; None: any such write appended so far). A rewrite fsyncs the
-        new file before swapping it in; the swap's rename is made durable here (the directory's
-        fsync), before any write appended to the new file is acknowledged, and outside the
-        lock (appends go on meanwhile)."""
+        """Make every record appended so far durable. In bitmap mode the volumes hold the
+        data, so they are synced too, and so is a volume with a write by reference among the
+        records up to number ``upto`` (every one whose volume write is made: the group commit
+        reads it under the ``order`` lock; None: any such write appended so far). A rewrite
+        fsyncs the new file before swapping it in; the swap's rename is made durable here (the
+        directory's fsync), before any write appended to the new file is acknowledged, and
+        outside the lock (appends go on meanwhile)."""
         with self.lock:
             if self.size >= self.synced_size:  # (else a rewrite moved it: as before)
                 self.write_ahead = self.size - self.synced_size < SMALL_SYNC
             self.synced_size = self.size
             self._prealloc()  # written before the sync below: its blocks are on disk with it
             fd = os.dup(self.fd)
-            volume_too = self.overflowed or self.ref_seq > self.volume_synced
+            # bitmap mode: every volume; else those with a write by reference not synced
+            vols = range(len(self.fds)) if self.overflowed else [
+                v for v, n in enumerate(self.ref_seq) if n > self.volume_synced[v]]
             renamed = self.renamed
             self.renamed = False
         try:
-            if volume_too:
-                self._sync_volumes()
+            if vols:
+                self._sync_volumes(vols)
                 if upto is not None:
-                    self.volume_synced = max(self.volume_synced, upto)
+                    for v in vols:
+                        self.volume_synced[v] = max(self.volume_synced[v], upto)
             os.fdatasync(fd)
             if renamed:
                 fsync_dir(os.path.dirname(os.path.abspath(self.path)))

@@ -477,6 +477,36 @@ def _big(j: ChangeJournal, block: int, byte: int) -> bytes:
     return data
 
 
+def test_a_large_write_syncs_its_own_volume_not_every_member_of_the_group(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consistency group: the sync before a large write's reply flushes the volume it
+    went to, not the other members'."""
+    import replicator.capture.journal as mod
+
+    fds = []
+    for name in ("a.img", "b.img"):
+        path = os.path.join(str(tmp_path), name)
+        with open(path, "wb") as fh:
+            fh.truncate(4096 * BS)
+        fds.append(os.open(path, os.O_RDWR))
+    j = ChangeJournal(os.path.join(str(tmp_path), "journal"), BS, fds)
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(mod.os, "fdatasync",  # type: ignore[attr-defined]
+                        lambda fd: (synced.append(fd), real(fd))[1])
+    data = os.urandom(mod.REF_MIN)
+    j.write(64 * BS, data, vol=1)
+    os.pwrite(fds[1], data, 64 * BS)
+    j.write(0, b"\x01" * BS, vol=0)  # a small one: journaled, its volume not synced
+    j.sync(j.seq)
+    assert fds[1] in synced and fds[0] not in synced
+    assert j.ref_bytes == mod.REF_MIN and j.volume_synced == [0, j.seq]
+    synced.clear()
+    j.write(1 * BS, b"\x02" * BS, vol=1)
+    j.sync(j.seq)
+    assert fds[0] not in synced and fds[1] not in synced  # nothing by reference since
+
+
 def test_a_large_write_is_shipped_from_memory_not_copied_into_the_journal(
         tmp_path: object) -> None:
     from replicator.capture.journal import REF_MIN
@@ -488,9 +518,9 @@ def test_a_large_write_is_shipped_from_memory_not_copied_into_the_journal(
     j.flush()
     assert _records_bytes(j.path) < 4 * BS  # two small writes' data, the large one's record
     assert j.ref_bytes == REF_MIN
-    assert j.ref_seq > j.volume_synced  # the next sync must sync the volume too
+    assert j.ref_seq[0] > j.volume_synced[0]  # the next sync must sync the volume too
     j.sync(j.seq)
-    assert j.volume_synced == j.seq
+    assert j.volume_synced == [j.seq]
     (point,) = j.extract()
     n = REF_MIN // BS
     assert set(point.blocks) == {0, *range(64, 64 + n)}
@@ -644,8 +674,8 @@ def test_points_released_during_a_compaction_still_keep_large_writes_journaled(
     j.release(2, inline=False)
     sync_volumes = j._sync_volumes
 
-    def acks_arrive_meanwhile() -> None:  # compact() syncs the volumes outside the lock
-        sync_volumes()
+    def acks_arrive_meanwhile(vols: object = None) -> None:  # compact() syncs the volumes
+        sync_volumes()                                        # outside the lock
         if j.released_cp < last:
             j.release(last, inline=False)
 
@@ -665,7 +695,7 @@ def test_the_volume_is_synced_once_for_a_large_write_not_at_every_sync_after(
     synced: list[int] = []
     sync_volumes = j._sync_volumes
 
-    def counted() -> None:
+    def counted(vols: object = None) -> None:
         synced.append(j.seq)
         sync_volumes()
 

@@ -9,6 +9,7 @@ import os
 import struct
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -197,9 +198,9 @@ async def test_no_write_is_answered_before_its_journal_record_is_durable(
         record[offset] = n
         return n
 
-    def counted_sync_volumes(self: ChangeJournal) -> None:
+    def counted_sync_volumes(self: ChangeJournal, vols: Any = None) -> None:
         volume_syncs[0] += 1
-        sync_volumes(self)
+        sync_volumes(self, vols)
 
     def noted_ex_write(self: NbdExport, offset: int, data: bytes) -> int:
         n = ex_write(self, offset, data)
