@@ -63,16 +63,39 @@ def zeroes(n: int) -> list[memoryview]:
     return [_ZEROES[: min(len(_ZEROES), n - at)] for at in range(0, n, len(_ZEROES))]
 
 
-def write_ahead(fd: int, end: int, written: int) -> int:
-    """Zeroes past a log's last record (at ``end``; the file is written up to ``written``)
-    once less than half of WRITE_AHEAD is left. Returns how far the file is written now.
-    Best effort: after an error (a full disk) appends go on growing the file."""
-    if written - end >= WRITE_AHEAD // 2:
-        return written
-    try:
-        return written + write_all(fd, zeroes(end + WRITE_AHEAD - written), written)
-    except OSError:
-        return written
+class SpaceAhead:
+    """A log file's space written ahead: how far the file is written (``written``), and the
+    rule. ``before_sync`` decides from how much the sync covers (the log's ``end`` against
+    its end at the last deciding sync) and writes the zeroes; the caller holds the lock of
+    its appends and syncs the file after (the zeroes reach the disk with that sync)."""
+
+    def __init__(self, end: int = 0) -> None:
+        self.written = end  # the file's blocks are written (zeroes past the log's end) up to
+        self.synced_end = end  # the log's end at the last deciding sync
+        self.on = False  # that sync covered little: space is written ahead
+
+    def reset(self, end: int, written: int | None = None) -> None:
+        """The file was replaced or cut: its records end at ``end``, its blocks are written
+        up to ``written`` (default: ``end``)."""
+        self.written = end if written is None else max(end, written)
+        self.synced_end = end
+
+    def appended(self, end: int) -> None:
+        self.written = max(self.written, end)
+
+    def before_sync(self, fd: int, end: int, decide: bool = True) -> None:
+        """Write zeroes past ``end`` while syncs cover little. ``decide`` false: a sync that
+        says nothing of the writes' sizes (a periodic checkpoint's) leaves the rule as it
+        was."""
+        if decide:
+            self.on = end - self.synced_end < SMALL_SYNC
+            self.synced_end = end
+        if self.on and self.written - end < WRITE_AHEAD // 2:
+            try:
+                self.written += write_all(fd, zeroes(end + WRITE_AHEAD - self.written),
+                                          self.written)
+            except OSError:  # best effort: appends go on growing the file
+                pass
 
 
 def write_all(fd: int, parts: Sequence[Buffer], offset: int | None = None) -> int:

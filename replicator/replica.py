@@ -134,12 +134,16 @@ class Replica:
             self.created = True
         self.record = record
         wal_path = os.path.join(directory, f"{name}.wal")
-        if self.created and os.path.exists(wal_path):
+        if self.created and os.path.exists(wal_path) and os.path.getsize(wal_path):
             # frames of a commit record that is gone (their sequence numbers mean nothing to a
             # new one; applied frames stay in the file, staging.py): never applied here
             log.warning("volume %s: a redo journal without a commit record, discarded: %s",
                         name, wal_path)
-            os.unlink(wal_path)
+            try:
+                os.unlink(wal_path)
+            except OSError as exc:
+                raise VolumeError(f"cannot discard redo journal {wal_path}: "
+                                  f"{exc.strerror}") from exc
         self.wal = StagingLog(wal_path, record.applied_seq)
         self.synced_seq = self.wal.last_seq  # staged frames up to here are durable
         self.ledger = BatchLedger(os.path.join(directory, f"{name}.ledger"), record.generation,

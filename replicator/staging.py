@@ -16,8 +16,9 @@ Space written ahead: while its syncs cover little (a small point each), the file
 with zeroes past its last frame and frames are written into that space (drctl/files.py), so
 that a frame's fdatasync flushes its data alone instead of committing the file's new size too.
 Then applied frames are left in place (a scan counts them as applied by their sequence
-numbers, which only grow) and the file is emptied once TRUNCATE_BYTES of them piled up, not
-after every point.
+numbers, which only grow), and the file is emptied at the first point applied with no frame
+waiting after TRUNCATE_BYTES are written, not after every point (while frames always wait,
+the rewrite at REWRITE_BYTES drops the applied head, as for larger points).
 
 Concurrency: appends, reads and rewrites run on the volume's thread; ``sync`` may run on
 another thread at the same time (it syncs a duplicate of the descriptor taken under the lock,
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from drctl.files import SMALL_SYNC, fsync_dir, write_ahead, write_all
+from drctl.files import SpaceAhead, fsync_dir, write_all
 from replicator.batch import Batch
 from replicator.errors import VolumeError
 
@@ -87,9 +88,7 @@ class StagingLog:
         self.frames: list[Frame] = []
         self.applied_bytes = 0  # frames already applied at the head of the file
         self.end = 0  # of the last frame: the next one is written there
-        self.written = 0  # the file's blocks are written (zeroes past ``end``) up to here
-        self.synced_end = 0  # ``end`` at the last sync
-        self.write_ahead = False  # the last sync covered little: space is written ahead
+        self.ahead = SpaceAhead()  # zeroes written past ``end`` (drctl/files.py)
         # the blocks each frame writes, by seq (lowest, highest, all): filled as frames are
         # appended, or read once when asked (frames found at open)
         self._blocks: dict[int, tuple[int, int, array[int]]] = {}
@@ -115,7 +114,8 @@ class StagingLog:
             pos += _FRAME.size + length
         if pos != len(raw):
             os.ftruncate(self.fd, pos)  # a torn tail (never acknowledged), or zeroes ahead
-        self.end = self.written = self.synced_end = pos
+        self.end = pos
+        self.ahead.reset(pos)
         os.fdatasync(self.fd)  # what survived the crash is durable from now on
 
     # -- appending -----------------------------------------------------------------------------
@@ -133,9 +133,9 @@ class StagingLog:
                 self.end += write_all(self.fd, parts, offset)
             except OSError:
                 os.ftruncate(self.fd, offset)  # no torn frame before the next one
-                self.written = offset
+                self.ahead.reset(offset)
                 raise
-            self.written = max(self.written, self.end)
+            self.ahead.appended(self.end)
         frame = Frame(batch.seq, cp, closes, offset + _FRAME.size,
                       sum(len(p) for p in parts) - _FRAME.size, len(batch.indices))
         self.frames.append(frame)
@@ -161,11 +161,7 @@ class StagingLog:
 
     def sync(self) -> None:
         with self.lock:
-            if self.end >= self.synced_end:  # (else the file was emptied: as before)
-                self.write_ahead = self.end - self.synced_end < SMALL_SYNC
-            self.synced_end = self.end
-            if self.write_ahead:  # on disk with the frames at the sync below
-                self.written = write_ahead(self.fd, self.end, self.written)
+            self.ahead.before_sync(self.fd, self.end)  # on disk with the frames, below
             fd = os.dup(self.fd)
         try:
             os.fdatasync(fd)
@@ -208,11 +204,12 @@ class StagingLog:
         keep = [f for f in self.frames if f.seq > seq]
         if not keep:
             with self.lock:
-                if self.write_ahead and self.end < TRUNCATE_BYTES:  # left in place
+                if self.ahead.on and self.end < TRUNCATE_BYTES:  # left in place
                     self.applied_bytes = self.end
                 else:
                     os.ftruncate(self.fd, 0)
-                    self.applied_bytes = self.end = self.written = self.synced_end = 0
+                    self.applied_bytes = self.end = 0
+                    self.ahead.reset(0)
             self.frames = []
             self._blocks.clear()
             return
@@ -250,7 +247,8 @@ class StagingLog:
             os.replace(tmp, self.path)
             fsync_dir(os.path.dirname(os.path.abspath(self.path)))
             old, self.fd = self.fd, new_fd
-            self.end = self.written = self.synced_end = size
+            self.end = size
+            self.ahead.reset(size)
         os.close(old)
         self.frames, self.applied_bytes = moved, 0
         self._forget_blocks()

@@ -30,7 +30,7 @@ def _load_cluster(path: str) -> Any:
     first error would be an unknown key, ``kind``)."""
     try:
         raw = load_yaml(path)
-    except Exception:  # its loader reports it, as the daemons would
+    except (OSError, ValueError, yaml.YAMLError):  # its loader reports it, as the daemons do
         raw = None
     if isinstance(raw, dict) and raw.get("kind") == KIND:
         line = getattr(raw, "lines", {}).get("kind", 1)

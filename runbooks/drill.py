@@ -136,12 +136,14 @@ class Drill:
         from replicator.errors import TargetUnavailableError
         from replicator.transport.tlsprobe import speaks_tls
 
+        started = time.monotonic()  # the probe counts in the connect budget
         if self.client.security.tls is None and await speaks_tls(self.client.address):
             raise TargetUnavailableError(
                 f"target {self.client.address} speaks TLS and the drill has no certificate: "
                 "give --tls-dir DIR --operator NAME (or $DRCTL_TLS_DIR and $DRCTL_TLS_AS)")
+        left = round(max(1.0, CONNECT_SECONDS - (time.monotonic() - started)), 1)
         try:  # an unreachable target is a failed drill now, not a clone that waits for it
-            await self.client.connect(CONNECT_SECONDS)
+            await self.client.connect(left)
         except TargetUnavailableError as exc:
             if self.client.security.tls is None and "refused" not in str(exc).lower():
                 raise TargetUnavailableError(

@@ -87,7 +87,7 @@ class Checkpointer:
         logs = self._logs()
         with self.journal.order:
             began = [al.begin_checkpoint() for al in logs]
-        self.journal.sync()
+        self.journal.sync(periodic=True)
         for fd in self.fds:
             os.fdatasync(fd)
         for store in self.stores:

@@ -46,7 +46,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
-from drctl.files import SMALL_SYNC, WRITE_AHEAD, fsync_dir, write_ahead, write_all, zeroes
+from drctl.files import WRITE_AHEAD, SpaceAhead, fsync_dir, write_all, zeroes
 from replicator.capture.journal_records import (
     BLOCK_MASK,
     HEAD,
@@ -91,9 +91,7 @@ class ChangeJournal:
         self.order = threading.Lock()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.size = 0  # the end of the last record: the next one is written there
-        self.alloc = 0  # the file's blocks are written (zeroes past ``size``) up to here
-        self.synced_size = 0  # ``size`` at the last sync
-        self.write_ahead = False  # the last sync covered little: space is written ahead
+        self.ahead = SpaceAhead()  # zeroes written past ``size`` (drctl/files.py)
         self.next_cp = 1
         self.closed: deque[ConsistencyPoint] = deque()
         self.open_start = 0
@@ -304,7 +302,8 @@ class ChangeJournal:
     @property
     def rewrite_bytes(self) -> int:
         """Compact once this much is released: 8 MiB, or an eighth of a smaller limit (so the
-        file stays within the limit plus an eighth on a healthy link)."""
+        records stay within the limit plus an eighth on a healthy link; the file holds up to
+        WRITE_AHEAD more, written ahead)."""
         return min(REWRITE_BYTES, max(64 << 10, self.limit // 8))
 
     def _raw_append(self, rec: bytes, data: bytes | bytearray | memoryview = b"") -> None:
@@ -314,16 +313,9 @@ class ChangeJournal:
             self.size += write_all(self.fd, [rec, data], self.size)
         except OSError:
             os.ftruncate(self.fd, self.size)
-            self.alloc = self.size
+            self.ahead.reset(self.size)
             raise
-        self.alloc = max(self.alloc, self.size)
-
-    def _prealloc(self) -> None:
-        """Under the lock: zeroes past the last record while syncs cover little (drctl/files.py,
-        "space written ahead"); a replay stops at the first zero header, as at a torn
-        record."""
-        if self.write_ahead and self.fd >= 0:
-            self.alloc = write_ahead(self.fd, self.size, self.alloc)
+        self.ahead.appended(self.size)
 
     def _bump(self) -> int:
         self.seq += 1
@@ -331,19 +323,19 @@ class ChangeJournal:
 
     # -- durability ----------------------------------------------------------------------------
 
-    def sync(self, upto: int | None = None) -> None:
+    def sync(self, upto: int | None = None, periodic: bool = False) -> None:
         """Make every record appended so far durable. In bitmap mode the volumes hold the
         data, so they are synced too, and so is a volume with a write by reference among the
         records up to number ``upto`` (every one whose volume write is made: the group commit
         reads it under the ``order`` lock; None: any such write appended so far). A rewrite
         fsyncs the new file before swapping it in; the swap's rename is made durable here (the
         directory's fsync), before any write appended to the new file is acknowledged, and
-        outside the lock (appends go on meanwhile)."""
+        outside the lock (appends go on meanwhile). Space is written ahead of the last record
+        while syncs cover little (drctl/files.py; a replay stops at the first zero header, as
+        at a torn record); a ``periodic`` sync (the checkpoint's) does not change that rule."""
         with self.lock:
-            if self.size >= self.synced_size:  # (else a rewrite moved it: as before)
-                self.write_ahead = self.size - self.synced_size < SMALL_SYNC
-            self.synced_size = self.size
-            self._prealloc()  # written before the sync below: its blocks are on disk with it
+            if self.fd >= 0:  # zeroes written now reach the disk with the sync below
+                self.ahead.before_sync(self.fd, self.size, decide=not periodic)
             fd = os.dup(self.fd)
             # bitmap mode: every volume; else those with a write by reference not synced
             vols = range(len(self.fds)) if self.overflowed else [
@@ -529,10 +521,11 @@ class ChangeJournal:
         finally:
             os.close(fd)
         tail_blocks = self._data_blocks_in(tail)
+        ahead = WRITE_AHEAD if self.ahead.on else 0  # the new file's space written ahead
         with open(tmp, "wb") as fh:
             fh.write(header)
             fh.write(tail)
-            for piece in zeroes(WRITE_AHEAD if self.write_ahead else 0):  # see _prealloc
+            for piece in zeroes(ahead):
                 fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
@@ -554,8 +547,7 @@ class ChangeJournal:
                 cp.start, cp.end = cp.start - shift, cp.end - shift
             self.open_start -= shift
             self.size -= shift
-            self.alloc = max(self.size, len(header) + len(tail)
-                             + (WRITE_AHEAD if self.write_ahead else 0))
+            self.ahead.reset(self.size, len(header) + len(tail) + ahead)
             self.shape += 1
             # what the new file holds: points released meanwhile are in it still
             self.data_blocks = tail_blocks | self._data_blocks_in(delta)
@@ -649,7 +641,8 @@ class ChangeJournal:
         self.renamed = True
         old, self.fd = self.fd, new_fd
         os.close(old)
-        self.size = self.alloc = size  # space is written ahead at the next sync
+        self.size = size
+        self.ahead.reset(size)  # space is written ahead at the next sync
         if not tails:
             self.open_start = size
         self.data_blocks = set().union(*map(self._data_blocks_in, tails))

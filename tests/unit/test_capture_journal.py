@@ -163,6 +163,9 @@ def test_no_space_is_written_ahead_while_syncs_cover_much(tmp_path: object) -> N
             _write(j, b, 0x40 + rnd, blocks=16)
         j.sync()
         assert os.path.getsize(j.path) == _records_bytes(j.path) == j.size
+    _write(j, 1, 0x98)
+    j.sync(periodic=True)  # the checkpoint's: covers little, says nothing of the writes
+    assert os.path.getsize(j.path) == j.size
     _write(j, 1, 0x99)
     j.sync()  # small again
     assert os.path.getsize(j.path) >= j.size + WRITE_AHEAD // 2
@@ -263,11 +266,14 @@ def test_a_replay_counts_only_what_the_target_did_not_acknowledge(tmp_path: obje
     third.close()
 
 
+@pytest.mark.parametrize("ahead", [False, True])
 def test_compaction_off_the_loop_keeps_points_appended_while_it_copies(
-        tmp_path: object, monkeypatch: object) -> None:
+        tmp_path: object, monkeypatch: object, ahead: bool) -> None:
     """The stream's compaction copies the unreleased records and fsyncs the copy without the
     lock; records appended meanwhile are carried over at the swap, offsets stay right, and a
-    replay of the compacted journal lists exactly the unacknowledged blocks."""
+    replay of the compacted journal lists exactly the unacknowledged blocks. ``ahead``: syncs
+    covered little, so the new file has space written ahead, and the records appended
+    meanwhile go before it, where a replay reads them."""
     import replicator.capture.journal as mod
 
     j = _journal(tmp_path, size=4096 * BS)
@@ -275,6 +281,9 @@ def test_compaction_off_the_loop_keeps_points_appended_while_it_copies(
     for b in range(10):
         _write(j, b, b + 1)
         j.cut()
+    if ahead:
+        j.sync()
+        assert j.ahead.on
     j.extract()
     _write(j, 100, 0xEE)  # open point
     assert j.release(8, inline=False)  # asks for a compaction, does not rewrite
@@ -296,6 +305,9 @@ def test_compaction_off_the_loop_keeps_points_appended_while_it_copies(
     monkeypatch.setattr(mod.os, "fsync", real_fsync)  # type: ignore[attr-defined]
     assert hits
     assert _records_bytes(j.path) < size_before
+    if ahead:  # the new file's zeroes follow the records carried over at the swap
+        assert os.path.getsize(j.path) >= _records_bytes(j.path) + WRITE_AHEAD // 2
+        assert _records_bytes(j.path) == j.size
     pts = j.extract()
     assert [p.cp for p in pts] == [11]
     assert pts[0].blocks == {100: b"\xee" * BS, 101: b"\xef" * BS}
@@ -374,19 +386,23 @@ def test_the_sync_after_a_rewrite_makes_its_rename_durable(tmp_path: object,
 
 def test_a_small_limit_holds_on_a_healthy_link(tmp_path: object) -> None:
     """--journal-limit below 8 MiB: released records leave the file in steps of an eighth of
-    the limit, so a link that keeps up never overflows and the file stays near the limit."""
+    the limit, so a link that keeps up never overflows and the file stays near the limit (its
+    records; the file holds up to WRITE_AHEAD more, written ahead: each point is synced)."""
     limit = 512 << 10
     j = _journal(tmp_path, size=256 * BS, limit=limit)
-    biggest = 0
+    biggest = biggest_file = 0
     for i in range(160):  # 10 MiB written in points of 64 KiB, each acknowledged
         _write(j, (i * 16) % 240, i & 0xFF, blocks=16)
         j.flush()
+        j.sync()
         for point in j.extract():
             if j.release(point.cp, inline=False):
                 assert j.compact()
         biggest = max(biggest, _records_bytes(j.path))
+        biggest_file = max(biggest_file, os.path.getsize(j.path))
     assert j.overflows == 0
     assert biggest <= limit + limit // 8 + 64 * BS, biggest
+    assert biggest_file <= limit + limit // 8 + 64 * BS + WRITE_AHEAD, biggest_file
 
 
 def test_records_leave_the_journal_only_after_the_volume_is_synced(tmp_path: object,
